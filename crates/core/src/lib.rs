@@ -1,0 +1,20 @@
+//! AgentFense core: domain types shared by every other crate, and the permission engine.
+//!
+//! Everything here is pure: no I/O, no async runtime, no system calls. The engine is compiled once
+//! from a rule list ([`Policy::compile`]) and then answers [`Policy::evaluate`] with a
+//! [`Decision`] that names the rule that decided it, so that denials can be explained and
+//! audited.
+//!
+//! The exact semantics (glob grammar, rule order, traversal of hidden directories) are documented
+//! in `docs/permissions.md` and on the items below.
+
+mod level;
+mod path;
+mod pattern;
+mod policy;
+pub mod presets;
+
+pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
+pub use path::{PathError, SandboxPath};
+pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};
+pub use policy::{Basis, Decision, NodeKind, PermissionRule, Policy, PolicyError, RuleRef};

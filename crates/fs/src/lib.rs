@@ -1,0 +1,1 @@
+//! The policy filesystem: FUSE enforcement over a copy-on-write delta.

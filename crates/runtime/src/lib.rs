@@ -1,0 +1,1 @@
+//! Isolated execution: sandbox environments, exec, sessions, resource limits.
