@@ -17,4 +17,7 @@ pub mod presets;
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
 pub use path::{PathError, SandboxPath};
 pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};
-pub use policy::{Basis, Decision, NodeKind, PermissionRule, Policy, PolicyError, RuleRef};
+pub use policy::{
+    Basis, Cursor, Decision, MAX_RULES, NodeKind, PermissionRule, Policy, PolicyError, RuleRef,
+    specificity,
+};

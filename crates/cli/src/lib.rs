@@ -1,0 +1,78 @@
+//! The `agentfense` command line.
+//!
+//! The binary is a thin shell over [`main_with_args`], so that every command can be tested
+//! in-process and through the real executable.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod policy_args;
+mod policy_cmd;
+
+pub use policy_args::PolicyArgs;
+
+/// AgentFense: least-privilege sandboxes for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "agentfense", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect and test permission rules before deploying them.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+    /// List the built-in presets and their rules.
+    ///
+    /// Example: agentfense presets
+    Presets {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `args` (including the program name), runs the command, and returns the exit code.
+/// Errors are printed to stderr as one clear line each.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match run(cli, &mut out) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("agentfense: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs a parsed command, writing its normal output to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Policy(cmd) => policy_cmd::run(cmd, out),
+        Command::Presets { json } => {
+            policy_cmd::list_presets(json, out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Policy options shared by every command: `--preset`, `--policy FILE`, repeatable `--rule`.
+
+use std::path::PathBuf;
+
+use agentfense_core::{Level, PatternType, PermissionRule, Policy, presets};
+use anyhow::{Context, bail};
+use clap::Args;
+
+/// How the rules of a command are assembled: the preset's rules first, then the rules of
+/// `--policy`, then each `--rule` in order (order breaks ties, see `docs/permissions.md`).
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Built-in preset to start from (`agentfense presets` lists them); `none` starts from no
+    /// rules (everything hidden).
+    #[arg(long, value_name = "NAME", default_value = "agent-safe")]
+    pub preset: String,
+
+    /// YAML or JSON file with a list of rules: `[{pattern, type?, permission, priority?}]`.
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// Extra rule `[TYPE:]PATTERN=LEVEL[@PRIORITY]`, e.g. `/docs/**=write@10` or
+    /// `dir:/build=none@50`. TYPE is glob (default), dir or file. Repeatable.
+    #[arg(long = "rule", value_name = "RULE")]
+    pub rules: Vec<String>,
+}
+
+impl PolicyArgs {
+    /// The rules in engine input order.
+    pub fn rules(&self) -> anyhow::Result<Vec<PermissionRule>> {
+        let mut rules = if self.preset == "none" {
+            Vec::new()
+        } else {
+            presets::get(&self.preset)
+                .with_context(|| {
+                    format!(
+                        "unknown preset {:?}; choose one of: none, {}",
+                        self.preset,
+                        presets::names().join(", ")
+                    )
+                })?
+                .rules()
+        };
+        if let Some(path) = &self.policy_file {
+            rules.extend(load_policy_file(path)?);
+        }
+        for spec in &self.rules {
+            rules.push(parse_rule(spec)?);
+        }
+        Ok(rules)
+    }
+
+    /// The compiled policy.
+    pub fn policy(&self) -> anyhow::Result<Policy> {
+        let rules = self.rules()?;
+        Policy::compile(rules).map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            anyhow::anyhow!("{e}{cause}")
+        })
+    }
+}
+
+/// Parses `[TYPE:]PATTERN=LEVEL[@PRIORITY]`.
+pub fn parse_rule(spec: &str) -> anyhow::Result<PermissionRule> {
+    let (lhs, rhs) = spec.rsplit_once('=').with_context(|| {
+        format!("rule {spec:?} has no '=': write it as PATTERN=LEVEL[@PRIORITY], e.g. '/docs/**=write@10'")
+    })?;
+    let (level, priority) = match rhs.split_once('@') {
+        Some((l, p)) => (
+            l,
+            p.trim()
+                .parse::<i32>()
+                .with_context(|| format!("rule {spec:?}: priority {p:?} is not a whole number"))?,
+        ),
+        None => (rhs, 0),
+    };
+    let level: Level = level.parse().with_context(|| format!("rule {spec:?}"))?;
+    let (pattern_type, pattern) = match lhs.split_once(':') {
+        Some((t, p)) if ["glob", "dir", "directory", "file"].contains(&t) => {
+            (t.parse::<PatternType>()?, p)
+        }
+        _ => (PatternType::Glob, lhs),
+    };
+    if pattern.trim().is_empty() {
+        bail!("rule {spec:?} has an empty pattern");
+    }
+    Ok(PermissionRule::new(pattern, pattern_type, level, priority))
+}
+
+/// Loads a YAML or JSON list of rules (JSON is valid YAML, so one parser reads both).
+pub fn load_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<PermissionRule>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    serde_yaml::from_str::<Vec<PermissionRule>>(&text).with_context(|| {
+        format!(
+            "policy file {} is not a list of rules {{pattern, type?, permission, priority?}}",
+            path.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    #[test]
+    fn parses_rule_specs() {
+        assert_eq!(
+            parse_rule("/docs/**=write@10").unwrap(),
+            PermissionRule::glob("/docs/**", Level::Write, 10)
+        );
+        assert_eq!(
+            parse_rule("dir:/build=none@-5").unwrap(),
+            PermissionRule::new("/build", PatternType::Directory, Level::None, -5)
+        );
+        assert_eq!(
+            parse_rule("file:/a=b=view").unwrap(),
+            PermissionRule::new("/a=b", PatternType::File, Level::View, 0)
+        );
+        assert_eq!(
+            parse_rule("http://x=read").unwrap().pattern_type,
+            PatternType::Glob
+        );
+        for bad in ["/docs", "/d=writ", "/d=write@x", "=read"] {
+            assert!(parse_rule(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn assembles_preset_file_and_rules_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.yaml");
+        std::fs::write(
+            &f,
+            "- pattern: /docs\n  type: directory\n  permission: write\n  priority: 5\n",
+        )
+        .unwrap();
+        let args = PolicyArgs {
+            preset: "read-only".into(),
+            policy_file: Some(f),
+            rules: vec!["/x=none@9".into()],
+        };
+        assert_eq!(
+            args.rules().unwrap(),
+            vec![
+                PermissionRule::glob("**/*", Level::Read, 0),
+                PermissionRule::new("/docs", PatternType::Directory, Level::Write, 5),
+                PermissionRule::glob("/x", Level::None, 9),
+            ]
+        );
+        let bad = PolicyArgs {
+            preset: "nope".into(),
+            policy_file: None,
+            rules: vec![],
+        };
+        assert!(bad.rules().unwrap_err().to_string().contains("agent-safe"));
+        let bad_pattern = PolicyArgs {
+            preset: "none".into(),
+            policy_file: None,
+            rules: vec!["**.md=read".into()],
+        };
+        let msg = bad_pattern.policy().unwrap_err().to_string();
+        assert!(
+            msg.contains("**.md") && msg.contains("whole path segment"),
+            "{msg}"
+        );
+    }
+}
