@@ -9,11 +9,13 @@
 //! in `docs/permissions.md` and on the items below.
 
 mod level;
+mod model;
 mod path;
 mod pattern;
 mod policy;
 pub mod presets;
 
+pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus};
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
 pub use path::{PathError, SandboxPath};
 pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};

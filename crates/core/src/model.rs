@@ -1,0 +1,133 @@
+//! Domain types shared by the server, the runtime and the CLI.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle state of a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStatus {
+    /// Created, never started (or start pending).
+    Pending,
+    /// Environment up, `/workspace` mounted, accepting commands.
+    Running,
+    /// Stopped; can be started again.
+    Stopped,
+    /// A start failed or the environment died; see the reason. Can be started again.
+    Error,
+}
+
+/// Lifecycle state of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    /// The shell is alive.
+    Active,
+    /// The shell exited or was destroyed.
+    Closed,
+}
+
+/// Which runtime executes a sandbox's commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// bubblewrap namespaces.
+    #[default]
+    Bwrap,
+    /// Docker containers.
+    Docker,
+}
+
+impl RuntimeKind {
+    /// `bwrap` or `docker`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Bwrap => "bwrap",
+            RuntimeKind::Docker => "docker",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bwrap" => Ok(RuntimeKind::Bwrap),
+            "docker" => Ok(RuntimeKind::Docker),
+            other => Err(format!("unknown runtime {other:?}: expected bwrap or docker")),
+        }
+    }
+}
+
+/// Resource limits of a sandbox; 0 means "no limit" for each field (the wire convention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes.
+    pub memory_bytes: u64,
+    /// CPU quota in µs per 100 ms period (100000 = one CPU).
+    pub cpu_quota: u64,
+    /// Relative CPU weight (cgroup v1 shares; 1024 = default).
+    pub cpu_shares: u64,
+    /// Maximum number of processes.
+    pub pids_limit: u64,
+}
+
+impl ResourceLimits {
+    /// True when no limit is set.
+    pub fn is_unlimited(&self) -> bool {
+        *self == ResourceLimits::default()
+    }
+
+    /// Each field of `self`, or `defaults`' where `self`'s is 0.
+    pub fn or(self, defaults: ResourceLimits) -> ResourceLimits {
+        let pick = |a: u64, b: u64| if a == 0 { b } else { a };
+        ResourceLimits {
+            memory_bytes: pick(self.memory_bytes, defaults.memory_bytes),
+            cpu_quota: pick(self.cpu_quota, defaults.cpu_quota),
+            cpu_shares: pick(self.cpu_shares, defaults.cpu_shares),
+            pids_limit: pick(self.pids_limit, defaults.pids_limit),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_fall_back_per_field() {
+        let req = ResourceLimits {
+            memory_bytes: 64 << 20,
+            ..ResourceLimits::default()
+        };
+        let d = ResourceLimits {
+            memory_bytes: 1 << 30,
+            pids_limit: 512,
+            ..ResourceLimits::default()
+        };
+        assert_eq!(
+            req.or(d),
+            ResourceLimits {
+                memory_bytes: 64 << 20,
+                pids_limit: 512,
+                ..ResourceLimits::default()
+            }
+        );
+        assert!(ResourceLimits::default().is_unlimited());
+    }
+
+    #[test]
+    fn runtime_kind_parses() {
+        assert_eq!("docker".parse::<RuntimeKind>(), Ok(RuntimeKind::Docker));
+        assert!("podman".parse::<RuntimeKind>().is_err());
+    }
+}
