@@ -1,0 +1,367 @@
+//! The audit trail: an append-only file of JSON lines, one event per line.
+//!
+//! Every line has `timestamp` (RFC 3339, UTC, milliseconds) and `event` (e.g.
+//! `sandbox_created`, `command_executed`, `permission_denied`), then the event's fields.
+//! Recording never blocks the caller: events go through a bounded queue to a writer thread;
+//! if the queue is ever full the event is counted and an `audit_events_dropped` line says how
+//! many were lost. The file is opened in append mode with mode 0600.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use agentfense_core::{PermissionRule, ResourceLimits};
+use serde::Serialize;
+
+/// Capacity of the queue between recorders and the writer thread.
+const QUEUE: usize = 16 * 1024;
+
+/// One audit event. Serialized with `event` = the variant name in snake_case.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A codebase was created.
+    CodebaseCreated {
+        /// Its id.
+        codebase_id: String,
+        /// Its name.
+        name: String,
+        /// Its owner.
+        owner_id: String,
+    },
+    /// A codebase and its files were deleted.
+    CodebaseDeleted {
+        /// Its id.
+        codebase_id: String,
+    },
+    /// A file was uploaded into a codebase.
+    FileUploaded {
+        /// The codebase.
+        codebase_id: String,
+        /// Path inside it.
+        path: String,
+        /// Bytes.
+        size: u64,
+        /// Lowercase hex MD5.
+        checksum: String,
+    },
+    /// A sandbox was created.
+    SandboxCreated {
+        /// Its id.
+        sandbox_id: String,
+        /// Its codebase.
+        codebase_id: String,
+        /// The codebase's owner.
+        owner_id: String,
+        /// Its rules, in request order.
+        rules: Vec<PermissionRule>,
+        /// `bwrap` or `docker`.
+        runtime: String,
+        /// Container image, empty for bwrap.
+        image: String,
+        /// Effective limits.
+        resources: ResourceLimits,
+        /// Labels.
+        labels: BTreeMap<String, String>,
+    },
+    /// A sandbox started.
+    SandboxStarted {
+        /// Its id.
+        sandbox_id: String,
+    },
+    /// A sandbox stopped.
+    SandboxStopped {
+        /// Its id.
+        sandbox_id: String,
+        /// Why, when the server stopped it (shutdown, failure).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A sandbox was destroyed on request.
+    SandboxDestroyed {
+        /// Its id.
+        sandbox_id: String,
+    },
+    /// A sandbox outlived its expiry and was destroyed by the reaper.
+    SandboxExpired {
+        /// Its id.
+        sandbox_id: String,
+    },
+    /// A command finished (or timed out).
+    CommandExecuted {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The session, for session commands.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session_id: Option<String>,
+        /// The command line.
+        command: String,
+        /// Its exit code (-1 when it was killed by a timeout).
+        exit_code: i32,
+        /// Wall time, ms.
+        duration_ms: u64,
+        /// Whether the timeout killed it.
+        timed_out: bool,
+    },
+    /// Access was denied inside a sandbox (aggregated: `count` identical denials).
+    PermissionDenied {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The filesystem operation (`open`, `unlink`, ...).
+        operation: String,
+        /// Path inside the sandbox.
+        path: String,
+        /// The path's level.
+        level: String,
+        /// The deciding rule's pattern, if a rule decided.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        /// Identical denials folded into this line.
+        count: u64,
+    },
+    /// A command hit a resource limit.
+    ResourceLimitExceeded {
+        /// The sandbox.
+        sandbox_id: String,
+        /// `memory`, `pids` or `cpu`.
+        limit: String,
+        /// The command that hit it.
+        command: String,
+        /// Details (the configured value, the counter that moved).
+        detail: String,
+    },
+    /// Two sandboxes changed the same file; the later publish won.
+    PublishConflict {
+        /// The sandbox that published last.
+        sandbox_id: String,
+        /// Path in the codebase.
+        path: String,
+        /// What the other side had done.
+        detail: String,
+    },
+    /// Events lost because the queue was full.
+    AuditEventsDropped {
+        /// How many.
+        count: u64,
+    },
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    timestamp: String,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+}
+
+/// The audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open audit log {path}")]
+pub struct AuditError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A cheap, cloneable handle for recording events.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    tx: Option<SyncSender<(SystemTime, AuditEvent)>>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Owns the writer thread; dropping or [`AuditWriter::close`] flushes and joins it.
+#[derive(Debug)]
+pub struct AuditWriter {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Audit {
+    /// Opens (appending) `path` and starts the writer thread.
+    pub fn open(path: &Path) -> Result<(Audit, AuditWriter), AuditError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| AuditError {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| AuditError {
+                path: path.to_owned(),
+                source,
+            })?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let d = dropped.clone();
+        let p = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || write_loop(rx, BufWriter::new(file), d, p))
+            .map_err(|source| AuditError {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok((
+            Audit {
+                tx: Some(tx),
+                dropped,
+            },
+            AuditWriter {
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    /// A handle that records nothing (tools and tests that do not audit).
+    pub fn disabled() -> Audit {
+        Audit {
+            tx: None,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Queues an event; never blocks.
+    pub fn record(&self, event: AuditEvent) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send((SystemTime::now(), event)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::warn!("audit writer has stopped; event lost");
+            }
+        }
+    }
+}
+
+impl AuditWriter {
+    /// Flushes everything queued so far and stops the writer. All [`Audit`] handles must be
+    /// dropped first, or this waits for them.
+    pub fn close(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn write_loop(
+    rx: Receiver<(SystemTime, AuditEvent)>,
+    mut out: BufWriter<std::fs::File>,
+    dropped: Arc<AtomicU64>,
+    path: PathBuf,
+) {
+    let write = |out: &mut BufWriter<std::fs::File>, at: SystemTime, ev: &AuditEvent| {
+        let line = Line {
+            timestamp: humantime::format_rfc3339_millis(at).to_string(),
+            event: ev,
+        };
+        match serde_json::to_string(&line) {
+            Ok(s) => {
+                if let Err(e) = writeln!(out, "{s}") {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write audit log");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode audit event"),
+        }
+    };
+    while let Ok((at, ev)) = rx.recv() {
+        write(&mut out, at, &ev);
+        // Drain what is queued, then flush once: lines reach the kernel (and survive a
+        // kill -9 of the server) without a syscall per event under load.
+        while let Ok((at, ev)) = rx.try_recv() {
+            write(&mut out, at, &ev);
+        }
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            write(
+                &mut out,
+                SystemTime::now(),
+                &AuditEvent::AuditEventsDropped { count: lost },
+            );
+        }
+        if let Err(e) = out.flush() {
+            tracing::error!(path = %path.display(), error = %e, "cannot flush audit log");
+        }
+    }
+    let _ = out.flush();
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_json_lines_with_timestamp_and_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/audit.jsonl");
+        let (audit, writer) = Audit::open(&path).unwrap();
+        audit.record(AuditEvent::SandboxStarted {
+            sandbox_id: "sb_1".into(),
+        });
+        audit.record(AuditEvent::PermissionDenied {
+            sandbox_id: "sb_1".into(),
+            operation: "open".into(),
+            path: "/.env".into(),
+            level: "none".into(),
+            rule: Some("**/.env*".into()),
+            count: 3,
+        });
+        drop(audit);
+        writer.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["event"], "sandbox_started");
+        assert_eq!(lines[0]["sandbox_id"], "sb_1");
+        let ts = lines[0]["timestamp"].as_str().unwrap();
+        assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
+        assert_eq!(lines[1]["event"], "permission_denied");
+        assert_eq!(lines[1]["count"], 3);
+        assert_eq!(lines[1]["rule"], "**/.env*");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn appends_across_reopen_and_disabled_is_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        for i in 0..2 {
+            let (audit, writer) = Audit::open(&path).unwrap();
+            audit.record(AuditEvent::SandboxDestroyed {
+                sandbox_id: format!("sb_{i}"),
+            });
+            drop(audit);
+            writer.close();
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        Audit::disabled().record(AuditEvent::CodebaseDeleted {
+            codebase_id: "cb".into(),
+        });
+    }
+}

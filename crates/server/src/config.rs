@@ -1,0 +1,558 @@
+//! Server configuration: YAML parsed once into typed structs, checked, then passed down.
+//!
+//! Keys follow the original AgentFense (`server.grpc_addr`, `storage.codebase_path`,
+//! `runtime.default_timeout`, `sandbox.max_per_user`, `logging.level`, ...) plus our additions
+//! (`storage.data_dir`, `logging.audit_path`, output caps, resource defaults, network policy).
+//! Unknown keys and bad values are errors that name the key. Durations are written like
+//! `30s`, `10m`, `24h`. Relative paths in a file are resolved against the file's directory.
+//! See `config/agentfense.example.yaml` for every key with its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentfense_core::{ResourceLimits, RuntimeKind};
+use serde::Deserialize;
+
+/// A configuration that could not be loaded or is inconsistent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML does not fit the schema (the message names the key).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's message, which names the offending key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `server.grpc_addr`.
+        key: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listening addresses.
+    pub server: ServerConfig,
+    /// Where data lives.
+    pub storage: StorageConfig,
+    /// Command execution.
+    pub runtime: RuntimeConfig,
+    /// Sandbox lifecycle and quotas.
+    pub sandbox: SandboxConfig,
+    /// Logs and the audit trail.
+    pub logging: LoggingConfig,
+}
+
+/// `server.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub grpc_addr: String,
+    /// REST listen address; empty disables the REST gateway.
+    pub http_addr: String,
+    /// Must be true to listen on a non-loopback address: the API has no authentication yet.
+    pub allow_remote: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: "127.0.0.1:9000".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            allow_remote: false,
+        }
+    }
+}
+
+/// `storage.*`: everything lives under `data_dir` unless a path is given explicitly.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Root of all state (default: `/var/lib/agentfense` as root, else
+    /// `$XDG_DATA_HOME/agentfense` or `~/.local/share/agentfense`).
+    pub data_dir: Option<PathBuf>,
+    /// Codebase files (default `<data_dir>/codebases`).
+    pub codebase_path: Option<PathBuf>,
+    /// FUSE mount points and per-sandbox deltas (default `<data_dir>/mounts`).
+    pub mount_path: Option<PathBuf>,
+    /// SQLite database (default `<data_dir>/agentfense.db`).
+    pub db_path: Option<PathBuf>,
+    /// Largest accepted uploaded file, bytes (default 1 GiB).
+    pub max_upload_bytes: Option<u64>,
+}
+
+/// `runtime.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Which runtime runs commands.
+    #[serde(rename = "type")]
+    pub kind: RuntimeKind,
+    /// The bubblewrap executable.
+    pub bwrap_path: PathBuf,
+    /// Timeout of a command whose request gives none.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Cap on any command's timeout.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// Cap on captured stdout and on stderr of one unary exec, bytes each.
+    pub output_limit_bytes: u64,
+    /// Whether sandboxes may ask for networking (label `agentfense.network=host`).
+    pub allow_network: bool,
+    /// Limits applied when a request gives none (0 = no limit).
+    pub default_resources: ResourceLimits,
+    /// Docker runtime settings.
+    pub docker: DockerConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            kind: RuntimeKind::Bwrap,
+            bwrap_path: "bwrap".into(),
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(600),
+            output_limit_bytes: 1 << 20,
+            allow_network: false,
+            // A sandbox without limits can take the host down with one fork bomb: default to a
+            // generous but finite process cap and memory limit.
+            default_resources: ResourceLimits {
+                memory_bytes: 2 << 30,
+                pids_limit: 1024,
+                ..ResourceLimits::default()
+            },
+            docker: DockerConfig::default(),
+        }
+    }
+}
+
+/// `runtime.docker.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Docker endpoint (default: the local socket).
+    pub host: Option<String>,
+    /// Image used when a request gives none.
+    pub default_image: String,
+    /// Network mode for sandboxes that may have networking.
+    pub network_mode: String,
+    /// Whether containers may get a network at all.
+    pub enable_networking: bool,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            host: None,
+            default_image: "ubuntu:22.04".into(),
+            network_mode: "none".into(),
+            enable_networking: false,
+        }
+    }
+}
+
+/// `sandbox.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Lifetime of a sandbox whose request gives no `expires_in`.
+    #[serde(with = "humantime_serde")]
+    pub default_expiration: Duration,
+    /// Most sandboxes per codebase owner (0 = unlimited).
+    pub max_per_user: u32,
+    /// How often expired sandboxes are destroyed.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            default_expiration: Duration::from_secs(24 * 3600),
+            max_per_user: 10,
+            cleanup_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `logging.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or an `EnvFilter` directive.
+    pub level: String,
+    /// Log line format.
+    pub format: LogFormat,
+    /// Audit trail, JSON lines (default `<data_dir>/audit.jsonl`).
+    pub audit_path: Option<PathBuf>,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+            audit_path: None,
+        }
+    }
+}
+
+/// Command-line overrides (`agentfense serve --data-dir ... --grpc-addr ...`), applied after
+/// the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--grpc-addr`
+    pub grpc_addr: Option<String>,
+    /// `--http-addr`
+    pub http_addr: Option<String>,
+    /// `--runtime`
+    pub runtime: Option<RuntimeKind>,
+}
+
+/// Every path the server uses, resolved to absolute form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// Root of all state.
+    pub data_dir: PathBuf,
+    /// Codebase file trees, one directory per codebase.
+    pub codebases: PathBuf,
+    /// FUSE mount points and deltas.
+    pub mounts: PathBuf,
+    /// SQLite database file.
+    pub db: PathBuf,
+    /// Audit log file.
+    pub audit: PathBuf,
+}
+
+/// A checked configuration with resolved paths and listen addresses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The configuration as loaded (after overrides).
+    pub config: Config,
+    /// Resolved paths.
+    pub paths: Paths,
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// REST listen address, if enabled.
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Parses YAML text. `origin` names the source in errors.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file; relative paths inside it are resolved against its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Config::from_yaml(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+        for p in [
+            &mut cfg.storage.data_dir,
+            &mut cfg.storage.codebase_path,
+            &mut cfg.storage.mount_path,
+            &mut cfg.storage.db_path,
+            &mut cfg.logging.audit_path,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Applies overrides, checks every value and resolves paths. `default_data_dir` is used
+    /// when neither the file nor the overrides name one (the binary picks it from the
+    /// environment; libraries never read it).
+    pub fn resolve(
+        mut self,
+        overrides: Overrides,
+        default_data_dir: &Path,
+    ) -> Result<Settings, ConfigError> {
+        if let Some(d) = overrides.data_dir {
+            self.storage.data_dir = Some(d);
+        }
+        if let Some(a) = overrides.grpc_addr {
+            self.server.grpc_addr = a;
+        }
+        if let Some(a) = overrides.http_addr {
+            self.server.http_addr = a;
+        }
+        if let Some(r) = overrides.runtime {
+            self.runtime.kind = r;
+        }
+
+        let grpc_addr = parse_addr("server.grpc_addr", &self.server.grpc_addr)?;
+        let http_addr = if self.server.http_addr.trim().is_empty() {
+            None
+        } else {
+            Some(parse_addr("server.http_addr", &self.server.http_addr)?)
+        };
+        for (key, addr) in [("server.grpc_addr", Some(grpc_addr)), ("server.http_addr", http_addr)]
+        {
+            if let Some(addr) = addr
+                && !addr.ip().is_loopback()
+                && !self.server.allow_remote
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "{addr} is not a loopback address and the API has no authentication; \
+                         set server.allow_remote: true to expose it anyway"
+                    ),
+                });
+            }
+        }
+        let rt = &self.runtime;
+        if rt.default_timeout.is_zero() {
+            return Err(invalid("runtime.default_timeout", "must be greater than 0"));
+        }
+        if rt.max_timeout < rt.default_timeout {
+            return Err(invalid(
+                "runtime.max_timeout",
+                format!(
+                    "{} is shorter than runtime.default_timeout ({})",
+                    humantime::format_duration(rt.max_timeout),
+                    humantime::format_duration(rt.default_timeout)
+                ),
+            ));
+        }
+        // Keep a unary ExecResult far below gRPC's 4 MiB message limit (stdout + stderr).
+        if rt.output_limit_bytes == 0 || rt.output_limit_bytes > 1536 * 1024 {
+            return Err(invalid(
+                "runtime.output_limit_bytes",
+                "must be between 1 and 1572864 (1.5 MiB), so that a result fits a 4 MiB gRPC message",
+            ));
+        }
+        if self.sandbox.cleanup_interval.is_zero() {
+            return Err(invalid("sandbox.cleanup_interval", "must be greater than 0"));
+        }
+        if self.sandbox.default_expiration.is_zero() {
+            return Err(invalid("sandbox.default_expiration", "must be greater than 0"));
+        }
+
+        let data_dir = absolute(
+            self.storage
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| default_data_dir.to_owned()),
+        )?;
+        let paths = Paths {
+            codebases: absolute(
+                self.storage
+                    .codebase_path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("codebases")),
+            )?,
+            mounts: absolute(
+                self.storage
+                    .mount_path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("mounts")),
+            )?,
+            db: absolute(
+                self.storage
+                    .db_path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("agentfense.db")),
+            )?,
+            audit: absolute(
+                self.logging
+                    .audit_path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            )?,
+            data_dir,
+        };
+        Ok(Settings {
+            config: self,
+            paths,
+            grpc_addr,
+            http_addr,
+        })
+    }
+
+    /// Largest accepted uploaded file, bytes.
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.storage.max_upload_bytes.unwrap_or(1 << 30)
+    }
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    // The original's ":9000" form means every interface; keep accepting it.
+    let s = s.trim();
+    let candidate = if let Some(port) = s.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else if let Some(port) = s.strip_prefix("localhost:") {
+        format!("127.0.0.1:{port}")
+    } else {
+        s.to_owned()
+    };
+    candidate.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not an address like 127.0.0.1:9000 or [::1]:9000"),
+        )
+    })
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(&p).map_err(|e| invalid("storage", format!("cannot resolve {}: {e}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn resolve(yaml: &str) -> Result<Settings, ConfigError> {
+        Config::from_yaml(yaml, Path::new("test.yaml"))?
+            .resolve(Overrides::default(), Path::new("/var/lib/agentfense"))
+    }
+
+    #[test]
+    fn embedded_default_is_loopback_bwrap_under_one_data_dir() {
+        let s = resolve("").unwrap();
+        assert_eq!(s.grpc_addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(s.http_addr, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(s.config.runtime.kind, RuntimeKind::Bwrap);
+        assert_eq!(
+            s.paths,
+            Paths {
+                data_dir: "/var/lib/agentfense".into(),
+                codebases: "/var/lib/agentfense/codebases".into(),
+                mounts: "/var/lib/agentfense/mounts".into(),
+                db: "/var/lib/agentfense/agentfense.db".into(),
+                audit: "/var/lib/agentfense/audit.jsonl".into(),
+            }
+        );
+        assert_eq!(s.config.runtime.default_timeout, Duration::from_secs(30));
+        assert_eq!(s.config.runtime.max_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn original_keys_parse() {
+        let s = resolve(
+            "server:\n  grpc_addr: 127.0.0.1:9100\n  http_addr: ''\n\
+             storage:\n  codebase_path: /srv/cb\n  mount_path: /srv/mnt\n  db_path: /srv/db.sqlite\n\
+             runtime:\n  type: docker\n  default_timeout: 5s\n  max_timeout: 1m\n  \
+             docker:\n    default_image: debian:stable\n    enable_networking: false\n    network_mode: none\n\
+             sandbox:\n  default_expiration: 1h\n  max_per_user: 3\n  cleanup_interval: 30s\n\
+             logging:\n  level: debug\n  format: json\n",
+        )
+        .unwrap();
+        assert_eq!(s.http_addr, None);
+        assert_eq!(s.config.runtime.kind, RuntimeKind::Docker);
+        assert_eq!(s.config.runtime.default_timeout, Duration::from_secs(5));
+        assert_eq!(s.config.sandbox.max_per_user, 3);
+        assert_eq!(s.config.logging.format, LogFormat::Json);
+        assert_eq!(s.paths.codebases, PathBuf::from("/srv/cb"));
+        assert_eq!(s.paths.audit, PathBuf::from("/var/lib/agentfense/audit.jsonl"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = resolve("server:\n  grpc_adr: x\n").unwrap_err().to_string();
+        assert!(e.contains("grpc_adr"), "{e}");
+        let e = resolve("runtime:\n  default_timeout: soon\n").unwrap_err().to_string();
+        assert!(e.contains("default_timeout"), "{e}");
+        let e = resolve("runtime:\n  type: podman\n").unwrap_err().to_string();
+        assert!(e.contains("podman"), "{e}");
+        let e = resolve("runtime:\n  default_timeout: 1h\n").unwrap_err().to_string();
+        assert!(e.contains("runtime.max_timeout"), "{e}");
+        let e = resolve("server:\n  grpc_addr: nowhere\n").unwrap_err().to_string();
+        assert!(e.contains("server.grpc_addr"), "{e}");
+        let e = resolve("runtime:\n  default_resources:\n    pids_limit: -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pids_limit"), "{e}");
+    }
+
+    #[test]
+    fn remote_binding_is_an_explicit_choice() {
+        let e = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n").unwrap_err().to_string();
+        assert!(e.contains("allow_remote") && e.contains("authentication"), "{e}");
+        let e = resolve("server:\n  grpc_addr: ':9000'\n").unwrap_err().to_string();
+        assert!(e.contains("allow_remote"), "{e}");
+        let s = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n  allow_remote: true\n").unwrap();
+        assert!(s.grpc_addr.ip().is_unspecified());
+        let s = resolve("server:\n  grpc_addr: localhost:9001\n").unwrap();
+        assert!(s.grpc_addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn overrides_win_and_relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "storage:\n  data_dir: state\nserver:\n  grpc_addr: 127.0.0.1:1\n").unwrap();
+        let s = Config::load(&f)
+            .unwrap()
+            .resolve(
+                Overrides {
+                    grpc_addr: Some("127.0.0.1:2".into()),
+                    runtime: Some(RuntimeKind::Docker),
+                    ..Overrides::default()
+                },
+                Path::new("/unused"),
+            )
+            .unwrap();
+        assert_eq!(s.paths.data_dir, dir.path().join("state"));
+        assert_eq!(s.grpc_addr.port(), 2);
+        assert_eq!(s.config.runtime.kind, RuntimeKind::Docker);
+        let e = Config::load(&dir.path().join("missing.yaml")).unwrap_err();
+        assert!(e.to_string().contains("missing.yaml"));
+    }
+}

@@ -1,0 +1,11 @@
+//! The AgentFense service: the gRPC and REST API that the published Python SDK talks to,
+//! codebase storage, the sandbox lifecycle, durable metadata in SQLite and the audit trail.
+//!
+//! The service layer ([`service`]) owns the logic; `grpc` and `rest` are thin adapters with one
+//! error mapping each. Binaries call [`config::Config::load`] and then the serve entry point.
+
+pub mod audit;
+pub mod config;
+pub mod files;
+pub mod ids;
+pub mod store;
