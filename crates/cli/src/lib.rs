@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 pub mod policy_args;
 mod policy_cmd;
+mod serve_cmd;
 
 pub use policy_args::PolicyArgs;
 
@@ -37,6 +38,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the AgentFense service (gRPC on 127.0.0.1:9000, REST on 127.0.0.1:8080).
+    ///
+    /// Without --config it runs on built-in defaults: the bwrap runtime, SQLite metadata and
+    /// all state under one data directory.
+    ///
+    /// Example: agentfense serve --data-dir ./agentfense-data
+    Serve(serve_cmd::ServeArgs),
 }
 
 /// Parses `args` (including the program name), runs the command, and returns the exit code.
@@ -74,5 +82,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             policy_cmd::list_presets(json, out)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve(args) => serve_cmd::run(args),
     }
 }

@@ -289,7 +289,11 @@ impl Config {
         })?;
         let mut cfg = Config::from_yaml(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
         for p in [
             &mut cfg.storage.data_dir,
             &mut cfg.storage.codebase_path,
@@ -334,8 +338,10 @@ impl Config {
         } else {
             Some(parse_addr("server.http_addr", &self.server.http_addr)?)
         };
-        for (key, addr) in [("server.grpc_addr", Some(grpc_addr)), ("server.http_addr", http_addr)]
-        {
+        for (key, addr) in [
+            ("server.grpc_addr", Some(grpc_addr)),
+            ("server.http_addr", http_addr),
+        ] {
             if let Some(addr) = addr
                 && !addr.ip().is_loopback()
                 && !self.server.allow_remote
@@ -371,10 +377,16 @@ impl Config {
             ));
         }
         if self.sandbox.cleanup_interval.is_zero() {
-            return Err(invalid("sandbox.cleanup_interval", "must be greater than 0"));
+            return Err(invalid(
+                "sandbox.cleanup_interval",
+                "must be greater than 0",
+            ));
         }
         if self.sandbox.default_expiration.is_zero() {
-            return Err(invalid("sandbox.default_expiration", "must be greater than 0"));
+            return Err(invalid(
+                "sandbox.default_expiration",
+                "must be greater than 0",
+            ));
         }
 
         let data_dir = absolute(
@@ -450,7 +462,8 @@ fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn absolute(p: PathBuf) -> Result<PathBuf, ConfigError> {
-    std::path::absolute(&p).map_err(|e| invalid("storage", format!("cannot resolve {}: {e}", p.display())))
+    std::path::absolute(&p)
+        .map_err(|e| invalid("storage", format!("cannot resolve {}: {e}", p.display())))
 }
 
 #[cfg(test)]
@@ -500,20 +513,31 @@ mod tests {
         assert_eq!(s.config.sandbox.max_per_user, 3);
         assert_eq!(s.config.logging.format, LogFormat::Json);
         assert_eq!(s.paths.codebases, PathBuf::from("/srv/cb"));
-        assert_eq!(s.paths.audit, PathBuf::from("/var/lib/agentfense/audit.jsonl"));
+        assert_eq!(
+            s.paths.audit,
+            PathBuf::from("/var/lib/agentfense/audit.jsonl")
+        );
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = resolve("server:\n  grpc_adr: x\n").unwrap_err().to_string();
         assert!(e.contains("grpc_adr"), "{e}");
-        let e = resolve("runtime:\n  default_timeout: soon\n").unwrap_err().to_string();
+        let e = resolve("runtime:\n  default_timeout: soon\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("default_timeout"), "{e}");
-        let e = resolve("runtime:\n  type: podman\n").unwrap_err().to_string();
+        let e = resolve("runtime:\n  type: podman\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("podman"), "{e}");
-        let e = resolve("runtime:\n  default_timeout: 1h\n").unwrap_err().to_string();
+        let e = resolve("runtime:\n  default_timeout: 1h\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("runtime.max_timeout"), "{e}");
-        let e = resolve("server:\n  grpc_addr: nowhere\n").unwrap_err().to_string();
+        let e = resolve("server:\n  grpc_addr: nowhere\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.grpc_addr"), "{e}");
         let e = resolve("runtime:\n  default_resources:\n    pids_limit: -1\n")
             .unwrap_err()
@@ -523,9 +547,16 @@ mod tests {
 
     #[test]
     fn remote_binding_is_an_explicit_choice() {
-        let e = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n").unwrap_err().to_string();
-        assert!(e.contains("allow_remote") && e.contains("authentication"), "{e}");
-        let e = resolve("server:\n  grpc_addr: ':9000'\n").unwrap_err().to_string();
+        let e = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("allow_remote") && e.contains("authentication"),
+            "{e}"
+        );
+        let e = resolve("server:\n  grpc_addr: ':9000'\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("allow_remote"), "{e}");
         let s = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n  allow_remote: true\n").unwrap();
         assert!(s.grpc_addr.ip().is_unspecified());
@@ -537,7 +568,11 @@ mod tests {
     fn overrides_win_and_relative_paths_follow_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
-        std::fs::write(&f, "storage:\n  data_dir: state\nserver:\n  grpc_addr: 127.0.0.1:1\n").unwrap();
+        std::fs::write(
+            &f,
+            "storage:\n  data_dir: state\nserver:\n  grpc_addr: 127.0.0.1:1\n",
+        )
+        .unwrap();
         let s = Config::load(&f)
             .unwrap()
             .resolve(

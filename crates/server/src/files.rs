@@ -139,7 +139,8 @@ impl CodebaseFiles {
     pub fn open(root: &Path) -> Result<CodebaseFiles, FilesError> {
         let staging = root.join(".staging");
         for d in [root, &staging] {
-            std::fs::create_dir_all(d).map_err(io_err("create directory", d.display().to_string()))?;
+            std::fs::create_dir_all(d)
+                .map_err(io_err("create directory", d.display().to_string()))?;
             set_mode(d, 0o700)?;
         }
         // Leftovers of uploads interrupted by a crash.
@@ -162,7 +163,8 @@ impl CodebaseFiles {
     /// Creates the (empty) directory of a new codebase.
     pub fn create(&self, id: &CodebaseId) -> Result<(), FilesError> {
         let d = self.dir(id);
-        std::fs::create_dir(&d).map_err(io_err("create codebase directory", d.display().to_string()))?;
+        std::fs::create_dir(&d)
+            .map_err(io_err("create codebase directory", d.display().to_string()))?;
         set_mode(&d, 0o755)
     }
 
@@ -326,7 +328,8 @@ fn list_into(
     out: &mut Vec<FileEntry>,
 ) -> Result<(), FilesError> {
     let mut names = Vec::new();
-    let mut reader = rustix::fs::Dir::read_from(dfd).map_err(|e| io_err("list", dir.as_str())(e.into()))?;
+    let mut reader =
+        rustix::fs::Dir::read_from(dfd).map_err(|e| io_err("list", dir.as_str())(e.into()))?;
     for ent in reader.by_ref() {
         let ent = ent.map_err(|e| io_err("list", dir.as_str())(e.into()))?;
         let name = ent.file_name().to_bytes();
@@ -523,7 +526,12 @@ mod tests {
         SandboxPath::parse(s).unwrap()
     }
 
-    fn upload(files: &CodebaseFiles, id: &CodebaseId, path: &str, data: &[u8]) -> Result<Uploaded, FilesError> {
+    fn upload(
+        files: &CodebaseFiles,
+        id: &CodebaseId,
+        path: &str,
+        data: &[u8],
+    ) -> Result<Uploaded, FilesError> {
         let mut u = files.begin_upload(id, &p(path), 1 << 20)?;
         for chunk in data.chunks(3) {
             u.write(chunk)?;
@@ -540,7 +548,10 @@ mod tests {
         assert_eq!(up.replaced, None);
         let again = upload(&files, &id, "/src/main.py", b"x").unwrap();
         assert_eq!(again.replaced, Some(12));
-        assert_eq!(read_all(files.open_file(&id, &p("src/main.py")).unwrap()).unwrap(), b"x");
+        assert_eq!(
+            read_all(files.open_file(&id, &p("src/main.py")).unwrap()).unwrap(),
+            b"x"
+        );
         upload(&files, &id, "empty", b"").unwrap();
         let all: Vec<(String, bool)> = files
             .list(&id, &SandboxPath::root(), true)
@@ -556,7 +567,12 @@ mod tests {
                 ("src/main.py".into(), false)
             ]
         );
-        let top: Vec<String> = files.list(&id, &SandboxPath::root(), false).unwrap().into_iter().map(|e| e.name).collect();
+        let top: Vec<String> = files
+            .list(&id, &SandboxPath::root(), false)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
         assert_eq!(top, ["empty", "src"]);
         assert_eq!(files.list(&id, &p("missing"), false).unwrap(), vec![]);
         assert_eq!(files.scan_stats(&id).unwrap(), (1, 2));
@@ -573,16 +589,36 @@ mod tests {
         std::os::unix::fs::symlink(&outside, files.dir(&id).join("link")).unwrap();
         std::os::unix::fs::symlink(outside.join("secret"), files.dir(&id).join("f")).unwrap();
         // Writing through a symlinked directory or onto a symlink is refused.
-        assert!(matches!(upload(&files, &id, "link/x", b"pwn"), Err(FilesError::WrongKind { .. })));
-        assert!(matches!(upload(&files, &id, "f", b"pwn"), Err(FilesError::WrongKind { .. })));
+        assert!(matches!(
+            upload(&files, &id, "link/x", b"pwn"),
+            Err(FilesError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            upload(&files, &id, "f", b"pwn"),
+            Err(FilesError::WrongKind { .. })
+        ));
         assert!(!outside.join("x").exists());
-        assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "host secret");
+        assert_eq!(
+            std::fs::read_to_string(outside.join("secret")).unwrap(),
+            "host secret"
+        );
         // Reading through them looks like a missing file.
-        assert!(matches!(files.open_file(&id, &p("f")), Err(FilesError::NotFound(_))));
-        assert!(matches!(files.open_file(&id, &p("link/secret")), Err(FilesError::NotFound(_))));
+        assert!(matches!(
+            files.open_file(&id, &p("f")),
+            Err(FilesError::NotFound(_))
+        ));
+        assert!(matches!(
+            files.open_file(&id, &p("link/secret")),
+            Err(FilesError::NotFound(_))
+        ));
         assert_eq!(files.list(&id, &p("link"), false).unwrap(), vec![]);
         // The link itself is listed, but not descended.
-        let names: Vec<String> = files.list(&id, &SandboxPath::root(), true).unwrap().into_iter().map(|e| e.path).collect();
+        let names: Vec<String> = files
+            .list(&id, &SandboxPath::root(), true)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
         assert_eq!(names, ["f", "link"]);
     }
 
@@ -591,19 +627,41 @@ mod tests {
         let (_d, files, id) = setup();
         let mut u = files.begin_upload(&id, &p("a"), 1 << 20).unwrap();
         u.write(b"abc").unwrap();
-        assert!(matches!(u.commit(Some(5)), Err(FilesError::SizeMismatch { announced: 5, received: 3, .. })));
+        assert!(matches!(
+            u.commit(Some(5)),
+            Err(FilesError::SizeMismatch {
+                announced: 5,
+                received: 3,
+                ..
+            })
+        ));
         let mut u = files.begin_upload(&id, &p("b"), 4).unwrap();
-        assert!(matches!(u.write(b"12345"), Err(FilesError::TooLarge { .. })));
+        assert!(matches!(
+            u.write(b"12345"),
+            Err(FilesError::TooLarge { .. })
+        ));
         drop(u);
         let mut u = files.begin_upload(&id, &p("c"), 10).unwrap();
         u.write(b"half").unwrap();
         drop(u); // client went away
         assert_eq!(files.list(&id, &SandboxPath::root(), true).unwrap(), vec![]);
         assert_eq!(std::fs::read_dir(&files.staging).unwrap().count(), 0);
-        assert!(matches!(files.open_file(&id, &p("a")), Err(FilesError::NotFound(_))));
+        assert!(matches!(
+            files.open_file(&id, &p("a")),
+            Err(FilesError::NotFound(_))
+        ));
         upload(&files, &id, "dir/x", b"1").unwrap();
-        assert!(matches!(upload(&files, &id, "dir", b"1"), Err(FilesError::WrongKind { .. })));
-        assert!(matches!(upload(&files, &id, "dir/x/y", b"1"), Err(FilesError::WrongKind { .. })));
-        assert!(matches!(files.open_file(&id, &p("dir")), Err(FilesError::WrongKind { .. })));
+        assert!(matches!(
+            upload(&files, &id, "dir", b"1"),
+            Err(FilesError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            upload(&files, &id, "dir/x/y", b"1"),
+            Err(FilesError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            files.open_file(&id, &p("dir")),
+            Err(FilesError::WrongKind { .. })
+        ));
     }
 }

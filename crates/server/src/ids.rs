@@ -33,7 +33,10 @@ fn random_hex16() -> String {
 
 fn valid(s: &str, prefix: &str) -> bool {
     s.strip_prefix(prefix).is_some_and(|hex| {
-        hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == 16
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -79,9 +82,24 @@ macro_rules! id_type {
     };
 }
 
-id_type!(CodebaseId, "cb_", "codebase_id", "A codebase id, `cb_<16 hex>`.");
-id_type!(SandboxId, "sb_", "sandbox_id", "A sandbox id, `sb_<16 hex>`.");
-id_type!(SessionId, "sess_", "session_id", "A session id, `sess_<16 hex>`.");
+id_type!(
+    CodebaseId,
+    "cb_",
+    "codebase_id",
+    "A codebase id, `cb_<16 hex>`."
+);
+id_type!(
+    SandboxId,
+    "sb_",
+    "sandbox_id",
+    "A sandbox id, `sb_<16 hex>`."
+);
+id_type!(
+    SessionId,
+    "sess_",
+    "session_id",
+    "A session id, `sess_<16 hex>`."
+);
 
 #[cfg(test)]
 mod tests {
@@ -100,7 +118,14 @@ mod tests {
 
     #[test]
     fn malformed_ids_are_rejected_with_the_field() {
-        for bad in ["", "sb_", "sb_0123456789abcdeF", "sb_../../etc/pas", "cb_0123456789abcdef", "sb_0123456789abcdef0"] {
+        for bad in [
+            "",
+            "sb_",
+            "sb_0123456789abcdeF",
+            "sb_../../etc/pas",
+            "cb_0123456789abcdef",
+            "sb_0123456789abcdef0",
+        ] {
             let e = SandboxId::parse(bad).unwrap_err();
             assert_eq!(e.field, "sandbox_id", "{bad}");
         }

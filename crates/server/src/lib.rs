@@ -6,6 +6,11 @@
 
 pub mod audit;
 pub mod config;
+pub mod error;
 pub mod files;
+pub mod grpc;
 pub mod ids;
+pub mod rest;
+pub mod serve;
+pub mod service;
 pub mod store;

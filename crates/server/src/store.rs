@@ -74,7 +74,9 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// The database's schema is newer than this binary knows.
-    #[error("metadata database {path} has schema version {found}; this server knows up to {known}: upgrade the server")]
+    #[error(
+        "metadata database {path} has schema version {found}; this server knows up to {known}: upgrade the server"
+    )]
     TooNew {
         /// The database file.
         path: PathBuf,
@@ -246,12 +248,16 @@ impl Store {
             path: path.to_owned(),
             source,
         };
-        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
         // WAL: readers never block the writer; synchronous=NORMAL is durable across process
         // crashes (kill -9), which is what we promise; a power cut may lose the last commit.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
             .map_err(open_err)?;
@@ -473,7 +479,10 @@ impl Store {
     /// The sandbox with this id.
     pub fn get_sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
         let conn = self.conn();
-        let sql = format!("SELECT {} FROM sandboxes WHERE id = ?1", Store::SANDBOX_COLS);
+        let sql = format!(
+            "SELECT {} FROM sandboxes WHERE id = ?1",
+            Store::SANDBOX_COLS
+        );
         let raw = conn
             .query_row(&sql, [id.as_str()], RawSandbox::from_row)
             .optional()
@@ -518,7 +527,9 @@ impl Store {
             );
             let mut stmt = conn.prepare_cached(&sql).map_err(q("list sandboxes"))?;
             let rows = stmt
-                .query_map([after], |r| Ok((RawSandbox::from_row(r)?, r.get::<_, i64>(14)?)))
+                .query_map([after], |r| {
+                    Ok((RawSandbox::from_row(r)?, r.get::<_, i64>(14)?))
+                })
                 .map_err(q("list sandboxes"))?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(q("list sandboxes"))?;
@@ -606,7 +617,11 @@ impl Store {
     }
 
     /// Marks every active session of a sandbox closed (its shells are gone).
-    pub fn close_sessions_of(&self, sandbox: &SandboxId, when: SystemTime) -> Result<(), StoreError> {
+    pub fn close_sessions_of(
+        &self,
+        sandbox: &SandboxId,
+        when: SystemTime,
+    ) -> Result<(), StoreError> {
         self.conn()
             .execute(
                 "UPDATE sessions SET status = 'closed', closed_at = COALESCE(closed_at, ?2)
@@ -875,7 +890,10 @@ mod tests {
         let c = Connection::open(&path).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
-        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
     }
 
     #[test]
@@ -936,11 +954,17 @@ mod tests {
         s.update_sandbox(&sb).unwrap();
         assert_eq!(s.get_sandbox(&sb.id).unwrap(), Some(sb.clone()));
         assert_eq!(s.count_sandboxes_of_owner("owner").unwrap(), 1);
-        assert_eq!(s.sandboxes_of_codebase(&c.id).unwrap(), vec![sb.id.to_string()]);
+        assert_eq!(
+            s.sandboxes_of_codebase(&c.id).unwrap(),
+            vec![sb.id.to_string()]
+        );
         let other = codebase("x");
         s.insert_codebase(&other).unwrap();
         s.insert_sandbox(&sandbox(&other)).unwrap();
-        assert_eq!(s.list_sandboxes(Some(&c.id), 0, 10).unwrap().items, vec![sb.clone()]);
+        assert_eq!(
+            s.list_sandboxes(Some(&c.id), 0, 10).unwrap().items,
+            vec![sb.clone()]
+        );
         assert_eq!(s.all_sandboxes().unwrap().len(), 2);
         // A codebase with sandboxes cannot be deleted underneath them.
         assert!(s.delete_codebase(&c.id).is_err());
@@ -968,7 +992,10 @@ mod tests {
         assert_eq!(s.get_session(&sess.id).unwrap(), Some(sess.clone()));
         s.close_sessions_of(&sb.id, t(10)).unwrap();
         let closed = s.get_session(&sess.id).unwrap().unwrap();
-        assert_eq!((closed.status, closed.closed_at), (SessionStatus::Closed, Some(t(10))));
+        assert_eq!(
+            (closed.status, closed.closed_at),
+            (SessionStatus::Closed, Some(t(10)))
+        );
         assert_eq!(s.list_sessions(&sb.id).unwrap().len(), 1);
         s.delete_sandbox(&sb.id).unwrap();
         assert_eq!(s.get_session(&sess.id).unwrap(), None);

@@ -1,0 +1,123 @@
+//! The service layer's error, and its one mapping to gRPC status codes (the REST gateway maps
+//! those codes to HTTP statuses in `rest.rs`).
+
+use crate::{files::FilesError, ids::IdError, store::StoreError};
+
+/// What went wrong, classified by what the client should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad input: fix the request (INVALID_ARGUMENT).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The id names nothing (NOT_FOUND).
+    #[error("{0}")]
+    NotFound(String),
+    /// Wrong lifecycle state (FAILED_PRECONDITION).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Quota reached (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The command's timeout expired (DEADLINE_EXCEEDED).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Not supported by this server (UNIMPLEMENTED).
+    #[error("{0}")]
+    Unimplemented(String),
+    /// The server is shutting down (UNAVAILABLE).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A server-side failure; the client sees a generic message, the log gets the detail.
+    #[error("{context}")]
+    Internal {
+        /// What the server was doing.
+        context: String,
+        /// The cause, logged, never sent.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ServiceError {
+    /// An internal error with context.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        ServiceError::Internal {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// `field is required` (the original's wording).
+    pub fn required(field: &str) -> Self {
+        ServiceError::InvalidArgument(format!("{field} is required"))
+    }
+}
+
+/// The full chain of causes, for logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl From<IdError> for ServiceError {
+    fn from(e: IdError) -> Self {
+        ServiceError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        ServiceError::internal("metadata store", e)
+    }
+}
+
+impl From<FilesError> for ServiceError {
+    fn from(e: FilesError) -> Self {
+        match e {
+            FilesError::NotFound(_) => ServiceError::NotFound(e.to_string()),
+            FilesError::WrongKind { .. }
+            | FilesError::SizeMismatch { .. }
+            | FilesError::TooLarge { .. } => ServiceError::InvalidArgument(e.to_string()),
+            FilesError::NoCodebaseDir(_) | FilesError::Io { .. } => {
+                ServiceError::internal("codebase files", e)
+            }
+        }
+    }
+}
+
+impl From<agentfense_core::PathError> for ServiceError {
+    fn from(e: agentfense_core::PathError) -> Self {
+        ServiceError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(e: ServiceError) -> Self {
+        use tonic::Status;
+        match e {
+            ServiceError::InvalidArgument(m) => Status::invalid_argument(m),
+            ServiceError::NotFound(m) => Status::not_found(m),
+            ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            ServiceError::Unimplemented(m) => Status::unimplemented(m),
+            ServiceError::Unavailable(m) => Status::unavailable(m),
+            ServiceError::Internal { ref context, .. } => {
+                // Logged once, here at the boundary; the client gets no internals.
+                tracing::error!(error = %chain(&e), "internal error");
+                Status::internal(format!(
+                    "internal error while handling {context}; see the server log"
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Process-level wiring: open state, bind both ports, serve until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentfense_proto::v1::codebase_service_server::CodebaseServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::audit::{Audit, AuditWriter};
+use crate::config::Settings;
+use crate::files::CodebaseFiles;
+use crate::grpc::{CodebaseApi, MAX_MESSAGE};
+use crate::rest::{RestState, router};
+use crate::service::Service;
+use crate::store::Store;
+
+/// Startup failed; each variant says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metadata store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Codebase storage could not be opened.
+    #[error(transparent)]
+    Files(#[from] crate::files::FilesError),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    /// A port could not be bound.
+    #[error(
+        "cannot listen on {addr} ({what}); is another server running? choose another address with --{what}-addr"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// `grpc` or `http`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed")]
+    Grpc(#[source] tonic::transport::Error),
+    /// The REST server failed.
+    #[error("REST server failed")]
+    Http(#[source] std::io::Error),
+}
+
+/// A server with its state open and its ports bound, not yet serving.
+#[derive(Debug)]
+pub struct Bound {
+    service: Arc<Service>,
+    audit_writer: AuditWriter,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+}
+
+/// Opens the data directory, the metadata store, codebase storage and the audit log, and binds
+/// the listening sockets (so that port 0 resolves before anything is served).
+pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
+    let paths = settings.paths.clone();
+    std::fs::create_dir_all(&paths.data_dir).map_err(|source| ServeError::DataDir {
+        path: paths.data_dir.clone(),
+        source,
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // State holds every codebase: keep it private to the service's user.
+        let _ = std::fs::set_permissions(&paths.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    if let Some(dir) = paths.db.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::DataDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let store = Arc::new(Store::open(&paths.db)?);
+    let files = CodebaseFiles::open(&paths.codebases)?;
+    let (audit, audit_writer) = Audit::open(&paths.audit)?;
+
+    let grpc = TcpListener::bind(settings.grpc_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.grpc_addr,
+            what: "grpc",
+            source,
+        })?;
+    let http = match settings.http_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr,
+                    what: "http",
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let service = Arc::new(Service::new(settings, store, files, audit));
+    Ok(Bound {
+        service,
+        audit_writer,
+        grpc,
+        http,
+    })
+}
+
+impl Bound {
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.local_addr().ok()
+    }
+
+    /// The bound REST address, if REST is enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The service (for in-process use).
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// Serves both protocols until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish (up to a grace period) and flushes the audit log.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Bound {
+            service,
+            audit_writer,
+            grpc,
+            http,
+        } = self;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<CodebaseServiceServer<CodebaseApi>>()
+            .await;
+        let codebases = CodebaseApi(service.clone());
+        let grpc_server = tonic::transport::Server::builder()
+            .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+            .add_service(health_svc)
+            .add_service(
+                CodebaseServiceServer::new(codebases.clone())
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone()));
+        let grpc_task = tokio::spawn(grpc_server);
+
+        let http_task = http.map(|listener| {
+            let app = router(RestState { codebases }).layer(
+                tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                    |req: &axum::http::Request<_>| {
+                        tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+                    },
+                ),
+            );
+            let rx = stop_rx.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(wait(rx))
+                    .await
+            })
+        });
+
+        shutdown.await;
+        tracing::info!("shutting down: no new requests accepted");
+        let _ = stop_tx.send(true);
+        let grace = Duration::from_secs(10);
+        let grpc_res = tokio::time::timeout(grace, grpc_task).await;
+        let http_res = match http_task {
+            Some(t) => Some(tokio::time::timeout(grace, t).await),
+            None => None,
+        };
+        drop(service);
+        // Flush the audit trail last, after every request that could record an event.
+        tokio::task::spawn_blocking(move || audit_writer.close())
+            .await
+            .ok();
+        if let Ok(Ok(Err(e))) = grpc_res {
+            return Err(ServeError::Grpc(e));
+        }
+        if let Some(Ok(Ok(Err(e)))) = http_res {
+            return Err(ServeError::Http(e));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! Codebases: metadata, uploads, downloads and listings.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use agentfense_core::SandboxPath;
+
+use super::{Service, blocking, page_args};
+use crate::audit::AuditEvent;
+use crate::error::ServiceError;
+use crate::files::{FileEntry, Upload, Uploaded};
+use crate::ids::CodebaseId;
+use crate::store::{CodebaseRecord, Page};
+
+/// Longest accepted codebase name and owner id.
+const MAX_NAME: usize = 256;
+
+/// An upload in progress, bound to its codebase.
+#[derive(Debug)]
+pub struct UploadSink {
+    codebase: CodebaseId,
+    path: SandboxPath,
+    announced: u64,
+    upload: Upload,
+}
+
+impl UploadSink {
+    /// Appends a chunk (blocking I/O; chunks are ≤ 4 MiB).
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ServiceError> {
+        Ok(self.upload.write(data)?)
+    }
+}
+
+fn parse_file_path(raw: &str, field: &str) -> Result<SandboxPath, ServiceError> {
+    if raw.is_empty() {
+        return Err(ServiceError::required(field));
+    }
+    let p = SandboxPath::parse(raw)
+        .map_err(|e| ServiceError::InvalidArgument(format!("{field}: {e}")))?;
+    if p.is_root() {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{field} {raw:?} names the codebase root, not a file"
+        )));
+    }
+    Ok(p)
+}
+
+impl Service {
+    pub(crate) fn codebase_id(raw: &str) -> Result<CodebaseId, ServiceError> {
+        if raw.is_empty() {
+            return Err(ServiceError::required("codebase_id"));
+        }
+        Ok(CodebaseId::parse(raw)?)
+    }
+
+    /// The codebase, or NOT_FOUND.
+    pub(crate) async fn codebase(
+        self: &Arc<Self>,
+        id: &CodebaseId,
+    ) -> Result<CodebaseRecord, ServiceError> {
+        let store = self.store.clone();
+        let id2 = id.clone();
+        blocking(move || Ok(store.get_codebase(&id2)?))
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("codebase {id} not found")))
+    }
+
+    /// CreateCodebase.
+    pub async fn create_codebase(
+        self: &Arc<Self>,
+        name: String,
+        owner_id: String,
+    ) -> Result<CodebaseRecord, ServiceError> {
+        for (field, v) in [("name", &name), ("owner_id", &owner_id)] {
+            if v.trim().is_empty() {
+                return Err(ServiceError::required(field));
+            }
+            if v.len() > MAX_NAME || v.contains('\0') {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "{field} must be at most {MAX_NAME} bytes without NUL"
+                )));
+            }
+        }
+        let now = SystemTime::now();
+        let rec = CodebaseRecord {
+            id: CodebaseId::generate(),
+            name,
+            owner_id,
+            size: 0,
+            file_count: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let this = self.clone();
+        let r = rec.clone();
+        blocking(move || {
+            this.files.create(&r.id)?;
+            if let Err(e) = this.store.insert_codebase(&r) {
+                let _ = this.files.delete(&r.id);
+                return Err(e.into());
+            }
+            Ok(())
+        })
+        .await?;
+        self.audit.record(AuditEvent::CodebaseCreated {
+            codebase_id: rec.id.to_string(),
+            name: rec.name.clone(),
+            owner_id: rec.owner_id.clone(),
+        });
+        Ok(rec)
+    }
+
+    /// GetCodebase.
+    pub async fn get_codebase(self: &Arc<Self>, id: &str) -> Result<CodebaseRecord, ServiceError> {
+        let id = Service::codebase_id(id)?;
+        self.codebase(&id).await
+    }
+
+    /// ListCodebases (real pagination; an empty owner lists everyone's).
+    pub async fn list_codebases(
+        self: &Arc<Self>,
+        owner_id: String,
+        page_size: i32,
+        page_token: String,
+    ) -> Result<Page<CodebaseRecord>, ServiceError> {
+        let (size, after) = page_args(page_size, &page_token)?;
+        let store = self.store.clone();
+        blocking(move || {
+            let owner = (!owner_id.is_empty()).then_some(owner_id.as_str());
+            Ok(store.list_codebases(owner, after, size)?)
+        })
+        .await
+    }
+
+    /// DeleteCodebase: refused while any sandbox uses it, so that no sandbox (running or with
+    /// unpublished changes) loses its files.
+    pub async fn delete_codebase(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
+        let id = Service::codebase_id(id)?;
+        self.codebase(&id).await?;
+        let this = self.clone();
+        let id2 = id.clone();
+        blocking(move || {
+            let users = this.store.sandboxes_of_codebase(&id2)?;
+            if !users.is_empty() {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "codebase {id2} is used by sandbox(es) {}; destroy them first",
+                    users.join(", ")
+                )));
+            }
+            // Metadata first: a crash between the two leaves an orphan directory (removed at
+            // startup), never a codebase whose files are gone.
+            this.store.delete_codebase(&id2)?;
+            this.files.delete(&id2)?;
+            Ok(())
+        })
+        .await?;
+        self.audit.record(AuditEvent::CodebaseDeleted {
+            codebase_id: id.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Starts an upload from the stream's first (metadata) message.
+    pub async fn begin_upload(
+        self: &Arc<Self>,
+        codebase_id: &str,
+        file_path: &str,
+        total_size: i64,
+    ) -> Result<UploadSink, ServiceError> {
+        if codebase_id.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "codebase_id is required in metadata".into(),
+            ));
+        }
+        if file_path.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "file_path is required in metadata".into(),
+            ));
+        }
+        let id = Service::codebase_id(codebase_id)?;
+        let path = parse_file_path(file_path, "file_path")?;
+        let limit = self.settings.config.max_upload_bytes();
+        if total_size < 0 {
+            return Err(ServiceError::InvalidArgument(format!(
+                "total_size {total_size} is negative"
+            )));
+        }
+        if total_size as u64 > limit {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{file_path}: total_size {total_size} exceeds the upload limit of {limit} bytes"
+            )));
+        }
+        self.codebase(&id).await?;
+        let this = self.clone();
+        let (id2, p2) = (id.clone(), path.clone());
+        let upload = blocking(move || Ok(this.files.begin_upload(&id2, &p2, limit)?)).await?;
+        Ok(UploadSink {
+            codebase: id,
+            path,
+            announced: total_size as u64,
+            upload,
+        })
+    }
+
+    /// Finishes an upload: size check, atomic rename, incremental stats, audit.
+    pub async fn commit_upload(
+        self: &Arc<Self>,
+        sink: UploadSink,
+    ) -> Result<(CodebaseId, SandboxPath, Uploaded), ServiceError> {
+        let this = self.clone();
+        let UploadSink {
+            codebase,
+            path,
+            announced,
+            upload,
+        } = sink;
+        let (cb, p) = (codebase.clone(), path.clone());
+        let done = blocking(move || {
+            // The SDK always announces the exact length (0 for empty files).
+            let up = upload.commit(Some(announced))?;
+            let (size_delta, count_delta) = match up.replaced {
+                Some(old) => (up.size as i64 - old as i64, 0),
+                None => (up.size as i64, 1),
+            };
+            this.store
+                .adjust_codebase_stats(&cb, size_delta, count_delta, SystemTime::now())?;
+            Ok(up)
+        })
+        .await?;
+        self.audit.record(AuditEvent::FileUploaded {
+            codebase_id: codebase.to_string(),
+            path: p.relative().to_owned(),
+            size: done.size,
+            checksum: done.md5.clone(),
+        });
+        Ok((codebase, p, done))
+    }
+
+    /// Opens a codebase file for DownloadFile.
+    pub async fn open_download(
+        self: &Arc<Self>,
+        codebase_id: &str,
+        file_path: &str,
+    ) -> Result<File, ServiceError> {
+        let id = Service::codebase_id(codebase_id)?;
+        let path = parse_file_path(file_path, "file_path")?;
+        self.codebase(&id).await?;
+        let this = self.clone();
+        blocking(move || Ok(this.files.open_file(&id, &path)?)).await
+    }
+
+    /// ListFiles.
+    pub async fn list_files(
+        self: &Arc<Self>,
+        codebase_id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<FileEntry>, ServiceError> {
+        let id = Service::codebase_id(codebase_id)?;
+        let dir = SandboxPath::parse(path)
+            .map_err(|e| ServiceError::InvalidArgument(format!("path: {e}")))?;
+        self.codebase(&id).await?;
+        let this = self.clone();
+        blocking(move || Ok(this.files.list(&id, &dir, recursive)?)).await
+    }
+}

@@ -1,0 +1,78 @@
+//! The service layer: every API operation, independent of the transport. `grpc` and `rest`
+//! only translate requests and responses.
+
+mod codebases;
+
+use std::sync::Arc;
+
+pub use codebases::UploadSink;
+
+use crate::audit::Audit;
+use crate::config::Settings;
+use crate::error::ServiceError;
+use crate::files::CodebaseFiles;
+use crate::store::Store;
+
+/// Default and maximum page sizes of list RPCs.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest accepted `page_size`.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Shared state behind every request.
+#[derive(Debug)]
+pub struct Service {
+    pub(crate) settings: Settings,
+    pub(crate) store: Arc<Store>,
+    pub(crate) files: CodebaseFiles,
+    pub(crate) audit: Audit,
+}
+
+impl Service {
+    /// Assembles the service from its parts.
+    pub fn new(settings: Settings, store: Arc<Store>, files: CodebaseFiles, audit: Audit) -> Self {
+        Service {
+            settings,
+            store,
+            files,
+            audit,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+/// Runs blocking work (SQLite, file I/O) off the async executor.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ServiceError>
+where
+    F: FnOnce() -> Result<T, ServiceError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::internal("background task", e))?
+}
+
+/// Validates `page_size` / `page_token` of a list request.
+pub(crate) fn page_args(page_size: i32, page_token: &str) -> Result<(usize, i64), ServiceError> {
+    let size = match page_size {
+        n if n <= 0 => DEFAULT_PAGE_SIZE,
+        n => (n as usize).min(MAX_PAGE_SIZE),
+    };
+    let after = if page_token.is_empty() {
+        0
+    } else {
+        page_token
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(format!(
+                    "page_token {page_token:?} is not a token returned by a previous list call"
+                ))
+            })?
+    };
+    Ok((size, after))
+}
