@@ -43,6 +43,33 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// `agentfense-init` next to this executable if it was installed, else this executable
+/// (which doubles as init).
+fn default_init_path() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let sibling = exe.with_file_name("agentfense-init");
+    Some(if sibling.is_file() { sibling } else { exe })
+}
+
+fn config_bwrap(config: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match config {
+        Some(p) => Config::load(p)?.runtime.bwrap_path,
+        None => Config::default().runtime.bwrap_path,
+    })
+}
+
+/// A bare program name is looked up in `PATH` (only the binary reads the environment).
+fn resolve_in_path(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 || name.is_absolute() {
+        return Some(name.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .or_else(|| Some(name.to_owned()))
+}
+
 fn rustix_is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
@@ -58,6 +85,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             grpc_addr: args.grpc_addr,
             http_addr: args.http_addr,
             runtime: args.runtime,
+            init_path: default_init_path(),
+            bwrap_path: resolve_in_path(&config_bwrap(&args.config)?),
         },
         &default_data_dir(),
     )?;

@@ -117,8 +117,11 @@ pub struct RuntimeConfig {
     /// Which runtime runs commands.
     #[serde(rename = "type")]
     pub kind: RuntimeKind,
-    /// The bubblewrap executable.
+    /// The bubblewrap executable (a bare name is looked up in `PATH`).
     pub bwrap_path: PathBuf,
+    /// The sandbox init binary (default: `agentfense-init` next to the server executable, else
+    /// the server executable itself, which doubles as init).
+    pub init_path: Option<PathBuf>,
     /// Timeout of a command whose request gives none.
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
@@ -140,6 +143,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             kind: RuntimeKind::Bwrap,
             bwrap_path: "bwrap".into(),
+            init_path: None,
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(600),
             output_limit_bytes: 1 << 20,
@@ -239,6 +243,10 @@ pub struct Overrides {
     pub http_addr: Option<String>,
     /// `--runtime`
     pub runtime: Option<RuntimeKind>,
+    /// Where the binary found the init executable (used when the config names none).
+    pub init_path: Option<PathBuf>,
+    /// `runtime.bwrap_path` resolved against `PATH` by the binary.
+    pub bwrap_path: Option<PathBuf>,
 }
 
 /// Every path the server uses, resolved to absolute form.
@@ -330,6 +338,12 @@ impl Config {
         }
         if let Some(r) = overrides.runtime {
             self.runtime.kind = r;
+        }
+        if self.runtime.init_path.is_none() {
+            self.runtime.init_path = overrides.init_path;
+        }
+        if let Some(b) = overrides.bwrap_path {
+            self.runtime.bwrap_path = b;
         }
 
         let grpc_addr = parse_addr("server.grpc_addr", &self.server.grpc_addr)?;

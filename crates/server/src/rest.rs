@@ -7,24 +7,30 @@
 
 use std::collections::HashMap;
 
-use agentfense_proto::v1::{self, codebase_service_server::CodebaseService};
+use std::future::Future;
+
+use agentfense_proto::v1::{
+    self, codebase_service_server::CodebaseService, sandbox_service_server::SandboxService,
+};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::grpc::CodebaseApi;
+use crate::grpc::{CodebaseApi, SandboxApi};
 
 /// What the REST handlers need.
 #[derive(Clone, Debug)]
 pub struct RestState {
     /// The codebase gRPC implementation.
     pub codebases: CodebaseApi,
+    /// The sandbox gRPC implementation.
+    pub sandboxes: SandboxApi,
 }
 
 /// An error response in grpc-gateway's shape.
@@ -129,6 +135,162 @@ fn reply<T: Serialize>(
 
 type Q = Query<HashMap<String, String>>;
 
+/// Transcodes, calls one gRPC method, and serialises its answer.
+async fn call<Req, Resp, F, Fut>(
+    body: &[u8],
+    query: HashMap<String, String>,
+    path: &[(&str, String)],
+    method: F,
+) -> Result<Response, RestError>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let req: Req = transcode(body, query, path)?;
+    reply(method(tonic::Request::new(req)).await)
+}
+
+type S = State<RestState>;
+type Id = Path<String>;
+
+fn none() -> HashMap<String, String> {
+    HashMap::new()
+}
+
+/// Sandbox and session routes (same paths as the original's `google.api.http` annotations).
+fn sandbox_routes() -> Router<RestState> {
+    Router::new()
+        .route(
+            "/v1/sandboxes",
+            get(|State(s): S, Query(q): Q| async move {
+                call(b"", q, &[], |r| async move {
+                    s.sandboxes.list_sandboxes(r).await
+                })
+                .await
+            })
+            .post(|State(s): S, body: Bytes| async move {
+                call(&body, none(), &[], |r| async move {
+                    s.sandboxes.create_sandbox(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sandboxes/{sandbox_id}",
+            get(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.get_sandbox(r).await
+                })
+                .await
+            })
+            .delete(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.destroy_sandbox(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sandboxes/{sandbox_id}/start",
+            post(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.start_sandbox(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sandboxes/{sandbox_id}/stop",
+            post(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.stop_sandbox(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sandboxes/{sandbox_id}/exec",
+            post(|State(s): S, Path(id): Id, body: Bytes| async move {
+                call(&body, none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.exec(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sandboxes/{sandbox_id}/sessions",
+            get(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.list_sessions(r).await
+                })
+                .await
+            })
+            .post(|State(s): S, Path(id): Id, body: Bytes| async move {
+                call(&body, none(), &[("sandbox_id", id)], |r| async move {
+                    s.sandboxes.create_session(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sessions/{session_id}",
+            get(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("session_id", id)], |r| async move {
+                    s.sandboxes.get_session(r).await
+                })
+                .await
+            })
+            .delete(|State(s): S, Path(id): Id| async move {
+                call(b"", none(), &[("session_id", id)], |r| async move {
+                    s.sandboxes.destroy_session(r).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/sessions/{session_id}/exec",
+            post(|State(s): S, Path(id): Id, body: Bytes| async move {
+                call(&body, none(), &[("session_id", id)], |r| async move {
+                    s.sandboxes.session_exec(r).await
+                })
+                .await
+            }),
+        )
+        // Our extension (no equivalent in the SDK's protocol): publish the pending changes of
+        // a sandbox labelled agentfense.publish=manual.
+        .route(
+            "/v1/sandboxes/{sandbox_id}/publish",
+            post(|State(s): S, Path(id): Id| async move {
+                let report = s
+                    .sandboxes
+                    .0
+                    .publish(&id)
+                    .await
+                    .map_err(tonic::Status::from)?;
+                let paths = |v: &[std::path::PathBuf]| {
+                    v.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                };
+                let conflicts: Vec<String> = report
+                    .conflicts
+                    .iter()
+                    .map(|c| c.path.display().to_string())
+                    .collect();
+                Ok::<_, RestError>(
+                    axum::Json(serde_json::json!({
+                        "written": paths(&report.written),
+                        "deleted": paths(&report.deleted),
+                        "conflicts": conflicts,
+                    }))
+                    .into_response(),
+                )
+            }),
+        )
+}
+
 /// The REST router (codebase routes; sandbox routes are added by [`router`]).
 pub fn router(state: RestState) -> Router {
     Router::new()
@@ -169,6 +331,7 @@ pub fn router(state: RestState) -> Router {
                 },
             ),
         )
+        .merge(sandbox_routes())
         .with_state(state)
 }
 

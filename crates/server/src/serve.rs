@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentfense_proto::v1::codebase_service_server::CodebaseServiceServer;
+use agentfense_proto::v1::sandbox_service_server::SandboxServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::audit::{Audit, AuditWriter};
 use crate::config::Settings;
 use crate::files::CodebaseFiles;
-use crate::grpc::{CodebaseApi, MAX_MESSAGE};
+use crate::grpc::{CodebaseApi, MAX_MESSAGE, SandboxApi};
 use crate::rest::{RestState, router};
-use crate::service::Service;
+use crate::service::{Engine, Service};
 use crate::store::Store;
 
 /// Startup failed; each variant says what to fix.
@@ -51,6 +52,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// A runtime or the policy filesystem cannot work on this host.
+    #[error("{0}")]
+    Host(String),
     /// The gRPC server failed.
     #[error("gRPC server failed")]
     Grpc(#[source] tonic::transport::Error),
@@ -110,13 +114,104 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         ),
         None => None,
     };
-    let service = Arc::new(Service::new(settings, store, files, audit));
+    let engine = build_engine(&settings, &audit)?;
+    let service = Arc::new(Service::new(settings, store, files, audit, engine));
     Ok(Bound {
         service,
         audit_writer,
         grpc,
         http,
     })
+}
+
+/// Checks the host and builds the runtimes. Never falls back to a fake runtime: if bubblewrap,
+/// FUSE or cgroups are unusable, startup fails with what to install or change.
+fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError> {
+    use agentfense_core::RuntimeKind;
+    use agentfense_runtime::cgroup::{CgroupManager, StdCgroupFs};
+    use agentfense_runtime::{BwrapConfig, BwrapRuntime, RuntimeEvent};
+
+    let rt = &settings.config.runtime;
+    if rt.kind == RuntimeKind::Docker {
+        return Err(ServeError::Host(
+            "runtime.type docker is not available in this build yet; use bwrap".into(),
+        ));
+    }
+    if !rustix::process::geteuid().is_root() {
+        return Err(ServeError::Host(
+            "agentfense serve must run as root: it mounts a FUSE filesystem per sandbox and              creates namespaces and cgroups (run it with sudo)"
+                .into(),
+        ));
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Err(ServeError::Host(
+            "/dev/fuse is missing: install fuse3 (apt-get install fuse3) or load the fuse module              (modprobe fuse)"
+                .into(),
+        ));
+    }
+    if !rt.bwrap_path.is_absolute() || !rt.bwrap_path.exists() {
+        return Err(ServeError::Host(format!(
+            "bubblewrap not found ({}): install it with apt-get install bubblewrap, or set              runtime.bwrap_path",
+            rt.bwrap_path.display()
+        )));
+    }
+    let init = rt.init_path.clone().ok_or_else(|| {
+        ServeError::Host("runtime.init_path is not set and no init binary was found".into())
+    })?;
+    let mut cfg = BwrapConfig::new(init, settings.paths.data_dir.join("runtime"));
+    cfg.bwrap_path = rt.bwrap_path.clone();
+    cfg.default_timeout = rt.default_timeout;
+    cfg.max_timeout = rt.max_timeout;
+    cfg.output_cap = usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX);
+    cfg.allow_network = rt.allow_network;
+    let proc_self = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    match CgroupManager::detect(
+        Arc::new(StdCgroupFs),
+        std::path::Path::new("/sys/fs/cgroup"),
+        &proc_self,
+        "agentfense",
+    ) {
+        Ok(m) => cfg.cgroups = Some(m),
+        Err(e) if rt.default_resources.is_unlimited() => {
+            tracing::warn!(error = %crate::error::chain(&e), "cgroups unavailable: sandboxes that ask for resource limits will fail to start");
+        }
+        Err(e) => {
+            return Err(ServeError::Host(format!(
+                "cgroups are unavailable ({}), so runtime.default_resources cannot be enforced;                  fix the cgroup mount or set runtime.default_resources to 0 to run without limits",
+                crate::error::chain(&e)
+            )));
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<RuntimeEvent>(1024);
+    let runtime = BwrapRuntime::new(cfg, tx).map_err(|e| {
+        ServeError::Host(format!("bubblewrap runtime: {}", crate::error::chain(&e)))
+    })?;
+    let audit = audit.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                RuntimeEvent::ResourceLimitExceeded {
+                    sandbox_id,
+                    session_id,
+                    limit,
+                    command,
+                } => audit.record(crate::audit::AuditEvent::ResourceLimitExceeded {
+                    sandbox_id,
+                    limit: limit.as_str().to_owned(),
+                    command,
+                    detail: session_id
+                        .map(|s| format!("in session {s}"))
+                        .unwrap_or_default(),
+                }),
+            }
+        }
+    });
+    let mut engine = Engine::default();
+    engine.runtimes.insert(
+        RuntimeKind::Bwrap,
+        Arc::new(runtime) as Arc<dyn agentfense_runtime::Runtime>,
+    );
+    Ok(engine)
 }
 
 impl Bound {
@@ -152,11 +247,37 @@ impl Bound {
             let _ = rx.wait_for(|v| *v).await;
         };
 
+        service.recover().await;
+        let reaper = {
+            let svc = service.clone();
+            let every = svc.settings().config.sandbox.cleanup_interval;
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let n = svc.reap_expired().await;
+                            if n > 0 {
+                                tracing::info!(count = n, "destroyed expired sandboxes");
+                            }
+                        }
+                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                    }
+                }
+            })
+        };
+
         let (health, health_svc) = tonic_health::server::health_reporter();
         health
             .set_serving::<CodebaseServiceServer<CodebaseApi>>()
             .await;
+        health
+            .set_serving::<SandboxServiceServer<SandboxApi>>()
+            .await;
         let codebases = CodebaseApi(service.clone());
+        let sandboxes = SandboxApi(service.clone());
         let grpc_server = tonic::transport::Server::builder()
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .add_service(health_svc)
@@ -165,11 +286,16 @@ impl Bound {
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
+            .add_service(
+                SandboxServiceServer::new(sandboxes.clone())
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone()));
         let grpc_task = tokio::spawn(grpc_server);
 
         let http_task = http.map(|listener| {
-            let app = router(RestState { codebases }).layer(
+            let app = router(RestState { codebases, sandboxes }).layer(
                 tower_http::trace::TraceLayer::new_for_http().make_span_with(
                     |req: &axum::http::Request<_>| {
                         tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
@@ -193,6 +319,10 @@ impl Bound {
             Some(t) => Some(tokio::time::timeout(grace, t).await),
             None => None,
         };
+        let _ = reaper.await;
+        // Kill what runs inside sandboxes and unmount every FUSE mount; their RUNNING status
+        // stays in the store so the next start brings them back.
+        service.shutdown().await;
         drop(service);
         // Flush the audit trail last, after every request that could record an event.
         tokio::task::spawn_blocking(move || audit_writer.close())

@@ -2,9 +2,11 @@
 //! `tonic::Status` in one place (`From<ServiceError>`).
 
 mod codebase;
+mod sandbox;
 pub(crate) mod wire;
 
 pub use codebase::CodebaseApi;
+pub use sandbox::{EXIT_CODE_TRAILER, SandboxApi};
 
 /// gRPC's default message limit, which the Python SDK also uses on receive.
 pub const MAX_MESSAGE: usize = 4 << 20;

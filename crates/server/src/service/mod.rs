@@ -2,10 +2,14 @@
 //! only translate requests and responses.
 
 mod codebases;
+mod sandboxes;
 
 use std::sync::Arc;
 
 pub use codebases::UploadSink;
+pub use sandboxes::{
+    CreateSandbox, Engine, ExecOutcome, ExecParams, LABEL_NETWORK, LABEL_PUBLISH, StreamItem,
+};
 
 use crate::audit::Audit;
 use crate::config::Settings;
@@ -25,16 +29,24 @@ pub struct Service {
     pub(crate) store: Arc<Store>,
     pub(crate) files: CodebaseFiles,
     pub(crate) audit: Audit,
+    pub(crate) engine: Engine,
 }
 
 impl Service {
     /// Assembles the service from its parts.
-    pub fn new(settings: Settings, store: Arc<Store>, files: CodebaseFiles, audit: Audit) -> Self {
+    pub fn new(
+        settings: Settings,
+        store: Arc<Store>,
+        files: CodebaseFiles,
+        audit: Audit,
+        engine: Engine,
+    ) -> Self {
         Service {
             settings,
             store,
             files,
             audit,
+            engine,
         }
     }
 
