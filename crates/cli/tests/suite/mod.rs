@@ -1,2 +1,4 @@
+mod interop;
 mod policy;
+mod server;
 mod util;

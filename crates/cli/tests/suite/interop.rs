@@ -1,0 +1,70 @@
+//! The published Python SDK (`agentfense==0.2.1`) and plain REST against a real server:
+//! runs `tests/interop` with pytest.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::server::{Server, privileged};
+
+fn python() -> String {
+    std::env::var("AGENTFENSE_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+fn sdk_available() -> Result<(), String> {
+    let out = Command::new(python())
+        .args(["-c", "import agentfense, pytest, grpc"])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+#[test]
+fn python_sdk_and_rest_interop() {
+    if !privileged("python_sdk_and_rest_interop") {
+        return;
+    }
+    if let Err(reason) = sdk_available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the SDK interop suite needs: pip install agentfense==0.2.1 'protobuf>=6.31' grpcio \
+             googleapis-common-protos pytest ({reason})"
+        );
+        eprintln!("SKIPPED python_sdk_and_rest_interop: {reason}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&tmp.path().join("data"));
+    // Something listening on the host's loopback, which sandboxes must not reach.
+    let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/interop"])
+        .current_dir(&root)
+        .env("AGENTFENSE_GRPC", &server.grpc)
+        .env("AGENTFENSE_HTTP", &server.http)
+        .env("AGENTFENSE_AUDIT", server.data_dir.join("audit.jsonl"))
+        .env("AGENTFENSE_HOST_PORT", host_port.to_string())
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    if !out.status.success() {
+        panic!(
+            "SDK interop suite failed ({}).\nserver log:\n{}",
+            out.status,
+            server.log_text()
+        );
+    }
+    server.stop();
+    drop(host_listener);
+}
