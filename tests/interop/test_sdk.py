@@ -327,3 +327,51 @@ def test_rest_flow(http_base, endpoint):
     status, _ = _http("DELETE", f"{http_base}/v1/codebases/{cb['id']}")
     assert status == 200
     c.close()
+
+
+# ---- expiry and publishing between sandboxes ---------------------------------------------------
+
+
+def test_expired_sandboxes_are_reaped(endpoint, audit):
+    c = SandboxClient(endpoint=endpoint)
+    cb = c.create_codebase(name="expiry", owner_id="interop-user")
+    sb = c.create_sandbox(
+        cb.id,
+        permissions=[{"pattern": "**/*", "permission": "read"}],
+        expires_in=datetime.timedelta(seconds=1),
+    )
+    c.start_sandbox(sb.id)
+    audit.wait_for("sandbox_expired", timeout=10, sandbox_id=sb.id)
+    with pytest.raises(SandboxError):
+        c.get_sandbox(sb.id)
+    c.delete_codebase(cb.id)
+    c.close()
+
+
+def test_manual_publish_and_conflicts(endpoint, http_base, audit):
+    c = SandboxClient(endpoint=endpoint)
+    cb = c.create_codebase(name="publish", owner_id="interop-user")
+    c.upload_file(cb.id, "shared.txt", b"original\n")
+    rules = [{"pattern": "**/*", "permission": "write"}]
+    private = c.create_sandbox(cb.id, permissions=rules, labels={"agentfense.publish": "manual"})
+    auto = c.create_sandbox(cb.id, permissions=rules)
+    c.start_sandbox(private.id)
+    c.start_sandbox(auto.id)
+    # The private sandbox's write stays private...
+    assert c.exec(private.id, "echo private > shared.txt").exit_code == 0
+    assert c.download_file(cb.id, "shared.txt") == b"original\n"
+    # ...while the other one publishes after its command.
+    assert c.exec(auto.id, "echo auto > shared.txt").exit_code == 0
+    assert c.download_file(cb.id, "shared.txt") == b"auto\n"
+    # Publishing the private one now overwrites a file that changed since it took it over:
+    # the later publish wins and the conflict is audited.
+    req = urllib.request.Request(f"{http_base}/v1/sandboxes/{private.id}/publish", method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        report = json.loads(resp.read())
+    assert "shared.txt" in report["written"]
+    assert c.download_file(cb.id, "shared.txt") == b"private\n"
+    audit.wait_for("publish_conflict", sandbox_id=private.id)
+    c.destroy_sandbox(private.id)
+    c.destroy_sandbox(auto.id)
+    c.delete_codebase(cb.id)
+    c.close()

@@ -37,7 +37,8 @@ fn python_sdk_and_rest_interop() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut server = Server::start(&tmp.path().join("data"));
+    // A fast reaper, so that expiry is observable within the suite.
+    let mut server = Server::start_with(&tmp.path().join("data"), "sandbox:\n  cleanup_interval: 1s\n");
     // Something listening on the host's loopback, which sandboxes must not reach.
     let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host_port = host_listener.local_addr().unwrap().port();
@@ -67,4 +68,31 @@ fn python_sdk_and_rest_interop() {
     }
     server.stop();
     drop(host_listener);
+
+    // The scripted scenario above produced every kind of audit event.
+    let audit = std::fs::read_to_string(server.data_dir.join("audit.jsonl")).unwrap();
+    let events: std::collections::BTreeSet<String> = audit
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("audit lines are JSON");
+            assert!(v["timestamp"].is_string(), "{l}");
+            v["event"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    for want in [
+        "codebase_created",
+        "codebase_deleted",
+        "file_uploaded",
+        "sandbox_created",
+        "sandbox_started",
+        "sandbox_stopped",
+        "sandbox_destroyed",
+        "sandbox_expired",
+        "command_executed",
+        "permission_denied",
+        "resource_limit_exceeded",
+        "publish_conflict",
+    ] {
+        assert!(events.contains(want), "no {want} event in the audit log: {events:?}");
+    }
 }

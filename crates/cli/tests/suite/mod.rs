@@ -1,4 +1,5 @@
 mod interop;
 mod policy;
+mod restart;
 mod server;
 mod util;

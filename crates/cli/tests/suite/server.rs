@@ -43,10 +43,19 @@ pub struct Server {
 impl Server {
     /// Starts `agentfense serve` on ephemeral loopback ports with `data_dir`.
     pub fn start(data_dir: &Path) -> Server {
+        Server::start_with(data_dir, "")
+    }
+
+    /// Like [`Server::start`], with extra YAML configuration.
+    pub fn start_with(data_dir: &Path, config_yaml: &str) -> Server {
         let log = data_dir.with_extension("log");
-        let log_file = std::fs::File::create(&log).unwrap();
+        let config = data_dir.with_extension("yaml");
+        std::fs::write(&config, config_yaml).unwrap();
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_agentfense"))
             .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config)
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "info")

@@ -1,0 +1,502 @@
+//! Mounting: the public entry point used by the server.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use agentfense_core::{Level, NodeKind, Policy};
+use crossbeam_channel::Receiver;
+use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionACL};
+use tracing::{info, warn};
+
+use crate::audit::{AuditEvent, Auditor};
+use crate::delta::{Delta, EntryKind, Layer, PublishFilter, PublishReport};
+use crate::error::FsError;
+use crate::fuse::{FsOptions, PolicyFs, Shared};
+
+/// The filesystem type name shown in `/proc/mounts` (`fuse.agentfense`, source `agentfense`).
+pub const FS_NAME: &str = "agentfense";
+
+/// Default kernel cache lifetime of names and attributes (see [`FsConfig::entry_ttl`]).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+
+/// When the sandbox's writes reach the codebase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PublishMode {
+    /// After every command ([`MountHandle::command_finished`]), as the original's users expect.
+    #[default]
+    AfterEachCommand,
+    /// Only on an explicit [`MountHandle::publish`] (review / diff workflows).
+    Explicit,
+}
+
+/// Live mounts of this process, by codebase, so that a change to a codebase (another
+/// sandbox's publish, an upload) can drop the stale entries from every kernel cache at once.
+struct Registered {
+    id: u64,
+    lower: PathBuf,
+    shared: Weak<Shared>,
+    notifier: Notifier,
+}
+
+static REGISTRY: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn registry() -> std::sync::MutexGuard<'static, Vec<Registered>> {
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lower_key(lower: &Path) -> PathBuf {
+    std::fs::canonicalize(lower).unwrap_or_else(|_| lower.to_path_buf())
+}
+
+/// Drops the kernel's cached names and attributes for `paths` (relative to the codebase
+/// root) in one mount. A file this sandbox reads from the codebase also gets a new inode
+/// number: open readers keep the version (and passthrough backing) they opened, later opens
+/// get the new file.
+fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], renumber: bool) {
+    let fresh: Vec<&PathBuf> = if renumber {
+        paths
+            .iter()
+            .filter(|p| match shared.delta.lookup(p) {
+                Ok(Some(a)) => a.layer == Layer::Lower && a.kind != EntryKind::Dir,
+                Ok(None) => true,
+                Err(_) => false,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let targets: Vec<(Option<u64>, Option<u64>, PathBuf)> = {
+        let mut nodes = shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let targets = paths
+            .iter()
+            .map(|p| {
+                let parent = p.parent().and_then(|pp| nodes.by_path.get(pp).copied());
+                (parent, nodes.by_path.get(p).copied(), p.clone())
+            })
+            .collect();
+        for p in fresh {
+            nodes.detach(p);
+        }
+        targets
+    };
+    for (parent, ino, path) in targets {
+        // Best effort: the kernel answers ENOENT for entries it no longer caches.
+        if let (Some(parent), Some(name)) = (parent, path.file_name()) {
+            let _ = notifier.inval_entry(INodeNo(parent), name);
+            let _ = notifier.inval_inode(INodeNo(parent), 0, 0);
+        }
+        if let Some(ino) = ino {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+}
+
+/// Tells every mount of codebase `lower` in this process that `paths` (relative to the
+/// codebase root) changed outside the mounts, e.g. after an upload, so that they show the
+/// change at once instead of after their cache TTL. Publishing calls this for the other
+/// mounts itself.
+pub fn codebase_changed(lower: &Path, paths: &[PathBuf]) {
+    notify_mounts(&lower_key(lower), paths, None);
+}
+
+fn notify_mounts(lower: &Path, paths: &[PathBuf], except: Option<u64>) {
+    let targets: Vec<(Arc<Shared>, Notifier)> = registry()
+        .iter()
+        .filter(|r| r.lower == lower && Some(r.id) != except)
+        .filter_map(|r| Some((r.shared.upgrade()?, r.notifier.clone())))
+        .collect();
+    for (shared, notifier) in targets {
+        invalidate(&shared, &notifier, paths, true);
+    }
+}
+
+/// Everything needed to mount one sandbox's view.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Sandbox id, carried in audit events.
+    pub sandbox_id: String,
+    /// The codebase directory (never written except by publish).
+    pub lower: PathBuf,
+    /// The sandbox's delta directory (created if missing).
+    pub delta: PathBuf,
+    /// Where to mount (an existing empty directory).
+    pub mountpoint: PathBuf,
+    /// The sandbox's rules.
+    pub policy: Policy,
+    /// When writes are published.
+    pub publish_mode: PublishMode,
+    /// Let users other than the daemon's use the mount (`allow_other`): needed when the
+    /// sandboxed process runs as another uid. Keep the mountpoint's parent private (0700).
+    pub allow_other: bool,
+    /// Present every file as owned by this (uid, gid), e.g. the sandbox user, so that tools
+    /// like git do not see a foreign owner. `None` shows the host owner.
+    pub owner: Option<(u32, u32)>,
+    /// Kernel cache lifetime of names. Changes to the codebase made through this process
+    /// (another sandbox's publish, or an upload reported with [`codebase_changed`]) are
+    /// invalidated at once; other changes become visible after at most this long.
+    pub entry_ttl: Duration,
+    /// Kernel cache lifetime of attributes.
+    pub attr_ttl: Duration,
+    /// Use FUSE passthrough for open files when the kernel offers it (falls back cleanly).
+    pub passthrough: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+impl FsConfig {
+    /// A configuration with the defaults: publish after each command, `allow_other`, host
+    /// owners, 60 s TTLs (with explicit invalidation), passthrough on, 2 threads.
+    pub fn new(
+        sandbox_id: impl Into<String>,
+        lower: impl Into<PathBuf>,
+        delta: impl Into<PathBuf>,
+        mountpoint: impl Into<PathBuf>,
+        policy: Policy,
+    ) -> FsConfig {
+        FsConfig {
+            sandbox_id: sandbox_id.into(),
+            lower: lower.into(),
+            delta: delta.into(),
+            mountpoint: mountpoint.into(),
+            policy,
+            publish_mode: PublishMode::default(),
+            allow_other: true,
+            owner: None,
+            entry_ttl: DEFAULT_TTL,
+            attr_ttl: DEFAULT_TTL,
+            passthrough: true,
+            threads: 2,
+        }
+    }
+}
+
+/// Counters of a live mount.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountStats {
+    /// Opens served by kernel passthrough (reads and writes never reach the daemon).
+    pub passthrough_opens: u64,
+    /// Opens whose reads and writes go through the daemon.
+    pub daemon_opens: u64,
+    /// Audit events dropped because the channel was full.
+    pub dropped_events: u64,
+}
+
+/// A mounted sandbox filesystem. Dropping it unmounts (lazily if busy).
+pub struct MountHandle {
+    session: Option<BackgroundSession>,
+    id: u64,
+    lower: PathBuf,
+    shared: Arc<Shared>,
+    mountpoint: PathBuf,
+    publish_mode: PublishMode,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .field("publish_mode", &self.publish_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mounts the sandbox view described by `config`; the FUSE session runs on background threads.
+pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
+    let lower = lower_key(&config.lower);
+    let delta = Delta::open(&config.lower, &config.delta)?;
+    let shared = Arc::new(Shared::new(
+        delta,
+        Auditor::new(config.sandbox_id.clone()),
+        config.policy,
+    ));
+    let opts = FsOptions {
+        entry_ttl: config.entry_ttl,
+        attr_ttl: config.attr_ttl,
+        owner: config.owner,
+        passthrough: config.passthrough,
+    };
+    // `Policy::cursor_*` fix the cursor type; see `PolicyFs`.
+    let fs = PolicyFs::new(
+        shared.clone(),
+        opts,
+        Policy::cursor_root,
+        Policy::cursor_child,
+        Policy::decide,
+    );
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(FS_NAME.into()),
+        MountOption::Subtype(FS_NAME.into()),
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+        // No `default_permissions`: the rules decide, not the host mode bits.
+    ];
+    fuse_config.acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_config.n_threads = Some(config.threads.max(1));
+    let session = fuser::spawn_mount(fs, &config.mountpoint, &fuse_config).map_err(|source| {
+        FsError::Mount {
+            mountpoint: config.mountpoint.clone(),
+            source,
+        }
+    })?;
+    info!(mountpoint = %config.mountpoint.display(), sandbox_id = %config.sandbox_id, "mounted");
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    registry().push(Registered {
+        id,
+        lower: lower.clone(),
+        shared: Arc::downgrade(&shared),
+        notifier: session.notifier(),
+    });
+    Ok(MountHandle {
+        session: Some(session),
+        id,
+        lower,
+        shared,
+        mountpoint: config.mountpoint,
+        publish_mode: config.publish_mode,
+    })
+}
+
+/// Whether the rules grant write on delta-relative `rel`.
+fn writable(policy: &Policy, rel: &Path, kind: EntryKind) -> bool {
+    let mut cur = policy.cursor_root();
+    for c in rel.components() {
+        cur = policy.cursor_child(&cur, &c.as_os_str().to_string_lossy());
+    }
+    let kind = if kind == EntryKind::Dir {
+        NodeKind::Dir
+    } else {
+        NodeKind::File
+    };
+    policy.decide(&cur, kind).level == Level::Write
+}
+
+impl MountHandle {
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Publishes the changes made since the last publish to the codebase, whatever the
+    /// publish mode. Paths the current rules do not let this sandbox write stay pending;
+    /// conflicts are also sent as [`AuditEvent::PublishConflict`].
+    pub fn publish(&self) -> Result<PublishReport, FsError> {
+        let (policy, _) = self.shared.policy();
+        let shared = &self.shared;
+        let report = shared.delta.publish(&PublishFilter {
+            allow: &|p, k| writable(&policy, p, k),
+            busy: &|p| shared.busy(p),
+        })?;
+        for c in &report.conflicts {
+            warn!(path = %c.path.display(), "publish conflict: codebase changed since copy-up");
+            shared.audit.conflict(c.clone());
+        }
+        for (p, why) in &report.failed {
+            warn!(path = %p.display(), reason = %why, "publish failed for path");
+        }
+        let changed: Vec<PathBuf> = report
+            .written
+            .iter()
+            .chain(&report.deleted)
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            notify_mounts(&self.lower, &changed, Some(self.id));
+        }
+        shared.audit.flush();
+        Ok(report)
+    }
+
+    /// To be called after each command (exec or session command, whatever its outcome):
+    /// publishes in [`PublishMode::AfterEachCommand`], does nothing in `Explicit` mode.
+    pub fn command_finished(&self) -> Result<Option<PublishReport>, FsError> {
+        match self.publish_mode {
+            PublishMode::AfterEachCommand => self.publish().map(Some),
+            PublishMode::Explicit => Ok(None),
+        }
+    }
+
+    /// Paths changed since the last publish.
+    pub fn pending(&self) -> Vec<PathBuf> {
+        self.shared.delta.pending()
+    }
+
+    /// The pending changes with their kind (added / modified / deleted), for review.
+    pub fn changes(&self) -> Vec<crate::Change> {
+        self.shared.delta.changes()
+    }
+
+    /// Replaces the rules on the live mount and drops the kernel's cached names so that the
+    /// new rules apply at once.
+    pub fn set_policy(&self, policy: Policy) {
+        self.shared.set_policy(policy);
+        let Some(session) = &self.session else { return };
+        let paths: Vec<PathBuf> = {
+            let nodes = self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.by_path.keys().cloned().collect()
+        };
+        invalidate(&self.shared, &session.notifier(), &paths, false);
+    }
+
+    /// Audit events (denials, publish conflicts). The channel is bounded; events that do not
+    /// fit are dropped and counted ([`MountHandle::dropped_events`]).
+    pub fn events(&self) -> Receiver<AuditEvent> {
+        self.shared.audit.receiver()
+    }
+
+    /// How many audit events were dropped because the channel was full.
+    pub fn dropped_events(&self) -> u64 {
+        self.shared.audit.dropped()
+    }
+
+    /// Counters (passthrough use, dropped events).
+    pub fn stats(&self) -> MountStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        MountStats {
+            passthrough_opens: self.shared.passthrough_opens.load(Relaxed),
+            daemon_opens: self.shared.daemon_opens.load(Relaxed),
+            dropped_events: self.shared.audit.dropped(),
+        }
+    }
+
+    /// Unmounts and waits for the session to end; falls back to a lazy unmount when the
+    /// mount is busy.
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), FsError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        registry().retain(|r| r.id != self.id && r.shared.strong_count() > 0);
+        self.shared.audit.flush();
+        if let Err(e) = session.umount_and_join() {
+            warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching");
+            detach(&self.mountpoint)?;
+        }
+        info!(mountpoint = %self.mountpoint.display(), "unmounted");
+        Ok(())
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            warn!(error = %e, "unmount on drop failed");
+        }
+    }
+}
+
+/// Lazily unmounts `mountpoint` (`umount2(MNT_DETACH)`).
+pub fn detach(mountpoint: &Path) -> Result<(), FsError> {
+    rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+        .map_err(|e| FsError::io("lazy unmount", mountpoint, e.into()))
+}
+
+/// Undoes the escaping of `/proc/self/mountinfo` fields (`\040` for a space, ...).
+fn unescape(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(Ok(v)) = field.get(i + 1..i + 4).map(|s| u8::from_str_radix(s, 8))
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&out),
+    ))
+}
+
+/// Our FUSE mounts at or below `under` listed in a mountinfo text.
+fn stale_in(mountinfo: &str, under: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mp) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut fields = right.split(' ');
+        let fstype = fields.next().unwrap_or("");
+        let source = fields.next().unwrap_or("");
+        // The kernel shows `fuse.agentfense` when the subtype is applied, else plain `fuse`
+        // with our fsname as the source.
+        let ours = fstype == format!("fuse.{FS_NAME}") || (fstype == "fuse" && source == FS_NAME);
+        if !ours {
+            continue;
+        }
+        let mp = unescape(mp);
+        if mp.starts_with(under) {
+            out.push(mp);
+        }
+    }
+    // Deepest first.
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
+/// Lazily unmounts every AgentFense FUSE mount at or below `under` (left behind by a crashed
+/// server); call at startup. Returns the mount points it detached.
+pub fn cleanup_stale_mounts(under: &Path) -> Result<Vec<PathBuf>, FsError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| FsError::io("read mountinfo", "/proc/self/mountinfo", e))?;
+    let stale = stale_in(&info, under);
+    for mp in &stale {
+        detach(mp)?;
+        info!(mountpoint = %mp.display(), "detached stale mount");
+    }
+    Ok(stale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    #[test]
+    fn stale_mounts_are_found_in_mountinfo() {
+        let info = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+90 22 0:50 / /srv/mounts/sb\\0401 rw,nosuid - fuse.agentfense agentfense rw,user_id=0
+91 22 0:51 / /srv/mounts/sb2/inner rw - fuse.agentfense agentfense rw
+92 22 0:52 / /srv/other rw - fuse.agentfense agentfense rw
+93 22 0:53 / /srv/mounts/x rw - fuse.sshfs host rw
+";
+        assert_eq!(
+            stale_in(info, Path::new("/srv/mounts")),
+            [
+                PathBuf::from("/srv/mounts/sb2/inner"),
+                PathBuf::from("/srv/mounts/sb 1")
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod send_sync {
+    /// The server keeps handles in shared async state.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::MountHandle>();
+        check::<super::FsConfig>();
+        check::<crate::Delta>();
+    }
+}
