@@ -94,7 +94,7 @@ impl Default for ServerConfig {
 }
 
 /// `storage.*`: everything lives under `data_dir` unless a path is given explicitly.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Root of all state (default: `/var/lib/agentfense` as root, else
@@ -107,7 +107,19 @@ pub struct StorageConfig {
     /// SQLite database (default `<data_dir>/agentfense.db`).
     pub db_path: Option<PathBuf>,
     /// Largest accepted uploaded file, bytes (default 1 GiB).
-    pub max_upload_bytes: Option<u64>,
+    pub max_upload_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: None,
+            codebase_path: None,
+            mount_path: None,
+            db_path: None,
+            max_upload_bytes: 1 << 30,
+        }
+    }
 }
 
 /// `runtime.*`
@@ -446,7 +458,7 @@ impl Config {
 
     /// Largest accepted uploaded file, bytes.
     pub fn max_upload_bytes(&self) -> u64 {
-        self.storage.max_upload_bytes.unwrap_or(1 << 30)
+        self.storage.max_upload_bytes
     }
 }
 
@@ -557,6 +569,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pids_limit"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_example_config_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/agentfense.example.yaml");
+        let example = Config::load(&path)
+            .unwrap()
+            .resolve(Overrides::default(), Path::new("/var/lib/agentfense"))
+            .unwrap();
+        let default = resolve("").unwrap();
+        assert_eq!(format!("{:?}", example.config), format!("{:?}", default.config));
+        assert_eq!(example.paths, default.paths);
     }
 
     #[test]
