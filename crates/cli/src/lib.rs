@@ -9,8 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client_cmd;
 pub mod policy_args;
 mod policy_cmd;
+pub mod scan_cmd;
 mod serve_cmd;
 
 pub use policy_args::PolicyArgs;
@@ -45,6 +47,49 @@ pub enum Command {
     ///
     /// Example: agentfense serve --data-dir ./agentfense-data
     Serve(serve_cmd::ServeArgs),
+    /// List files that look like secrets and say which the policy would expose; exits 1 when
+    /// an exposed secret is found (use it to gate uploads in CI).
+    ///
+    /// Example: agentfense scan ./project --preset agent-safe
+    Scan(scan_cmd::ScanArgs),
+    /// Manage codebases on a server.
+    Codebase {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: client_cmd::CodebaseCmd,
+        /// Connection options.
+        #[command(flatten)]
+        conn: client_cmd::Conn,
+    },
+    /// Manage sandboxes on a server.
+    Sandbox {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: client_cmd::SandboxCmd,
+        /// Connection options.
+        #[command(flatten)]
+        conn: client_cmd::Conn,
+    },
+    /// Run a command in a running sandbox on a server; exits with its exit code.
+    ///
+    /// Example: agentfense exec sb_0123456789abcdef -- ls -la
+    Exec {
+        /// Command options.
+        #[command(flatten)]
+        args: client_cmd::ExecArgs,
+        /// Connection options.
+        #[command(flatten)]
+        conn: client_cmd::Conn,
+    },
+    /// Persistent shells in a sandbox on a server.
+    Session {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: client_cmd::SessionCmd,
+        /// Connection options.
+        #[command(flatten)]
+        conn: client_cmd::Conn,
+    },
 }
 
 /// Parses `args` (including the program name), runs the command, and returns the exit code.
@@ -66,6 +111,15 @@ where
     let mut out = stdout.lock();
     match run(cli, &mut out) {
         Ok(code) => code,
+        // The reader went away (`agentfense ... | head`): not an error worth a message.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             let _ = out.flush();
             eprintln!("agentfense: error: {e:#}");
@@ -83,5 +137,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Scan(args) => scan_cmd::run(args, out),
+        Command::Codebase { cmd, conn } => client_cmd::codebase(cmd, conn, out),
+        Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),
+        Command::Exec { args, conn } => client_cmd::exec(args, conn, out),
+        Command::Session { cmd, conn } => client_cmd::session(cmd, conn, out),
     }
 }

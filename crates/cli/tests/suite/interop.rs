@@ -38,14 +38,24 @@ fn python_sdk_and_rest_interop() {
     }
     let tmp = tempfile::tempdir().unwrap();
     // A fast reaper, so that expiry is observable within the suite.
-    let mut server = Server::start_with(&tmp.path().join("data"), "sandbox:\n  cleanup_interval: 1s\n");
+    let mut server = Server::start_with(
+        &tmp.path().join("data"),
+        "sandbox:\n  cleanup_interval: 1s\n",
+    );
     // Something listening on the host's loopback, which sandboxes must not reach.
     let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host_port = host_listener.local_addr().unwrap().port();
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new(python())
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/interop"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/interop",
+        ])
         .current_dir(&root)
         .env("AGENTFENSE_GRPC", &server.grpc)
         .env("AGENTFENSE_HTTP", &server.http)
@@ -93,6 +103,9 @@ fn python_sdk_and_rest_interop() {
         "resource_limit_exceeded",
         "publish_conflict",
     ] {
-        assert!(events.contains(want), "no {want} event in the audit log: {events:?}");
+        assert!(
+            events.contains(want),
+            "no {want} event in the audit log: {events:?}"
+        );
     }
 }

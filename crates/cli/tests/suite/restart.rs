@@ -19,7 +19,10 @@ fn script(args: &[&str]) -> Option<String> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         if err.contains("No module named 'agentfense'") {
-            assert!(std::env::var_os("CI").is_none(), "the SDK is missing: {err}");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the SDK is missing: {err}"
+            );
             eprintln!("SKIPPED restart test: the Python SDK is not installed");
             return None;
         }
@@ -42,7 +45,12 @@ fn restart_keeps_everything(crash: bool) {
     }
     let server = Server::start(&data);
     let verified = script(&["verify", &server.grpc, ids.trim()]);
-    assert_eq!(verified.as_deref().map(str::trim), Some("ok"), "log:\n{}", server.log_text());
+    assert_eq!(
+        verified.as_deref().map(str::trim),
+        Some("ok"),
+        "log:\n{}",
+        server.log_text()
+    );
 }
 
 #[test]

@@ -51,9 +51,19 @@ impl Server {
         let log = data_dir.with_extension("log");
         let config = data_dir.with_extension("yaml");
         std::fs::write(&config, config_yaml).unwrap();
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_agentfense"))
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
@@ -105,7 +115,9 @@ impl Server {
 
     /// SIGTERM and wait; asserts a clean exit and no mounts left behind.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let pid = rustix::process::Pid::from_child(&child);
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -119,8 +131,16 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert!(status.success(), "server exited with {status}; log:\n{}", self.log_text());
-        assert_eq!(self.mounts(), Vec::<String>::new(), "mounts left behind after shutdown");
+        assert!(
+            status.success(),
+            "server exited with {status}; log:\n{}",
+            self.log_text()
+        );
+        assert_eq!(
+            self.mounts(),
+            Vec::<String>::new(),
+            "mounts left behind after shutdown"
+        );
     }
 
     /// SIGKILL (a crash).

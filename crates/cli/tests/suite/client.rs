@@ -1,0 +1,109 @@
+//! Client commands (`codebase`, `sandbox`, `exec`, `session`) against a real server.
+
+use std::process::Command;
+
+use super::server::{Server, privileged};
+use super::util::write_tree;
+
+fn cli(server: &Server, args: &[&str]) -> (i32, String, String) {
+    // Options go before a `--`, after which everything is the command.
+    let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+        .args(&args[..split])
+        .args(["--endpoint", &server.grpc])
+        .args(&args[split..])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn client_commands_drive_a_server() {
+    if !privileged("client_commands_drive_a_server") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    write_tree(
+        &project,
+        &[
+            ("src/app.py", "print('app')\n"),
+            (".gitignore", "build/\n"),
+            ("build/out.bin", "ignored by .gitignore\n"),
+            (".sandboxignore", "*.tmp\n"),
+            ("scratch.tmp", "ignored by .sandboxignore\n"),
+            (".env", "SECRET=1\n"),
+        ],
+    );
+    let mut server = Server::start(&tmp.path().join("data"));
+
+    let (code, cb, err) = cli(&server, &["codebase", "upload", project.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let cb = cb.trim().to_owned();
+    assert!(cb.starts_with("cb_"));
+    let (_, ls, _) = cli(&server, &["codebase", "ls", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    assert_eq!(list[0]["id"], cb.as_str());
+    assert_eq!(
+        list[0]["fileCount"], 4,
+        "src/app.py, .gitignore, .sandboxignore, .env: {ls}"
+    );
+
+    let (code, sb, err) = cli(
+        &server,
+        &[
+            "sandbox",
+            "create",
+            &cb,
+            "--start",
+            "--preset",
+            "agent-safe",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let sb = sb.trim().to_owned();
+    let (code, out, err) = cli(&server, &["exec", &sb, "--", "ls -a; python3 src/app.py"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("src") && out.contains("app\n") && !out.contains(".env"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("build") && !out.contains("scratch"),
+        "ignored files were uploaded: {out}"
+    );
+    let (code, _, err) = cli(&server, &["exec", &sb, "--", "echo oops >&2; exit 3"]);
+    assert_eq!((code, err.as_str()), (3, "oops\n"));
+
+    let (code, sess, _) = cli(&server, &["session", "create", &sb]);
+    assert_eq!(code, 0);
+    let sess = sess.trim().to_owned();
+    cli(&server, &["session", "exec", &sess, "--", "cd src"]);
+    let (_, pwd, _) = cli(&server, &["session", "exec", &sess, "--", "pwd"]);
+    assert_eq!(pwd, "/workspace/src\n");
+    let (_, sessions, _) = cli(&server, &["session", "ls", &sb]);
+    assert!(sessions.contains(&sess));
+
+    let (_, get, _) = cli(&server, &["sandbox", "get", &sb]);
+    assert!(get.contains("running"), "{get}");
+    let (code, stop, _) = cli(&server, &["sandbox", "stop", &sb]);
+    assert!(code == 0 && stop.contains("stopped"), "{stop}");
+    let (code, _, err) = cli(&server, &["exec", &sb, "--", "true"]);
+    assert!(code != 0 && err.contains("not running"), "{err}");
+    let (code, _, err) = cli(&server, &["codebase", "rm", &cb]);
+    assert!(code != 0 && err.contains("destroy them first"), "{err}");
+    assert_eq!(cli(&server, &["sandbox", "rm", &sb]).0, 0);
+    assert_eq!(cli(&server, &["codebase", "rm", &cb]).0, 0);
+    server.stop();
+
+    // A clear message when nothing listens.
+    let (code, _, err) = cli(&server, &["codebase", "ls"]);
+    assert!(
+        code != 0 && err.contains("is `agentfense serve` running"),
+        "{err}"
+    );
+}
