@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod client_cmd;
 pub mod policy_args;
 mod policy_cmd;
+mod run_cmd;
 pub mod scan_cmd;
 mod serve_cmd;
 
@@ -29,6 +30,14 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one command in a sandbox over a local directory, without a server.
+    ///
+    /// The directory is the read-only lower layer; writes go to a delta that is kept (and
+    /// reused by later runs) until --apply writes it into the directory or --discard drops it.
+    /// Exit code, stdout and stderr are the command's own. Needs root (FUSE, namespaces).
+    ///
+    /// Example: sudo agentfense run --preset agent-safe ./project -- python3 src/main.py
+    Run(run_cmd::RunArgs),
     /// Inspect and test permission rules before deploying them.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -137,6 +146,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Run(args) => run_cmd::run(args, out),
         Command::Scan(args) => scan_cmd::run(args, out),
         Command::Codebase { cmd, conn } => client_cmd::codebase(cmd, conn, out),
         Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),

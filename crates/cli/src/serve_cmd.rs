@@ -45,7 +45,7 @@ pub fn default_data_dir() -> PathBuf {
 
 /// `agentfense-init` next to this executable if it was installed, else this executable
 /// (which doubles as init).
-fn default_init_path() -> Option<PathBuf> {
+pub(crate) fn default_init_path() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let sibling = exe.with_file_name("agentfense-init");
     Some(if sibling.is_file() { sibling } else { exe })
@@ -59,7 +59,7 @@ fn config_bwrap(config: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 /// A bare program name is looked up in `PATH` (only the binary reads the environment).
-fn resolve_in_path(name: &Path) -> Option<PathBuf> {
+pub(crate) fn resolve_in_path(name: &Path) -> Option<PathBuf> {
     if name.components().count() > 1 || name.is_absolute() {
         return Some(name.to_owned());
     }

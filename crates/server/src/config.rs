@@ -573,13 +573,17 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_loads_and_matches_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/agentfense.example.yaml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/agentfense.example.yaml");
         let example = Config::load(&path)
             .unwrap()
             .resolve(Overrides::default(), Path::new("/var/lib/agentfense"))
             .unwrap();
         let default = resolve("").unwrap();
-        assert_eq!(format!("{:?}", example.config), format!("{:?}", default.config));
+        assert_eq!(
+            format!("{:?}", example.config),
+            format!("{:?}", default.config)
+        );
         assert_eq!(example.paths, default.paths);
     }
 

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::audit::{Audit, AuditWriter};
-use crate::config::Settings;
+use crate::config::{RuntimeConfig, Settings};
 use crate::files::CodebaseFiles;
 use crate::grpc::{CodebaseApi, MAX_MESSAGE, SandboxApi};
 use crate::rest::{RestState, router};
@@ -124,41 +125,43 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     })
 }
 
-/// Checks the host and builds the runtimes. Never falls back to a fake runtime: if bubblewrap,
-/// FUSE or cgroups are unusable, startup fails with what to install or change.
-fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError> {
-    use agentfense_core::RuntimeKind;
+/// Checks that this host can run sandboxes (root, FUSE, bubblewrap) and builds the
+/// bubblewrap runtime from `rt`, with its per-sandbox state under `state_dir`. Resource-limit
+/// hits are sent on `events`. Never falls back to something that does not isolate: every
+/// failure says what to install or change.
+pub fn bwrap_runtime(
+    rt: &RuntimeConfig,
+    state_dir: &Path,
+    events: tokio::sync::mpsc::Sender<agentfense_runtime::RuntimeEvent>,
+) -> Result<agentfense_runtime::BwrapRuntime, ServeError> {
     use agentfense_runtime::cgroup::{CgroupManager, StdCgroupFs};
-    use agentfense_runtime::{BwrapConfig, BwrapRuntime, RuntimeEvent};
+    use agentfense_runtime::{BwrapConfig, BwrapRuntime};
 
-    let rt = &settings.config.runtime;
-    if rt.kind == RuntimeKind::Docker {
-        return Err(ServeError::Host(
-            "runtime.type docker is not available in this build yet; use bwrap".into(),
-        ));
-    }
     if !rustix::process::geteuid().is_root() {
         return Err(ServeError::Host(
-            "agentfense serve must run as root: it mounts a FUSE filesystem per sandbox and              creates namespaces and cgroups (run it with sudo)"
+            "sandboxes need root: AgentFense mounts a FUSE filesystem per sandbox and creates \
+             namespaces and cgroups (run it with sudo)"
                 .into(),
         ));
     }
-    if !std::path::Path::new("/dev/fuse").exists() {
+    if !Path::new("/dev/fuse").exists() {
         return Err(ServeError::Host(
-            "/dev/fuse is missing: install fuse3 (apt-get install fuse3) or load the fuse module              (modprobe fuse)"
+            "/dev/fuse is missing: install fuse3 (apt-get install fuse3) or load the fuse module \
+             (modprobe fuse)"
                 .into(),
         ));
     }
     if !rt.bwrap_path.is_absolute() || !rt.bwrap_path.exists() {
         return Err(ServeError::Host(format!(
-            "bubblewrap not found ({}): install it with apt-get install bubblewrap, or set              runtime.bwrap_path",
+            "bubblewrap not found ({}): install it with apt-get install bubblewrap, or set \
+             runtime.bwrap_path",
             rt.bwrap_path.display()
         )));
     }
     let init = rt.init_path.clone().ok_or_else(|| {
         ServeError::Host("runtime.init_path is not set and no init binary was found".into())
     })?;
-    let mut cfg = BwrapConfig::new(init, settings.paths.data_dir.join("runtime"));
+    let mut cfg = BwrapConfig::new(init, state_dir);
     cfg.bwrap_path = rt.bwrap_path.clone();
     cfg.default_timeout = rt.default_timeout;
     cfg.max_timeout = rt.max_timeout;
@@ -167,7 +170,7 @@ fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError
     let proc_self = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     match CgroupManager::detect(
         Arc::new(StdCgroupFs),
-        std::path::Path::new("/sys/fs/cgroup"),
+        Path::new("/sys/fs/cgroup"),
         &proc_self,
         "agentfense",
     ) {
@@ -177,15 +180,29 @@ fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError
         }
         Err(e) => {
             return Err(ServeError::Host(format!(
-                "cgroups are unavailable ({}), so runtime.default_resources cannot be enforced;                  fix the cgroup mount or set runtime.default_resources to 0 to run without limits",
+                "cgroups are unavailable ({}), so runtime.default_resources cannot be enforced; \
+                 fix the cgroup mount or set runtime.default_resources to 0 to run without limits",
                 crate::error::chain(&e)
             )));
         }
     }
+    BwrapRuntime::new(cfg, events)
+        .map_err(|e| ServeError::Host(format!("bubblewrap runtime: {}", crate::error::chain(&e))))
+}
+
+/// Builds the runtimes this server offers and forwards their events to the audit log.
+fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError> {
+    use agentfense_core::RuntimeKind;
+    use agentfense_runtime::RuntimeEvent;
+
+    let rt = &settings.config.runtime;
+    if rt.kind == RuntimeKind::Docker {
+        return Err(ServeError::Host(
+            "runtime.type docker is not available in this build yet; use bwrap".into(),
+        ));
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<RuntimeEvent>(1024);
-    let runtime = BwrapRuntime::new(cfg, tx).map_err(|e| {
-        ServeError::Host(format!("bubblewrap runtime: {}", crate::error::chain(&e)))
-    })?;
+    let runtime = bwrap_runtime(rt, &settings.paths.data_dir.join("runtime"), tx)?;
     let audit = audit.clone();
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
@@ -207,10 +224,9 @@ fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError
         }
     });
     let mut engine = Engine::default();
-    engine.runtimes.insert(
-        RuntimeKind::Bwrap,
-        Arc::new(runtime) as Arc<dyn agentfense_runtime::Runtime>,
-    );
+    engine
+        .runtimes
+        .insert(RuntimeKind::Bwrap, Arc::new(runtime) as Arc<dyn agentfense_runtime::Runtime>);
     Ok(engine)
 }
 

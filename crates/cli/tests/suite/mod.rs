@@ -2,6 +2,7 @@ mod client;
 mod interop;
 mod policy;
 mod restart;
+mod run;
 mod scan;
 mod server;
 mod util;

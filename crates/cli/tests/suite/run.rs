@@ -1,0 +1,88 @@
+//! `agentfense run`: a local one-shot sandbox, for real (root, FUSE, bwrap).
+
+use std::process::Command;
+
+use super::server::privileged;
+use super::util::project_with_secrets;
+
+fn run(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+        .arg("run")
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_under_agent_safe_then_apply() {
+    if !privileged("run_under_agent_safe_then_apply") {
+        return;
+    }
+    let project = project_with_secrets();
+    let dir = project.path().to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+
+    let (code, out, err) = run(data.path(), &[dir, "--", "ls -a; cat .env"]);
+    assert_ne!(code, 0);
+    assert!(
+        !out.contains(".env") && !out.contains("secrets") && !out.contains(".git"),
+        "{out}"
+    );
+    assert!(out.contains("src") && out.contains("README.md"), "{out}");
+    assert!(err.contains("No such file"), "{err}");
+    assert!(!out.contains("top-secret") && !err.contains("top-secret"));
+
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--",
+            "echo report > output/r.txt; echo x >> src/main.py; cat output/r.txt",
+        ],
+    );
+    assert_eq!(code, 0, "the last command's status is the exit code: {err}");
+    assert_eq!(out, "report\n");
+    assert!(
+        err.contains("Permission denied"),
+        "src/ is read-only: {err}"
+    );
+    assert!(err.contains("A output/r.txt"), "summary: {err}");
+    // Not applied yet: the directory is untouched.
+    assert!(!project.path().join("output/r.txt").exists());
+
+    // The delta is kept between runs; --apply lands exactly those changes.
+    let (code, _, err) = run(data.path(), &["--apply", dir, "--", "cat output/r.txt"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("output/r.txt")).unwrap(),
+        "report\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("src/main.py")).unwrap(),
+        "print('hello')\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path().join(".env")).unwrap(),
+        "API_KEY=top-secret-1\n"
+    );
+
+    // Exit codes pass through; --discard drops what the run wrote.
+    let (code, _, err) = run(
+        data.path(),
+        &["--discard", dir, "--", "echo y > output/y.txt; exit 7"],
+    );
+    assert_eq!(code, 7, "{err}");
+    assert!(!project.path().join("output/y.txt").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(data.path().to_str().unwrap()),
+        "mount left behind"
+    );
+}
