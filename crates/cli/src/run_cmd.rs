@@ -117,6 +117,7 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
 
     let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
     cfg.publish_mode = PublishMode::Explicit;
+    cfg.owner = Some(agentfense_server::service::SANDBOX_OWNER);
     let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
 
     let mut rt_cfg = RuntimeConfig {
@@ -218,15 +219,17 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
     let mut changes: Vec<(char, String)> = mount
         .pending()
         .into_iter()
-        .map(|p| {
+        .filter_map(|p| {
             let in_view = std::fs::symlink_metadata(mnt.join(&p)).is_ok();
             let in_dir = std::fs::symlink_metadata(dir.join(&p)).is_ok();
             let tag = match (in_dir, in_view) {
-                (false, _) => 'A',
+                // Created and removed again (a lock file): nothing to report.
+                (false, false) => return None,
+                (false, true) => 'A',
                 (true, true) => 'M',
                 (true, false) => 'D',
             };
-            (tag, p.display().to_string())
+            Some((tag, p.display().to_string()))
         })
         .collect();
     changes.sort_by(|a, b| a.1.cmp(&b.1));

@@ -1,1 +1,65 @@
 //! The policy filesystem: FUSE enforcement over a copy-on-write delta.
+//!
+//! One mount per running sandbox shows a codebase directory (the read-only *lower* layer,
+//! shared by every sandbox of that codebase) through the sandbox's rules; every write goes to
+//! the sandbox's own *delta* directory and reaches the codebase only through
+//! [`MountHandle::publish`].
+//!
+//! * [`delta`]: the copy-on-write layer as plain logic over (codebase, delta) directories:
+//!   whiteouts kept outside the agent's namespace, an append-only change journal, publish of
+//!   only what changed since the last publish with conflict detection. Tested without FUSE.
+//! * `host` (private): the only place that opens host paths, always beneath a layer root with
+//!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, never through a symlink.
+//! * `fuse` (private): the thin `fuser::Filesystem` adapter that enforces the rules (table in
+//!   its module docs) and uses FUSE passthrough for open files when the kernel offers it.
+//! * [`mount()`] / [`MountHandle`]: what the server uses. Denials and publish conflicts come
+//!   out of [`MountHandle::events`] as [`AuditEvent`]s.
+//! * [`FsError`]: the crate's error, with the one `FsError -> errno` table
+//!   ([`FsError::errno`]).
+//!
+//! ## Contract for the server
+//! * [`mount()`], [`MountHandle::publish`] and [`MountHandle::unmount`] block (file I/O): call
+//!   them from `spawn_blocking`.
+//! * After every command call [`MountHandle::command_finished`] (publishes unless the sandbox
+//!   uses [`PublishMode::Explicit`]).
+//! * After writing to a codebase directory yourself (uploads), call [`codebase_changed`] so
+//!   that live mounts drop their cached entries at once; otherwise they see the change after
+//!   [`FsConfig::entry_ttl`]. Publishes notify the other mounts themselves.
+//! * At startup, [`cleanup_stale_mounts`] detaches mounts left by a crashed server.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use agentfense_core::{Policy, presets};
+//! use agentfense_fs::{FsConfig, mount};
+//!
+//! let policy = Policy::compile(presets::get("agent-safe").ok_or("preset")?.rules())?;
+//! let handle = mount(FsConfig::new("sb-1", "/srv/codebases/c1", "/srv/deltas/sb-1",
+//!     "/srv/mounts/sb-1", policy))?;
+//! // ... run a command in the sandbox with /srv/mounts/sb-1 bound at /workspace ...
+//! let report = handle.command_finished()?;
+//! for event in handle.events().try_iter() {
+//!     println!("{event:?}");
+//! }
+//! handle.unmount()?;
+//! # let _ = report;
+//! # Ok(())
+//! # }
+//! ```
+
+mod audit;
+pub mod delta;
+mod error;
+mod fuse;
+mod host;
+mod mount;
+
+pub use audit::{AGGREGATION_WINDOW, AuditEvent, CHANNEL_CAPACITY};
+pub use delta::{
+    Attr, Change, ChangeKind, Conflict, Delta, EntryKind, Layer, Origin, PublishFilter,
+    PublishReport,
+};
+pub use error::FsError;
+pub use mount::{
+    DEFAULT_TTL, FS_NAME, FsConfig, MountHandle, MountStats, PublishMode, cleanup_stale_mounts,
+    codebase_changed, detach, mount,
+};

@@ -1,1 +1,68 @@
-//! Isolated execution: sandbox environments, exec, sessions, resource limits.
+//! Isolated execution for AgentFense: sandbox environments, exec, sessions, resource limits.
+//!
+//! The [`Runtime`] trait is the interface the server uses; [`BwrapRuntime`] implements it with
+//! one long-lived bubblewrap environment per started sandbox. Inside, our own init
+//! (`agentfense-init`, see [`init`]) is PID 1: it reaps zombies and starts commands on request
+//! over an inherited control socket ([`protocol`]), so an exec is a fork+exec inside the existing
+//! environment. Commands run as an unprivileged user with no capabilities, `no_new_privs`, their
+//! own session, a seccomp deny-list and Landlock ([`hardening`]), in a clean environment.
+//! Resource limits use cgroup v1 or v2 ([`cgroup`]); limit hits are reported as
+//! [`RuntimeEvent`]s on a channel the server consumes.
+//!
+//! The runtime knows nothing about FUSE: it binds the workspace directory it is given at
+//! `/workspace`.
+//!
+//! # Wiring it into the server
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use agentfense_runtime::cgroup::CgroupManager;
+//! use agentfense_runtime::{BwrapConfig, BwrapRuntime, ExecRequest, Runtime, SandboxSpec};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // The init ships next to the server binary.
+//! let init = std::env::current_exe()?.with_file_name("agentfense-init");
+//! let mut cfg = BwrapConfig::new(init, "/var/lib/agentfense/runtime");
+//! cfg.cgroups = Some(CgroupManager::detect_host("agentfense")?);
+//! let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
+//! let rt: Arc<dyn Runtime> = Arc::new(BwrapRuntime::new(cfg, events_tx)?);
+//! // Record `resource_limit_exceeded` audit events.
+//! tokio::spawn(async move { while let Some(_ev) = events_rx.recv().await {} });
+//!
+//! let spec = SandboxSpec {
+//!     workspace: "/run/agentfense/mnt/sb1".into(), // the FUSE mount
+//!     limits: Default::default(),
+//!     network: Default::default(),
+//! };
+//! rt.create("sb1", spec).await?;
+//! rt.start("sb1").await?;
+//! let req = ExecRequest { command: "ls -la".into(), ..Default::default() };
+//! let res = rt.exec("sb1", req).await?;
+//! println!("{} {}", res.exit_code, res.stdout);
+//! rt.destroy("sb1").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Errors carry a wire category ([`RuntimeError::kind`]) for the server's single mapping to
+//! gRPC codes.
+
+pub mod bwrap;
+mod bwrap_runtime;
+pub mod cgroup;
+pub mod error;
+pub mod hardening;
+pub mod init;
+pub mod output;
+pub mod protocol;
+mod runtime;
+pub mod types;
+
+pub use bwrap_runtime::{
+    BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, build_env, resolve_workdir,
+};
+pub use error::{ErrorKind, Result, RuntimeError};
+pub use runtime::{BoxFuture, ExecStream, Runtime};
+pub use types::{
+    ExecEvent, ExecRequest, ExecResult, LimitKind, NetworkMode, ResourceLimits, RuntimeEvent,
+    SandboxSpec, SessionSpec,
+};

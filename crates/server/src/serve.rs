@@ -224,9 +224,10 @@ fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError
         }
     });
     let mut engine = Engine::default();
-    engine
-        .runtimes
-        .insert(RuntimeKind::Bwrap, Arc::new(runtime) as Arc<dyn agentfense_runtime::Runtime>);
+    engine.runtimes.insert(
+        RuntimeKind::Bwrap,
+        Arc::new(runtime) as Arc<dyn agentfense_runtime::Runtime>,
+    );
     Ok(engine)
 }
 

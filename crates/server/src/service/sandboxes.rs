@@ -29,6 +29,9 @@ pub const LABEL_NETWORK: &str = "agentfense.network";
 /// publishing after every command (`auto`, the default).
 pub const LABEL_PUBLISH: &str = "agentfense.publish";
 
+/// Uid and gid the runtimes run commands as (the bubblewrap runtime's default user).
+pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
+
 /// A sandbox's live resources while it runs.
 pub(crate) struct Live {
     mount: MountHandle,
@@ -396,6 +399,9 @@ impl Service {
         let (mountpoint, delta) = self.mount_dirs(&rec.id);
         let lower = self.files.dir(&rec.codebase_id);
         let mut cfg = FsConfig::new(rec.id.to_string(), lower, delta, mountpoint.clone(), policy);
+        // Files appear owned by the sandbox user, so that tools like git do not refuse a
+        // repository owned by someone else. Access is decided by the rules, not by owners.
+        cfg.owner = Some(SANDBOX_OWNER);
         if rec.labels.get(LABEL_PUBLISH).map(String::as_str) == Some("manual") {
             cfg.publish_mode = PublishMode::Explicit;
         }

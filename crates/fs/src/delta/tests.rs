@@ -1,0 +1,690 @@
+use super::*;
+use pretty_assertions::assert_eq;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+struct Fx {
+    _dir: tempfile::TempDir,
+    lower: PathBuf,
+    delta_dir: PathBuf,
+    d: Delta,
+}
+
+fn fx() -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    let delta_dir = dir.path().join("delta");
+    std::fs::create_dir_all(lower.join("src/deep")).unwrap();
+    std::fs::write(lower.join("README"), "readme\n").unwrap();
+    std::fs::write(lower.join("src/a.rs"), "fn a() {}\n").unwrap();
+    std::fs::write(lower.join("src/deep/b.rs"), "fn b() {}\n").unwrap();
+    std::fs::write(lower.join(".wh.keep"), "lower file named like a whiteout\n").unwrap();
+    let d = Delta::open(&lower, &delta_dir).unwrap();
+    Fx {
+        _dir: dir,
+        lower,
+        delta_dir,
+        d,
+    }
+}
+
+fn p(s: &str) -> &Path {
+    Path::new(s)
+}
+
+fn names(d: &Delta, rel: &str) -> Vec<String> {
+    d.list(p(rel))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn read(d: &Delta, rel: &str) -> String {
+    let (mut f, _) = d.open_read(p(rel)).unwrap();
+    let mut s = String::new();
+    io::Read::read_to_string(&mut f, &mut s).unwrap();
+    s
+}
+
+fn write(d: &Delta, rel: &str, text: &str) {
+    let mut f = match d.lookup(p(rel)).unwrap() {
+        Some(_) => d.open_write(p(rel), true).unwrap(),
+        None => d.create_file(p(rel), 0o644, None).unwrap(),
+    };
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+#[test]
+fn resolution_prefers_the_delta_and_never_touches_the_codebase() {
+    let f = fx();
+    assert_eq!(names(&f.d, ""), [".wh.keep", "README", "src"]);
+    assert_eq!(
+        f.d.lookup(p("src/a.rs")).unwrap().unwrap().layer,
+        Layer::Lower
+    );
+    write(&f.d, "src/a.rs", "changed\n");
+    assert_eq!(read(&f.d, "src/a.rs"), "changed\n");
+    assert_eq!(
+        f.d.lookup(p("src/a.rs")).unwrap().unwrap().layer,
+        Layer::Upper
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("src/a.rs")).unwrap(),
+        "fn a() {}\n"
+    );
+    assert_eq!(f.d.lookup(p("missing")).unwrap(), None);
+    assert_eq!(f.d.pending(), [PathBuf::from("src/a.rs")]);
+    f.d.unlink(p("README")).unwrap();
+    f.d.mkdir(p("new"), 0o755, None).unwrap();
+    assert_eq!(
+        f.d.changes(),
+        [
+            Change {
+                path: "README".into(),
+                kind: ChangeKind::Deleted
+            },
+            Change {
+                path: "new".into(),
+                kind: ChangeKind::Added(EntryKind::Dir)
+            },
+            Change {
+                path: "src/a.rs".into(),
+                kind: ChangeKind::Modified(EntryKind::File)
+            },
+        ]
+    );
+}
+
+#[test]
+fn copy_up_preserves_mode_and_times() {
+    let f = fx();
+    let file = f.lower.join("src/a.rs");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o751)).unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    f.d.copy_up(p("src/a.rs")).unwrap();
+    let up = f.delta_dir.join("upper/src/a.rs");
+    let md = std::fs::metadata(&up).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o751);
+    assert_eq!(md.modified().unwrap(), old);
+    assert_eq!(std::fs::read_to_string(&up).unwrap(), "fn a() {}\n");
+}
+
+#[test]
+fn truncating_open_skips_the_copy_but_keeps_the_mode() {
+    let f = fx();
+    std::fs::set_permissions(
+        f.lower.join("README"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let mut w = f.d.open_write(p("README"), true).unwrap();
+    w.write_all(b"new").unwrap();
+    assert_eq!(read(&f.d, "README"), "new");
+    let md = std::fs::metadata(f.delta_dir.join("upper/README")).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("README")).unwrap(),
+        "readme\n"
+    );
+}
+
+#[test]
+fn whiteouts_cannot_be_forged_and_wh_names_are_ordinary() {
+    let f = fx();
+    // An agent file called `.wh.README` is just a file.
+    write(&f.d, ".wh.README", "x");
+    assert!(f.d.lookup(p("README")).unwrap().is_some());
+    assert_eq!(names(&f.d, ""), [".wh.README", ".wh.keep", "README", "src"]);
+    let report = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(report.written, [PathBuf::from(".wh.README")]);
+    assert!(f.lower.join("README").exists());
+    assert!(f.lower.join(".wh.keep").exists());
+    // A real delete is recorded outside the upper tree.
+    f.d.unlink(p("README")).unwrap();
+    assert_eq!(f.d.lookup(p("README")).unwrap(), None);
+    assert_eq!(
+        std::fs::read_dir(f.delta_dir.join("upper"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect::<Vec<_>>(),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn rmdir_needs_an_empty_merged_directory() {
+    let f = fx();
+    assert!(matches!(f.d.rmdir(p("src")), Err(FsError::NotEmpty { .. })));
+    assert!(matches!(
+        f.d.rmdir(p("src/deep")),
+        Err(FsError::NotEmpty { .. })
+    ));
+    f.d.unlink(p("src/deep/b.rs")).unwrap();
+    f.d.rmdir(p("src/deep")).unwrap();
+    assert_eq!(names(&f.d, "src"), ["a.rs"]);
+    assert!(matches!(
+        f.d.rmdir(p("src/a.rs")),
+        Err(FsError::NotDir { .. })
+    ));
+    // Recreating the directory does not resurrect its old content.
+    f.d.mkdir(p("src/deep"), 0o755, None).unwrap();
+    assert_eq!(names(&f.d, "src/deep"), Vec::<String>::new());
+    assert_eq!(f.d.lookup(p("src/deep/b.rs")).unwrap(), None);
+    // Nothing reached the codebase yet.
+    assert!(f.lower.join("src/deep/b.rs").exists());
+}
+
+#[test]
+fn file_created_over_a_deleted_directory_hides_its_old_subtree() {
+    let f = fx();
+    f.d.unlink(p("src/deep/b.rs")).unwrap();
+    f.d.rmdir(p("src/deep")).unwrap();
+    write(&f.d, "src/deep", "now a file");
+    assert_eq!(f.d.lookup(p("src/deep/b.rs")).unwrap(), None);
+    let report = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(report.failed, vec![]);
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("src/deep")).unwrap(),
+        "now a file"
+    );
+}
+
+#[test]
+fn rename_of_files_and_directories() {
+    let f = fx();
+    // A codebase file: copied to the new name, the old one whited out.
+    f.d.rename(p("src/a.rs"), p("src/c.rs")).unwrap();
+    assert_eq!(names(&f.d, "src"), ["c.rs", "deep"]);
+    assert_eq!(read(&f.d, "src/c.rs"), "fn a() {}\n");
+    // A directory with codebase content cannot move in place.
+    assert!(matches!(
+        f.d.rename(p("src/deep"), p("moved")),
+        Err(FsError::CrossDevice { .. })
+    ));
+    // A directory that lives in the delta can.
+    f.d.mkdir(p("new"), 0o755, None).unwrap();
+    write(&f.d, "new/x", "x");
+    assert_eq!(
+        f.d.dir_rename_paths(p("new")).unwrap(),
+        [PathBuf::from("new"), PathBuf::from("new/x")]
+    );
+    f.d.rename(p("new"), p("src/new2")).unwrap();
+    assert_eq!(read(&f.d, "src/new2/x"), "x");
+    assert_eq!(f.d.lookup(p("new")).unwrap(), None);
+    // Over an existing file: replaced. Over a non-empty directory: refused.
+    write(&f.d, "tmp1", "new readme");
+    f.d.rename(p("tmp1"), p("README")).unwrap();
+    assert_eq!(read(&f.d, "README"), "new readme");
+    assert!(matches!(
+        f.d.rename(p("src/new2"), p("src")),
+        Err(FsError::InvalidName { .. }) | Err(FsError::NotEmpty { .. })
+    ));
+    let report = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(report.failed, vec![]);
+    assert_eq!(report.conflicts, vec![]);
+    assert!(!f.lower.join("src/a.rs").exists());
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("src/c.rs")).unwrap(),
+        "fn a() {}\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("README")).unwrap(),
+        "new readme"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("src/new2/x")).unwrap(),
+        "x"
+    );
+    assert!(!f.lower.join("new").exists());
+}
+
+#[test]
+fn publish_applies_only_changes_since_the_last_publish() {
+    let f = fx();
+    write(&f.d, "out.txt", "1");
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r.written, [PathBuf::from("out.txt")]);
+    assert_eq!(f.d.pending(), Vec::<PathBuf>::new());
+    // The published copy left the delta: the sandbox now reads the codebase version.
+    assert_eq!(
+        f.d.lookup(p("out.txt")).unwrap().unwrap().layer,
+        Layer::Lower
+    );
+    // Someone else changes it; a publish without new changes does not re-apply ours.
+    std::fs::write(f.lower.join("out.txt"), "other sandbox").unwrap();
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r, PublishReport::default());
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("out.txt")).unwrap(),
+        "other sandbox"
+    );
+    assert_eq!(read(&f.d, "out.txt"), "other sandbox");
+}
+
+#[test]
+fn publish_detects_conflicts_and_the_later_publish_wins() {
+    let f = fx();
+    write(&f.d, "README", "mine");
+    std::fs::write(f.lower.join("README"), "theirs, longer").unwrap();
+    write(&f.d, "fresh", "mine");
+    std::fs::write(f.lower.join("fresh"), "theirs").unwrap();
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    let paths: Vec<_> = r.conflicts.iter().map(|c| c.path.clone()).collect();
+    assert_eq!(paths, [PathBuf::from("README"), PathBuf::from("fresh")]);
+    assert_eq!(r.conflicts[1].expected, None);
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("README")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("fresh")).unwrap(),
+        "mine"
+    );
+}
+
+#[test]
+fn publish_deletes_and_never_removes_entries_added_since() {
+    let f = fx();
+    f.d.unlink(p("src/deep/b.rs")).unwrap();
+    f.d.rmdir(p("src/deep")).unwrap();
+    // Another sandbox adds a file to the directory this one deleted.
+    std::fs::write(f.lower.join("src/deep/other.rs"), "keep").unwrap();
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r.deleted, [PathBuf::from("src/deep/b.rs")]);
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(f.lower.join("src/deep/other.rs").exists());
+}
+
+#[test]
+fn publish_filter_keeps_refused_and_busy_paths_pending() {
+    let f = fx();
+    write(&f.d, "a", "a");
+    write(&f.d, "b", "b");
+    let r =
+        f.d.publish(&PublishFilter {
+            allow: &|p, _| p != Path::new("a"),
+            busy: &|p| p == Path::new("b"),
+        })
+        .unwrap();
+    assert_eq!(r.skipped, [PathBuf::from("a")]);
+    assert_eq!(r.written, [PathBuf::from("b")]);
+    assert!(!f.lower.join("a").exists());
+    assert_eq!(f.d.pending(), [PathBuf::from("a"), PathBuf::from("b")]);
+    assert_eq!(f.d.lookup(p("b")).unwrap().unwrap().layer, Layer::Upper);
+}
+
+#[test]
+fn host_symlinks_are_never_followed() {
+    let f = fx();
+    let outside = f._dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("passwd"), "secret").unwrap();
+    std::os::unix::fs::symlink(&outside, f.lower.join("link")).unwrap();
+    std::os::unix::fs::symlink(outside.join("passwd"), f.lower.join("pw")).unwrap();
+    // The links are shown as links; nothing below or behind them is reachable.
+    assert_eq!(
+        f.d.lookup(p("link")).unwrap().unwrap().kind,
+        EntryKind::Symlink
+    );
+    assert_eq!(f.d.lookup(p("link/passwd")).unwrap(), None);
+    assert!(f.d.list(p("link")).map_or(true, |v| v.is_empty()));
+    assert!(f.d.open_read(p("pw")).is_err());
+    assert!(f.d.open_write(p("pw"), false).is_err());
+    assert_eq!(
+        f.d.readlink(p("pw")).unwrap(),
+        outside.join("passwd").as_os_str().as_bytes()
+    );
+    // Publishing into a codebase directory that became a symlink writes nothing outside.
+    f.d.mkdir(p("out"), 0o755, None).unwrap();
+    write(&f.d, "out/file", "x");
+    std::os::unix::fs::symlink(&outside, f.lower.join("out")).unwrap();
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r.conflicts, vec![]);
+    assert!(!outside.join("file").exists());
+    assert!(
+        std::fs::symlink_metadata(f.lower.join("out"))
+            .unwrap()
+            .is_dir()
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("out/file")).unwrap(),
+        "x"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join("passwd")).unwrap(),
+        "secret"
+    );
+    // Copy-up of a symlink copies the link, not its target.
+    f.d.set_times(p("pw"), None, Some(std::time::UNIX_EPOCH))
+        .unwrap();
+    assert!(
+        std::fs::symlink_metadata(f.delta_dir.join("upper/pw"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::metadata(outside.join("passwd")).unwrap().mtime() > 0,
+        true
+    );
+}
+
+#[test]
+fn agents_cannot_create_setuid_files() {
+    let f = fx();
+    f.d.create_file(p("s"), 0o4755, None).unwrap();
+    f.d.set_mode(p("src/a.rs"), 0o6755).unwrap();
+    let mode = |rel: &str| {
+        std::fs::metadata(f.delta_dir.join("upper").join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!((mode("s"), mode("src/a.rs")), (0o755, 0o755));
+}
+
+#[test]
+fn special_files_are_never_opened() {
+    let f = fx();
+    let fifo = f.lower.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        f.d.lookup(p("fifo")).unwrap().unwrap().kind,
+        EntryKind::Other
+    );
+    // Would block forever without a writer if it were opened.
+    assert!(f.d.open_read(p("fifo")).is_err());
+    assert!(f.d.open_write(p("fifo"), false).is_err());
+}
+
+#[test]
+fn bad_paths_are_rejected() {
+    let f = fx();
+    for bad in ["../x", "/etc/passwd", "a/../../x", "./a"] {
+        assert!(
+            matches!(f.d.lookup(p(bad)), Err(FsError::InvalidName { .. })),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn metadata_survives_reopen() {
+    let f = fx();
+    f.d.unlink(p("README")).unwrap();
+    write(&f.d, "new", "n");
+    let d2 = Delta::open(&f.lower, &f.delta_dir).unwrap();
+    assert_eq!(d2.lookup(p("README")).unwrap(), None);
+    assert_eq!(
+        d2.pending(),
+        [PathBuf::from("README"), PathBuf::from("new")]
+    );
+    let r = d2.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r.deleted, [PathBuf::from("README")]);
+    assert!(!f.lower.join("README").exists());
+}
+
+#[test]
+fn a_torn_journal_line_is_ignored_and_garbage_is_an_error() {
+    let f = fx();
+    f.d.unlink(p("README")).unwrap();
+    let Fx {
+        _dir,
+        lower,
+        delta_dir,
+        d,
+    } = f;
+    drop(d);
+    let meta = delta_dir.join("meta");
+    let mut text = std::fs::read_to_string(&meta).unwrap();
+    text.push_str("D+ 61");
+    std::fs::write(&meta, &text).unwrap();
+    let d = Delta::open(&lower, &delta_dir).unwrap();
+    assert_eq!(d.pending(), [PathBuf::from("README")]);
+    drop(d);
+    std::fs::write(&meta, "X+ zz\n").unwrap();
+    assert!(matches!(
+        Delta::open(&lower, &delta_dir),
+        Err(FsError::CorruptMeta { line: 1, .. })
+    ));
+}
+
+#[test]
+fn non_utf8_names_round_trip() {
+    let f = fx();
+    let name = OsStr::from_bytes(b"caf\xe9\n.txt");
+    let rel = Path::new("src").join(name);
+    f.d.create_file(&rel, 0o600, None).unwrap();
+    let d2 = Delta::open(&f.lower, &f.delta_dir).unwrap();
+    assert_eq!(d2.pending(), std::slice::from_ref(&rel));
+    d2.publish(&PublishFilter::default()).unwrap();
+    assert!(f.lower.join(&rel).exists());
+}
+
+// ---- Property: the delta behaves like one plain directory tree -----------------------------
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Node {
+        Dir,
+        File(String),
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write(String, String),
+        Mkdir(String),
+        Unlink(String),
+        Rmdir(String),
+        Rename(String, String),
+        Publish,
+    }
+
+    fn path_strategy() -> impl Strategy<Value = String> {
+        // Names of the fixture's codebase, so that ops mix codebase and delta entries.
+        proptest::collection::vec(
+            prop_oneof![
+                Just("src"),
+                Just("deep"),
+                Just("a.rs"),
+                Just("b.rs"),
+                Just(".wh.x"),
+                Just("x")
+            ],
+            1..4,
+        )
+        .prop_map(|v| v.join("/"))
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (path_strategy(), "[xyz]{1,3}").prop_map(|(p, c)| Op::Write(p, c)),
+            path_strategy().prop_map(Op::Mkdir),
+            path_strategy().prop_map(Op::Unlink),
+            path_strategy().prop_map(Op::Rmdir),
+            (path_strategy(), path_strategy()).prop_map(|(a, b)| Op::Rename(a, b)),
+            Just(Op::Publish),
+        ]
+    }
+
+    type Model = BTreeMap<PathBuf, Node>;
+
+    fn parent_ok(m: &Model, p: &Path) -> bool {
+        match p.parent() {
+            Some(pp) if pp.as_os_str().is_empty() => true,
+            Some(pp) => m.get(pp) == Some(&Node::Dir),
+            None => false,
+        }
+    }
+
+    fn children<'a>(m: &'a Model, p: &'a Path) -> impl Iterator<Item = &'a PathBuf> + 'a {
+        m.keys().filter(move |k| k.parent() == Some(p))
+    }
+
+    /// Applies `op` to the model; returns whether it should succeed.
+    fn apply(m: &mut Model, op: &Op) -> bool {
+        match op {
+            Op::Write(p, c) => {
+                let p = PathBuf::from(p);
+                match m.get(&p) {
+                    Some(Node::Dir) => false,
+                    Some(Node::File(_)) => {
+                        m.insert(p, Node::File(c.clone()));
+                        true
+                    }
+                    None if parent_ok(m, &p) => {
+                        m.insert(p, Node::File(c.clone()));
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Op::Mkdir(p) => {
+                let p = PathBuf::from(p);
+                if m.contains_key(&p) || !parent_ok(m, &p) {
+                    return false;
+                }
+                m.insert(p, Node::Dir);
+                true
+            }
+            Op::Unlink(p) => {
+                let p = PathBuf::from(p);
+                if matches!(m.get(&p), Some(Node::File(_))) {
+                    m.remove(&p);
+                    true
+                } else {
+                    false
+                }
+            }
+            Op::Rmdir(p) => {
+                let p = PathBuf::from(p);
+                if m.get(&p) == Some(&Node::Dir) && children(m, &p).next().is_none() {
+                    m.remove(&p);
+                    true
+                } else {
+                    false
+                }
+            }
+            Op::Rename(..) | Op::Publish => true,
+        }
+    }
+
+    fn tree(d: &Delta, rel: &Path, out: &mut Model) {
+        for (name, kind) in d.list(rel).unwrap() {
+            let p = rel.join(&name);
+            if kind == EntryKind::Dir {
+                out.insert(p.clone(), Node::Dir);
+                tree(d, &p, out);
+            } else {
+                let (mut f, _) = d.open_read(&p).unwrap();
+                let mut s = String::new();
+                io::Read::read_to_string(&mut f, &mut s).unwrap();
+                out.insert(p, Node::File(s));
+            }
+        }
+    }
+
+    fn disk(root: &Path, rel: &Path, out: &mut Model) {
+        for e in std::fs::read_dir(root.join(rel)).unwrap() {
+            let e = e.unwrap();
+            let p = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                out.insert(p.clone(), Node::Dir);
+                disk(root, &p, out);
+            } else {
+                out.insert(p, Node::File(std::fs::read_to_string(e.path()).unwrap()));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn delta_matches_a_plain_tree(ops in proptest::collection::vec(op_strategy(), 1..25)) {
+            let f = fx();
+            let mut m = Model::new();
+            disk(&f.lower, Path::new(""), &mut m);
+            for op in &ops {
+                let src_exists = match op {
+                    Op::Rename(a, _) => m.contains_key(Path::new(a)),
+                    _ => true,
+                };
+                let res = match op {
+                    Op::Write(p, c) => {
+                        let r = match f.d.lookup(Path::new(p)) {
+                            Ok(Some(_)) => f.d.open_write(Path::new(p), true),
+                            Ok(None) => f.d.create_file(Path::new(p), 0o644, None),
+                            Err(e) => Err(e),
+                        };
+                        r.and_then(|mut file| {
+                            file.write_all(c.as_bytes()).map_err(|e| FsError::io("w", p, e))
+                        })
+                        .is_ok()
+                    }
+                    Op::Mkdir(p) => f.d.mkdir(Path::new(p), 0o755, None).is_ok(),
+                    Op::Unlink(p) => f.d.unlink(Path::new(p)).is_ok(),
+                    Op::Rmdir(p) => f.d.rmdir(Path::new(p)).is_ok(),
+                    Op::Rename(a, b) => {
+                        // The model follows whatever the delta did (it may refuse with
+                        // EXDEV), then checks the views agree.
+                        let ok = f.d.rename(Path::new(a), Path::new(b)).is_ok();
+                        if ok && a != b {
+                            let (a, b) = (PathBuf::from(a), PathBuf::from(b));
+                            let moved: Vec<_> = m.keys().filter(|k| k.starts_with(&a)).cloned().collect();
+                            let old_dst: Vec<_> = m.keys().filter(|k| k.starts_with(&b)).cloned().collect();
+                            for k in old_dst { m.remove(&k); }
+                            for k in moved {
+                                let v = m.remove(&k).unwrap();
+                                let suffix = k.strip_prefix(&a).unwrap();
+                                let nk = if suffix.as_os_str().is_empty() { b.clone() } else { b.join(suffix) };
+                                m.insert(nk, v);
+                            }
+                        }
+                        ok
+                    }
+                    Op::Publish => {
+                        let r = f.d.publish(&PublishFilter::default()).unwrap();
+                        prop_assert_eq!(r.failed, vec![]);
+                        let mut on_disk = Model::new();
+                        disk(&f.lower, Path::new(""), &mut on_disk);
+                        prop_assert_eq!(&on_disk, &m, "codebase after publish");
+                        true
+                    }
+                };
+                let expected = {
+                    let mut m2 = m.clone();
+                    let ok = apply(&mut m2, op);
+                    if !matches!(op, Op::Rename(..) | Op::Publish) { m = m2; }
+                    if matches!(op, Op::Rename(..)) { res && src_exists } else { ok }
+                };
+                prop_assert_eq!(res, expected, "{:?}", op);
+                let mut seen = Model::new();
+                tree(&f.d, Path::new(""), &mut seen);
+                prop_assert_eq!(&seen, &m, "after {:?}", op);
+            }
+            // Reopening the delta gives the same view.
+            let d2 = Delta::open(&f.lower, &f.delta_dir).unwrap();
+            let mut seen = Model::new();
+            tree(&d2, Path::new(""), &mut seen);
+            prop_assert_eq!(&seen, &m);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The per-operation table of issue 3, with real tools.
+
+use pretty_assertions::assert_eq;
+
+use super::util::{mount_with, require_fuse, standard, standard_tree, test_rules};
+
+#[test]
+fn listing_and_stat() {
+    require_fuse!("listing_and_stat");
+    let m = standard();
+    assert_eq!(
+        m.ok("ls -A"),
+        ".wh.keep\nREADME.md\noutput\nsrc\nview\n",
+        "secrets/, .git/ hidden; .wh.keep is an ordinary file"
+    );
+    assert_eq!(
+        m.ok("ls -A src"),
+        "link_to_passwd\nlink_to_secret\nmain.py\n"
+    );
+    assert_eq!(m.ok("ls -A output"), "existing.txt\nonly_hidden\nproj\n");
+    assert_eq!(m.py("os.stat('src/.env')"), "ENOENT");
+    assert_eq!(m.py("os.stat('secrets')"), "ENOENT");
+    assert_eq!(m.py("os.stat('secrets/key.txt')"), "ENOENT");
+    assert_eq!(m.py("os.stat('.git/config')"), "ENOENT");
+    assert_eq!(m.py("os.stat('view/plan.txt').st_size"), "ok 10");
+    let (code, _, err) = m.sh("stat src/.env");
+    assert_eq!(code, 1);
+    assert!(err.contains("No such file or directory"), "{err}");
+}
+
+#[test]
+fn reading() {
+    require_fuse!("reading");
+    let m = standard();
+    assert_eq!(m.ok("cat README.md"), "hello readme\n");
+    let (code, _, err) = m.sh("cat view/plan.txt");
+    assert_eq!(code, 1);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert_eq!(m.py("open('view/plan.txt').read()"), "EACCES");
+    assert_eq!(m.py("open('src/.env').read()"), "ENOENT");
+    assert_eq!(
+        m.py("os.readlink('src/link_to_passwd')"),
+        "ok '/etc/passwd'"
+    );
+    // The kernel follows links through our lookup: a link to a hidden file stays ENOENT.
+    assert_eq!(m.py("open('src/link_to_secret').read()"), "ENOENT");
+    assert_eq!(m.ok("grep -r hello . | sort"), "./README.md:hello readme\n");
+}
+
+#[test]
+fn writing_and_creating() {
+    require_fuse!("writing_and_creating");
+    let m = standard();
+    assert_eq!(m.py("open('README.md', 'a').write('x')"), "EACCES");
+    assert_eq!(m.py("open('view/plan.txt', 'w')"), "EACCES");
+    assert_eq!(m.py("os.truncate('README.md', 0)"), "EACCES");
+    assert_eq!(m.py("open('src/new.py', 'w')"), "EACCES");
+    assert_eq!(m.py("os.mkdir('src/d')"), "EACCES");
+    assert_eq!(m.py("os.symlink('x', 'src/l')"), "EACCES");
+    assert_eq!(m.py("os.mkfifo('output/fifo')"), "ENOTSUP");
+    let (code, _, err) = m.sh("touch src/new.py");
+    assert_eq!(code, 1);
+    assert!(err.contains("Permission denied"), "{err}");
+    m.ok("echo new > output/new.txt && mkdir -p output/d/e && echo deep > output/d/e/f.txt");
+    assert_eq!(m.ok("cat output/new.txt output/d/e/f.txt"), "new\ndeep\n");
+    m.ok("echo more >> output/existing.txt");
+    assert_eq!(m.ok("cat output/existing.txt"), "old output\nmore\n");
+    // Nothing reached the codebase: the writes are in this sandbox's delta.
+    assert!(!m.lower().join("output/new.txt").exists());
+    assert!(m.delta().join("upper/output/new.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(m.lower().join("output/existing.txt")).unwrap(),
+        "old output\n"
+    );
+    assert_eq!(
+        m.ok("cp README.md output/copy.md && cat output/copy.md"),
+        "hello readme\n"
+    );
+    // Regular files are served by kernel passthrough when the kernel offers it.
+    let stats = m.h().stats();
+    assert!(
+        stats.passthrough_opens + stats.daemon_opens >= 4,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn metadata_changes() {
+    require_fuse!("metadata_changes");
+    let m = standard();
+    assert_eq!(m.py("os.chmod('README.md', 0o777)"), "EACCES");
+    assert_eq!(m.py("os.chmod('view/plan.txt', 0o777)"), "EACCES");
+    assert_eq!(m.py("os.chmod('src/.env', 0o777)"), "ENOENT");
+    assert_eq!(m.py("os.utime('README.md', (0, 0))"), "EACCES");
+    assert_eq!(m.py("os.chown('README.md', 1, 1)"), "EACCES");
+    m.ok("chmod 600 output/existing.txt && touch -d 2001-01-01 output/existing.txt");
+    assert_eq!(
+        m.ok("stat -c '%a %Y' output/existing.txt"),
+        "600 978307200\n"
+    );
+    assert_eq!(m.py("os.chown('output/existing.txt', 1234, 1234)"), "EPERM");
+    // Mode bits reflect the rules: no write bits below write, nothing for view files.
+    assert_eq!(
+        m.ok("stat -c %A README.md view/plan.txt"),
+        "-r--r--r--\n----------\n"
+    );
+}
+
+#[test]
+fn removing() {
+    require_fuse!("removing");
+    let m = standard();
+    assert_eq!(m.py("os.unlink('README.md')"), "EACCES");
+    assert_eq!(m.py("os.unlink('view/plan.txt')"), "EACCES");
+    assert_eq!(m.py("os.unlink('src/.env')"), "ENOENT");
+    assert_eq!(m.py("os.rmdir('secrets')"), "ENOENT");
+    assert_eq!(m.py("os.rmdir('src')"), "EACCES");
+    m.ok("rm output/existing.txt");
+    assert_eq!(m.py("os.stat('output/existing.txt')"), "ENOENT");
+    assert!(m.lower().join("output/existing.txt").exists());
+    let (code, _, _) = m.sh("rm -rf src");
+    assert_ne!(code, 0);
+    assert_eq!(m.ok("ls src"), "link_to_passwd\nlink_to_secret\nmain.py\n");
+}
+
+#[test]
+fn renaming() {
+    require_fuse!("renaming");
+    let m = standard();
+    m.ok("mv output/existing.txt output/renamed.txt");
+    assert_eq!(m.ok("cat output/renamed.txt"), "old output\n");
+    assert_eq!(m.py("os.rename('README.md', 'output/README.md')"), "EACCES");
+    assert_eq!(m.py("os.rename('output/renamed.txt', 'src/x')"), "EACCES");
+    assert_eq!(
+        m.py("os.rename('output/renamed.txt', 'README.md')"),
+        "EACCES"
+    );
+    assert_eq!(m.py("os.rename('src/.env', 'output/x')"), "ENOENT");
+    // A directory the agent made moves in place.
+    m.ok("mkdir output/mine && echo 1 > output/mine/f && mv output/mine output/yours");
+    assert_eq!(m.ok("cat output/yours/f"), "1\n");
+}
+
+#[test]
+fn access_answers_from_the_rules() {
+    require_fuse!("access_answers_from_the_rules");
+    let m = standard();
+    assert_eq!(m.py("os.access('README.md', os.R_OK)"), "ok True");
+    assert_eq!(m.py("os.access('README.md', os.W_OK)"), "ok False");
+    assert_eq!(m.py("os.access('view/plan.txt', os.R_OK)"), "ok False");
+    assert_eq!(m.py("os.access('view', os.R_OK | os.X_OK)"), "ok True");
+    assert_eq!(m.py("os.access('output/existing.txt', os.W_OK)"), "ok True");
+    assert_eq!(m.py("os.access('src/.env', os.F_OK)"), "ok False");
+    let (code, _, _) = m.sh("test -w README.md");
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn rule_changes_apply_to_a_live_mount() {
+    require_fuse!("rule_changes_apply_to_a_live_mount");
+    let m = standard();
+    assert_eq!(m.py("open('README.md', 'a')"), "EACCES");
+    let policy = agentfense_core::Policy::compile(
+        agentfense_core::presets::get("development")
+            .unwrap()
+            .rules(),
+    )
+    .unwrap();
+    m.h().set_policy(policy);
+    assert_eq!(m.py("open('README.md', 'a').write('x')"), "ok 1");
+    assert_eq!(m.py("os.stat('.git/config').st_size"), "ok 7");
+    assert_eq!(m.py("os.stat('src/.env')"), "ENOENT");
+}
+
+#[test]
+fn codebase_changes_reported_by_the_server_show_at_once() {
+    require_fuse!("codebase_changes_reported_by_the_server_show_at_once");
+    let m = standard();
+    assert_eq!(
+        m.ok("cat README.md; ls src"),
+        "hello readme\nlink_to_passwd\nlink_to_secret\nmain.py\n"
+    );
+    std::fs::write(m.lower().join("README.md"), "updated by upload\n").unwrap();
+    std::fs::write(m.lower().join("src/added.py"), "x").unwrap();
+    agentfense_fs::codebase_changed(&m.lower(), &["README.md".into(), "src/added.py".into()]);
+    assert_eq!(
+        m.ok("cat README.md; ls src"),
+        "updated by upload\nadded.py\nlink_to_passwd\nlink_to_secret\nmain.py\n"
+    );
+}
+
+#[test]
+fn unreported_codebase_changes_show_after_the_ttl() {
+    require_fuse!("unreported_codebase_changes_show_after_the_ttl");
+    let m = mount_with(test_rules(), standard_tree, |c| {
+        c.entry_ttl = std::time::Duration::from_millis(500);
+        c.attr_ttl = c.entry_ttl;
+    });
+    assert_eq!(
+        m.ok("cat README.md; ls src"),
+        "hello readme\nlink_to_passwd\nlink_to_secret\nmain.py\n"
+    );
+    std::fs::write(m.lower().join("README.md"), "edited on the host\n").unwrap();
+    std::fs::write(m.lower().join("src/added.py"), "x").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(
+        m.ok("cat README.md; ls src"),
+        "edited on the host\nadded.py\nlink_to_passwd\nlink_to_secret\nmain.py\n"
+    );
+}
+
+#[test]
+fn everyday_tools_work_in_a_write_area() {
+    require_fuse!("everyday_tools_work_in_a_write_area");
+    let m = mount_with(test_rules(), standard_tree, |c| {
+        c.owner = Some((1234, 4321))
+    });
+    // cp -a keeps links and modes and skips what is hidden.
+    m.ok("cp -a src output/srccopy");
+    assert_eq!(
+        m.ok("ls -A output/srccopy"),
+        "link_to_passwd\nlink_to_secret\nmain.py\n"
+    );
+    assert_eq!(
+        m.ok("readlink output/srccopy/link_to_secret"),
+        "../secrets/key.txt\n"
+    );
+    // Files are presented as the sandbox user's.
+    assert_eq!(
+        m.ok("stat -c '%u %g' README.md output/srccopy/main.py"),
+        "1234 4321\n1234 4321\n"
+    );
+    // tar round trip, sqlite (locks, fsync, journal files), sed -i (temp file + rename).
+    m.ok("tar cf output/src.tar src && mkdir output/x && tar xf output/src.tar -C output/x");
+    assert_eq!(m.ok("cat output/x/src/main.py"), "print('hi')\n");
+    assert_eq!(
+        m.py("import sqlite3; c = sqlite3.connect('output/db.sqlite'); c.execute('create table t(x)'); \
+              c.execute('insert into t values (42)'); c.commit(); \
+              print(sqlite3.connect('output/db.sqlite').execute('select x from t').fetchone()[0])"),
+        "42\nok"
+    );
+    m.ok("sed -i 's/hi/bye/' output/srccopy/main.py");
+    assert_eq!(m.ok("cat output/srccopy/main.py"), "print('bye')\n");
+}

@@ -1,0 +1,7 @@
+mod util;
+
+mod daemon_io;
+mod enforcement;
+mod invariants;
+mod leak;
+mod publish;

@@ -1,0 +1,421 @@
+//! The bwrap invocation as data: a pure function of the options and the probed host layout,
+//! plus the generated minimal `/etc`.
+//!
+//! Mount order (later mounts sit on top of earlier ones):
+//! 1. read-only system: `/usr`, then `/bin`, `/sbin`, `/lib*` (symlinks replicated as symlinks,
+//!    directories bound read-only, missing ones skipped);
+//! 2. the generated read-only `/etc`, then read-only re-binds of the few host files it needs
+//!    (`ld.so.cache`, certificates, alternatives...) onto placeholders (`--ro-bind-try`: absent
+//!    host files leave the empty placeholder);
+//! 3. kernel filesystems: fresh `/proc`, minimal `/dev` (no host `/sys` at all: it lists host
+//!    interfaces);
+//! 4. private writable tmpfs: `/tmp` (1777, size-limited), `/dev/shm`, `/run` (root only, holds
+//!    the init binary and session FIFOs);
+//! 5. the writable workspace bind at `/workspace`, which is also the working directory.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::types::NetworkMode;
+
+/// Where the init binary appears inside the sandbox.
+pub const SANDBOX_INIT: &str = "/run/agentfense/init";
+/// Directory (root-owned tmpfs) for session files inside the sandbox.
+pub const SANDBOX_RUN_DIR: &str = "/run/agentfense";
+/// The workspace mount point.
+pub const WORKSPACE: &str = "/workspace";
+
+/// Top-level host paths that hold programs and libraries.
+pub const SYSTEM_DIRS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// Host `/etc` entries bound read-only over placeholders of the generated `/etc`:
+/// `(path relative to /etc, is_dir)`.
+pub const HOST_ETC_ENTRIES: &[(&str, bool)] = &[
+    ("ld.so.cache", false),
+    ("alternatives", true),
+    ("ssl/certs", true),
+    ("ssl/openssl.cnf", false),
+    ("ca-certificates", true),
+    ("localtime", false),
+    ("protocols", false),
+    ("services", false),
+    ("mime.types", false),
+];
+
+/// What a top-level system path is on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostEntry {
+    /// A real directory: bind it read-only.
+    Dir,
+    /// A symlink (merged-/usr hosts): recreate it with the same target.
+    Symlink(PathBuf),
+    /// Absent: skip.
+    Missing,
+}
+
+/// The probed host layout the argv depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLayout {
+    /// `(path, kind)` for each of [`SYSTEM_DIRS`].
+    pub system: Vec<(String, HostEntry)>,
+}
+
+impl HostLayout {
+    /// Looks at the real host.
+    pub fn probe() -> Self {
+        let system = SYSTEM_DIRS
+            .iter()
+            .map(|p| {
+                let kind = match std::fs::symlink_metadata(p) {
+                    Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(p) {
+                        Ok(t) => HostEntry::Symlink(t),
+                        Err(_) => HostEntry::Missing,
+                    },
+                    Ok(m) if m.is_dir() => HostEntry::Dir,
+                    _ => HostEntry::Missing,
+                };
+                ((*p).to_owned(), kind)
+            })
+            .collect();
+        HostLayout { system }
+    }
+}
+
+/// Inputs of [`bwrap_args`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BwrapOptions {
+    /// Host path of the `agentfense-init` binary.
+    pub init_path: PathBuf,
+    /// Host directory bound at `/workspace`.
+    pub workspace: PathBuf,
+    /// Host directory holding the generated `/etc` (see [`write_etc`]).
+    pub etc_dir: PathBuf,
+    /// Network mode.
+    pub network: NetworkMode,
+    /// Size of the `/tmp` (and `/dev/shm`) tmpfs in bytes.
+    pub tmp_size: u64,
+    /// Hostname inside the sandbox.
+    pub hostname: String,
+    /// Number of the inherited control-socket fd, passed to the init as its argument.
+    pub control_fd: i32,
+}
+
+/// Builds bwrap's arguments (without the bwrap binary itself). Pure.
+pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
+        for i in items {
+            a.push(i.as_ref().to_owned());
+        }
+    };
+    // Lifetime and namespaces. No user namespace: bwrap runs as real root, so a user namespace
+    // would map the sandbox user onto host root; instead the init drops to an unprivileged uid.
+    push(&[&"--die-with-parent", &"--new-session", &"--as-pid-1"]);
+    push(&[
+        &"--unshare-pid",
+        &"--unshare-ipc",
+        &"--unshare-uts",
+        &"--unshare-cgroup",
+    ]);
+    if opts.network == NetworkMode::None {
+        push(&[&"--unshare-net"]);
+    }
+    push(&[&"--hostname", &opts.hostname]);
+    // 1. Read-only system.
+    push(&[&"--ro-bind", &"/usr", &"/usr"]);
+    for (path, kind) in &host.system {
+        match kind {
+            HostEntry::Dir => push(&[&"--ro-bind", path, path]),
+            HostEntry::Symlink(target) => push(&[&"--symlink", target, path]),
+            HostEntry::Missing => {}
+        }
+    }
+    // 2. Generated /etc, then host files over its placeholders.
+    push(&[&"--ro-bind", &opts.etc_dir, &"/etc"]);
+    for (rel, _) in HOST_ETC_ENTRIES {
+        let p = format!("/etc/{rel}");
+        push(&[&"--ro-bind-try", &p, &p]);
+    }
+    if opts.network == NetworkMode::Host {
+        push(&[&"--ro-bind-try", &"/etc/resolv.conf", &"/etc/resolv.conf"]);
+    }
+    // 3. Kernel filesystems.
+    push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
+    // 4. Private writable tmpfs.
+    let size = opts.tmp_size.to_string();
+    push(&[&"--perms", &"1777", &"--size", &size, &"--tmpfs", &"/tmp"]);
+    push(&[
+        &"--perms",
+        &"1777",
+        &"--size",
+        &size,
+        &"--tmpfs",
+        &"/dev/shm",
+    ]);
+    push(&[
+        &"--perms",
+        &"0755",
+        &"--size",
+        &"16777216",
+        &"--tmpfs",
+        &"/run",
+    ]);
+    push(&[&"--ro-bind", &opts.init_path, &SANDBOX_INIT]);
+    // 5. The workspace.
+    push(&[
+        &"--bind",
+        &opts.workspace,
+        &WORKSPACE,
+        &"--chdir",
+        &WORKSPACE,
+    ]);
+    let fd = opts.control_fd.to_string();
+    push(&[&"--", &SANDBOX_INIT, &fd]);
+    a
+}
+
+/// The sandbox user as seen inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxUser {
+    /// Login name.
+    pub name: String,
+    /// Uid.
+    pub uid: u32,
+    /// Gid.
+    pub gid: u32,
+    /// Home directory.
+    pub home: String,
+}
+
+/// Contents of the generated `/etc` files: `(relative path, contents)`.
+pub fn etc_files(user: &SandboxUser, hostname: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\n\
+                 {n}:x:{u}:{g}:{n}:{h}:/bin/sh\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+                n = user.name,
+                u = user.uid,
+                g = user.gid,
+                h = user.home
+            ),
+        ),
+        (
+            "group",
+            format!(
+                "root:x:0:\n{n}:x:{g}:\nnogroup:x:65534:\n",
+                n = user.name,
+                g = user.gid
+            ),
+        ),
+        (
+            "hosts",
+            format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n"),
+        ),
+        ("hostname", format!("{hostname}\n")),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n\
+             networks: files\nprotocols: files\nservices: files\n"
+                .to_owned(),
+        ),
+    ]
+}
+
+/// Writes the generated `/etc` into `dir` (created), with empty placeholders for
+/// [`HOST_ETC_ENTRIES`] and `resolv.conf`.
+pub fn write_etc(
+    dir: &Path,
+    user: &SandboxUser,
+    hostname: &str,
+) -> Result<(), (PathBuf, io::Error)> {
+    use std::os::unix::fs::PermissionsExt;
+    let ctx = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| (p, e)
+    };
+    std::fs::create_dir_all(dir).map_err(ctx(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(ctx(dir))?;
+    for (rel, contents) in etc_files(user, hostname) {
+        let p = dir.join(rel);
+        std::fs::write(&p, contents).map_err(ctx(&p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map_err(ctx(&p))?;
+    }
+    let placeholders = HOST_ETC_ENTRIES
+        .iter()
+        .copied()
+        .chain([("resolv.conf", false)]);
+    for (rel, is_dir) in placeholders {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(ctx(parent))?;
+        }
+        if is_dir {
+            std::fs::create_dir_all(&p).map_err(ctx(&p))?;
+        } else {
+            std::fs::write(&p, b"").map_err(ctx(&p))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn opts(network: NetworkMode) -> BwrapOptions {
+        BwrapOptions {
+            init_path: "/opt/af/agentfense-init".into(),
+            workspace: "/mnt/ws".into(),
+            etc_dir: "/var/lib/af/sb1/etc".into(),
+            network,
+            tmp_size: 1024,
+            hostname: "sandbox".into(),
+            control_fd: 3,
+        }
+    }
+
+    fn merged_usr() -> HostLayout {
+        HostLayout {
+            system: vec![
+                ("/bin".into(), HostEntry::Symlink("usr/bin".into())),
+                ("/sbin".into(), HostEntry::Symlink("usr/sbin".into())),
+                ("/lib".into(), HostEntry::Symlink("usr/lib".into())),
+                ("/lib32".into(), HostEntry::Missing),
+                ("/lib64".into(), HostEntry::Dir),
+                ("/libx32".into(), HostEntry::Missing),
+            ],
+        }
+    }
+
+    fn strs(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn exact_argv_without_network() {
+        let got = strs(bwrap_args(&opts(NetworkMode::None), &merged_usr()));
+        let want: Vec<&str> = vec![
+            "--die-with-parent",
+            "--new-session",
+            "--as-pid-1",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup",
+            "--unshare-net",
+            "--hostname",
+            "sandbox",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/sbin",
+            "/sbin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--ro-bind",
+            "/lib64",
+            "/lib64",
+            "--ro-bind",
+            "/var/lib/af/sb1/etc",
+            "/etc",
+            "--ro-bind-try",
+            "/etc/ld.so.cache",
+            "/etc/ld.so.cache",
+            "--ro-bind-try",
+            "/etc/alternatives",
+            "/etc/alternatives",
+            "--ro-bind-try",
+            "/etc/ssl/certs",
+            "/etc/ssl/certs",
+            "--ro-bind-try",
+            "/etc/ssl/openssl.cnf",
+            "/etc/ssl/openssl.cnf",
+            "--ro-bind-try",
+            "/etc/ca-certificates",
+            "/etc/ca-certificates",
+            "--ro-bind-try",
+            "/etc/localtime",
+            "/etc/localtime",
+            "--ro-bind-try",
+            "/etc/protocols",
+            "/etc/protocols",
+            "--ro-bind-try",
+            "/etc/services",
+            "/etc/services",
+            "--ro-bind-try",
+            "/etc/mime.types",
+            "/etc/mime.types",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--perms",
+            "1777",
+            "--size",
+            "1024",
+            "--tmpfs",
+            "/tmp",
+            "--perms",
+            "1777",
+            "--size",
+            "1024",
+            "--tmpfs",
+            "/dev/shm",
+            "--perms",
+            "0755",
+            "--size",
+            "16777216",
+            "--tmpfs",
+            "/run",
+            "--ro-bind",
+            "/opt/af/agentfense-init",
+            "/run/agentfense/init",
+            "--bind",
+            "/mnt/ws",
+            "/workspace",
+            "--chdir",
+            "/workspace",
+            "--",
+            "/run/agentfense/init",
+            "3",
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn host_network_keeps_the_namespace_and_binds_resolv_conf() {
+        let got = strs(bwrap_args(&opts(NetworkMode::Host), &merged_usr()));
+        assert!(!got.contains(&"--unshare-net".to_owned()));
+        let i = got.iter().position(|s| s == "/etc/resolv.conf").unwrap();
+        assert_eq!(got[i - 1], "--ro-bind-try");
+        // Never the host /sys.
+        assert!(!got.iter().any(|s| s == "/sys"));
+    }
+
+    #[test]
+    fn etc_is_generated_with_placeholders() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = SandboxUser {
+            name: "sandbox".into(),
+            uid: 1000,
+            gid: 1000,
+            home: "/tmp/home".into(),
+        };
+        write_etc(dir.path(), &user, "sandbox").unwrap();
+        let passwd = std::fs::read_to_string(dir.path().join("passwd")).unwrap();
+        assert!(passwd.contains("sandbox:x:1000:1000:sandbox:/tmp/home:/bin/sh\n"));
+        assert!(dir.path().join("ssl/certs").is_dir());
+        assert!(dir.path().join("ld.so.cache").is_file());
+        assert!(!dir.path().join("shadow").exists());
+    }
+}

@@ -1,0 +1,577 @@
+//! The init: PID 1 inside every bubblewrap sandbox (binary `agentfense-init`).
+//!
+//! Single-threaded on purpose (it forks): one `poll` loop over the control socket (fd 3) and a
+//! `signalfd` for `SIGCHLD`. It reaps every zombie, starts commands on request with the fds the
+//! host passed (so output flows through plain pipes, never through the init), drops each child
+//! to the sandbox uid in a new session, and reports exit statuses. It hardens itself first
+//! (Landlock, seccomp) so every command inherits the restrictions. When the control socket
+//! closes (host gone), it kills everything and exits, which tears down the PID namespace.
+//!
+//! Sessions: the shell runs interactively with its stdin on a pipe the init holds. For each call
+//! the init writes the command to a file, creates three FIFOs (stdout, stderr, status) and hands
+//! their read ends to the host, then types one line into the shell:
+//!
+//! `command . CMD >OUT 2>ERR </dev/null; echo $? >STATUS` (`command` keeps a syntax error in CMD
+//! from aborting the line, so the status is always written). No marker ever appears in the
+//! output.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::MsgFlags;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+use crate::bwrap::SANDBOX_RUN_DIR;
+use crate::hardening::SeccompFilters;
+use crate::protocol::{CONTROL_FD, InitConfig, Reply, Request, recv_packet, send_packet};
+
+/// Entry point of the `agentfense-init` binary. Never returns.
+pub fn run_main() -> ! {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("agentfense-init: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+#[derive(Debug)]
+struct Proc {
+    id: u64,
+    session: bool,
+}
+
+#[derive(Debug)]
+struct Session {
+    pid: Pid,
+    stdin: OwnedFd,
+    dir: PathBuf,
+    last_seq: Option<u64>,
+}
+
+struct Init {
+    sock: OwnedFd,
+    cfg: InitConfig,
+    procs: HashMap<Pid, Proc>,
+    by_id: HashMap<u64, Pid>,
+    sessions: HashMap<u64, Session>,
+}
+
+fn run() -> io::Result<()> {
+    // The host passes the control socket's fd number as the only argument.
+    let fd: RawFd = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(CONTROL_FD);
+    if fd < 3 {
+        return Err(io::Error::other("control fd must be >= 3"));
+    }
+    // SAFETY: by contract with the host (bwrap is spawned with the control socket inherited as
+    // `fd`), that descriptor is ours and nothing else in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(&sock, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block()?;
+    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+
+    let cfg = match recv_packet::<Request>(sock.as_fd(), MsgFlags::empty())? {
+        Some((Request::Configure(cfg), _)) => cfg,
+        Some(_) => return Err(io::Error::other("first message must be configure")),
+        None => return Ok(()),
+    };
+    let landlock = configure(&cfg)?;
+    send_packet(sock.as_fd(), &Reply::Ready { landlock }, &[])?;
+
+    let mut init = Init {
+        sock,
+        cfg,
+        procs: HashMap::new(),
+        by_id: HashMap::new(),
+        sessions: HashMap::new(),
+    };
+    loop {
+        let (sock_ready, sig_ready) = {
+            let mut fds = [
+                PollFd::new(init.sock.as_fd(), PollFlags::POLLIN),
+                PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if sig_ready {
+            while let Ok(Some(_)) = sigfd.read_signal() {}
+            init.reap();
+        }
+        if sock_ready {
+            match recv_packet::<Request>(init.sock.as_fd(), MsgFlags::MSG_DONTWAIT) {
+                Ok(Some((req, fds))) => {
+                    if init.handle(req, fds) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    // Host gone or shutdown requested: as PID 1, our exit kills the whole namespace; kill
+    // explicitly first so nothing lingers while we exit.
+    let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+    Ok(())
+}
+
+/// Prepares `$HOME` and hardens the init (inherited by every command).
+fn configure(cfg: &InitConfig) -> io::Result<String> {
+    std::fs::create_dir_all(&cfg.home)?;
+    std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))?;
+    nix::unistd::chown(
+        cfg.home.as_str(),
+        Some(Uid::from_raw(cfg.uid)),
+        Some(Gid::from_raw(cfg.gid)),
+    )?;
+    // bwrap creates the mount point's parent 0700; sessions need to traverse it (not list it).
+    std::fs::set_permissions(SANDBOX_RUN_DIR, std::fs::Permissions::from_mode(0o711))?;
+    rustix::thread::set_no_new_privs(true)?;
+    let landlock = if cfg.landlock {
+        crate::hardening::apply_landlock(&cfg.writable)
+            .map_err(io::Error::other)?
+            .to_owned()
+    } else {
+        "disabled".to_owned()
+    };
+    if cfg.seccomp {
+        SeccompFilters::build()
+            .and_then(|f| f.install())
+            .map_err(io::Error::other)?;
+    }
+    drop_capabilities()?;
+    Ok(landlock)
+}
+
+/// What the init itself still needs: switching users in its children (SETUID, SETGID),
+/// preparing session files owned by the sandbox user (CHOWN, DAC_OVERRIDE, FOWNER) and
+/// signalling sandbox processes (KILL).
+pub const INIT_CAPABILITIES: rustix::thread::CapabilitySet = rustix::thread::CapabilitySet::CHOWN
+    .union(rustix::thread::CapabilitySet::DAC_OVERRIDE)
+    .union(rustix::thread::CapabilitySet::FOWNER)
+    .union(rustix::thread::CapabilitySet::KILL)
+    .union(rustix::thread::CapabilitySet::SETGID)
+    .union(rustix::thread::CapabilitySet::SETUID);
+
+/// Shrinks the init's bounding, permitted and effective sets to [`INIT_CAPABILITIES`] (bwrap
+/// leaves real root with nearly all of them).
+fn drop_capabilities() -> io::Result<()> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    for bit in CapabilitySet::all().iter() {
+        if INIT_CAPABILITIES.contains(bit) {
+            continue;
+        }
+        match rustix::thread::remove_capability_from_bounding_set(bit) {
+            // Unknown to this kernel: nothing to drop.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: INIT_CAPABILITIES,
+            permitted: INIT_CAPABILITIES,
+            inheritable: CapabilitySet::empty(),
+        },
+    )?;
+    Ok(())
+}
+
+fn exit_code(status: WaitStatus) -> Option<(Pid, i32)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid, code)),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid, 128 + sig as i32)),
+        _ => None,
+    }
+}
+
+impl Init {
+    fn reply(&self, r: &Reply, fds: &[RawFd]) {
+        if let Err(e) = send_packet(self.sock.as_fd(), r, fds) {
+            eprintln!("agentfense-init: reply failed: {e}");
+        }
+    }
+
+    /// Reaps every exited child; reports the ones the host asked for.
+    fn reap(&mut self) {
+        loop {
+            let st = match nix::sys::wait::waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(st) => st,
+            };
+            let Some((pid, code)) = exit_code(st) else {
+                continue;
+            };
+            if let Some(p) = self.procs.remove(&pid) {
+                self.by_id.remove(&p.id);
+                if p.session {
+                    // The shell is gone: its leftovers (background jobs) go with it.
+                    let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+                    if let Some(s) = self.sessions.remove(&p.id) {
+                        let _ = std::fs::remove_dir_all(&s.dir);
+                    }
+                }
+                self.reply(
+                    &Reply::Exited {
+                        id: p.id,
+                        code,
+                        pid: pid.as_raw(),
+                    },
+                    &[],
+                );
+            }
+        }
+    }
+
+    /// Handles one request; true means "shut down".
+    fn handle(&mut self, req: Request, fds: Vec<OwnedFd>) -> bool {
+        match req {
+            Request::Configure(_) => {}
+            Request::Shutdown => return true,
+            Request::Exec { id, argv, env, cwd } => {
+                if fds.len() != 3 && fds.len() != 4 {
+                    self.reply(
+                        &Reply::Failed {
+                            id,
+                            message: format!("exec needs 3 or 4 fds, got {}", fds.len()),
+                        },
+                        &[],
+                    );
+                    return false;
+                }
+                let stdio = [fds[0].as_fd(), fds[1].as_fd(), fds[2].as_fd()];
+                let cg = fds.get(3).map(|f| f.as_fd());
+                let mut result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, false);
+                // Right after a fork bomb was killed, the pids limit frees up only as the init
+                // reaps the corpses: reap and retry for up to half a second.
+                for _ in 0..50 {
+                    if !matches!(result, Err(("fork", Errno::EAGAIN))) {
+                        break;
+                    }
+                    self.reap();
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, false);
+                }
+                match result {
+                    Ok(pid) => {
+                        self.procs.insert(pid, Proc { id, session: false });
+                        self.by_id.insert(id, pid);
+                    }
+                    Err((step, errno)) => self.reply(
+                        &Reply::SpawnFailed {
+                            id,
+                            step: step.to_owned(),
+                            errno: errno as i32,
+                        },
+                        &[],
+                    ),
+                }
+            }
+            Request::Signal { id, signal } => {
+                if let (Some(pid), Ok(sig)) = (self.by_id.get(&id), Signal::try_from(signal)) {
+                    let _ = nix::sys::signal::killpg(*pid, sig);
+                }
+            }
+            Request::KillGroup { pgid } => {
+                if pgid > 1 {
+                    let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                }
+            }
+            Request::SessionOpen { id, argv, env, cwd } => {
+                self.session_open(id, argv, env, cwd, fds.first())
+            }
+            Request::SessionExec { id, seq, command } => {
+                if let Err(e) = self.session_exec(id, seq, &command) {
+                    self.reply(
+                        &Reply::Failed {
+                            id,
+                            message: format!("session call {seq}: {e}"),
+                        },
+                        &[],
+                    );
+                }
+            }
+            Request::SessionClose { id } => {
+                if let Some(s) = self.sessions.get(&id) {
+                    let _ = nix::sys::signal::killpg(s.pid, Signal::SIGKILL);
+                }
+            }
+        }
+        false
+    }
+
+    fn session_open(
+        &mut self,
+        id: u64,
+        argv: Vec<String>,
+        env: Vec<String>,
+        cwd: String,
+        cgroup: Option<&OwnedFd>,
+    ) {
+        let dir = PathBuf::from(format!("{SANDBOX_RUN_DIR}/s{id}"));
+        let setup = || -> io::Result<(OwnedFd, OwnedFd, OwnedFd)> {
+            std::fs::create_dir(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            nix::unistd::chown(
+                &dir,
+                Some(Uid::from_raw(self.cfg.uid)),
+                Some(Gid::from_raw(self.cfg.gid)),
+            )?;
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+            let flags = OFlag::from_bits_truncate(nix::fcntl::fcntl(&w, FcntlArg::F_GETFL)?);
+            nix::fcntl::fcntl(&w, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+            let null = nix::fcntl::open(
+                "/dev/null",
+                OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            Ok((r, w, null))
+        };
+        let (r, w, null) = match setup() {
+            Ok(x) => x,
+            Err(e) => {
+                self.reply(
+                    &Reply::Failed {
+                        id,
+                        message: format!("session setup: {e}"),
+                    },
+                    &[],
+                );
+                return;
+            }
+        };
+        match spawn(
+            &self.cfg,
+            &argv,
+            &env,
+            &cwd,
+            [r.as_fd(), null.as_fd(), null.as_fd()],
+            cgroup.map(|f| f.as_fd()),
+            true,
+        ) {
+            Ok(pid) => {
+                self.procs.insert(pid, Proc { id, session: true });
+                self.by_id.insert(id, pid);
+                self.sessions.insert(
+                    id,
+                    Session {
+                        pid,
+                        stdin: w,
+                        dir,
+                        last_seq: None,
+                    },
+                );
+                self.reply(&Reply::Started { id }, &[]);
+            }
+            Err((step, errno)) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                self.reply(
+                    &Reply::SpawnFailed {
+                        id,
+                        step: step.to_owned(),
+                        errno: errno as i32,
+                    },
+                    &[],
+                )
+            }
+        }
+    }
+
+    fn session_exec(&mut self, id: u64, seq: u64, command: &str) -> io::Result<()> {
+        let (uid, gid) = (Uid::from_raw(self.cfg.uid), Gid::from_raw(self.cfg.gid));
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| io::Error::other("no such session"))?;
+        if let Some(prev) = s.last_seq.replace(seq) {
+            for k in ["c", "o", "e", "s"] {
+                let _ = std::fs::remove_file(s.dir.join(format!("{k}{prev}")));
+            }
+        }
+        let path = |k: &str| s.dir.join(format!("{k}{seq}"));
+        let cmd = path("c");
+        std::fs::write(&cmd, command)?;
+        std::fs::set_permissions(&cmd, std::fs::Permissions::from_mode(0o600))?;
+        nix::unistd::chown(&cmd, Some(uid), Some(gid))?;
+        let mut fds = Vec::new();
+        for k in ["o", "e", "s"] {
+            let p = path(k);
+            nix::unistd::mkfifo(&p, Mode::from_bits_truncate(0o600))?;
+            // Open before handing ownership over: a FIFO's read end opens at once with
+            // O_NONBLOCK, and the shell's open for writing then finds a reader.
+            fds.push(nix::fcntl::open(
+                &p,
+                OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?);
+            nix::unistd::chown(&p, Some(uid), Some(gid))?;
+        }
+        let line = format!(
+            "command . {c} >{o} 2>{e} </dev/null; echo $? >{s}\n",
+            c = cmd.display(),
+            o = path("o").display(),
+            e = path("e").display(),
+            s = path("s").display()
+        );
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        send_packet(self.sock.as_fd(), &Reply::SessionFifos { id, seq }, &raw)?;
+        drop(fds);
+        let mut stdin = std::fs::File::from(s.stdin.try_clone()?);
+        stdin.write_all(line.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Forks and execs `argv` as the sandbox user in a new session with `stdio` as fds 0, 1, 2,
+/// first joining the cgroup whose `cgroup.procs` is `cgroup` (opened by the host).
+/// Reports the failing step and errno if anything before `execve` fails (via a CLOEXEC pipe).
+fn spawn(
+    cfg: &InitConfig,
+    argv: &[String],
+    env: &[String],
+    cwd: &str,
+    stdio: [BorrowedFd<'_>; 3],
+    cgroup: Option<BorrowedFd<'_>>,
+    search_path: bool,
+) -> Result<Pid, (&'static str, Errno)> {
+    let cstr = |s: &str| CString::new(s).map_err(|_| ("encode", Errno::EINVAL));
+    let c_argv = argv
+        .iter()
+        .map(|s| cstr(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c_env = env.iter().map(|s| cstr(s)).collect::<Result<Vec<_>, _>>()?;
+    let c_cwd = cstr(cwd)?;
+    if c_argv.is_empty() {
+        return Err(("argv", Errno::EINVAL));
+    }
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ("pipe", e))?;
+    // SAFETY: the init is single-threaded, so the child may run arbitrary code (including
+    // allocation) before execve without deadlock risk.
+    match unsafe { nix::unistd::fork() }.map_err(|e| ("fork", e))? {
+        ForkResult::Child => {
+            let (step, errno) = child(cfg, &c_argv, &c_env, &c_cwd, stdio, cgroup, search_path);
+            let mut msg = format!("{step}:{}", errno as i32).into_bytes();
+            msg.truncate(64);
+            let _ = nix::unistd::write(&err_w, &msg);
+            // SAFETY: _exit is async-signal-safe and skips the parent's atexit handlers and
+            // stdio buffers, which belong to the init.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            drop(err_w);
+            let mut buf = Vec::new();
+            let _ = std::fs::File::from(err_r).read_to_end(&mut buf);
+            if buf.is_empty() {
+                return Ok(child);
+            }
+            let _ = nix::sys::wait::waitpid(child, None);
+            let text = String::from_utf8_lossy(&buf);
+            let (step, errno) = text.split_once(':').unwrap_or(("exec", "0"));
+            let errno = Errno::from_raw(errno.parse().unwrap_or(0));
+            let step = [
+                "signals",
+                "setsid",
+                "stdio",
+                "setgroups",
+                "setgid",
+                "setuid",
+                "chdir",
+                "exec",
+            ]
+            .into_iter()
+            .find(|s| *s == step)
+            .unwrap_or("exec");
+            Err((step, errno))
+        }
+    }
+}
+
+/// Runs in the forked child; returns only on failure.
+fn child(
+    cfg: &InitConfig,
+    argv: &[CString],
+    env: &[CString],
+    cwd: &CString,
+    stdio: [BorrowedFd<'_>; 3],
+    cgroup: Option<BorrowedFd<'_>>,
+    search_path: bool,
+) -> (&'static str, Errno) {
+    // Join the command's own cgroup first, so its whole tree can be killed at once.
+    if let Some(fd) = cgroup
+        && let Err(e) = nix::unistd::write(fd, b"0")
+    {
+        return ("cgroup", e);
+    }
+    // The init blocks SIGCHLD (signalfd) and Rust ignores SIGPIPE: neither may leak into
+    // commands (`yes | head` must die of SIGPIPE).
+    if let Err(e) =
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+    {
+        return ("signals", e);
+    }
+    let dfl = nix::sys::signal::SigHandler::SigDfl;
+    // SAFETY: resetting a disposition to SIG_DFL installs no handler; we are single-threaded.
+    let reset = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, dfl) };
+    if let Err(e) = reset {
+        return ("signals", e);
+    }
+    if let Err(e) = nix::unistd::setsid() {
+        return ("setsid", e);
+    }
+    let r = nix::unistd::dup2_stdin(stdio[0])
+        .and_then(|()| nix::unistd::dup2_stdout(stdio[1]))
+        .and_then(|()| nix::unistd::dup2_stderr(stdio[2]));
+    if let Err(e) = r {
+        return ("stdio", e);
+    }
+    let (uid, gid) = (Uid::from_raw(cfg.uid), Gid::from_raw(cfg.gid));
+    if let Err(e) = nix::unistd::setgroups(&[gid]) {
+        return ("setgroups", e);
+    }
+    if let Err(e) = nix::unistd::setresgid(gid, gid, gid) {
+        return ("setgid", e);
+    }
+    // Leaving uid 0 clears the permitted, effective and ambient capability sets; with
+    // no_new_privs nothing can bring them back.
+    if let Err(e) = nix::unistd::setresuid(uid, uid, uid) {
+        return ("setuid", e);
+    }
+    if let Err(e) = nix::unistd::chdir(cwd.as_c_str()) {
+        return ("chdir", e);
+    }
+    let e = if search_path {
+        nix::unistd::execvpe(&argv[0], argv, env)
+    } else {
+        nix::unistd::execve(&argv[0], argv, env)
+    };
+    match e {
+        Err(e) => ("exec", e),
+        Ok(never) => match never {},
+    }
+}

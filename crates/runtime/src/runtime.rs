@@ -1,0 +1,88 @@
+//! The [`Runtime`] trait every backend implements (bwrap here; Docker in its own issue).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::types::{ExecEvent, ExecRequest, ExecResult, SandboxSpec, SessionSpec};
+
+/// A boxed, sendable future (keeps [`Runtime`] usable as `Arc<dyn Runtime>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Output of [`Runtime::exec_stream`]: tagged chunks as they are produced, then
+/// [`ExecEvent::Exit`]; an `Err` item (e.g. [`RuntimeError::Timeout`](crate::RuntimeError))
+/// ends the stream instead. Dropping the stream kills the command.
+#[derive(Debug)]
+pub struct ExecStream {
+    rx: mpsc::Receiver<Result<ExecEvent>>,
+}
+
+impl ExecStream {
+    pub(crate) fn new(rx: mpsc::Receiver<Result<ExecEvent>>) -> Self {
+        ExecStream { rx }
+    }
+
+    /// The next event; `None` after the exit event or an error.
+    pub async fn next(&mut self) -> Option<Result<ExecEvent>> {
+        self.rx.recv().await
+    }
+}
+
+/// Sandbox lifecycle, command execution and persistent sessions.
+///
+/// State machine per sandbox: `create` → `start` → (`exec`, sessions)* → `stop` → (`start` …)
+/// → `destroy`. Calls on a sandbox that is not running fail with
+/// [`RuntimeError::NotRunning`](crate::RuntimeError::NotRunning).
+pub trait Runtime: Send + Sync {
+    /// Registers a sandbox; nothing runs yet.
+    fn create<'a>(&'a self, sandbox_id: &'a str, spec: SandboxSpec) -> BoxFuture<'a, Result<()>>;
+
+    /// Starts the sandbox's long-lived environment.
+    fn start<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Runs `/bin/sh -c <command>` and waits for it (output capped).
+    fn exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        req: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecResult>>;
+
+    /// Runs `/bin/sh -c <command>` and streams its output.
+    fn exec_stream<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        req: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecStream>>;
+
+    /// Starts a persistent shell; returns its id (`sess_` + 16 hex digits).
+    fn session_create<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        spec: SessionSpec,
+    ) -> BoxFuture<'a, Result<String>>;
+
+    /// Runs one command in the session's shell; calls on one session are serialised.
+    fn session_exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        session_id: &'a str,
+        command: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<ExecResult>>;
+
+    /// Kills the session's shell and all its processes.
+    fn session_destroy<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        session_id: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Kills everything inside the sandbox; it can be started again.
+    fn stop<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Stops (if needed) and forgets the sandbox, removing its host-side state.
+    fn destroy<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<()>>;
+}

@@ -1,0 +1,5 @@
+mod common;
+mod exec;
+mod isolation;
+mod limits;
+mod sessions;
