@@ -134,7 +134,7 @@ pub fn bwrap_runtime(
     state_dir: &Path,
     events: tokio::sync::mpsc::Sender<agentfense_runtime::RuntimeEvent>,
 ) -> Result<agentfense_runtime::BwrapRuntime, ServeError> {
-    use agentfense_runtime::cgroup::{CgroupManager, StdCgroupFs};
+    use agentfense_runtime::cgroup::CgroupManager;
     use agentfense_runtime::{BwrapConfig, BwrapRuntime};
 
     if !rustix::process::geteuid().is_root() {
@@ -167,13 +167,7 @@ pub fn bwrap_runtime(
     cfg.max_timeout = rt.max_timeout;
     cfg.output_cap = usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX);
     cfg.allow_network = rt.allow_network;
-    let proc_self = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    match CgroupManager::detect(
-        Arc::new(StdCgroupFs),
-        Path::new("/sys/fs/cgroup"),
-        &proc_self,
-        "agentfense",
-    ) {
+    match CgroupManager::detect_host("agentfense") {
         Ok(m) => cfg.cgroups = Some(m),
         Err(e) if rt.default_resources.is_unlimited() => {
             tracing::warn!(error = %crate::error::chain(&e), "cgroups unavailable: sandboxes that ask for resource limits will fail to start");

@@ -1,0 +1,870 @@
+//! The cases, their baselines, and the report.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agentfense_proto::v1::{
+    self, codebase_service_client::CodebaseServiceClient,
+    sandbox_service_client::SandboxServiceClient, upload_chunk::Content,
+};
+use anyhow::{Context, bail, ensure};
+use tonic::transport::Channel;
+
+use crate::Opts;
+
+/// Data sizes and iteration counts of one mode.
+struct Scale {
+    big_mib: u64,
+    meta_files: usize,
+    src_files: usize,
+    repo_files: usize,
+    fs_iters: usize,
+    rtt_iters: usize,
+    first_iters: usize,
+    density: usize,
+    concurrency: usize,
+    exec_per_task: usize,
+}
+
+const QUICK: Scale = Scale {
+    big_mib: 256,
+    meta_files: 10_000,
+    src_files: 2_000,
+    repo_files: 2_000,
+    fs_iters: 3,
+    rtt_iters: 100,
+    first_iters: 5,
+    density: 10,
+    concurrency: 20,
+    exec_per_task: 5,
+};
+
+const FULL: Scale = Scale {
+    big_mib: 1024,
+    meta_files: 50_000,
+    src_files: 10_000,
+    repo_files: 10_000,
+    fs_iters: 7,
+    rtt_iters: 500,
+    first_iters: 15,
+    density: 50,
+    concurrency: 100,
+    exec_per_task: 20,
+};
+
+/// Summary statistics of a sample, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    median: f64,
+    p95: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stats(v: &[f64]) -> Stats {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pick = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        median: pick(0.5),
+        p95: pick(0.95),
+        p99: pick(0.99),
+        min: s[0],
+        max: s[s.len() - 1],
+        n: s.len(),
+    }
+}
+
+fn ms(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else {
+        format!("{:.2} ms", s * 1e3)
+    }
+}
+
+/// One row of the report.
+struct Row {
+    case: String,
+    ours: Stats,
+    baseline_name: String,
+    baseline: Option<Stats>,
+    target: String,
+    met: Option<bool>,
+}
+
+struct Server {
+    child: Child,
+    grpc: String,
+    data: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pinned(cpu: &Option<usize>, program: &str) -> Command {
+    match cpu {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string(), program]);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+fn start_server(exe: &Path, data: &Path, cpu: &Option<usize>) -> anyhow::Result<Server> {
+    std::fs::create_dir_all(data)?;
+    let config = data.with_extension("yaml");
+    // No per-owner quota: the density and concurrency cases start many sandboxes.
+    std::fs::write(
+        &config,
+        "sandbox:\n  max_per_user: 0\nlogging:\n  level: warn\n",
+    )?;
+    let mut cmd = pinned(cpu, &exe.to_string_lossy());
+    cmd.args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", ""])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .context("the server did not start")?;
+        if let Some(a) = line.strip_prefix("agentfense: gRPC listening on ") {
+            return Ok(Server {
+                child,
+                grpc: a.to_owned(),
+                data: data.to_owned(),
+            });
+        }
+    }
+}
+
+struct Api {
+    cb: CodebaseServiceClient<Channel>,
+    sb: SandboxServiceClient<Channel>,
+}
+
+impl Api {
+    async fn connect(addr: &str) -> anyhow::Result<Api> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        Ok(Api {
+            cb: CodebaseServiceClient::new(ch.clone()),
+            sb: SandboxServiceClient::new(ch).max_decoding_message_size(4 << 20),
+        })
+    }
+
+    async fn codebase(&mut self, name: &str) -> anyhow::Result<String> {
+        Ok(self
+            .cb
+            .create_codebase(v1::CreateCodebaseRequest {
+                name: name.into(),
+                owner_id: "bench".into(),
+            })
+            .await?
+            .into_inner()
+            .id)
+    }
+
+    async fn upload(&mut self, cb: &str, path: &str, data: &[u8]) -> anyhow::Result<()> {
+        let mut msgs = vec![v1::UploadChunk {
+            content: Some(Content::Metadata(v1::upload_chunk::Metadata {
+                codebase_id: cb.into(),
+                file_path: path.into(),
+                total_size: data.len() as i64,
+            })),
+        }];
+        msgs.extend(data.chunks(64 << 10).map(|c| v1::UploadChunk {
+            content: Some(Content::Data(c.to_vec())),
+        }));
+        self.cb
+            .upload_files(tonic::codegen::tokio_stream::iter(msgs))
+            .await?;
+        Ok(())
+    }
+
+    async fn sandbox(&mut self, cb: &str) -> anyhow::Result<String> {
+        Ok(self
+            .sb
+            .create_sandbox(v1::CreateSandboxRequest {
+                codebase_id: cb.into(),
+                permissions: vec![v1::PermissionRule {
+                    pattern: "**".into(),
+                    r#type: v1::PatternType::Glob as i32,
+                    permission: v1::Permission::Write as i32,
+                    priority: 0,
+                }],
+                runtime: v1::RuntimeType::Bwrap as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .id)
+    }
+
+    async fn start(&mut self, sb: &str) -> anyhow::Result<()> {
+        self.sb
+            .start_sandbox(v1::StartSandboxRequest {
+                sandbox_id: sb.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn exec(&mut self, sb: &str, command: &str) -> anyhow::Result<v1::ExecResult> {
+        let r = self
+            .sb
+            .exec(v1::ExecRequest {
+                sandbox_id: sb.into(),
+                command: command.into(),
+                timeout: Some(Duration::from_secs(300).into()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            r.exit_code == 0,
+            "{command:?} exited {} in the sandbox: {}",
+            r.exit_code,
+            r.stderr
+        );
+        Ok(r)
+    }
+
+    async fn destroy(&mut self, sb: &str) -> anyhow::Result<()> {
+        self.sb
+            .destroy_sandbox(v1::DestroySandboxRequest {
+                sandbox_id: sb.into(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn native(cmd: &str, dir: &Path) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let out = Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .current_dir(dir)
+        .output()?;
+    let dt = t.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed natively: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(dt)
+}
+
+fn spawn_time(program: &str, args: &[&str]) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let st = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(st.success(), "{program} {args:?} failed");
+    Ok(t.elapsed().as_secs_f64())
+}
+
+const BWRAP_ONESHOT: &[&str] = &[
+    "--unshare-all",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "/bin/true",
+];
+
+// ---- data --------------------------------------------------------------------------------
+
+fn gen_big(path: &Path, mib: u64) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        f.write_all(&block)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn gen_tree(root: &Path, files: usize, content: impl Fn(usize) -> String) -> anyhow::Result<()> {
+    for i in 0..files {
+        let dir = root.join(format!("d{:03}", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&dir)?;
+        }
+        std::fs::write(dir.join(format!("f{i:05}.rs")), content(i))?;
+    }
+    Ok(())
+}
+
+fn source(i: usize) -> String {
+    let mut s = String::with_capacity(2048);
+    for line in 0..40 {
+        let _ = writeln!(
+            s,
+            "fn function_{i}_{line}(x: u64) -> u64 {{ x.wrapping_mul({line}) + {i} }}"
+        );
+    }
+    s
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let st = Command::new("git")
+        .args(["-c", "user.name=bench", "-c", "user.email=bench@localhost"])
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()?;
+    ensure!(st.success(), "git {args:?} failed");
+    Ok(())
+}
+
+// ---- process accounting -----------------------------------------------------------------
+
+/// Proportional set size: private pages plus each shared page divided by its sharers, so
+/// that summing over processes counts a shared library once (RSS would count it per process).
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `pid` and all its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                && let Some(after) = stat.rsplit_once(") ")
+                && let Some(pp) = after.1.split(' ').nth(1).and_then(|v| v.parse().ok())
+            {
+                parent.insert(p, pp);
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let cur = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| **pp == cur).map(|(p, _)| *p));
+        i += 1;
+    }
+    out
+}
+
+fn tree_pss_kib(pid: u32) -> u64 {
+    tree(pid).into_iter().map(pss_kib).sum()
+}
+
+fn mounts_under(dir: &Path) -> usize {
+    let d = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&d)))
+        .count()
+}
+
+// ---- the run ----------------------------------------------------------------------------
+
+/// Runs every case and returns the markdown report (also written to `--out`).
+pub fn run(opts: &Opts) -> anyhow::Result<String> {
+    ensure!(
+        rustix::process::geteuid().is_root(),
+        "run as root: sandboxes need FUSE, namespaces and cgroups"
+    );
+    let scale = if opts.quick { &QUICK } else { &FULL };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu: Option<usize> = match opts.cpu.as_str() {
+        "none" => None,
+        c => Some(c.parse().context("--cpu takes a CPU number or `none`")?),
+    };
+    if let Some(c) = cpu {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(c);
+        rustix::thread::sched_setaffinity(None, &set).context("cannot pin the bench process")?;
+    }
+    let exe = match &opts.agentfense {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("agentfense"),
+    };
+    ensure!(
+        exe.is_file(),
+        "{} not found: build it with cargo build --release -p agentfense-cli",
+        exe.display()
+    );
+    let work = opts
+        .work
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench-data"));
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let work = work.canonicalize()?;
+
+    let server = start_server(&exe, &work.join("data"), &cpu)?;
+    let server_pid = server.child.id();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let rows = rt.block_on(cases(scale, &server, server_pid))?;
+    drop(server);
+    ensure!(
+        mounts_under(&work) == 0,
+        "FUSE mounts left behind under {}",
+        work.display()
+    );
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# AgentFense performance\n");
+    let _ = writeln!(
+        md,
+        "Produced by `sudo target/release/agentfense-bench{}` on {} ({} CPUs, kernel {}). \
+         Each case ran ours and its baseline interleaved on a warm cache; times are wall clock as \
+         a client sees them (ours through the gRPC API, native through `sh -c`).\n",
+        if opts.quick { " --quick" } else { "" },
+        now_utc(),
+        cpus,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let _ = writeln!(
+        md,
+        "CPU placement: {}.\n",
+        match cpu {
+            Some(c) => format!(
+                "the server (FUSE daemon threads included), every sandbox, the native baselines and \
+                 the bench client pinned to CPU {c}"
+            ),
+            None => "unpinned (scheduler's choice)".into(),
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| case | ours (median) | baseline | baseline (median) | ratio | ours p95 | ours min-max | N | target | met |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let (bname, bmed, ratio) = match r.baseline {
+            Some(b) => (
+                r.baseline_name.clone(),
+                ms(b.median),
+                format!("{:.2}x", r.ours.median / b.median),
+            ),
+            None => (r.baseline_name.clone(), "—".into(), "—".into()),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} – {} | {} | {} | {} |",
+            r.case,
+            ms(r.ours.median),
+            bname,
+            bmed,
+            ratio,
+            ms(r.ours.p95),
+            ms(r.ours.min),
+            ms(r.ours.max),
+            r.ours.n,
+            r.target,
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            }
+        );
+    }
+    if let Some(out) = &opts.out {
+        std::fs::write(out, &md).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(md)
+}
+
+fn now_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn ratio_row(
+    case: &str,
+    ours: &[f64],
+    base_name: &str,
+    base: &[f64],
+    max_ratio: f64,
+    target: &str,
+) -> Row {
+    let (o, b) = (stats(ours), stats(base));
+    Row {
+        case: case.into(),
+        ours: o,
+        baseline_name: base_name.into(),
+        baseline: Some(b),
+        target: target.into(),
+        met: Some(o.median / b.median <= max_ratio),
+    }
+}
+
+async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Result<Vec<Row>> {
+    let mut api = Api::connect(&server.grpc).await?;
+    let mut rows = Vec::new();
+
+    // Filesystem cases: one codebase with generated data, one full-access sandbox.
+    eprintln!("generating data ...");
+    let cb = api.codebase("bench-fs").await?;
+    let dir = server.data.join("codebases").join(&cb);
+    gen_big(&dir.join("big.bin"), scale.big_mib)?;
+    gen_tree(&dir.join("meta"), scale.meta_files, |i| format!("{i}\n"))?;
+    gen_tree(&dir.join("src"), scale.src_files, source)?;
+    let repo = dir.join("repo");
+    gen_tree(&repo, scale.repo_files, source)?;
+    git(&repo, &["init", "-q"])?;
+    git(&repo, &["add", "-A"])?;
+    git(&repo, &["commit", "-q", "-m", "bench"])?;
+    std::fs::create_dir_all(dir.join("out"))?;
+    let sb = api.sandbox(&cb).await?;
+    api.start(&sb).await?;
+
+    let fs_cases: [(&str, String, f64, &str); 5] = [
+        (
+            "sequential read",
+            "cat big.bin > /dev/null".into(),
+            1.0 / 0.9,
+            ">= 0.9x native throughput",
+        ),
+        (
+            "sequential write (then rm)",
+            format!(
+                "dd if=/dev/zero of=out/w.bin bs=1M count={} conv=fdatasync 2>/dev/null && rm out/w.bin",
+                scale.big_mib
+            ),
+            1.0 / 0.8,
+            ">= 0.8x native throughput",
+        ),
+        (
+            "find + stat",
+            "find meta -type f -printf '%s\\n' | wc -l > /dev/null".into(),
+            1.5,
+            "<= 1.5x native",
+        ),
+        (
+            "grep -r",
+            "grep -r needle_not_there src > /dev/null; true".into(),
+            2.0,
+            "<= 2x native",
+        ),
+        (
+            "git status",
+            "git -C repo status --porcelain > /dev/null".into(),
+            2.0,
+            "<= 2x native",
+        ),
+    ];
+    for (name, cmd, max_ratio, target) in fs_cases {
+        eprintln!("case: {name}");
+        // Warm both caches first.
+        native(&cmd, &dir)?;
+        api.exec(&sb, &cmd).await?;
+        let (mut ours, mut base) = (vec![], vec![]);
+        for _ in 0..scale.fs_iters {
+            base.push(native(&cmd, &dir)?);
+            let t = Instant::now();
+            api.exec(&sb, &cmd).await?;
+            ours.push(t.elapsed().as_secs_f64());
+        }
+        let label = match name {
+            "sequential read" => format!("sequential read ({} MiB)", scale.big_mib),
+            "sequential write (then rm)" => {
+                format!("sequential write ({} MiB, fdatasync)", scale.big_mib)
+            }
+            "find + stat" => format!("find + stat ({} files)", scale.meta_files),
+            "grep -r" => format!("grep -r ({} files)", scale.src_files),
+            _ => format!("git status ({} files)", scale.repo_files),
+        };
+        rows.push(ratio_row(&label, &ours, "native", &base, max_ratio, target));
+    }
+
+    // Exec round trip on a running sandbox.
+    eprintln!("case: exec round trip");
+    let (mut ours, mut bw, mut fe) = (vec![], vec![], vec![]);
+    for _ in 0..scale.rtt_iters {
+        bw.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        fe.push(spawn_time("/bin/true", &[])?);
+        let t = Instant::now();
+        api.exec(&sb, "true").await?;
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (o, b, f) = (stats(&ours), stats(&bw), stats(&fe));
+    rows.push(Row {
+        case: format!("exec round trip `true` (p99 {})", ms(o.p99)),
+        ours: o,
+        baseline_name: "`bwrap --unshare-all /bin/true`".into(),
+        baseline: Some(b),
+        target: "p50 <= 2 ms and < bwrap one-shot".into(),
+        met: Some(o.median <= 0.002 && o.median < b.median),
+    });
+    rows.push(Row {
+        case: "plain fork+exec `/bin/true` (reference)".into(),
+        ours: f,
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "—".into(),
+        met: None,
+    });
+
+    // Sessions.
+    eprintln!("case: session round trip");
+    let sess = api
+        .sb
+        .create_session(v1::CreateSessionRequest {
+            sandbox_id: sb.clone(),
+            shell: "/bin/sh".into(),
+            env: Default::default(),
+        })
+        .await?
+        .into_inner()
+        .id;
+    let (mut so, mut se) = (vec![], vec![]);
+    for _ in 0..scale.rtt_iters {
+        let t = Instant::now();
+        let r = api
+            .sb
+            .session_exec(v1::SessionExecRequest {
+                session_id: sess.clone(),
+                command: "true".into(),
+                timeout: None,
+            })
+            .await?
+            .into_inner();
+        ensure!(r.exit_code == 0, "session exec failed: {}", r.stderr);
+        so.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        api.exec(&sb, "true").await?;
+        se.push(t.elapsed().as_secs_f64());
+    }
+    let so_s = stats(&so);
+    rows.push(Row {
+        case: format!("session command round trip `true` (p99 {})", ms(so_s.p99)),
+        ours: so_s,
+        baseline_name: "plain exec API".into(),
+        baseline: Some(stats(&se)),
+        target: "—".into(),
+        met: None,
+    });
+    api.destroy(&sb).await?;
+
+    // Time to first command, and sandbox start alone.
+    eprintln!("case: time to first command");
+    let (mut first, mut start_only, mut oneshot) = (vec![], vec![], vec![]);
+    for i in 0..scale.first_iters {
+        oneshot.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        let t = Instant::now();
+        let cb = api.codebase(&format!("first-{i}")).await?;
+        for f in 0..10 {
+            api.upload(&cb, &format!("src/f{f}.py"), b"print('hello')\n")
+                .await?;
+        }
+        let sb = api.sandbox(&cb).await?;
+        let t_start = Instant::now();
+        api.start(&sb).await?;
+        api.exec(&sb, "true").await?;
+        start_only.push(t_start.elapsed().as_secs_f64());
+        first.push(t.elapsed().as_secs_f64());
+        api.destroy(&sb).await?;
+        api.cb
+            .delete_codebase(v1::DeleteCodebaseRequest { codebase_id: cb })
+            .await?;
+    }
+    let st = stats(&start_only);
+    rows.push(Row {
+        case: "sandbox start + first command (mount, environment, exec)".into(),
+        ours: st,
+        baseline_name: "bwrap one-shot".into(),
+        baseline: Some(stats(&oneshot)),
+        target: "p50 <= 30 ms".into(),
+        met: Some(st.median <= 0.030),
+    });
+    rows.push(Row {
+        case: "time to first command: create codebase + upload 10 files + create + start + exec"
+            .into(),
+        ours: stats(&first),
+        baseline_name: "bwrap one-shot".into(),
+        baseline: Some(stats(&oneshot)),
+        target: "—".into(),
+        met: None,
+    });
+
+    // Density: idle running sandboxes.
+    eprintln!("case: density ({} idle sandboxes)", scale.density);
+    let cb = api.codebase("density").await?;
+    api.upload(&cb, "a.txt", b"a\n").await?;
+    let before = tree_pss_kib(server_pid);
+    let mut ids = vec![];
+    let mut starts = vec![];
+    for _ in 0..scale.density {
+        let sb = api.sandbox(&cb).await?;
+        let t = Instant::now();
+        api.start(&sb).await?;
+        starts.push(t.elapsed().as_secs_f64());
+        ids.push(sb);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = tree_pss_kib(server_pid);
+    let per = (after.saturating_sub(before)) as f64 / ids.len() as f64 / 1024.0;
+    let head = stats(&starts[..starts.len().min(5)]).median;
+    let tail = stats(&starts[starts.len().saturating_sub(5)..]).median;
+    let slowed = starts.iter().position(|s| *s > 2.0 * head);
+    rows.push(Row {
+        case: format!(
+            "idle sandbox memory (PSS of server + sandbox processes): {per:.2} MiB each ({} running; start {} first vs {} last{})",
+            ids.len(),
+            ms(head),
+            ms(tail),
+            match slowed {
+                Some(i) => format!("; a start first took 2x at sandbox #{}", i + 1),
+                None => "; start never slowed 2x".into(),
+            }
+        ),
+        ours: stats(&starts),
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "<= 5 MiB per idle sandbox".into(),
+        met: Some(per <= 5.0),
+    });
+    for sb in &ids {
+        api.destroy(sb).await?;
+    }
+
+    // Concurrency: many sandboxes doing exec loops at once.
+    eprintln!("case: concurrency ({} sandboxes)", scale.concurrency);
+    let mut ids = vec![];
+    for _ in 0..scale.concurrency {
+        let sb = api.sandbox(&cb).await?;
+        api.start(&sb).await?;
+        ids.push(sb);
+    }
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for sb in ids.clone() {
+        let addr = server.grpc.clone();
+        let n = scale.exec_per_task;
+        tasks.spawn(async move {
+            let mut api = Api::connect(&addr).await?;
+            let mut lat = vec![];
+            for _ in 0..n {
+                let t = Instant::now();
+                api.exec(&sb, "true").await?;
+                lat.push(t.elapsed().as_secs_f64());
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
+    }
+    let mut lat = vec![];
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(v)) => lat.extend(v),
+            _ => errors += 1,
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    if errors > 0 {
+        bail!("{errors} of {} concurrent exec loops failed", ids.len());
+    }
+    let l = stats(&lat);
+    rows.push(Row {
+        case: format!(
+            "{} sandboxes x {} execs concurrently: {:.0} exec/s, p99 {}, 0 errors",
+            ids.len(),
+            scale.exec_per_task,
+            lat.len() as f64 / wall,
+            ms(l.p99)
+        ),
+        ours: l,
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "no errors".into(),
+        met: Some(true),
+    });
+    for sb in &ids {
+        api.destroy(sb).await?;
+    }
+    ensure!(
+        mounts_under(&server.data) == 0,
+        "mounts left behind after destroying every sandbox"
+    );
+    let leftover = tree(server_pid).len() - 1;
+    ensure!(
+        leftover == 0,
+        "{leftover} processes left behind after destroying every sandbox"
+    );
+    Ok(rows)
+}
