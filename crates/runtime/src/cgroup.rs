@@ -623,6 +623,25 @@ impl ExecCgroup {
         }
     }
 
+    /// Waits (polling) until no process is left in the cgroup, at most `limit`; true if empty.
+    pub async fn wait_empty(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let empty = self
+                .fs
+                .read(&self.dir.join("cgroup.procs"))
+                .map(|s| s.trim().is_empty())
+                .unwrap_or(true);
+            if empty {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Removes the cgroup if it is empty (a background process may keep it alive; the sandbox's
     /// destroy removes it then).
     pub fn remove_if_empty(&self) {

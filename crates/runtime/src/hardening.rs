@@ -48,6 +48,8 @@ pub const DENIED_SYSCALLS: &[(&str, libc::c_long)] = &[
     ("quotactl", libc::SYS_quotactl),
     ("settimeofday", libc::SYS_settimeofday),
     ("clock_settime", libc::SYS_clock_settime),
+    // The host kernel log (dmesg) is host information.
+    ("syslog", libc::SYS_syslog),
 ];
 
 /// `clone` flags that create namespaces; `clone` with any of them is denied.

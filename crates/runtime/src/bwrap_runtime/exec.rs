@@ -321,6 +321,12 @@ pub(super) async fn drive(
         }
     };
     env.chan.unregister(r.id);
+    if matches!(result, Err(RuntimeError::Timeout { .. }))
+        && let Some(cg) = &r.cgroup
+    {
+        // Answer once the tree is really gone (SIGKILL delivery is asynchronous).
+        cg.wait_empty(Duration::from_millis(300)).await;
+    }
     let hits = env.check_limits(&command, None);
     if hits.contains(&LimitKind::Pids) {
         // A command that exhausted the pids limit (a fork bomb) must not keep the sandbox

@@ -87,7 +87,9 @@ async fn timeout_kills_the_whole_tree_promptly() {
     }
     assert!(took < Duration::from_secs(2), "took {took:?}");
     // Nothing of the tree survives.
-    let r = fx.sh("ps -e -o comm= | grep -c '^sleep' || true").await;
+    let r = fx
+        .sh("sleep 0.1; ps -e -o comm= | grep -c '^sleep' || true")
+        .await;
     assert_eq!(r.stdout.trim(), "0");
 
     // Not even a process that left the command's session and process group (its cgroup is
@@ -104,7 +106,10 @@ async fn timeout_kills_the_whole_tree_promptly() {
         "{:?}",
         t.elapsed()
     );
-    let r = fx.sh("ps -e -o comm= | grep -c '^sleep' || true").await;
+    // (A killed orphan may linger as a zombie for a moment until the init reaps it.)
+    let r = fx
+        .sh("sleep 0.1; ps -e -o comm= | grep -c '^sleep' || true")
+        .await;
     assert_eq!(r.stdout.trim(), "0");
     fx.destroy().await;
 }
@@ -295,7 +300,9 @@ async fn works_without_cgroups() {
         Err(RuntimeError::Timeout { .. })
     ));
     assert!(t.elapsed() < Duration::from_millis(1500));
-    let r = fx.sh("ps -e -o comm= | grep -c '^sleep' || true").await;
+    let r = fx
+        .sh("sleep 0.1; ps -e -o comm= | grep -c '^sleep' || true")
+        .await;
     assert_eq!(r.stdout.trim(), "0");
     // Limits cannot be enforced without cgroups: creating such a sandbox fails closed.
     let err = fx

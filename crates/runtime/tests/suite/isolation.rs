@@ -165,6 +165,7 @@ async fn privileges_and_dangerous_syscalls_are_denied() {
         "unshare -U true",
         "unshare -r true",
         "unshare -n true",
+        "dmesg",
         "python3 -c 'import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).ptrace(0,0,0,0)==0 else 1)'",
         "python3 -c 'import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).syscall(272, 0x10000000)==0 else 1)'",
     ] {

@@ -75,7 +75,7 @@ async fn fork_bomb_is_contained_by_the_pids_limit() {
         }
     }
     // Contained: the sandbox answers, with its process table back to normal.
-    let r = fx.sh("echo alive; ps -e -o pid= | wc -l").await;
+    let r = fx.sh("echo alive; sleep 0.2; ps -e -o pid= | wc -l").await;
     eprintln!("after bomb: {r:?}");
     assert_eq!(r.stdout.lines().next(), Some("alive"), "{r:?}");
     let n: usize = r.stdout.lines().nth(1).unwrap().trim().parse().unwrap();
