@@ -421,6 +421,84 @@ fn tree_pss_kib(pid: u32) -> u64 {
     tree(pid).into_iter().map(pss_kib).sum()
 }
 
+/// CPU seconds (user + system) used so far by `pid` and its reaped children.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(") ")?.1.to_owned();
+            let f: Vec<f64> = after
+                .split(' ')
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum::<f64>() / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// `bench/sdk_flow.py`: Sandbox.from_local over 1,000 files plus the first run, through the
+/// real SDK. Skipped (with a note on stderr) when Python or the SDK is missing.
+fn sdk_flow(grpc: &str, server_pid: u32, iterations: usize) -> anyhow::Result<Option<Row>> {
+    let python = std::env::var("AGENTFENSE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import agentfense"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("note: the SDK case is skipped: {python} cannot import agentfense");
+        return Ok(None);
+    }
+    eprintln!("case: SDK from_local");
+    let cpu0 = cpu_seconds(server_pid);
+    let out = Command::new(&python)
+        .args(["bench/sdk_flow.py", grpc, "1000", &iterations.to_string()])
+        .output()?;
+    let server_cpu = (cpu_seconds(server_pid) - cpu0) / iterations as f64;
+    ensure!(
+        out.status.success(),
+        "bench/sdk_flow.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let key = format!("\"{name}\": ");
+        let start = text.find(&key).context("unexpected sdk_flow output")? + key.len();
+        let end = text[start..]
+            .find([',', '}'])
+            .context("unexpected sdk_flow output")?;
+        Ok(text[start..start + end].trim().parse()?)
+    };
+    let (wall, first, client) = (
+        field("wall_s")?,
+        field("first_run_s")?,
+        field("client_cpu_s")?,
+    );
+    let one = |v: f64| Stats {
+        median: v,
+        p95: v,
+        p99: v,
+        min: v,
+        max: v,
+        n: iterations,
+    };
+    Ok(Some(Row {
+        case: format!(
+            "SDK `Sandbox.from_local` (1,000 files: create, 1,000 uploads, create, start) + first `run` \
+             — first run {}, Python client CPU {}, server CPU {}",
+            ms(first),
+            ms(client),
+            ms(server_cpu)
+        ),
+        ours: one(wall),
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "server share well under the upload time".into(),
+        met: Some(server_cpu < wall / 2.0),
+    }))
+}
+
 fn mounts_under(dir: &Path) -> usize {
     let d = dir.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -650,6 +728,15 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
             _ => format!("git status ({} files)", scale.repo_files),
         };
         rows.push(ratio_row(&label, &ours, "native", &base, max_ratio, target));
+    }
+
+    // The published SDK's first-use flow, when Python and the SDK are installed.
+    if let Some(row) = sdk_flow(
+        &server.grpc,
+        server_pid,
+        if scale.fs_iters > 3 { 3 } else { 1 },
+    )? {
+        rows.push(row);
     }
 
     // Exec round trip on a running sandbox.
