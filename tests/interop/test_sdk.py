@@ -215,6 +215,10 @@ def test_files_api_and_sandboxignore(project, endpoint):
         assert run(sb, "cat notes/todo.txt").stdout == "write me\n"
         assert sb.read_file_bytes("notes/todo.txt") == b"write me\n"
         assert sorted(sb.list_files("notes")) == ["notes/todo.txt"]
+        # An upload over a file the running sandbox has already read shows at once.
+        assert run(sb, "cat src/main.py").stdout == "print('hello from sandbox')\n"
+        sb.write_file("src/main.py", "print('changed')\n")
+        assert run(sb, "cat src/main.py").stdout == "print('changed')\n"
 
 
 # ---- errors and low-level client ------------------------------------------------------------

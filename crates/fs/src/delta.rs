@@ -200,7 +200,8 @@ pub struct PublishReport {
     pub conflicts: Vec<Conflict>,
     /// Paths left unpublished because the caller's filter refused them; they stay pending.
     pub skipped: Vec<PathBuf>,
-    /// Paths that could not be applied, with the reason; they are dropped from the journal.
+    /// Paths that could not be applied, with the reason; they stay pending and the next
+    /// publish tries again.
     pub failed: Vec<(PathBuf, String)>,
 }
 
@@ -1232,10 +1233,8 @@ impl Delta {
                     meta.origins.remove(&p);
                     meta.dirty.remove(&p);
                 }
-                Err(e) => {
-                    report.failed.push((p.clone(), error_chain(&e)));
-                    meta.dirty.remove(&p);
-                }
+                // Left pending: retried by the next publish.
+                Err(e) => report.failed.push((p.clone(), error_chain(&e))),
             }
         }
         // Creations, shallowest first, so that parents exist.
@@ -1268,10 +1267,7 @@ impl Delta {
                         meta.dirty.remove(&p);
                     }
                 }
-                Err(e) => {
-                    report.failed.push((p.clone(), error_chain(&e)));
-                    meta.dirty.remove(&p);
-                }
+                Err(e) => report.failed.push((p.clone(), error_chain(&e))),
             }
         }
         self.prune_upper(&meta, Path::new(""));

@@ -366,7 +366,19 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         (self.decide)(&policy, &c, kind_of(kind))
     }
 
+    /// Reports a denial and returns its error: ENOENT for a hidden path, else EACCES.
     fn deny(&self, op: &'static str, path: &Path, d: Decision) -> FsError {
+        self.deny_at(op, path, d, false)
+    }
+
+    /// [`Self::deny`] for a path about to be created (create, mkdir, symlink, link, rename
+    /// target): a hidden entry there must look like a missing one in a place where writing
+    /// is denied, so always EACCES, never ENOENT.
+    fn deny_new(&self, op: &'static str, path: &Path, d: Decision) -> FsError {
+        self.deny_at(op, path, d, true)
+    }
+
+    fn deny_at(&self, op: &'static str, path: &Path, d: Decision, new_path: bool) -> FsError {
         let shown = display_path(path);
         self.shared.audit.denied(op, &shown, d.level, || {
             d.rule().map(|r| {
@@ -375,9 +387,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             })
         });
         debug!(op, path = %shown, level = %d.level, "denied");
-        // At a new path (create, rename target), a hidden entry must look like a missing one
-        // in a place where writing is denied: EACCES, not ENOENT.
-        if d.level == Level::None && op != "create" && op != "rename-to" {
+        if d.level == Level::None && !new_path {
             FsError::NotFound { path: path.into() }
         } else {
             FsError::Denied {
@@ -432,14 +442,14 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             Some(a) => {
                 let d = self.decision(&path, a.kind);
                 if d.level == Level::None {
-                    return Err(self.deny("create", &path, d));
+                    return Err(self.deny_new(op, &path, d));
                 }
                 Err(FsError::Exists { path })
             }
             None => {
                 let d = self.decision(&path, kind);
                 if d.level < Level::Write {
-                    return Err(self.deny("create", &path, d));
+                    return Err(self.deny_new(op, &path, d));
                 }
                 Ok(path)
             }
@@ -785,14 +795,18 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         match self.shared.delta.lookup(&to)? {
             Some(dst) => {
                 let dd = self.decision(&to, dst.kind);
-                self.require("rename-to", &to, dd, Level::Write)?;
+                if dd.level < Level::Write {
+                    return Err(self.deny_new("rename", &to, dd));
+                }
                 if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                     return Err(FsError::Exists { path: to });
                 }
             }
             None => {
                 let dd = self.decision(&to, src.kind);
-                self.require("rename-to", &to, dd, Level::Write)?;
+                if dd.level < Level::Write {
+                    return Err(self.deny_new("rename", &to, dd));
+                }
             }
         }
         if src.kind == EntryKind::Dir {
@@ -1011,6 +1025,30 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
 /// How an open file is served: `(passthrough backing, open flags, counts as page-cached)`.
 type IoMode = (Option<Arc<BackingId>>, FopenFlags, bool);
 
+/// Longest time the kernel may remember that a name does not exist.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
+/// The attributes of a negative lookup reply (only the node id 0 matters).
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 /// A file opened on the host for a FUSE open or create.
 struct Opened {
     ino: u64,
@@ -1054,6 +1092,13 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
+            // A negative entry (node id 0): the kernel answers repeated probes of a missing
+            // (or hidden: same answer) name itself for a short while. Creations through this
+            // mount replace it; changes from outside drop it by invalidation or within 1 s.
+            Err(FsError::NotFound { .. }) => {
+                let ttl = self.opts.entry_ttl.min(NEGATIVE_TTL);
+                reply.entry(&ttl, &negative_attr(), Generation(0));
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -61,5 +61,5 @@ pub use delta::{
 pub use error::FsError;
 pub use mount::{
     DEFAULT_TTL, FS_NAME, FsConfig, MountHandle, MountStats, PublishMode, cleanup_stale_mounts,
-    codebase_changed, detach, mount,
+    codebase_changed, detach, mount, publish_unmounted,
 };

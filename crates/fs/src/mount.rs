@@ -15,7 +15,8 @@ use crate::delta::{Delta, EntryKind, Layer, PublishFilter, PublishReport};
 use crate::error::FsError;
 use crate::fuse::{FsOptions, PolicyFs, Shared};
 
-/// The filesystem type name shown in `/proc/mounts` (`fuse.agentfense`, source `agentfense`).
+/// Our FUSE filesystem name: the mount's source in `/proc/self/mountinfo` (type `fuse`, or
+/// `fuse.agentfense` where the subtype is applied).
 pub const FS_NAME: &str = "agentfense";
 
 /// Default kernel cache lifetime of names and attributes (see [`FsConfig::entry_ttl`]).
@@ -396,6 +397,30 @@ impl Drop for MountHandle {
     }
 }
 
+/// Publishes a delta that is not mounted (a stopped sandbox), like [`MountHandle::publish`]:
+/// only paths `policy` lets the sandbox write are applied, and live mounts of the codebase
+/// are told.
+pub fn publish_unmounted(
+    lower: &Path,
+    delta: &Path,
+    policy: &Policy,
+) -> Result<PublishReport, FsError> {
+    let report = Delta::open(lower, delta)?.publish(&PublishFilter {
+        allow: &|p, k| writable(policy, p, k),
+        busy: &|_| false,
+    })?;
+    let changed: Vec<PathBuf> = report
+        .written
+        .iter()
+        .chain(&report.deleted)
+        .cloned()
+        .collect();
+    if !changed.is_empty() {
+        notify_mounts(&lower_key(lower), &changed, None);
+    }
+    Ok(report)
+}
+
 /// Lazily unmounts `mountpoint` (`umount2(MNT_DETACH)`).
 pub fn detach(mountpoint: &Path) -> Result<(), FsError> {
     rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
@@ -478,12 +503,15 @@ mod tests {
 91 22 0:51 / /srv/mounts/sb2/inner rw - fuse.agentfense agentfense rw
 92 22 0:52 / /srv/other rw - fuse.agentfense agentfense rw
 93 22 0:53 / /srv/mounts/x rw - fuse.sshfs host rw
+94 22 0:54 / /srv/mounts/plain rw,nosuid - fuse agentfense rw,user_id=0
+95 22 0:55 / /srv/mounts/other rw - fuse bindfs rw
 ";
         assert_eq!(
             stale_in(info, Path::new("/srv/mounts")),
             [
                 PathBuf::from("/srv/mounts/sb2/inner"),
-                PathBuf::from("/srv/mounts/sb 1")
+                PathBuf::from("/srv/mounts/sb 1"),
+                PathBuf::from("/srv/mounts/plain"),
             ]
         );
     }

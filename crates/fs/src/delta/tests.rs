@@ -299,6 +299,11 @@ fn publish_deletes_and_never_removes_entries_added_since() {
     assert_eq!(r.deleted, [PathBuf::from("src/deep/b.rs")]);
     assert_eq!(r.failed.len(), 1, "{r:?}");
     assert!(f.lower.join("src/deep/other.rs").exists());
+    // Still pending, and still failing for the same reason.
+    assert_eq!(f.d.pending(), [PathBuf::from("src/deep")]);
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(f.lower.join("src/deep/other.rs").exists());
 }
 
 #[test]

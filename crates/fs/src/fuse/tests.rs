@@ -247,54 +247,106 @@ fn check_protected(
     Ok(())
 }
 
+fn run_case(rules: Vec<PermissionRule>, ops: &[Op]) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    build_lower(&lower);
+    let mut before = Tree::new();
+    snapshot_disk(&lower, Path::new(""), &mut before);
+    let policy = Policy::compile(rules).unwrap();
+    let shared = Arc::new(Shared::new(
+        Delta::open(&lower, &dir.path().join("delta")).unwrap(),
+        Auditor::new("prop".into()),
+        policy.clone(),
+    ));
+    let opts = FsOptions {
+        entry_ttl: Duration::ZERO,
+        attr_ttl: Duration::ZERO,
+        owner: None,
+        passthrough: false,
+    };
+    let fs = PolicyFs::new(
+        shared.clone(),
+        opts,
+        Policy::cursor_root,
+        Policy::cursor_child,
+        Policy::decide,
+    );
+    // Hidden paths are unreachable from the start.
+    for (p, (kind, _)) in &before {
+        if level(&policy, p, *kind) == Level::None {
+            prop_assert!(resolve(&fs, p).is_none(), "{:?} reachable", p);
+        }
+    }
+    for op in ops {
+        apply(&fs, op);
+    }
+    // The sandbox's view.
+    let mut view = Tree::new();
+    snapshot_view(&shared.delta, Path::new(""), &mut view);
+    check_protected(&policy, &before, &view, "view")?;
+    // The codebase, untouched until published...
+    let mut disk = Tree::new();
+    snapshot_disk(&lower, Path::new(""), &mut disk);
+    prop_assert_eq!(&disk, &before);
+    // ...and after publishing, changed only at write paths.
+    let report = shared
+        .delta
+        .publish(&PublishFilter {
+            allow: &|p, k| level(&policy, p, k) == Level::Write,
+            busy: &|_| false,
+        })
+        .unwrap();
+    prop_assert_eq!(report.skipped, Vec::<PathBuf>::new());
+    let mut disk = Tree::new();
+    snapshot_disk(&lower, Path::new(""), &mut disk);
+    check_protected(&policy, &before, &disk, "codebase")?;
+    prop_assert_eq!(&disk, &view, "the codebase matches the view after publish");
+    Ok(())
+}
+
+fn rule_strategy() -> impl Strategy<Value = PermissionRule> {
+    let pat = proptest::collection::vec(
+        prop_oneof![
+            Just("**"),
+            Just("*"),
+            Just("o"),
+            Just("d"),
+            Just("s*"),
+            Just("f"),
+            Just("ro")
+        ],
+        1..4,
+    )
+    .prop_map(|v| format!("/{}", v.join("/")));
+    (
+        pat,
+        prop_oneof![
+            Just(Level::None),
+            Just(Level::View),
+            Just(Level::Read),
+            Just(Level::Write)
+        ],
+        0i32..3,
+    )
+        .prop_map(|(p, l, pr)| PermissionRule::glob(p, l, pr))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
     #[test]
     fn nothing_below_write_ever_changes(ops in proptest::collection::vec(op_strategy(), 1..40)) {
-        let dir = tempfile::tempdir().unwrap();
-        let lower = dir.path().join("lower");
-        build_lower(&lower);
-        let mut before = Tree::new();
-        snapshot_disk(&lower, Path::new(""), &mut before);
-        let policy = Policy::compile(rules()).unwrap();
-        let shared = Arc::new(Shared::new(
-            Delta::open(&lower, &dir.path().join("delta")).unwrap(),
-            Auditor::new("prop".into()),
-            policy.clone(),
-        ));
-        let opts = FsOptions {
-            entry_ttl: Duration::ZERO,
-            attr_ttl: Duration::ZERO,
-            owner: None,
-            passthrough: false,
-        };
-        let fs = PolicyFs::new(shared.clone(), opts, Policy::cursor_root, Policy::cursor_child, Policy::decide);
-        // Hidden paths are unreachable from the start.
-        for (p, (kind, _)) in &before {
-            if level(&policy, p, *kind) == Level::None {
-                prop_assert!(resolve(&fs, p).is_none(), "{:?} reachable", p);
-            }
-        }
-        for op in &ops {
-            apply(&fs, op);
-        }
-        // The sandbox's view.
-        let mut view = Tree::new();
-        snapshot_view(&shared.delta, Path::new(""), &mut view);
-        check_protected(&policy, &before, &view, "view")?;
-        // The codebase, untouched until published...
-        let mut disk = Tree::new();
-        snapshot_disk(&lower, Path::new(""), &mut disk);
-        prop_assert_eq!(&disk, &before);
-        // ...and after publishing, changed only at write paths.
-        let report = shared.delta.publish(&PublishFilter {
-            allow: &|p, k| level(&policy, p, k) == Level::Write,
-            busy: &|_| false,
-        }).unwrap();
-        prop_assert_eq!(report.skipped, Vec::<PathBuf>::new());
-        let mut disk = Tree::new();
-        snapshot_disk(&lower, Path::new(""), &mut disk);
-        check_protected(&policy, &before, &disk, "codebase")?;
-        prop_assert_eq!(&disk, &view, "the codebase matches the view after publish");
+        run_case(rules(), &ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn nothing_below_write_ever_changes_under_random_rules(
+        rules in proptest::collection::vec(rule_strategy(), 1..6),
+        ops in proptest::collection::vec(op_strategy(), 1..40),
+    ) {
+        run_case(rules, &ops)?;
     }
 }

@@ -180,6 +180,8 @@ fn codebase_changes_reported_by_the_server_show_at_once() {
         m.ok("cat README.md; ls src"),
         "hello readme\nlink_to_passwd\nlink_to_secret\nmain.py\n"
     );
+    // Probe the missing name first: the kernel may remember that it is missing.
+    assert_eq!(m.py("os.stat('src/added.py')"), "ENOENT");
     std::fs::write(m.lower().join("README.md"), "updated by upload\n").unwrap();
     std::fs::write(m.lower().join("src/added.py"), "x").unwrap();
     agentfense_fs::codebase_changed(&m.lower(), &["README.md".into(), "src/added.py".into()]);
@@ -187,6 +189,7 @@ fn codebase_changes_reported_by_the_server_show_at_once() {
         m.ok("cat README.md; ls src"),
         "updated by upload\nadded.py\nlink_to_passwd\nlink_to_secret\nmain.py\n"
     );
+    assert_eq!(m.ok("cat src/added.py"), "x");
 }
 
 #[test]
@@ -200,6 +203,7 @@ fn unreported_codebase_changes_show_after_the_ttl() {
         m.ok("cat README.md; ls src"),
         "hello readme\nlink_to_passwd\nlink_to_secret\nmain.py\n"
     );
+    assert_eq!(m.py("os.stat('src/added.py')"), "ENOENT");
     std::fs::write(m.lower().join("README.md"), "edited on the host\n").unwrap();
     std::fs::write(m.lower().join("src/added.py"), "x").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(600));

@@ -175,6 +175,27 @@ fn git_status_works_through_the_mount() {
 }
 
 #[test]
+fn a_stopped_sandbox_publishes_only_what_its_rules_allow() {
+    require_fuse!("a_stopped_sandbox_publishes_only_what_its_rules_allow");
+    let mut m = standard();
+    m.ok("echo later > output/later.txt");
+    let (lower, delta) = (m.lower(), m.delta());
+    drop(m.handle.take());
+    // With rules that no longer grant write on output/, nothing is applied.
+    let ro = Policy::compile(presets::get("read-only").unwrap().rules()).unwrap();
+    let r = agentfense_fs::publish_unmounted(&lower, &delta, &ro).unwrap();
+    assert_eq!(r.skipped, [std::path::PathBuf::from("output/later.txt")]);
+    assert!(!lower.join("output/later.txt").exists());
+    let rw = Policy::compile(test_rules()).unwrap();
+    let r = agentfense_fs::publish_unmounted(&lower, &delta, &rw).unwrap();
+    assert_eq!(r.written, [std::path::PathBuf::from("output/later.txt")]);
+    assert_eq!(
+        std::fs::read_to_string(lower.join("output/later.txt")).unwrap(),
+        "later\n"
+    );
+}
+
+#[test]
 fn stale_mounts_are_detached_at_startup() {
     require_fuse!("stale_mounts_are_detached_at_startup");
     let mut m = standard();

@@ -216,7 +216,9 @@ impl Service {
             upload,
         } = sink;
         let (cb, p) = (codebase.clone(), path.clone());
+        let p_closure = p.clone();
         let done = blocking(move || {
+            let p = p_closure;
             // The SDK always announces the exact length (0 for empty files).
             let up = upload.commit(Some(announced))?;
             let (size_delta, count_delta) = match up.replaced {
@@ -225,6 +227,12 @@ impl Service {
             };
             this.store
                 .adjust_codebase_stats(&cb, size_delta, count_delta, SystemTime::now())?;
+            // Running sandboxes of this codebase see the new content at once, not after
+            // their kernel cache expires.
+            agentfense_fs::codebase_changed(
+                &this.files.dir(&cb),
+                &[std::path::PathBuf::from(p.relative())],
+            );
             Ok(up)
         })
         .await?;

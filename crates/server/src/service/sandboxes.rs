@@ -986,6 +986,17 @@ impl Service {
                 "detached stale FUSE mounts from a previous run"
             );
         }
+        for (kind, rt) in &self.engine.runtimes {
+            match rt.cleanup_stale().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(runtime = %kind, count = n, "removed leftovers of a previous run")
+                }
+                Err(e) => {
+                    tracing::warn!(runtime = %kind, error = %chain(&e), "cannot clean leftovers of a previous run")
+                }
+            }
+        }
         let store = self.store.clone();
         let all = match blocking(move || Ok(store.all_sandboxes()?)).await {
             Ok(v) => v,
