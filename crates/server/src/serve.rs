@@ -167,7 +167,15 @@ pub fn bwrap_runtime(
     cfg.max_timeout = rt.max_timeout;
     cfg.output_cap = usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX);
     cfg.allow_network = rt.allow_network;
-    match CgroupManager::detect_host("agentfense") {
+    // One parent cgroup per state directory: a server cleaning up after its own crash must not
+    // touch the sandboxes of another server, or of `agentfense run`, on the same host.
+    let tag = state_dir
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    match CgroupManager::detect_host(&format!("agentfense-{:08x}", tag as u32)) {
         Ok(m) => cfg.cgroups = Some(m),
         Err(e) if rt.default_resources.is_unlimited() => {
             tracing::warn!(error = %crate::error::chain(&e), "cgroups unavailable: sandboxes that ask for resource limits will fail to start");
