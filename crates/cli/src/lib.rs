@@ -10,11 +10,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod client_cmd;
+mod local;
 pub mod policy_args;
 mod policy_cmd;
 mod run_cmd;
 pub mod scan_cmd;
 mod serve_cmd;
+mod shell_cmd;
 
 pub use policy_args::PolicyArgs;
 
@@ -38,6 +40,15 @@ pub enum Command {
     ///
     /// Example: sudo agentfense run --preset agent-safe ./project -- python3 src/main.py
     Run(run_cmd::RunArgs),
+    /// An interactive shell in a sandbox over a local directory, without a server.
+    ///
+    /// Same sandbox, policy and delta as `run` (writes are kept until --apply or --discard),
+    /// on a real terminal: line editing, job control (Ctrl-Z, fg, Ctrl-C) and resizing work.
+    /// The shell's exit code is the exit code; a summary of the changes follows. Needs an
+    /// interactive terminal (use `run` for scripts) and root (FUSE, namespaces).
+    ///
+    /// Example: sudo agentfense shell --preset agent-safe ./project
+    Shell(shell_cmd::ShellArgs),
     /// Inspect and test permission rules before deploying them.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -147,6 +158,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(args) => serve_cmd::run(args),
         Command::Run(args) => run_cmd::run(args, out),
+        Command::Shell(args) => shell_cmd::run(args),
         Command::Scan(args) => scan_cmd::run(args, out),
         Command::Codebase { cmd, conn } => client_cmd::codebase(cmd, conn, out),
         Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),

@@ -3,139 +3,38 @@
 //! The directory is the read-only lower layer (nothing is copied); the command's writes go to
 //! a delta kept under the data directory, so that several runs over the same directory build
 //! on each other. Afterwards a summary lists what changed; `--apply` writes the changes into
-//! the directory, `--discard` drops them.
+//! the directory, `--discard` drops them (see [`crate::local`]).
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentfense_core::ResourceLimits;
-use agentfense_fs::{FsConfig, PublishMode};
-use agentfense_runtime::{ExecEvent, ExecRequest, NetworkMode, Runtime, SandboxSpec};
-use agentfense_server::config::RuntimeConfig;
-use anyhow::Context;
+use agentfense_runtime::{ExecEvent, ExecRequest, Runtime};
 use clap::Args;
 
-use crate::PolicyArgs;
-use crate::serve_cmd::{default_data_dir, default_init_path, resolve_in_path};
+use crate::local::{LocalArgs, LocalSandbox, exit_code};
 
 /// Options of `agentfense run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Policy options.
+    /// Sandbox and policy options, and the directory.
     #[command(flatten)]
-    pub policy: PolicyArgs,
-    /// Write the changes into DIR afterwards.
-    #[arg(long, conflicts_with = "discard")]
-    pub apply: bool,
-    /// Drop the changes afterwards (and any kept from earlier runs).
-    #[arg(long)]
-    pub discard: bool,
+    pub local: LocalArgs,
     /// Timeout in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
-    /// Environment variable `KEY=VALUE` for the command (repeatable).
-    #[arg(long = "env", value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    /// Give the sandbox the host's network (default: none).
-    #[arg(long)]
-    pub network: bool,
-    /// Memory limit in MiB (default 2048).
-    #[arg(long, value_name = "MIB")]
-    pub memory_mib: Option<u64>,
-    /// Process limit (default 1024).
-    #[arg(long)]
-    pub pids: Option<u64>,
-    /// CPU limit in CPUs, e.g. 0.5.
-    #[arg(long)]
-    pub cpus: Option<f64>,
-    /// Where deltas of local runs are kept (default: the server's data directory).
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// The project directory (read-only lower layer).
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
     /// The command, run with /bin/sh -c.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
-/// Where a directory's delta and mountpoint live: one folder per directory, named after it.
-fn work_dir(data_dir: &Path, dir: &Path) -> PathBuf {
-    let canon = dir.to_string_lossy();
-    // FNV-1a: a stable short tag for the full path, so that two `src` folders differ.
-    let hash = canon.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "root".into());
-    data_dir
-        .join("local")
-        .join(format!("{name}-{:08x}", hash as u32))
-}
-
-fn kv(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    list.iter()
-        .map(|s| {
-            s.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .with_context(|| format!("--env {s:?} is not KEY=VALUE"))
-        })
-        .collect()
-}
-
 pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let policy = args.policy.policy()?;
-    let dir = args
-        .dir
-        .canonicalize()
-        .with_context(|| format!("cannot open project directory {}", args.dir.display()))?;
-    anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
     anyhow::ensure!(
         args.timeout.is_finite() && args.timeout > 0.0,
         "--timeout must be a positive number of seconds"
     );
-    let env = kv(&args.env)?;
-    let work = work_dir(
-        &args.data_dir.clone().unwrap_or_else(default_data_dir),
-        &dir,
-    );
-    let (delta, mnt, state) = (work.join("delta"), work.join("mnt"), work.join("runtime"));
-    for d in [&work, &delta, &mnt] {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
-    }
-    // A crashed earlier run may have left its mount.
-    let _ = agentfense_fs::cleanup_stale_mounts(&work);
-
-    let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
-    cfg.publish_mode = PublishMode::Explicit;
-    cfg.owner = Some(agentfense_server::service::SANDBOX_OWNER);
-    let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
-
-    let mut rt_cfg = RuntimeConfig {
-        allow_network: args.network,
-        init_path: default_init_path(),
-        ..RuntimeConfig::default()
-    };
-    if let Some(b) = resolve_in_path(&rt_cfg.bwrap_path) {
-        rt_cfg.bwrap_path = b;
-    }
-    rt_cfg.max_timeout = Duration::from_secs_f64(args.timeout);
-    let defaults = rt_cfg.default_resources;
-    let limits = ResourceLimits {
-        memory_bytes: args.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
-        pids_limit: args.pids.unwrap_or(defaults.pids_limit),
-        cpu_quota: args.cpus.map_or(0, |c| (c * 100_000.0) as u64),
-        cpu_shares: 0,
-    };
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let local = LocalSandbox::mount(&args.local, timeout)?;
     let stdin = if std::io::stdin().is_terminal() {
         Vec::new()
     } else {
@@ -143,136 +42,37 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
         std::io::stdin().read_to_end(&mut buf)?;
         buf
     };
-    let command = args.command.join(" ");
+    let req = ExecRequest {
+        command: args.command.join(" "),
+        stdin,
+        env: local.env.clone(),
+        workdir: String::new(),
+        timeout: Some(timeout),
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let code = rt.block_on(async {
-        let (tx, mut events) = tokio::sync::mpsc::channel(64);
-        let runtime = agentfense_server::serve::bwrap_runtime(&rt_cfg, &state, tx)?;
-        let nz = |v: u64| (v > 0).then_some(v);
-        let spec = SandboxSpec {
-            workspace: mnt.clone(),
-            limits: agentfense_runtime::ResourceLimits {
-                memory_bytes: nz(limits.memory_bytes),
-                cpu_quota_us: nz(limits.cpu_quota),
-                cpu_shares: None,
-                pids_limit: nz(limits.pids_limit),
-            },
-            network: if args.network {
-                NetworkMode::Host
-            } else {
-                NetworkMode::None
-            },
-        };
-        let id = "sb_local";
-        runtime
-            .create(id, spec)
-            .await
-            .context("cannot create the sandbox")?;
-        let result = async {
-            runtime
-                .start(id)
-                .await
-                .context("cannot start the sandbox")?;
-            let mut stream = runtime
-                .exec_stream(
-                    id,
-                    ExecRequest {
-                        command,
-                        stdin,
-                        env,
-                        workdir: String::new(),
-                        timeout: Some(Duration::from_secs_f64(args.timeout)),
-                    },
-                )
-                .await?;
-            let mut code = 0;
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(ExecEvent::Stdout(s)) => {
-                        out.write_all(s.as_bytes())?;
-                        out.flush()?;
-                    }
-                    Ok(ExecEvent::Stderr(s)) => {
-                        let mut e = std::io::stderr();
-                        e.write_all(s.as_bytes())?;
-                        e.flush()?;
-                    }
-                    Ok(ExecEvent::Exit { exit_code, .. }) => code = exit_code,
-                    Err(e) => return Err(anyhow::Error::from(e)),
+    let code = rt.block_on(local.with_sandbox(async |runtime, id| {
+        let mut stream = runtime.exec_stream(id, req).await?;
+        let mut code = 0;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ExecEvent::Stdout(s)) => {
+                    out.write_all(s.as_bytes())?;
+                    out.flush()?;
                 }
+                Ok(ExecEvent::Stderr(s)) => {
+                    let mut e = std::io::stderr();
+                    e.write_all(s.as_bytes())?;
+                    e.flush()?;
+                }
+                Ok(ExecEvent::Exit { exit_code, .. }) => code = exit_code,
+                Err(e) => return Err(anyhow::Error::from(e)),
             }
-            Ok::<_, anyhow::Error>(code)
         }
-        .await;
-        let _ = runtime.destroy(id).await;
-        while let Ok(ev) = events.try_recv() {
-            let agentfense_runtime::RuntimeEvent::ResourceLimitExceeded { limit, .. } = ev;
-            eprintln!("agentfense: the command hit the {} limit", limit.as_str());
-        }
-        result
-    })?;
-
-    // What the command changed, judged against the directory.
-    let mut changes: Vec<(char, String)> = mount
-        .pending()
-        .into_iter()
-        .filter_map(|p| {
-            let in_view = std::fs::symlink_metadata(mnt.join(&p)).is_ok();
-            let in_dir = std::fs::symlink_metadata(dir.join(&p)).is_ok();
-            let tag = match (in_dir, in_view) {
-                // Created and removed again (a lock file): nothing to report.
-                (false, false) => return None,
-                (false, true) => 'A',
-                (true, true) => 'M',
-                (true, false) => 'D',
-            };
-            Some((tag, p.display().to_string()))
-        })
-        .collect();
-    changes.sort_by(|a, b| a.1.cmp(&b.1));
-    let mut err = std::io::stderr();
-    if changes.is_empty() {
-        writeln!(err, "agentfense: no changes")?;
-    } else {
-        writeln!(err, "agentfense: {} change(s):", changes.len())?;
-        for (tag, p) in &changes {
-            writeln!(err, "  {tag} {p}")?;
-        }
-    }
-    if args.apply {
-        let report = mount.publish().context("cannot apply the changes")?;
-        writeln!(
-            err,
-            "agentfense: applied to {}: {} written, {} deleted{}",
-            dir.display(),
-            report.written.len(),
-            report.deleted.len(),
-            if report.failed.is_empty() {
-                String::new()
-            } else {
-                format!(", {} failed", report.failed.len())
-            }
-        )?;
-    }
-    mount.unmount().context("cannot unmount")?;
-    if args.discard {
-        std::fs::remove_dir_all(&work)
-            .with_context(|| format!("cannot remove {}", work.display()))?;
-        writeln!(err, "agentfense: changes discarded")?;
-    } else if !args.apply && !changes.is_empty() {
-        writeln!(
-            err,
-            "agentfense: changes kept in {} (use --apply to write them into {}, --discard to drop them)",
-            delta.display(),
-            dir.display()
-        )?;
-    }
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(if code < 0 {
-        255
-    } else {
-        (code % 256) as u8
-    })))
+        Ok(code)
+    }))?;
+    local.finish()?;
+    Ok(exit_code(code))
 }

@@ -43,12 +43,10 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
-/// `agentfense-init` next to this executable if it was installed, else this executable
-/// (which doubles as init).
+/// This executable, which doubles as the sandbox init. Always the running binary, never a
+/// separately installed one, so the init and the server speak the same protocol version.
 pub(crate) fn default_init_path() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let sibling = exe.with_file_name("agentfense-init");
-    Some(if sibling.is_file() { sibling } else { exe })
+    std::env::current_exe().ok()
 }
 
 fn config_bwrap(config: &Option<PathBuf>) -> anyhow::Result<PathBuf> {

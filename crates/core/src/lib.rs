@@ -15,8 +15,8 @@ mod pattern;
 mod policy;
 pub mod presets;
 
-pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus};
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
+pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus};
 pub use path::{PathError, SandboxPath};
 pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};
 pub use policy::{

@@ -62,7 +62,9 @@ impl FromStr for RuntimeKind {
         match s {
             "bwrap" => Ok(RuntimeKind::Bwrap),
             "docker" => Ok(RuntimeKind::Docker),
-            other => Err(format!("unknown runtime {other:?}: expected bwrap or docker")),
+            other => Err(format!(
+                "unknown runtime {other:?}: expected bwrap or docker"
+            )),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! PID 1, driven over a control socket.
 //!
 //! This module holds the lifecycle (create/start/stop/destroy) and the control channel;
-//! `exec` runs commands and `session` persistent shells over it.
+//! `exec` runs commands, `session` persistent shells and `tty` interactive programs on a
+//! terminal over it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -30,13 +31,15 @@ use crate::protocol::{InitConfig, Reply, Request, recv_packet, send_packet};
 use crate::runtime::{BoxFuture, ExecStream, Runtime};
 use crate::types::{
     ExecEvent, ExecRequest, ExecResult, LimitKind, NetworkMode, RuntimeEvent, SandboxSpec,
-    SessionSpec,
+    SessionSpec, TtyRequest,
 };
 
 mod exec;
 mod session;
+mod tty;
 
 use session::Session;
+pub use tty::TtyProcess;
 
 /// `PATH` inside the sandbox.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -881,6 +884,20 @@ pub fn build_env(
 impl Runtime for BwrapRuntime {
     fn create<'a>(&'a self, sandbox_id: &'a str, spec: SandboxSpec) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_create(sandbox_id, spec))
+    }
+    fn cleanup_stale(&self) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(async move {
+            let Some(m) = self.cfg.cgroups.clone() else {
+                return Ok(0);
+            };
+            let removed = tokio::task::spawn_blocking(move || m.remove_stale())
+                .await
+                .map_err(|e| RuntimeError::Io {
+                    op: "cleaning stale cgroups",
+                    source: std::io::Error::other(e),
+                })?;
+            Ok(removed.len())
+        })
     }
     fn start<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_start(sandbox_id))

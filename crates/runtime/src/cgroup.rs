@@ -207,6 +207,64 @@ impl CgroupManager {
         &self.layout
     }
 
+    /// Removes every sandbox cgroup (`sb-*`) under this service's parent cgroups, killing any
+    /// process still inside: what a crashed server left behind. Call it at startup, before any
+    /// sandbox starts. Returns the directories removed.
+    pub fn remove_stale(&self) -> Vec<PathBuf> {
+        let bases: Vec<&PathBuf> = match &self.layout {
+            Layout::V2 { base } => vec![base],
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                unified,
+            } => [memory, pids, cpu, unified].into_iter().flatten().collect(),
+        };
+        let mut removed = Vec::new();
+        for base in bases {
+            let Ok(children) = self.fs.list_dirs(base) else {
+                continue;
+            };
+            for dir in children {
+                let is_sandbox = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("sb-"));
+                if is_sandbox && self.remove_tree(&dir) {
+                    removed.push(dir);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Kills the processes of `dir` and its descendants and removes them, deepest first.
+    fn remove_tree(&self, dir: &Path) -> bool {
+        for child in self.fs.list_dirs(dir).unwrap_or_default() {
+            self.remove_tree(&child);
+        }
+        let kill = dir.join("cgroup.kill");
+        if !(self.fs.exists(&kill) && self.fs.write(&kill, "1").is_ok())
+            && let Ok(procs) = self.fs.read(&dir.join("cgroup.procs"))
+        {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        // The kernel needs a moment to let killed processes leave the cgroup.
+        for _ in 0..100 {
+            if self.fs.remove_dir(dir).is_ok() || !self.fs.exists(dir) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        tracing::warn!(dir = %dir.display(), "stale sandbox cgroup could not be removed");
+        false
+    }
+
     /// Creates the sandbox's cgroups and writes `limits`. Cleans up what it created on error.
     pub fn create(&self, name: &str, limits: &ResourceLimits) -> Result<SandboxCgroup> {
         let mut cg = SandboxCgroup {
@@ -908,5 +966,28 @@ mod tests {
         assert_eq!(shares_to_weight(1024), 39);
         assert_eq!(shares_to_weight(2), 1);
         assert_eq!(shares_to_weight(262_144), 10_000);
+    }
+
+    #[test]
+    fn remove_stale_removes_only_sandbox_cgroups() {
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("memory/svc/agentfense");
+        for d in ["sb-sb_1/cmd-1", "sb-sb_2", "other"] {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        let mgr = CgroupManager {
+            fs: Arc::new(StdCgroupFs),
+            layout: Layout::V1 {
+                memory: Some(base.clone()),
+                pids: None,
+                cpu: None,
+                unified: None,
+            },
+        };
+        let mut removed = mgr.remove_stale();
+        removed.sort();
+        assert_eq!(removed, vec![base.join("sb-sb_1"), base.join("sb-sb_2")]);
+        assert!(base.join("other").exists());
+        assert!(!base.join("sb-sb_1").exists());
     }
 }

@@ -3,7 +3,8 @@
 //! Single-threaded on purpose (it forks): one `poll` loop over the control socket (fd 3) and a
 //! `signalfd` for `SIGCHLD`. It reaps every zombie, starts commands on request with the fds the
 //! host passed (so output flows through plain pipes, never through the init), drops each child
-//! to the sandbox uid in a new session, and reports exit statuses. It hardens itself first
+//! to the sandbox uid in a new session (whose controlling terminal is the passed pty slave when
+//! the host asks for a tty), and reports exit statuses. It hardens itself first
 //! (Landlock, seccomp) so every command inherits the restrictions. When the control socket
 //! closes (host gone), it kills everything and exits, which tears down the PID namespace.
 //!
@@ -254,7 +255,13 @@ impl Init {
         match req {
             Request::Configure(_) => {}
             Request::Shutdown => return true,
-            Request::Exec { id, argv, env, cwd } => {
+            Request::Exec {
+                id,
+                argv,
+                env,
+                cwd,
+                tty,
+            } => {
                 if fds.len() != 3 && fds.len() != 4 {
                     self.reply(
                         &Reply::Failed {
@@ -267,7 +274,11 @@ impl Init {
                 }
                 let stdio = [fds[0].as_fd(), fds[1].as_fd(), fds[2].as_fd()];
                 let cg = fds.get(3).map(|f| f.as_fd());
-                let mut result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, false);
+                let mode = SpawnMode {
+                    search_path: false,
+                    tty,
+                };
+                let mut result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, mode);
                 // Right after a fork bomb was killed, the pids limit frees up only as the init
                 // reaps the corpses: reap and retry for up to half a second.
                 for _ in 0..50 {
@@ -276,7 +287,7 @@ impl Init {
                     }
                     self.reap();
                     std::thread::sleep(std::time::Duration::from_millis(10));
-                    result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, false);
+                    result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, mode);
                 }
                 match result {
                     Ok(pid) => {
@@ -373,7 +384,10 @@ impl Init {
             &cwd,
             [r.as_fd(), null.as_fd(), null.as_fd()],
             cgroup.map(|f| f.as_fd()),
-            true,
+            SpawnMode {
+                search_path: true,
+                tty: false,
+            },
         ) {
             Ok(pid) => {
                 self.procs.insert(pid, Proc { id, session: true });
@@ -448,6 +462,15 @@ impl Init {
     }
 }
 
+/// How [`spawn`] starts a program.
+#[derive(Debug, Clone, Copy)]
+struct SpawnMode {
+    /// Look `argv[0]` up in `PATH` (sessions) instead of requiring an absolute path.
+    search_path: bool,
+    /// Stdin is a terminal: make it the controlling terminal of the new session.
+    tty: bool,
+}
+
 /// Forks and execs `argv` as the sandbox user in a new session with `stdio` as fds 0, 1, 2,
 /// first joining the cgroup whose `cgroup.procs` is `cgroup` (opened by the host).
 /// Reports the failing step and errno if anything before `execve` fails (via a CLOEXEC pipe).
@@ -458,7 +481,7 @@ fn spawn(
     cwd: &str,
     stdio: [BorrowedFd<'_>; 3],
     cgroup: Option<BorrowedFd<'_>>,
-    search_path: bool,
+    mode: SpawnMode,
 ) -> Result<Pid, (&'static str, Errno)> {
     let cstr = |s: &str| CString::new(s).map_err(|_| ("encode", Errno::EINVAL));
     let c_argv = argv
@@ -475,7 +498,7 @@ fn spawn(
     // allocation) before execve without deadlock risk.
     match unsafe { nix::unistd::fork() }.map_err(|e| ("fork", e))? {
         ForkResult::Child => {
-            let (step, errno) = child(cfg, &c_argv, &c_env, &c_cwd, stdio, cgroup, search_path);
+            let (step, errno) = child(cfg, &c_argv, &c_env, &c_cwd, stdio, cgroup, mode);
             let mut msg = format!("{step}:{}", errno as i32).into_bytes();
             msg.truncate(64);
             let _ = nix::unistd::write(&err_w, &msg);
@@ -498,6 +521,7 @@ fn spawn(
                 "signals",
                 "setsid",
                 "stdio",
+                "ctty",
                 "setgroups",
                 "setgid",
                 "setuid",
@@ -520,7 +544,7 @@ fn child(
     cwd: &CString,
     stdio: [BorrowedFd<'_>; 3],
     cgroup: Option<BorrowedFd<'_>>,
-    search_path: bool,
+    mode: SpawnMode,
 ) -> (&'static str, Errno) {
     // Join the command's own cgroup first, so its whole tree can be killed at once.
     if let Some(fd) = cgroup
@@ -550,6 +574,15 @@ fn child(
     if let Err(e) = r {
         return ("stdio", e);
     }
+    // A terminal becomes the controlling terminal of the session we just created, so the
+    // shell gets job control (its foreground group receives ^C/^Z, `fg` works). The host
+    // opened the pty slave with O_NOCTTY, so it is no other session's terminal; the steal
+    // flag stays 0. Done as root: before the uid switch.
+    if mode.tty
+        && let Err(e) = rustix::process::ioctl_tiocsctty(stdio[0])
+    {
+        return ("ctty", Errno::from_raw(e.raw_os_error()));
+    }
     let (uid, gid) = (Uid::from_raw(cfg.uid), Gid::from_raw(cfg.gid));
     if let Err(e) = nix::unistd::setgroups(&[gid]) {
         return ("setgroups", e);
@@ -565,7 +598,7 @@ fn child(
     if let Err(e) = nix::unistd::chdir(cwd.as_c_str()) {
         return ("chdir", e);
     }
-    let e = if search_path {
+    let e = if mode.search_path {
         nix::unistd::execvpe(&argv[0], argv, env)
     } else {
         nix::unistd::execve(&argv[0], argv, env)

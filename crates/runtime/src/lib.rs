@@ -9,6 +9,10 @@
 //! Resource limits use cgroup v1 or v2 ([`cgroup`]); limit hits are reported as
 //! [`RuntimeEvent`]s on a channel the server consumes.
 //!
+//! Interactive programs (`agentfense shell`) run on a pty the caller allocates:
+//! [`BwrapRuntime::exec_tty`] hands only the slave into the sandbox, where it becomes the
+//! program's controlling terminal.
+//!
 //! The runtime knows nothing about FUSE: it binds the workspace directory it is given at
 //! `/workspace`.
 //!
@@ -30,6 +34,7 @@
 //! tokio::spawn(async move { while let Some(_ev) = events_rx.recv().await {} });
 //!
 //! let spec = SandboxSpec {
+//!     image: None,
 //!     workspace: "/run/agentfense/mnt/sb1".into(), // the FUSE mount
 //!     limits: Default::default(),
 //!     network: Default::default(),
@@ -58,11 +63,11 @@ mod runtime;
 pub mod types;
 
 pub use bwrap_runtime::{
-    BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, build_env, resolve_workdir,
+    BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, TtyProcess, build_env, resolve_workdir,
 };
 pub use error::{ErrorKind, Result, RuntimeError};
 pub use runtime::{BoxFuture, ExecStream, Runtime};
 pub use types::{
     ExecEvent, ExecRequest, ExecResult, LimitKind, NetworkMode, ResourceLimits, RuntimeEvent,
-    SandboxSpec, SessionSpec,
+    SandboxSpec, SessionSpec, TtyRequest,
 };

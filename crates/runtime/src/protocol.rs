@@ -55,6 +55,11 @@ pub enum Request {
         env: Vec<String>,
         /// Working directory inside the sandbox.
         cwd: String,
+        /// The stdin fd is a terminal (a pty slave opened by the host): the child makes it the
+        /// controlling terminal of its new session (`TIOCSCTTY`), so job control works.
+        /// Absent on the wire when false.
+        #[serde(default, skip_serializing_if = "is_false")]
+        tty: bool,
     },
     /// Send `signal` to the process group of command (or session shell) `id`.
     Signal {
@@ -145,6 +150,10 @@ pub enum Reply {
         /// What went wrong.
         message: String,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Encodes `msg` and sends it with `fds` as one packet.
@@ -249,6 +258,7 @@ mod tests {
             argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
             env: vec!["A=1".into()],
             cwd: "/workspace".into(),
+            tty: false,
         };
         send_packet(a.as_fd(), &msg, &[w.as_raw_fd()]).unwrap();
         drop(w);
@@ -267,5 +277,34 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn exec_tty_flag_is_optional_on_the_wire() {
+        let plain = Request::Exec {
+            id: 1,
+            argv: vec!["/bin/sh".into()],
+            env: vec![],
+            cwd: "/workspace".into(),
+            tty: false,
+        };
+        let text = serde_json::to_string(&plain).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"exec","id":1,"argv":["/bin/sh"],"env":[],"cwd":"/workspace"}"#
+        );
+        // A message without the field (an older host) is a plain exec.
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), plain);
+
+        let tty = Request::Exec {
+            id: 1,
+            argv: vec!["/bin/sh".into()],
+            env: vec![],
+            cwd: "/workspace".into(),
+            tty: true,
+        };
+        let text = serde_json::to_string(&tty).unwrap();
+        assert!(text.ends_with(r#","tty":true}"#), "{text}");
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), tty);
     }
 }

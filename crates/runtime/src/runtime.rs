@@ -21,7 +21,8 @@ pub struct ExecStream {
 }
 
 impl ExecStream {
-    pub(crate) fn new(rx: mpsc::Receiver<Result<ExecEvent>>) -> Self {
+    /// Wraps the receiving end of a runtime's event channel (for runtimes in other crates).
+    pub fn new(rx: mpsc::Receiver<Result<ExecEvent>>) -> Self {
         ExecStream { rx }
     }
 
@@ -85,4 +86,11 @@ pub trait Runtime: Send + Sync {
 
     /// Stops (if needed) and forgets the sandbox, removing its host-side state.
     fn destroy<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Removes what a crashed earlier process of this service left behind (cgroups,
+    /// containers). Called once at startup, before any sandbox starts; returns how many
+    /// leftovers were removed. The default has nothing to clean.
+    fn cleanup_stale(&self) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(async { Ok(0) })
+    }
 }

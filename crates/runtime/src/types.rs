@@ -51,6 +51,9 @@ pub struct SandboxSpec {
     pub limits: ResourceLimits,
     /// Network access.
     pub network: NetworkMode,
+    /// Container image, for runtimes that run images (`None`: the runtime's default; the
+    /// bwrap runtime runs none and ignores it).
+    pub image: Option<String>,
 }
 
 /// One command to run with `/bin/sh -c`.
@@ -101,6 +104,21 @@ pub enum ExecEvent {
         /// Wall time.
         duration: Duration,
     },
+}
+
+/// An interactive program attached to a terminal (see
+/// [`BwrapRuntime::exec_tty`](crate::BwrapRuntime::exec_tty)).
+#[derive(Debug, Clone, Default)]
+pub struct TtyRequest {
+    /// Program and arguments; `argv[0]` is an absolute path inside the sandbox.
+    pub argv: Vec<String>,
+    /// Variables set on top of the clean default environment (pass the user's `TERM`).
+    pub env: BTreeMap<String, String>,
+    /// Working directory, same rules as [`ExecRequest::workdir`].
+    pub workdir: String,
+    /// Deadline, capped at the configured maximum. Unlike [`ExecRequest::timeout`], `None`
+    /// means no deadline: an interactive program runs until it exits.
+    pub timeout: Option<Duration>,
 }
 
 /// A persistent shell's parameters.

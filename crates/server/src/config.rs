@@ -131,8 +131,7 @@ pub struct RuntimeConfig {
     pub kind: RuntimeKind,
     /// The bubblewrap executable (a bare name is looked up in `PATH`).
     pub bwrap_path: PathBuf,
-    /// The sandbox init binary (default: `agentfense-init` next to the server executable, else
-    /// the server executable itself, which doubles as init).
+    /// The sandbox init binary (default: the server executable itself, which doubles as init).
     pub init_path: Option<PathBuf>,
     /// Timeout of a command whose request gives none.
     #[serde(with = "humantime_serde")]

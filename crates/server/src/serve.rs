@@ -115,7 +115,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         ),
         None => None,
     };
-    let engine = build_engine(&settings, &audit)?;
+    let engine = build_engine(&settings, &audit).await?;
     let service = Arc::new(Service::new(settings, store, files, audit, engine));
     Ok(Bound {
         service,
@@ -193,18 +193,45 @@ pub fn bwrap_runtime(
 }
 
 /// Builds the runtimes this server offers and forwards their events to the audit log.
-fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError> {
+async fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError> {
     use agentfense_core::RuntimeKind;
     use agentfense_runtime::RuntimeEvent;
 
     let rt = &settings.config.runtime;
-    if rt.kind == RuntimeKind::Docker {
-        return Err(ServeError::Host(
-            "runtime.type docker is not available in this build yet; use bwrap".into(),
-        ));
-    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<RuntimeEvent>(1024);
-    let runtime = bwrap_runtime(rt, &settings.paths.data_dir.join("runtime"), tx)?;
+    let runtime = bwrap_runtime(rt, &settings.paths.data_dir.join("runtime"), tx.clone())?;
+    let mut engine = Engine::default();
+    // Docker is offered when it is the configured type (bwrap always is): requests that name
+    // a runtime the server lacks get FAILED_PRECONDITION naming what is available.
+    if rt.kind == RuntimeKind::Docker {
+        let d = &rt.docker;
+        let cfg = agentfense_docker::DockerConfig {
+            host: d.host.clone(),
+            default_image: d.default_image.clone(),
+            network_mode: d.network_mode.clone(),
+            enable_networking: d.enable_networking && rt.allow_network,
+            default_timeout: rt.default_timeout,
+            max_timeout: rt.max_timeout,
+            output_cap: usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX),
+            // Containers are labelled with the data directory, so two servers sharing one
+            // daemon never clean up each other's.
+            instance: settings.paths.data_dir.display().to_string(),
+            ..agentfense_docker::DockerConfig::default()
+        };
+        let docker = agentfense_docker::DockerRuntime::connect(cfg, tx)
+            .await
+            .map_err(|e| {
+                ServeError::Host(format!(
+                    "runtime.type is docker but the Docker daemon is unusable ({}); start dockerd \
+                     or use --runtime bwrap",
+                    crate::error::chain(&e)
+                ))
+            })?;
+        engine.runtimes.insert(
+            RuntimeKind::Docker,
+            Arc::new(docker) as Arc<dyn agentfense_runtime::Runtime>,
+        );
+    }
     let audit = audit.clone();
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
@@ -225,11 +252,13 @@ fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError
             }
         }
     });
-    let mut engine = Engine::default();
     engine.runtimes.insert(
         RuntimeKind::Bwrap,
         Arc::new(runtime) as Arc<dyn agentfense_runtime::Runtime>,
     );
+    let mut kinds: Vec<&str> = engine.runtimes.keys().map(|k| k.as_str()).collect();
+    kinds.sort_unstable();
+    tracing::info!(default = %rt.kind, available = %kinds.join(","), "runtimes ready");
     Ok(engine)
 }
 

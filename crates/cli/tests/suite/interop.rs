@@ -109,3 +109,78 @@ fn python_sdk_and_rest_interop() {
         );
     }
 }
+
+/// The local image the Docker suites use (built by scripts/docker-setup.sh).
+fn docker_image() -> String {
+    std::env::var("AGENTFENSE_DOCKER_IMAGE").unwrap_or_else(|_| "agentfense-test-base".to_owned())
+}
+
+/// Whether a Docker daemon answers and has the test image; under CI its absence is a failure.
+fn docker_ready(test: &str) -> bool {
+    let ok = std::path::Path::new("/var/run/docker.sock").exists()
+        && Command::new("docker")
+            .args(["image", "inspect", &docker_image()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: no Docker daemon with image {} (run scripts/docker-setup.sh)",
+            docker_image()
+        );
+        eprintln!(
+            "SKIPPED {test}: no Docker daemon with image {} (scripts/docker-setup.sh)",
+            docker_image()
+        );
+    }
+    ok
+}
+
+#[test]
+fn python_sdk_interop_on_docker() {
+    if !privileged("python_sdk_interop_on_docker") || !docker_ready("python_sdk_interop_on_docker")
+    {
+        return;
+    }
+    if let Err(reason) = sdk_available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the SDK is missing: {reason}"
+        );
+        eprintln!("SKIPPED python_sdk_interop_on_docker: {reason}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with(&tmp.path().join("data"), "runtime:\n  type: docker\n");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(python())
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/interop/test_docker.py",
+        ])
+        .current_dir(&root)
+        .env("AGENTFENSE_GRPC", &server.grpc)
+        .env("AGENTFENSE_HTTP", &server.http)
+        .env("AGENTFENSE_AUDIT", server.data_dir.join("audit.jsonl"))
+        .env("AGENTFENSE_HOST_PORT", "9")
+        .env("AGENTFENSE_DOCKER_IMAGE", docker_image())
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    assert!(
+        out.status.success() && report.contains("2 passed"),
+        "Docker SDK suite failed ({}).\nserver log:\n{}",
+        out.status,
+        server.log_text()
+    );
+    server.stop();
+}

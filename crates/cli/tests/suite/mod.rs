@@ -5,4 +5,5 @@ mod restart;
 mod run;
 mod scan;
 mod server;
+mod shell;
 mod util;

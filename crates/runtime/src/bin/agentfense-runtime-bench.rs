@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let rt = BwrapRuntime::new(cfg, tx)?;
     let spec = SandboxSpec {
+        image: None,
         workspace: ws.clone(),
         limits: Default::default(),
         network: Default::default(),

@@ -109,7 +109,16 @@ impl Env {
         let rx = self.chan.register(id);
         let sent = self
             .chan
-            .send(&Request::Exec { id, argv, env, cwd }, &fds)
+            .send(
+                &Request::Exec {
+                    id,
+                    argv,
+                    env,
+                    cwd,
+                    tty: false,
+                },
+                &fds,
+            )
             .await;
         drop((in_r, out_w, err_w, procs));
         if let Err(e) = sent {

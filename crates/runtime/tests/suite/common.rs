@@ -103,6 +103,7 @@ impl Fixture {
         rt.create(
             &id,
             SandboxSpec {
+                image: None,
                 workspace: ws.path().to_path_buf(),
                 limits: opts.limits,
                 network: opts.network,

@@ -310,6 +310,7 @@ async fn works_without_cgroups() {
         .create(
             "limited",
             agentfense_runtime::SandboxSpec {
+                image: None,
                 workspace: fx.ws.path().to_path_buf(),
                 limits: agentfense_runtime::ResourceLimits {
                     pids_limit: Some(10),

@@ -3,3 +3,4 @@ mod exec;
 mod isolation;
 mod limits;
 mod sessions;
+mod tty;

@@ -428,6 +428,7 @@ impl Service {
         let r = rec.resources;
         let nz = |v: u64| (v > 0).then_some(v);
         let spec = agentfense_runtime::SandboxSpec {
+            image: (!rec.image.is_empty()).then(|| rec.image.clone()),
             workspace: mountpoint,
             limits: agentfense_runtime::ResourceLimits {
                 memory_bytes: nz(r.memory_bytes),

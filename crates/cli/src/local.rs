@@ -1,0 +1,280 @@
+//! Local sandboxes without a server, shared by `agentfense run` and `agentfense shell`.
+//!
+//! The directory is the read-only lower layer (nothing is copied); writes go to a delta kept
+//! under the data directory, so that several runs over the same directory build on each other.
+//! [`LocalSandbox::mount`] puts the policy filesystem over it, [`LocalSandbox::with_sandbox`]
+//! runs something in a bubblewrap sandbox on that mount, and [`LocalSandbox::finish`] prints
+//! what changed and applies or discards it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentfense_core::ResourceLimits;
+use agentfense_fs::{FsConfig, MountHandle, PublishMode};
+use agentfense_runtime::{BwrapRuntime, NetworkMode, Runtime, SandboxSpec};
+use agentfense_server::config::RuntimeConfig;
+use anyhow::Context;
+use clap::Args;
+
+use crate::PolicyArgs;
+use crate::serve_cmd::{default_data_dir, default_init_path, resolve_in_path};
+
+/// Options of every local sandbox command (`run`, `shell`).
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Policy options.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Write the changes into DIR afterwards.
+    #[arg(long, conflicts_with = "discard")]
+    pub apply: bool,
+    /// Drop the changes afterwards (and any kept from earlier runs).
+    #[arg(long)]
+    pub discard: bool,
+    /// Environment variable `KEY=VALUE` inside the sandbox (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Give the sandbox the host's network (default: none).
+    #[arg(long)]
+    pub network: bool,
+    /// Memory limit in MiB (default 2048).
+    #[arg(long, value_name = "MIB")]
+    pub memory_mib: Option<u64>,
+    /// Process limit (default 1024).
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// CPU limit in CPUs, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Where deltas of local runs are kept (default: the server's data directory).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The project directory (read-only lower layer).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// Where a directory's delta and mountpoint live: one folder per directory, named after it.
+fn work_dir(data_dir: &Path, dir: &Path) -> PathBuf {
+    let canon = dir.to_string_lossy();
+    // FNV-1a: a stable short tag for the full path, so that two `src` folders differ.
+    let hash = canon.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into());
+    data_dir
+        .join("local")
+        .join(format!("{name}-{:08x}", hash as u32))
+}
+
+fn kv(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    list.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--env {s:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// The sandbox id of local commands (one sandbox per process).
+const LOCAL_ID: &str = "sb_local";
+
+/// A project directory with the policy filesystem mounted over it (unmounted on drop).
+pub(crate) struct LocalSandbox {
+    dir: PathBuf,
+    work: PathBuf,
+    delta: PathBuf,
+    mnt: PathBuf,
+    state: PathBuf,
+    mount: MountHandle,
+    rt_cfg: RuntimeConfig,
+    limits: ResourceLimits,
+    network: bool,
+    apply: bool,
+    discard: bool,
+    /// The `--env` variables.
+    pub env: BTreeMap<String, String>,
+}
+
+impl LocalSandbox {
+    /// Checks the options and mounts the policy filesystem over `args.dir`. Commands may run
+    /// up to `max_timeout`.
+    pub fn mount(args: &LocalArgs, max_timeout: Duration) -> anyhow::Result<Self> {
+        let policy = args.policy.policy()?;
+        let dir = args
+            .dir
+            .canonicalize()
+            .with_context(|| format!("cannot open project directory {}", args.dir.display()))?;
+        anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+        let env = kv(&args.env)?;
+        let work = work_dir(
+            &args.data_dir.clone().unwrap_or_else(default_data_dir),
+            &dir,
+        );
+        let (delta, mnt, state) = (work.join("delta"), work.join("mnt"), work.join("runtime"));
+        for d in [&work, &delta, &mnt] {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+        }
+        // A crashed earlier run may have left its mount.
+        let _ = agentfense_fs::cleanup_stale_mounts(&work);
+
+        let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
+        cfg.publish_mode = PublishMode::Explicit;
+        cfg.owner = Some(agentfense_server::service::SANDBOX_OWNER);
+        let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
+
+        let mut rt_cfg = RuntimeConfig {
+            allow_network: args.network,
+            init_path: default_init_path(),
+            ..RuntimeConfig::default()
+        };
+        if let Some(b) = resolve_in_path(&rt_cfg.bwrap_path) {
+            rt_cfg.bwrap_path = b;
+        }
+        rt_cfg.max_timeout = max_timeout;
+        let defaults = rt_cfg.default_resources;
+        let limits = ResourceLimits {
+            memory_bytes: args.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
+            pids_limit: args.pids.unwrap_or(defaults.pids_limit),
+            cpu_quota: args.cpus.map_or(0, |c| (c * 100_000.0) as u64),
+            cpu_shares: 0,
+        };
+        Ok(LocalSandbox {
+            dir,
+            work,
+            delta,
+            mnt,
+            state,
+            mount,
+            rt_cfg,
+            limits,
+            network: args.network,
+            apply: args.apply,
+            discard: args.discard,
+            env,
+        })
+    }
+
+    /// Starts a bubblewrap sandbox over the mount, runs `body` with the runtime and the
+    /// sandbox id, and destroys the sandbox again (also when `body` fails). Resource limit
+    /// hits are reported on stderr.
+    pub async fn with_sandbox<T>(
+        &self,
+        body: impl AsyncFnOnce(&BwrapRuntime, &str) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let (tx, mut events) = tokio::sync::mpsc::channel(64);
+        let runtime = agentfense_server::serve::bwrap_runtime(&self.rt_cfg, &self.state, tx)?;
+        let nz = |v: u64| (v > 0).then_some(v);
+        let spec = SandboxSpec {
+            image: None,
+            workspace: self.mnt.clone(),
+            limits: agentfense_runtime::ResourceLimits {
+                memory_bytes: nz(self.limits.memory_bytes),
+                cpu_quota_us: nz(self.limits.cpu_quota),
+                cpu_shares: None,
+                pids_limit: nz(self.limits.pids_limit),
+            },
+            network: if self.network {
+                NetworkMode::Host
+            } else {
+                NetworkMode::None
+            },
+        };
+        runtime
+            .create(LOCAL_ID, spec)
+            .await
+            .context("cannot create the sandbox")?;
+        let result = async {
+            runtime
+                .start(LOCAL_ID)
+                .await
+                .context("cannot start the sandbox")?;
+            body(&runtime, LOCAL_ID).await
+        }
+        .await;
+        let _ = runtime.destroy(LOCAL_ID).await;
+        while let Ok(ev) = events.try_recv() {
+            let agentfense_runtime::RuntimeEvent::ResourceLimitExceeded { limit, .. } = ev;
+            eprintln!("agentfense: the command hit the {} limit", limit.as_str());
+        }
+        result
+    }
+
+    /// Prints what the sandbox changed (judged against the directory), applies or discards
+    /// it as asked, and unmounts.
+    pub fn finish(self) -> anyhow::Result<()> {
+        let (dir, mnt) = (&self.dir, &self.mnt);
+        let mut changes: Vec<(char, String)> = self
+            .mount
+            .pending()
+            .into_iter()
+            .filter_map(|p| {
+                let in_view = std::fs::symlink_metadata(mnt.join(&p)).is_ok();
+                let in_dir = std::fs::symlink_metadata(dir.join(&p)).is_ok();
+                let tag = match (in_dir, in_view) {
+                    // Created and removed again (a lock file): nothing to report.
+                    (false, false) => return None,
+                    (false, true) => 'A',
+                    (true, true) => 'M',
+                    (true, false) => 'D',
+                };
+                Some((tag, p.display().to_string()))
+            })
+            .collect();
+        changes.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut err = std::io::stderr();
+        if changes.is_empty() {
+            writeln!(err, "agentfense: no changes")?;
+        } else {
+            writeln!(err, "agentfense: {} change(s):", changes.len())?;
+            for (tag, p) in &changes {
+                writeln!(err, "  {tag} {p}")?;
+            }
+        }
+        if self.apply {
+            let report = self.mount.publish().context("cannot apply the changes")?;
+            writeln!(
+                err,
+                "agentfense: applied to {}: {} written, {} deleted{}",
+                dir.display(),
+                report.written.len(),
+                report.deleted.len(),
+                if report.failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} failed", report.failed.len())
+                }
+            )?;
+        }
+        self.mount.unmount().context("cannot unmount")?;
+        if self.discard {
+            std::fs::remove_dir_all(&self.work)
+                .with_context(|| format!("cannot remove {}", self.work.display()))?;
+            writeln!(err, "agentfense: changes discarded")?;
+        } else if !self.apply && !changes.is_empty() {
+            writeln!(
+                err,
+                "agentfense: changes kept in {} (use --apply to write them into {}, --discard to drop them)",
+                self.delta.display(),
+                self.dir.display()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A sandboxed program's exit code as ours (`-1` becomes 255, `256 + n` wraps like a shell).
+pub(crate) fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(if code < 0 { 255 } else { (code % 256) as u8 }))
+}

@@ -1,0 +1,6 @@
+mod common;
+mod exec;
+mod isolation;
+mod lifecycle;
+mod limits;
+mod sessions;

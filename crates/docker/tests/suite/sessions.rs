@@ -1,0 +1,393 @@
+//! Persistent sessions: state persists, exact per-call output, timeouts, exit, serialisation,
+//! destroy.
+
+use std::time::{Duration, Instant};
+
+use agentfense_runtime::{ExecResult, Runtime, RuntimeError, SessionSpec};
+use pretty_assertions::assert_eq;
+
+use super::common::*;
+
+async fn open(fx: &Fixture, shell: &str) -> String {
+    fx.rt
+        .session_create(
+            &fx.id,
+            SessionSpec {
+                shell: shell.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn run(fx: &Fixture, s: &str, cmd: &str) -> ExecResult {
+    fx.rt
+        .session_exec(&fx.id, s, cmd, Some(Duration::from_secs(20)))
+        .await
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e:?}"))
+}
+
+fn triple(r: &ExecResult) -> (i32, &str, &str) {
+    (r.exit_code, r.stdout.as_str(), r.stderr.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_persists_between_calls() {
+    let Some(_g) = guard("state_persists_between_calls").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    for shell in ["", "/bin/bash"] {
+        let s = open(&fx, shell).await;
+        assert!(s.starts_with("sess_") && s.len() == 21, "{s}");
+        let r = run(&fx, &s, "cd /tmp; export A=1; B=2; f() { echo \"fn $1\"; }").await;
+        assert_eq!(triple(&r), (0, "", ""));
+        let r = run(&fx, &s, "pwd; echo \"$A $B\"; f x").await;
+        assert_eq!(triple(&r), (0, "/tmp\n1 2\nfn x\n", ""));
+        // A virtualenv-style activation script.
+        run(&fx, &s, "mkdir -p /tmp/venv/bin && printf 'VIRTUAL_ENV=/tmp/venv\\nexport VIRTUAL_ENV\\nPATH=/tmp/venv/bin:$PATH\\n' > /tmp/venv/bin/activate").await;
+        run(&fx, &s, ". /tmp/venv/bin/activate").await;
+        let r = run(&fx, &s, "echo $VIRTUAL_ENV; echo $PATH | cut -d: -f1").await;
+        assert_eq!(r.stdout, "/tmp/venv\n/tmp/venv/bin\n");
+        // Background jobs persist.
+        run(&fx, &s, "sleep 100 & echo $! > /tmp/bg").await;
+        let r = run(&fx, &s, "kill -0 $(cat /tmp/bg) && echo alive").await;
+        assert_eq!(r.stdout, "alive\n");
+        fx.rt.session_destroy(&fx.id, &s).await.unwrap();
+    }
+    let err = fx
+        .rt
+        .session_create(
+            &fx.id,
+            SessionSpec {
+                shell: "/bin/nonexistent-shell".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        agentfense_runtime::ErrorKind::InvalidArgument,
+        "{err:?}"
+    );
+    // Workdir and env of the session.
+    fx.sh("mkdir -p sub").await;
+    let mut env = std::collections::BTreeMap::new();
+    env.insert("GREETING".to_owned(), "hello".to_owned());
+    let s = fx
+        .rt
+        .session_create(
+            &fx.id,
+            SessionSpec {
+                shell: String::new(),
+                env,
+                workdir: "sub".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        run(&fx, &s, "pwd; echo $GREETING").await.stdout,
+        "/workspace/sub\nhello\n"
+    );
+    let s = open(&fx, "/bin/bash").await;
+    let r = run(&fx, &s, "echo ${BASH_VERSION:+bash}; shopt -s extglob").await;
+    assert_eq!(r.stdout, "bash\n");
+    assert_eq!(
+        run(&fx, &s, "shopt -q extglob && echo on").await.stdout,
+        "on\n"
+    );
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_exact_whatever_the_command_prints() {
+    let Some(_g) = guard("output_is_exact_whatever_the_command_prints").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    for shell in ["", "/bin/bash"] {
+        let s = open(&fx, shell).await;
+        let r = run(&fx, &s, "echo out; echo err >&2; (exit 7)").await;
+        assert_eq!(triple(&r), (7, "out\n", "err\n"));
+        let r = run(&fx, &s, "printf 'no newline'").await;
+        assert_eq!(triple(&r), (0, "no newline", ""));
+        let r = run(
+            &fx,
+            &s,
+            "echo '___END_0123456789abcdef_0___'; echo '$ '; echo",
+        )
+        .await;
+        assert_eq!(r.stdout, "___END_0123456789abcdef_0___\n$ \n\n");
+        let r = run(&fx, &s, "printf 'a\\000b\\001\\377c'").await;
+        assert_eq!(r.stdout, "a\0b\u{1}\u{fffd}c");
+        let r = run(&fx, &s, "cat <<'EOF'\nline 1\n  $HOME `x`\nEOF\necho after").await;
+        assert_eq!(r.stdout, "line 1\n  $HOME `x`\nafter\n");
+        let r = run(&fx, &s, "false").await;
+        assert_eq!(triple(&r), (1, "", ""));
+        // A syntax error is reported and the session survives.
+        let r = run(&fx, &s, "if then fi").await;
+        assert_ne!(r.exit_code, 0);
+        assert!(!r.stderr.is_empty());
+        assert_eq!(run(&fx, &s, "echo ok").await.stdout, "ok\n");
+    }
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_interrupts_only_the_command() {
+    let Some(_g) = guard("timeout_interrupts_only_the_command").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    for shell in ["", "/bin/bash"] {
+        let s = open(&fx, shell).await;
+        run(&fx, &s, "X=kept; sleep 200 &").await;
+        let t = Instant::now();
+        let err = fx
+            .rt
+            .session_exec(
+                &fx.id,
+                &s,
+                "echo before; sleep 100",
+                Some(Duration::from_secs(1)),
+            )
+            .await
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        match err {
+            RuntimeError::Timeout { stdout, .. } => assert_eq!(stdout, "before\n"),
+            other => panic!("{other:?}"),
+        }
+        let r = run(&fx, &s, "echo $X; ps -e -o args= | grep -c '^sleep 100$'; ps -e -o args= | grep -c '^sleep 200$'").await;
+        assert_eq!(r.stdout, "kept\n0\n1\n", "shell {shell:?}");
+        // A builtin loop is interrupted too.
+        let err = fx
+            .rt
+            .session_exec(
+                &fx.id,
+                &s,
+                "while :; do :; done",
+                Some(Duration::from_millis(500)),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::Timeout { .. }));
+        assert_eq!(run(&fx, &s, "echo still").await.stdout, "still\n");
+        fx.rt.session_destroy(&fx.id, &s).await.unwrap();
+    }
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_closes_the_session() {
+    let Some(_g) = guard("exit_closes_the_session").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let s = open(&fx, "").await;
+    let r = run(&fx, &s, "echo bye; exit 5").await;
+    assert_eq!(triple(&r), (5, "bye\n", ""));
+    let err = fx
+        .rt
+        .session_exec(&fx.id, &s, "echo again", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::SessionClosed { .. }), "{err:?}");
+    assert_eq!(
+        err.kind(),
+        agentfense_runtime::ErrorKind::FailedPrecondition
+    );
+    // Destroying a closed session is fine; afterwards it is unknown.
+    fx.rt.session_destroy(&fx.id, &s).await.unwrap();
+    assert!(matches!(
+        fx.rt.session_exec(&fx.id, &s, "true", None).await,
+        Err(RuntimeError::SessionNotFound { .. })
+    ));
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_are_serialised() {
+    let Some(_g) = guard("concurrent_calls_are_serialised").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let s = open(&fx, "").await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (rt, id, s) = (fx.rt.clone(), fx.id.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let cmd = format!("echo start{i}; sleep 0.1; echo end{i}; echo e{i} >&2; (exit {i})");
+            let r = rt.session_exec(&id, &s, &cmd, None).await.unwrap();
+            assert_eq!(
+                (r.exit_code, r.stdout, r.stderr),
+                (i, format!("start{i}\nend{i}\n"), format!("e{i}\n"))
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_kills_all_session_processes() {
+    let Some(_g) = guard("destroy_kills_all_session_processes").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let s = open(&fx, "").await;
+    run(&fx, &s, "sleep 101 & sleep 102 & setsid sleep 103 &").await;
+    assert_eq!(
+        fx.sh("sleep 0.1; ps -e -o args= | grep -c '^sleep 10[123]$'")
+            .await
+            .stdout,
+        "3\n"
+    );
+    fx.rt.session_destroy(&fx.id, &s).await.unwrap();
+    let r = fx
+        .sh("sleep 0.2; ps -e -o args= | grep -c '^sleep 10[123]$' || true")
+        .await;
+    assert_eq!(r.stdout, "0\n");
+    assert!(matches!(
+        fx.rt.session_exec(&fx.id, &s, "true", None).await,
+        Err(RuntimeError::SessionNotFound { .. })
+    ));
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_limits_and_stop() {
+    let Some(_g) = guard("session_limits_and_stop").await else {
+        return;
+    };
+    let mut fx = Fixture::with(Opts {
+        limits: agentfense_runtime::ResourceLimits {
+            memory_bytes: Some(64 << 20),
+            ..Default::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let s = open(&fx, "").await;
+    let cmd = "python3 -c 'b = bytearray(200 * 1024 * 1024)'";
+    let r = run(&fx, &s, cmd).await;
+    assert_eq!(r.exit_code, 137, "{r:?}");
+    let ev = tokio::time::timeout(Duration::from_secs(5), fx.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        agentfense_runtime::RuntimeEvent::ResourceLimitExceeded {
+            sandbox_id: fx.id.clone(),
+            session_id: Some(s.clone()),
+            limit: agentfense_runtime::LimitKind::Memory,
+            command: cmd.to_owned(),
+        }
+    );
+    assert_eq!(run(&fx, &s, "echo ok").await.stdout, "ok\n");
+    // Stopping the sandbox ends its sessions.
+    fx.rt.stop(&fx.id).await.unwrap();
+    fx.rt.start(&fx.id).await.unwrap();
+    assert!(matches!(
+        fx.rt.session_exec(&fx.id, &s, "true", None).await,
+        Err(RuntimeError::SessionNotFound { .. })
+    ));
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bash_keeps_bangs_literal_and_big_commands_work() {
+    let Some(_g) = guard("bash_keeps_bangs_literal_and_big_commands_work").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let s = open(&fx, "/bin/bash").await;
+    let r = run(&fx, &s, "echo 'a!b'; echo \"x!!\"; echo \\!$").await;
+    assert_eq!(triple(&r), (0, "a!b\nx!!\n!$\n", ""));
+    // A long multi-line command (a script pasted by an agent).
+    let script: String = (0..2000).map(|i| format!("echo line{i}\n")).collect();
+    let r = run(&fx, &s, &script).await;
+    assert_eq!(r.stdout.lines().count(), 2000);
+    assert_eq!(r.stdout.lines().last(), Some("line1999"));
+    let r = run(&fx, &s, "exit 3").await;
+    assert_eq!(r.exit_code, 3);
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirecting_the_shell_for_good_does_not_break_the_session() {
+    let Some(_g) = guard("redirecting_the_shell_for_good_does_not_break_the_session").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    for shell in ["", "/bin/bash"] {
+        let s = open(&fx, shell).await;
+        let r = run(&fx, &s, "exec >/dev/null 2>&1; echo lost; echo lost >&2").await;
+        assert_eq!(triple(&r), (0, "", ""));
+        let r = run(
+            &fx,
+            &s,
+            "echo back; echo err >&2; cat; exit_not_a_command 2>/dev/null; echo $?",
+        )
+        .await;
+        assert_eq!(triple(&r), (0, "back\n127\n", "err\n"), "shell {shell:?}");
+    }
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_with_background_jobs_returns_promptly_and_kills_them() {
+    let Some(_g) = guard("exit_with_background_jobs_returns_promptly_and_kills_them").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let s = open(&fx, "").await;
+    let t = Instant::now();
+    let r = run(&fx, &s, "sleep 301 & echo out; exit 2").await;
+    assert_eq!(triple(&r), (2, "out\n", ""));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let r = fx
+        .sh("sleep 0.2; ps -e -o args= | grep -c '^sleep 301$' || true")
+        .await;
+    assert_eq!(r.stdout, "0\n");
+    fx.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_with_a_missing_workdir_is_invalid() {
+    let Some(_g) = guard("session_with_a_missing_workdir_is_invalid").await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    for workdir in ["missing", "../etc"] {
+        let err = fx
+            .rt
+            .session_create(
+                &fx.id,
+                SessionSpec {
+                    workdir: workdir.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            agentfense_runtime::ErrorKind::InvalidArgument,
+            "{workdir}: {err:?}"
+        );
+    }
+    assert!(matches!(
+        fx.rt
+            .session_exec(&fx.id, "sess_0000000000000000", "true", None)
+            .await,
+        Err(RuntimeError::SessionNotFound { .. })
+    ));
+    fx.destroy().await;
+}
