@@ -12,9 +12,10 @@ IMAGE="${AGENTFENSE_DOCKER_IMAGE:-agentfense-test-base}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/agentfense-dockerd.log}"
 # The first Debian archive URI of apt's own configuration (deb822 or one-line format).
 apt_mirror() {
-    { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
-      grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
-    } | grep -v -- '-security' | grep '/debian/\?$' | head -n 1
+    # Missing files are normal (either format may be absent): never let grep's status stop us.
+    { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources || true
+      grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list || true
+    } | awk '{print $2}' | { grep -v -- '-security' || true; } | { grep '/debian/\?$' || true; } | head -n 1
 }
 MIRROR="${DEBOOTSTRAP_MIRROR:-$(apt_mirror)}"
 # python3 makes the image useful for SDK-style flows (~25 MB more); procps gives `ps`.
