@@ -263,6 +263,24 @@ fn print_sandbox(out: &mut dyn Write, json: bool, s: &v1::Sandbox) -> anyhow::Re
     Ok(())
 }
 
+/// Follows `next_page_token`s until the last page.
+async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = fetch(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -330,24 +348,23 @@ pub(crate) fn codebase(
                 }
             }
             CodebaseCmd::Ls { owner } => {
-                let mut token = String::new();
-                let mut all = vec![];
-                loop {
-                    let r =
-                        c.cb.list_codebases(v1::ListCodebasesRequest {
-                            owner_id: owner.clone().unwrap_or_default(),
-                            page_size: 500,
-                            page_token: token,
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    all.extend(r.codebases);
-                    if r.next_page_token.is_empty() {
-                        break;
+                let owner = owner.unwrap_or_default();
+                let all = all_pages(|page_token| {
+                    let (mut client, owner_id) = (c.cb.clone(), owner.clone());
+                    async move {
+                        let r = client
+                            .list_codebases(v1::ListCodebasesRequest {
+                                owner_id,
+                                page_size: 500,
+                                page_token,
+                            })
+                            .await
+                            .map_err(status)?
+                            .into_inner();
+                        Ok((r.codebases, r.next_page_token))
                     }
-                    token = r.next_page_token;
-                }
+                })
+                .await?;
                 if conn.json {
                     print_json(out, &all)?;
                 } else {
@@ -515,24 +532,23 @@ pub(crate) fn sandbox(
                 }
             }
             SandboxCmd::Ls { codebase } => {
-                let mut token = String::new();
-                let mut all = vec![];
-                loop {
-                    let r =
-                        c.sb.list_sandboxes(v1::ListSandboxesRequest {
-                            codebase_id: codebase.clone().unwrap_or_default(),
-                            page_size: 500,
-                            page_token: token,
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    all.extend(r.sandboxes);
-                    if r.next_page_token.is_empty() {
-                        break;
+                let codebase = codebase.unwrap_or_default();
+                let all = all_pages(|page_token| {
+                    let (mut client, codebase_id) = (c.sb.clone(), codebase.clone());
+                    async move {
+                        let r = client
+                            .list_sandboxes(v1::ListSandboxesRequest {
+                                codebase_id,
+                                page_size: 500,
+                                page_token,
+                            })
+                            .await
+                            .map_err(status)?
+                            .into_inner();
+                        Ok((r.sandboxes, r.next_page_token))
                     }
-                    token = r.next_page_token;
-                }
+                })
+                .await?;
                 if json {
                     print_json(out, &all)?;
                 } else {

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentfense_runtime::output::{CappedText, Utf8Chunker};
+use agentfense_runtime::output::Utf8Chunker;
 use agentfense_runtime::{
     ExecEvent, ExecRequest, ExecResult, ExecStream, LimitKind, Result, RuntimeError,
 };
@@ -242,45 +242,14 @@ impl DockerRuntime {
 
     pub(crate) async fn do_exec(&self, sandbox_id: &str, req: ExecRequest) -> Result<ExecResult> {
         let started = Instant::now();
-        let mut rx = self.exec_events(sandbox_id, req).await?;
-        let mut out = CappedText::new(self.cfg.output_cap);
-        let mut err = CappedText::new(self.cfg.output_cap);
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Ok(ExecEvent::Stdout(s)) => out.push(&s),
-                Ok(ExecEvent::Stderr(s)) => err.push(&s),
-                Ok(ExecEvent::Exit { exit_code, .. }) => {
-                    let (stdout, stdout_truncated) = out.finish();
-                    let (stderr, stderr_truncated) = err.finish();
-                    return Ok(ExecResult {
-                        exit_code,
-                        stdout,
-                        stderr,
-                        stdout_truncated,
-                        stderr_truncated,
-                        duration: started.elapsed(),
-                    });
-                }
-                Err(RuntimeError::Timeout { timeout, .. }) => {
-                    return Err(RuntimeError::Timeout {
-                        timeout,
-                        stdout: out.finish().0,
-                        stderr: err.finish().0,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(RuntimeError::NotRunning {
-            sandbox_id: sandbox_id.to_owned(),
-        })
+        let stream = ExecStream::new(self.exec_events(sandbox_id, req).await?);
+        stream
+            .collect(self.cfg.output_cap, sandbox_id, started)
+            .await
     }
 }
 
-/// `agentfense_runtime::ExecStream` has no public constructor yet (`ExecStream::new` is
-/// `pub(crate)`), so the trait's `exec_stream` cannot hand out our receiver. Until it does,
-/// streaming is available through [`DockerRuntime::exec_events`] and the trait method answers
-/// UNAVAILABLE-free INTERNAL with this explanation.
+/// The trait's stream type over our event channel.
 fn into_exec_stream(rx: mpsc::Receiver<Result<ExecEvent>>) -> Result<ExecStream> {
     Ok(ExecStream::new(rx))
 }

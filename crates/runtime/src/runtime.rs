@@ -30,6 +30,51 @@ impl ExecStream {
     pub async fn next(&mut self) -> Option<Result<ExecEvent>> {
         self.rx.recv().await
     }
+
+    /// Collects the whole command into an [`ExecResult`], each stream capped at `output_cap`
+    /// bytes (with the truncation marker). A timeout keeps the partial output in the error.
+    /// `started` is when the command was requested, for the duration.
+    pub async fn collect(
+        mut self,
+        output_cap: usize,
+        sandbox_id: &str,
+        started: std::time::Instant,
+    ) -> Result<ExecResult> {
+        use crate::error::RuntimeError;
+        use crate::output::CappedText;
+        let mut out = CappedText::new(output_cap);
+        let mut err = CappedText::new(output_cap);
+        while let Some(ev) = self.next().await {
+            match ev {
+                Ok(ExecEvent::Stdout(s)) => out.push(&s),
+                Ok(ExecEvent::Stderr(s)) => err.push(&s),
+                Ok(ExecEvent::Exit { exit_code, .. }) => {
+                    let (stdout, stdout_truncated) = out.finish();
+                    let (stderr, stderr_truncated) = err.finish();
+                    return Ok(ExecResult {
+                        exit_code,
+                        stdout,
+                        stderr,
+                        stdout_truncated,
+                        stderr_truncated,
+                        duration: started.elapsed(),
+                    });
+                }
+                Err(RuntimeError::Timeout { timeout, .. }) => {
+                    return Err(RuntimeError::Timeout {
+                        timeout,
+                        stdout: out.finish().0,
+                        stderr: err.finish().0,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The stream ended without an exit event: the environment went away.
+        Err(RuntimeError::NotRunning {
+            sandbox_id: sandbox_id.to_owned(),
+        })
+    }
 }
 
 /// Sandbox lifecycle, command execution and persistent sessions.

@@ -29,38 +29,10 @@ impl BwrapRuntime {
 
     pub(super) async fn do_exec(&self, sandbox_id: &str, req: ExecRequest) -> Result<ExecResult> {
         let started = Instant::now();
-        let mut stream = self.do_exec_stream(sandbox_id, req).await?;
-        let mut out = CappedText::new(self.cfg.output_cap);
-        let mut err = CappedText::new(self.cfg.output_cap);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(ExecEvent::Stdout(s)) => out.push(&s),
-                Ok(ExecEvent::Stderr(s)) => err.push(&s),
-                Ok(ExecEvent::Exit { exit_code, .. }) => {
-                    let (stdout, stdout_truncated) = out.finish();
-                    let (stderr, stderr_truncated) = err.finish();
-                    return Ok(ExecResult {
-                        exit_code,
-                        stdout,
-                        stderr,
-                        stdout_truncated,
-                        stderr_truncated,
-                        duration: started.elapsed(),
-                    });
-                }
-                Err(RuntimeError::Timeout { timeout, .. }) => {
-                    return Err(RuntimeError::Timeout {
-                        timeout,
-                        stdout: out.finish().0,
-                        stderr: err.finish().0,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(RuntimeError::NotRunning {
-            sandbox_id: sandbox_id.to_owned(),
-        })
+        let stream = self.do_exec_stream(sandbox_id, req).await?;
+        stream
+            .collect(self.cfg.output_cap, sandbox_id, started)
+            .await
     }
 }
 
