@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use agentfense_runtime::output::Utf8Chunker;
 use agentfense_runtime::{
-    ExecEvent, ExecRequest, ExecResult, ExecStream, LimitKind, Result, RuntimeError,
+    ExecEvent, ExecRequest, ExecResult, ExecStream, LimitKind, Result, RuntimeError, check_command,
 };
 use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};
@@ -31,7 +31,6 @@ pub(crate) const OUTPUT_GRACE: Duration = Duration::from_millis(50);
 /// After a timeout kill, how long to wait for the stream to end.
 const KILL_GRACE: Duration = Duration::from_secs(1);
 /// Largest command text accepted (`MAX_ARG_STRLEN` for `sh -c`).
-pub(crate) const MAX_COMMAND: usize = 128 * 1024;
 /// What docker writes into the stream when runc cannot start the process.
 const OCI_FAILURE: &[u8] = b"OCI runtime exec failed";
 
@@ -215,11 +214,7 @@ impl DockerRuntime {
         let c = self.running(sandbox_id).await?;
         let timeout = self.timeout(req.timeout);
         let cwd = resolve_workdir(&req.workdir)?;
-        if req.command.len() > MAX_COMMAND || req.command.contains('\0') {
-            return Err(invalid(
-                "command must be at most 128 KiB and contain no NUL byte",
-            ));
-        }
+        check_command(&req.command)?;
         let env = spec::merge_env(&c.env, &req.env, &[]).map_err(invalid)?;
         let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), req.command.clone()];
         let started = c

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use agentfense_runtime::output::{CappedText, Utf8Chunker};
-use agentfense_runtime::{ExecResult, Result, RuntimeError, SessionSpec};
+use agentfense_runtime::{ExecResult, Result, RuntimeError, SessionSpec, check_command};
 use bollard::container::LogOutput;
 use futures_util::StreamExt;
 use rustix::process::Signal;
@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::into_runtime;
 use crate::exec::{
-    ExitWatch, Input, MAX_COMMAND, OUTPUT_GRACE, Output, resolve_workdir, setup_error, wait_exit,
+    ExitWatch, Input, OUTPUT_GRACE, Output, resolve_workdir, setup_error, wait_exit,
 };
 use crate::runtime::{Container, DockerRuntime, invalid};
 use crate::spec;
@@ -393,11 +393,7 @@ impl DockerRuntime {
         let c = self.running(sandbox_id).await?;
         let s = Self::session(&c, session_id)?;
         let timeout = self.timeout(timeout);
-        if command.len() > MAX_COMMAND || command.contains('\0') {
-            return Err(invalid(
-                "command must be at most 128 KiB and contain no NUL byte",
-            ));
-        }
+        check_command(command)?;
         let started = Instant::now();
         let closed = || RuntimeError::SessionClosed {
             session_id: session_id.to_owned(),

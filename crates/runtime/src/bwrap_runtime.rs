@@ -30,8 +30,8 @@ use crate::output::{CappedText, Utf8Chunker};
 use crate::protocol::{InitConfig, Reply, Request, recv_packet, send_packet};
 use crate::runtime::{BoxFuture, ExecStream, Runtime};
 use crate::types::{
-    ExecEvent, ExecRequest, ExecResult, LimitKind, NetworkMode, RuntimeEvent, SandboxSpec,
-    SessionSpec, TtyRequest,
+    ExecEvent, ExecRequest, ExecResult, LimitKind, MAX_COMMAND, NetworkMode, RuntimeEvent,
+    SandboxSpec, SessionSpec, TtyRequest, check_command,
 };
 
 mod exec;
@@ -49,8 +49,6 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 const OUTPUT_GRACE: Duration = Duration::from_millis(50);
 /// After a timeout kill, how long to wait for the exit report.
 const KILL_GRACE: Duration = Duration::from_secs(1);
-/// Largest command text accepted (`MAX_ARG_STRLEN` for `sh -c`).
-const MAX_COMMAND: usize = 128 * 1024;
 
 /// Configuration of the bwrap runtime (plain values; the server builds it from its config).
 #[derive(Debug, Clone)]

@@ -68,6 +68,6 @@ pub use bwrap_runtime::{
 pub use error::{ErrorKind, Result, RuntimeError};
 pub use runtime::{BoxFuture, ExecStream, Runtime};
 pub use types::{
-    ExecEvent, ExecRequest, ExecResult, LimitKind, NetworkMode, ResourceLimits, RuntimeEvent,
-    SandboxSpec, SessionSpec, TtyRequest,
+    ExecEvent, ExecRequest, ExecResult, LimitKind, MAX_COMMAND, NetworkMode, ResourceLimits,
+    RuntimeEvent, SandboxSpec, SessionSpec, TtyRequest, check_command,
 };

@@ -166,3 +166,32 @@ pub enum RuntimeEvent {
         command: String,
     },
 }
+
+/// Largest command text accepted (`MAX_ARG_STRLEN` for `sh -c`).
+pub const MAX_COMMAND: usize = 128 * 1024;
+
+/// Checks a command line before any runtime runs it: at most [`MAX_COMMAND`] bytes and no NUL
+/// (which `execve` cannot carry and a session script would truncate). One rule for every
+/// runtime and for sessions as well as exec.
+pub fn check_command(command: &str) -> crate::Result<()> {
+    if command.len() > MAX_COMMAND || command.contains('\0') {
+        return Err(crate::RuntimeError::invalid(
+            "command must be at most 128 KiB and contain no NUL byte",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_bounded_and_nul_free() {
+        assert!(check_command("echo hi").is_ok());
+        assert!(check_command(&"x".repeat(MAX_COMMAND)).is_ok());
+        assert!(check_command(&"x".repeat(MAX_COMMAND + 1)).is_err());
+        let err = check_command("echo a\0b").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+    }
+}

@@ -11,11 +11,7 @@ impl BwrapRuntime {
         let env = self.running(sandbox_id).await?;
         let timeout = self.timeout(req.timeout);
         let cwd = resolve_workdir(&req.workdir)?;
-        if req.command.len() > MAX_COMMAND || req.command.contains('\0') {
-            return Err(RuntimeError::invalid(
-                "command must be at most 128 KiB and contain no NUL byte",
-            ));
-        }
+        check_command(&req.command)?;
         let envv = build_env(&env.user, &req.env, &[])?;
         let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), req.command.clone()];
         let running = env.spawn_command(argv, envv, cwd, req.stdin).await?;

@@ -129,9 +129,7 @@ impl BwrapRuntime {
         let env = self.running(sandbox_id).await?;
         let s = Self::session(&env, session_id)?;
         let timeout = self.timeout(timeout);
-        if command.len() > MAX_COMMAND {
-            return Err(RuntimeError::invalid("command must be at most 128 KiB"));
-        }
+        check_command(command)?;
         let started = Instant::now();
         let closed = || RuntimeError::SessionClosed {
             session_id: session_id.to_owned(),
