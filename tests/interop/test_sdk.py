@@ -95,9 +95,18 @@ def test_read_only_and_view_only(project, endpoint):
 
 def test_full_access_and_development(project, endpoint):
     with Sandbox.from_local(str(project), preset="full-access", endpoint=endpoint) as sb:
+        client = SandboxClient(endpoint=endpoint)
+        before = client.get_codebase(sb.codebase_id)
         assert run(sb, "echo new > src/new.py && mkdir -p a/b && echo y > a/b/c").exit_code == 0
         assert sb.read_file("src/new.py") == "new\n"
+        # The codebase's stats follow what the sandbox published (new.py: 4 bytes, c: 2).
+        after = client.get_codebase(sb.codebase_id)
+        assert (after.file_count, after.size) == (before.file_count + 2, before.size + 6)
         assert "a/b/c" in sb.list_files("", recursive=True)
+        assert run(sb, "rm -r a").exit_code == 0
+        after = client.get_codebase(sb.codebase_id)
+        assert (after.file_count, after.size) == (before.file_count + 1, before.size + 4)
+        client.close()
     with Sandbox.from_local(str(project), preset="development", endpoint=endpoint) as sb:
         assert run(sb, "echo dev >> README.md").exit_code == 0
         r = run(sb, "cat .env.local config/.env.prod")

@@ -299,8 +299,67 @@ impl CodebaseFiles {
         Ok(out)
     }
 
-    /// Total size and number of regular files of a codebase (a full scan; used at startup
-    /// recovery and after publishes, not per upload).
+    /// Total size and number of regular files at `paths` (relative to the codebase root) and
+    /// below them, for keeping the codebase's stats up to date around a publish without
+    /// walking the whole tree. Missing paths and symlinks count as nothing; a path below
+    /// another one in the list is counted once.
+    pub fn usage(&self, id: &CodebaseId, paths: &[PathBuf]) -> Result<(u64, u64), FilesError> {
+        let root = self.open_root(id)?;
+        let mut sorted: Vec<&PathBuf> = paths.iter().collect();
+        sorted.sort();
+        let mut kept: Vec<&PathBuf> = Vec::new();
+        for p in sorted {
+            if !kept.iter().any(|k| p.starts_with(k)) {
+                kept.push(p);
+            }
+        }
+        let (mut size, mut count) = (0u64, 0u64);
+        for rel in kept {
+            let Ok(sp) = SandboxPath::parse(&rel.to_string_lossy()) else {
+                continue;
+            };
+            if sp.is_root() {
+                let (s, n) = self.scan_stats(id)?;
+                size += s;
+                count += n;
+                continue;
+            }
+            let st = match rustix::fs::openat2(
+                &root,
+                sp.relative(),
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                BENEATH,
+            )
+            .and_then(|fd| rustix::fs::fstat(&fd))
+            {
+                Ok(st) => st,
+                Err(
+                    rustix::io::Errno::NOENT
+                    | rustix::io::Errno::LOOP
+                    | rustix::io::Errno::XDEV
+                    | rustix::io::Errno::NOTDIR,
+                ) => continue,
+                Err(e) => return Err(io_err("stat", sp.as_str())(e.into())),
+            };
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::RegularFile => {
+                    size += st.st_size.max(0) as u64;
+                    count += 1;
+                }
+                FileType::Directory => {
+                    for e in self.list(id, &sp, true)?.iter().filter(|e| !e.is_dir) {
+                        size += e.size;
+                        count += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((size, count))
+    }
+
+    /// Total size and number of regular files of a codebase (a full scan).
     pub fn scan_stats(&self, id: &CodebaseId) -> Result<(u64, u64), FilesError> {
         let entries = self.list(id, &SandboxPath::root(), true)?;
         Ok(entries
@@ -578,6 +637,21 @@ mod tests {
         assert_eq!(files.scan_stats(&id).unwrap(), (1, 2));
         // Nothing is left in staging.
         assert_eq!(std::fs::read_dir(&files.staging).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn usage_counts_files_and_directories_once() {
+        let (_d, files, id) = setup();
+        upload(&files, &id, "a.txt", b"12345").unwrap();
+        upload(&files, &id, "out/x", b"12").unwrap();
+        upload(&files, &id, "out/deep/y", b"123").unwrap();
+        let paths: Vec<PathBuf> = ["out", "out/x", "a.txt", "missing"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(files.usage(&id, &paths).unwrap(), (10, 3));
+        assert_eq!(files.usage(&id, &[PathBuf::from("")]).unwrap(), (10, 3));
+        assert_eq!(files.usage(&id, &[]).unwrap(), (0, 0));
     }
 
     #[test]

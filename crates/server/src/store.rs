@@ -399,22 +399,6 @@ impl Store {
         Ok(())
     }
 
-    /// Sets a codebase's stats outright (after a rescan).
-    pub fn set_codebase_stats(
-        &self,
-        id: &CodebaseId,
-        size: i64,
-        count: i64,
-    ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE codebases SET size = ?2, file_count = ?3 WHERE id = ?1",
-                params![id.as_str(), size, count],
-            )
-            .map_err(q("set codebase stats"))?;
-        Ok(())
-    }
-
     /// Deletes a codebase row; false if there was none.
     pub fn delete_codebase(&self, id: &CodebaseId) -> Result<bool, StoreError> {
         let n = self

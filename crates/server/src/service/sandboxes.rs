@@ -531,9 +531,7 @@ impl Service {
             let cb = rec.codebase_id.clone();
             let sid2 = sid.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                if let Ok(Some(report)) = live.mount.command_finished() {
-                    this.after_publish(&sid2, &cb, &report);
-                }
+                let _ = this.publish_counted(&sid2, &cb, &live, false);
                 match Arc::try_unwrap(live) {
                     Ok(live) => {
                         if let Err(e) = live.mount.unmount() {
@@ -637,30 +635,62 @@ impl Service {
         })
     }
 
-    /// After a command: publish (automatic mode), audit conflicts, refresh codebase stats.
+    /// After a command: publish (automatic mode) with the codebase stats kept up to date.
     fn publish_after_command(self: &Arc<Self>, rec: &SandboxRecord, live: &Live) {
-        match live.mount.command_finished() {
-            Ok(Some(report)) => self.after_publish(rec.id.as_str(), &rec.codebase_id, &report),
-            Ok(None) => {}
-            Err(e) => tracing::error!(sandbox_id = %rec.id, error = %chain(&e), "publish failed"),
-        }
+        let _ = self.publish_counted(rec.id.as_str(), &rec.codebase_id, live, false);
     }
 
-    fn after_publish(self: &Arc<Self>, sandbox_id: &str, cb: &CodebaseId, report: &PublishReport) {
-        // Conflicts reach the audit log through the filesystem's event channel.
+    /// Publishes (`explicit`: whatever the mode; else only in automatic mode) and adjusts the
+    /// codebase's size and file count by what the publish changed: the pending paths are
+    /// measured before and after, so the cost follows the change, never the codebase's size.
+    /// Conflicts reach the audit log through the filesystem's event channel.
+    fn publish_counted(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+        cb: &CodebaseId,
+        live: &Live,
+        explicit: bool,
+    ) -> Result<Option<PublishReport>, ServiceError> {
+        let pending = live.mount.pending();
+        let before = if pending.is_empty() {
+            Ok((0, 0))
+        } else {
+            self.files.usage(cb, &pending)
+        };
+        let report = if explicit {
+            live.mount.publish().map(Some)
+        } else {
+            live.mount.command_finished()
+        };
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(sandbox_id, error = %chain(&e), "publish failed");
+                return Err(ServiceError::internal("publishing", e));
+            }
+        };
+        let Some(report) = report else {
+            return Ok(None);
+        };
         for (path, why) in &report.failed {
             tracing::error!(sandbox_id, path = %path.display(), reason = %why, "publish of a path failed");
         }
         if !report.written.is_empty() || !report.deleted.is_empty() {
-            match self.files.scan_stats(cb) {
-                Ok((size, count)) => {
-                    let _ = self.store.set_codebase_stats(cb, size as i64, count as i64);
+            match (before, self.files.usage(cb, &pending)) {
+                (Ok((s0, n0)), Ok((s1, n1))) => {
+                    let _ = self.store.adjust_codebase_stats(
+                        cb,
+                        s1 as i64 - s0 as i64,
+                        n1 as i64 - n0 as i64,
+                        SystemTime::now(),
+                    );
                 }
-                Err(e) => {
-                    tracing::warn!(codebase_id = %cb, error = %chain(&e), "stats rescan failed")
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(codebase_id = %cb, error = %chain(&e), "codebase stats not updated")
                 }
             }
         }
+        Ok(Some(report))
     }
 
     fn audit_command(
@@ -935,12 +965,9 @@ impl Service {
         let (rec, live) = self.running(&id).await?;
         let this = self.clone();
         blocking(move || {
-            let report = live
-                .mount
-                .publish()
-                .map_err(|e| ServiceError::internal("publishing", e))?;
-            this.after_publish(rec.id.as_str(), &rec.codebase_id, &report);
-            Ok(report)
+            Ok(this
+                .publish_counted(rec.id.as_str(), &rec.codebase_id, &live, true)?
+                .unwrap_or_default())
         })
         .await
     }
