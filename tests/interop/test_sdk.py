@@ -388,3 +388,19 @@ def test_manual_publish_and_conflicts(endpoint, http_base, audit):
     c.destroy_sandbox(auto.id)
     c.delete_codebase(cb.id)
     c.close()
+
+
+def test_per_owner_quota(endpoint):
+    from agentfense import ResourceLimitExceededError
+
+    c = SandboxClient(endpoint=endpoint)
+    cb = c.create_codebase(name="quota", owner_id="quota-user")
+    rules = [{"pattern": "**/*", "permission": "read"}]
+    ids = [c.create_sandbox(cb.id, permissions=rules).id for _ in range(10)]  # the default limit
+    with pytest.raises(ResourceLimitExceededError):
+        c.create_sandbox(cb.id, permissions=rules)
+    for sid in ids:
+        c.destroy_sandbox(sid)
+    c.destroy_sandbox(c.create_sandbox(cb.id, permissions=rules).id)  # room again
+    c.delete_codebase(cb.id)
+    c.close()

@@ -412,12 +412,25 @@ impl Store {
 
     /// Inserts a new sandbox.
     pub fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
+        self.insert_sandbox_within_quota(s, 0).map(|_| ())
+    }
+
+    /// Inserts a new sandbox unless its owner already has `max_per_owner` (0 = no limit);
+    /// returns false, inserting nothing, when the quota is reached. One statement, so two
+    /// concurrent creates cannot both slip under the limit.
+    pub fn insert_sandbox_within_quota(
+        &self,
+        s: &SandboxRecord,
+        max_per_owner: u32,
+    ) -> Result<bool, StoreError> {
         let (rules, labels, resources) = encode_sandbox(s)?;
-        self.conn()
+        let n = self
+            .conn()
             .execute(
                 "INSERT INTO sandboxes (id, codebase_id, owner_id, rules, status, status_reason,
                  labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14
+                 WHERE ?15 = 0 OR (SELECT COUNT(*) FROM sandboxes WHERE owner_id = ?3) < ?15",
                 params![
                     s.id.as_str(),
                     s.codebase_id.as_str(),
@@ -433,10 +446,11 @@ impl Store {
                     s.started_at.map(to_nanos),
                     s.stopped_at.map(to_nanos),
                     s.expires_at.map(to_nanos),
+                    i64::from(max_per_owner),
                 ],
             )
             .map_err(q("insert sandbox"))?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// Writes every mutable field of a sandbox (status, reason, timestamps, expiry).
@@ -937,6 +951,9 @@ mod tests {
         sb.started_at = Some(t(3));
         s.update_sandbox(&sb).unwrap();
         assert_eq!(s.get_sandbox(&sb.id).unwrap(), Some(sb.clone()));
+        assert_eq!(s.count_sandboxes_of_owner("owner").unwrap(), 1);
+        // The quota is checked in the same statement as the insert.
+        assert!(!s.insert_sandbox_within_quota(&sandbox(&c), 1).unwrap());
         assert_eq!(s.count_sandboxes_of_owner("owner").unwrap(), 1);
         assert_eq!(
             s.sandboxes_of_codebase(&c.id).unwrap(),

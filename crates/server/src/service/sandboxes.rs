@@ -290,17 +290,15 @@ impl Service {
         let store = self.store.clone();
         let r = rec.clone();
         blocking(move || {
-            if max > 0 {
-                let n = store.count_sandboxes_of_owner(&r.owner_id)?;
-                if n >= u64::from(max) {
-                    return Err(ServiceError::ResourceExhausted(format!(
-                        "owner {:?} already has {n} sandboxes (limit sandbox.max_per_user = {max}); \
-                         destroy one first",
-                        r.owner_id
-                    )));
-                }
+            if store.insert_sandbox_within_quota(&r, max)? {
+                return Ok(());
             }
-            Ok(store.insert_sandbox(&r)?)
+            let n = store.count_sandboxes_of_owner(&r.owner_id)?;
+            Err(ServiceError::ResourceExhausted(format!(
+                "owner {:?} already has {n} sandboxes (limit sandbox.max_per_user = {max}); \
+                 destroy one first",
+                r.owner_id
+            )))
         })
         .await?;
         self.audit.record(AuditEvent::SandboxCreated {
