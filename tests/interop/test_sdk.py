@@ -59,7 +59,12 @@ def test_agent_safe_hides_secrets_and_protects_source(project, endpoint, audit):
 
         # src/ is readable but read-only.
         assert run(sb, "python3 src/main.py").stdout == "hello from sandbox\n"
+        r = run(sb, "echo hacked > src/main.py")
+        assert r.exit_code != 0 and "Permission denied" in r.stderr
+        # An append opens (opening costs no round trip) and its write is refused.
         r = run(sb, "echo hacked >> src/main.py")
+        assert r.exit_code != 0
+        r = run(sb, "bash -c 'echo hacked >> src/main.py'")
         assert r.exit_code != 0 and "Permission denied" in r.stderr
         r = run(sb, "touch src/new.py")
         assert r.exit_code != 0

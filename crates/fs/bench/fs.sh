@@ -6,8 +6,8 @@
 # Each workload runs on a warm cache, 3 times, and the median wall time is reported for:
 # native (pinned to CPU 0), FUSE unpinned (daemon and client free to run on any CPU), and
 # FUSE pinned (daemon and client both on CPU 0 with taskset: a cross-CPU wake-up costs ~70 us
-# on these machines). Rules: full-access (codebase files page-cached) and read-only (codebase
-# files served by kernel passthrough).
+# on these machines). Rules: full-access and read-only (git cannot refresh its index there, so
+# `git status` re-reads every file).
 # Mounts use a 1 s TTL (what a mount without invalidation would need) and the default 60 s
 # (changes made through the server are invalidated explicitly).
 set -euo pipefail
@@ -80,10 +80,8 @@ for w in "${WORKLOADS[@]}"; do
   printf '%-16s %-28s %8.3f s\n' "$name" "native (cpu 0)" "$(t "$L" 0 "$cmd")"
 done
 ALL=0-$(($(nproc) - 1))
-# full-access: codebase files are writable, so they are page-cached (no passthrough).
 run_mounted "fuse ttl=1s unpinned" 1 "$ALL" full-access
 run_mounted "fuse ttl=60s unpinned" 60 "$ALL" full-access
 run_mounted "fuse ttl=60s pinned cpu0" 60 0 full-access
-# read-only: codebase files are opened with kernel passthrough.
 run_mounted "fuse ro ttl=60s unpinned" 60 "$ALL" read-only
 run_mounted "fuse ro ttl=60s pinned cpu0" 60 0 read-only

@@ -31,7 +31,7 @@ pub enum AuditEvent {
     Denied {
         /// The sandbox.
         sandbox_id: String,
-        /// The operation (`open-read`, `write`, `create`, `unlink`, `rename`, ...).
+        /// The operation (`read`, `write`, `create`, `unlink`, `rename`, `truncate`, ...).
         op: &'static str,
         /// Sandbox path, with a leading `/`.
         path: String,

@@ -85,12 +85,11 @@ pub enum FsError {
         /// The number.
         id: u64,
     },
-    /// The kernel cannot open this inode in the needed I/O mode right now (a write open of a
-    /// file whose open readers are backed by the codebase file, after a rule change).
-    #[error("inode {ino} is busy")]
-    Busy {
-        /// Our inode number.
-        ino: u64,
+    /// I/O on a file that was deleted or replaced while open, whose host file is gone.
+    #[error("{} was deleted or replaced", path.display())]
+    Vanished {
+        /// The path the file had.
+        path: PathBuf,
     },
     /// A host system call failed.
     #[error("{op} {path:?} failed")]
@@ -146,7 +145,7 @@ impl FsError {
             FsError::NotPermitted { .. } => libc::EPERM,
             FsError::InvalidName { .. } => libc::EINVAL,
             FsError::Stale { .. } => libc::EBADF,
-            FsError::Busy { .. } => libc::ETXTBSY,
+            FsError::Vanished { .. } => libc::ESTALE,
             FsError::Io { source, .. } => match source.raw_os_error() {
                 // Errors that describe the caller's request or the disk, not our internals,
                 // are passed through; anything else is an internal failure.

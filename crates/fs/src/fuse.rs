@@ -26,27 +26,37 @@
 //! neither `df` nor `stat` on a directory reveals how much is hidden. Inode numbers are
 //! handed out only for visible entries, so their sequence reveals nothing either.
 //!
-//! Open files use kernel passthrough (reads and writes never reach the daemon) for delta
-//! files and for codebase files below `write`; codebase files the sandbox may write are
-//! page-cached instead, because a later write open copies them up and the kernel does not let
-//! one inode switch backing files while readers hold it (see [`IoState`]).
+//! ## Zero-message opens
+//! `open` and `opendir` answer ENOSYS, which tells the kernel (FUSE "no open" mode, Linux >=
+//! 4.19 / 5.1) never to send them again: opening a file or directory costs no round trip, file
+//! pages stay in the kernel's page cache across opens, listings stay in its directory cache,
+//! and closing sends nothing. On a warm cache `grep -r`, `find` and `git status` therefore run
+//! without reaching the daemon. The rules are enforced where data moves instead: every READ
+//! needs `read`, every WRITE and truncation needs `write`, and each denial is audited. The
+//! visible difference: opening a `view` file (or a `read` file for appending) succeeds, and the
+//! first read (or write) fails with EACCES; opens with `O_TRUNC` still fail at open, since the
+//! kernel truncates through SETATTR first. Without open requests the daemon serves I/O by inode
+//! from a small cache of host files ([`IoCache`]); a file unlinked or replaced while the kernel
+//! still knows its inode keeps its host file there until the kernel forgets it. Files made with
+//! `create` keep a real handle (the kernel always sends CREATE). Cached pages are dropped when
+//! the rules change or another sandbox publishes the file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use agentfense_core::{Decision, Level, NodeKind, Policy};
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -60,7 +70,6 @@ pub(crate) struct FsOptions {
     pub(crate) entry_ttl: Duration,
     pub(crate) attr_ttl: Duration,
     pub(crate) owner: Option<(u32, u32)>,
-    pub(crate) passthrough: bool,
 }
 
 /// One known path.
@@ -68,6 +77,9 @@ pub(crate) struct FsOptions {
 pub(crate) struct Node {
     /// Delta-relative path; `None` once the entry was deleted or replaced.
     pub(crate) path: Option<PathBuf>,
+    /// The path a detached node had: I/O on a file still open after an unlink or a
+    /// replacement is checked against the rules of the path it had.
+    pub(crate) former: Option<PathBuf>,
     pub(crate) lookups: u64,
 }
 
@@ -89,6 +101,7 @@ impl Nodes {
             1,
             Node {
                 path: Some(PathBuf::new()),
+                former: None,
                 lookups: 1,
             },
         );
@@ -106,6 +119,7 @@ impl Nodes {
             ino,
             Node {
                 path: Some(path.to_path_buf()),
+                former: None,
                 lookups: 0,
             },
         );
@@ -119,7 +133,7 @@ impl Nodes {
         if let Some(ino) = self.by_path.remove(path)
             && let Some(n) = self.by_ino.get_mut(&ino)
         {
-            n.path = None;
+            n.former = n.path.take();
         }
     }
 
@@ -151,34 +165,107 @@ impl Nodes {
     }
 }
 
-/// An open file or directory.
-enum Handle {
-    File {
-        ino: u64,
-        file: Arc<File>,
-        write: bool,
-        /// Keeps the kernel's passthrough backing open while this handle lives.
-        _backing: Option<Arc<BackingId>>,
-        /// Counts towards the inode's page-cached opens.
-        cached: bool,
-    },
-    Dir {
-        entries: Vec<(u64, FileType, OsString)>,
-    },
+/// A file made by CREATE (the only open the kernel still sends in no-open mode).
+struct Handle {
+    ino: u64,
+    file: Arc<File>,
+    write: bool,
 }
 
-/// Per-inode I/O mode. The kernel (fs/fuse/iomode.c) requires that while an inode has a
-/// passthrough backing file, *every* open of it uses passthrough with that same backing (any
-/// other answer fails the open with EIO), and it refuses passthrough while page-cached opens
-/// exist. Hence: passthrough only for files that cannot be copied up under an open reader
-/// (delta files, and codebase files below `write`), everything else page-cached.
+/// A host file serving I/O on an inode opened without a FUSE open.
+struct IoFile {
+    file: Arc<File>,
+    write: bool,
+    /// Detached (unlinked or replaced) while the kernel still knows the inode: kept until
+    /// FORGET and never evicted, since its path no longer leads to it.
+    pinned: bool,
+}
+
+/// Host files by inode, for READ and WRITE requests that carry no handle. Unpinned entries
+/// are evicted oldest first beyond [`IO_CACHE_MAX`]: a file needs one only while its pages
+/// are not yet in the kernel's page cache, so a small cache serves any working set.
 #[derive(Default)]
-struct IoState {
-    /// The live backing: host (dev, ino), the layer it is in, and the id.
-    backing: Option<((u64, u64), Layer, Weak<BackingId>)>,
-    cached_opens: usize,
-    /// Opened for writing at least once in this mount: no more `FOPEN_KEEP_CACHE`.
-    written: bool,
+pub(crate) struct IoCache {
+    files: HashMap<u64, IoFile>,
+    order: VecDeque<u64>,
+    /// Bumped whenever entries are dropped, so that a file opened concurrently with a drop
+    /// (an outside change) is not cached afterwards.
+    epoch: u64,
+}
+
+/// Unpinned host files kept open per mount.
+const IO_CACHE_MAX: usize = 64;
+
+impl IoCache {
+    fn get(&self, ino: u64, write: bool) -> Option<Arc<File>> {
+        self.files
+            .get(&ino)
+            .filter(|f| f.write || !write)
+            .map(|f| f.file.clone())
+    }
+
+    fn insert(&mut self, ino: u64, file: Arc<File>, write: bool) {
+        if let Some(f) = self.files.get_mut(&ino) {
+            f.file = file;
+            f.write = write;
+            return;
+        }
+        self.files.insert(
+            ino,
+            IoFile {
+                file,
+                write,
+                pinned: false,
+            },
+        );
+        self.order.push_back(ino);
+        while self.order.len() > IO_CACHE_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.files.remove(&old);
+            }
+        }
+    }
+
+    /// Keeps `ino`'s host file (the cached one, else `open()`'s) until FORGET.
+    fn pin(&mut self, ino: u64, open: impl FnOnce() -> Option<(File, bool)>) {
+        if let Some(f) = self.files.get_mut(&ino) {
+            f.pinned = true;
+        } else if let Some((file, write)) = open() {
+            self.files.insert(
+                ino,
+                IoFile {
+                    file: Arc::new(file),
+                    write,
+                    pinned: true,
+                },
+            );
+        }
+        self.order.retain(|&i| i != ino);
+    }
+
+    /// Drops the unpinned entry of `ino` (its path now leads to another host file).
+    pub(crate) fn invalidate(&mut self, ino: u64) {
+        self.epoch += 1;
+        if self.files.get(&ino).is_some_and(|f| !f.pinned) {
+            self.files.remove(&ino);
+            self.order.retain(|&i| i != ino);
+        }
+    }
+
+    fn forget(&mut self, ino: u64) {
+        if self.files.remove(&ino).is_some() {
+            self.order.retain(|&i| i != ino);
+        }
+    }
+
+    /// The host file cached for `ino` and whether it is writable.
+    fn held(&self, ino: u64) -> Option<(Arc<File>, bool)> {
+        self.files.get(&ino).map(|f| (f.file.clone(), f.write))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.files.len()
+    }
 }
 
 /// State shared between the FUSE threads and the [`crate::MountHandle`].
@@ -189,8 +276,10 @@ pub(crate) struct Shared {
     pub(crate) nodes: Mutex<Nodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
-    pub(crate) passthrough_opens: AtomicU64,
-    pub(crate) daemon_opens: AtomicU64,
+    pub(crate) io: Mutex<IoCache>,
+    /// Held (shared) around every write into a cached host file and (exclusive) by publish,
+    /// which may drop the delta copy such a file is: a write never lands in a dropped copy.
+    pub(crate) write_gate: RwLock<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -206,8 +295,8 @@ impl Shared {
             nodes: Mutex::new(Nodes::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            passthrough_opens: AtomicU64::new(0),
-            daemon_opens: AtomicU64::new(0),
+            io: Mutex::new(IoCache::default()),
+            write_gate: RwLock::new(()),
         }
     }
 
@@ -222,20 +311,41 @@ impl Shared {
         g.1 += 1;
     }
 
-    /// Whether `rel` is open. A published file that is still open keeps its delta copy
-    /// (and stays pending): writers may go on writing, and a reader's passthrough backing must
-    /// stay the file that later opens of the same inode get.
+    /// Whether `rel` has a CREATE handle open. A published file that is still open that way
+    /// keeps its delta copy (and stays pending): its writer goes on writing into that copy.
+    /// (Files opened without a handle are re-resolved after a publish, see [`IoCache`].)
     pub(crate) fn busy(&self, rel: &Path) -> bool {
         let handles = lock(&self.handles);
         let nodes = lock(&self.nodes);
-        handles.values().any(|h| match h {
-            Handle::File { ino, .. } => nodes
+        handles.values().any(|h| {
+            nodes
                 .by_ino
-                .get(ino)
+                .get(&h.ino)
                 .and_then(|n| n.path.as_deref())
-                .is_some_and(|p| p == rel),
-            _ => false,
+                .is_some_and(|p| p == rel)
         })
+    }
+
+    /// Keeps the cached host files of `paths` (deleted from outside) until FORGET.
+    pub(crate) fn pin_io(&self, paths: &[PathBuf]) {
+        let nodes = lock(&self.nodes);
+        let mut io = lock(&self.io);
+        for p in paths {
+            if let Some(&ino) = nodes.by_path.get(p) {
+                io.pin(ino, || None);
+            }
+        }
+    }
+
+    /// Forgets the cached host files of `paths` (published, or changed from outside).
+    pub(crate) fn invalidate_io(&self, paths: &[PathBuf]) {
+        let nodes = lock(&self.nodes);
+        let mut io = lock(&self.io);
+        for p in paths {
+            if let Some(&ino) = nodes.by_path.get(p) {
+                io.invalidate(ino);
+            }
+        }
     }
 }
 
@@ -253,9 +363,12 @@ pub(crate) struct PolicyFs<C> {
     decide: DecideFn<C>,
     /// Cursor per inode, valid for policy generation `.0`.
     cursors: Mutex<(u64, HashMap<u64, C>)>,
-    io: Mutex<HashMap<u64, IoState>>,
-    passthrough: AtomicBool,
+    /// Listings being read (READDIR at offset 0 builds one, the empty end of it drops it).
+    listings: Mutex<HashMap<u64, Arc<Listing>>>,
 }
+
+/// The visible entries of a directory, `.` and `..` first.
+type Listing = Vec<(u64, FileType, OsString)>;
 
 fn kind_of(k: EntryKind) -> NodeKind {
     if k == EntryKind::Dir {
@@ -292,7 +405,6 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         child: ChildFn<C>,
         decide: DecideFn<C>,
     ) -> Self {
-        let passthrough = opts.passthrough;
         PolicyFs {
             shared,
             opts,
@@ -300,8 +412,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             child,
             decide,
             cursors: Mutex::new((0, HashMap::new())),
-            io: Mutex::new(HashMap::new()),
-            passthrough: AtomicBool::new(passthrough),
+            listings: Mutex::new(HashMap::new()),
         }
     }
 
@@ -515,19 +626,21 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         match self.path_of(ino) {
             Ok(path) => self.entry(&path, false),
             Err(e) => {
-                // A deleted file still open: answer from the handle.
-                let Some(fh) = fh else { return Err(e) };
-                let handles = lock(&self.shared.handles);
-                match handles.get(&fh.0) {
-                    Some(Handle::File { file, write, .. }) => {
-                        let st = rustix::fs::fstat(file)
-                            .map_err(|e| FsError::io("fstat", "(open file)", e.into()))?;
-                        let a = crate::delta::attr_of_stat(&st);
-                        let level = if *write { Level::Write } else { Level::Read };
-                        Ok(self.file_attr(ino, &a, level))
-                    }
-                    _ => Err(e),
-                }
+                // A deleted file still open: answer from its handle or its pinned host file.
+                let held = match fh.filter(|fh| fh.0 != 0) {
+                    Some(fh) => lock(&self.shared.handles)
+                        .get(&fh.0)
+                        .map(|h| (h.file.clone(), h.write)),
+                    None => lock(&self.shared.io).held(ino),
+                };
+                let Some((file, write)) = held else {
+                    return Err(e);
+                };
+                let st = rustix::fs::fstat(&*file)
+                    .map_err(|e| FsError::io("fstat", "(open file)", e.into()))?;
+                let a = crate::delta::attr_of_stat(&st);
+                let level = if write { Level::Write } else { Level::Read };
+                Ok(self.file_attr(ino, &a, level))
             }
         }
     }
@@ -538,164 +651,95 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         fh
     }
 
-    /// Decides how to open `file` (from `layer`, for writing if `write`, the path being at
-    /// `level`) for inode `ino`: passthrough with its backing id, or page-cached. Fails with
-    /// `Busy` when the kernel would refuse the open (a writer of an inode whose readers are
-    /// backed by the codebase file, possible only after a rule change).
-    fn io_mode(
+    /// The path that decides I/O on `ino`, and whether the node still has it (a detached
+    /// node answers with the path it had).
+    fn io_path(&self, ino: u64) -> Result<(PathBuf, bool), FsError> {
+        let nodes = lock(&self.shared.nodes);
+        match nodes.by_ino.get(&ino) {
+            Some(Node { path: Some(p), .. }) => Ok((p.clone(), true)),
+            Some(Node {
+                former: Some(p), ..
+            }) => Ok((p.clone(), false)),
+            _ => Err(FsError::Stale { id: ino }),
+        }
+    }
+
+    /// The host file for I/O on `ino` without a handle: the rules are checked on every call
+    /// (`read` to read, `write` to write), then the cached host file is used or opened (for
+    /// writing: copied up first).
+    fn io_file(&self, ino: u64, write: bool) -> Result<Arc<File>, FsError> {
+        let (path, live) = self.io_path(ino)?;
+        let d = self.decision(&path, EntryKind::File);
+        if write {
+            self.require("write", &path, d, Level::Write)?;
+        } else {
+            self.require("read", &path, d, Level::Read)?;
+        }
+        let epoch = {
+            let io = lock(&self.shared.io);
+            if let Some(f) = io.get(ino, write) {
+                return Ok(f);
+            }
+            io.epoch
+        };
+        if !live {
+            return Err(FsError::Vanished { path });
+        }
+        let file = Arc::new(if write {
+            self.shared.delta.open_write(&path, false)?
+        } else {
+            self.shared.delta.open_read(&path)?.0
+        });
+        let mut io = lock(&self.shared.io);
+        if io.epoch == epoch {
+            io.insert(ino, file.clone(), write);
+        }
+        Ok(file)
+    }
+
+    /// Keeps the host file of the file at `path` for I/O after it is unlinked or replaced,
+    /// when the kernel knows its inode (a process may hold it open).
+    fn pin_before_removal(&self, path: &Path, attr: &Attr) {
+        if attr.kind != EntryKind::File {
+            return;
+        }
+        let ino = {
+            let nodes = lock(&self.shared.nodes);
+            match nodes.by_path.get(path) {
+                Some(&ino) if nodes.by_ino.get(&ino).is_some_and(|n| n.lookups > 0) => ino,
+                _ => return,
+            }
+        };
+        let delta = &self.shared.delta;
+        lock(&self.shared.io).pin(ino, || match attr.layer {
+            Layer::Upper => delta.open_write(path, false).ok().map(|f| (f, true)),
+            Layer::Lower => delta.open_read(path).ok().map(|(f, _)| (f, false)),
+        });
+    }
+
+    fn finish_create(
         &self,
-        ino: u64,
-        file: &File,
-        layer: Layer,
+        reply: ReplyCreate,
+        ttl: Duration,
+        attr: FileAttr,
+        file: File,
         write: bool,
-        level: Level,
-        open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
-    ) -> Result<IoMode, FsError> {
-        let mut io = lock(&self.io);
-        let st = io.entry(ino).or_default();
-        if let Some((ident, blayer, weak)) = &st.backing
-            && let Some(b) = weak.upgrade()
-        {
-            let same = rustix::fs::fstat(file).is_ok_and(|s| (s.st_dev, s.st_ino) == *ident);
-            if same || (!write && *blayer == Layer::Lower) {
-                // A newer codebase version than the open readers': new readers share theirs
-                // until they close (read-only either way).
-                return Ok((Some(b), FopenFlags::empty(), false));
-            }
-            return Err(FsError::Busy { ino });
-        }
-        let eligible = layer == Layer::Upper || (level < Level::Write && !write);
-        if eligible
-            && self.passthrough.load(Ordering::Relaxed)
-            && st.cached_opens == 0
-            && let Ok(s) = rustix::fs::fstat(file)
-        {
-            match open_backing(file) {
-                Ok(b) => {
-                    let b = Arc::new(b);
-                    st.backing = Some(((s.st_dev, s.st_ino), layer, Arc::downgrade(&b)));
-                    st.written |= write;
-                    return Ok((Some(b), FopenFlags::empty(), false));
-                }
-                Err(e) => {
-                    // "Not supported here" turns passthrough off for the mount; anything
-                    // else (e.g. out of file descriptors) only for this open.
-                    let unsupported = matches!(
-                        e.raw_os_error(),
-                        Some(
-                            libc::EPERM
-                                | libc::ENOTTY
-                                | libc::EOPNOTSUPP
-                                | libc::ENOSYS
-                                | libc::EINVAL
-                        )
-                    );
-                    warn!(error = %e, unsupported, "FUSE passthrough failed; serving this file in the daemon");
-                    if unsupported {
-                        self.passthrough.store(false, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-        st.written |= write;
-        st.cached_opens += 1;
-        // Codebase files never written through this mount keep their page cache across opens;
-        // a change from outside drops it (invalidation, or the attribute refresh seeing a new
-        // size or mtime).
-        let flags = if layer == Layer::Lower && !st.written {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
-        Ok((None, flags, true))
-    }
-
-    fn do_open(&self, ino: u64, flags: OpenFlags) -> Result<Opened, FsError> {
-        let path = self.path_of(ino)?;
-        let (attr, d) = self.visible("open", &path)?;
-        if attr.kind == EntryKind::Dir {
-            return Err(FsError::IsDir { path });
-        }
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        let (file, layer) = if write {
-            self.require("open-write", &path, d, Level::Write)?;
-            self.check_writable_io(ino)?;
-            let f = self
-                .shared
-                .delta
-                .open_write(&path, flags.0 & libc::O_TRUNC != 0)?;
-            (f, Layer::Upper)
-        } else {
-            self.require("open-read", &path, d, Level::Read)?;
-            self.shared.delta.open_read(&path)?
-        };
-        Ok(Opened {
-            ino,
-            file,
-            write,
-            layer,
-            level: d.level,
-        })
-    }
-
-    /// Refuses a write open before copying anything up when the inode's readers are backed
-    /// by the codebase file (see [`IoState`]).
-    fn check_writable_io(&self, ino: u64) -> Result<(), FsError> {
-        let io = lock(&self.io);
-        match io.get(&ino).and_then(|st| st.backing.as_ref()) {
-            Some((_, Layer::Lower, w)) if w.strong_count() > 0 => Err(FsError::Busy { ino }),
-            _ => Ok(()),
-        }
-    }
-
-    fn finish_open(&self, o: Opened, reply: OpenReply) {
-        let Opened {
-            ino,
-            file,
-            write,
-            layer,
-            level,
-        } = o;
-        let mode = match &reply {
-            OpenReply::Open(r) => {
-                self.io_mode(ino, &file, layer, write, level, |f| r.open_backing(f))
-            }
-            OpenReply::Create(r, ..) => {
-                self.io_mode(ino, &file, layer, write, level, |f| r.open_backing(f))
-            }
-        };
-        let (backing, flags, cached) = match mode {
-            Ok(m) => m,
-            Err(e) => {
-                return match reply {
-                    OpenReply::Open(r) => r.error(errno(&e)),
-                    OpenReply::Create(r, ..) => r.error(errno(&e)),
-                };
-            }
-        };
-        let counter = if backing.is_some() {
-            &self.shared.passthrough_opens
-        } else {
-            &self.shared.daemon_opens
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let fh = self.add_handle(Handle::File {
-            ino,
+    ) {
+        let fh = self.add_handle(Handle {
+            ino: attr.ino.0,
             file: Arc::new(file),
             write,
-            _backing: backing.clone(),
-            cached,
         });
-        match (reply, backing) {
-            (OpenReply::Open(r), Some(b)) => r.opened_passthrough(FileHandle(fh), flags, &b),
-            (OpenReply::Open(r), None) => r.opened(FileHandle(fh), flags),
-            (OpenReply::Create(r, ttl, attr), Some(b)) => {
-                r.created_passthrough(&ttl, &attr, Generation(0), FileHandle(fh), flags, &b);
-            }
-            (OpenReply::Create(r, ttl, attr), None) => {
-                r.created(&ttl, &attr, Generation(0), FileHandle(fh), flags);
-            }
-        }
+        // Direct I/O: a file being written does not pass through this mount's page cache on
+        // top of the delta's (half the copying and memory for large outputs); the kernel
+        // drops cached pages that such a write overlaps, so other opens stay coherent.
+        reply.created(
+            &ttl,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_DIRECT_IO,
+        );
     }
 
     fn do_create(
@@ -757,8 +801,9 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         self.visible("lookup", &ppath)?;
         let path = ppath.join(name);
         let op = if dir { "rmdir" } else { "unlink" };
-        let (_, d) = self.visible(op, &path)?;
+        let (attr, d) = self.visible(op, &path)?;
         self.require(op, &path, d, Level::Write)?;
+        self.pin_before_removal(&path, &attr);
         if dir {
             self.shared.delta.rmdir(&path)?;
         } else {
@@ -801,6 +846,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
                 if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                     return Err(FsError::Exists { path: to });
                 }
+                self.pin_before_removal(&to, &dst);
             }
             None => {
                 let dd = self.decision(&to, src.kind);
@@ -834,6 +880,8 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             }
         }
         self.shared.delta.rename(&from, &to)?;
+        // A codebase file moves by copy-up: a host file cached for reading it is the old one.
+        self.shared.invalidate_io(std::slice::from_ref(&from));
         lock(&self.shared.nodes).moved(&from, &to);
         // Cursors depend on paths: recompute lazily.
         lock(&self.cursors).1.clear();
@@ -878,16 +926,23 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         if uid.is_some_and(|u| u != cur_uid) || gid.is_some_and(|g| g != cur_gid) {
             return Err(FsError::NotPermitted { op: "chown", path });
         }
+        // Any change copies the file up: a host file cached for reading it is the old one.
+        self.shared.invalidate_io(std::slice::from_ref(&path));
         if let Some(size) = size {
             let via_handle = fh.and_then(|fh| match lock(&self.shared.handles).get(&fh.0) {
-                Some(Handle::File {
-                    file, write: true, ..
-                }) => Some(file.set_len(size)),
+                Some(h) if h.write => Some(h.file.set_len(size)),
                 _ => None,
             });
             match via_handle {
                 Some(r) => r.map_err(|e| FsError::io("truncate", &path, e))?,
-                None => self.shared.delta.truncate(&path, size)?,
+                None => {
+                    let _gate = self
+                        .shared
+                        .write_gate
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner());
+                    self.shared.delta.truncate(&path, size)?;
+                }
             }
         }
         if let Some(mode) = mode {
@@ -912,16 +967,31 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         self.shared.delta.readlink(&path)
     }
 
-    /// The host file behind open handle `fh` (which must be writable if `write`).
+    /// The host file behind CREATE handle `fh` (which must be writable if `write`).
     fn file_of(&self, fh: FileHandle, write: bool) -> Result<Arc<File>, FsError> {
         match lock(&self.shared.handles).get(&fh.0) {
-            Some(Handle::File { file, write: w, .. }) if *w || !write => Ok(file.clone()),
+            Some(h) if h.write || !write => Ok(h.file.clone()),
             _ => Err(FsError::Stale { id: fh.0 }),
         }
     }
 
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let file = self.file_of(fh, false)?;
+    /// The host file for I/O on `ino`: the CREATE handle `fh` if there is one, else by inode.
+    fn io_target(&self, ino: u64, fh: FileHandle, write: bool) -> Result<Arc<File>, FsError> {
+        if fh.0 != 0 {
+            self.file_of(fh, write)
+        } else {
+            self.io_file(ino, write)
+        }
+    }
+
+    fn do_read(
+        &self,
+        ino: u64,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let file = self.io_target(ino, fh, false)?;
         let mut buf = vec![0; size as usize];
         let mut n = 0;
         while n < buf.len() {
@@ -936,15 +1006,36 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         Ok(buf)
     }
 
-    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, FsError> {
-        let file = self.file_of(fh, true)?;
+    fn do_write(&self, ino: u64, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let _gate = self
+            .shared
+            .write_gate
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let file = self.io_target(ino, fh, true)?;
         file.write_all_at(data, offset)
             .map_err(|e| FsError::io("write", "(open file)", e))?;
         Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
     }
 
-    fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), FsError> {
-        let file = self.file_of(fh, false)?;
+    fn do_fsync(&self, ino: u64, fh: FileHandle, datasync: bool) -> Result<(), FsError> {
+        let file = if fh.0 != 0 {
+            Some(self.file_of(fh, false)?)
+        } else {
+            let held = lock(&self.shared.io).held(ino).map(|(f, _)| f);
+            match held {
+                Some(f) => Some(f),
+                // Evicted from the cache: what was written is in the delta copy, if any.
+                None => match self.io_path(ino)? {
+                    (path, true) => match self.shared.delta.open_read(&path)? {
+                        (f, Layer::Upper) => Some(Arc::new(f)),
+                        (_, Layer::Lower) => None,
+                    },
+                    (_, false) => None,
+                },
+            }
+        };
+        let Some(file) = file else { return Ok(()) };
         let res = if datasync {
             file.sync_data()
         } else {
@@ -953,9 +1044,16 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         res.map_err(|e| FsError::io("fsync", "(open file)", e))
     }
 
-    fn do_opendir(&self, ino: u64) -> Result<u64, FsError> {
+    /// The listing of directory `ino` for a READDIR at `offset`: built afresh at offset 0
+    /// (a new listing), else the one being read.
+    fn listing(&self, ino: u64, offset: u64) -> Result<Arc<Listing>, FsError> {
+        if offset != 0
+            && let Some(l) = lock(&self.listings).get(&ino)
+        {
+            return Ok(l.clone());
+        }
         let path = self.path_of(ino)?;
-        let (attr, _) = self.visible("opendir", &path)?;
+        let (attr, _) = self.visible("readdir", &path)?;
         if attr.kind != EntryKind::Dir {
             return Err(FsError::NotDir { path });
         }
@@ -975,7 +1073,9 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             entries.push((child_ino, file_type(kind), name));
         }
         drop(nodes);
-        Ok(self.add_handle(Handle::Dir { entries }))
+        let entries = Arc::new(entries);
+        lock(&self.listings).insert(ino, entries.clone());
+        Ok(entries)
     }
 
     fn do_access(&self, ino: u64, mask: AccessFlags) -> Result<(), FsError> {
@@ -1022,9 +1122,6 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     }
 }
 
-/// How an open file is served: `(passthrough backing, open flags, counts as page-cached)`.
-type IoMode = (Option<Arc<BackingId>>, FopenFlags, bool);
-
 /// Longest time the kernel may remember that a name does not exist.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 
@@ -1049,20 +1146,6 @@ fn negative_attr() -> FileAttr {
     }
 }
 
-/// A file opened on the host for a FUSE open or create.
-struct Opened {
-    ino: u64,
-    file: File,
-    write: bool,
-    layer: Layer,
-    level: Level,
-}
-
-enum OpenReply {
-    Open(ReplyOpen),
-    Create(ReplyCreate, Duration, FileAttr),
-}
-
 fn errno(e: &FsError) -> Errno {
     let code = e.errno();
     if code == libc::EIO {
@@ -1078,13 +1161,21 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         // No READDIRPLUS: with it the kernel re-asks for the attributes of every entry on
         // each listing, which made warm `git status`/`ls` 2-3x slower than plain READDIR plus
         // cached lookups (measured with bench/fs.sh).
-        if self.opts.passthrough {
-            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(2).is_ok();
-            if !ok {
-                warn!("kernel does not offer FUSE passthrough; falling back");
-            }
-            self.passthrough.store(ok, Ordering::Relaxed);
+        // Shared mmap of files opened with direct I/O (files made by CREATE); without it
+        // such an mmap fails with ENODEV (Linux >= 6.6; older kernels refuse only that).
+        // Cached pages of a file whose size or mtime changed behind the kernel's back (a
+        // codebase edited outside the server) are dropped when its attributes are refreshed.
+        if config
+            .add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA)
+            .is_err()
+        {
+            debug!("kernel without FUSE_AUTO_INVAL_DATA");
+        }
+        if config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_err()
+        {
+            debug!("kernel without FUSE_DIRECT_IO_ALLOW_MMAP: no shared mmap of new files");
         }
         Ok(())
     }
@@ -1124,7 +1215,8 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         drop(nodes);
         if gone {
             lock(&self.cursors).1.remove(&ino.0);
-            lock(&self.io).remove(&ino.0);
+            lock(&self.shared.io).forget(ino.0);
+            lock(&self.listings).remove(&ino.0);
         }
     }
 
@@ -1262,17 +1354,15 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino.0, flags) {
-            Ok(o) => self.finish_open(o, OpenReply::Open(reply)),
-            Err(e) => reply.error(errno(&e)),
-        }
+    /// ENOSYS: no-open mode (module docs); the kernel stops sending OPEN for good.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -1280,7 +1370,7 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh, offset, size) {
+        match self.do_read(ino.0, fh, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1289,7 +1379,7 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -1298,10 +1388,22 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data) {
+        match self.do_write(ino.0, fh, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    /// ENOSYS: nothing happens at close; the kernel stops sending FLUSH for good.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -1314,69 +1416,52 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let h = lock(&self.shared.handles).remove(&fh.0);
-        if let Some(Handle::File {
-            ino, cached: true, ..
-        }) = h
-            && let Some(st) = lock(&self.io).get_mut(&ino)
-        {
-            st.cached_opens = st.cached_opens.saturating_sub(1);
-        }
+        lock(&self.shared.handles).remove(&fh.0);
         reply.ok();
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.do_fsync(fh, datasync) {
+        match self.do_fsync(ino.0, fh, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
-        }
+    /// ENOSYS: no-opendir mode; listings are served by READDIR alone and the kernel caches
+    /// them (invalidated on changes).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let handles = lock(&self.shared.handles);
-        let Some(Handle::Dir { entries }) = handles.get(&fh.0) else {
-            return reply.error(Errno::EBADF);
+        let entries = match self.listing(ino.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(errno(&e)),
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        if start >= entries.len() {
+            // The end of this listing: the next READDIR at offset 0 starts a new one.
+            lock(&self.listings).remove(&ino.0);
+        }
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
                 break;
             }
         }
-        drop(handles);
-        reply.ok();
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        lock(&self.shared.handles).remove(&fh.0);
         reply.ok();
     }
 
@@ -1464,14 +1549,7 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
     ) {
         match self.do_create((req.uid(), req.gid()), parent.0, name, mode, umask, flags) {
             Ok((attr, file, write)) => {
-                let opened = Opened {
-                    ino: attr.ino.0,
-                    file,
-                    write,
-                    layer: Layer::Upper,
-                    level: Level::Write,
-                };
-                self.finish_open(opened, OpenReply::Create(reply, self.opts.entry_ttl, attr));
+                self.finish_create(reply, self.opts.entry_ttl, attr, file, write);
             }
             Err(e) => reply.error(errno(&e)),
         }

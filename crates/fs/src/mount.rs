@@ -11,7 +11,7 @@ use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionAC
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, Auditor};
-use crate::delta::{Delta, EntryKind, Layer, PublishFilter, PublishReport};
+use crate::delta::{Delta, EntryKind, PublishFilter, PublishReport};
 use crate::error::FsError;
 use crate::fuse::{FsOptions, PolicyFs, Shared};
 
@@ -52,23 +52,23 @@ fn lower_key(lower: &Path) -> PathBuf {
     std::fs::canonicalize(lower).unwrap_or_else(|_| lower.to_path_buf())
 }
 
-/// Drops the kernel's cached names and attributes for `paths` (relative to the codebase
-/// root) in one mount. A file this sandbox reads from the codebase also gets a new inode
-/// number: open readers keep the version (and passthrough backing) they opened, later opens
-/// get the new file.
-fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], renumber: bool) {
-    let fresh: Vec<&PathBuf> = if renumber {
+/// Drops the kernel's cached names, attributes and pages for `paths` (relative to the
+/// codebase root) in one mount. With `changed` (the codebase changed there), host files
+/// cached for I/O on them are dropped too, and a path that no longer exists loses its node,
+/// keeping its host file if the kernel may still have it open.
+fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], changed: bool) {
+    let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = if changed {
         paths
             .iter()
-            .filter(|p| match shared.delta.lookup(p) {
-                Ok(Some(a)) => a.layer == Layer::Lower && a.kind != EntryKind::Dir,
-                Ok(None) => true,
-                Err(_) => false,
-            })
-            .collect()
+            .cloned()
+            .partition(|p| matches!(shared.delta.lookup(p), Ok(None)))
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
+    // A deleted file keeps the host file already open for it (a reader may be mid-file); a
+    // changed one is re-opened on the next read.
+    shared.pin_io(&gone);
+    shared.invalidate_io(&present);
     let targets: Vec<(Option<u64>, Option<u64>, PathBuf)> = {
         let mut nodes = shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let targets = paths
@@ -78,7 +78,7 @@ fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], renumber:
                 (parent, nodes.by_path.get(p).copied(), p.clone())
             })
             .collect();
-        for p in fresh {
+        for p in &gone {
             nodes.detach(p);
         }
         targets
@@ -141,15 +141,13 @@ pub struct FsConfig {
     pub entry_ttl: Duration,
     /// Kernel cache lifetime of attributes.
     pub attr_ttl: Duration,
-    /// Use FUSE passthrough for open files when the kernel offers it (falls back cleanly).
-    pub passthrough: bool,
     /// FUSE worker threads.
     pub threads: usize,
 }
 
 impl FsConfig {
     /// A configuration with the defaults: publish after each command, `allow_other`, host
-    /// owners, 60 s TTLs (with explicit invalidation), passthrough on, 2 threads.
+    /// owners, 60 s TTLs (with explicit invalidation), 2 threads.
     pub fn new(
         sandbox_id: impl Into<String>,
         lower: impl Into<PathBuf>,
@@ -168,7 +166,6 @@ impl FsConfig {
             owner: None,
             entry_ttl: DEFAULT_TTL,
             attr_ttl: DEFAULT_TTL,
-            passthrough: true,
             threads: 2,
         }
     }
@@ -177,10 +174,9 @@ impl FsConfig {
 /// Counters of a live mount.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MountStats {
-    /// Opens served by kernel passthrough (reads and writes never reach the daemon).
-    pub passthrough_opens: u64,
-    /// Opens whose reads and writes go through the daemon.
-    pub daemon_opens: u64,
+    /// Host files the daemon holds open for I/O (bounded cache plus files still open in the
+    /// sandbox after an unlink).
+    pub open_files: usize,
     /// Audit events dropped because the channel was full.
     pub dropped_events: u64,
 }
@@ -217,7 +213,6 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         entry_ttl: config.entry_ttl,
         attr_ttl: config.attr_ttl,
         owner: config.owner,
-        passthrough: config.passthrough,
     };
     // `Policy::cursor_*` fix the cursor type; see `PolicyFs`.
     let fs = PolicyFs::new(
@@ -292,10 +287,18 @@ impl MountHandle {
     pub fn publish(&self) -> Result<PublishReport, FsError> {
         let (policy, _) = self.shared.policy();
         let shared = &self.shared;
-        let report = shared.delta.publish(&PublishFilter {
-            allow: &|p, k| writable(&policy, p, k),
-            busy: &|p| shared.busy(p),
-        })?;
+        let report = {
+            // No write into a cached delta file while publish may drop it; afterwards the
+            // next write re-resolves (and copies up again) instead of writing into a copy that
+            // is gone.
+            let _gate = shared.write_gate.write().unwrap_or_else(|p| p.into_inner());
+            let report = shared.delta.publish(&PublishFilter {
+                allow: &|p, k| writable(&policy, p, k),
+                busy: &|p| shared.busy(p),
+            })?;
+            shared.invalidate_io(&report.written);
+            report
+        };
         for c in &report.conflicts {
             warn!(path = %c.path.display(), "publish conflict: codebase changed since copy-up");
             shared.audit.conflict(c.clone());
@@ -358,12 +361,15 @@ impl MountHandle {
         self.shared.audit.dropped()
     }
 
-    /// Counters (passthrough use, dropped events).
+    /// Counters (host files held, dropped events).
     pub fn stats(&self) -> MountStats {
-        use std::sync::atomic::Ordering::Relaxed;
         MountStats {
-            passthrough_opens: self.shared.passthrough_opens.load(Relaxed),
-            daemon_opens: self.shared.daemon_opens.load(Relaxed),
+            open_files: self
+                .shared
+                .io
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
             dropped_events: self.shared.audit.dropped(),
         }
     }

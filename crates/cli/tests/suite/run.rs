@@ -44,7 +44,7 @@ fn run_under_agent_safe_then_apply() {
         &[
             dir,
             "--",
-            "echo report > output/r.txt; echo x >> src/main.py; cat output/r.txt",
+            "echo report > output/r.txt; echo x > src/main.py; cat output/r.txt",
         ],
     );
     assert_eq!(code, 0, "the last command's status is the exit code: {err}");

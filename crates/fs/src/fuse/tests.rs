@@ -3,7 +3,7 @@
 //! publishing carries nothing below `write` to the codebase.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 
 use agentfense_core::PermissionRule;
 use proptest::prelude::*;
@@ -177,10 +177,9 @@ fn apply<C: Clone + Send + Sync + 'static>(fs: &PolicyFs<C>, op: &Op) {
             }
         }
         Op::Write(p) => {
-            if let Some(i) = ino_of(p)
-                && let Ok(mut o) = fs.do_open(i, OpenFlags(libc::O_WRONLY))
-            {
-                o.file.write_all(b"CHANGED").unwrap();
+            if let Some(i) = ino_of(p) {
+                // No-open mode: a WRITE by inode, without a handle.
+                let _ = fs.do_write(i, FileHandle(0), 0, b"CHANGED");
             }
         }
         Op::Truncate(p) | Op::Chmod(p) | Op::Utimes(p) => {
@@ -263,7 +262,6 @@ fn run_case(rules: Vec<PermissionRule>, ops: &[Op]) -> Result<(), TestCaseError>
         entry_ttl: Duration::ZERO,
         attr_ttl: Duration::ZERO,
         owner: None,
-        passthrough: false,
     };
     let fs = PolicyFs::new(
         shared.clone(),

@@ -102,9 +102,10 @@ fn proc_self_fd_cannot_upgrade_a_read_only_descriptor() {
     require_fuse!("proc_self_fd_cannot_upgrade_a_read_only_descriptor");
     let m = standard();
     assert_eq!(
-        m.py("os.open('/proc/self/fd/%d' % os.open('README.md', os.O_RDONLY), os.O_WRONLY)"),
+        m.py("os.write(os.open('/proc/self/fd/%d' % os.open('README.md', os.O_RDONLY), os.O_WRONLY), b'x')"),
         "EACCES"
     );
+    assert_eq!(m.ok("cat README.md"), "hello readme\n");
     assert_eq!(
         m.py("os.open('/proc/self/fd/%d' % os.open('view', os.O_RDONLY), os.O_RDONLY) > 0"),
         "ok True"
