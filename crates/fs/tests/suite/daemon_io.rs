@@ -40,6 +40,11 @@ fn reads_and_writes_by_inode() {
         "ok"
     );
     assert_eq!(m.ok("cat output/f"), "ZX");
+    // A file made by CREATE uses direct I/O: mmap of that very descriptor works too.
+    assert_eq!(
+        m.py("import mmap; f = open('output/m', 'w+b'); f.write(b'abc'); f.flush(); mm = mmap.mmap(f.fileno(), 0); mm[0:1] = b'X'; mm.flush(); print(mm[:3], open('output/m', 'rb').read())"),
+        "b'Xbc' b'Xbc'\nok"
+    );
     m.ok("head -c 3000000 /dev/urandom > output/big && cmp output/big output/big");
     assert_eq!(m.ok("stat -c %s output/big"), "3000000\n");
     // A view file opens (no round trip) but its content never comes back, mmap included.
@@ -100,6 +105,12 @@ fn a_reader_and_a_writer_of_one_file_see_one_content() {
         "'old output\\n'\n'old output\\nmore\\n'\n'old output\\nmore\\n'\nok"
     );
     assert_eq!(m.ok("cat output/existing.txt"), "old output\nmore\n");
+    // A reader that cached a file being written through its CREATE handle (direct I/O)
+    // sees the later writes, not stale pages.
+    let out = m.py(
+        "w = open('output/c', 'wb', buffering=0); w.write(b'abc'); r = open('output/c', 'rb');          a = r.read(); w.write(b'def'); r.seek(0); print(a, r.read()); w.close(); r.close()",
+    );
+    assert_eq!(out, "b'abc' b'abcdef'\nok");
 }
 
 #[test]
