@@ -11,7 +11,8 @@
 //! * `host` (private): the only place that opens host paths, always beneath a layer root with
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, never through a symlink.
 //! * `fuse` (private): the thin `fuser::Filesystem` adapter that enforces the rules (table in
-//!   its module docs) and uses FUSE passthrough for open files when the kernel offers it.
+//!   its module docs). Opens cost no round trip (FUSE no-open mode): the rules apply to every
+//!   read, write and metadata change instead, and warm reads come from the page cache.
 //! * [`mount()`] / [`MountHandle`]: what the server uses. Denials and publish conflicts come
 //!   out of [`MountHandle::events`] as [`AuditEvent`]s.
 //! * [`FsError`]: the crate's error, with the one `FsError -> errno` table
