@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use agentfense_runtime::output::Utf8Chunker;
 use agentfense_runtime::{
-    ExecEvent, ExecRequest, ExecResult, ExecStream, LimitKind, Result, RuntimeError, check_command,
+    Delivery, ExecEvent, ExecRequest, ExecResult, ExecStream, LimitKind, Result, RuntimeError,
+    check_command, consumer_gone, deliver,
 };
 use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};
@@ -353,10 +354,7 @@ async fn drive(
                 if let Some(p) = pid {
                     c.kill_tree(p, Signal::KILL).await;
                 }
-                break Some(RuntimeError::Io {
-                    op: "stream consumer gone",
-                    source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-                });
+                break Some(consumer_gone());
             },
             _ = tokio::time::sleep_until(grace.unwrap_or(far)), if grace.is_some() => {
                 // A background process keeps the output open: take what has arrived.
@@ -365,30 +363,19 @@ async fn drive(
             },
         };
         if let Some(ev) = ev {
-            let empty = matches!(&ev, ExecEvent::Stdout(s) | ExecEvent::Stderr(s) if s.is_empty());
-            if !empty {
-                match tokio::time::timeout_at(
-                    deadline.max(tokio::time::Instant::now()),
-                    tx.send(Ok(ev)),
-                )
-                .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
-                        if let Some(p) = pid {
-                            c.kill_tree(p, Signal::KILL).await;
-                        }
-                        break Some(RuntimeError::Io {
-                            op: "stream consumer gone",
-                            source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-                        });
+            match deliver(&tx, ev, deadline).await {
+                Delivery::Sent => {}
+                Delivery::ConsumerGone => {
+                    if let Some(p) = pid {
+                        c.kill_tree(p, Signal::KILL).await;
                     }
-                    Err(_) => {
-                        // Blocked on a slow consumer past the deadline.
-                        timed_out = true;
-                        if let Some(p) = pid {
-                            c.kill_tree(p, Signal::KILL).await;
-                        }
+                    break Some(consumer_gone());
+                }
+                Delivery::PastDeadline => {
+                    // Blocked on a slow consumer past the deadline.
+                    timed_out = true;
+                    if let Some(p) = pid {
+                        c.kill_tree(p, Signal::KILL).await;
                     }
                 }
             }

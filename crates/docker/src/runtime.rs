@@ -71,32 +71,14 @@ pub(crate) struct Container {
 impl Container {
     /// Compares the cgroup counters with the last seen values; reports and returns increases.
     pub(crate) fn check_limits(&self, command: &str, session_id: Option<&str>) -> Vec<LimitKind> {
-        let now = self.counter_files.read();
-        let Ok(mut last) = self.counters.lock() else {
-            return Vec::new();
-        };
-        let mut hits = Vec::new();
-        if now.oom_kills > last.oom_kills {
-            hits.push(LimitKind::Memory);
-        }
-        if now.pids_max > last.pids_max {
-            hits.push(LimitKind::Pids);
-        }
-        *last = now;
-        drop(last);
-        for limit in hits.iter().copied() {
-            tracing::info!(sandbox_id = %self.sandbox_id, limit = limit.as_str(), "resource limit exceeded");
-            let ev = RuntimeEvent::ResourceLimitExceeded {
-                sandbox_id: self.sandbox_id.clone(),
-                session_id: session_id.map(str::to_owned),
-                limit,
-                command: command.to_owned(),
-            };
-            if self.events.try_send(ev).is_err() {
-                tracing::warn!(sandbox_id = %self.sandbox_id, "runtime event dropped (channel full or closed)");
-            }
-        }
-        hits
+        agentfense_runtime::cgroup::report_limit_hits(
+            &self.counters,
+            self.counter_files.read(),
+            &self.events,
+            &self.sandbox_id,
+            command,
+            session_id,
+        )
     }
 }
 

@@ -374,13 +374,7 @@ impl DockerRuntime {
     }
 
     fn session(c: &Container, session_id: &str) -> Result<Arc<Session>> {
-        c.sessions
-            .lock()
-            .ok()
-            .and_then(|m| m.get(session_id).cloned())
-            .ok_or_else(|| RuntimeError::SessionNotFound {
-                session_id: session_id.to_owned(),
-            })
+        agentfense_runtime::find_session(&c.sessions, session_id)
     }
 
     pub(crate) async fn do_session_exec(

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::types::ResourceLimits;
+use crate::types::{LimitKind, ResourceLimits, RuntimeEvent};
 
 /// CFS period the quota is expressed against (100 ms).
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -130,6 +130,45 @@ pub struct LimitCounters {
     pub oom_kills: u64,
     /// Refused forks (`max` of `pids.events`).
     pub pids_max: u64,
+}
+
+/// Compares `now` with the counters last seen (`last`, then set to `now`): each limit hit since
+/// (memory, then pids) is reported as a [`RuntimeEvent::ResourceLimitExceeded`] on `events`
+/// (dropped with a warning when the channel is full or closed) and returned. Shared by the
+/// runtimes, which read `now` from their own cgroups.
+pub fn report_limit_hits(
+    last: &std::sync::Mutex<LimitCounters>,
+    now: LimitCounters,
+    events: &tokio::sync::mpsc::Sender<RuntimeEvent>,
+    sandbox_id: &str,
+    command: &str,
+    session_id: Option<&str>,
+) -> Vec<LimitKind> {
+    let Ok(mut last) = last.lock() else {
+        return Vec::new();
+    };
+    let mut hits = Vec::new();
+    if now.oom_kills > last.oom_kills {
+        hits.push(LimitKind::Memory);
+    }
+    if now.pids_max > last.pids_max {
+        hits.push(LimitKind::Pids);
+    }
+    *last = now;
+    drop(last);
+    for limit in hits.iter().copied() {
+        tracing::info!(sandbox_id = %sandbox_id, limit = limit.as_str(), "resource limit exceeded");
+        let ev = RuntimeEvent::ResourceLimitExceeded {
+            sandbox_id: sandbox_id.to_owned(),
+            session_id: session_id.map(str::to_owned),
+            limit,
+            command: command.to_owned(),
+        };
+        if events.try_send(ev).is_err() {
+            tracing::warn!(sandbox_id = %sandbox_id, "runtime event dropped (channel full or closed)");
+        }
+    }
+    hits
 }
 
 impl CgroupManager {

@@ -54,6 +54,8 @@
 pub mod bwrap;
 mod bwrap_runtime;
 pub mod cgroup;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 pub mod hardening;
 pub mod init;
@@ -66,7 +68,7 @@ pub use bwrap_runtime::{
     BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, TtyProcess, build_env, resolve_workdir,
 };
 pub use error::{ErrorKind, Result, RuntimeError};
-pub use runtime::{BoxFuture, ExecStream, Runtime};
+pub use runtime::{BoxFuture, Delivery, ExecStream, Runtime, consumer_gone, deliver, find_session};
 pub use types::{
     ExecEvent, ExecRequest, ExecResult, LimitKind, MAX_COMMAND, NetworkMode, ResourceLimits,
     RuntimeEvent, SandboxSpec, SessionSpec, TtyRequest, check_command,

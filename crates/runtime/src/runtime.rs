@@ -77,6 +77,61 @@ impl ExecStream {
     }
 }
 
+/// What became of an event [`deliver`]ed to an exec stream's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Sent (or skipped: an empty chunk is never sent).
+    Sent,
+    /// The consumer dropped the stream: the command must be killed, ending with
+    /// [`consumer_gone`].
+    ConsumerGone,
+    /// The consumer left no room before the command's deadline: the command must be killed as
+    /// timed out.
+    PastDeadline,
+}
+
+/// Sends `ev` to an exec stream's consumer, waiting for room until `deadline` at the latest
+/// (a consumer that is already late gets no wait). Empty chunks are skipped. Shared by the
+/// runtimes' exec loops, which differ in how they kill.
+pub async fn deliver(
+    tx: &mpsc::Sender<Result<ExecEvent>>,
+    ev: ExecEvent,
+    deadline: tokio::time::Instant,
+) -> Delivery {
+    if matches!(&ev, ExecEvent::Stdout(s) | ExecEvent::Stderr(s) if s.is_empty()) {
+        return Delivery::Sent;
+    }
+    match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()), tx.send(Ok(ev))).await
+    {
+        Ok(Ok(())) => Delivery::Sent,
+        Ok(Err(_)) => Delivery::ConsumerGone,
+        Err(_) => Delivery::PastDeadline,
+    }
+}
+
+/// The error ending a command whose stream consumer went away.
+pub fn consumer_gone() -> crate::error::RuntimeError {
+    crate::error::RuntimeError::Io {
+        op: "stream consumer gone",
+        source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+    }
+}
+
+/// The session `session_id` of a runtime's per-sandbox session table, or
+/// [`RuntimeError::SessionNotFound`](crate::RuntimeError::SessionNotFound).
+pub fn find_session<S>(
+    sessions: &std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<S>>>,
+    session_id: &str,
+) -> Result<std::sync::Arc<S>> {
+    sessions
+        .lock()
+        .ok()
+        .and_then(|m| m.get(session_id).cloned())
+        .ok_or_else(|| crate::error::RuntimeError::SessionNotFound {
+            session_id: session_id.to_owned(),
+        })
+}
+
 /// Sandbox lifecycle, command execution and persistent sessions.
 ///
 /// State machine per sandbox: `create` → `start` → (`exec`, sessions)* → `stop` → (`start` …)

@@ -1,14 +1,15 @@
-//! Fixture: a started sandbox container over a temporary workspace.
+//! Fixture: a started sandbox container over a temporary workspace; the docker target of the
+//! conformance suite.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentfense_docker::{DockerConfig, DockerRuntime};
-use agentfense_runtime::{
-    ExecRequest, ExecResult, NetworkMode, ResourceLimits, Runtime, RuntimeEvent, SandboxSpec,
-};
+use agentfense_runtime::NetworkMode;
+use agentfense_runtime::conformance::{self, Options, Sandbox, Target};
 use tokio::sync::{Mutex, MutexGuard, mpsc};
+
+pub use agentfense_runtime::conformance::{req, unique_suffix as rand_suffix};
 
 pub const SOCKET: &str = "/var/run/docker.sock";
 
@@ -54,102 +55,50 @@ async fn missing_prerequisite() -> Option<String> {
 /// lock for the test's duration.
 pub async fn guard(test: &str) -> Option<MutexGuard<'static, ()>> {
     let g = SERIAL.lock().await;
-    match missing_prerequisite().await {
-        None => Some(g),
-        Some(reason) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: prerequisite missing under CI: {reason}");
-            }
-            eprintln!("SKIPPED {test}: {reason}");
-            None
-        }
+    let missing = missing_prerequisite().await;
+    (!conformance::skip_unless_ci(test, missing)).then_some(g)
+}
+
+/// The docker runtime as a conformance target.
+pub fn target() -> Target {
+    Target {
+        start: |o| {
+            Box::pin(async move {
+                let mut cfg = config();
+                if o.network == NetworkMode::Host {
+                    // Networking must be enabled server-wide; `host` reaches the host's loopback.
+                    cfg.enable_networking = true;
+                    cfg.network_mode = "host".into();
+                }
+                start_with(o, cfg).await.into_dyn()
+            })
+        },
+        // The container's main process is `sleep infinity`.
+        idle_sleeps: 1,
+        // docker-init, `sleep infinity`, sh, ps, wc.
+        processes_at_rest: 5,
+        reap_grace: Duration::ZERO,
+        read_only_root_is_erofs: true,
+        command_bounding_set: 0,
+        // Set by dockerd in every exec.
+        extra_env: &["HOSTNAME"],
     }
 }
 
-pub struct Fixture {
-    pub rt: Arc<DockerRuntime>,
-    pub id: String,
-    pub ws: tempfile::TempDir,
-    pub events: mpsc::Receiver<RuntimeEvent>,
+pub type Fixture = Sandbox<DockerRuntime>;
+
+pub async fn start() -> Fixture {
+    start_with(Options::default(), config()).await
 }
 
-pub struct Opts {
-    pub limits: ResourceLimits,
-    pub network: NetworkMode,
-    pub cap: usize,
-    pub cfg: DockerConfig,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Opts {
-            limits: ResourceLimits::default(),
-            network: NetworkMode::None,
-            cap: 1 << 20,
-            cfg: config(),
-        }
-    }
-}
-
-impl Fixture {
-    pub async fn start() -> Fixture {
-        Self::with(Opts::default()).await
-    }
-
-    pub async fn with(opts: Opts) -> Fixture {
-        let ws = tempfile::tempdir().unwrap();
-        // The sandbox user (uid 1000) must be able to write its workspace.
-        std::os::unix::fs::chown(ws.path(), Some(1000), Some(1000)).unwrap();
-        let mut cfg = opts.cfg;
-        cfg.output_cap = opts.cap;
-        let (tx, events) = mpsc::channel(64);
-        let rt = Arc::new(DockerRuntime::connect(cfg, tx).await.unwrap());
-        let id = format!("t{}", rand_suffix());
-        rt.create(
-            &id,
-            SandboxSpec {
-                image: None,
-                workspace: ws.path().to_path_buf(),
-                limits: opts.limits,
-                network: opts.network,
-            },
-        )
-        .await
-        .unwrap();
-        rt.start(&id).await.unwrap();
-        Fixture { rt, id, ws, events }
-    }
-
-    pub async fn sh(&self, cmd: &str) -> ExecResult {
-        self.rt
-            .exec(&self.id, req(cmd))
-            .await
-            .unwrap_or_else(|e| panic!("exec {cmd:?} failed: {e:?}"))
-    }
-
-    pub async fn destroy(self) {
-        self.rt.destroy(&self.id).await.unwrap();
-    }
-}
-
-pub fn req(cmd: &str) -> ExecRequest {
-    ExecRequest {
-        command: cmd.to_owned(),
-        stdin: Vec::new(),
-        env: BTreeMap::new(),
-        workdir: String::new(),
-        timeout: Some(Duration::from_secs(20)),
-    }
-}
-
-pub fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
+/// A started sandbox on a runtime with configuration `cfg` (its output cap from `opts`).
+pub async fn start_with(opts: Options, mut cfg: DockerConfig) -> Fixture {
+    let ws = tempfile::tempdir().unwrap();
+    cfg.output_cap = opts.output_cap;
+    let (tx, events) = mpsc::channel(64);
+    let rt = Arc::new(DockerRuntime::connect(cfg, tx).await.unwrap());
+    let workspace = ws.path().to_path_buf();
+    Sandbox::create_and_start(rt, events, workspace, opts.limits, opts.network, ws).await
 }
 
 /// Whether a container with this name exists.

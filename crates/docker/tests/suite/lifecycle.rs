@@ -19,48 +19,28 @@ fn spec(ws: &std::path::Path) -> SandboxSpec {
     }
 }
 
+/// The container behind the sandbox: labelled, removed by stop (so that start again creates
+/// it anew) and by destroy. (Stop, start and destroy as such are in the conformance suite.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_then_start_and_destroy() {
     let Some(_g) = guard("stop_then_start_and_destroy").await else {
         return;
     };
-    let fx = Fixture::start().await;
+    let fx = start().await;
     let name = format!("agentfense-{}", fx.id);
     let info = fx.rt.client().inspect_container(&name, None).await.unwrap();
     let labels = info.config.unwrap().labels.unwrap();
     assert_eq!(labels.get(LABEL_MANAGED).map(String::as_str), Some("true"));
     assert_eq!(labels.get(LABEL_SANDBOX_ID), Some(&fx.id));
     assert_eq!(labels.get(LABEL_INSTANCE), Some(&fx.rt.config().instance));
-    fx.sh("echo keep > /workspace/kept; sleep 100 &").await;
-    // Starting twice is refused.
-    assert_eq!(
-        fx.rt.start(&fx.id).await.unwrap_err().kind(),
-        ErrorKind::FailedPrecondition
-    );
     fx.rt.stop(&fx.id).await.unwrap();
     assert!(!container_exists(&fx.rt, &name).await);
-    assert!(matches!(
-        fx.rt.exec(&fx.id, req("true")).await,
-        Err(RuntimeError::NotRunning { .. })
-    ));
-    assert!(matches!(
-        fx.rt.stop(&fx.id).await,
-        Err(RuntimeError::NotRunning { .. })
-    ));
     // The original failed here with a name conflict.
     fx.rt.start(&fx.id).await.unwrap();
-    let r = fx
-        .sh("cat /workspace/kept; ps -e -o args= | grep -c '^sleep 100$' || true")
-        .await;
-    assert_eq!(r.stdout, "keep\n0\n");
+    assert!(container_exists(&fx.rt, &name).await);
     let rt = fx.rt.clone();
-    let id = fx.id.clone();
     fx.destroy().await;
     assert!(!container_exists(&rt, &name).await);
-    assert!(matches!(
-        rt.exec(&id, req("true")).await,
-        Err(RuntimeError::SandboxNotFound { .. })
-    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +132,7 @@ async fn a_container_killed_behind_our_back_can_be_started_again() {
     let Some(_g) = guard("a_container_killed_behind_our_back_can_be_started_again").await else {
         return;
     };
-    let fx = Fixture::start().await;
+    let fx = start().await;
     let id = fx.rt.container_id(&fx.id).await.unwrap();
     fx.rt
         .client()

@@ -1,6 +1,4 @@
 mod common;
-mod exec;
+mod conformance;
 mod isolation;
 mod lifecycle;
-mod limits;
-mod sessions;

@@ -1,6 +1,7 @@
 //! Commands: one fork+exec in the init per request, output pumped from plain pipes.
 
 use super::*;
+use crate::runtime::{Delivery, consumer_gone, deliver};
 
 impl BwrapRuntime {
     pub(super) async fn do_exec_stream(
@@ -125,32 +126,14 @@ impl Env {
         let Some(cg) = &self.cgroup else {
             return Vec::new();
         };
-        let now = cg.counters();
-        let Ok(mut last) = self.counters.lock() else {
-            return Vec::new();
-        };
-        let mut hits = Vec::new();
-        if now.oom_kills > last.oom_kills {
-            hits.push(LimitKind::Memory);
-        }
-        if now.pids_max > last.pids_max {
-            hits.push(LimitKind::Pids);
-        }
-        *last = now;
-        drop(last);
-        for limit in hits.iter().copied() {
-            tracing::info!(sandbox_id = %self.sandbox_id, limit = limit.as_str(), "resource limit exceeded");
-            let ev = RuntimeEvent::ResourceLimitExceeded {
-                sandbox_id: self.sandbox_id.clone(),
-                session_id: session_id.map(str::to_owned),
-                limit,
-                command: command.to_owned(),
-            };
-            if self.events.try_send(ev).is_err() {
-                tracing::warn!(sandbox_id = %self.sandbox_id, "runtime event dropped (channel full or closed)");
-            }
-        }
-        hits
+        crate::cgroup::report_limit_hits(
+            &self.counters,
+            cg.counters(),
+            &self.events,
+            &self.sandbox_id,
+            command,
+            session_id,
+        )
     }
 }
 
@@ -233,10 +216,7 @@ pub(super) async fn drive(
                     cg.kill();
                 }
                 kill(env.clone(), r.id).await;
-                break Err(RuntimeError::Io {
-                    op: "stream consumer gone",
-                    source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-                });
+                break Err(consumer_gone());
             },
             _ = tokio::time::sleep_until(grace.unwrap_or(far)), if grace.is_some() => {
                 // Something in the background keeps the pipes open: take what is buffered.
@@ -268,31 +248,20 @@ pub(super) async fn drive(
             },
         };
         if let Some(ev) = ev {
-            let empty = matches!(&ev, ExecEvent::Stdout(s) | ExecEvent::Stderr(s) if s.is_empty());
-            if !empty {
-                match tokio::time::timeout_at(
-                    deadline.max(tokio::time::Instant::now()),
-                    tx.send(Ok(ev)),
-                )
-                .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
-                        // The consumer went away: kill the command.
-                        if let Some(cg) = &r.cgroup {
-                            cg.kill();
-                        }
-                        kill(env.clone(), r.id).await;
-                        break Err(RuntimeError::Io {
-                            op: "stream consumer gone",
-                            source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-                        });
+            match deliver(&tx, ev, deadline).await {
+                Delivery::Sent => {}
+                Delivery::ConsumerGone => {
+                    // The consumer went away: kill the command.
+                    if let Some(cg) = &r.cgroup {
+                        cg.kill();
                     }
-                    Err(_) => {
-                        // Blocked on a slow consumer past the deadline.
-                        kill(env.clone(), r.id).await;
-                        timed_out = true;
-                    }
+                    kill(env.clone(), r.id).await;
+                    break Err(consumer_gone());
+                }
+                Delivery::PastDeadline => {
+                    // Blocked on a slow consumer past the deadline.
+                    kill(env.clone(), r.id).await;
+                    timed_out = true;
                 }
             }
         }

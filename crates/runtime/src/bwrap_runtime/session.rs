@@ -110,13 +110,7 @@ impl BwrapRuntime {
     }
 
     pub(super) fn session(env: &Env, session_id: &str) -> Result<Arc<Session>> {
-        env.sessions
-            .lock()
-            .ok()
-            .and_then(|m| m.get(session_id).cloned())
-            .ok_or_else(|| RuntimeError::SessionNotFound {
-                session_id: session_id.to_owned(),
-            })
+        crate::find_session(&env.sessions, session_id)
     }
 
     pub(super) async fn do_session_exec(

@@ -1,16 +1,15 @@
-//! Fixture: a started sandbox over a temporary workspace, cleaned up on drop.
+//! Fixture: a started sandbox over a temporary workspace, cleaned up on drop; the bwrap target
+//! of the conformance suite.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentfense_runtime::Runtime;
 use agentfense_runtime::cgroup::{CgroupManager, StdCgroupFs};
-use agentfense_runtime::{
-    BwrapConfig, BwrapRuntime, ExecRequest, ExecResult, NetworkMode, ResourceLimits, RuntimeEvent,
-    SandboxSpec,
-};
+use agentfense_runtime::conformance::{self, Options, Sandbox, Target};
+use agentfense_runtime::{BwrapConfig, BwrapRuntime, ResourceLimits};
 use tokio::sync::mpsc;
+
+pub use agentfense_runtime::conformance::req;
 
 pub const INIT: &str = env!("CARGO_BIN_EXE_agentfense-init");
 
@@ -35,120 +34,65 @@ pub fn missing_prerequisite() -> Option<String> {
 
 /// Probe: `true` means skip (after printing why); panics under CI.
 pub fn skip(test: &str) -> bool {
-    match missing_prerequisite() {
-        None => false,
-        Some(reason) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: prerequisite missing under CI: {reason}");
-            }
-            eprintln!("SKIPPED {test}: {reason}");
-            true
-        }
+    conformance::skip_unless_ci(test, missing_prerequisite())
+}
+
+/// The conformance suite's probe: `None` means skip.
+pub async fn prepare(test: &str) -> Option<()> {
+    (!skip(test)).then_some(())
+}
+
+/// The bwrap runtime as a conformance target.
+pub fn target() -> Target {
+    Target {
+        start: |o| Box::pin(async move { start_with(o, true).await.into_dyn() }),
+        // Our init (PID 1) runs no `sleep`.
+        idle_sleeps: 0,
+        // init, sh, ps, wc.
+        processes_at_rest: 4,
+        reap_grace: Duration::from_millis(100),
+        // Writes to the root fail with EACCES (Permission denied), not EROFS.
+        read_only_root_is_erofs: false,
+        // Inherited from the init (see `isolation::landlock_and_init_capabilities`); the
+        // commands' other sets are empty and `no_new_privs` is set.
+        command_bounding_set: 0xeb,
+        extra_env: &[],
     }
 }
 
-pub struct Fixture {
-    pub rt: Arc<BwrapRuntime>,
-    pub id: String,
-    pub ws: tempfile::TempDir,
-    _state: tempfile::TempDir,
-    pub events: mpsc::Receiver<RuntimeEvent>,
+pub type Fixture = Sandbox<BwrapRuntime>;
+
+pub async fn start() -> Fixture {
+    start_with(Options::default(), true).await
 }
 
-pub struct Opts {
-    pub limits: ResourceLimits,
-    pub network: NetworkMode,
-    pub cap: usize,
-    /// Run without cgroups (process-group kill only).
-    pub no_cgroups: bool,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Opts {
-            limits: ResourceLimits::default(),
-            network: NetworkMode::None,
-            cap: 1 << 20,
-            no_cgroups: false,
-        }
-    }
-}
-
-impl Fixture {
-    pub async fn start() -> Fixture {
-        Self::with(Opts::default()).await
-    }
-
-    pub async fn with(opts: Opts) -> Fixture {
-        let ws = tempfile::tempdir().unwrap();
-        // The sandbox user (uid 1000) must be able to write its workspace.
-        std::os::unix::fs::chown(ws.path(), Some(1000), Some(1000)).unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let mut cfg = BwrapConfig::new(INIT, state.path());
-        cfg.output_cap = opts.cap;
-        cfg.allow_network = true;
-        let proc_self = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        cfg.cgroups = (!opts.no_cgroups).then(|| {
-            CgroupManager::detect(
-                Arc::new(StdCgroupFs),
-                "/sys/fs/cgroup".as_ref(),
-                &proc_self,
-                &format!("agentfense-test-{}", std::process::id()),
-            )
-            .unwrap()
-        });
-        let (tx, events) = mpsc::channel(64);
-        let rt = Arc::new(BwrapRuntime::new(cfg, tx).unwrap());
-        let id = format!("t{}", rand_suffix());
-        rt.create(
-            &id,
-            SandboxSpec {
-                image: None,
-                workspace: ws.path().to_path_buf(),
-                limits: opts.limits,
-                network: opts.network,
-            },
+/// A started sandbox; without `cgroups` the runtime kills process groups only.
+pub async fn start_with(opts: Options, cgroups: bool) -> Fixture {
+    let ws = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = BwrapConfig::new(INIT, state.path());
+    cfg.output_cap = opts.output_cap;
+    cfg.allow_network = true;
+    let proc_self = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    cfg.cgroups = cgroups.then(|| {
+        CgroupManager::detect(
+            Arc::new(StdCgroupFs),
+            "/sys/fs/cgroup".as_ref(),
+            &proc_self,
+            &format!("agentfense-test-{}", std::process::id()),
         )
-        .await
-        .unwrap();
-        rt.start(&id).await.unwrap();
-        Fixture {
-            rt,
-            id,
-            ws,
-            _state: state,
-            events,
-        }
-    }
-
-    pub async fn sh(&self, cmd: &str) -> ExecResult {
-        self.rt
-            .exec(&self.id, req(cmd))
-            .await
-            .unwrap_or_else(|e| panic!("exec {cmd:?} failed: {e:?}"))
-    }
-
-    pub async fn destroy(self) {
-        self.rt.destroy(&self.id).await.unwrap();
-    }
-}
-
-pub fn req(cmd: &str) -> ExecRequest {
-    ExecRequest {
-        command: cmd.to_owned(),
-        stdin: Vec::new(),
-        env: BTreeMap::new(),
-        workdir: String::new(),
-        timeout: Some(Duration::from_secs(20)),
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
+        .unwrap()
+    });
+    let (tx, events) = mpsc::channel(64);
+    let rt = Arc::new(BwrapRuntime::new(cfg, tx).unwrap());
+    let workspace = ws.path().to_path_buf();
+    Sandbox::create_and_start(
+        rt,
+        events,
+        workspace,
+        opts.limits,
+        opts.network,
+        (ws, state),
     )
+    .await
 }

@@ -1,6 +1,6 @@
 mod common;
+mod conformance;
 mod exec;
 mod isolation;
 mod limits;
-mod sessions;
 mod tty;

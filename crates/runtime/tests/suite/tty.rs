@@ -47,7 +47,7 @@ async fn tty_program_owns_its_terminal() {
     if skip("tty_program_owns_its_terminal") {
         return;
     }
-    let fx = Fixture::start().await;
+    let fx = start().await;
     let p = pty(33, 101);
     // /dev/tty opens only for a process with a controlling terminal.
     let script = "stty size; : </dev/tty && echo ctty-ok; id -u; exit 3";
@@ -72,7 +72,7 @@ async fn tty_program_timeout_and_bad_requests() {
     if skip("tty_program_timeout_and_bad_requests") {
         return;
     }
-    let fx = Fixture::start().await;
+    let fx = start().await;
     let p = pty(24, 80);
     let mut req = sh("sleep 100 & sleep 100");
     req.timeout = Some(Duration::from_millis(300));

@@ -3,12 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use agentfense_runtime::{ExecResult, Runtime, RuntimeError, SessionSpec};
 use pretty_assertions::assert_eq;
 
-use super::common::*;
+use super::{Options, Sandbox, Target};
+use crate::error::{ErrorKind, RuntimeError};
+use crate::types::{ExecResult, LimitKind, ResourceLimits, RuntimeEvent, SessionSpec};
 
-async fn open(fx: &Fixture, shell: &str) -> String {
+async fn open(fx: &Sandbox, shell: &str) -> String {
     fx.rt
         .session_create(
             &fx.id,
@@ -21,7 +22,7 @@ async fn open(fx: &Fixture, shell: &str) -> String {
         .unwrap()
 }
 
-async fn run(fx: &Fixture, s: &str, cmd: &str) -> ExecResult {
+async fn run(fx: &Sandbox, s: &str, cmd: &str) -> ExecResult {
     fx.rt
         .session_exec(&fx.id, s, cmd, Some(Duration::from_secs(20)))
         .await
@@ -32,12 +33,10 @@ fn triple(r: &ExecResult) -> (i32, &str, &str) {
     (r.exit_code, r.stdout.as_str(), r.stderr.as_str())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_persists_between_calls() {
-    if skip("state_persists_between_calls") {
-        return;
-    }
-    let fx = Fixture::start().await;
+/// Directory, variables, functions, activation scripts and background jobs persist between
+/// calls (sh and bash); bad shells are refused; the session's workdir and env apply.
+pub async fn state_persists_between_calls(t: &Target) {
+    let fx = t.start().await;
     for shell in ["", "/bin/bash"] {
         let s = open(&fx, shell).await;
         assert!(s.starts_with("sess_") && s.len() == 21, "{s}");
@@ -67,11 +66,7 @@ async fn state_persists_between_calls() {
         )
         .await
         .unwrap_err();
-    assert_eq!(
-        err.kind(),
-        agentfense_runtime::ErrorKind::InvalidArgument,
-        "{err:?}"
-    );
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err:?}");
     // Workdir and env of the session.
     fx.sh("mkdir -p sub").await;
     let mut env = std::collections::BTreeMap::new();
@@ -102,12 +97,10 @@ async fn state_persists_between_calls() {
     fx.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn output_is_exact_whatever_the_command_prints() {
-    if skip("output_is_exact_whatever_the_command_prints") {
-        return;
-    }
-    let fx = Fixture::start().await;
+/// Each call gets exactly its own output and exit code, whatever it prints (markers, prompts,
+/// NULs, no final newline); a syntax error leaves the session usable.
+pub async fn output_is_exact_whatever_the_command_prints(t: &Target) {
+    let fx = t.start().await;
     for shell in ["", "/bin/bash"] {
         let s = open(&fx, shell).await;
         let r = run(&fx, &s, "echo out; echo err >&2; (exit 7)").await;
@@ -136,12 +129,10 @@ async fn output_is_exact_whatever_the_command_prints() {
     fx.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeout_interrupts_only_the_command() {
-    if skip("timeout_interrupts_only_the_command") {
-        return;
-    }
-    let fx = Fixture::start().await;
+/// A timeout interrupts the command (also a builtin loop) but keeps the shell, its state and
+/// its background jobs.
+pub async fn timeout_interrupts_only_the_command(t: &Target) {
+    let fx = t.start().await;
     for shell in ["", "/bin/bash"] {
         let s = open(&fx, shell).await;
         run(&fx, &s, "X=kept; sleep 200 &").await;
@@ -181,12 +172,9 @@ async fn timeout_interrupts_only_the_command() {
     fx.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exit_closes_the_session() {
-    if skip("exit_closes_the_session") {
-        return;
-    }
-    let fx = Fixture::start().await;
+/// `exit` closes the session (FAILED_PRECONDITION afterwards); destroying it then is fine.
+pub async fn exit_closes_the_session(t: &Target) {
+    let fx = t.start().await;
     let s = open(&fx, "").await;
     let r = run(&fx, &s, "echo bye; exit 5").await;
     assert_eq!(triple(&r), (5, "bye\n", ""));
@@ -196,10 +184,7 @@ async fn exit_closes_the_session() {
         .await
         .unwrap_err();
     assert!(matches!(err, RuntimeError::SessionClosed { .. }), "{err:?}");
-    assert_eq!(
-        err.kind(),
-        agentfense_runtime::ErrorKind::FailedPrecondition
-    );
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     // Destroying a closed session is fine; afterwards it is unknown.
     fx.rt.session_destroy(&fx.id, &s).await.unwrap();
     assert!(matches!(
@@ -209,12 +194,9 @@ async fn exit_closes_the_session() {
     fx.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_calls_are_serialised() {
-    if skip("concurrent_calls_are_serialised") {
-        return;
-    }
-    let fx = Fixture::start().await;
+/// Concurrent calls on one session run one after the other, each with its own result.
+pub async fn concurrent_calls_are_serialised(t: &Target) {
+    let fx = t.start().await;
     let s = open(&fx, "").await;
     let mut tasks = Vec::new();
     for i in 0..6 {
@@ -234,12 +216,9 @@ async fn concurrent_calls_are_serialised() {
     fx.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destroy_kills_all_session_processes() {
-    if skip("destroy_kills_all_session_processes") {
-        return;
-    }
-    let fx = Fixture::start().await;
+/// Destroying a session kills all its processes, even those that left its session.
+pub async fn destroy_kills_all_session_processes(t: &Target) {
+    let fx = t.start().await;
     let s = open(&fx, "").await;
     run(&fx, &s, "sleep 101 & sleep 102 & setsid sleep 103 &").await;
     assert_eq!(
@@ -255,6 +234,115 @@ async fn destroy_kills_all_session_processes() {
     assert_eq!(r.stdout, "0\n");
     assert!(matches!(
         fx.rt.session_exec(&fx.id, &s, "true", None).await,
+        Err(RuntimeError::SessionNotFound { .. })
+    ));
+    fx.destroy().await;
+}
+
+/// An OOM kill in a session is reported with the session id and the session survives; stopping
+/// the sandbox ends its sessions.
+pub async fn session_limits_and_stop(t: &Target) {
+    let mut fx = t
+        .start_with(Options::limited(ResourceLimits {
+            memory_bytes: Some(64 << 20),
+            ..Default::default()
+        }))
+        .await;
+    let s = open(&fx, "").await;
+    let cmd = "python3 -c 'b = bytearray(200 * 1024 * 1024)'";
+    let r = run(&fx, &s, cmd).await;
+    assert_eq!(r.exit_code, 137, "{r:?}");
+    let ev = fx.next_event().await;
+    assert_eq!(
+        ev,
+        RuntimeEvent::ResourceLimitExceeded {
+            sandbox_id: fx.id.clone(),
+            session_id: Some(s.clone()),
+            limit: LimitKind::Memory,
+            command: cmd.to_owned(),
+        }
+    );
+    assert_eq!(run(&fx, &s, "echo ok").await.stdout, "ok\n");
+    // Stopping the sandbox ends its sessions.
+    fx.rt.stop(&fx.id).await.unwrap();
+    fx.rt.start(&fx.id).await.unwrap();
+    assert!(matches!(
+        fx.rt.session_exec(&fx.id, &s, "true", None).await,
+        Err(RuntimeError::SessionNotFound { .. })
+    ));
+    fx.destroy().await;
+}
+
+/// bash keeps `!` literal (no history expansion) and runs long multi-line commands.
+pub async fn bash_keeps_bangs_literal_and_big_commands_work(t: &Target) {
+    let fx = t.start().await;
+    let s = open(&fx, "/bin/bash").await;
+    let r = run(&fx, &s, "echo 'a!b'; echo \"x!!\"; echo \\!$").await;
+    assert_eq!(triple(&r), (0, "a!b\nx!!\n!$\n", ""));
+    // A long multi-line command (a script pasted by an agent).
+    let script: String = (0..2000).map(|i| format!("echo line{i}\n")).collect();
+    let r = run(&fx, &s, &script).await;
+    assert_eq!(r.stdout.lines().count(), 2000);
+    assert_eq!(r.stdout.lines().last(), Some("line1999"));
+    let r = run(&fx, &s, "exit 3").await;
+    assert_eq!(r.exit_code, 3);
+    fx.destroy().await;
+}
+
+/// `exec >/dev/null` in one call does not affect the next call's output.
+pub async fn redirecting_the_shell_for_good_does_not_break_the_session(t: &Target) {
+    let fx = t.start().await;
+    for shell in ["", "/bin/bash"] {
+        let s = open(&fx, shell).await;
+        let r = run(&fx, &s, "exec >/dev/null 2>&1; echo lost; echo lost >&2").await;
+        assert_eq!(triple(&r), (0, "", ""));
+        let r = run(
+            &fx,
+            &s,
+            "echo back; echo err >&2; cat; exit_not_a_command 2>/dev/null; echo $?",
+        )
+        .await;
+        assert_eq!(triple(&r), (0, "back\n127\n", "err\n"), "shell {shell:?}");
+    }
+    fx.destroy().await;
+}
+
+/// `exit` with background jobs returns promptly and kills them.
+pub async fn exit_with_background_jobs_returns_promptly_and_kills_them(t: &Target) {
+    let fx = t.start().await;
+    let s = open(&fx, "").await;
+    let t = Instant::now();
+    let r = run(&fx, &s, "sleep 301 & echo out; exit 2").await;
+    assert_eq!(triple(&r), (2, "out\n", ""));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let r = fx
+        .sh("sleep 0.2; ps -e -o args= | grep -c '^sleep 301$' || true")
+        .await;
+    assert_eq!(r.stdout, "0\n");
+    fx.destroy().await;
+}
+
+/// A missing or escaping workdir is INVALID_ARGUMENT; an unknown session is not found.
+pub async fn session_with_a_missing_workdir_is_invalid(t: &Target) {
+    let fx = t.start().await;
+    for workdir in ["missing", "../etc"] {
+        let err = fx
+            .rt
+            .session_create(
+                &fx.id,
+                SessionSpec {
+                    workdir: workdir.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{workdir}: {err:?}");
+    }
+    assert!(matches!(
+        fx.rt
+            .session_exec(&fx.id, "sess_0000000000000000", "true", None)
+            .await,
         Err(RuntimeError::SessionNotFound { .. })
     ));
     fx.destroy().await;
