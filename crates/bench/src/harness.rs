@@ -31,11 +31,15 @@ const NOTES: &str = r#"
   need FUSE's no-open mode (moving the read check from OPEN to READ) or FUSE over io_uring.
 * **git status** re-reads every file when git cannot refresh its index, which is why it runs
   under a write rule here; under the agent-safe preset `.git` is hidden anyway.
-* **Sandbox start** through the API includes the FUSE mount and cgroup creation in every
-  hierarchy of this hybrid cgroup-v1 host; the bare runtime starts an environment and runs the
-  first command in ~9 ms (`agentfense-runtime-bench`).
-* **Idle memory** is PSS, so shared pages count once; most of it is the server-side FUSE session
-  (threads, buffers, inode tables) of each mount.
+* **Sandbox start** through the API: mounting the policy filesystem takes under 1 ms; the rest
+  is the environment. On a cgroup-v1 host, the first move of a process into a cgroup after a
+  pause waits for an RCU grace period in the kernel (~5-15 ms here, paid by the bwrap child as
+  it joins the sandbox's cgroups), then bubblewrap and the init take ~8 ms and the first
+  command ~1.5 ms. The bare runtime (`agentfense-runtime-bench`) shows the same without the API.
+* **Idle memory** is PSS, so shared pages count once. Per sandbox: ~0.8 MiB for the init (mostly
+  the relocated read-only data of the `agentfense` executable it runs as), ~0.2 MiB for bwrap
+  and ~0.3 MiB in the server (FUSE threads, whose 16 MiB request buffers stay unpopulated but
+  for a few pages, and the mount's own state).
 "#;
 
 /// Data sizes and iteration counts of one mode.
@@ -77,6 +81,37 @@ const FULL: Scale = Scale {
     concurrency: 100,
     exec_per_task: 20,
 };
+
+/// The case names `--only` accepts.
+pub const CASES: [&str; 7] = [
+    "fs",
+    "sdk",
+    "exec",
+    "session",
+    "start",
+    "density",
+    "concurrency",
+];
+
+/// Which cases run.
+struct Selection(Vec<String>);
+
+impl Selection {
+    fn new(only: &[String]) -> anyhow::Result<Selection> {
+        for c in only {
+            ensure!(
+                CASES.contains(&c.as_str()),
+                "unknown case {c:?} for --only; known: {}",
+                CASES.join(", ")
+            );
+        }
+        Ok(Selection(only.to_vec()))
+    }
+
+    fn has(&self, case: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|c| c == case)
+    }
+}
 
 /// Summary statistics of a sample, in seconds.
 #[derive(Debug, Clone, Copy)]
@@ -563,6 +598,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
         "run as root: sandboxes need FUSE, namespaces and cgroups"
     );
     let scale = if opts.quick { &QUICK } else { &FULL };
+    let only = Selection::new(&opts.only)?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu: Option<usize> = match opts.cpu.as_str() {
         "none" => None,
@@ -597,7 +633,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let rows = rt.block_on(cases(scale, &server, server_pid))?;
+    let rows = rt.block_on(cases(scale, &only, &server, server_pid))?;
     drop(server);
     ensure!(
         mounts_under(&work) == 0,
@@ -609,13 +645,18 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
     let _ = writeln!(md, "# AgentFense performance\n");
     let _ = writeln!(
         md,
-        "Produced by `sudo target/release/agentfense-bench{}` on {} ({} CPUs, kernel {}). \
+        "Produced by `sudo target/release/agentfense-bench{}{}` on {} ({} CPUs, kernel {}). \
          Each case ran ours and its baseline interleaved on a warm cache. Filesystem cases time \
          the command from inside its own shell, in a running sandbox and natively, so they \
          measure the filesystem alone; the other cases are wall clock as a client of the gRPC \
          API sees them. Sandboxes run with the \
          server's default limits (2 GiB memory, 1024 processes).\n",
         if opts.quick { " --quick" } else { "" },
+        if opts.only.is_empty() {
+            String::new()
+        } else {
+            format!(" --only {}", opts.only.join(","))
+        },
         now_utc(),
         cpus,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -701,22 +742,66 @@ fn ratio_row(
     }
 }
 
-async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Result<Vec<Row>> {
+async fn cases(
+    scale: &Scale,
+    only: &Selection,
+    server: &Server,
+    server_pid: u32,
+) -> anyhow::Result<Vec<Row>> {
     let mut api = Api::connect(&server.grpc).await?;
     let mut rows = Vec::new();
+    if only.has("fs") || only.has("exec") || only.has("session") {
+        running_cases(scale, only, &mut api, server, &mut rows).await?;
+    }
+    if only.has("sdk")
+        && let Some(row) = sdk_flow(
+            &server.grpc,
+            server_pid,
+            if scale.fs_iters > 3 { 3 } else { 1 },
+        )?
+    {
+        rows.push(row);
+    }
+    if only.has("start") {
+        start_cases(scale, &mut api, &mut rows).await?;
+    }
+    if only.has("density") || only.has("concurrency") {
+        density_cases(scale, only, &mut api, server, server_pid, &mut rows).await?;
+    }
+    ensure!(
+        mounts_under(&server.data) == 0,
+        "mounts left behind after destroying every sandbox"
+    );
+    let leftover = tree(server_pid).len() - 1;
+    ensure!(
+        leftover == 0,
+        "{leftover} processes left behind after destroying every sandbox"
+    );
+    Ok(rows)
+}
 
+/// The filesystem cases and the exec and session round trips, on running sandboxes.
+async fn running_cases(
+    scale: &Scale,
+    only: &Selection,
+    api: &mut Api,
+    server: &Server,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     // Filesystem cases: one codebase with generated data, one full-access sandbox.
-    eprintln!("generating data ...");
     let cb = api.codebase("bench-fs").await?;
     let dir = server.data.join("codebases").join(&cb);
-    gen_big(&dir.join("big.bin"), scale.big_mib)?;
-    gen_tree(&dir.join("meta"), scale.meta_files, |i| format!("{i}\n"))?;
-    gen_tree(&dir.join("src"), scale.src_files, source)?;
-    let repo = dir.join("repo");
-    gen_tree(&repo, scale.repo_files, source)?;
-    git(&repo, &["init", "-q"])?;
-    git(&repo, &["add", "-A"])?;
-    git(&repo, &["commit", "-q", "-m", "bench"])?;
+    if only.has("fs") {
+        eprintln!("generating data ...");
+        gen_big(&dir.join("big.bin"), scale.big_mib)?;
+        gen_tree(&dir.join("meta"), scale.meta_files, |i| format!("{i}\n"))?;
+        gen_tree(&dir.join("src"), scale.src_files, source)?;
+        let repo = dir.join("repo");
+        gen_tree(&repo, scale.repo_files, source)?;
+        git(&repo, &["init", "-q"])?;
+        git(&repo, &["add", "-A"])?;
+        git(&repo, &["commit", "-q", "-m", "bench"])?;
+    }
     std::fs::create_dir_all(dir.join("out"))?;
     // The agent-safe shape: the codebase readable, one output directory writable. git status
     // runs in a sandbox that may write (git refreshes its index), like the development preset.
@@ -768,6 +853,11 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
             "<= 2x native",
         ),
     ];
+    let fs_cases = if only.has("fs") {
+        Vec::from(fs_cases)
+    } else {
+        Vec::new()
+    };
     for (name, cmd, max_ratio, target) in fs_cases {
         eprintln!("case: {name}");
         let target_sb = if name == "git status" { &sb_write } else { &sb };
@@ -808,23 +898,31 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
         rows.push(ratio_row(&label, &ours, "native", &base, max_ratio, target));
     }
 
-    // The published SDK's first-use flow, when Python and the SDK are installed.
-    if let Some(row) = sdk_flow(
-        &server.grpc,
-        server_pid,
-        if scale.fs_iters > 3 { 3 } else { 1 },
-    )? {
-        rows.push(row);
+    if only.has("exec") {
+        exec_case(scale, api, &sb, rows).await?;
     }
+    if only.has("session") {
+        session_case(scale, api, &sb, rows).await?;
+    }
+    api.destroy(&sb).await?;
+    api.destroy(&sb_write).await?;
+    Ok(())
+}
 
-    // Exec round trip on a running sandbox.
+/// Exec round trip on a running sandbox.
+async fn exec_case(
+    scale: &Scale,
+    api: &mut Api,
+    sb: &str,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     eprintln!("case: exec round trip");
     let (mut ours, mut bw, mut fe) = (vec![], vec![], vec![]);
     for _ in 0..scale.rtt_iters {
         bw.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
         fe.push(spawn_time("/bin/true", &[])?);
         let t = Instant::now();
-        api.exec(&sb, "true").await?;
+        api.exec(sb, "true").await?;
         ours.push(t.elapsed().as_secs_f64());
     }
     let (o, b, f) = (stats(&ours), stats(&bw), stats(&fe));
@@ -844,13 +942,21 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
         target: "—".into(),
         met: None,
     });
+    Ok(())
+}
 
-    // Sessions.
+/// Session command round trip, against the plain exec API.
+async fn session_case(
+    scale: &Scale,
+    api: &mut Api,
+    sb: &str,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     eprintln!("case: session round trip");
     let sess = api
         .sb
         .create_session(v1::CreateSessionRequest {
-            sandbox_id: sb.clone(),
+            sandbox_id: sb.to_owned(),
             shell: "/bin/sh".into(),
             env: Default::default(),
         })
@@ -872,7 +978,7 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
         ensure!(r.exit_code == 0, "session exec failed: {}", r.stderr);
         so.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        api.exec(&sb, "true").await?;
+        api.exec(sb, "true").await?;
         se.push(t.elapsed().as_secs_f64());
     }
     let so_s = stats(&so);
@@ -884,10 +990,11 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
         target: "—".into(),
         met: None,
     });
-    api.destroy(&sb).await?;
-    api.destroy(&sb_write).await?;
+    Ok(())
+}
 
-    // Time to first command, and sandbox start alone.
+/// Time to first command, and sandbox start alone.
+async fn start_cases(scale: &Scale, api: &mut Api, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     eprintln!("case: time to first command");
     let (mut first, mut start_only, mut oneshot) = (vec![], vec![], vec![]);
     for i in 0..scale.first_iters {
@@ -927,16 +1034,43 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
         target: "—".into(),
         met: None,
     });
+    Ok(())
+}
 
-    // Density: idle running sandboxes.
-    eprintln!("case: density ({} idle sandboxes)", scale.density);
+/// Density (idle running sandboxes) and concurrency (many sandboxes doing exec loops).
+async fn density_cases(
+    scale: &Scale,
+    only: &Selection,
+    api: &mut Api,
+    server: &Server,
+    server_pid: u32,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let cb = api.codebase("density").await?;
     api.upload(&cb, "a.txt", b"a\n").await?;
+    if only.has("density") {
+        density_case(scale, api, &cb, server_pid, rows).await?;
+    }
+    if only.has("concurrency") {
+        concurrency_case(scale, api, &cb, server, rows).await?;
+    }
+    Ok(())
+}
+
+/// Idle running sandboxes: memory per sandbox, and whether starts slow down.
+async fn density_case(
+    scale: &Scale,
+    api: &mut Api,
+    cb: &str,
+    server_pid: u32,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: density ({} idle sandboxes)", scale.density);
     let before = tree_pss_kib(server_pid);
     let mut ids = vec![];
     let mut starts = vec![];
     for _ in 0..scale.density {
-        let sb = api.sandbox(&cb).await?;
+        let sb = api.sandbox(cb).await?;
         let t = Instant::now();
         api.start(&sb).await?;
         starts.push(t.elapsed().as_secs_f64());
@@ -968,12 +1102,21 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
     for sb in &ids {
         api.destroy(sb).await?;
     }
+    Ok(())
+}
 
-    // Concurrency: many sandboxes doing exec loops at once.
+/// Many sandboxes doing exec loops at once.
+async fn concurrency_case(
+    scale: &Scale,
+    api: &mut Api,
+    cb: &str,
+    server: &Server,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     eprintln!("case: concurrency ({} sandboxes)", scale.concurrency);
     let mut ids = vec![];
     for _ in 0..scale.concurrency {
-        let sb = api.sandbox(&cb).await?;
+        let sb = api.sandbox(cb).await?;
         api.start(&sb).await?;
         ids.push(sb);
     }
@@ -1023,14 +1166,5 @@ async fn cases(scale: &Scale, server: &Server, server_pid: u32) -> anyhow::Resul
     for sb in &ids {
         api.destroy(sb).await?;
     }
-    ensure!(
-        mounts_under(&server.data) == 0,
-        "mounts left behind after destroying every sandbox"
-    );
-    let leftover = tree(server_pid).len() - 1;
-    ensure!(
-        leftover == 0,
-        "{leftover} processes left behind after destroying every sandbox"
-    );
-    Ok(rows)
+    Ok(())
 }

@@ -9,6 +9,7 @@
 //! cargo build --release -p agentfense-cli -p agentfense-bench
 //! sudo target/release/agentfense-bench --quick          # < 2 minutes
 //! sudo target/release/agentfense-bench --out docs/performance.md
+//! sudo target/release/agentfense-bench --only start,density   # some cases only
 //! ```
 
 mod harness;
@@ -40,6 +41,10 @@ pub struct Opts {
     /// `none` leaves placement to the scheduler.
     #[arg(long, default_value = "0")]
     pub cpu: String,
+    /// Run only these cases (comma-separated): fs, sdk, exec, session, start, density,
+    /// concurrency. Default: all of them.
+    #[arg(long, value_name = "CASES", value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 fn main() -> ExitCode {

@@ -89,7 +89,7 @@ pub struct BwrapOptions {
     pub init_path: PathBuf,
     /// Host directory bound at `/workspace`.
     pub workspace: PathBuf,
-    /// Host directory holding the generated `/etc` (see [`write_etc`]).
+    /// Host directory holding the generated `/etc` (see [`shared_etc`]).
     pub etc_dir: PathBuf,
     /// Network mode.
     pub network: NetworkMode,
@@ -262,6 +262,70 @@ pub fn write_etc(
     Ok(())
 }
 
+/// Name prefix of the shared generated `/etc` directories in a state directory (see
+/// [`shared_etc`]). Sandbox ids cannot start with `.`, so these never clash with them.
+pub const SHARED_ETC_PREFIX: &str = ".etc-";
+
+/// FNV-1a (64 bits) of `parts`, each preceded by its length (so that the split between parts
+/// is part of the digest): a digest that stays the same across builds and Rust versions.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    for part in parts {
+        h.write(&(part.len() as u64).to_le_bytes());
+        h.write(part);
+    }
+    h.finish()
+}
+
+/// The generated `/etc` for `user` and `hostname` in `state_dir`, written on first use and then
+/// shared (read-only) by every sandbox: its contents depend on nothing else, and writing a
+/// fresh copy for each start cost a score of file creations and deletions per sandbox.
+///
+/// The directory is named after a digest of its contents and is never modified once in place
+/// (it is written under a temporary name and renamed), so concurrent starts, other runtimes
+/// sharing `state_dir` and crashes mid-write are all harmless.
+pub fn shared_etc(
+    state_dir: &Path,
+    user: &SandboxUser,
+    hostname: &str,
+) -> Result<PathBuf, (PathBuf, io::Error)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
+
+    let files = etc_files(user, hostname);
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for (rel, contents) in &files {
+        parts.push(rel.as_bytes());
+        parts.push(contents.as_bytes());
+    }
+    for (rel, is_dir) in HOST_ETC_ENTRIES {
+        parts.push(rel.as_bytes());
+        parts.push(if *is_dir { b"d" } else { b"f" });
+    }
+    let dir = state_dir.join(format!("{SHARED_ETC_PREFIX}{:016x}", fnv1a(&parts)));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(state_dir).map_err(|e| (state_dir.to_path_buf(), e))?;
+    let tmp = state_dir.join(format!(
+        ".tmp-etc-{}-{}",
+        std::process::id(),
+        NEXT_TMP.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = write_etc(&tmp, user, hostname)
+        .and_then(|()| std::fs::rename(&tmp, &dir).map_err(|e| (dir.clone(), e)));
+    match written {
+        Ok(()) => Ok(dir),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another start (or process) put the same directory in place first.
+            if dir.is_dir() { Ok(dir) } else { Err(e) }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,5 +481,69 @@ mod tests {
         assert!(dir.path().join("ssl/certs").is_dir());
         assert!(dir.path().join("ld.so.cache").is_file());
         assert!(!dir.path().join("shadow").exists());
+    }
+
+    #[test]
+    fn shared_etc_is_written_once_per_contents() {
+        let state = tempfile::tempdir().unwrap();
+        let mut user = SandboxUser {
+            name: "sandbox".into(),
+            uid: 1000,
+            gid: 1000,
+            home: "/tmp/home".into(),
+        };
+        let a = shared_etc(state.path(), &user, "sandbox").unwrap();
+        assert!(
+            a.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(SHARED_ETC_PREFIX)
+        );
+        let passwd = std::fs::read_to_string(a.join("passwd")).unwrap();
+        assert!(passwd.contains("sandbox:x:1000:1000:sandbox:/tmp/home:/bin/sh\n"));
+        assert!(a.join("ssl/certs").is_dir());
+        // Reused as is: a marker left inside survives the second call.
+        std::fs::write(a.join("marker"), "x").unwrap();
+        assert_eq!(shared_etc(state.path(), &user, "sandbox").unwrap(), a);
+        assert!(a.join("marker").exists());
+        // Other contents, another directory; the first one is left alone.
+        user.uid = 1001;
+        let b = shared_etc(state.path(), &user, "sandbox").unwrap();
+        assert_ne!(a, b);
+        assert!(
+            std::fs::read_to_string(b.join("passwd"))
+                .unwrap()
+                .contains(":1001:")
+        );
+        let c = shared_etc(state.path(), &user, "other-host").unwrap();
+        assert_ne!(b, c);
+        assert_eq!(
+            std::fs::read_to_string(c.join("hostname")).unwrap(),
+            "other-host\n"
+        );
+        assert!(a.join("marker").exists());
+        // No temporary directory is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(state.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with(SHARED_ETC_PREFIX)));
+    }
+
+    #[test]
+    fn shared_etc_reports_an_unusable_state_dir() {
+        let state = tempfile::tempdir().unwrap();
+        let file = state.path().join("not-a-dir");
+        std::fs::write(&file, "").unwrap();
+        let user = SandboxUser {
+            name: "sandbox".into(),
+            uid: 1000,
+            gid: 1000,
+            home: "/tmp/home".into(),
+        };
+        let (path, _) = shared_etc(&file, &user, "sandbox").unwrap_err();
+        assert!(path.starts_with(&file), "{}", path.display());
     }
 }

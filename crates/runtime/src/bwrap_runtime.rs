@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use agentfense_core::SandboxPath;
 
 use crate::bwrap::{
-    BwrapOptions, HostLayout, SANDBOX_RUN_DIR, SandboxUser, WORKSPACE, bwrap_args, write_etc,
+    BwrapOptions, HostLayout, SANDBOX_RUN_DIR, SandboxUser, WORKSPACE, bwrap_args, shared_etc,
 };
 use crate::cgroup::{CgroupManager, ExecCgroup, LimitCounters, SandboxCgroup};
 use crate::error::{Result, RuntimeError};
@@ -57,7 +57,8 @@ pub struct BwrapConfig {
     pub bwrap_path: PathBuf,
     /// The `agentfense-init` binary (the server ships it next to its own executable).
     pub init_path: PathBuf,
-    /// Host directory for per-sandbox state (generated `/etc`); created if missing.
+    /// Host directory for the runtime's state (the generated `/etc` the sandboxes share);
+    /// created if missing.
     pub state_dir: PathBuf,
     /// The unprivileged user commands run as.
     pub user: SandboxUser,
@@ -376,20 +377,14 @@ impl BwrapRuntime {
     }
 
     async fn spawn_env(&self, sandbox_id: &str, spec: &SandboxSpec) -> Result<Env> {
-        let state = self.cfg.state_dir.join(sandbox_id);
-        let etc = state.join("etc");
-        write_etc(&etc, &self.cfg.user, &self.cfg.hostname)
+        let etc = shared_etc(&self.cfg.state_dir, &self.cfg.user, &self.cfg.hostname)
             .map_err(|(path, source)| RuntimeError::PrepareState { path, source })?;
 
         let cgroup = match &self.cfg.cgroups {
             Some(m) => Some(m.create(&cgroup_name(sandbox_id), &spec.limits)?),
             None => None,
         };
-        let r = self.spawn_env_in(sandbox_id, spec, &etc, cgroup).await;
-        if r.is_err() {
-            let _ = std::fs::remove_dir_all(&state);
-        }
-        r
+        self.spawn_env_in(sandbox_id, spec, &etc, cgroup).await
     }
 
     async fn spawn_env_in(
@@ -641,7 +636,6 @@ impl BwrapRuntime {
         match e.env.take() {
             Some(env) => {
                 shutdown_env(env).await;
-                let _ = std::fs::remove_dir_all(self.cfg.state_dir.join(sandbox_id));
                 Ok(())
             }
             None => Err(RuntimeError::NotRunning {
@@ -658,6 +652,7 @@ impl BwrapRuntime {
                 shutdown_env(env).await;
             }
         }
+        // The per-sandbox state directory of versions before the shared `/etc`, if any.
         let _ = std::fs::remove_dir_all(self.cfg.state_dir.join(sandbox_id));
         if let Ok(mut m) = self.sandboxes.lock() {
             m.remove(sandbox_id);
@@ -674,7 +669,7 @@ impl Drop for BwrapRuntime {
         let Ok(map) = self.sandboxes.get_mut() else {
             return;
         };
-        for (id, entry) in map.iter() {
+        for entry in map.values() {
             if let Ok(e) = entry.try_lock()
                 && let Some(env) = &e.env
             {
@@ -687,7 +682,6 @@ impl Drop for BwrapRuntime {
                     cg.destroy_blocking();
                 }
             }
-            let _ = std::fs::remove_dir_all(self.cfg.state_dir.join(id));
         }
     }
 }
