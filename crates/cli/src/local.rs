@@ -60,10 +60,13 @@ pub struct LocalArgs {
 /// Where a directory's delta and mountpoint live: one folder per directory, named after it.
 fn work_dir(data_dir: &Path, dir: &Path) -> PathBuf {
     let canon = dir.to_string_lossy();
-    // FNV-1a: a stable short tag for the full path, so that two `src` folders differ.
-    let hash = canon.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
+    // FNV-1a: a short tag for the full path that stays the same across builds (kept deltas
+    // are found again after an upgrade), so that two `src` folders differ.
+    let hash = {
+        let mut h = fnv::FnvHasher::default();
+        std::hash::Hasher::write(&mut h, canon.as_bytes());
+        std::hash::Hasher::finish(&h)
+    };
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -169,12 +169,12 @@ pub fn bwrap_runtime(
     cfg.allow_network = rt.allow_network;
     // One parent cgroup per state directory: a server cleaning up after its own crash must not
     // touch the sandboxes of another server, or of `agentfense run`, on the same host.
-    let tag = state_dir
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    // FNV-1a, stable across builds: a restarted (or upgraded) server finds its cgroups again.
+    let tag = {
+        let mut h = fnv::FnvHasher::default();
+        std::hash::Hasher::write(&mut h, state_dir.to_string_lossy().as_bytes());
+        std::hash::Hasher::finish(&h)
+    };
     match CgroupManager::detect_host(&format!("agentfense-{:08x}", tag as u32)) {
         Ok(m) => cfg.cgroups = Some(m),
         Err(e) if rt.default_resources.is_unlimited() => {
