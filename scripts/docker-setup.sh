@@ -18,8 +18,9 @@ apt_mirror() {
     } | awk '{print $2}' | { grep -v -- '-security' || true; } | { grep '/debian/\?$' || true; } | head -n 1
 }
 MIRROR="${DEBOOTSTRAP_MIRROR:-$(apt_mirror)}"
-# python3 makes the image useful for SDK-style flows (~25 MB more); procps gives `ps`.
-INCLUDE="${DEBOOTSTRAP_INCLUDE:-python3-minimal,procps}"
+# python3 makes the image useful for SDK-style flows (~35 MB more; the full interpreter, since
+# the conformance tests probe syscalls through ctypes); procps gives `ps`.
+INCLUDE="${DEBOOTSTRAP_INCLUDE:-python3,procps}"
 
 say() { printf '==> docker-setup: %s\n' "$*" >&2; }
 die() { printf 'docker-setup: error: %s\n' "$*" >&2; exit 1; }
@@ -57,8 +58,13 @@ say "dockerd $(docker version --format '{{.Server.Version}}') is up"
 
 # 3. Base image.
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
-    say "image $IMAGE already exists"
-    exit 0
+    # An image from an older version of this script lacks what the tests need: rebuild it.
+    if docker run --rm --network none "$IMAGE" python3 -c 'import ctypes' >/dev/null 2>&1; then
+        say "image $IMAGE already exists"
+        exit 0
+    fi
+    say "image $IMAGE predates this script (no python3 ctypes): rebuilding"
+    docker image rm -f "$IMAGE" >/dev/null
 fi
 rootfs="$(mktemp -d /var/tmp/agentfense-rootfs.XXXXXX)"
 # --one-file-system: never descend into a /proc or /sys a failed debootstrap left mounted.

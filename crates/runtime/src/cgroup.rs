@@ -34,6 +34,8 @@ pub trait CgroupFs: Send + Sync + std::fmt::Debug {
     fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>>;
     /// Opens a control file for writing (kept open to be written later, e.g. after fork).
     fn open_write(&self, path: &Path) -> io::Result<std::fs::File>;
+    /// Opens a cgroup directory (read-only), e.g. for `clone3(CLONE_INTO_CGROUP)`.
+    fn open_dir(&self, path: &Path) -> io::Result<std::fs::File>;
 }
 
 /// The real file system.
@@ -63,6 +65,9 @@ impl CgroupFs for StdCgroupFs {
     }
     fn open_write(&self, path: &Path) -> io::Result<std::fs::File> {
         std::fs::OpenOptions::new().write(true).open(path)
+    }
+    fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
+        std::fs::File::open(path)
     }
 }
 
@@ -594,14 +599,13 @@ impl SandboxCgroup {
                 path: dir.clone(),
                 source,
             })?;
-        let procs_path = dir.join("cgroup.procs");
-        let procs = match self.fs.open_write(&procs_path) {
+        let handle = match self.fs.open_dir(&dir) {
             Ok(f) => f,
             Err(source) => {
                 let _ = self.fs.remove_dir(&dir);
                 return Err(RuntimeError::Cgroup {
                     op: "open",
-                    path: procs_path,
+                    path: dir,
                     source,
                 });
             }
@@ -609,7 +613,7 @@ impl SandboxCgroup {
         Ok(Some(ExecCgroup {
             fs: self.fs.clone(),
             dir,
-            procs: Some(procs),
+            handle: Some(handle),
         }))
     }
 
@@ -689,14 +693,14 @@ impl SandboxCgroup {
 pub struct ExecCgroup {
     fs: Arc<dyn CgroupFs>,
     dir: PathBuf,
-    procs: Option<std::fs::File>,
+    handle: Option<std::fs::File>,
 }
 
 impl ExecCgroup {
-    /// The open `cgroup.procs` handed to the child, which writes `0` to it before exec. Taken
-    /// once.
-    pub fn take_procs(&mut self) -> Option<std::fs::File> {
-        self.procs.take()
+    /// The open cgroup directory handed to the init, which starts the command in it
+    /// (`clone3` with `CLONE_INTO_CGROUP`, or `cgroup.procs` on older kernels). Taken once.
+    pub fn take_handle(&mut self) -> Option<std::fs::File> {
+        self.handle.take()
     }
 
     /// The directory.
@@ -796,6 +800,9 @@ mod tests {
                 .truncate(false)
                 .open(path)
         }
+        fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
+            std::fs::File::open(path)
+        }
     }
 
     const HYBRID: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/svc/x\n1:cpu:/\n0::/\n";
@@ -882,7 +889,11 @@ mod tests {
         // Per-command cgroups live in the unified hierarchy.
         let mut ex = cg.exec_cgroup("e7").unwrap().unwrap();
         assert_eq!(ex.dir(), r.join("unified/agentfense/sb1/e7"));
-        assert!(ex.take_procs().is_some() && ex.take_procs().is_none());
+        assert!(
+            ex.take_handle()
+                .is_some_and(|f| f.metadata().unwrap().is_dir())
+        );
+        assert!(ex.take_handle().is_none());
         std::fs::write(r.join("unified/agentfense/sb1/e7/cgroup.kill"), "").unwrap();
         ex.kill();
         assert_eq!(

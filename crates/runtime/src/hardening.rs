@@ -80,10 +80,15 @@ pub enum HardeningError {
     Landlock(#[source] landlock::RulesetError),
 }
 
-/// The seccomp programs the init installs (filters stack; the kernel applies the strictest).
+/// The seccomp programs (filters stack; the kernel applies the strictest): a base the init
+/// installs on itself (inherited by everything it starts), and a part each command installs
+/// between fork and exec. `clone3` is only in the command part: the init starts commands
+/// with `clone3(CLONE_INTO_CGROUP)` (see `crate::init`), and runs as root, so no command can
+/// reach into it (no ptrace, no `/proc/1/mem` across users).
 #[derive(Debug, Clone)]
 pub struct SeccompFilters {
-    programs: Vec<BpfProgram>,
+    base: BpfProgram,
+    command: BpfProgram,
 }
 
 impl SeccompFilters {
@@ -124,29 +129,37 @@ impl SeccompFilters {
         )
         .map_err(HardeningError::BuildSeccomp)?;
 
-        let mut programs = Vec::new();
-        for f in [deny, clone3] {
-            programs.push(BpfProgram::try_from(f).map_err(HardeningError::BuildSeccomp)?);
-        }
-        Ok(SeccompFilters { programs })
+        Ok(SeccompFilters {
+            base: BpfProgram::try_from(deny).map_err(HardeningError::BuildSeccomp)?,
+            command: BpfProgram::try_from(clone3).map_err(HardeningError::BuildSeccomp)?,
+        })
     }
 
     /// Number of programs (for tests).
     pub fn len(&self) -> usize {
-        self.programs.len()
+        2
     }
 
-    /// Always false: [`SeccompFilters::build`] yields at least one program.
+    /// Always false: [`SeccompFilters::build`] yields two programs.
     pub fn is_empty(&self) -> bool {
-        self.programs.is_empty()
+        false
     }
 
-    /// Installs the programs on the calling thread. Requires `no_new_privs` or `CAP_SYS_ADMIN`.
+    /// Installs both parts on the calling thread. Requires `no_new_privs` or `CAP_SYS_ADMIN`.
     pub fn install(&self) -> Result<(), HardeningError> {
-        for p in &self.programs {
-            seccompiler::apply_filter(p).map_err(HardeningError::InstallSeccomp)?;
-        }
-        Ok(())
+        self.install_base()?;
+        self.install_command()
+    }
+
+    /// Installs the base (everything but the `clone3` answer): what the init runs under.
+    pub fn install_base(&self) -> Result<(), HardeningError> {
+        seccompiler::apply_filter(&self.base).map_err(HardeningError::InstallSeccomp)
+    }
+
+    /// Installs the command part (`clone3` answers `ENOSYS`). Allocation-free, so it may run
+    /// between fork and exec.
+    pub fn install_command(&self) -> Result<(), HardeningError> {
+        seccompiler::apply_filter(&self.command).map_err(HardeningError::InstallSeccomp)
     }
 }
 

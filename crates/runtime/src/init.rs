@@ -37,6 +37,9 @@ use crate::bwrap::SANDBOX_RUN_DIR;
 use crate::hardening::SeccompFilters;
 use crate::protocol::{CONTROL_FD, InitConfig, Reply, Request, recv_packet, send_packet};
 
+/// The seccomp filters, once built; commands install their part before exec.
+static COMMAND_FILTERS: std::sync::OnceLock<SeccompFilters> = std::sync::OnceLock::new();
+
 /// Entry point of the `agentfense-init` binary. Never returns.
 pub fn run_main() -> ! {
     let code = match run() {
@@ -161,9 +164,10 @@ fn configure(cfg: &InitConfig) -> io::Result<String> {
         "disabled".to_owned()
     };
     if cfg.seccomp {
-        SeccompFilters::build()
-            .and_then(|f| f.install())
-            .map_err(io::Error::other)?;
+        let filters = SeccompFilters::build().map_err(io::Error::other)?;
+        filters.install_base().map_err(io::Error::other)?;
+        // Each command adds the rest between fork and exec (see `child`).
+        let _ = COMMAND_FILTERS.set(filters);
     }
     drop_capabilities()?;
     Ok(landlock)
@@ -472,7 +476,7 @@ struct SpawnMode {
 }
 
 /// Forks and execs `argv` as the sandbox user in a new session with `stdio` as fds 0, 1, 2,
-/// first joining the cgroup whose `cgroup.procs` is `cgroup` (opened by the host).
+/// in the cgroup whose directory is `cgroup` (opened by the host).
 /// Reports the failing step and errno if anything before `execve` fails (via a CLOEXEC pipe).
 fn spawn(
     cfg: &InitConfig,
@@ -494,10 +498,9 @@ fn spawn(
         return Err(("argv", Errno::EINVAL));
     }
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ("pipe", e))?;
-    // SAFETY: the init is single-threaded, so the child may run arbitrary code (including
-    // allocation) before execve without deadlock risk.
-    match unsafe { nix::unistd::fork() }.map_err(|e| ("fork", e))? {
-        ForkResult::Child => {
+    match fork_into(cgroup).map_err(|e| ("fork", e))? {
+        (ForkResult::Child, joined) => {
+            let cgroup = if joined { None } else { cgroup };
             let (step, errno) = child(cfg, &c_argv, &c_env, &c_cwd, stdio, cgroup, mode);
             let mut msg = format!("{step}:{}", errno as i32).into_bytes();
             msg.truncate(64);
@@ -506,7 +509,7 @@ fn spawn(
             // stdio buffers, which belong to the init.
             unsafe { libc::_exit(127) }
         }
-        ForkResult::Parent { child } => {
+        (ForkResult::Parent { child }, _) => {
             drop(err_w);
             let mut buf = Vec::new();
             let _ = std::fs::File::from(err_r).read_to_end(&mut buf);
@@ -518,6 +521,8 @@ fn spawn(
             let (step, errno) = text.split_once(':').unwrap_or(("exec", "0"));
             let errno = Errno::from_raw(errno.parse().unwrap_or(0));
             let step = [
+                "cgroup",
+                "seccomp",
                 "signals",
                 "setsid",
                 "stdio",
@@ -536,6 +541,64 @@ fn spawn(
     }
 }
 
+/// `clone3` arguments (`struct clone_args` of linux/sched.h, version 2: up to `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks; with `cgroup` (a cgroup directory), the child starts in that cgroup when the kernel
+/// can do it (`clone3` with `CLONE_INTO_CGROUP`, Linux >= 5.7): a process created in place
+/// is never migrated, and a cgroup v2 migration after an idle pause waits for an RCU grace
+/// period (7-25 ms measured), which every exec would pay. Returns whether the child is
+/// already in `cgroup`; if not, it joins through `cgroup.procs` itself.
+fn fork_into(cgroup: Option<BorrowedFd<'_>>) -> Result<(ForkResult, bool), Errno> {
+    if let Some(fd) = cgroup {
+        let mut args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: fd.as_raw_fd() as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork: the child
+        // continues on a copy of this (single-threaded) process. `args` outlives the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        match r {
+            0 => return Ok((ForkResult::Child, true)),
+            pid if pid > 0 => {
+                let child = Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?);
+                return Ok((ForkResult::Parent { child }, true));
+            }
+            // Older kernel (ENOSYS, E2BIG, EINVAL) or a filter: fork and join by hand.
+            _ => {}
+        }
+    }
+    // SAFETY: the init is single-threaded, so the child may run arbitrary code (including
+    // allocation) before execve without deadlock risk.
+    let r = unsafe { nix::unistd::fork() }?;
+    Ok((r, false))
+}
+
 /// Runs in the forked child; returns only on failure.
 fn child(
     cfg: &InitConfig,
@@ -546,11 +609,25 @@ fn child(
     cgroup: Option<BorrowedFd<'_>>,
     mode: SpawnMode,
 ) -> (&'static str, Errno) {
-    // Join the command's own cgroup first, so its whole tree can be killed at once.
-    if let Some(fd) = cgroup
-        && let Err(e) = nix::unistd::write(fd, b"0")
+    // Join the command's own cgroup first (unless clone3 started us there), so its whole
+    // tree can be killed at once.
+    if let Some(dir) = cgroup {
+        let joined = nix::fcntl::openat(
+            dir,
+            "cgroup.procs",
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(|procs| nix::unistd::write(&procs, b"0"));
+        if let Err(e) = joined {
+            return ("cgroup", e);
+        }
+    }
+    // The command's part of the seccomp filters (the init runs without it).
+    if let Some(filters) = COMMAND_FILTERS.get()
+        && filters.install_command().is_err()
     {
-        return ("cgroup", e);
+        return ("seccomp", Errno::last());
     }
     // The init blocks SIGCHLD (signalfd) and Rust ignores SIGPIPE: neither may leak into
     // commands (`yes | head` must die of SIGPIPE).

@@ -102,6 +102,18 @@ async fn main() -> anyhow::Result<()> {
     }
     report("exec `true` in a running sandbox", v);
 
+    // 1b. The same after an idle pause, as an agent's commands arrive (a pause is where a
+    // cgroup migration pays an RCU grace period).
+    let mut v = Vec::with_capacity(n.min(50));
+    for _ in 0..n.min(50) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = Instant::now();
+        let r = rt.exec("bench", truecmd()).await?;
+        v.push(t.elapsed());
+        anyhow::ensure!(r.exit_code == 0, "true failed: {r:?}");
+    }
+    report("exec `true` after 150 ms idle", v);
+
     // 2. Idle RSS of the environment (bwrap + init), no session.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let info = rt.info("bench").await?;

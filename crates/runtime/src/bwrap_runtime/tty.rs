@@ -65,7 +65,7 @@ impl BwrapRuntime {
 
         let id = env.next_id.fetch_add(1, Ordering::SeqCst);
         let mut cgroup = env.child_cgroup(&format!("t{id}"))?;
-        let procs = cgroup.as_mut().and_then(|c| c.take_procs());
+        let procs = cgroup.as_mut().and_then(|c| c.take_handle());
         let raw = tty.as_raw_fd();
         let mut fds = vec![raw, raw, raw];
         fds.extend(procs.as_ref().map(|f| f.as_raw_fd()));

@@ -83,6 +83,10 @@ pub async fn commands_run_unprivileged(t: &Target) {
             t.command_bounding_set
         )
     );
+    // The syscall probes below use ctypes: without it they would fail for the wrong reason.
+    let r = fx.sh("python3 -c 'import ctypes'").await;
+    assert_eq!(r.exit_code, 0, "python3 with ctypes is needed here: {r:?}");
+    let ptrace = "python3 -c 'import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).ptrace(0,0,0,0)==0 else 1)'";
     assert_all_fail(
         &fx,
         &[
@@ -91,12 +95,19 @@ pub async fn commands_run_unprivileged(t: &Target) {
             "unshare -r true",
             "unshare -n true",
             "dmesg",
-            "python3 -c 'import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).ptrace(0,0,0,0)==0 else 1)'",
             "python3 -c 'import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).syscall(272, 0x10000000)==0 else 1)'",
         ],
     )
     .await;
+    let r = fx.sh(ptrace).await;
+    assert_eq!(r.exit_code != 0, t.denies_ptrace, "ptrace: {r:?}");
     assert_eq!(fx.sh("ls /tmp/m | wc -l").await.stdout, "0\n");
+    // clone3 (whose namespace flags a filter cannot see) answers ENOSYS, so libc falls back
+    // to the filtered clone.
+    let r = fx
+        .sh("python3 -c 'import ctypes; c = ctypes.CDLL(None, use_errno=True); print(c.syscall(435, 0, 0), ctypes.get_errno())'")
+        .await;
+    assert_eq!(r.stdout, "-1 38\n", "{r:?}");
     fx.destroy().await;
 }
 

@@ -181,6 +181,9 @@ pub struct Target {
     /// Variables the backend sets in commands' environment beyond the clean default
     /// (`PATH`, `HOME`, `LANG`, `TERM`, `USER`) and what `sh` adds (`PWD`).
     pub extra_env: &'static [&'static str],
+    /// Whether the seccomp filter refuses `ptrace` (ours does; Docker's default profile allows
+    /// it between processes of one user on kernels >= 4.8).
+    pub denies_ptrace: bool,
 }
 
 impl Target {
