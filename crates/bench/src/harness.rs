@@ -942,6 +942,31 @@ async fn exec_case(
         target: "—".into(),
         met: None,
     });
+    // An agent's commands arrive after pauses, when the kernel's cgroup machinery is cold:
+    // the same round trip with an idle pause before each, against a bwrap one-shot after the
+    // same pause.
+    eprintln!("case: exec round trip after an idle pause");
+    let (mut ours, mut bw) = (vec![], vec![]);
+    for _ in 0..scale.rtt_iters.min(60) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        bw.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = Instant::now();
+        api.exec(sb, "true").await?;
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (o, b) = (stats(&ours), stats(&bw));
+    rows.push(Row {
+        case: format!(
+            "exec round trip `true` after 150 ms idle (p99 {})",
+            ms(o.p99)
+        ),
+        ours: o,
+        baseline_name: "`bwrap --unshare-all /bin/true` after 150 ms idle".into(),
+        baseline: Some(b),
+        target: "< bwrap one-shot after the same pause".into(),
+        met: Some(o.median < b.median),
+    });
     Ok(())
 }
 
