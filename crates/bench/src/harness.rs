@@ -21,16 +21,19 @@ use crate::Opts;
 const NOTES: &str = r#"
 ## Reading the figures
 
-* **Reads and writes** of open files go through FUSE passthrough (read rules) or the page cache
-  (writable codebase files), so large sequential I/O runs at native speed.
-* **Many small files** (`find`, `grep -r`, `git status`) pay one synchronous FUSE round trip per
-  file open and per uncached lookup: the rules are checked at open, so the kernel cannot skip
-  it. With both processes on one CPU that is ~20-40 µs per file, which dominates `grep -r` over
-  10,000 small files (native: 5 µs per file). Entries and attributes are cached for 60 s (with
-  explicit invalidation), so repeated `stat`s do not reach the daemon. Closing the gap would
-  need FUSE's no-open mode (moving the read check from OPEN to READ) or FUSE over io_uring.
+* **Opening a file costs no FUSE round trip** (no-open mode): the rules are checked on every
+  read and write instead, so warm `find`, `grep -r` and `git status` are served from the
+  kernel's caches (names, attributes and pages for 60 s, invalidated at once on changes made
+  through the server). The price: no FUSE passthrough, which needs an open. A warm sequential
+  read comes from this mount's page cache, 0-30% slower than native ext4 here depending on how
+  large the cached folios are (the native file's page cache is ext4's own); files a command
+  creates are written with direct I/O (one copy into the delta, no second page cache).
 * **git status** re-reads every file when git cannot refresh its index, which is why it runs
   under a write rule here; under the agent-safe preset `.git` is hidden anyway.
+* **Exec round trip**: the init starts each command directly in its own cgroup
+  (`clone3(CLONE_INTO_CGROUP)`); moving it there after the fact would wait for an RCU grace
+  period whenever the sandbox had been idle (7-25 ms per command), hence the "after 150 ms
+  idle" row.
 * **Sandbox start** through the API: mounting the policy filesystem takes under 1 ms; the rest
   is the environment. On a cgroup-v1 host, the first move of a process into a cgroup after a
   pause waits for an RCU grace period in the kernel (~5-15 ms here, paid by the bwrap child as

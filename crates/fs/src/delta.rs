@@ -1203,6 +1203,11 @@ impl Delta {
     pub fn publish(&self, filter: &PublishFilter<'_>) -> Result<PublishReport, FsError> {
         let mut meta = self.lock();
         let mut report = PublishReport::default();
+        // Most commands change nothing: no tree walk and no journal rewrite for them (this runs
+        // after every command, before its result is returned).
+        if meta.dirty.is_empty() {
+            return Ok(report);
+        }
         let dirty: Vec<PathBuf> = meta.dirty.iter().cloned().collect();
         let mut puts = Vec::new();
         let mut dels = Vec::new();
