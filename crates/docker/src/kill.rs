@@ -17,31 +17,13 @@ pub fn in_container(pid: u32, container_id: &str) -> bool {
             .is_ok_and(|c| c.lines().any(|l| l.contains(container_id)))
 }
 
-/// `root` and all its descendants.
-pub fn process_tree(root: u32) -> Vec<u32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let pid = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                    out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-                }
-            }
-        }
-        i += 1;
-    }
-    out
-}
-
 /// Sends `signal` to the process group led by `leader` and, for SIGKILL, to every descendant of
 /// `leader`. The group is signalled with `kill(-pgid)` when the leader is alive and the
 /// container's; after the leader died (a session shell that ran `exit`), its remaining members
 /// are found in `/proc` instead. SIGKILL rounds repeat so children forked meanwhile go too.
 pub fn kill_tree(leader: u32, container_id: &str, signal: Signal) {
     for _ in 0..3 {
-        let tree: Vec<u32> = process_tree(leader)
+        let tree: Vec<u32> = agentfense_runtime::process_tree(leader)
             .into_iter()
             .filter(|p| in_container(*p, container_id))
             .collect();

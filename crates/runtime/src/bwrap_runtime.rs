@@ -278,7 +278,7 @@ impl BwrapRuntime {
         let root = env.child.lock().await.as_ref().and_then(|c| c.id());
         Ok(SandboxInfo {
             running: !env.chan.closed.load(Ordering::SeqCst),
-            host_pids: root.map(process_tree).unwrap_or_default(),
+            host_pids: root.map(crate::runtime::process_tree).unwrap_or_default(),
             landlock: env.landlock.clone(),
             start_duration: Some(env.start_duration),
             cgroups: env.cgroup.as_ref().map(|c| c.paths()).unwrap_or_default(),
@@ -738,24 +738,6 @@ async fn shutdown_env(env: Arc<Env>) {
             });
         }
     }
-}
-
-/// `root` and all its descendants, from `/proc/<pid>/task/<tid>/children`.
-fn process_tree(root: u32) -> Vec<u32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let pid = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                    out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-                }
-            }
-        }
-        i += 1;
-    }
-    out
 }
 
 fn setup_error(step: String, errno: i32) -> RuntimeError {

@@ -68,7 +68,9 @@ pub use bwrap_runtime::{
     BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, TtyProcess, build_env, resolve_workdir,
 };
 pub use error::{ErrorKind, Result, RuntimeError};
-pub use runtime::{BoxFuture, Delivery, ExecStream, Runtime, consumer_gone, deliver, find_session};
+pub use runtime::{
+    BoxFuture, Delivery, ExecStream, Runtime, consumer_gone, deliver, find_session, process_tree,
+};
 pub use types::{
     ExecEvent, ExecRequest, ExecResult, LimitKind, MAX_COMMAND, NetworkMode, ResourceLimits,
     RuntimeEvent, SandboxSpec, SessionSpec, TtyRequest, check_command,

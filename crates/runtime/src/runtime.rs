@@ -194,3 +194,21 @@ pub trait Runtime: Send + Sync {
         Box::pin(async { Ok(0) })
     }
 }
+
+/// `root` and all its descendants, from `/proc/<pid>/task/<tid>/children`.
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let pid = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                    out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
