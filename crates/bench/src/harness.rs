@@ -201,6 +201,14 @@ fn start_server(exe: &Path, data: &Path, cpu: &Option<usize>) -> anyhow::Result<
         "sandbox:\n  max_per_user: 0\nlogging:\n  level: warn\n",
     )?;
     let mut cmd = pinned(cpu, &exe.to_string_lossy());
+    // The server (and its mounts) must not outlive a bench that is killed.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no shared state.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(Into::into)
+        });
+    }
     cmd.args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", ""])
         .arg("--config")
         .arg(&config)
@@ -626,7 +634,12 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/bench-data"));
     if work.exists() {
-        std::fs::remove_dir_all(&work)?;
+        std::fs::remove_dir_all(&work).with_context(|| {
+            format!(
+                "cannot clear {} (is a server of an earlier run still mounted there?)",
+                work.display()
+            )
+        })?;
     }
     std::fs::create_dir_all(&work)?;
     let work = work.canonicalize()?;
