@@ -64,6 +64,9 @@ async fn tty_program_owns_its_terminal() {
     assert!(out.contains("33 101\r\n"), "{out:?}");
     assert!(out.contains("ctty-ok"), "{out:?}");
     assert!(out.contains("1000\r\n"), "{out:?}");
+    // A live handle keeps the environment referenced; destroy then defers the cgroup removal
+    // to a background task that would die with this test's runtime.
+    drop(proc);
     fx.destroy().await;
 }
 
@@ -107,6 +110,7 @@ async fn tty_program_timeout_and_bad_requests() {
         proc.wait().await,
         Err(RuntimeError::CommandSetup { .. })
     ));
+    drop(proc);
     let devnull = std::fs::File::open("/dev/null").unwrap();
     let err = fx
         .rt
