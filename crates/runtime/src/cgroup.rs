@@ -32,8 +32,6 @@ pub trait CgroupFs: Send + Sync + std::fmt::Debug {
     fn exists(&self, path: &Path) -> bool;
     /// Subdirectories of `path`.
     fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>>;
-    /// Opens a control file for writing (kept open to be written later, e.g. after fork).
-    fn open_write(&self, path: &Path) -> io::Result<std::fs::File>;
     /// Opens a cgroup directory (read-only), e.g. for `clone3(CLONE_INTO_CGROUP)`.
     fn open_dir(&self, path: &Path) -> io::Result<std::fs::File>;
 }
@@ -62,9 +60,6 @@ impl CgroupFs for StdCgroupFs {
     }
     fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
         list_dirs(path)
-    }
-    fn open_write(&self, path: &Path) -> io::Result<std::fs::File> {
-        std::fs::OpenOptions::new().write(true).open(path)
     }
     fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
         std::fs::File::open(path)
@@ -774,7 +769,7 @@ mod tests {
 
     impl CgroupFs for Recording {
         fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-            std::fs::create_dir_all(path)
+            StdCgroupFs.create_dir_all(path)
         }
         fn write(&self, path: &Path, value: &str) -> io::Result<()> {
             let mut busy = self.busy_once.lock().unwrap();
@@ -790,26 +785,21 @@ mod tests {
             std::fs::write(path, value)
         }
         fn read(&self, path: &Path) -> io::Result<String> {
-            std::fs::read_to_string(path)
+            StdCgroupFs.read(path)
         }
+        // Directories here hold plain files (not cgroupfs control files), so rmdir alone
+        // would fail.
         fn remove_dir(&self, path: &Path) -> io::Result<()> {
             std::fs::remove_dir_all(path)
         }
         fn exists(&self, path: &Path) -> bool {
-            path.exists()
+            StdCgroupFs.exists(path)
         }
         fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-            list_dirs(path)
-        }
-        fn open_write(&self, path: &Path) -> io::Result<std::fs::File> {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
+            StdCgroupFs.list_dirs(path)
         }
         fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
-            std::fs::File::open(path)
+            StdCgroupFs.open_dir(path)
         }
     }
 
