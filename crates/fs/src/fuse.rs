@@ -197,11 +197,9 @@ pub(crate) struct IoCache {
 const IO_CACHE_MAX: usize = 64;
 
 impl IoCache {
+    /// The host file cached for `ino`, if it serves `write`s when asked to.
     fn get(&self, ino: u64, write: bool) -> Option<Arc<File>> {
-        self.files
-            .get(&ino)
-            .filter(|f| f.write || !write)
-            .map(|f| f.file.clone())
+        self.held(ino).filter(|(_, w)| *w || !write).map(|(f, _)| f)
     }
 
     fn insert(&mut self, ino: u64, file: Arc<File>, write: bool) {
@@ -328,23 +326,20 @@ impl Shared {
 
     /// Keeps the cached host files of `paths` (deleted from outside) until FORGET.
     pub(crate) fn pin_io(&self, paths: &[PathBuf]) {
-        let nodes = lock(&self.nodes);
-        let mut io = lock(&self.io);
-        for p in paths {
-            if let Some(&ino) = nodes.by_path.get(p) {
-                io.pin(ino, || None);
-            }
-        }
+        self.each_io(paths, |io, ino| io.pin(ino, || None));
     }
 
     /// Forgets the cached host files of `paths` (published, or changed from outside).
     pub(crate) fn invalidate_io(&self, paths: &[PathBuf]) {
+        self.each_io(paths, IoCache::invalidate);
+    }
+
+    /// Calls `f` with the I/O cache for the inode of each of `paths` that has one.
+    fn each_io(&self, paths: &[PathBuf], mut f: impl FnMut(&mut IoCache, u64)) {
         let nodes = lock(&self.nodes);
         let mut io = lock(&self.io);
-        for p in paths {
-            if let Some(&ino) = nodes.by_path.get(p) {
-                io.invalidate(ino);
-            }
+        for ino in paths.iter().filter_map(|p| nodes.by_path.get(p)) {
+            f(&mut io, *ino);
         }
     }
 }
@@ -668,13 +663,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     /// (`read` to read, `write` to write), then the cached host file is used or opened (for
     /// writing: copied up first).
     fn io_file(&self, ino: u64, write: bool) -> Result<Arc<File>, FsError> {
-        let (path, live) = self.io_path(ino)?;
-        let d = self.decision(&path, EntryKind::File);
-        if write {
-            self.require("write", &path, d, Level::Write)?;
-        } else {
-            self.require("read", &path, d, Level::Read)?;
-        }
+        let (path, live) = self.io_allowed(ino, write)?;
         let epoch = {
             let io = lock(&self.shared.io);
             if let Some(f) = io.get(ino, write) {
@@ -695,6 +684,20 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             io.insert(ino, file.clone(), write);
         }
         Ok(file)
+    }
+
+    /// Checks that the rules let `ino` be written (`write`) or read, and returns the path that
+    /// decided it and whether the node still has that path.
+    fn io_allowed(&self, ino: u64, write: bool) -> Result<(PathBuf, bool), FsError> {
+        let (path, live) = self.io_path(ino)?;
+        let d = self.decision(&path, EntryKind::File);
+        let (op, need) = if write {
+            ("write", Level::Write)
+        } else {
+            ("read", Level::Read)
+        };
+        self.require(op, &path, d, need)?;
+        Ok((path, live))
     }
 
     /// Keeps the host file of the file at `path` for I/O after it is unlinked or replaced,
@@ -976,8 +979,11 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     }
 
     /// The host file for I/O on `ino`: the CREATE handle `fh` if there is one, else by inode.
+    /// Rules apply to every transfer, through a CREATE handle too (the rules may have changed
+    /// since the file was made).
     fn io_target(&self, ino: u64, fh: FileHandle, write: bool) -> Result<Arc<File>, FsError> {
         if fh.0 != 0 {
+            self.io_allowed(ino, write)?;
             self.file_of(fh, write)
         } else {
             self.io_file(ino, write)

@@ -348,3 +348,65 @@ proptest! {
         run_case(rules, &ops)?;
     }
 }
+
+/// A file made through CREATE keeps its handle, but every transfer through it is checked
+/// against the rules of the moment: after a rule change that demotes the path, the open
+/// handle can neither write nor read.
+#[test]
+fn create_handles_follow_rule_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    build_lower(&lower);
+    let shared = Arc::new(Shared::new(
+        Delta::open(&lower, &dir.path().join("delta")).unwrap(),
+        Auditor::new("t".into()),
+        Policy::compile(rules()).unwrap(),
+    ));
+    let opts = FsOptions {
+        entry_ttl: Duration::ZERO,
+        attr_ttl: Duration::ZERO,
+        owner: None,
+    };
+    let fs = PolicyFs::new(
+        shared.clone(),
+        opts,
+        Policy::cursor_root,
+        Policy::cursor_child,
+        Policy::decide,
+    );
+    let parent = resolve(&fs, Path::new("o")).unwrap();
+    let (attr, file, write) = fs
+        .do_create(
+            (0, 0),
+            parent,
+            OsStr::new("new.txt"),
+            0o644,
+            0,
+            libc::O_RDWR,
+        )
+        .unwrap();
+    assert!(write);
+    let ino = attr.ino.0;
+    let fh = FileHandle(fs.add_handle(Handle {
+        ino,
+        file: Arc::new(file),
+        write,
+    }));
+    assert_eq!(fs.do_write(ino, fh, 0, b"abc").unwrap(), 3);
+    assert_eq!(fs.do_read(ino, fh, 0, 10).unwrap(), b"abc");
+    shared.set_policy(Policy::compile(vec![PermissionRule::glob("/**", Level::View, 0)]).unwrap());
+    assert!(matches!(
+        fs.do_write(ino, fh, 3, b"def"),
+        Err(FsError::Denied {
+            level: Level::View,
+            ..
+        })
+    ));
+    assert!(matches!(
+        fs.do_read(ino, fh, 0, 10),
+        Err(FsError::Denied {
+            level: Level::View,
+            ..
+        })
+    ));
+}
