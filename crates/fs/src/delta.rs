@@ -885,15 +885,7 @@ impl Delta {
             Mode::from_raw_mode(agent_mode(mode, EntryKind::Dir)),
         )
         .map_err(|e| FsError::io("mkdir", rel, e.into()))?;
-        if let Some((u, g)) = owner {
-            let _ = rustix::fs::chownat(
-                &pdir,
-                name,
-                Some(rustix::fs::Uid::from_raw(u)),
-                Some(rustix::fs::Gid::from_raw(g)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            );
-        }
+        chown_new(&pdir, name, owner);
         self.note_created(&mut meta, rel)
     }
 
@@ -910,15 +902,7 @@ impl Delta {
         let (_, name) = host::split(rel).map_err(|e| FsError::io("symlink", rel, e))?;
         rustix::fs::symlinkat(target, &pdir, name)
             .map_err(|e| FsError::io("symlink", rel, e.into()))?;
-        if let Some((u, g)) = owner {
-            let _ = rustix::fs::chownat(
-                &pdir,
-                name,
-                Some(rustix::fs::Uid::from_raw(u)),
-                Some(rustix::fs::Gid::from_raw(g)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            );
-        }
+        chown_new(&pdir, name, owner);
         self.note_created(&mut meta, rel)
     }
 
@@ -1533,3 +1517,17 @@ fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io::Result<()
 
 #[cfg(test)]
 mod tests;
+
+/// Gives a new entry `name` in `pdir` to `owner`, when one is set. Best effort: the entry
+/// exists either way, and only what `stat` shows depends on it.
+fn chown_new(pdir: &OwnedFd, name: &OsStr, owner: Option<(u32, u32)>) {
+    if let Some((u, g)) = owner {
+        let _ = rustix::fs::chownat(
+            pdir,
+            name,
+            Some(rustix::fs::Uid::from_raw(u)),
+            Some(rustix::fs::Gid::from_raw(g)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
+    }
+}
