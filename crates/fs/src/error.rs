@@ -85,6 +85,14 @@ pub enum FsError {
         /// The number.
         id: u64,
     },
+    /// The kernel cannot open this inode in the needed I/O mode right now: a write open of a
+    /// file whose open readers use the codebase file as their passthrough file (possible only
+    /// after a rule change made it writable; [`crate::IoMode::Passthrough`]).
+    #[error("inode {ino} is busy: open read-only elsewhere in this sandbox")]
+    Busy {
+        /// Our inode number.
+        ino: u64,
+    },
     /// I/O on a file that was deleted or replaced while open, whose host file is gone.
     #[error("{} was deleted or replaced", path.display())]
     Vanished {
@@ -146,6 +154,7 @@ impl FsError {
             FsError::InvalidName { .. } => libc::EINVAL,
             FsError::Stale { .. } => libc::EBADF,
             FsError::Vanished { .. } => libc::ESTALE,
+            FsError::Busy { .. } => libc::ETXTBSY,
             FsError::Io { source, .. } => match source.raw_os_error() {
                 // Errors that describe the caller's request or the disk, not our internals,
                 // are passed through; anything else is an internal failure.

@@ -11,8 +11,11 @@
 //! * `host` (private): the only place that opens host paths, always beneath a layer root with
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, never through a symlink.
 //! * `fuse` (private): the thin `fuser::Filesystem` adapter that enforces the rules (table in
-//!   its module docs). Opens cost no round trip (FUSE no-open mode): the rules apply to every
-//!   read, write and metadata change instead, and warm reads come from the page cache.
+//!   its module docs). By default ([`IoMode::NoOpen`]) opens cost no round trip: the rules
+//!   apply to every read, write and metadata change instead, and warm reads come from the
+//!   page cache; best for source trees. [`IoMode::Passthrough`] decides at open and hands
+//!   read-only files to the kernel as passthrough files: native speed on large files, one
+//!   round trip per open.
 //! * [`mount()`] / [`MountHandle`]: what the server uses. Denials and publish conflicts come
 //!   out of [`MountHandle::events`] as [`AuditEvent`]s.
 //! * [`FsError`]: the crate's error, with the one `FsError -> errno` table
@@ -61,6 +64,6 @@ pub use delta::{
 };
 pub use error::FsError;
 pub use mount::{
-    DEFAULT_TTL, FS_NAME, FsConfig, MountHandle, MountStats, PublishMode, cleanup_stale_mounts,
-    codebase_changed, detach, mount, publish_unmounted,
+    DEFAULT_TTL, FS_NAME, FsConfig, IoMode, MountHandle, MountStats, PublishMode,
+    cleanup_stale_mounts, codebase_changed, detach, mount, publish_unmounted,
 };

@@ -32,6 +32,46 @@ pub enum PublishMode {
     Explicit,
 }
 
+/// How opened files are served: a per-mount trade-off between opening many small files and
+/// streaming large ones (the crate docs compare them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoMode {
+    /// No FUSE open at all: opening costs no round trip, the rules are checked on every
+    /// read and write, data comes from this mount's page cache. Best for source trees
+    /// (`grep -r`, `git status`, builds).
+    #[default]
+    NoOpen,
+    /// One FUSE open per open(2), checked against the rules there; files this sandbox may
+    /// only read (and its own new files) are then handed to the kernel as passthrough files:
+    /// reads and writes go straight to the host file, at native speed. Best for large data
+    /// files; every open costs a round trip to the daemon. Falls back to daemon-served I/O
+    /// where the kernel offers no passthrough (Linux < 6.9, or without privileges).
+    Passthrough,
+}
+
+impl IoMode {
+    /// The mode's name in labels and flags: `no-open` or `passthrough`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::NoOpen => "no-open",
+            IoMode::Passthrough => "passthrough",
+        }
+    }
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IoMode, String> {
+        match s {
+            "no-open" => Ok(IoMode::NoOpen),
+            "passthrough" => Ok(IoMode::Passthrough),
+            other => Err(format!(
+                "unknown I/O mode {other:?}: expected \"no-open\" (the default) or \"passthrough\""
+            )),
+        }
+    }
+}
+
 /// Live mounts of this process, by codebase, so that a change to a codebase (another
 /// sandbox's publish, an upload) can drop the stale entries from every kernel cache at once.
 struct Registered {
@@ -143,6 +183,8 @@ pub struct FsConfig {
     pub attr_ttl: Duration,
     /// FUSE worker threads.
     pub threads: usize,
+    /// How opened files are served.
+    pub io_mode: IoMode,
 }
 
 impl FsConfig {
@@ -167,6 +209,7 @@ impl FsConfig {
             entry_ttl: DEFAULT_TTL,
             attr_ttl: DEFAULT_TTL,
             threads: 2,
+            io_mode: IoMode::default(),
         }
     }
 }
@@ -179,6 +222,11 @@ pub struct MountStats {
     pub open_files: usize,
     /// Audit events dropped because the channel was full.
     pub dropped_events: u64,
+    /// Opens handed to the kernel as passthrough files ([`IoMode::Passthrough`]).
+    pub passthrough_opens: u64,
+    /// Opens served by the daemon ([`IoMode::Passthrough`]: files this sandbox may write,
+    /// or every open where the kernel offers no passthrough).
+    pub daemon_opens: u64,
 }
 
 /// A mounted sandbox filesystem. Dropping it unmounts (lazily if busy).
@@ -242,6 +290,7 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         entry_ttl: config.entry_ttl,
         attr_ttl: config.attr_ttl,
         owner: config.owner,
+        io_mode: config.io_mode,
     };
     // `Policy::cursor_*` fix the cursor type; see `PolicyFs`.
     let fs = PolicyFs::new(
@@ -400,6 +449,8 @@ impl MountHandle {
                 .unwrap_or_else(|p| p.into_inner())
                 .len(),
             dropped_events: self.shared.audit.dropped(),
+            passthrough_opens: self.shared.passthrough_opens.load(Ordering::Relaxed),
+            daemon_opens: self.shared.daemon_opens.load(Ordering::Relaxed),
         }
     }
 

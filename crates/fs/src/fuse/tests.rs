@@ -262,6 +262,7 @@ fn run_case(rules: Vec<PermissionRule>, ops: &[Op]) -> Result<(), TestCaseError>
         entry_ttl: Duration::ZERO,
         attr_ttl: Duration::ZERO,
         owner: None,
+        io_mode: IoMode::NoOpen,
     };
     let fs = PolicyFs::new(
         shared.clone(),
@@ -366,6 +367,7 @@ fn create_handles_follow_rule_changes() {
         entry_ttl: Duration::ZERO,
         attr_ttl: Duration::ZERO,
         owner: None,
+        io_mode: IoMode::NoOpen,
     };
     let fs = PolicyFs::new(
         shared.clone(),
@@ -391,6 +393,7 @@ fn create_handles_follow_rule_changes() {
         ino,
         file: Arc::new(file),
         write,
+        kind: HandleKind::Created,
     }));
     assert_eq!(fs.do_write(ino, fh, 0, b"abc").unwrap(), 3);
     assert_eq!(fs.do_read(ino, fh, 0, 10).unwrap(), b"abc");

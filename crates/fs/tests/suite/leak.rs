@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use agentfense_core::presets;
+use agentfense_fs::IoMode;
 
 use super::util::{mount_with, require_fuse, write};
 
@@ -35,7 +36,19 @@ fn tree(lower: &Path) {
 #[test]
 fn no_tool_prints_a_hidden_name_or_byte() {
     require_fuse!("no_tool_prints_a_hidden_name_or_byte");
-    let m = mount_with(presets::get("agent-safe").unwrap().rules(), tree, |_| {});
+    no_leak(IoMode::NoOpen);
+}
+
+#[test]
+fn no_tool_prints_a_hidden_name_or_byte_in_passthrough_mode() {
+    require_fuse!("no_tool_prints_a_hidden_name_or_byte_in_passthrough_mode");
+    no_leak(IoMode::Passthrough);
+}
+
+fn no_leak(mode: IoMode) {
+    let m = mount_with(presets::get("agent-safe").unwrap().rules(), tree, |c| {
+        c.io_mode = mode;
+    });
     let forbidden = [
         "LEAK",
         ".env",

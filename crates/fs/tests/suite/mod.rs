@@ -4,4 +4,5 @@ mod daemon_io;
 mod enforcement;
 mod invariants;
 mod leak;
+mod passthrough;
 mod publish;
