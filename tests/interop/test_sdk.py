@@ -395,6 +395,24 @@ def test_manual_publish_and_conflicts(endpoint, http_base, audit):
     c.close()
 
 
+def test_io_mode_label(endpoint):
+    c = SandboxClient(endpoint=endpoint)
+    cb = c.create_codebase(name="io-mode", owner_id="interop-user")
+    c.upload_file(cb.id, "data.txt", b"served by passthrough\n")
+    rules = [{"pattern": "**/*", "permission": "read"}]
+    # An unknown mode is INVALID_ARGUMENT at create, naming the label and the allowed values.
+    with pytest.raises(InvalidConfigurationError) as e:
+        c.create_sandbox(cb.id, permissions=rules, labels={"agentfense.io": "fast"})
+    assert "agentfense.io" in str(e.value) and "passthrough" in str(e.value)
+    sb = c.create_sandbox(cb.id, permissions=rules, labels={"agentfense.io": "passthrough"})
+    c.start_sandbox(sb.id)
+    assert c.exec(sb.id, "cat data.txt").stdout == "served by passthrough\n"
+    assert c.exec(sb.id, "echo x > data.txt").exit_code != 0  # the rules still apply
+    c.destroy_sandbox(sb.id)
+    c.delete_codebase(cb.id)
+    c.close()
+
+
 def test_per_owner_quota(endpoint):
     from agentfense import ResourceLimitExceededError
 

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agentfense_core::ResourceLimits;
-use agentfense_fs::{FsConfig, MountHandle, PublishMode};
+use agentfense_fs::{FsConfig, IoMode, MountHandle, PublishMode};
 use agentfense_runtime::{BwrapRuntime, NetworkMode, Runtime, SandboxSpec};
 use agentfense_server::config::RuntimeConfig;
 use anyhow::Context;
@@ -40,6 +40,16 @@ pub struct LocalArgs {
     /// Give the sandbox the host's network (default: none).
     #[arg(long)]
     pub network: bool,
+    /// How the filesystem serves opened files: `no-open` (the default: cheap opens, best for
+    /// source trees) or `passthrough` (native read speed for large files, a round trip per
+    /// open; needs Linux >= 6.9, else it falls back to daemon-served I/O).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "no-open",
+        value_parser = clap::value_parser!(IoMode)
+    )]
+    pub io_mode: IoMode,
     /// Memory limit in MiB (default 2048).
     #[arg(long, value_name = "MIB")]
     pub memory_mib: Option<u64>,
@@ -134,6 +144,7 @@ impl LocalSandbox {
 
         let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
         cfg.publish_mode = PublishMode::Explicit;
+        cfg.io_mode = args.io_mode;
         cfg.owner = Some(agentfense_server::service::SANDBOX_OWNER);
         let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
 

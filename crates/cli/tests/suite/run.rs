@@ -86,3 +86,39 @@ fn run_under_agent_safe_then_apply() {
         "mount left behind"
     );
 }
+
+#[test]
+fn run_in_passthrough_io_mode_reads_and_writes() {
+    if !privileged("run_in_passthrough_io_mode_reads_and_writes") {
+        return;
+    }
+    let project = project_with_secrets();
+    let dir = project.path().to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            "--io-mode",
+            "passthrough",
+            "--discard",
+            dir,
+            "--",
+            "cat README.md src/main.py; echo r > output/r.txt; cat output/r.txt; cat .env",
+        ],
+    );
+    assert_ne!(code, 0, "the rules still apply: .env is hidden");
+    assert_eq!(out, "# demo\nprint('hello')\nr\n", "{err}");
+    assert!(err.contains("No such file"), "{err}");
+    assert!(!out.contains("top-secret") && !err.contains("top-secret"));
+}
+
+#[test]
+fn run_rejects_an_unknown_io_mode() {
+    let data = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(data.path(), &["--io-mode", "fast", ".", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--io-mode") && err.contains("no-open") && err.contains("passthrough"),
+        "{err}"
+    );
+}

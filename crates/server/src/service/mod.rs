@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 pub use codebases::UploadSink;
 pub use sandboxes::{
-    CreateSandbox, Engine, ExecOutcome, ExecParams, LABEL_NETWORK, LABEL_PUBLISH, SANDBOX_OWNER,
-    StreamItem,
+    CreateSandbox, Engine, ExecOutcome, ExecParams, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH,
+    SANDBOX_OWNER, StreamItem,
 };
 
 use crate::audit::Audit;

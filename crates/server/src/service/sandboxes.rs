@@ -13,7 +13,7 @@ use agentfense_core::{
     Level, PermissionRule, Policy, ResourceLimits, RuntimeKind, SandboxPath, SandboxStatus,
     SessionStatus,
 };
-use agentfense_fs::{FsConfig, MountHandle, PublishMode, PublishReport};
+use agentfense_fs::{FsConfig, IoMode, MountHandle, PublishMode, PublishReport};
 use agentfense_runtime::{ErrorKind, ExecEvent, NetworkMode, Runtime, RuntimeError};
 use tokio::sync::mpsc;
 
@@ -28,6 +28,10 @@ pub const LABEL_NETWORK: &str = "agentfense.network";
 /// Label that keeps writes private until an explicit publish (`manual`), instead of
 /// publishing after every command (`auto`, the default).
 pub const LABEL_PUBLISH: &str = "agentfense.publish";
+/// Label that picks how the sandbox's filesystem serves opened files: `no-open` (the default,
+/// best for source trees) or `passthrough` (native read speed for large files, one round trip
+/// per open); see [`IoMode`].
+pub const LABEL_IO: &str = "agentfense.io";
 
 /// Uid and gid the runtimes run commands as (the bubblewrap runtime's default user).
 pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
@@ -128,6 +132,51 @@ pub struct CreateSandbox {
     pub image: String,
     /// Requested limits (0 = server default).
     pub resources: ResourceLimits,
+}
+
+/// Checks the labels that configure a sandbox ([`LABEL_NETWORK`], [`LABEL_PUBLISH`],
+/// [`LABEL_IO`]) at create, so that a bad value is INVALID_ARGUMENT then rather than a failed
+/// start later. Other labels are the user's own and pass through.
+fn check_labels(
+    labels: &BTreeMap<String, String>,
+    allow_network: bool,
+) -> Result<(), ServiceError> {
+    match labels.get(LABEL_NETWORK).map(String::as_str) {
+        None | Some("none") | Some("disabled") => {}
+        Some("enabled") | Some("host") if allow_network => {}
+        Some("enabled") | Some("host") => {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "label {LABEL_NETWORK} asks for networking, which this server does not allow \
+                 (set runtime.allow_network: true)"
+            )));
+        }
+        Some(other) => {
+            return Err(ServiceError::InvalidArgument(format!(
+                "label {LABEL_NETWORK}={other:?}: expected enabled or none"
+            )));
+        }
+    }
+    match labels.get(LABEL_PUBLISH).map(String::as_str) {
+        None | Some("auto") | Some("manual") => {}
+        Some(other) => {
+            return Err(ServiceError::InvalidArgument(format!(
+                "label {LABEL_PUBLISH}={other:?}: expected auto or manual"
+            )));
+        }
+    }
+    if let Some(v) = labels.get(LABEL_IO) {
+        v.parse::<IoMode>()
+            .map_err(|e| ServiceError::InvalidArgument(format!("label {LABEL_IO}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The I/O mode a sandbox's labels ask for ([`LABEL_IO`], checked at create).
+fn io_mode(labels: &BTreeMap<String, String>) -> IoMode {
+    labels
+        .get(LABEL_IO)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
 }
 
 fn runtime_error(e: RuntimeError) -> ServiceError {
@@ -240,29 +289,7 @@ impl Service {
                 req.image
             )));
         }
-        match req.labels.get(LABEL_NETWORK).map(String::as_str) {
-            None | Some("none") | Some("disabled") => {}
-            Some("enabled") | Some("host") if self.settings.config.runtime.allow_network => {}
-            Some("enabled") | Some("host") => {
-                return Err(ServiceError::FailedPrecondition(format!(
-                    "label {LABEL_NETWORK} asks for networking, which this server does not allow \
-                     (set runtime.allow_network: true)"
-                )));
-            }
-            Some(other) => {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "label {LABEL_NETWORK}={other:?}: expected enabled or none"
-                )));
-            }
-        }
-        match req.labels.get(LABEL_PUBLISH).map(String::as_str) {
-            None | Some("auto") | Some("manual") => {}
-            Some(other) => {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "label {LABEL_PUBLISH}={other:?}: expected auto or manual"
-                )));
-            }
-        }
+        check_labels(&req.labels, self.settings.config.runtime.allow_network)?;
         let codebase = self.codebase(&cb_id).await?;
         let max = self.settings.config.sandbox.max_per_user;
         let now = SystemTime::now();
@@ -403,6 +430,7 @@ impl Service {
         if rec.labels.get(LABEL_PUBLISH).map(String::as_str) == Some("manual") {
             cfg.publish_mode = PublishMode::Explicit;
         }
+        cfg.io_mode = io_mode(&rec.labels);
         let mp = mountpoint.clone();
         let mount = blocking(move || {
             if let Some(parent) = mp.parent() {
@@ -1107,5 +1135,58 @@ fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
                 conflict.expected, conflict.found
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn io_label_picks_the_mode_and_rejects_unknown_values() {
+        assert_eq!(io_mode(&labels(&[])), IoMode::NoOpen);
+        for (value, mode) in [
+            ("no-open", IoMode::NoOpen),
+            ("passthrough", IoMode::Passthrough),
+        ] {
+            let l = labels(&[(LABEL_IO, value), ("team", "x")]);
+            check_labels(&l, false).unwrap();
+            assert_eq!(io_mode(&l), mode);
+        }
+        for bad in ["fast", "", "Passthrough", "no_open"] {
+            match check_labels(&labels(&[(LABEL_IO, bad)]), false) {
+                Err(ServiceError::InvalidArgument(msg)) => assert!(
+                    msg.contains(LABEL_IO)
+                        && msg.contains("no-open")
+                        && msg.contains("passthrough"),
+                    "the error names the label and the allowed values: {msg}"
+                ),
+                other => panic!("{LABEL_IO}={bad:?}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn network_and_publish_labels_are_checked() {
+        check_labels(&labels(&[(LABEL_PUBLISH, "manual")]), false).unwrap();
+        check_labels(&labels(&[(LABEL_NETWORK, "enabled")]), true).unwrap();
+        assert!(matches!(
+            check_labels(&labels(&[(LABEL_NETWORK, "enabled")]), false),
+            Err(ServiceError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            check_labels(&labels(&[(LABEL_NETWORK, "wifi")]), true),
+            Err(ServiceError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_labels(&labels(&[(LABEL_PUBLISH, "later")]), false),
+            Err(ServiceError::InvalidArgument(_))
+        ));
     }
 }
