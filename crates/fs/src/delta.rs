@@ -1156,6 +1156,17 @@ impl Delta {
         self.lock().dirty.iter().cloned().collect()
     }
 
+    /// Whether nothing is pending, answered without waiting: `false` also when the delta is
+    /// busy (a copy-up or publish in progress), so a caller that must not block can take the
+    /// slow path then.
+    pub fn surely_clean(&self) -> bool {
+        match self.meta.try_lock() {
+            Ok(m) => m.dirty.is_empty(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().dirty.is_empty(),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
     /// What a publish would do now, path by path (for review and diff workflows).
     pub fn changes(&self) -> Vec<Change> {
         let meta = self.lock();

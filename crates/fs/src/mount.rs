@@ -411,6 +411,12 @@ impl MountHandle {
         self.shared.delta.pending()
     }
 
+    /// Whether nothing is pending, without blocking (see [`Delta::surely_clean`]): lets an
+    /// async caller skip handing an empty publish to a blocking thread after each command.
+    pub fn surely_clean(&self) -> bool {
+        self.shared.delta.surely_clean()
+    }
+
     /// The pending changes with their kind (added / modified / deleted), for review.
     pub fn changes(&self) -> Vec<crate::Change> {
         self.shared.delta.changes()

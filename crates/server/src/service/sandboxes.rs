@@ -661,6 +661,18 @@ impl Service {
         })
     }
 
+    /// After a command: publishes what it changed, on a blocking thread. Most commands change
+    /// nothing; they skip the thread hop (a measurable share of a ~2 ms exec round trip).
+    async fn after_command(self: &Arc<Self>, rec: &SandboxRecord, live: &Arc<Live>) {
+        if live.mount.surely_clean() {
+            return;
+        }
+        let this = self.clone();
+        let (rec2, live2) = (rec.clone(), live.clone());
+        let _ =
+            tokio::task::spawn_blocking(move || this.publish_after_command(&rec2, &live2)).await;
+    }
+
     /// After a command: publish (automatic mode) with the codebase stats kept up to date.
     fn publish_after_command(self: &Arc<Self>, rec: &SandboxRecord, live: &Live) {
         let _ = self.publish_counted(rec.id.as_str(), &rec.codebase_id, live, false);
@@ -751,10 +763,7 @@ impl Service {
         let timeout = req.timeout.unwrap_or_default();
         let started = std::time::Instant::now();
         let res = live.runtime.exec(id.as_str(), req).await;
-        let this = self.clone();
-        let (rec2, live2) = (rec.clone(), live.clone());
-        let _ =
-            tokio::task::spawn_blocking(move || this.publish_after_command(&rec2, &live2)).await;
+        self.after_command(&rec, &live).await;
         match res {
             Ok(r) => {
                 self.audit_command(&rec, None, &command, r.exit_code, r.duration, false);
@@ -830,8 +839,7 @@ impl Service {
                 }
             }
             drop(stream);
-            let (t2, r2, l2) = (this.clone(), rec.clone(), live.clone());
-            let _ = tokio::task::spawn_blocking(move || t2.publish_after_command(&r2, &l2)).await;
+            this.after_command(&rec, &live).await;
             if let Some((code, d, timed_out)) = outcome {
                 this.audit_command(&rec, None, &command, code, d, timed_out);
             }
@@ -949,10 +957,7 @@ impl Service {
             .runtime
             .session_exec(rec.id.as_str(), sid.as_str(), &command, Some(timeout))
             .await;
-        let this = self.clone();
-        let (rec2, live2) = (rec.clone(), live.clone());
-        let _ =
-            tokio::task::spawn_blocking(move || this.publish_after_command(&rec2, &live2)).await;
+        self.after_command(&rec, &live).await;
         match res {
             Ok(r) => {
                 self.audit_command(&rec, Some(&sid), &command, r.exit_code, r.duration, false);
