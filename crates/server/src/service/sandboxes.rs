@@ -40,6 +40,9 @@ pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
 pub(crate) struct Live {
     mount: MountHandle,
     runtime: Arc<dyn Runtime>,
+    /// The record as it was started (status running). What a command needs of it (id,
+    /// codebase) does not change while the sandbox runs, so commands do not read the store.
+    rec: SandboxRecord,
 }
 
 impl std::fmt::Debug for Live {
@@ -483,7 +486,17 @@ impl Service {
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.id.clone(), Arc::new(Live { mount, runtime }));
+            .insert(
+                rec.id.clone(),
+                Arc::new(Live {
+                    mount,
+                    runtime,
+                    rec: SandboxRecord {
+                        status: SandboxStatus::Running,
+                        ..rec.clone()
+                    },
+                }),
+            );
         Ok(())
     }
 
@@ -621,14 +634,16 @@ impl Service {
         self: &Arc<Self>,
         id: &SandboxId,
     ) -> Result<(SandboxRecord, Arc<Live>), ServiceError> {
-        let rec = self.sandbox(id).await?;
-        match (rec.status, self.engine.live(id)) {
-            (SandboxStatus::Running, Some(live)) => Ok((rec, live)),
-            (status, _) => Err(ServiceError::FailedPrecondition(format!(
-                "sandbox {id} is not running (status {}); start it first",
-                status_name(status)
-            ))),
+        // Live resources exist exactly while the sandbox runs: added once started, taken away
+        // first when it stops. Only the error path reads the store.
+        if let Some(live) = self.engine.live(id) {
+            return Ok((live.rec.clone(), live));
         }
+        let rec = self.sandbox(id).await?;
+        Err(ServiceError::FailedPrecondition(format!(
+            "sandbox {id} is not running (status {}); start it first",
+            status_name(rec.status)
+        )))
     }
 
     fn effective_timeout(&self, requested: Option<Duration>) -> Duration {
