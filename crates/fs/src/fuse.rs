@@ -48,7 +48,7 @@
 //! `open-write`). A file this sandbox may only read is then handed to the kernel as a
 //! passthrough file: its reads (and mmap) go straight to the host file and its page cache,
 //! never to the daemon nor to this mount's page cache. That matters for large files: this
-//! mount's page cache holds single pages (FUSE has no large folios before Linux 7.x), which
+//! mount's page cache holds single pages (FUSE has no large folios in Linux 6.18), which
 //! makes warm sequential reads ~1.5x slower than from ext4's large folios. Writable files are
 //! served by the daemon as in no-open mode. The kernel needs every open of an inode with a
 //! passthrough file to share that file ([`PtState`]): a reader opening a codebase file that
