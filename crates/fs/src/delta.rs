@@ -776,9 +776,64 @@ impl Delta {
         Ok(attr.kind)
     }
 
+    /// Copies the data of codebase file `rel`, when it is about to be copied up and large,
+    /// into a temporary file *without* holding the delta lock (everything else in the sandbox
+    /// goes on meanwhile), then installs it under the lock if `rel` still is that same
+    /// codebase file. Best effort: in any other case the copy is dropped and the caller's
+    /// locked copy-up does the work.
+    fn stage_copy_up(&self, rel: &Path) {
+        let lower_st = {
+            let meta = self.lock();
+            match self.lookup_locked(&meta, rel) {
+                Ok(Some(a))
+                    if a.layer == Layer::Lower
+                        && a.kind == EntryKind::File
+                        && a.size >= UNLOCKED_COPY_MIN => {}
+                _ => return,
+            }
+            match host::lstat(self.lower.as_fd(), rel) {
+                Ok(st) => st,
+                Err(_) => return,
+            }
+        };
+        let Ok(src) = host::open_file(self.lower.as_fd(), rel, OFlags::RDONLY) else {
+            return;
+        };
+        if !rustix::fs::fstat(&src).is_ok_and(|st| same_version(&st, &lower_st)) {
+            return;
+        }
+        let tmp = self.tmp_name();
+        let Ok(dst) = rustix::fs::openat(
+            &self.work,
+            &tmp,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) else {
+            return;
+        };
+        let copied = copy_contents(Some(src), dst, &lower_st).is_ok();
+        let mut meta = self.lock();
+        let installed = copied
+            && matches!(self.lookup_locked(&meta, rel), Ok(Some(a)) if a.layer == Layer::Lower)
+            && host::lstat(self.lower.as_fd(), rel).is_ok_and(|st| same_version(&st, &lower_st))
+            && host::split(rel).is_ok_and(|(parent, name)| {
+                self.upper_dir(parent)
+                    .is_ok_and(|pdir| rustix::fs::renameat(&self.work, &tmp, &pdir, name).is_ok())
+            });
+        if !installed {
+            let _ = rustix::fs::unlinkat(&self.work, &tmp, AtFlags::empty());
+            return;
+        }
+        meta.origins.insert_if_absent(rel, || Origin::of(&lower_st));
+        meta.dirty.insert(rel.to_path_buf());
+        // A failed journal write shows again (and fails the call) at the caller's own save.
+        let _ = self.save(&mut meta);
+    }
+
     /// Copies `rel` up (if it is not already in the delta) and records it as changed.
     pub fn copy_up(&self, rel: &Path) -> Result<EntryKind, FsError> {
         check_rel(rel)?;
+        self.stage_copy_up(rel);
         let mut meta = self.lock();
         let kind = self.copy_up_locked(&mut meta, rel)?;
         self.mark_dirty(&mut meta, rel)?;
@@ -788,6 +843,9 @@ impl Delta {
     /// Opens regular file `rel` for writing (read-write), copying it up first.
     pub fn open_write(&self, rel: &Path, truncate: bool) -> Result<File, FsError> {
         check_rel(rel)?;
+        if !truncate {
+            self.stage_copy_up(rel);
+        }
         let mut meta = self.lock();
         let kind = self
             .lookup_locked(&meta, rel)?
@@ -1098,6 +1156,7 @@ impl Delta {
     /// chmod: copies up and sets the permission bits.
     pub fn set_mode(&self, rel: &Path, mode: u32) -> Result<(), FsError> {
         check_rel(rel)?;
+        self.stage_copy_up(rel);
         let mut meta = self.lock();
         let kind = self.copy_up_locked(&mut meta, rel)?;
         if kind == EntryKind::Symlink {
@@ -1120,6 +1179,7 @@ impl Delta {
         mtime: Option<SystemTime>,
     ) -> Result<(), FsError> {
         check_rel(rel)?;
+        self.stage_copy_up(rel);
         let mut meta = self.lock();
         self.copy_up_locked(&mut meta, rel)?;
         let ts = |t: Option<SystemTime>| match t {
@@ -1500,6 +1560,31 @@ fn open_any(root: BorrowedFd<'_>, rel: &Path, kind: EntryKind) -> Result<OwnedFd
 }
 
 /// Copies the data of `src` into `dst`, then gives `dst` the mode, owner and times of `st`.
+/// Codebase files at least this large are copied up outside the delta lock
+/// ([`Delta::stage_copy_up`]); smaller ones are quicker to copy than to check twice.
+const UNLOCKED_COPY_MIN: u64 = 1 << 20;
+
+/// Whether two stats describe the same version of the same file.
+fn same_version(a: &Stat, b: &Stat) -> bool {
+    (
+        a.st_dev,
+        a.st_ino,
+        a.st_size,
+        a.st_mtime,
+        a.st_mtime_nsec,
+        a.st_ctime,
+        a.st_ctime_nsec,
+    ) == (
+        b.st_dev,
+        b.st_ino,
+        b.st_size,
+        b.st_mtime,
+        b.st_mtime_nsec,
+        b.st_ctime,
+        b.st_ctime_nsec,
+    )
+}
+
 fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io::Result<()> {
     let mut dst = File::from(dst);
     if let Some(src) = src {

@@ -1,5 +1,6 @@
 use super::*;
 use pretty_assertions::assert_eq;
+use std::io::Seek;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 struct Fx {
@@ -692,4 +693,98 @@ mod model {
             prop_assert_eq!(&seen, &m);
         }
     }
+}
+
+#[test]
+fn large_copy_ups_run_outside_the_lock_and_stay_exact() {
+    let f = fx();
+    // Above UNLOCKED_COPY_MIN: copied by stage_copy_up, outside the delta lock.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    let file = f.lower.join("src/big.bin");
+    std::fs::write(&file, &big).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_100_000_000);
+    File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    // Writers race to copy the same file up while readers look around; each appends a line.
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let d = &f.d;
+            s.spawn(move || {
+                let mut w = d.open_write(p("src/big.bin"), false).unwrap();
+                w.seek(io::SeekFrom::End(0)).unwrap();
+                w.write_all(format!("writer {i}\n").as_bytes()).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            let d = &f.d;
+            s.spawn(move || {
+                for _ in 0..50 {
+                    assert!(d.lookup(p("src/a.rs")).unwrap().is_some());
+                    assert!(d.lookup(p("src/big.bin")).unwrap().is_some());
+                }
+            });
+        }
+    });
+    let up = f.delta_dir.join("upper/src/big.bin");
+    let data = std::fs::read(&up).unwrap();
+    assert_eq!(
+        &data[..big.len()],
+        &big[..],
+        "the codebase bytes, copied once"
+    );
+    let mut tail: Vec<&str> = std::str::from_utf8(&data[big.len()..])
+        .unwrap()
+        .lines()
+        .collect();
+    tail.sort_unstable();
+    assert_eq!(tail, ["writer 0", "writer 1", "writer 2", "writer 3"]);
+    assert_eq!(
+        std::fs::metadata(&up).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        big,
+        "the codebase is untouched"
+    );
+    assert_eq!(
+        std::fs::read_dir(f.delta_dir.join("work")).unwrap().count(),
+        0,
+        "copies that lost the race are removed"
+    );
+    assert_eq!(f.d.pending(), [PathBuf::from("src/big.bin")]);
+    // The origin was recorded: a codebase change since the copy-up is a conflict.
+    std::fs::write(&file, b"theirs").unwrap();
+    let r = f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(r.conflicts.len(), 1, "{r:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), data);
+}
+
+#[test]
+fn staged_copy_ups_take_only_large_codebase_files() {
+    let f = fx();
+    let file = f.lower.join("big.bin");
+    std::fs::write(&file, vec![b'a'; 2 << 20]).unwrap();
+    f.d.stage_copy_up(p("big.bin"));
+    assert_eq!(
+        f.d.lookup(p("big.bin")).unwrap().unwrap().layer,
+        Layer::Upper
+    );
+    // Small files and files already in the delta are left to the locked path.
+    f.d.stage_copy_up(p("README"));
+    assert_eq!(
+        f.d.lookup(p("README")).unwrap().unwrap().layer,
+        Layer::Lower
+    );
+    f.d.stage_copy_up(p("big.bin"));
+    f.d.stage_copy_up(p("missing"));
+    assert_eq!(
+        std::fs::read_dir(f.delta_dir.join("work")).unwrap().count(),
+        0
+    );
 }
