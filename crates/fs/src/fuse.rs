@@ -820,6 +820,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         } else {
             self.require("open-read", &path, d, Level::Read)?;
         }
+        let epoch = lock(&self.shared.io).epoch;
         let file = Arc::new(if write {
             self.shared.delta.open_write(&path, false)?
         } else {
@@ -837,9 +838,10 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             None => {
                 self.shared.daemon_opens.fetch_add(1, Ordering::Relaxed);
                 // Seed the I/O cache with the file just opened (the first READ or WRITE
-                // would open it again otherwise).
+                // would open it again otherwise), unless an outside change dropped entries
+                // meanwhile (as in `io_file`).
                 let mut io = lock(&self.shared.io);
-                if io.get(ino, write).is_none() {
+                if io.epoch == epoch && io.get(ino, write).is_none() {
                     io.insert(ino, file.clone(), write);
                 }
                 HandleKind::Cached
