@@ -50,10 +50,15 @@ pub const DENIED_SYSCALLS: &[(&str, libc::c_long)] = &[
     ("clock_settime", libc::SYS_clock_settime),
     // The host kernel log (dmesg) is host information.
     ("syslog", libc::SYS_syslog),
+    // io_uring: a large kernel attack surface with a record of privilege escalations, which
+    // also bypasses per-syscall filtering; runtimes (libuv, ...) fall back to plain syscalls.
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
 ];
 
 /// `clone` flags that create namespaces; `clone` with any of them is denied.
-const CLONE_NS_FLAGS: &[libc::c_int] = &[
+pub const CLONE_NS_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWNS,
     libc::CLONE_NEWUTS,
     libc::CLONE_NEWIPC,
@@ -216,6 +221,7 @@ mod tests {
             "delete_module",
             "reboot",
             "kexec_load",
+            "io_uring_setup",
         ] {
             assert!(names.contains(&must), "{must} missing");
         }

@@ -96,6 +96,8 @@ pub async fn commands_run_unprivileged(t: &Target) {
             "unshare -n true",
             "dmesg",
             "python3 -c 'import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).syscall(272, 0x10000000)==0 else 1)'",
+            // io_uring_setup(8, params): refused (a ring would be an fd >= 0).
+            "python3 -c 'import ctypes,sys; p = ctypes.create_string_buffer(120); sys.exit(0 if ctypes.CDLL(None).syscall(425, 8, p) >= 0 else 1)'",
         ],
     )
     .await;
