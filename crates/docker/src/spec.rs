@@ -158,6 +158,42 @@ pub struct ContainerPlan<'a> {
     pub propagates: bool,
 }
 
+/// The container's seccomp profile: the bubblewrap runtime's filter
+/// (`agentfense_runtime::hardening`) in Docker's format, so both runtimes refuse the same
+/// calls with `EPERM` (namespaces, mounts, `ptrace`, io_uring, the keyring, bpf, modules, ...;
+/// `clone` with a namespace flag) and answer `clone3` with `ENOSYS` (libc falls back to
+/// `clone`). Docker's default profile, which it replaces, lets a command `ptrace` its own
+/// processes and use io_uring. Every capability is dropped as well.
+pub fn seccomp_profile() -> String {
+    use agentfense_runtime::hardening::{CLONE_NS_FLAGS, DENIED_SYSCALLS};
+    let architectures: &[&str] = match std::env::consts::ARCH {
+        "x86_64" => &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "aarch64" => &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        _ => &[],
+    };
+    let denied: Vec<&str> = DENIED_SYSCALLS.iter().map(|(name, _)| *name).collect();
+    let mut syscalls = vec![
+        serde_json::json!({"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
+        serde_json::json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
+    ];
+    // One rule per flag: `(flags & bit) == bit` denies (`value` is the mask, `valueTwo` the
+    // expected result).
+    for bit in CLONE_NS_FLAGS {
+        syscalls.push(serde_json::json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": libc::EPERM,
+            "args": [{"index": 0, "value": bit, "valueTwo": bit, "op": "SCMP_CMP_MASKED_EQ"}],
+        }));
+    }
+    serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": architectures,
+        "syscalls": syscalls,
+    })
+    .to_string()
+}
+
 /// The container's configuration.
 pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
     let home_opts = match p.user.ids {
@@ -185,7 +221,10 @@ pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
         ])),
         network_mode: Some(network_mode(p.cfg, p.spec.network)),
         cap_drop: Some(vec!["ALL".into()]),
-        security_opt: Some(vec!["no-new-privileges".into()]),
+        security_opt: Some(vec![
+            "no-new-privileges".into(),
+            format!("seccomp={}", seccomp_profile()),
+        ]),
         readonly_rootfs: Some(p.cfg.read_only_rootfs),
         // docker-init (tini) as PID 1 reaps the zombies our commands leave behind.
         init: Some(true),
@@ -359,7 +398,32 @@ mod tests {
         );
         assert_eq!(h.network_mode.as_deref(), Some("none"));
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
-        assert_eq!(h.security_opt, Some(vec!["no-new-privileges".to_owned()]));
+        let opts = h.security_opt.clone().unwrap();
+        assert_eq!(opts[0], "no-new-privileges");
+        let profile: serde_json::Value =
+            serde_json::from_str(opts[1].strip_prefix("seccomp=").unwrap()).unwrap();
+        assert_eq!(profile["defaultAction"], "SCMP_ACT_ALLOW");
+        let denied = &profile["syscalls"][0];
+        assert_eq!(denied["errnoRet"], libc::EPERM);
+        for name in [
+            "ptrace",
+            "io_uring_setup",
+            "mount",
+            "unshare",
+            "bpf",
+            "keyctl",
+        ] {
+            assert!(
+                denied["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n == name),
+                "{name} must be denied"
+            );
+        }
+        assert_eq!(profile["syscalls"][1]["names"][0], "clone3");
+        assert_eq!(profile["syscalls"][1]["errnoRet"], libc::ENOSYS);
         assert_eq!(h.readonly_rootfs, Some(true));
         assert_eq!(
             (
