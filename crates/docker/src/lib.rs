@@ -6,7 +6,8 @@
 //! See [`spec::container_body`] (a pure function, unit-tested): the sandbox's workspace (the
 //! policy filesystem's mount point) bind-mounted at `/workspace` (`rslave` when the host mount
 //! propagates), working directory `/workspace`, network `none` unless the server enables
-//! networking and the sandbox asks for it, `no-new-privileges`, every capability dropped, a
+//! networking and the sandbox asks for it, `no-new-privileges`, every capability dropped, the
+//! bubblewrap runtime's seccomp filter ([`spec::seccomp_profile`]) in place of Docker's default, a
 //! read-only root filesystem with tmpfs `/tmp` and `HOME=/tmp/home`, a non-root user, docker's
 //! init as PID 1 (reaps zombies) with `sleep infinity` as the only long-lived process, the
 //! resource limits as cgroup settings, and labels (`agentfense.managed=true`,
