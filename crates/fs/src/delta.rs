@@ -539,6 +539,7 @@ impl Delta {
             counter: AtomicU64::new(0),
         };
         delta.compact(&mut delta.lock())?;
+        remove_stale_temps(&delta_dir.join("work"));
         Ok(delta)
     }
 
@@ -1560,6 +1561,30 @@ fn open_any(root: BorrowedFd<'_>, rel: &Path, kind: EntryKind) -> Result<OwnedFd
 }
 
 /// Copies the data of `src` into `dst`, then gives `dst` the mode, owner and times of `st`.
+/// Removes copy-up temporaries ([`Delta::tmp_name`]) left in `work` by a process that died
+/// mid-copy (a crashed or killed server): they would hold disk space forever. Those of this
+/// process (another `Delta` on the same directory) are left alone.
+fn remove_stale_temps(work: &Path) {
+    let Ok(entries) = std::fs::read_dir(work) else {
+        return;
+    };
+    let own = format!(".agentfense-{}-", std::process::id());
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".agentfense-") && name.ends_with(".tmp") && !name.starts_with(&own) {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %e.path().display(), "removed a stale copy-up temporary")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a stale copy-up temporary")
+                }
+            }
+        }
+    }
+}
+
 /// Codebase files at least this large are copied up outside the delta lock
 /// ([`Delta::stage_copy_up`]); smaller ones are quicker to copy than to check twice.
 const UNLOCKED_COPY_MIN: u64 = 1 << 20;

@@ -788,3 +788,20 @@ fn staged_copy_ups_take_only_large_codebase_files() {
         0
     );
 }
+
+#[test]
+fn copy_up_temporaries_of_dead_processes_are_removed_at_open() {
+    let f = fx();
+    let work = f.delta_dir.join("work");
+    std::fs::write(work.join(".agentfense-999999999-3.tmp"), "half a copy").unwrap();
+    let own = format!(".agentfense-{}-77.tmp", std::process::id());
+    std::fs::write(work.join(&own), "in progress").unwrap();
+    std::fs::write(work.join("unrelated"), "kept").unwrap();
+    let _again = Delta::open(&f.lower, &f.delta_dir).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [own, "unrelated".to_owned()]);
+}
