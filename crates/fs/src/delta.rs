@@ -499,6 +499,10 @@ pub struct Delta {
     meta_path: PathBuf,
     meta: Mutex<Meta>,
     counter: AtomicU64,
+    /// Publish writes its temporary files in `work` (never visible in the codebase, removed
+    /// at the next open if a crash leaves them) while renaming from there into the codebase
+    /// works; cleared at the first EXDEV (different filesystems or mounts).
+    publish_via_work: std::sync::atomic::AtomicBool,
 }
 
 impl Delta {
@@ -537,6 +541,7 @@ impl Delta {
             meta_path,
             meta: Mutex::new(meta),
             counter: AtomicU64::new(0),
+            publish_via_work: std::sync::atomic::AtomicBool::new(true),
         };
         delta.compact(&mut delta.lock())?;
         remove_stale_temps(&delta_dir.join("work"));
@@ -1454,13 +1459,19 @@ impl Delta {
                 .map_err(io("replace directory"))?;
         }
         let tmp = self.tmp_name();
-        let result = (|| -> Result<(), FsError> {
+        let via_work = self.publish_via_work.load(Ordering::Relaxed);
+        let tdir = if via_work {
+            self.work.as_fd()
+        } else {
+            pdir.as_fd()
+        };
+        let mut result = (|| -> Result<(), FsError> {
             match kind {
                 Kind::File => {
                     let src = host::open_file(upper, rel, OFlags::RDONLY)
                         .map_err(|e| FsError::io("open delta file", rel, e))?;
                     let dst = rustix::fs::openat(
-                        &pdir,
+                        tdir,
                         &tmp,
                         OFlags::CREATE
                             | OFlags::EXCL
@@ -1476,7 +1487,7 @@ impl Delta {
                 Kind::Symlink => {
                     let target = host::readlink(upper, rel)
                         .map_err(|e| FsError::io("readlink delta", rel, e))?;
-                    rustix::fs::symlinkat(OsStr::from_bytes(&target), &pdir, &tmp)
+                    rustix::fs::symlinkat(OsStr::from_bytes(&target), tdir, &tmp)
                         .map_err(io("publish symlink"))?;
                 }
                 _ => {
@@ -1486,10 +1497,22 @@ impl Delta {
                     });
                 }
             }
-            rustix::fs::renameat(&pdir, &tmp, &pdir, name).map_err(io("publish rename"))
+            Ok(())
         })();
+        if result.is_ok() {
+            match rustix::fs::renameat(tdir, &tmp, &pdir, name) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::XDEV) if via_work => {
+                    // The codebase is elsewhere: stage next to the target from now on.
+                    let _ = rustix::fs::unlinkat(tdir, &tmp, AtFlags::empty());
+                    self.publish_via_work.store(false, Ordering::Relaxed);
+                    return self.publish_put(meta, rel, st);
+                }
+                Err(e) => result = Err(io("publish rename")(e)),
+            }
+        }
         if let Err(e) = result {
-            let _ = rustix::fs::unlinkat(&pdir, &tmp, AtFlags::empty());
+            let _ = rustix::fs::unlinkat(tdir, &tmp, AtFlags::empty());
             return Err(e);
         }
         let new = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW)

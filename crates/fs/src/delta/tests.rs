@@ -805,3 +805,51 @@ fn copy_up_temporaries_of_dead_processes_are_removed_at_open() {
     left.sort();
     assert_eq!(left, [own, "unrelated".to_owned()]);
 }
+
+#[test]
+fn publish_works_across_filesystems_and_leaves_no_temporaries() {
+    use std::os::unix::fs::MetadataExt;
+    // The usual layout: delta and codebase on one filesystem, staged in `work`.
+    let f = fx();
+    write(&f.d, "src/new.rs", "new");
+    f.d.publish(&PublishFilter::default()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("src/new.rs")).unwrap(),
+        "new"
+    );
+    // A delta on another filesystem than its codebase: the rename from `work` fails with
+    // EXDEV and publish stages next to the target instead.
+    let shm = Path::new("/dev/shm");
+    let other = tempfile::tempdir_in(shm).unwrap();
+    assert_ne!(
+        std::fs::metadata(shm).unwrap().dev(),
+        std::fs::metadata(&f.lower).unwrap().dev(),
+        "this test needs /dev/shm and the temp dir on different filesystems"
+    );
+    let d = Delta::open(&f.lower, &other.path().join("delta")).unwrap();
+    write(&d, "README", "mine");
+    d.symlink(p("src/link"), Path::new("../README"), None)
+        .unwrap();
+    let r = d.publish(&PublishFilter::default()).unwrap();
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(f.lower.join("README")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_link(f.lower.join("src/link")).unwrap(),
+        Path::new("../README")
+    );
+    for dir in [
+        f.lower.clone(),
+        f.lower.join("src"),
+        other.path().join("delta/work"),
+    ] {
+        let temps: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".agentfense-"))
+            .collect();
+        assert!(temps.is_empty(), "{}: {temps:?}", dir.display());
+    }
+}
