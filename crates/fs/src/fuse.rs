@@ -209,8 +209,8 @@ enum HandleKind {
 /// never copied up under an open reader, so their host file stays the same.
 #[derive(Default)]
 struct PtState {
-    /// The live backing: host (dev, ino) of its file, and the id.
-    backing: Option<((u64, u64), Weak<BackingId>)>,
+    /// The live backing (gone once every passthrough handle of the inode is released).
+    backing: Option<Weak<BackingId>>,
     cached_opens: usize,
 }
 
@@ -860,7 +860,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     /// codebase file as their passthrough file (see [`PtState`]; only after a rule change).
     fn check_writable(&self, ino: u64) -> Result<(), FsError> {
         match lock(&self.pt).get(&ino).and_then(|st| st.backing.as_ref()) {
-            Some((_, w)) if w.strong_count() > 0 => Err(FsError::Busy { ino }),
+            Some(w) if w.strong_count() > 0 => Err(FsError::Busy { ino }),
             _ => Ok(()),
         }
     }
@@ -878,21 +878,18 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     ) -> Result<Option<Arc<BackingId>>, FsError> {
         let mut pt = lock(&self.pt);
         let st = pt.entry(ino).or_default();
-        if let Some((_, weak)) = &st.backing {
+        if let Some(weak) = &st.backing {
             // Only read-only opens get here (`check_writable` refuses write opens first).
             if let Some(b) = weak.upgrade() {
                 return Ok(Some(b));
             }
             st.backing = None;
         }
-        if eligible
-            && st.cached_opens == 0
-            && let Ok(stat) = rustix::fs::fstat(file)
-        {
+        if eligible && st.cached_opens == 0 {
             match open_backing(file) {
                 Ok(b) => {
                     let b = Arc::new(b);
-                    st.backing = Some(((stat.st_dev, stat.st_ino), Arc::downgrade(&b)));
+                    st.backing = Some(Arc::downgrade(&b));
                     return Ok(Some(b));
                 }
                 Err(e) => {
@@ -933,12 +930,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             HandleKind::Passthrough(b) => drop(b),
             HandleKind::Created => {}
         }
-        if st.cached_opens == 0
-            && st
-                .backing
-                .as_ref()
-                .is_none_or(|(_, w)| w.strong_count() == 0)
-        {
+        if st.cached_opens == 0 && st.backing.as_ref().is_none_or(|w| w.strong_count() == 0) {
             pt.remove(&h.ino);
         }
     }
