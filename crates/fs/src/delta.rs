@@ -788,6 +788,11 @@ impl Delta {
     /// codebase file. Best effort: in any other case the copy is dropped and the caller's
     /// locked copy-up does the work.
     fn stage_copy_up(&self, rel: &Path) {
+        // Already in the delta (the usual case after the first write): nothing to copy, and
+        // no reason to take the lock here. A race only makes the locked path decide.
+        if host::lstat(self.upper.as_fd(), rel).is_ok() {
+            return;
+        }
         let lower_st = {
             let meta = self.lock();
             match self.lookup_locked(&meta, rel) {
@@ -1583,7 +1588,6 @@ fn open_any(root: BorrowedFd<'_>, rel: &Path, kind: EntryKind) -> Result<OwnedFd
     res.map_err(|e| FsError::io("open", rel, e))
 }
 
-/// Copies the data of `src` into `dst`, then gives `dst` the mode, owner and times of `st`.
 /// Removes copy-up temporaries ([`Delta::tmp_name`]) left in `work` by a process that died
 /// mid-copy (a crashed or killed server): they would hold disk space forever. Those of this
 /// process (another `Delta` on the same directory) are left alone.
@@ -1633,6 +1637,7 @@ fn same_version(a: &Stat, b: &Stat) -> bool {
     )
 }
 
+/// Copies the data of `src` into `dst`, then gives `dst` the mode, owner and times of `st`.
 fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io::Result<()> {
     let mut dst = File::from(dst);
     if let Some(src) = src {

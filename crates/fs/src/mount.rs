@@ -42,21 +42,12 @@ pub enum IoMode {
     #[default]
     NoOpen,
     /// One FUSE open per open(2), checked against the rules there; files this sandbox may
-    /// only read (and its own new files) are then handed to the kernel as passthrough files:
-    /// reads and writes go straight to the host file, at native speed. Best for large data
-    /// files; every open costs a round trip to the daemon. Falls back to daemon-served I/O
-    /// where the kernel offers no passthrough (Linux < 6.9, or without privileges).
+    /// only read are then handed to the kernel as passthrough files: their reads go straight
+    /// to the host file, at native speed. Writable files are served by the daemon as in
+    /// no-open mode. Best for large data files; every open costs a round trip to the daemon.
+    /// Falls back to daemon-served I/O where the kernel offers no passthrough (Linux < 6.9,
+    /// or without privileges).
     Passthrough,
-}
-
-impl IoMode {
-    /// The mode's name in labels and flags: `no-open` or `passthrough`.
-    pub fn name(self) -> &'static str {
-        match self {
-            IoMode::NoOpen => "no-open",
-            IoMode::Passthrough => "passthrough",
-        }
-    }
 }
 
 impl std::str::FromStr for IoMode {
@@ -445,7 +436,7 @@ impl MountHandle {
         self.shared.audit.dropped()
     }
 
-    /// Counters (host files held, dropped events).
+    /// Counters (host files held, dropped events, opens by kind).
     pub fn stats(&self) -> MountStats {
         MountStats {
             open_files: self

@@ -253,24 +253,7 @@ fn run_case(rules: Vec<PermissionRule>, ops: &[Op]) -> Result<(), TestCaseError>
     let mut before = Tree::new();
     snapshot_disk(&lower, Path::new(""), &mut before);
     let policy = Policy::compile(rules).unwrap();
-    let shared = Arc::new(Shared::new(
-        Delta::open(&lower, &dir.path().join("delta")).unwrap(),
-        Auditor::new("prop".into()),
-        policy.clone(),
-    ));
-    let opts = FsOptions {
-        entry_ttl: Duration::ZERO,
-        attr_ttl: Duration::ZERO,
-        owner: None,
-        io_mode: IoMode::NoOpen,
-    };
-    let fs = PolicyFs::new(
-        shared.clone(),
-        opts,
-        Policy::cursor_root,
-        Policy::cursor_child,
-        Policy::decide,
-    );
+    let (shared, fs) = adapter(&lower, &dir.path().join("delta"), policy.clone());
     // Hidden paths are unreachable from the start.
     for (p, (kind, _)) in &before {
         if level(&policy, p, *kind) == Level::None {
@@ -358,23 +341,10 @@ fn create_handles_follow_rule_changes() {
     let dir = tempfile::tempdir().unwrap();
     let lower = dir.path().join("lower");
     build_lower(&lower);
-    let shared = Arc::new(Shared::new(
-        Delta::open(&lower, &dir.path().join("delta")).unwrap(),
-        Auditor::new("t".into()),
+    let (shared, fs) = adapter(
+        &lower,
+        &dir.path().join("delta"),
         Policy::compile(rules()).unwrap(),
-    ));
-    let opts = FsOptions {
-        entry_ttl: Duration::ZERO,
-        attr_ttl: Duration::ZERO,
-        owner: None,
-        io_mode: IoMode::NoOpen,
-    };
-    let fs = PolicyFs::new(
-        shared.clone(),
-        opts,
-        Policy::cursor_root,
-        Policy::cursor_child,
-        Policy::decide,
     );
     let parent = resolve(&fs, Path::new("o")).unwrap();
     let (attr, file, write) = fs
@@ -412,4 +382,31 @@ fn create_handles_follow_rule_changes() {
             ..
         })
     ));
+}
+
+/// The adapter over a fresh delta, without kernel caching, as the mount builds it.
+fn adapter(
+    lower: &Path,
+    delta: &Path,
+    policy: Policy,
+) -> (Arc<Shared>, PolicyFs<impl Clone + Send + Sync + 'static>) {
+    let shared = Arc::new(Shared::new(
+        Delta::open(lower, delta).unwrap(),
+        Auditor::new("t".into()),
+        policy,
+    ));
+    let opts = FsOptions {
+        entry_ttl: Duration::ZERO,
+        attr_ttl: Duration::ZERO,
+        owner: None,
+        io_mode: IoMode::NoOpen,
+    };
+    let fs = PolicyFs::new(
+        shared.clone(),
+        opts,
+        Policy::cursor_root,
+        Policy::cursor_child,
+        Policy::decide,
+    );
+    (shared, fs)
 }
