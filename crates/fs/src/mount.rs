@@ -397,6 +397,11 @@ impl MountHandle {
         }
     }
 
+    /// When this mount's writes are published.
+    pub fn publish_mode(&self) -> PublishMode {
+        self.publish_mode
+    }
+
     /// Paths changed since the last publish.
     pub fn pending(&self) -> Vec<PathBuf> {
         self.shared.delta.pending()

@@ -40,9 +40,10 @@ pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
 pub(crate) struct Live {
     mount: MountHandle,
     runtime: Arc<dyn Runtime>,
-    /// The record as it was started (status running). What a command needs of it (id,
-    /// codebase) does not change while the sandbox runs, so commands do not read the store.
-    rec: SandboxRecord,
+    /// What a command needs of the sandbox's record; fixed while it runs, so commands do not
+    /// read the store.
+    id: SandboxId,
+    codebase_id: CodebaseId,
 }
 
 impl std::fmt::Debug for Live {
@@ -170,6 +171,17 @@ fn check_labels(
     if let Some(v) = labels.get(LABEL_IO) {
         v.parse::<IoMode>()
             .map_err(|e| ServiceError::InvalidArgument(format!("label {LABEL_IO}: {e}")))?;
+    }
+    // The `agentfense.` prefix is ours: a misspelt knob must not be ignored silently.
+    let known = [LABEL_NETWORK, LABEL_PUBLISH, LABEL_IO];
+    if let Some(k) = labels
+        .keys()
+        .find(|k| k.starts_with("agentfense.") && !known.contains(&k.as_str()))
+    {
+        return Err(ServiceError::InvalidArgument(format!(
+            "unknown label {k:?}: labels starting with \"agentfense.\" are settings; known: {}",
+            known.join(", ")
+        )));
     }
     Ok(())
 }
@@ -383,7 +395,11 @@ impl Service {
                 rec.status = SandboxStatus::Running;
                 rec.status_reason = None;
                 rec.started_at = Some(SystemTime::now());
-                self.save(&rec).await?;
+                if let Err(e) = self.save(&rec).await {
+                    // Not recorded as running: nothing may run in it either.
+                    self.tear_down(&rec, false).await;
+                    return Err(e);
+                }
                 self.audit.record(AuditEvent::SandboxStarted {
                     sandbox_id: id.to_string(),
                 });
@@ -491,10 +507,8 @@ impl Service {
                 Arc::new(Live {
                     mount,
                     runtime,
-                    rec: SandboxRecord {
-                        status: SandboxStatus::Running,
-                        ..rec.clone()
-                    },
+                    id: rec.id.clone(),
+                    codebase_id: rec.codebase_id.clone(),
                 }),
             );
         Ok(())
@@ -630,14 +644,12 @@ impl Service {
         Ok(())
     }
 
-    async fn running(
-        self: &Arc<Self>,
-        id: &SandboxId,
-    ) -> Result<(SandboxRecord, Arc<Live>), ServiceError> {
-        // Live resources exist exactly while the sandbox runs: added once started, taken away
-        // first when it stops. Only the error path reads the store.
+    async fn running(self: &Arc<Self>, id: &SandboxId) -> Result<Arc<Live>, ServiceError> {
+        // Live resources exist exactly while the store says the sandbox runs: added by a
+        // start that is then saved (or undone), taken away first when it stops. Only the
+        // error path reads the store.
         if let Some(live) = self.engine.live(id) {
-            return Ok((live.rec.clone(), live));
+            return Ok(live);
         }
         let rec = self.sandbox(id).await?;
         Err(ServiceError::FailedPrecondition(format!(
@@ -676,21 +688,18 @@ impl Service {
         })
     }
 
-    /// After a command: publishes what it changed, on a blocking thread. Most commands change
-    /// nothing; they skip the thread hop (a measurable share of a ~2 ms exec round trip).
-    async fn after_command(self: &Arc<Self>, rec: &SandboxRecord, live: &Arc<Live>) {
-        if live.mount.surely_clean() {
+    /// After a command: publishes what it changed (automatic mode), on a blocking thread.
+    /// Most commands change nothing, and manual-publish sandboxes publish only on request:
+    /// both skip the thread hop (a measurable share of a ~2 ms exec round trip).
+    async fn after_command(self: &Arc<Self>, live: &Arc<Live>) {
+        if live.mount.publish_mode() == PublishMode::Explicit || live.mount.surely_clean() {
             return;
         }
-        let this = self.clone();
-        let (rec2, live2) = (rec.clone(), live.clone());
-        let _ =
-            tokio::task::spawn_blocking(move || this.publish_after_command(&rec2, &live2)).await;
-    }
-
-    /// After a command: publish (automatic mode) with the codebase stats kept up to date.
-    fn publish_after_command(self: &Arc<Self>, rec: &SandboxRecord, live: &Live) {
-        let _ = self.publish_counted(rec.id.as_str(), &rec.codebase_id, live, false);
+        let (this, live) = (self.clone(), live.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            this.publish_counted(live.id.as_str(), &live.codebase_id, &live, false)
+        })
+        .await;
     }
 
     /// Publishes (`explicit`: whatever the mode; else only in automatic mode) and adjusts the
@@ -748,7 +757,7 @@ impl Service {
 
     fn audit_command(
         &self,
-        rec: &SandboxRecord,
+        sandbox_id: &SandboxId,
         session: Option<&SessionId>,
         command: &str,
         exit_code: i32,
@@ -756,7 +765,7 @@ impl Service {
         timed_out: bool,
     ) {
         self.audit.record(AuditEvent::CommandExecuted {
-            sandbox_id: rec.id.to_string(),
+            sandbox_id: sandbox_id.to_string(),
             session_id: session.map(|s| s.to_string()),
             command: command.to_owned(),
             exit_code,
@@ -772,16 +781,16 @@ impl Service {
         p: ExecParams,
     ) -> Result<ExecOutcome, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let (rec, live) = self.running(&id).await?;
+        let live = self.running(&id).await?;
         let command = p.command.clone();
         let req = self.runtime_request(p)?;
         let timeout = req.timeout.unwrap_or_default();
         let started = std::time::Instant::now();
         let res = live.runtime.exec(id.as_str(), req).await;
-        self.after_command(&rec, &live).await;
+        self.after_command(&live).await;
         match res {
             Ok(r) => {
-                self.audit_command(&rec, None, &command, r.exit_code, r.duration, false);
+                self.audit_command(&live.id, None, &command, r.exit_code, r.duration, false);
                 Ok(ExecOutcome {
                     stdout: r.stdout,
                     stderr: r.stderr,
@@ -792,7 +801,7 @@ impl Service {
             Err(e) => {
                 let timed_out = e.kind() == ErrorKind::DeadlineExceeded;
                 if timed_out {
-                    self.audit_command(&rec, None, &command, -1, started.elapsed(), true);
+                    self.audit_command(&live.id, None, &command, -1, started.elapsed(), true);
                     return Err(ServiceError::DeadlineExceeded(format!(
                         "command timed out after {}",
                         humantime::format_duration(timeout)
@@ -810,7 +819,7 @@ impl Service {
         p: ExecParams,
     ) -> Result<mpsc::Receiver<StreamItem>, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let (rec, live) = self.running(&id).await?;
+        let live = self.running(&id).await?;
         let command = p.command.clone();
         let req = self.runtime_request(p)?;
         let timeout = req.timeout.unwrap_or_default();
@@ -854,9 +863,9 @@ impl Service {
                 }
             }
             drop(stream);
-            this.after_command(&rec, &live).await;
+            this.after_command(&live).await;
             if let Some((code, d, timed_out)) = outcome {
-                this.audit_command(&rec, None, &command, code, d, timed_out);
+                this.audit_command(&live.id, None, &command, code, d, timed_out);
             }
         });
         Ok(rx)
@@ -870,7 +879,7 @@ impl Service {
         env: BTreeMap<String, String>,
     ) -> Result<SessionRecord, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let (_rec, live) = self.running(&id).await?;
+        let live = self.running(&id).await?;
         let shell = if shell.is_empty() {
             "/bin/sh".to_owned()
         } else {
@@ -965,17 +974,24 @@ impl Service {
                 "session {sid} is closed"
             )));
         }
-        let (rec, live) = self.running(&sess.sandbox_id).await?;
+        let live = self.running(&sess.sandbox_id).await?;
         let timeout = self.effective_timeout(timeout);
         let started = std::time::Instant::now();
         let res = live
             .runtime
-            .session_exec(rec.id.as_str(), sid.as_str(), &command, Some(timeout))
+            .session_exec(live.id.as_str(), sid.as_str(), &command, Some(timeout))
             .await;
-        self.after_command(&rec, &live).await;
+        self.after_command(&live).await;
         match res {
             Ok(r) => {
-                self.audit_command(&rec, Some(&sid), &command, r.exit_code, r.duration, false);
+                self.audit_command(
+                    &live.id,
+                    Some(&sid),
+                    &command,
+                    r.exit_code,
+                    r.duration,
+                    false,
+                );
                 Ok(ExecOutcome {
                     stdout: r.stdout,
                     stderr: r.stderr,
@@ -992,7 +1008,7 @@ impl Service {
                 )))
             }
             Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
-                self.audit_command(&rec, Some(&sid), &command, -1, started.elapsed(), true);
+                self.audit_command(&live.id, Some(&sid), &command, -1, started.elapsed(), true);
                 Err(ServiceError::DeadlineExceeded(format!(
                     "command timed out after {}; the session is still usable",
                     humantime::format_duration(timeout)
@@ -1008,11 +1024,11 @@ impl Service {
         sandbox_id: &str,
     ) -> Result<PublishReport, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let (rec, live) = self.running(&id).await?;
+        let live = self.running(&id).await?;
         let this = self.clone();
         blocking(move || {
             Ok(this
-                .publish_counted(rec.id.as_str(), &rec.codebase_id, &live, true)?
+                .publish_counted(live.id.as_str(), &live.codebase_id, &live, true)?
                 .unwrap_or_default())
         })
         .await
@@ -1166,6 +1182,20 @@ mod tests {
         kv.iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn unknown_settings_labels_are_refused() {
+        for bad in ["agentfense.io-mode", "agentfense.IO", "agentfense."] {
+            match check_labels(&labels(&[(bad, "passthrough")]), false) {
+                Err(ServiceError::InvalidArgument(msg)) => {
+                    assert!(msg.contains(bad) && msg.contains(LABEL_IO), "{msg}")
+                }
+                other => panic!("{bad}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+        // Other labels are the user's own.
+        check_labels(&labels(&[("team", "x"), ("agentfense-like", "y")]), false).unwrap();
     }
 
     #[test]
