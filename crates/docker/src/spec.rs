@@ -162,13 +162,17 @@ pub struct ContainerPlan<'a> {
 /// (`agentfense_runtime::hardening`) in Docker's format, so both runtimes refuse the same
 /// calls with `EPERM` (namespaces, mounts, `ptrace`, io_uring, the keyring, bpf, modules, ...;
 /// `clone` with a namespace flag) and answer `clone3` with `ENOSYS` (libc falls back to
-/// `clone`). Docker's default profile, which it replaces, lets a command `ptrace` its own
-/// processes and use io_uring. Every capability is dropped as well.
+/// `clone`); everything else is allowed, as there. Docker's default profile, which it replaces,
+/// allow-lists syscalls instead but lets a command `ptrace` its own processes and use
+/// io_uring. Most calls it refuses beyond ours need capabilities, all of which are dropped
+/// here; the rest (e.g. `personality` flags, syscalls newer than the list) are allowed.
 pub fn seccomp_profile() -> String {
     use agentfense_runtime::hardening::{CLONE_NS_FLAGS, DENIED_SYSCALLS};
+    // The native architecture only, like the bubblewrap runtime's filter: calls through the
+    // 32-bit (x86, x32) entry points are refused outright instead of being allowed by default.
     let architectures: &[&str] = match std::env::consts::ARCH {
-        "x86_64" => &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "aarch64" => &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "x86_64" => &["SCMP_ARCH_X86_64"],
+        "aarch64" => &["SCMP_ARCH_AARCH64"],
         _ => &[],
     };
     let denied: Vec<&str> = DENIED_SYSCALLS.iter().map(|(name, _)| *name).collect();

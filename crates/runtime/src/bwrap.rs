@@ -244,11 +244,7 @@ pub fn write_etc(
         std::fs::write(&p, contents).map_err(ctx(&p))?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map_err(ctx(&p))?;
     }
-    let placeholders = HOST_ETC_ENTRIES
-        .iter()
-        .copied()
-        .chain([("resolv.conf", false)]);
-    for (rel, is_dir) in placeholders {
+    for (rel, is_dir) in etc_placeholders() {
         let p = dir.join(rel);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).map_err(ctx(parent))?;
@@ -278,6 +274,18 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h.finish()
 }
 
+/// Bump when [`write_etc`] changes how it writes (modes, layout) without changing the
+/// contents or names that [`shared_etc`] digests.
+const ETC_LAYOUT_VERSION: &[u8] = b"etc-layout-1";
+
+/// The empty files and directories [`write_etc`] creates for host entries bound over them.
+fn etc_placeholders() -> impl Iterator<Item = (&'static str, bool)> {
+    HOST_ETC_ENTRIES
+        .iter()
+        .copied()
+        .chain([("resolv.conf", false)])
+}
+
 /// The generated `/etc` for `user` and `hostname` in `state_dir`, written on first use and then
 /// shared (read-only) by every sandbox: its contents depend on nothing else, and writing a
 /// fresh copy for each start cost a score of file creations and deletions per sandbox.
@@ -294,14 +302,16 @@ pub fn shared_etc(
     static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
 
     let files = etc_files(user, hostname);
-    let mut parts: Vec<&[u8]> = Vec::new();
+    // Everything `write_etc` decides, so a binary that writes it differently never reuses
+    // an older directory: its layout version, the files and the placeholders.
+    let mut parts: Vec<&[u8]> = vec![ETC_LAYOUT_VERSION];
     for (rel, contents) in &files {
         parts.push(rel.as_bytes());
         parts.push(contents.as_bytes());
     }
-    for (rel, is_dir) in HOST_ETC_ENTRIES {
+    for (rel, is_dir) in etc_placeholders() {
         parts.push(rel.as_bytes());
-        parts.push(if *is_dir { b"d" } else { b"f" });
+        parts.push(if is_dir { b"d" } else { b"f" });
     }
     let dir = state_dir.join(format!("{SHARED_ETC_PREFIX}{:016x}", fnv1a(&parts)));
     if dir.is_dir() {

@@ -625,9 +625,16 @@ fn child(
     }
     // The command's part of the seccomp filters (the init runs without it).
     if let Some(filters) = COMMAND_FILTERS.get()
-        && filters.install_command().is_err()
+        && let Err(e) = filters.install_command()
     {
-        return ("seccomp", Errno::last());
+        // The error's own errno (no syscall may have been made, so errno could be stale).
+        let errno = match e {
+            crate::hardening::HardeningError::InstallSeccomp(
+                seccompiler::Error::Prctl(io) | seccompiler::Error::Seccomp(io),
+            ) => io.raw_os_error().map_or(Errno::EINVAL, Errno::from_raw),
+            _ => Errno::EINVAL,
+        };
+        return ("seccomp", errno);
     }
     // The init blocks SIGCHLD (signalfd) and Rust ignores SIGPIPE: neither may leak into
     // commands (`yes | head` must die of SIGPIPE).

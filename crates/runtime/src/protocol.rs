@@ -44,8 +44,9 @@ pub struct InitConfig {
 pub enum Request {
     /// First packet: harden the init and report [`Reply::Ready`].
     Configure(InitConfig),
-    /// Run `argv` with fds `[stdin, stdout, stderr]` attached to the packet, plus optionally an
-    /// open `cgroup.procs` of the command's own cgroup, which the child joins before exec.
+    /// Run `argv` with fds `[stdin, stdout, stderr]` attached to the packet, plus optionally the
+    /// open directory of the command's own cgroup, which the child is created in
+    /// (`clone3(CLONE_INTO_CGROUP)`, or joined through its `cgroup.procs` before exec).
     Exec {
         /// Host-chosen id, echoed in the replies.
         id: u64,
@@ -75,7 +76,7 @@ pub enum Request {
         pgid: i32,
     },
     /// Start a persistent shell (`argv`) reading command lines from a pipe held by the init;
-    /// optionally one fd attached: the `cgroup.procs` of the session's own cgroup.
+    /// optionally one fd attached: the open directory of the session's own cgroup.
     SessionOpen {
         /// Host-chosen id.
         id: u64,

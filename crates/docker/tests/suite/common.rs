@@ -80,7 +80,6 @@ pub fn target() -> Target {
         reap_grace: Duration::ZERO,
         read_only_root_is_erofs: true,
         command_bounding_set: 0,
-        denies_ptrace: true,
         // Set by dockerd in every exec.
         extra_env: &["HOSTNAME"],
     }

@@ -72,9 +72,9 @@ impl Env {
         let stdin_tx = pipe::Sender::from_owned_fd(in_w).map_err(pipe_err)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let mut cgroup = self.child_cgroup(&format!("e{id}"))?;
-        let procs = cgroup.as_mut().and_then(|c| c.take_handle());
+        let cg_dir = cgroup.as_mut().and_then(|c| c.take_handle());
         let mut fds = vec![in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-        fds.extend(procs.as_ref().map(|f| f.as_raw_fd()));
+        fds.extend(cg_dir.as_ref().map(|f| f.as_raw_fd()));
         let rx = self.chan.register(id);
         let sent = self
             .chan
@@ -89,7 +89,7 @@ impl Env {
                 &fds,
             )
             .await;
-        drop((in_r, out_w, err_w, procs));
+        drop((in_r, out_w, err_w, cg_dir));
         if let Err(e) = sent {
             self.chan.unregister(id);
             if let Some(c) = &cgroup {

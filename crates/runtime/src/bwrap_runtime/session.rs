@@ -48,8 +48,8 @@ impl BwrapRuntime {
         let envv = build_env(&env.user, &spec.env, &[("PS1", ""), ("PS2", "")])?;
         let id = env.next_id.fetch_add(1, Ordering::SeqCst);
         let mut cgroup = env.child_cgroup(&format!("s{id}"))?;
-        let procs = cgroup.as_mut().and_then(|c| c.take_handle());
-        let fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let cg_dir = cgroup.as_mut().and_then(|c| c.take_handle());
+        let fds: Vec<RawFd> = cg_dir.iter().map(|f| f.as_raw_fd()).collect();
         let mut rx = env.chan.register(id);
         let sent = env
             .chan
@@ -63,7 +63,7 @@ impl BwrapRuntime {
                 &fds,
             )
             .await;
-        drop(procs);
+        drop(cg_dir);
         if let Err(e) = sent {
             env.chan.unregister(id);
             return Err(e);

@@ -65,10 +65,10 @@ impl BwrapRuntime {
 
         let id = env.next_id.fetch_add(1, Ordering::SeqCst);
         let mut cgroup = env.child_cgroup(&format!("t{id}"))?;
-        let procs = cgroup.as_mut().and_then(|c| c.take_handle());
+        let cg_dir = cgroup.as_mut().and_then(|c| c.take_handle());
         let raw = tty.as_raw_fd();
         let mut fds = vec![raw, raw, raw];
-        fds.extend(procs.as_ref().map(|f| f.as_raw_fd()));
+        fds.extend(cg_dir.as_ref().map(|f| f.as_raw_fd()));
         let rx = env.chan.register(id);
         let sent = env
             .chan
@@ -83,7 +83,7 @@ impl BwrapRuntime {
                 &fds,
             )
             .await;
-        drop(procs);
+        drop(cg_dir);
         if let Err(e) = sent {
             env.chan.unregister(id);
             if let Some(c) = &cgroup {

@@ -63,11 +63,7 @@ pub async fn fork_bomb_is_contained_by_the_pids_limit(t: &Target) {
     // command ended (rather than timed out) keeps running in the background like any
     // background job until its forks fail, so the count is polled for a while; killed
     // processes get twice the reap grace.
-    let settle = if t.reap_grace.is_zero() {
-        String::new()
-    } else {
-        format!("sleep {}; ", (t.reap_grace * 2).as_secs_f64())
-    };
+    let settle = t.settle_times(2);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         // While the bomb churns even this probe may fail to fork: that counts as not settled.

@@ -181,9 +181,6 @@ pub struct Target {
     /// Variables the backend sets in commands' environment beyond the clean default
     /// (`PATH`, `HOME`, `LANG`, `TERM`, `USER`) and what `sh` adds (`PWD`).
     pub extra_env: &'static [&'static str],
-    /// Whether the seccomp filter refuses `ptrace` (ours does; Docker's default profile allows
-    /// it between processes of one user on kernels >= 4.8).
-    pub denies_ptrace: bool,
 }
 
 impl Target {
@@ -199,10 +196,15 @@ impl Target {
 
     /// `sleep <reap_grace>; ` (or nothing), to prefix a process count with.
     pub fn settle(&self) -> String {
+        self.settle_times(1)
+    }
+
+    /// [`Self::settle`] with `n` times the reap grace.
+    pub fn settle_times(&self, n: u32) -> String {
         if self.reap_grace.is_zero() {
             String::new()
         } else {
-            format!("sleep {}; ", self.reap_grace.as_secs_f64())
+            format!("sleep {}; ", (self.reap_grace * n).as_secs_f64())
         }
     }
 }

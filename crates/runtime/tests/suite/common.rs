@@ -56,7 +56,6 @@ pub fn target() -> Target {
         // Inherited from the init (see `isolation::landlock_and_init_capabilities`); the
         // commands' other sets are empty and `no_new_privs` is set.
         command_bounding_set: 0xeb,
-        denies_ptrace: true,
         extra_env: &[],
     }
 }
