@@ -56,14 +56,21 @@ if ! daemon_up; then
 fi
 say "dockerd $(docker version --format '{{.Server.Version}}') is up"
 
-# 3. Base image.
+# 3. Base image. Images this script builds carry a stamp; bump it when the image must change.
+STAMP=2
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
-    # An image from an older version of this script lacks what the tests need: rebuild it.
-    if docker run --rm --network none "$IMAGE" python3 -c 'import ctypes' >/dev/null 2>&1; then
+    have="$(docker image inspect --format '{{ index .Config.Labels "agentfense.setup" }}' "$IMAGE" 2>/dev/null || true)"
+    if [ "$have" = "$STAMP" ]; then
         say "image $IMAGE already exists"
         exit 0
     fi
-    say "image $IMAGE predates this script (no python3 ctypes): rebuilding"
+    # Only an image of ours is replaced: an older stamp, or the default name, which before
+    # stamps only this script built. Anything else is the user's, used as it is.
+    if [ -z "$have" ] && [ "$IMAGE" != "agentfense-test-base" ]; then
+        say "image $IMAGE was not built by this script: using it as it is"
+        exit 0
+    fi
+    say "image $IMAGE comes from an older version of this script: rebuilding"
     docker image rm -f "$IMAGE" >/dev/null
 fi
 rootfs="$(mktemp -d /var/tmp/agentfense-rootfs.XXXXXX)"
@@ -80,5 +87,5 @@ fi
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
     "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/*
 say "importing as $IMAGE"
-tar -C "$rootfs" -c . | docker import --change 'CMD ["/bin/sh"]' - "$IMAGE" >/dev/null
+tar -C "$rootfs" -c . | docker import --change 'CMD ["/bin/sh"]' --change "LABEL agentfense.setup=$STAMP" - "$IMAGE" >/dev/null
 say "image $IMAGE built ($(docker image inspect --format '{{.Size}}' "$IMAGE") bytes)"
