@@ -72,11 +72,7 @@ fn work_dir(data_dir: &Path, dir: &Path) -> PathBuf {
     let canon = dir.to_string_lossy();
     // FNV-1a: a short tag for the full path that stays the same across builds (kept deltas
     // are found again after an upgrade), so that two `src` folders differ.
-    let hash = {
-        let mut h = fnv::FnvHasher::default();
-        std::hash::Hasher::write(&mut h, canon.as_bytes());
-        std::hash::Hasher::finish(&h)
-    };
+    let hash = agentfense_runtime::stable_hash(canon.as_bytes());
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

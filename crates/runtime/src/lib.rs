@@ -71,7 +71,28 @@ pub use error::{ErrorKind, Result, RuntimeError};
 pub use runtime::{
     BoxFuture, Delivery, ExecStream, Runtime, consumer_gone, deliver, find_session, process_tree,
 };
+/// A 64-bit FNV-1a hash of `bytes`, stable across builds and versions: for names of state
+/// kept on the host (cgroup trees, work directories) that a restarted or upgraded process
+/// must find again.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
+}
+
 pub use types::{
     ExecEvent, ExecRequest, ExecResult, LimitKind, MAX_COMMAND, NetworkMode, ResourceLimits,
     RuntimeEvent, SandboxSpec, SessionSpec, TtyRequest, check_command,
 };
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stable_hash_is_fnv1a_64() {
+        // Published FNV-1a test vectors: names derived from it must never change.
+        assert_eq!(super::stable_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::stable_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::stable_hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+}

@@ -170,11 +170,7 @@ pub fn bwrap_runtime(
     // One parent cgroup per state directory: a server cleaning up after its own crash must not
     // touch the sandboxes of another server, or of `agentfense run`, on the same host.
     // FNV-1a, stable across builds: a restarted (or upgraded) server finds its cgroups again.
-    let tag = {
-        let mut h = fnv::FnvHasher::default();
-        std::hash::Hasher::write(&mut h, state_dir.to_string_lossy().as_bytes());
-        std::hash::Hasher::finish(&h)
-    };
+    let tag = agentfense_runtime::stable_hash(state_dir.to_string_lossy().as_bytes());
     match CgroupManager::detect_host(&format!("agentfense-{:08x}", tag as u32)) {
         Ok(m) => cfg.cgroups = Some(m),
         Err(e) if rt.default_resources.is_unlimited() => {
