@@ -44,11 +44,13 @@ fn run_under_agent_safe_then_apply() {
         &[
             dir,
             "--",
-            "echo report > output/r.txt; echo x > src/main.py; cat output/r.txt",
+            // Truncating fails at open; an append (no-open mode) at its first write.
+            "echo report > output/r.txt; echo x > src/main.py; \
+             bash -c 'echo x >> src/main.py' || echo append refused; cat output/r.txt",
         ],
     );
     assert_eq!(code, 0, "the last command's status is the exit code: {err}");
-    assert_eq!(out, "report\n");
+    assert_eq!(out, "append refused\nreport\n");
     assert!(
         err.contains("Permission denied"),
         "src/ is read-only: {err}"
