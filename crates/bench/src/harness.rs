@@ -828,6 +828,27 @@ struct FsCase<'a> {
     target: &'static str,
 }
 
+impl<'a> FsCase<'a> {
+    /// A case whose baseline is the same command natively in the codebase.
+    fn new(
+        label: String,
+        cmd: &str,
+        sandbox: &'a str,
+        max_ratio: Option<f64>,
+        target: &'static str,
+    ) -> FsCase<'a> {
+        FsCase {
+            label,
+            cmd: cmd.to_owned(),
+            sandbox,
+            native_dir: None,
+            baseline: "native",
+            max_ratio,
+            target,
+        }
+    }
+}
+
 /// A copy of a file on a tmpfs mounted with `huge=never`, whose page cache holds single pages
 /// only; unmounted on drop.
 struct SmallPageCopy {
@@ -916,107 +937,90 @@ async fn running_cases(
     let grep = "grep -r needle_not_there src > /dev/null; true";
     let fs_cases = match &sb_passthrough {
         None => Vec::new(),
-        Some(sb_passthrough) => vec![
-            FsCase {
-                label: format!("sequential read ({} MiB), read rule", scale.big_mib),
-                cmd: read.into(),
-                sandbox: &sb,
-                native_dir: None,
-                baseline: "native",
-                max_ratio: Some(1.0 / 0.9),
-                target: ">= 0.9x native throughput",
-            },
-            FsCase {
-                label: format!(
-                    "sequential read ({} MiB), read rule, against single-page caching",
-                    scale.big_mib
+        Some(sb_passthrough) => {
+            let mib = scale.big_mib;
+            vec![
+                FsCase::new(
+                    format!("sequential read ({mib} MiB), read rule"),
+                    read,
+                    &sb,
+                    Some(1.0 / 0.9),
+                    ">= 0.9x native throughput",
                 ),
-                cmd: read.into(),
-                sandbox: &sb,
-                native_dir: small_pages.as_ref().map(|t| t.dir.as_path()),
-                baseline: "native, tmpfs without huge pages",
-                max_ratio: None,
-                target: "reference: the kernel's cost of single-page caching",
-            },
-            FsCase {
-                label: format!(
-                    "sequential read ({} MiB), read rule, passthrough I/O mode",
-                    scale.big_mib
+                FsCase {
+                    native_dir: small_pages.as_ref().map(|t| t.dir.as_path()),
+                    baseline: "native, tmpfs without huge pages",
+                    ..FsCase::new(
+                        format!(
+                            "sequential read ({mib} MiB), read rule, against single-page caching"
+                        ),
+                        read,
+                        &sb,
+                        None,
+                        "reference: the kernel's cost of single-page caching",
+                    )
+                },
+                FsCase::new(
+                    format!("sequential read ({mib} MiB), read rule, passthrough I/O mode"),
+                    read,
+                    sb_passthrough,
+                    Some(1.0 / 0.9),
+                    ">= 0.9x native throughput",
                 ),
-                cmd: read.into(),
-                sandbox: sb_passthrough,
-                native_dir: None,
-                baseline: "native",
-                max_ratio: Some(1.0 / 0.9),
-                target: ">= 0.9x native throughput",
-            },
-            FsCase {
-                label: format!(
-                    "sequential write ({} MiB, fdatasync), write rule",
-                    scale.big_mib
+                FsCase::new(
+                    format!("sequential write ({mib} MiB, fdatasync), write rule"),
+                    &format!(
+                        "dd if=/dev/zero of=out/w.bin bs=1M count={mib} conv=fdatasync 2>/dev/null && rm out/w.bin"
+                    ),
+                    &sb,
+                    Some(1.0 / 0.8),
+                    ">= 0.8x native throughput",
                 ),
-                cmd: format!(
-                    "dd if=/dev/zero of=out/w.bin bs=1M count={} conv=fdatasync 2>/dev/null && rm out/w.bin",
-                    scale.big_mib
+                FsCase::new(
+                    format!("find + stat ({} files), read rule", scale.meta_files),
+                    "find meta -type f -printf '%s\\n' | wc -l > /dev/null",
+                    &sb,
+                    Some(1.5),
+                    "<= 1.5x native",
                 ),
-                sandbox: &sb,
-                native_dir: None,
-                baseline: "native",
-                max_ratio: Some(1.0 / 0.8),
-                target: ">= 0.8x native throughput",
-            },
-            FsCase {
-                label: format!("find + stat ({} files), read rule", scale.meta_files),
-                cmd: "find meta -type f -printf '%s\\n' | wc -l > /dev/null".into(),
-                sandbox: &sb,
-                native_dir: None,
-                baseline: "native",
-                max_ratio: Some(1.5),
-                target: "<= 1.5x native",
-            },
-            FsCase {
-                label: format!("grep -r ({} files), read rule", scale.src_files),
-                cmd: grep.into(),
-                sandbox: &sb,
-                native_dir: None,
-                baseline: "native",
-                max_ratio: Some(2.0),
-                target: "<= 2x native",
-            },
-            FsCase {
-                label: format!(
-                    "grep -r ({} files), read rule, passthrough I/O mode",
-                    scale.src_files
+                FsCase::new(
+                    format!("grep -r ({} files), read rule", scale.src_files),
+                    grep,
+                    &sb,
+                    Some(2.0),
+                    "<= 2x native",
                 ),
-                cmd: grep.into(),
-                sandbox: sb_passthrough,
-                native_dir: None,
-                baseline: "native",
                 // Reported for the trade-off: a round trip per open is what this mode costs.
-                max_ratio: None,
-                target: "reference (no-open mode is the default for source trees)",
-            },
-            FsCase {
-                label: format!("git status ({} files), write rule", scale.repo_files),
-                cmd: "git -C repo status --porcelain > /dev/null".into(),
-                sandbox: &sb_write,
-                native_dir: None,
-                baseline: "native",
-                max_ratio: Some(2.0),
-                target: "<= 2x native",
-            },
-        ],
+                FsCase::new(
+                    format!(
+                        "grep -r ({} files), read rule, passthrough I/O mode",
+                        scale.src_files
+                    ),
+                    grep,
+                    sb_passthrough,
+                    None,
+                    "reference (no-open mode is the default for source trees)",
+                ),
+                FsCase::new(
+                    format!("git status ({} files), write rule", scale.repo_files),
+                    "git -C repo status --porcelain > /dev/null",
+                    &sb_write,
+                    Some(2.0),
+                    "<= 2x native",
+                ),
+            ]
+        }
     };
-    for case in fs_cases {
-        let FsCase {
-            label,
-            cmd,
-            sandbox,
-            native_dir,
-            baseline,
-            max_ratio,
-            target,
-        } = case;
+    for FsCase {
+        label,
+        cmd,
+        sandbox,
+        native_dir,
+        baseline,
+        max_ratio,
+        target,
+    } in fs_cases
+    {
         let native_dir = native_dir.unwrap_or(&dir);
         eprintln!("case: {label}");
         // Warm both caches first.
