@@ -40,8 +40,8 @@ pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
 pub(crate) struct Live {
     mount: MountHandle,
     runtime: Arc<dyn Runtime>,
-    /// What a command needs of the sandbox's record; fixed while it runs, so commands do not
-    /// read the store.
+    /// What a command needs of the sandbox's record; fixed while it runs, so exec does not
+    /// read the store (session commands still read their session's record).
     id: SandboxId,
     codebase_id: CodebaseId,
 }
