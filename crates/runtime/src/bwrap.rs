@@ -21,8 +21,23 @@ use crate::types::NetworkMode;
 
 /// Where the init binary appears inside the sandbox.
 pub const SANDBOX_INIT: &str = "/run/agentfense/init";
-/// Directory (root-owned tmpfs) for session files inside the sandbox.
+/// Directory (root-owned tmpfs) of the init binary inside the sandbox.
 pub const SANDBOX_RUN_DIR: &str = "/run/agentfense";
+/// Root-owned directory (mode 0711) of the session call files (see `crate::init`).
+pub const CHANNEL_DIR: &str = "/run/agentfense/ch";
+/// The device nodes commands may write to (Landlock): the host's own nodes, bound by
+/// `bwrap --dev`, so never the whole of `/dev`.
+pub const WRITABLE_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+    "/dev/ptmx",
+    "/dev/pts",
+    "/dev/shm",
+];
 /// The workspace mount point.
 pub const WORKSPACE: &str = "/workspace";
 

@@ -22,7 +22,8 @@ use tokio::sync::{Mutex, mpsc, watch};
 use agentfense_core::SandboxPath;
 
 use crate::bwrap::{
-    BwrapOptions, HostLayout, SANDBOX_RUN_DIR, SandboxUser, WORKSPACE, bwrap_args, shared_etc,
+    BwrapOptions, CHANNEL_DIR, HostLayout, SandboxUser, WORKSPACE, WRITABLE_DEVICES, bwrap_args,
+    shared_etc,
 };
 use crate::cgroup::{CgroupManager, ExecCgroup, LimitCounters, SandboxCgroup};
 use crate::error::{Result, RuntimeError};
@@ -479,6 +480,11 @@ impl BwrapRuntime {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Only stdio and the control socket reach bwrap (and so the sandbox): any
+                // descriptor of the server that is not close-on-exec is made so here.
+                if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Let the control socket survive exec (it was created close-on-exec so other
                 // concurrently spawned processes never inherit it).
                 if libc::fcntl(ctl_fd, libc::F_SETFD, 0) != 0 {
@@ -555,9 +561,9 @@ impl BwrapRuntime {
         let mut writable = vec![
             WORKSPACE.to_owned(),
             "/tmp".to_owned(),
-            "/dev".to_owned(),
-            SANDBOX_RUN_DIR.to_owned(),
+            CHANNEL_DIR.to_owned(),
         ];
+        writable.extend(WRITABLE_DEVICES.iter().map(|d| (*d).to_owned()));
         if !self.cfg.user.home.starts_with("/tmp/") {
             writable.push(self.cfg.user.home.clone());
         }

@@ -15,13 +15,30 @@
 //! `command . CMD >OUT 2>ERR </dev/null; echo $? >STATUS` (`command` keeps a syntax error in CMD
 //! from aborting the line, so the status is always written). No marker ever appears in the
 //! output.
-
+//!
+//! # The channel is out of the sandbox's reach
+//! The init runs as root, so it never resolves a path in a place the sandbox can write: the call
+//! files live in [`CHANNEL_DIR`], a root-owned directory (mode 0711: traversable, not listable)
+//! the init creates once, and every file in it is created relative to that directory's fd with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW` (or `mkfifoat`, which never follows links). Nothing is ever
+//! chowned or chmodded after creation: the command file is root-owned 0444 (no process in the
+//! sandbox can rewrite what the audit recorded), the FIFOs root-owned 0622 (writable, not
+//! readable, by whoever knows the name). Names carry 128 random bits per call and are removed
+//! at the next call, so they cannot be guessed or listed.
+//!
+//! The names reach only the shell, through its stdin pipe. The shell runs from an
+//! execute-only copy of its binary (a sealed, root-owned memfd with mode 0111, see
+//! [`ShellImages`]): the kernel makes a process that executes a file it cannot read
+//! non-dumpable, so no other process of the sandbox user can open the shell's
+//! `/proc/<pid>/fd/*` (its stdin pipe), read its memory or trace it. A background job started
+//! by an earlier call therefore can neither inject lines into the shell, nor learn, rewrite or
+//! forge the next call's command, output or status. (Commands the shell runs are ordinary
+//! executables again, dumpable as usual.)
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag};
@@ -33,7 +50,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
-use crate::bwrap::SANDBOX_RUN_DIR;
+use crate::bwrap::{CHANNEL_DIR, SANDBOX_RUN_DIR};
 use crate::hardening::SeccompFilters;
 use crate::protocol::{CONTROL_FD, InitConfig, Reply, Request, recv_packet, send_packet};
 
@@ -62,13 +79,16 @@ struct Proc {
 struct Session {
     pid: Pid,
     stdin: OwnedFd,
-    dir: PathBuf,
-    last_seq: Option<u64>,
+    /// The files of the last call, removed at the next call or when the session ends.
+    last: Option<CallFiles>,
 }
 
 struct Init {
     sock: OwnedFd,
     cfg: InitConfig,
+    /// [`CHANNEL_DIR`], opened once: every call file is created relative to it.
+    chan: OwnedFd,
+    images: ShellImages,
     procs: HashMap<Pid, Proc>,
     by_id: HashMap<u64, Pid>,
     sessions: HashMap<u64, Session>,
@@ -83,6 +103,8 @@ fn run() -> io::Result<()> {
     if fd < 3 {
         return Err(io::Error::other("control fd must be >= 3"));
     }
+    // Nothing but stdio and the control socket may come in from bwrap or its caller.
+    close_fds_from(3, Some(fd), false);
     // SAFETY: by contract with the host (bwrap is spawned with the control socket inherited as
     // `fd`), that descriptor is ours and nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -98,12 +120,14 @@ fn run() -> io::Result<()> {
         Some(_) => return Err(io::Error::other("first message must be configure")),
         None => return Ok(()),
     };
-    let landlock = configure(&cfg)?;
+    let (landlock, chan) = configure(&cfg)?;
     send_packet(sock.as_fd(), &Reply::Ready { landlock }, &[])?;
 
     let mut init = Init {
         sock,
         cfg,
+        chan,
+        images: ShellImages::default(),
         procs: HashMap::new(),
         by_id: HashMap::new(),
         sessions: HashMap::new(),
@@ -144,8 +168,11 @@ fn run() -> io::Result<()> {
     Ok(())
 }
 
-/// Prepares `$HOME` and hardens the init (inherited by every command).
-fn configure(cfg: &InitConfig) -> io::Result<String> {
+/// Prepares `$HOME` and the session channel directory, and hardens the init (inherited by
+/// every command). Returns the Landlock status and the open channel directory.
+fn configure(cfg: &InitConfig) -> io::Result<(String, OwnedFd)> {
+    // Files the init creates get exactly the modes it asks for.
+    nix::sys::stat::umask(Mode::empty());
     std::fs::create_dir_all(&cfg.home)?;
     std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))?;
     nix::unistd::chown(
@@ -154,7 +181,15 @@ fn configure(cfg: &InitConfig) -> io::Result<String> {
         Some(Gid::from_raw(cfg.gid)),
     )?;
     // bwrap creates the mount point's parent 0700; sessions need to traverse it (not list it).
+    // Both directories are root's, on the root-only `/run` tmpfs: nothing in them can have
+    // been planted by the sandbox, which has not run yet.
     std::fs::set_permissions(SANDBOX_RUN_DIR, std::fs::Permissions::from_mode(0o711))?;
+    nix::unistd::mkdir(CHANNEL_DIR, Mode::from_bits_truncate(0o711))?;
+    let chan = nix::fcntl::open(
+        CHANNEL_DIR,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+        Mode::empty(),
+    )?;
     rustix::thread::set_no_new_privs(true)?;
     let landlock = if cfg.landlock {
         crate::hardening::apply_landlock(&cfg.writable)
@@ -170,18 +205,40 @@ fn configure(cfg: &InitConfig) -> io::Result<String> {
         let _ = COMMAND_FILTERS.set(filters);
     }
     drop_capabilities()?;
-    Ok(landlock)
+    Ok((landlock, chan))
 }
 
-/// What the init itself still needs: switching users in its children (SETUID, SETGID),
-/// preparing session files owned by the sandbox user (CHOWN, DAC_OVERRIDE, FOWNER) and
-/// signalling sandbox processes (KILL).
-pub const INIT_CAPABILITIES: rustix::thread::CapabilitySet = rustix::thread::CapabilitySet::CHOWN
-    .union(rustix::thread::CapabilitySet::DAC_OVERRIDE)
-    .union(rustix::thread::CapabilitySet::FOWNER)
-    .union(rustix::thread::CapabilitySet::KILL)
+/// What the init still needs once configured: switching users in its children and while it
+/// opens a session's shell (SETUID, SETGID) and signalling sandbox processes (KILL). Nothing
+/// that overrides file permissions or ownership: the files it creates are its own, in its own
+/// directory.
+pub const INIT_CAPABILITIES: rustix::thread::CapabilitySet = rustix::thread::CapabilitySet::KILL
     .union(rustix::thread::CapabilitySet::SETGID)
     .union(rustix::thread::CapabilitySet::SETUID);
+
+/// Closes (or, with `cloexec`, marks close-on-exec) every descriptor from `first` on, except
+/// `keep`. Async-signal-safe (one or two `close_range` calls).
+fn close_fds_from(first: u32, keep: Option<RawFd>, cloexec: bool) {
+    let flags = if cloexec {
+        libc::CLOSE_RANGE_CLOEXEC as libc::c_int
+    } else {
+        0
+    };
+    let ranges = match keep.and_then(|k| u32::try_from(k).ok()) {
+        Some(k) if k >= first => [(first, k.checked_sub(1)), (k + 1, Some(u32::MAX))],
+        _ => [(first, Some(u32::MAX)), (0, None)],
+    };
+    for (lo, hi) in ranges {
+        if let Some(hi) = hi
+            && lo <= hi
+        {
+            // SAFETY: close_range only closes (or flags) descriptors; the caller owns every
+            // descriptor in the range, none of which is used through a live Rust handle
+            // afterwards (`cloexec` leaves them open).
+            unsafe { libc::close_range(lo, hi, flags) };
+        }
+    }
+}
 
 /// Shrinks the init's bounding, permitted and effective sets to [`INIT_CAPABILITIES`] (bwrap
 /// leaves real root with nearly all of them).
@@ -238,8 +295,10 @@ impl Init {
                 if p.session {
                     // The shell is gone: its leftovers (background jobs) go with it.
                     let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-                    if let Some(s) = self.sessions.remove(&p.id) {
-                        let _ = std::fs::remove_dir_all(&s.dir);
+                    if let Some(s) = self.sessions.remove(&p.id)
+                        && let Some(files) = s.last
+                    {
+                        files.remove(&self.chan);
                     }
                 }
                 self.reply(
@@ -278,10 +337,7 @@ impl Init {
                 }
                 let stdio = [fds[0].as_fd(), fds[1].as_fd(), fds[2].as_fd()];
                 let cg = fds.get(3).map(|f| f.as_fd());
-                let mode = SpawnMode {
-                    search_path: false,
-                    tty,
-                };
+                let mode = SpawnMode { image: None, tty };
                 let mut result = spawn(&self.cfg, &argv, &env, &cwd, stdio, cg, mode);
                 // Right after a fork bomb was killed, the pids limit frees up only as the init
                 // reaps the corpses: reap and retry for up to half a second.
@@ -349,15 +405,7 @@ impl Init {
         cwd: String,
         cgroup: Option<&OwnedFd>,
     ) {
-        let dir = PathBuf::from(format!("{SANDBOX_RUN_DIR}/s{id}"));
-        let setup = || -> io::Result<(OwnedFd, OwnedFd, OwnedFd)> {
-            std::fs::create_dir(&dir)?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-            nix::unistd::chown(
-                &dir,
-                Some(Uid::from_raw(self.cfg.uid)),
-                Some(Gid::from_raw(self.cfg.gid)),
-            )?;
+        let pipes = || -> io::Result<(OwnedFd, OwnedFd, OwnedFd)> {
             let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
             let flags = OFlag::from_bits_truncate(nix::fcntl::fcntl(&w, FcntlArg::F_GETFL)?);
             nix::fcntl::fcntl(&w, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
@@ -368,7 +416,7 @@ impl Init {
             )?;
             Ok((r, w, null))
         };
-        let (r, w, null) = match setup() {
+        let (r, w, null) = match pipes() {
             Ok(x) => x,
             Err(e) => {
                 self.reply(
@@ -381,18 +429,25 @@ impl Init {
                 return;
             }
         };
-        match spawn(
-            &self.cfg,
-            &argv,
-            &env,
-            &cwd,
-            [r.as_fd(), null.as_fd(), null.as_fd()],
-            cgroup.map(|f| f.as_fd()),
-            SpawnMode {
-                search_path: true,
-                tty: false,
-            },
-        ) {
+        let shell = argv.first().map(String::as_str).unwrap_or_default();
+        let spawned = self
+            .images
+            .get(&self.cfg, shell, &env, &cwd)
+            .and_then(|image| {
+                spawn(
+                    &self.cfg,
+                    &argv,
+                    &env,
+                    &cwd,
+                    [r.as_fd(), null.as_fd(), null.as_fd()],
+                    cgroup.map(|f| f.as_fd()),
+                    SpawnMode {
+                        image: Some(image),
+                        tty: false,
+                    },
+                )
+            });
+        match spawned {
             Ok(pid) => {
                 self.procs.insert(pid, Proc { id, session: true });
                 self.by_id.insert(id, pid);
@@ -401,61 +456,60 @@ impl Init {
                     Session {
                         pid,
                         stdin: w,
-                        dir,
-                        last_seq: None,
+                        last: None,
                     },
                 );
                 self.reply(&Reply::Started { id }, &[]);
             }
-            Err((step, errno)) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                self.reply(
-                    &Reply::SpawnFailed {
-                        id,
-                        step: step.to_owned(),
-                        errno: errno as i32,
-                    },
-                    &[],
-                )
-            }
+            Err((step, errno)) => self.reply(
+                &Reply::SpawnFailed {
+                    id,
+                    step: step.to_owned(),
+                    errno: errno as i32,
+                },
+                &[],
+            ),
         }
     }
 
     fn session_exec(&mut self, id: u64, seq: u64, command: &str) -> io::Result<()> {
-        let (uid, gid) = (Uid::from_raw(self.cfg.uid), Gid::from_raw(self.cfg.gid));
         let s = self
             .sessions
             .get_mut(&id)
             .ok_or_else(|| io::Error::other("no such session"))?;
-        if let Some(prev) = s.last_seq.replace(seq) {
-            for k in ["c", "o", "e", "s"] {
-                let _ = std::fs::remove_file(s.dir.join(format!("{k}{prev}")));
-            }
+        if let Some(prev) = s.last.take() {
+            prev.remove(&self.chan);
         }
-        let path = |k: &str| s.dir.join(format!("{k}{seq}"));
-        let cmd = path("c");
-        std::fs::write(&cmd, command)?;
-        std::fs::set_permissions(&cmd, std::fs::Permissions::from_mode(0o600))?;
-        nix::unistd::chown(&cmd, Some(uid), Some(gid))?;
+        let files = CallFiles::new()?;
+        // Recorded before anything is created, so a failure half-way is cleaned up next time.
+        s.last = Some(files.clone());
+        let chan = self.chan.as_fd();
+        let cmd = nix::fcntl::openat(
+            chan,
+            files.command.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o444),
+        )?;
+        std::fs::File::from(cmd).write_all(command.as_bytes())?;
         let mut fds = Vec::new();
-        for k in ["o", "e", "s"] {
-            let p = path(k);
-            nix::unistd::mkfifo(&p, Mode::from_bits_truncate(0o600))?;
-            // Open before handing ownership over: a FIFO's read end opens at once with
-            // O_NONBLOCK, and the shell's open for writing then finds a reader.
-            fds.push(nix::fcntl::open(
-                &p,
-                OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        for name in [&files.stdout, &files.stderr, &files.status] {
+            nix::unistd::mkfifoat(chan, name.as_str(), Mode::from_bits_truncate(0o622))?;
+            // Open before the shell does: a FIFO's read end opens at once with O_NONBLOCK, and
+            // the shell's open for writing then finds a reader.
+            fds.push(nix::fcntl::openat(
+                chan,
+                name.as_str(),
+                OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )?);
-            nix::unistd::chown(&p, Some(uid), Some(gid))?;
         }
         let line = format!(
-            "command . {c} >{o} 2>{e} </dev/null; echo $? >{s}\n",
-            c = cmd.display(),
-            o = path("o").display(),
-            e = path("e").display(),
-            s = path("s").display()
+            "command . {CHANNEL_DIR}/{c} >{CHANNEL_DIR}/{o} 2>{CHANNEL_DIR}/{e} </dev/null; \
+             echo $? >{CHANNEL_DIR}/{s}\n",
+            c = files.command,
+            o = files.stdout,
+            e = files.stderr,
+            s = files.status
         );
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         send_packet(self.sock.as_fd(), &Reply::SessionFifos { id, seq }, &raw)?;
@@ -466,11 +520,163 @@ impl Init {
     }
 }
 
+/// The names of one session call's files in [`CHANNEL_DIR`]: `<kind>-<32 random hex digits>`.
+#[derive(Debug, Clone)]
+struct CallFiles {
+    command: String,
+    stdout: String,
+    stderr: String,
+    status: String,
+}
+
+impl CallFiles {
+    fn new() -> io::Result<Self> {
+        let name = |kind: &str| -> io::Result<String> {
+            let mut b = [0u8; 16];
+            let mut filled = 0;
+            while filled < b.len() {
+                filled += rustix::rand::getrandom(
+                    &mut b[filled..],
+                    rustix::rand::GetRandomFlags::empty(),
+                )?;
+            }
+            Ok(format!("{kind}-{:032x}", u128::from_le_bytes(b)))
+        };
+        Ok(CallFiles {
+            command: name("c")?,
+            stdout: name("o")?,
+            stderr: name("e")?,
+            status: name("s")?,
+        })
+    }
+
+    /// Removes whichever of the files exist (relative to the channel directory: never a path).
+    fn remove(&self, chan: &OwnedFd) {
+        for name in [&self.command, &self.stdout, &self.stderr, &self.status] {
+            let _ =
+                nix::unistd::unlinkat(chan, name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+/// Execute-only copies of session shells, one per binary: a root-owned, sealed memfd with
+/// mode 0111. The kernel makes a process that executes a file it may not read non-dumpable,
+/// so no other process of the sandbox user can reach into the shell (`/proc/<pid>/fd`,
+/// `/proc/<pid>/mem`, ptrace), which holds the session channel.
+#[derive(Default)]
+struct ShellImages {
+    /// By device, inode, size and modification time of the original.
+    by_file: HashMap<(u64, u64, i64, i64, i64), OwnedFd>,
+}
+
+impl ShellImages {
+    /// The image of `shell` (searched in the `PATH` of `env` when it has no `/`), opened with
+    /// the sandbox user's file-system identity: the init never opens for the sandbox what the
+    /// sandbox could not open itself, wherever a link points.
+    fn get(
+        &mut self,
+        cfg: &InitConfig,
+        shell: &str,
+        env: &[String],
+        cwd: &str,
+    ) -> Result<BorrowedFd<'_>, (&'static str, Errno)> {
+        let file = as_sandbox_fs_user(cfg, || open_shell(shell, env, cwd))?;
+        let st = nix::sys::stat::fstat(&file).map_err(|e| ("exec", e))?;
+        let key = (
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime,
+            st.st_mtime_nsec,
+        );
+        let image: &OwnedFd = match self.by_file.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(copy_execute_only(file).map_err(|e| ("image", e))?)
+            }
+        };
+        Ok(image.as_fd())
+    }
+}
+
+/// Runs `f` with the file-system uid and gid of the sandbox user (the init is single-threaded).
+fn as_sandbox_fs_user<T>(cfg: &InitConfig, f: impl FnOnce() -> T) -> T {
+    nix::unistd::setfsgid(Gid::from_raw(cfg.gid));
+    nix::unistd::setfsuid(Uid::from_raw(cfg.uid));
+    let r = f();
+    nix::unistd::setfsuid(Uid::from_raw(0));
+    nix::unistd::setfsgid(Gid::from_raw(0));
+    r
+}
+
+/// Opens the executable regular file `shell` would run, like `execvp` finds it.
+fn open_shell(shell: &str, env: &[String], cwd: &str) -> Result<OwnedFd, (&'static str, Errno)> {
+    let candidates: Vec<String> = if shell.starts_with('/') {
+        vec![shell.to_owned()]
+    } else if shell.contains('/') {
+        vec![format!("{cwd}/{shell}")]
+    } else {
+        let path = env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or(crate::DEFAULT_PATH);
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{shell}"))
+            .collect()
+    };
+    let mut last = Errno::ENOENT;
+    for c in candidates {
+        match nix::fcntl::open(
+            c.as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => match nix::sys::stat::fstat(&fd) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0 => {
+                    return Ok(fd);
+                }
+                Ok(_) => last = Errno::EACCES,
+                Err(e) => last = e,
+            },
+            Err(e) => last = e,
+        }
+    }
+    Err(("exec", last))
+}
+
+/// Copies `file` into a sealed, root-owned memfd with mode 0111.
+fn copy_execute_only(file: OwnedFd) -> Result<OwnedFd, Errno> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    // MFD_EXEC (Linux >= 6.3) keeps the memfd executable whatever `vm.memfd_noexec` says
+    // below 2; older kernels reject the flag and make every memfd executable.
+    let memfd = match rustix::fs::memfd_create("agentfense-shell", flags | MemfdFlags::EXEC) {
+        Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create("agentfense-shell", flags),
+        r => r,
+    }
+    .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+    let mut dst = std::fs::File::from(memfd);
+    let mut src = std::fs::File::from(file);
+    std::io::copy(&mut src, &mut dst)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let memfd = OwnedFd::from(dst);
+    let sys = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
+    rustix::fs::fchmod(&memfd, rustix::fs::Mode::from_raw_mode(0o111)).map_err(sys)?;
+    rustix::fs::fcntl_add_seals(
+        &memfd,
+        SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE,
+    )
+    .map_err(sys)?;
+    Ok(memfd)
+}
+
 /// How [`spawn`] starts a program.
 #[derive(Debug, Clone, Copy)]
-struct SpawnMode {
-    /// Look `argv[0]` up in `PATH` (sessions) instead of requiring an absolute path.
-    search_path: bool,
+struct SpawnMode<'a> {
+    /// Execute this file (sessions: the shell's execute-only image) instead of the absolute
+    /// path `argv[0]`, which stays the program's name.
+    image: Option<BorrowedFd<'a>>,
     /// Stdin is a terminal: make it the controlling terminal of the new session.
     tty: bool,
 }
@@ -485,7 +691,7 @@ fn spawn(
     cwd: &str,
     stdio: [BorrowedFd<'_>; 3],
     cgroup: Option<BorrowedFd<'_>>,
-    mode: SpawnMode,
+    mode: SpawnMode<'_>,
 ) -> Result<Pid, (&'static str, Errno)> {
     let cstr = |s: &str| CString::new(s).map_err(|_| ("encode", Errno::EINVAL));
     let c_argv = argv
@@ -607,7 +813,7 @@ fn child(
     cwd: &CString,
     stdio: [BorrowedFd<'_>; 3],
     cgroup: Option<BorrowedFd<'_>>,
-    mode: SpawnMode,
+    mode: SpawnMode<'_>,
 ) -> (&'static str, Errno) {
     // Join the command's own cgroup first (unless clone3 started us there), so its whole
     // tree can be killed at once.
@@ -658,6 +864,9 @@ fn child(
     if let Err(e) = r {
         return ("stdio", e);
     }
+    // Only stdio crosses exec: whatever else is open here (the init's control socket, session
+    // pipes, the error pipe, the shell image) is close-on-exec from now on.
+    close_fds_from(3, None, true);
     // A terminal becomes the controlling terminal of the session we just created, so the
     // shell gets job control (its foreground group receives ^C/^Z, `fg` works). The host
     // opened the pty slave with O_NOCTTY, so it is no other session's terminal; the steal
@@ -682,10 +891,9 @@ fn child(
     if let Err(e) = nix::unistd::chdir(cwd.as_c_str()) {
         return ("chdir", e);
     }
-    let e = if mode.search_path {
-        nix::unistd::execvpe(&argv[0], argv, env)
-    } else {
-        nix::unistd::execve(&argv[0], argv, env)
+    let e = match mode.image {
+        Some(image) => nix::unistd::fexecve(image, argv, env),
+        None => nix::unistd::execve(&argv[0], argv, env),
     };
     match e {
         Err(e) => ("exec", e),

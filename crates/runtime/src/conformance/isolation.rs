@@ -115,6 +115,15 @@ pub async fn commands_run_unprivileged(t: &Target) {
     fx.destroy().await;
 }
 
+/// A command starts with stdin, stdout and stderr only: nothing of the runtime, the server or
+/// the sandbox's init is inherited (finding 3 of issue 13: fd 10 and a writable server pipe).
+pub async fn commands_inherit_only_stdio(t: &Target) {
+    let fx = t.start().await;
+    let r = fx.sh("ls /proc/$$/fd; true").await;
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "0\n1\n2\n"), "{r:?}");
+    fx.destroy().await;
+}
+
 /// Without networking only `lo` exists and the host is unreachable; with it (positive
 /// control) the same probe reaches a host listener.
 pub async fn no_network_by_default(t: &Target) {

@@ -298,6 +298,7 @@ macro_rules! conformance_tests {
             workspace_is_shared_with_the_host,
             root_filesystem_is_read_only,
             commands_run_unprivileged,
+            commands_inherit_only_stdio,
             no_network_by_default,
         ]);
         $crate::conformance_tests!(@group $prepare, $target, limits: [

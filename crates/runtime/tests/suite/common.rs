@@ -55,7 +55,7 @@ pub fn target() -> Target {
         read_only_root_is_erofs: false,
         // Inherited from the init (see `isolation::landlock_and_init_capabilities`); the
         // commands' other sets are empty and `no_new_privs` is set.
-        command_bounding_set: 0xeb,
+        command_bounding_set: 0xe0,
         extra_env: &[],
     }
 }

@@ -3,6 +3,8 @@
 
 use pretty_assertions::assert_eq;
 
+use agentfense_runtime::Runtime;
+
 use agentfense_runtime::conformance::assert_all_fail;
 
 use super::common::*;
@@ -76,7 +78,123 @@ async fn landlock_and_init_capabilities() {
     let r = fx.sh("grep -E '^Cap(Eff|Bnd):' /proc/1/status").await;
     assert_eq!(
         r.stdout,
-        "CapEff:\t00000000000000eb\nCapBnd:\t00000000000000eb\n"
+        "CapEff:\t00000000000000e0\nCapBnd:\t00000000000000e0\n"
     );
+    fx.destroy().await;
+}
+
+async fn session(fx: &Fixture) -> String {
+    fx.rt
+        .session_create(&fx.id, Default::default())
+        .await
+        .unwrap()
+}
+
+async fn call(fx: &Fixture, s: &str, cmd: &str) -> agentfense_runtime::ExecResult {
+    fx.rt
+        .session_exec(&fx.id, s, cmd, Some(std::time::Duration::from_secs(20)))
+        .await
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e:?}"))
+}
+
+/// The attack of finding 1 (issue 13): a session command plants links named like the next
+/// calls' files, pointing where only root may write, in every directory under `/run` it can
+/// write (the init used to write, chmod and chown the call files there as host root, following
+/// them: `/dev/null` became the sandbox user's, mode 600, on the host). Nothing under `/run` is
+/// writable, no link is followed, and the calls stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_channel_ignores_planted_links() {
+    if skip("session_channel_ignores_planted_links") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let null_before = std::fs::metadata("/dev/null").unwrap();
+    let fx = start().await;
+    let s = session(&fx).await;
+    let plant = r#"n=0
+for d in $(find /run /dev -type d -writable 2>/dev/null); do
+  case $d in /dev/shm*|/dev/pts*) continue;; esac
+  n=$((n+1))
+  for k in c o e s; do for i in 1 2 3 4 5 6 7 8; do
+    ln -s /run/evil-$k$i "$d/$k$i" 2>/dev/null
+    ln -s /dev/null "$d/$k-$i" 2>/dev/null
+  done; done
+done
+echo "writable: $n $(find /run -writable 2>/dev/null | wc -l)""#;
+    let r = call(&fx, &s, plant).await;
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str()),
+        (0, "writable: 0 0\n"),
+        "{r:?}"
+    );
+    for i in 2..5 {
+        let r = call(
+            &fx,
+            &s,
+            &format!("echo call{i}; echo err{i} >&2; (exit {i})"),
+        )
+        .await;
+        assert_eq!(
+            (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
+            (
+                i,
+                format!("call{i}\n").as_str(),
+                format!("err{i}\n").as_str()
+            )
+        );
+    }
+    let r = fx
+        .sh("ls /run/evil-* 2>/dev/null | wc -l; ls /run/agentfense/ch")
+        .await;
+    assert_eq!(r.stdout, "0\n", "{r:?}");
+    assert!(r.stderr.contains("Permission denied"), "{r:?}");
+    let null_after = std::fs::metadata("/dev/null").unwrap();
+    assert_eq!(
+        (null_after.mode(), null_after.uid(), null_after.gid()),
+        (null_before.mode(), null_before.uid(), null_before.gid())
+    );
+    fx.destroy().await;
+}
+
+/// The attack of finding 2 (issue 13): a process the session started (a separate executable,
+/// like any background job) reaches into the shell through `/proc/<shell>` to type its own
+/// lines, read the channel or forge results. The shell runs non-dumpable, so every route is
+/// refused, and the calls that follow are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_of_a_session_cannot_reach_into_its_shell() {
+    if skip("processes_of_a_session_cannot_reach_into_its_shell") {
+        return;
+    }
+    let fx = start().await;
+    let s = session(&fx).await;
+    let attack = r#"sh -c '
+  printf "touch /tmp/injected\n" > /proc/$PPID/fd/0 && echo typed-into-stdin
+  cat /proc/$PPID/fd/0 </dev/null >/dev/null & sleep 0; kill $! 2>/dev/null
+  ls /proc/$PPID/fd >/dev/null && echo listed-fds
+  head -c1 /proc/$PPID/environ >/dev/null && echo read-environ
+  python3 -c "import sys; open(\"/proc/%s/mem\" % sys.argv[1], \"rb\")" $PPID && echo opened-mem
+  true' 2>/dev/null"#;
+    let r = call(&fx, &s, attack).await;
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, ""), "{r:?}");
+    // A background job that keeps trying, started by one call, active during the next ones.
+    let job = r#"sh -c 'for i in $(seq 200); do printf "touch /tmp/injected\n" > /proc/$PPID/fd/0; done' 2>/dev/null &"#;
+    call(&fx, &s, job).await;
+    for i in 0..5 {
+        let r = call(&fx, &s, &format!("echo call{i}; (exit {i})")).await;
+        assert_eq!(
+            (r.exit_code, r.stdout.as_str()),
+            (i, format!("call{i}\n").as_str())
+        );
+    }
+    let r = call(
+        &fx,
+        &s,
+        "wait; test -e /tmp/injected && echo injected; echo done",
+    )
+    .await;
+    assert_eq!(r.stdout, "done\n", "{r:?}");
+    // The shell's binary is an execute-only image; its name is the one asked for.
+    let r = call(&fx, &s, "ps -o args= -p $$").await;
+    assert_eq!(r.stdout, "/bin/sh -i\n", "{r:?}");
     fx.destroy().await;
 }
