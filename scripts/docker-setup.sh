@@ -19,8 +19,9 @@ apt_mirror() {
 }
 MIRROR="${DEBOOTSTRAP_MIRROR:-$(apt_mirror)}"
 # python3 makes the image useful for SDK-style flows (~35 MB more; the full interpreter, since
-# the conformance tests probe syscalls through ctypes); procps gives `ps`.
-INCLUDE="${DEBOOTSTRAP_INCLUDE:-python3,procps}"
+# the conformance tests probe syscalls through ctypes); procps gives `ps`; git, make and gcc are
+# the everyday tools the conformance suite checks under the seccomp allow-list.
+INCLUDE="${DEBOOTSTRAP_INCLUDE:-python3,procps,git,make,gcc,libc6-dev}"
 
 say() { printf '==> docker-setup: %s\n' "$*" >&2; }
 die() { printf 'docker-setup: error: %s\n' "$*" >&2; exit 1; }
@@ -57,7 +58,7 @@ fi
 say "dockerd $(docker version --format '{{.Server.Version}}') is up"
 
 # 3. Base image. Images this script builds carry a stamp; bump it when the image must change.
-STAMP=2
+STAMP=3
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
     have="$(docker image inspect --format '{{ index .Config.Labels "agentfense.setup" }}' "$IMAGE" 2>/dev/null || true)"
     if [ "$have" = "$STAMP" ]; then

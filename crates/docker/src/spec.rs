@@ -159,29 +159,68 @@ pub struct ContainerPlan<'a> {
 }
 
 /// The container's seccomp profile: the bubblewrap runtime's filter
-/// (`agentfense_runtime::hardening`) in Docker's format, so both runtimes refuse the same
-/// calls with `EPERM` (namespaces, mounts, `ptrace`, io_uring, the keyring, bpf, modules, ...;
-/// `clone` with a namespace flag) and answer `clone3` with `ENOSYS` (libc falls back to
-/// `clone`); everything else is allowed, as there. Docker's default profile, which it replaces,
-/// allow-lists syscalls instead but lets a command `ptrace` its own processes and use
-/// io_uring. Most calls it refuses beyond ours need capabilities, all of which are dropped
-/// here; the rest (e.g. `personality` flags, syscalls newer than the list) are allowed.
+/// (`agentfense_runtime::hardening`) in Docker's format, so both runtimes answer the same calls
+/// the same way: the allow-list (after Docker's own default profile) is allowed, `clone` only
+/// without namespace flags, `personality` and `socket` with the same argument checks; the
+/// deny-list (namespaces, mounts, `ptrace`, io_uring, the keyring, bpf, modules, ...; `clone`
+/// with a namespace flag) answers `EPERM`; `clone3` and anything unlisted answer `ENOSYS` (libc
+/// falls back). Only the native architecture is listed, so libseccomp kills calls through the
+/// 32-bit (x86, x32) entry points.
 pub fn seccomp_profile() -> String {
-    use agentfense_runtime::hardening::{CLONE_NS_FLAGS, DENIED_SYSCALLS};
-    // The native architecture only, like the bubblewrap runtime's filter: calls through the
-    // 32-bit (x86, x32) entry points are refused outright instead of being allowed by default.
+    use agentfense_runtime::hardening::{
+        ALLOWED_ARCH_SYSCALLS, ALLOWED_PERSONALITIES, ALLOWED_SYSCALLS, CLONE_NS_FLAGS,
+        DENIED_SOCKET_FAMILIES, DENIED_SYSCALLS,
+    };
     let architectures: &[&str] = match std::env::consts::ARCH {
         "x86_64" => &["SCMP_ARCH_X86_64"],
         "aarch64" => &["SCMP_ARCH_AARCH64"],
         _ => &[],
     };
+    let allowed: Vec<&str> = ALLOWED_SYSCALLS
+        .iter()
+        .chain(ALLOWED_ARCH_SYSCALLS)
+        .map(|(name, _)| *name)
+        .collect();
     let denied: Vec<&str> = DENIED_SYSCALLS.iter().map(|(name, _)| *name).collect();
+    let ns_mask = CLONE_NS_FLAGS.iter().fold(0u64, |m, f| m | *f as u64);
     let mut syscalls = vec![
+        serde_json::json!({"names": allowed, "action": "SCMP_ACT_ALLOW"}),
         serde_json::json!({"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
         serde_json::json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
+        // `(flags & mask) == 0`: `value` is the mask, `valueTwo` the expected result.
+        serde_json::json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": ns_mask, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
+        }),
     ];
-    // One rule per flag: `(flags & bit) == bit` denies (`value` is the mask, `valueTwo` the
-    // expected result).
+    // `socket` outside the denied families (ascending): below the first, each value between
+    // two, above the last. libseccomp takes one comparison per argument and rule, so "neither
+    // this nor that" cannot be one rule.
+    let rule = |op: &str, value: u64| {
+        serde_json::json!({
+            "names": ["socket"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": value, "op": op}],
+        })
+    };
+    if let (Some(first), Some(last)) = (
+        DENIED_SOCKET_FAMILIES.first(),
+        DENIED_SOCKET_FAMILIES.last(),
+    ) {
+        syscalls.push(rule("SCMP_CMP_LT", *first));
+        for pair in DENIED_SOCKET_FAMILIES.windows(2) {
+            syscalls.extend((pair[0] + 1..pair[1]).map(|v| rule("SCMP_CMP_EQ", v)));
+        }
+        syscalls.push(rule("SCMP_CMP_GT", *last));
+    }
+    for p in ALLOWED_PERSONALITIES {
+        syscalls.push(serde_json::json!({
+            "names": ["personality"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": p, "op": "SCMP_CMP_EQ"}],
+        }));
+    }
     for bit in CLONE_NS_FLAGS {
         syscalls.push(serde_json::json!({
             "names": ["clone"],
@@ -191,7 +230,8 @@ pub fn seccomp_profile() -> String {
         }));
     }
     serde_json::json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": libc::ENOSYS,
         "architectures": architectures,
         "syscalls": syscalls,
     })
@@ -406,8 +446,21 @@ mod tests {
         assert_eq!(opts[0], "no-new-privileges");
         let profile: serde_json::Value =
             serde_json::from_str(opts[1].strip_prefix("seccomp=").unwrap()).unwrap();
-        assert_eq!(profile["defaultAction"], "SCMP_ACT_ALLOW");
-        let denied = &profile["syscalls"][0];
+        assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(profile["defaultErrnoRet"], libc::ENOSYS);
+        let allowed = &profile["syscalls"][0];
+        assert_eq!(allowed["action"], "SCMP_ACT_ALLOW");
+        for name in ["read", "openat", "execve", "futex"] {
+            assert!(
+                allowed["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n == name),
+                "{name} must be allowed"
+            );
+        }
+        let denied = &profile["syscalls"][1];
         assert_eq!(denied["errnoRet"], libc::EPERM);
         for name in [
             "ptrace",
@@ -426,8 +479,8 @@ mod tests {
                 "{name} must be denied"
             );
         }
-        assert_eq!(profile["syscalls"][1]["names"][0], "clone3");
-        assert_eq!(profile["syscalls"][1]["errnoRet"], libc::ENOSYS);
+        assert_eq!(profile["syscalls"][2]["names"][0], "clone3");
+        assert_eq!(profile["syscalls"][2]["errnoRet"], libc::ENOSYS);
         assert_eq!(h.readonly_rootfs, Some(true));
         assert_eq!(
             (

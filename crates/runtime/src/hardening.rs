@@ -1,13 +1,35 @@
-//! Defense in depth: a seccomp deny-list the init applies to itself (and so to every command),
-//! a command-only part (`clone3` answers ENOSYS) each command installs before exec, and a
+//! Defense in depth: seccomp filters the init applies to itself (and so to every command), a
+//! command-only part (`clone3` answers ENOSYS) each command installs before exec, and a
 //! Landlock write restriction.
+//!
+//! The seccomp policy is an allow-list ([`ALLOWED_SYSCALLS`], after Docker's default profile):
+//! any other call answers `ENOSYS` (so libc falls back, as it does on an older kernel), and the
+//! calls of [`DENIED_SYSCALLS`] answer `EPERM`. Only the native architecture gets through: a call
+//! through a foreign entry point (`int 0x80` on x86_64) kills the process, and a call with the
+//! x32 bit set answers `EPERM` whether or not the kernel has the x32 ABI.
 
 use std::collections::BTreeMap;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompRule, TargetArch, sock_filter,
 };
+
+mod allow_list;
+pub use allow_list::{ALLOWED_ARCH_SYSCALLS, ALLOWED_SYSCALLS};
+
+/// Bit 30 of a syscall number on x86_64 selects the x32 ABI, whose calls reach the same kernel
+/// functions under other numbers: refused on its own, so no deny rule can be sidestepped.
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// `personality(2)` values commands may set (Docker's list): `PER_LINUX`, `PER_LINUX32`,
+/// `UNAME26`, `UNAME26|PER_LINUX32`, and the query `0xffffffff`.
+pub const ALLOWED_PERSONALITIES: &[u64] = &[0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
+
+/// Socket families left out of the allow-list (`socket` answers `ENOSYS` for them): `AF_ALG`
+/// (the kernel's crypto API, a record of bugs) and `AF_VSOCK` (reaches the host or hypervisor
+/// whatever the network namespace). Ascending.
+pub const DENIED_SOCKET_FAMILIES: &[u64] = &[libc::AF_ALG as u64, libc::AF_VSOCK as u64];
 
 /// Syscalls denied outright with `EPERM`: namespace changes, mounts, tracing, the kernel keyring,
 /// bpf, kernel modules, reboot/kexec, and a few other host-wide knobs.
@@ -92,64 +114,130 @@ pub enum HardeningError {
     Landlock(#[source] landlock::RulesetError),
 }
 
-/// The seccomp programs (filters stack; the kernel applies the strictest): a base the init
-/// installs on itself (inherited by everything it starts), and a part each command installs
-/// between fork and exec. `clone3` is only in the command part: the init starts commands
-/// with `clone3(CLONE_INTO_CGROUP)` (see `crate::init`), and runs as root, so no command can
-/// reach into it (no ptrace, no `/proc/1/mem` across users).
+/// The seccomp programs (filters stack; the kernel applies the strictest, and between two
+/// errnos the later filter's): a base the init installs on itself (inherited by everything it
+/// starts), and a part each command installs between fork and exec. `clone3` is only refused in
+/// the command part: the init starts commands with `clone3(CLONE_INTO_CGROUP)` (see
+/// `crate::init`), and runs as root, so no command can reach into it (no ptrace, no
+/// `/proc/1/mem` across users).
 #[derive(Debug, Clone)]
 pub struct SeccompFilters {
-    base: BpfProgram,
+    /// Installed in order: the allow-list, the deny-list, the ABI guard.
+    base: Vec<BpfProgram>,
     command: BpfProgram,
 }
 
+fn cond(
+    index: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, HardeningError> {
+    SeccompCondition::new(index, len, op, value).map_err(HardeningError::BuildSeccomp)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, HardeningError> {
+    SeccompRule::new(conds).map_err(HardeningError::BuildSeccomp)
+}
+
+fn program(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+    arch: TargetArch,
+) -> Result<BpfProgram, HardeningError> {
+    let filter =
+        SeccompFilter::new(rules, mismatch, matched, arch).map_err(HardeningError::BuildSeccomp)?;
+    BpfProgram::try_from(filter).map_err(HardeningError::BuildSeccomp)
+}
+
+/// The bitmask of every namespace-creating `clone` flag.
+fn clone_ns_mask() -> u64 {
+    CLONE_NS_FLAGS.iter().fold(0, |m, f| m | *f as u64)
+}
+
 impl SeccompFilters {
-    /// Builds the programs: deny [`DENIED_SYSCALLS`] and namespace-creating `clone` with `EPERM`;
-    /// answer `clone3` with `ENOSYS` (its flags live in memory a filter cannot inspect, and libc
-    /// falls back to `clone` on `ENOSYS`). Everything else is allowed.
+    /// Builds the programs:
+    /// - the allow-list: [`ALLOWED_SYSCALLS`] and [`ALLOWED_ARCH_SYSCALLS`]; `clone` without
+    ///   namespace flags; `clone3` (the command part refuses it); `personality` with
+    ///   [`ALLOWED_PERSONALITIES`]; `socket` but for [`DENIED_SOCKET_FAMILIES`]. Anything else:
+    ///   `ENOSYS`.
+    /// - the deny-list: [`DENIED_SYSCALLS`] and namespace-creating `clone` answer `EPERM`.
+    /// - the ABI guard: a foreign architecture kills, the x32 bit answers `EPERM`.
+    /// - the command part: `clone3` answers `ENOSYS` (its flags live in memory a filter cannot
+    ///   inspect, and libc falls back to `clone`).
     pub fn build() -> Result<Self, HardeningError> {
+        use SeccompCmpArgLen::{Dword, Qword};
         let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|_| HardeningError::Arch(std::env::consts::ARCH.to_owned()))?;
-        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+
+        let mut allow: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        for (_, nr) in ALLOWED_SYSCALLS.iter().chain(ALLOWED_ARCH_SYSCALLS) {
+            allow.insert(*nr, vec![]);
+        }
+        allow.insert(libc::SYS_clone3, vec![]);
+        let no_ns = cond(0, Qword, SeccompCmpOp::MaskedEq(clone_ns_mask()), 0)?;
+        allow.insert(libc::SYS_clone, vec![rule(vec![no_ns])?]);
+        let personalities = ALLOWED_PERSONALITIES
+            .iter()
+            .map(|p| rule(vec![cond(0, Dword, SeccompCmpOp::Eq, *p)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        allow.insert(libc::SYS_personality, personalities);
+        let families = DENIED_SOCKET_FAMILIES
+            .iter()
+            .map(|f| cond(0, Dword, SeccompCmpOp::Ne, *f))
+            .collect::<Result<Vec<_>, _>>()?;
+        allow.insert(libc::SYS_socket, vec![rule(families)?]);
+        let allow = program(
+            allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            SeccompAction::Allow,
+            arch,
+        )?;
+
+        let mut deny: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         for (_, nr) in DENIED_SYSCALLS {
-            rules.insert(*nr, vec![]);
+            deny.insert(*nr, vec![]);
         }
         let mut clone_chain = Vec::new();
         for bit in CLONE_NS_FLAGS {
             let bit = *bit as u64;
-            let cond =
-                SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(bit), bit)
-                    .map_err(HardeningError::BuildSeccomp)?;
-            clone_chain.push(SeccompRule::new(vec![cond]).map_err(HardeningError::BuildSeccomp)?);
+            clone_chain.push(rule(vec![cond(
+                0,
+                Qword,
+                SeccompCmpOp::MaskedEq(bit),
+                bit,
+            )?])?);
         }
-        rules.insert(libc::SYS_clone, clone_chain);
-        let deny = SeccompFilter::new(
-            rules,
+        deny.insert(libc::SYS_clone, clone_chain);
+        let deny = program(
+            deny,
             SeccompAction::Allow,
             SeccompAction::Errno(libc::EPERM as u32),
             arch,
-        )
-        .map_err(HardeningError::BuildSeccomp)?;
+        )?;
 
         let mut clone3: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         clone3.insert(libc::SYS_clone3, vec![]);
-        let clone3 = SeccompFilter::new(
+        let command = program(
             clone3,
             SeccompAction::Allow,
             SeccompAction::Errno(libc::ENOSYS as u32),
             arch,
-        )
-        .map_err(HardeningError::BuildSeccomp)?;
+        )?;
 
         Ok(SeccompFilters {
-            base: BpfProgram::try_from(deny).map_err(HardeningError::BuildSeccomp)?,
-            command: BpfProgram::try_from(clone3).map_err(HardeningError::BuildSeccomp)?,
+            base: vec![allow, deny, abi_guard(arch)],
+            command,
         })
     }
 
     /// Installs the base (everything but the `clone3` answer): what the init runs under.
     pub fn install_base(&self) -> Result<(), HardeningError> {
-        seccompiler::apply_filter(&self.base).map_err(HardeningError::InstallSeccomp)
+        for p in &self.base {
+            seccompiler::apply_filter(p).map_err(HardeningError::InstallSeccomp)?;
+        }
+        Ok(())
     }
 
     /// Installs the command part (`clone3` answers `ENOSYS`). Allocation-free, so it may run
@@ -157,6 +245,32 @@ impl SeccompFilters {
     pub fn install_command(&self) -> Result<(), HardeningError> {
         seccompiler::apply_filter(&self.command).map_err(HardeningError::InstallSeccomp)
     }
+}
+
+/// The ABI guard, which seccompiler cannot express (its rules match syscall numbers, not bits
+/// of them): kill a call from a foreign architecture; answer `EPERM` to a number with the x32
+/// bit; allow the rest (the other filters decide).
+fn abi_guard(arch: TargetArch) -> BpfProgram {
+    // Offsets in `struct seccomp_data`: `nr` at 0, `arch` at 4.
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let ins = |code: u16, jt: u8, jf: u8, k: u32| sock_filter { code, jt, jf, k };
+    let audit_arch = match arch {
+        TargetArch::aarch64 => 183 | 0x8000_0000 | 0x4000_0000,
+        TargetArch::riscv64 => 243 | 0x8000_0000 | 0x4000_0000,
+        TargetArch::x86_64 => 62 | 0x8000_0000 | 0x4000_0000,
+    };
+    vec![
+        ins(LD_W_ABS, 0, 0, 4),
+        ins(JEQ_K, 1, 0, audit_arch),
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+        ins(LD_W_ABS, 0, 0, 0),
+        ins(JSET_K, 0, 1, X32_SYSCALL_BIT),
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 /// Restricts writes to `writable` (and below); reading and executing stay allowed everywhere.
@@ -192,7 +306,35 @@ mod tests {
     #[test]
     fn seccomp_filters_build() {
         let f = SeccompFilters::build().unwrap();
-        assert!(!f.base.is_empty() && !f.command.is_empty());
+        assert_eq!(f.base.len(), 3);
+        assert!(f.base.iter().all(|p| !p.is_empty()) && !f.command.is_empty());
+    }
+
+    #[test]
+    fn allow_list_and_deny_list_are_disjoint_and_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, nr) in ALLOWED_SYSCALLS.iter().chain(ALLOWED_ARCH_SYSCALLS) {
+            assert!(seen.insert(*nr), "{name} ({nr}) listed twice");
+            assert!(
+                !DENIED_SYSCALLS.iter().any(|(_, d)| d == nr),
+                "{name} is both allowed and denied"
+            );
+        }
+        for must in [
+            "read",
+            "write",
+            "openat",
+            "execve",
+            "mmap",
+            "futex",
+            "wait4",
+            "getdents64",
+        ] {
+            assert!(
+                ALLOWED_SYSCALLS.iter().any(|(n, _)| *n == must),
+                "{must} missing from the allow-list"
+            );
+        }
     }
 
     #[test]

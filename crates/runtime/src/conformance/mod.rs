@@ -299,6 +299,8 @@ macro_rules! conformance_tests {
             root_filesystem_is_read_only,
             commands_run_unprivileged,
             commands_inherit_only_stdio,
+            seccomp_is_an_allow_list,
+            everyday_tools_work,
             no_network_by_default,
         ]);
         $crate::conformance_tests!(@group $prepare, $target, limits: [
