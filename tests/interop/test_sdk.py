@@ -413,6 +413,31 @@ def test_io_mode_label(endpoint):
     c.close()
 
 
+def test_resources_above_the_server_ceiling_are_refused(project, endpoint):
+    """Issue 13, finding 6: a client asking for more than runtime.max_resources got it."""
+    from agentfense import InvalidConfigurationError
+
+    c = SandboxClient(endpoint=endpoint)
+    cb = c.create_codebase(name="ceiling", owner_id="ceiling-user")
+    rules = [{"pattern": "**/*", "permission": "read"}]
+    for limits, field in [
+        (ResourceLimits(memory_bytes=8 * 1024**3 + 1), "memory_bytes"),
+        (ResourceLimits(pids_limit=1_000_000), "pids_limit"),
+    ]:
+        # INVALID_ARGUMENT, as the SDK maps it.
+        with pytest.raises(InvalidConfigurationError) as err:
+            c.create_sandbox(cb.id, permissions=rules, resources=limits)
+        assert f"runtime.max_resources.{field}" in str(err.value), err.value
+    assert c.list_sandboxes(codebase_id=cb.id) == []
+    # Within the ceiling it works, and the limit holds.
+    sb = c.create_sandbox(
+        cb.id, permissions=rules, resources=ResourceLimits(memory_bytes=8 * 1024**3)
+    )
+    c.destroy_sandbox(sb.id)
+    c.delete_codebase(cb.id)
+    c.close()
+
+
 def test_per_owner_quota(endpoint):
     from agentfense import ResourceLimitExceededError
 

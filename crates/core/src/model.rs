@@ -89,6 +89,27 @@ impl ResourceLimits {
         *self == ResourceLimits::default()
     }
 
+    /// The first field of `self` above `ceiling`, as `(field name, value, ceiling)`. A ceiling
+    /// of 0 sets none; a value of 0 is unlimited, so above any ceiling, except for
+    /// `cpu_shares`, where 0 is the default weight.
+    pub fn exceeds(&self, ceiling: &ResourceLimits) -> Option<(&'static str, u64, u64)> {
+        let fields = [
+            (
+                "memory_bytes",
+                self.memory_bytes,
+                ceiling.memory_bytes,
+                true,
+            ),
+            ("cpu_quota", self.cpu_quota, ceiling.cpu_quota, true),
+            ("cpu_shares", self.cpu_shares, ceiling.cpu_shares, false),
+            ("pids_limit", self.pids_limit, ceiling.pids_limit, true),
+        ];
+        fields
+            .into_iter()
+            .find(|&(_, v, c, zero_is_unlimited)| c > 0 && (v > c || (v == 0 && zero_is_unlimited)))
+            .map(|(name, v, c, _)| (name, v, c))
+    }
+
     /// Each field of `self`, or `defaults`' where `self`'s is 0.
     pub fn or(self, defaults: ResourceLimits) -> ResourceLimits {
         let pick = |a: u64, b: u64| if a == 0 { b } else { a };
@@ -125,6 +146,45 @@ mod tests {
             }
         );
         assert!(ResourceLimits::default().is_unlimited());
+    }
+
+    #[test]
+    fn ceiling_refuses_more_and_unlimited() {
+        let ceiling = ResourceLimits {
+            memory_bytes: 4 << 30,
+            pids_limit: 4096,
+            cpu_shares: 2048,
+            ..ResourceLimits::default()
+        };
+        let ok = ResourceLimits {
+            memory_bytes: 4 << 30,
+            pids_limit: 10,
+            cpu_quota: 500_000,
+            ..ResourceLimits::default()
+        };
+        assert_eq!(ok.exceeds(&ceiling), None);
+        let more = ResourceLimits {
+            memory_bytes: 8 << 30,
+            ..ok
+        };
+        assert_eq!(
+            more.exceeds(&ceiling),
+            Some(("memory_bytes", 8 << 30, 4 << 30))
+        );
+        let unlimited = ResourceLimits {
+            pids_limit: 0,
+            ..ok
+        };
+        assert_eq!(unlimited.exceeds(&ceiling), Some(("pids_limit", 0, 4096)));
+        let shares = ResourceLimits {
+            cpu_shares: 4096,
+            ..ok
+        };
+        assert_eq!(shares.exceeds(&ceiling), Some(("cpu_shares", 4096, 2048)));
+        assert_eq!(
+            ResourceLimits::default().exceeds(&ResourceLimits::default()),
+            None
+        );
     }
 
     #[test]

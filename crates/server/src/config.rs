@@ -145,6 +145,9 @@ pub struct RuntimeConfig {
     pub allow_network: bool,
     /// Limits applied when a request gives none (0 = no limit).
     pub default_resources: ResourceLimits,
+    /// The most a request may ask for, per field (0 = no ceiling): a request above it, or one
+    /// that would be unlimited, is refused with INVALID_ARGUMENT naming the field.
+    pub max_resources: ResourceLimits,
     /// Docker runtime settings.
     pub docker: DockerConfig,
 }
@@ -164,6 +167,13 @@ impl Default for RuntimeConfig {
             default_resources: ResourceLimits {
                 memory_bytes: 2 << 30,
                 pids_limit: 1024,
+                ..ResourceLimits::default()
+            },
+            // Requests may go well beyond the defaults, but never unbounded: one sandbox must
+            // not be able to ask for the host.
+            max_resources: ResourceLimits {
+                memory_bytes: 8 << 30,
+                pids_limit: 16384,
                 ..ResourceLimits::default()
             },
             docker: DockerConfig::default(),
@@ -394,6 +404,15 @@ impl Config {
                 ),
             ));
         }
+        if let Some((field, value, ceiling)) = rt.default_resources.exceeds(&rt.max_resources) {
+            return Err(ConfigError::Invalid {
+                key: "runtime.default_resources",
+                message: format!(
+                    "{field} = {value}{} is above runtime.max_resources.{field} = {ceiling}",
+                    if value == 0 { " (unlimited)" } else { "" }
+                ),
+            });
+        }
         // Keep a unary ExecResult far below gRPC's 4 MiB message limit (stdout + stderr).
         if rt.output_limit_bytes == 0 || rt.output_limit_bytes > 1536 * 1024 {
             return Err(invalid(
@@ -568,6 +587,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pids_limit"), "{e}");
+        // Defaults must fit under the ceiling, and be finite where one is set.
+        let e = resolve("runtime:\n  default_resources:\n    memory_bytes: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runtime.default_resources")
+                && e.contains("memory_bytes = 0 (unlimited)")
+                && e.contains("runtime.max_resources.memory_bytes = 8589934592"),
+            "{e}"
+        );
+        let e = resolve("runtime:\n  max_resources:\n    pids_limit: 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pids_limit = 1024 is above"), "{e}");
+        // A ceiling of 0 sets none.
+        resolve("runtime:\n  default_resources:\n    memory_bytes: 0\n  max_resources:\n    memory_bytes: 0\n").unwrap();
     }
 
     #[test]

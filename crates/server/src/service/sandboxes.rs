@@ -305,6 +305,19 @@ impl Service {
             )));
         }
         check_labels(&req.labels, self.settings.config.runtime.allow_network)?;
+        let rt_cfg = &self.settings.config.runtime;
+        let resources = req.resources.or(rt_cfg.default_resources);
+        if let Some((field, value, ceiling)) = resources.exceeds(&rt_cfg.max_resources) {
+            let value = if value == 0 {
+                "0 (unlimited)".to_owned()
+            } else {
+                value.to_string()
+            };
+            return Err(ServiceError::InvalidArgument(format!(
+                "resources.{field} = {value} is above this server's ceiling \
+                 runtime.max_resources.{field} = {ceiling}"
+            )));
+        }
         let codebase = self.codebase(&cb_id).await?;
         let max = self.settings.config.sandbox.max_per_user;
         let now = SystemTime::now();
@@ -321,9 +334,7 @@ impl Service {
             labels: req.labels,
             runtime: kind,
             image: req.image,
-            resources: req
-                .resources
-                .or(self.settings.config.runtime.default_resources),
+            resources,
             created_at: now,
             started_at: None,
             stopped_at: None,
