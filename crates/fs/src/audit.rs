@@ -1,13 +1,17 @@
 //! Audit events for denials and publish conflicts.
 //!
-//! The filesystem never blocks on the consumer: events go into a bounded channel with
-//! `try_send`, and what does not fit is dropped and counted. Identical denials (same
-//! operation, path and level) within [`AGGREGATION_WINDOW`] are folded into one event whose
-//! `count` says how many there were, so a scanning agent cannot flood the log.
+//! Events go into a bounded channel. Identical denials (same operation, path and level) within
+//! [`AGGREGATION_WINDOW`] are folded into one event whose `count` says how many there were, so
+//! a scanning agent cannot flood the log. When the channel is full and a consumer is attached
+//! ([`Auditor::receiver`] was called), the filesystem thread waits up to [`BACKPRESSURE`] for
+//! room: a denial storm is slowed to the consumer's pace instead of losing events. Only a
+//! consumer stalled that long loses events; they are counted, and the next event delivered is
+//! preceded by an [`AuditEvent::Dropped`] with the count, so no loss goes unrecorded. While
+//! stalled, sends do not wait again until one gets through.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agentfense_core::{Level, RuleRef};
@@ -20,6 +24,9 @@ pub const AGGREGATION_WINDOW: Duration = Duration::from_secs(1);
 
 /// Capacity of the event channel.
 pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// How long a filesystem operation waits for room in a full channel (with a consumer attached).
+pub const BACKPRESSURE: Duration = Duration::from_secs(1);
 
 /// Most distinct denials tracked for aggregation at once.
 const MAX_TRACKED: usize = 4096;
@@ -49,6 +56,14 @@ pub enum AuditEvent {
         /// The codebase path.
         conflict: Conflict,
     },
+    /// Events of this sandbox were lost because the consumer stalled: sent before the next
+    /// event that gets through (or at unmount).
+    Dropped {
+        /// The sandbox.
+        sandbox_id: String,
+        /// How many events were lost since the last report.
+        count: u64,
+    },
 }
 
 #[derive(Hash, PartialEq, Eq)]
@@ -70,7 +85,14 @@ pub(crate) struct Auditor {
     tx: Sender<AuditEvent>,
     rx: Receiver<AuditEvent>,
     recent: Mutex<HashMap<Key, Seen>>,
+    /// Events lost in total.
     dropped: AtomicU64,
+    /// Events lost and not yet reported with [`AuditEvent::Dropped`].
+    unreported: AtomicU64,
+    /// A consumer took the receiver: a full channel is worth waiting for.
+    consumer: AtomicBool,
+    /// The last wait for room timed out; do not wait again until a send succeeds.
+    stalled: AtomicBool,
 }
 
 impl Auditor {
@@ -82,10 +104,14 @@ impl Auditor {
             rx,
             recent: Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
+            unreported: AtomicU64::new(0),
+            consumer: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn receiver(&self) -> Receiver<AuditEvent> {
+        self.consumer.store(true, Ordering::Relaxed);
         self.rx.clone()
     }
 
@@ -93,12 +119,49 @@ impl Auditor {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Delivers `ev`, after the report of earlier losses if there are any.
     fn send(&self, ev: AuditEvent) {
+        if !self.report_losses() || !self.deliver(ev) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.unreported.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends an [`AuditEvent::Dropped`] for the unreported losses; false if it did not get
+    /// through (the losses stay unreported).
+    fn report_losses(&self) -> bool {
+        let count = self.unreported.load(Ordering::Relaxed);
+        if count == 0 {
+            return true;
+        }
+        let report = AuditEvent::Dropped {
+            sandbox_id: self.sandbox_id.clone(),
+            count,
+        };
+        if self.deliver(report) {
+            self.unreported.fetch_sub(count, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Puts `ev` in the channel, waiting for room (see the module docs); false if it was lost.
+    fn deliver(&self, ev: AuditEvent) -> bool {
         match self.tx.try_send(ev) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+            Ok(()) => {
+                self.stalled.store(false, Ordering::Relaxed);
+                true
             }
+            Err(TrySendError::Full(ev))
+                if self.consumer.load(Ordering::Relaxed)
+                    && !self.stalled.load(Ordering::Relaxed) =>
+            {
+                let sent = self.tx.send_timeout(ev, BACKPRESSURE).is_ok();
+                self.stalled.store(!sent, Ordering::Relaxed);
+                sent
+            }
+            Err(_) => false,
         }
     }
 
@@ -177,10 +240,13 @@ impl Auditor {
         }
     }
 
-    /// Emits the counts of denials still folded into the aggregation table.
+    /// Emits the counts of denials still folded into the aggregation table, and the report of
+    /// losses not reported yet.
     pub(crate) fn flush(&self) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         self.flush_locked(&mut recent);
+        drop(recent);
+        self.report_losses();
     }
 
     pub(crate) fn conflict(&self, conflict: Conflict) {
@@ -227,10 +293,65 @@ mod tests {
                 count: 99,
             }]
         );
-        // A full channel drops and counts instead of blocking.
+    }
+
+    #[test]
+    fn without_a_consumer_a_full_channel_drops_and_counts_without_waiting() {
+        let a = Auditor::new("sb".into());
         for i in 0..(CHANNEL_CAPACITY + 10) {
             a.denied("stat", &format!("/f{i}"), Level::None, || None);
         }
         assert_eq!(a.dropped(), 10);
+    }
+
+    #[test]
+    fn a_stalled_consumer_loses_events_and_the_loss_is_reported_in_band() {
+        let a = Auditor::new("sb".into());
+        let rx = a.receiver();
+        // Nobody drains: the first event past capacity waits once, then the rest are lost
+        // without waiting.
+        for i in 0..(CHANNEL_CAPACITY + 10) {
+            a.denied("stat", &format!("/f{i}"), Level::None, || None);
+        }
+        assert_eq!(a.dropped(), 10);
+        let first: Vec<_> = rx.try_iter().collect();
+        assert_eq!(first.len(), CHANNEL_CAPACITY);
+        // The next event is preceded by the report.
+        a.denied("stat", "/after", Level::None, || None);
+        let evs: Vec<_> = rx.try_iter().collect();
+        assert_eq!(
+            evs[0],
+            AuditEvent::Dropped {
+                sandbox_id: "sb".into(),
+                count: 10
+            }
+        );
+        assert!(matches!(&evs[1], AuditEvent::Denied { path, .. } if path == "/after"));
+        assert_eq!(evs.len(), 2);
+    }
+
+    #[test]
+    fn a_consumer_that_keeps_up_loses_nothing_in_a_storm() {
+        let a = std::sync::Arc::new(Auditor::new("sb".into()));
+        let rx = a.receiver();
+        let n = 20 * CHANNEL_CAPACITY;
+        let consumer = std::thread::spawn(move || {
+            let mut denied = 0;
+            for ev in rx.iter() {
+                match ev {
+                    AuditEvent::Denied { count, .. } => denied += count,
+                    other => panic!("{other:?}"),
+                }
+                if denied == n as u64 {
+                    break;
+                }
+            }
+            denied
+        });
+        for i in 0..n {
+            a.denied("lookup", &format!("/k{i}.key"), Level::None, || None);
+        }
+        assert_eq!(consumer.join().unwrap(), n as u64);
+        assert_eq!(a.dropped(), 0);
     }
 }

@@ -146,8 +146,12 @@ pub enum AuditEvent {
         /// What the other side had done.
         detail: String,
     },
-    /// Events lost because the queue was full.
+    /// Events lost: a sandbox's filesystem events when their consumer stalled (with the
+    /// sandbox), or any events when the writer's queue was full (without).
     AuditEventsDropped {
+        /// The sandbox whose events were lost, when they were one sandbox's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sandbox_id: Option<String>,
         /// How many.
         count: u64,
     },
@@ -233,6 +237,18 @@ impl Audit {
     }
 
     /// Queues an event; never blocks.
+    /// Records `event`, waiting for room in the queue instead of dropping it: for a thread
+    /// whose only job is forwarding events (the filesystem bridge), so that a slow writer
+    /// slows the source down rather than losing its events.
+    pub fn record_wait(&self, event: AuditEvent) {
+        let Some(tx) = &self.tx else { return };
+        if tx.send((SystemTime::now(), event)).is_err() {
+            tracing::warn!("audit writer has stopped; event lost");
+        }
+    }
+
+    /// Records `event` without ever blocking: if the queue is full it is counted, and an
+    /// `audit_events_dropped` line reports the count.
     pub fn record(&self, event: AuditEvent) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send((SystemTime::now(), event)) {
@@ -289,7 +305,10 @@ fn write_loop(
             write(
                 &mut out,
                 SystemTime::now(),
-                &AuditEvent::AuditEventsDropped { count: lost },
+                &AuditEvent::AuditEventsDropped {
+                    sandbox_id: None,
+                    count: lost,
+                },
             );
         }
         if let Err(e) = out.flush() {

@@ -1,5 +1,7 @@
 mod util;
 
+mod audit;
+
 mod daemon_io;
 mod enforcement;
 mod invariants;

@@ -531,9 +531,11 @@ impl Service {
         let _ = std::thread::Builder::new()
             .name("fs-audit".into())
             .spawn(move || {
-                // Ends when the mount is gone and its senders are dropped.
+                // Ends when the mount is gone and its senders are dropped. Waits for room in
+                // the writer's queue: a storm of denials slows down (see agentfense_fs::audit)
+                // instead of losing events.
                 for ev in rx {
-                    audit.record(fs_event(ev));
+                    audit.record_wait(fs_event(ev));
                 }
             });
     }
@@ -1182,6 +1184,12 @@ fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
                 conflict.expected, conflict.found
             ),
         },
+        agentfense_fs::AuditEvent::Dropped { sandbox_id, count } => {
+            AuditEvent::AuditEventsDropped {
+                sandbox_id: Some(sandbox_id),
+                count,
+            }
+        }
     }
 }
 
