@@ -601,7 +601,8 @@ impl Delta {
             Err(e) if is_absent(&e) => return Ok(None),
             Err(e) => return Err(FsError::io("lstat upper", rel, e)),
         }
-        if !meta.lower_visible(rel) {
+        if !meta.lower_visible(rel) || rel.file_name().is_some_and(|n| is_stage_name(n.as_bytes()))
+        {
             return Ok(None);
         }
         match host::lstat(self.lower.as_fd(), rel) {
@@ -631,6 +632,7 @@ impl Delta {
                 Ok(v) => {
                     for (n, k) in v {
                         if out.contains_key(&n)
+                            || is_stage_name(&n)
                             || meta.whiteouts.contains(&rel.join(OsStr::from_bytes(&n)))
                         {
                             continue;
@@ -648,8 +650,9 @@ impl Delta {
             .collect())
     }
 
-    /// The merged entries of directory `rel`, sorted by name. Nothing is filtered by name:
-    /// a codebase file called `.wh.x` is an ordinary entry.
+    /// The merged entries of directory `rel`, sorted by name. Nothing is filtered by name
+    /// (a codebase file called `.wh.x` is an ordinary entry) but publishing's own staging
+    /// names ([`is_stage_name`]), which must never be readable under a name no rule hides.
     pub fn list(&self, rel: &Path) -> Result<Vec<(OsString, EntryKind)>, FsError> {
         check_rel(rel)?;
         let meta = self.lock();
@@ -1463,8 +1466,25 @@ impl Delta {
             rustix::fs::unlinkat(&pdir, name, AtFlags::REMOVEDIR)
                 .map_err(io("replace directory"))?;
         }
-        let tmp = self.tmp_name();
         let via_work = self.publish_via_work.load(Ordering::Relaxed);
+        if !via_work && kind == Kind::File {
+            // The codebase is on another file system than the delta: no name of ours may
+            // appear in the codebase while the copy is written (another sandbox would read it
+            // under a name its rules do not hide, and a crash would leave it for good).
+            match stage_unnamed(&pdir, upper, rel, st) {
+                Ok(staged) => {
+                    let placed = place_staged(&staged, &pdir, name).map_err(io("publish rename"));
+                    return placed.map(|()| (conflict, current_origin(&pdir, name)));
+                }
+                Err(Staging::Unsupported) => {}
+                Err(Staging::Failed(e)) => return Err(e),
+            }
+        }
+        let tmp = if via_work {
+            self.tmp_name()
+        } else {
+            stage_name().map_err(|e| FsError::io("random staging name", rel, e))?
+        };
         let tdir = if via_work {
             self.work.as_fd()
         } else {
@@ -1508,7 +1528,7 @@ impl Delta {
             match rustix::fs::renameat(tdir, &tmp, &pdir, name) {
                 Ok(()) => {}
                 Err(rustix::io::Errno::XDEV) if via_work => {
-                    // The codebase is elsewhere: stage next to the target from now on.
+                    // The codebase is elsewhere: stage in the target directory from now on.
                     let _ = rustix::fs::unlinkat(tdir, &tmp, AtFlags::empty());
                     self.publish_via_work.store(false, Ordering::Relaxed);
                     return self.publish_put(meta, rel, st);
@@ -1520,11 +1540,100 @@ impl Delta {
             let _ = rustix::fs::unlinkat(tdir, &tmp, AtFlags::empty());
             return Err(e);
         }
-        let new = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .ok()
-            .map(|s| Origin::of(&s));
-        Ok((conflict, new))
+        Ok((conflict, current_origin(&pdir, name)))
     }
+}
+
+/// The origin of what `name` in `dir` is now.
+fn current_origin(dir: &OwnedFd, name: &OsStr) -> Option<Origin> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .ok()
+        .map(|s| Origin::of(&s))
+}
+
+/// Prefix of the names publishing gives files in a codebase directory for the instant between
+/// linking a finished copy and renaming it over its target (or, without `O_TMPFILE`, while it is
+/// written). Followed by 32 random hex digits; the merged view never shows such a codebase
+/// entry (see [`is_stage_name`]), so no sandbox can read a file under it.
+pub const STAGE_PREFIX: &str = ".agentfense-stage-";
+
+/// A fresh [`STAGE_PREFIX`] name.
+fn stage_name() -> io::Result<OsString> {
+    let mut b = [0u8; 16];
+    let mut filled = 0;
+    while filled < b.len() {
+        filled += rustix::rand::getrandom(&mut b[filled..], rustix::rand::GetRandomFlags::empty())?;
+    }
+    Ok(OsString::from(format!(
+        "{STAGE_PREFIX}{:032x}",
+        u128::from_le_bytes(b)
+    )))
+}
+
+/// Whether `name` is a staging name of [`stage_name`]'s exact shape.
+pub fn is_stage_name(name: &[u8]) -> bool {
+    name.strip_prefix(STAGE_PREFIX.as_bytes())
+        .is_some_and(|rest| rest.len() == 32 && rest.iter().all(u8::is_ascii_hexdigit))
+}
+
+enum Staging {
+    /// The file system has no `O_TMPFILE`: stage under a name.
+    Unsupported,
+    Failed(FsError),
+}
+
+/// Copies delta file `rel` into an unnamed file (`O_TMPFILE`) in codebase directory `dir`.
+fn stage_unnamed(
+    dir: &OwnedFd,
+    upper: BorrowedFd<'_>,
+    rel: &Path,
+    st: &Stat,
+) -> Result<OwnedFd, Staging> {
+    let dst = match rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
+            return Err(Staging::Unsupported);
+        }
+        Err(e) => {
+            return Err(Staging::Failed(FsError::io(
+                "create unnamed file",
+                rel,
+                e.into(),
+            )));
+        }
+    };
+    let keep = dst
+        .try_clone()
+        .map_err(|e| Staging::Failed(FsError::io("dup", rel, e)))?;
+    let src = host::open_file(upper, rel, OFlags::RDONLY)
+        .map_err(|e| Staging::Failed(FsError::io("open delta file", rel, e)))?;
+    copy_contents(Some(src), dst, st)
+        .map_err(|e| Staging::Failed(FsError::io("publish copy", rel, e)))?;
+    Ok(keep)
+}
+
+/// Gives the finished unnamed file `staged` a staging name in `dir` and renames it over `name`
+/// at once; the staging name is removed if the rename fails.
+fn place_staged(staged: &OwnedFd, dir: &OwnedFd, name: &OsStr) -> rustix::io::Result<()> {
+    let tmp = stage_name()
+        .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))?;
+    // linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc link needs nothing.
+    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(staged));
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_path.as_str(),
+        dir,
+        &tmp,
+        AtFlags::SYMLINK_FOLLOW,
+    )?;
+    rustix::fs::renameat(dir, &tmp, dir, name).inspect_err(|_| {
+        let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty());
+    })
 }
 
 /// Mode bits an agent may set: never set-user-ID, and set-group-ID only on directories

@@ -828,6 +828,9 @@ fn publish_works_across_filesystems_and_leaves_no_temporaries() {
     );
     let d = Delta::open(&f.lower, &other.path().join("delta")).unwrap();
     write(&d, "README", "mine");
+    // Watch the codebase directory: no name of ours may ever hold data being written there
+    // (finding 9 of issue 13: another sandbox could read it under a name no rule hides).
+    let watch = Watch::new(&f.lower);
     d.symlink(p("src/link"), Path::new("../README"), None)
         .unwrap();
     let r = d.publish(&PublishFilter::default()).unwrap();
@@ -836,6 +839,12 @@ fn publish_works_across_filesystems_and_leaves_no_temporaries() {
         std::fs::read_to_string(f.lower.join("README")).unwrap(),
         "mine"
     );
+    let written: Vec<String> = watch
+        .modified()
+        .into_iter()
+        .filter(|n| !n.starts_with('#'))
+        .collect();
+    assert!(written.is_empty(), "data written under a name: {written:?}");
     assert_eq!(
         std::fs::read_link(f.lower.join("src/link")).unwrap(),
         Path::new("../README")
@@ -852,4 +861,67 @@ fn publish_works_across_filesystems_and_leaves_no_temporaries() {
             .collect();
         assert!(temps.is_empty(), "{}: {temps:?}", dir.display());
     }
+}
+
+/// An inotify watch on one directory, for the names files were written under.
+struct Watch(OwnedFd);
+
+impl Watch {
+    fn new(dir: &Path) -> Watch {
+        // SAFETY: plain syscalls; the fd is checked and owned right away.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just returned by inotify_init1 and nothing else owns it.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid fd and NUL-terminated path.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                c.as_ptr(),
+                libc::IN_MODIFY,
+            )
+        };
+        assert!(wd >= 0);
+        Watch(fd)
+    }
+
+    /// Names of the files modified since the watch began (an `O_TMPFILE` file shows as `#<ino>`).
+    fn modified(&self) -> Vec<String> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut names = Vec::new();
+        let mut f = File::from(self.0.try_clone().unwrap());
+        while let Ok(n) = io::Read::read(&mut f, &mut buf) {
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap()) as usize;
+                let name = &buf[off + 16..off + 16 + len];
+                let end = name.iter().position(|b| *b == 0).unwrap_or(len);
+                names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+                off += 16 + len;
+            }
+        }
+        names
+    }
+}
+
+#[test]
+fn staging_names_in_the_codebase_are_never_in_the_merged_view() {
+    let f = fx();
+    let stage = format!("{STAGE_PREFIX}{}", "0123456789abcdef".repeat(2));
+    std::fs::write(f.lower.join(&stage), "API_KEY=hunter2\n").unwrap();
+    std::fs::write(f.lower.join("src").join(&stage), "x").unwrap();
+    // Not the exact shape: an ordinary file.
+    std::fs::write(f.lower.join(".agentfense-stage-notes"), "ordinary\n").unwrap();
+    assert!(f.d.lookup(p(&stage)).unwrap().is_none());
+    assert!(
+        f.d.lookup(&Path::new("src").join(&stage))
+            .unwrap()
+            .is_none()
+    );
+    assert!(!names(&f.d, "").contains(&stage));
+    assert!(!names(&f.d, "src").contains(&stage));
+    assert_eq!(read(&f.d, ".agentfense-stage-notes"), "ordinary\n");
+    assert!(is_stage_name(stage.as_bytes()));
+    assert!(!is_stage_name(b".agentfense-stage-notes"));
 }
