@@ -438,6 +438,51 @@ def test_resources_above_the_server_ceiling_are_refused(project, endpoint):
     c.close()
 
 
+HOLD_FILES = r"""
+import os, signal, sys
+k = sys.argv[1]
+held = []
+try:
+    for i in range(15000):
+        held.append(open(f"/workspace/output/h{k}_{i}", "w"))
+except OSError as e:
+    err = e.errno
+else:
+    err = 0
+with open(f"/tmp/ready{k}", "w") as f:
+    f.write(f"{len(held)} {err}\n")
+signal.pause()
+"""
+
+
+def test_open_files_of_one_sandbox_do_not_starve_others(project, endpoint, audit):
+    """Issue 13, finding 4: a sandbox holding ~20,000 open files made the server hit EMFILE,
+    so other sandboxes' execs failed. Four processes try to hold 60,000 between them."""
+    with Sandbox.from_local(str(project), preset="agent-safe", endpoint=endpoint) as hog, \
+            Sandbox.from_local(str(project), preset="agent-safe", endpoint=endpoint) as other:
+        hog.exec("mkdir -p /workspace/output && cat > /tmp/hold.py", stdin=HOLD_FILES)
+        r = hog.exec(
+            "for k in 1 2 3 4; do python3 /tmp/hold.py $k & done; "
+            "until [ -e /tmp/ready1 ] && [ -e /tmp/ready2 ] && [ -e /tmp/ready3 ] "
+            "&& [ -e /tmp/ready4 ]; do sleep 0.05; done; cat /tmp/ready1 /tmp/ready2 /tmp/ready3 /tmp/ready4",
+            timeout=datetime.timedelta(seconds=120),
+        )
+        assert r.exit_code == 0, r
+        counts = [line.split() for line in r.stdout.splitlines()]
+        held = sum(int(c[0]) for c in counts)
+        # The per-sandbox cap (runtime.open_files_per_sandbox, 8192 by default), then EMFILE.
+        assert held <= 8192, r.stdout
+        assert any(int(c[1]) == 24 for c in counts), r.stdout
+        # Everything else still works: another sandbox, a new sandbox, the API.
+        assert run(other, "echo ok").stdout == "ok\n"
+        assert other.exec("cat README.md").exit_code == 0
+        with Sandbox.from_local(str(project), preset="agent-safe", endpoint=endpoint) as third:
+            assert run(third, "echo fine").stdout == "fine\n"
+        audit.wait_for("resource_limit_exceeded", sandbox_id=hog.id, limit="open_files")
+        # The hog itself can work again once its files are closed.
+        hog.exec("pkill -f hold.py; true")
+
+
 def test_per_owner_quota(endpoint):
     from agentfense import ResourceLimitExceededError
 

@@ -56,6 +56,16 @@ pub enum AuditEvent {
         /// The codebase path.
         conflict: Conflict,
     },
+    /// A per-sandbox limit of the filesystem was hit (at most one event per
+    /// [`AGGREGATION_WINDOW`] and limit).
+    LimitExceeded {
+        /// The sandbox.
+        sandbox_id: String,
+        /// Which limit (`open_files`).
+        limit: &'static str,
+        /// The numbers.
+        detail: String,
+    },
     /// Events of this sandbox were lost because the consumer stalled: sent before the next
     /// event that gets through (or at unmount).
     Dropped {
@@ -93,6 +103,8 @@ pub(crate) struct Auditor {
     consumer: AtomicBool,
     /// The last wait for room timed out; do not wait again until a send succeeds.
     stalled: AtomicBool,
+    /// When each limit last produced an event.
+    limits: Mutex<HashMap<&'static str, Instant>>,
 }
 
 impl Auditor {
@@ -107,7 +119,27 @@ impl Auditor {
             unreported: AtomicU64::new(0),
             consumer: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            limits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records that `limit` was hit, at most once per [`AGGREGATION_WINDOW`].
+    pub(crate) fn limit_exceeded(&self, limit: &'static str, detail: String) {
+        let now = Instant::now();
+        {
+            let mut last = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            match last.get(limit) {
+                Some(t) if now.duration_since(*t) < AGGREGATION_WINDOW => return,
+                _ => {
+                    last.insert(limit, now);
+                }
+            }
+        }
+        self.send(AuditEvent::LimitExceeded {
+            sandbox_id: self.sandbox_id.clone(),
+            limit,
+            detail,
+        });
     }
 
     pub(crate) fn receiver(&self) -> Receiver<AuditEvent> {

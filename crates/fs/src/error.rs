@@ -118,6 +118,12 @@ pub enum FsError {
         /// 1-based line number.
         line: usize,
     },
+    /// The sandbox already holds as many files open through the filesystem as it may.
+    #[error("this sandbox holds {limit} open files through the filesystem, its limit")]
+    TooManyOpenFiles {
+        /// The limit.
+        limit: usize,
+    },
     /// Mounting failed.
     #[error("mounting at {mountpoint:?} failed")]
     Mount {
@@ -155,6 +161,7 @@ impl FsError {
             FsError::Stale { .. } => libc::EBADF,
             FsError::Vanished { .. } => libc::ESTALE,
             FsError::Busy { .. } => libc::ETXTBSY,
+            FsError::TooManyOpenFiles { .. } => libc::EMFILE,
             FsError::Io { source, .. } => match source.raw_os_error() {
                 // Errors that describe the caller's request or the disk, not our internals,
                 // are passed through; anything else is an internal failure.

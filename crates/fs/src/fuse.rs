@@ -86,6 +86,8 @@ pub(crate) struct FsOptions {
     pub(crate) attr_ttl: Duration,
     pub(crate) owner: Option<(u32, u32)>,
     pub(crate) io_mode: IoMode,
+    /// Most handles (host files) the daemon keeps open for this sandbox.
+    pub(crate) max_open_files: usize,
 }
 
 /// One known path.
@@ -693,6 +695,24 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         }
     }
 
+    /// Refuses a new handle (EMFILE inside this sandbox only) once the sandbox holds
+    /// `max_open_files` host files through the daemon: the daemon shares its process's
+    /// descriptor table with every other sandbox and the API.
+    fn check_open_files(&self) -> Result<(), FsError> {
+        let limit = self.opts.max_open_files;
+        // One lock at a time (no lock order to keep).
+        let handles = lock(&self.shared.handles).len();
+        let held = handles + lock(&self.shared.io).len();
+        if held >= limit {
+            self.shared.audit.limit_exceeded(
+                "open_files",
+                format!("{held} host files held for this sandbox; limit {limit}"),
+            );
+            return Err(FsError::TooManyOpenFiles { limit });
+        }
+        Ok(())
+    }
+
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.shared.handles).insert(fh, h);
@@ -820,6 +840,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         } else {
             self.require("open-read", &path, d, Level::Read)?;
         }
+        self.check_open_files()?;
         let epoch = lock(&self.shared.io).epoch;
         let file = Arc::new(if write {
             self.shared.delta.open_write(&path, false)?
@@ -952,6 +973,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             });
         }
         let path = self.check_new("create", parent, name, EntryKind::File)?;
+        self.check_open_files()?;
         let file = self
             .shared
             .delta

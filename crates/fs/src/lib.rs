@@ -64,6 +64,6 @@ pub use delta::{
 };
 pub use error::FsError;
 pub use mount::{
-    DEFAULT_TTL, FS_NAME, FsConfig, IoMode, MountHandle, MountStats, PublishMode,
-    cleanup_stale_mounts, codebase_changed, detach, mount, publish_unmounted,
+    DEFAULT_MAX_OPEN_FILES, DEFAULT_TTL, FS_NAME, FsConfig, IoMode, MountHandle, MountStats,
+    PublishMode, cleanup_stale_mounts, codebase_changed, detach, mount, publish_unmounted,
 };

@@ -176,7 +176,16 @@ pub struct FsConfig {
     pub threads: usize,
     /// How opened files are served.
     pub io_mode: IoMode,
+    /// Most host files the daemon holds open for this sandbox (files created and still open,
+    /// opens in passthrough mode, files open after an unlink); past it, opening or creating
+    /// fails with EMFILE inside this sandbox and a `LimitExceeded` event is sent. The daemon
+    /// runs in the server's process: without this one sandbox could exhaust the descriptors
+    /// every other sandbox and the API need.
+    pub max_open_files: usize,
 }
+
+/// Default of [`FsConfig::max_open_files`].
+pub const DEFAULT_MAX_OPEN_FILES: usize = 8192;
 
 impl FsConfig {
     /// A configuration with the defaults: publish after each command, `allow_other`, host
@@ -201,6 +210,7 @@ impl FsConfig {
             attr_ttl: DEFAULT_TTL,
             threads: 2,
             io_mode: IoMode::default(),
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
         }
     }
 }
@@ -282,6 +292,7 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         attr_ttl: config.attr_ttl,
         owner: config.owner,
         io_mode: config.io_mode,
+        max_open_files: config.max_open_files,
     };
     // `Policy::cursor_*` fix the cursor type; see `PolicyFs`.
     let fs = PolicyFs::new(

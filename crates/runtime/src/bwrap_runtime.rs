@@ -83,6 +83,9 @@ pub struct BwrapConfig {
     pub hostname: String,
     /// How long `start` waits for the environment.
     pub start_timeout: Duration,
+    /// `RLIMIT_NOFILE` (soft, hard) of sandboxes, when the server raised its own above what
+    /// sandboxes should inherit; `None` inherits the server's.
+    pub sandbox_nofile: Option<(u64, u64)>,
 }
 
 impl BwrapConfig {
@@ -109,6 +112,7 @@ impl BwrapConfig {
             landlock: true,
             hostname: "sandbox".into(),
             start_timeout: Duration::from_secs(10),
+            sandbox_nofile: None,
         }
     }
 }
@@ -463,6 +467,10 @@ impl BwrapRuntime {
         }
         let proc_fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let ctl_fd = child_sock.as_raw_fd();
+        let nofile = self.cfg.sandbox_nofile.map(|(soft, hard)| libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        });
         let mut cmd = tokio::process::Command::new(&self.cfg.bwrap_path);
         cmd.args(&args)
             .env_clear()
@@ -479,6 +487,13 @@ impl BwrapRuntime {
                     if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                // The server's own descriptor limit is raised for its FUSE daemons; sandboxes
+                // get the one it started with.
+                if let Some(lim) = &nofile
+                    && libc::setrlimit(libc::RLIMIT_NOFILE, lim) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 // Only stdio and the control socket reach bwrap (and so the sandbox): any
                 // descriptor of the server that is not close-on-exec is made so here.

@@ -130,9 +130,9 @@ pub enum AuditEvent {
     ResourceLimitExceeded {
         /// The sandbox.
         sandbox_id: String,
-        /// `memory`, `pids` or `cpu`.
+        /// `memory`, `pids`, `cpu` or `open_files`.
         limit: String,
-        /// The command that hit it.
+        /// The command that hit it (empty when the filesystem cannot know: `open_files`).
         command: String,
         /// Details (the configured value, the counter that moved).
         detail: String,

@@ -148,6 +148,11 @@ pub struct RuntimeConfig {
     /// The most a request may ask for, per field (0 = no ceiling): a request above it, or one
     /// that would be unlimited, is refused with INVALID_ARGUMENT naming the field.
     pub max_resources: ResourceLimits,
+    /// Most host files the policy filesystem holds open for one sandbox (files created and
+    /// still open, passthrough opens): past it the sandbox gets EMFILE and a
+    /// `resource_limit_exceeded` event with `limit: "open_files"`; other sandboxes and the API,
+    /// which share the server's descriptor table, are unaffected.
+    pub open_files_per_sandbox: usize,
     /// Docker runtime settings.
     pub docker: DockerConfig,
 }
@@ -176,6 +181,7 @@ impl Default for RuntimeConfig {
                 pids_limit: 16384,
                 ..ResourceLimits::default()
             },
+            open_files_per_sandbox: agentfense_fs::DEFAULT_MAX_OPEN_FILES,
             docker: DockerConfig::default(),
         }
     }
@@ -412,6 +418,12 @@ impl Config {
                     if value == 0 { " (unlimited)" } else { "" }
                 ),
             });
+        }
+        if rt.open_files_per_sandbox == 0 {
+            return Err(invalid(
+                "runtime.open_files_per_sandbox",
+                "must be greater than 0",
+            ));
         }
         // Keep a unary ExecResult far below gRPC's 4 MiB message limit (stdout + stderr).
         if rt.output_limit_bytes == 0 || rt.output_limit_bytes > 1536 * 1024 {

@@ -125,6 +125,53 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     })
 }
 
+/// Most descriptors the server asks for: its FUSE daemons hold files for every sandbox
+/// (`runtime.open_files_per_sandbox` each), next to its sockets and pipes.
+const NOFILE_TARGET: u64 = 1 << 20;
+
+/// Raises this process's `RLIMIT_NOFILE` as far as the kernel allows (up to [`NOFILE_TARGET`]
+/// and `fs.nr_open`). Returns the limits it started with, for sandboxes to keep, when they
+/// changed.
+fn raise_nofile_limit() -> Option<(u64, u64)> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_TARGET);
+    let want = NOFILE_TARGET.min(nr_open);
+    if before.current.is_none_or(|soft| soft >= want) {
+        return None;
+    }
+    // Never lower the hard limit; raising it needs CAP_SYS_RESOURCE (the server runs as root),
+    // and without it the soft limit goes up to the hard one.
+    let raised_hard = before.maximum.map(|h| h.max(want));
+    let within_hard = before.maximum.map_or(want, |h| h.min(want));
+    let set = |current: u64, maximum: Option<u64>| {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(current),
+                maximum,
+            },
+        )
+    };
+    if let Err(e) = set(want, raised_hard).or_else(|_| set(within_hard, before.maximum)) {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE)");
+        return None;
+    }
+    let after = getrlimit(Resource::Nofile);
+    tracing::info!(
+        before = ?before.current,
+        after = ?after.current,
+        "descriptor limit (RLIMIT_NOFILE) raised for the policy filesystems"
+    );
+    match (before.current, before.maximum) {
+        (Some(soft), Some(hard)) if after.current != before.current => Some((soft, hard)),
+        _ => None,
+    }
+}
+
 /// Checks that this host can run sandboxes (root, FUSE, bubblewrap) and builds the
 /// bubblewrap runtime from `rt`, with its per-sandbox state under `state_dir`. Resource-limit
 /// hits are sent on `events`. Never falls back to something that does not isolate: every
@@ -167,6 +214,7 @@ pub fn bwrap_runtime(
     cfg.max_timeout = rt.max_timeout;
     cfg.output_cap = usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX);
     cfg.allow_network = rt.allow_network;
+    cfg.sandbox_nofile = raise_nofile_limit();
     // One parent cgroup per state directory: a server cleaning up after its own crash must not
     // touch the sandboxes of another server, or of `agentfense run`, on the same host.
     // FNV-1a, stable across builds: a restarted (or upgraded) server finds its cgroups again.

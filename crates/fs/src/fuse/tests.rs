@@ -400,6 +400,7 @@ fn adapter(
         attr_ttl: Duration::ZERO,
         owner: None,
         io_mode: IoMode::NoOpen,
+        max_open_files: crate::mount::DEFAULT_MAX_OPEN_FILES,
     };
     let fs = PolicyFs::new(
         shared.clone(),

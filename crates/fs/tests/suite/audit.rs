@@ -45,7 +45,7 @@ fn a_denial_storm_loses_no_event() {
                         paths.insert(path);
                     }
                     AuditEvent::Dropped { count, .. } => dropped += count,
-                    AuditEvent::PublishConflict { .. } => {}
+                    AuditEvent::PublishConflict { .. } | AuditEvent::LimitExceeded { .. } => {}
                 }
             }
             if finished {
@@ -72,4 +72,33 @@ fn a_denial_storm_loses_no_event() {
     let (paths, dropped) = consumer.join().unwrap();
     assert_eq!((paths.len(), dropped), (N, 0));
     assert_eq!(m.h().dropped_events(), 0);
+}
+
+/// Finding 4 of issue 13: the daemon holds a host file for every file a sandbox creates and
+/// keeps open, in the server's own descriptor table. Past the sandbox's cap the sandbox gets
+/// EMFILE (and the event says why); once it closes them, it can create again.
+#[test]
+fn open_files_held_for_a_sandbox_are_capped() {
+    require_fuse!("open_files_held_for_a_sandbox_are_capped");
+    let m = mount_with(test_rules(), super::util::standard_tree, |cfg| {
+        cfg.max_open_files = 10
+    });
+    let rx = m.h().events();
+    let script = "import errno\nheld = []\ntry:\n    for i in range(50):\n        held.append(open(f'output/f{i}', 'w'))\nexcept OSError as e:\n    print(len(held), errno.errorcode[e.errno])\nfor f in held:\n    f.close()\nopen('output/again', 'w').close()\nprint('again')\n";
+    let out = Command::new("timeout")
+        .args(["-k", "2", "30", "python3", "-c", script])
+        .current_dir(m.mnt())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The cap counts every host file the daemon holds, the bounded read cache included.
+    let (held, rest) = stdout.split_once(' ').unwrap();
+    let held: usize = held.parse().unwrap();
+    assert!((1..=10).contains(&held), "{stdout}");
+    assert_eq!(rest, "EMFILE\nagain\n", "{out:?}");
+    let limit = rx.try_iter().find_map(|ev| match ev {
+        AuditEvent::LimitExceeded { limit, .. } => Some(limit),
+        _ => None,
+    });
+    assert_eq!(limit, Some("open_files"));
 }

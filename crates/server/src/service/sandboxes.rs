@@ -461,6 +461,7 @@ impl Service {
             cfg.publish_mode = PublishMode::Explicit;
         }
         cfg.io_mode = io_mode(&rec.labels);
+        cfg.max_open_files = self.settings.config.runtime.open_files_per_sandbox;
         let mp = mountpoint.clone();
         let mount = blocking(move || {
             if let Some(parent) = mp.parent() {
@@ -1183,6 +1184,16 @@ fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
                 "was {:?}, found {:?}; this sandbox's version was published",
                 conflict.expected, conflict.found
             ),
+        },
+        agentfense_fs::AuditEvent::LimitExceeded {
+            sandbox_id,
+            limit,
+            detail,
+        } => AuditEvent::ResourceLimitExceeded {
+            sandbox_id,
+            limit: limit.to_owned(),
+            command: String::new(),
+            detail,
         },
         agentfense_fs::AuditEvent::Dropped { sandbox_id, count } => {
             AuditEvent::AuditEventsDropped {
