@@ -589,6 +589,11 @@ impl ShellImages {
             st.st_mtime,
             st.st_mtime_nsec,
         );
+        // Bounded: a sandbox opening sessions on ever new shells of its own must not grow
+        // the init (running shells keep their image mapped).
+        if self.by_file.len() >= MAX_SHELL_IMAGES && !self.by_file.contains_key(&key) {
+            self.by_file.clear();
+        }
         let image: &OwnedFd = match self.by_file.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -598,6 +603,9 @@ impl ShellImages {
         Ok(image.as_fd())
     }
 }
+
+/// Most shell images the init keeps (see [`ShellImages`]).
+const MAX_SHELL_IMAGES: usize = 8;
 
 /// Runs `f` with the file-system uid and gid of the sandbox user (the init is single-threaded).
 fn as_sandbox_fs_user<T>(cfg: &InitConfig, f: impl FnOnce() -> T) -> T {
