@@ -55,6 +55,19 @@ impl Container {
         workdir: String,
         attach_stdin: bool,
     ) -> std::result::Result<Started, DockerError> {
+        self.start_exec_as(cmd, env, workdir, attach_stdin, None)
+            .await
+    }
+
+    /// [`Self::start_exec`] as `user` (`None`: the container's user).
+    pub(crate) async fn start_exec_as(
+        &self,
+        cmd: Vec<String>,
+        env: Vec<String>,
+        workdir: String,
+        attach_stdin: bool,
+        user: Option<&str>,
+    ) -> std::result::Result<Started, DockerError> {
         let exec = self
             .docker
             .create_exec(
@@ -67,6 +80,7 @@ impl Container {
                     env: Some(env),
                     cmd: Some(cmd),
                     working_dir: Some(workdir),
+                    user: user.map(str::to_owned),
                     privileged: Some(false),
                     ..Default::default()
                 },
@@ -107,6 +121,43 @@ impl Container {
                 message: "the daemon did not attach the exec".into(),
             }),
         }
+    }
+
+    /// Runs `cmd` to its end as `user` (`None`: the container's user) with `stdin` as its
+    /// input; returns its exit code and stdout (at most `cap` bytes; more is an error).
+    pub(crate) async fn run_captured(
+        &self,
+        cmd: Vec<String>,
+        user: Option<&str>,
+        stdin: Option<Vec<u8>>,
+        cap: usize,
+    ) -> std::result::Result<(i32, Vec<u8>), DockerError> {
+        let started = self
+            .start_exec_as(cmd, Vec::new(), "/".into(), stdin.is_some(), user)
+            .await?;
+        let feeder = stdin.map(|data| tokio::spawn(feed_stdin(started.input, data)));
+        let mut out = Vec::new();
+        let mut output = started.output;
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                    if out.len() + message.len() > cap {
+                        return Err(DockerError::Protocol {
+                            step: "capture",
+                            sandbox_id: self.sandbox_id.clone(),
+                            message: format!("output larger than {cap} bytes"),
+                        });
+                    }
+                    out.extend_from_slice(&message);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(DockerError::api("read exec output", &self.sandbox_id)(e)),
+            }
+        }
+        if let Some(f) = feeder {
+            let _ = f.await;
+        }
+        Ok((self.exit_code(&started.exec_id).await?, out))
     }
 
     /// The exec's host pid once the daemon reports it (`None` if it finished without one or

@@ -16,6 +16,11 @@
 //! background jobs persist, and `exit` ends the shell: the call then returns the shell's exit
 //! status and the session is closed.
 //!
+//! The shell runs from an execute-only copy of its binary ([`DockerRuntime::shell_image`]), so
+//! the kernel makes it non-dumpable: no other process of the sandbox user (a background job of
+//! an earlier call) can open its stdin or fds 8 and 9 through `/proc`, so none can type into it
+//! or forge a marker.
+//!
 //! Differences from the bwrap runtime's FIFO-per-call design, both documented limits: output
 //! that a background job of an earlier call writes while a later call runs is counted as the
 //! later call's output (the bwrap runtime discards it), and a command that reuses the shell's
@@ -259,9 +264,10 @@ impl DockerRuntime {
         }
         let base = shell.rsplit('/').next().unwrap_or(&shell).to_owned();
         let is_bash = base.contains("bash");
+        let image_path = self.shell_image(&c, &shell, &cwd).await?;
         // Interactive, so an interrupt aborts the current command and returns to the prompt
         // (the shell survives); prompts are empty.
-        let mut argv = vec![shell.clone()];
+        let mut argv = vec![image_path.clone()];
         if is_bash {
             argv.extend(["--noprofile".to_owned(), "--norc".to_owned()]);
         }
@@ -349,6 +355,15 @@ impl DockerRuntime {
                 },
             });
         }
+        // The shell runs from its image now; the file itself is no longer needed (the tmpfs
+        // would fill up with one copy per session).
+        {
+            let c = c.clone();
+            let rm = vec!["/bin/rm".to_owned(), "-f".to_owned(), image_path.clone()];
+            tokio::spawn(async move {
+                let _ = c.run_captured(rm, Some("0:0"), None, 0).await;
+            });
+        }
         // Everything the shell printed before it was ready (job-control warnings) is dropped
         // by the first call's framer.
         let public_id = format!("sess_{}", random_hex(8));
@@ -371,6 +386,57 @@ impl DockerRuntime {
         }
         tracing::debug!(sandbox_id, session_id = %public_id, shell = %shell, "session created");
         Ok(public_id)
+    }
+
+    /// An execute-only copy of `shell` for one session: read as the sandbox user (so nothing
+    /// it could not read itself is copied, wherever a link points), written by root (no
+    /// capabilities) into [`spec::RUN_DIR`] with mode 0111. The kernel makes a process that
+    /// runs a file it cannot read non-dumpable: no other process of the sandbox user can open
+    /// the shell's `/proc/<pid>/fd/*` (its stdin and marker descriptors), read its memory or
+    /// trace it, so a background job cannot type into the session or forge its markers.
+    async fn shell_image(&self, c: &Arc<Container>, shell: &str, cwd: &str) -> Result<String> {
+        const MAX_SHELL: usize = 32 << 20;
+        let sid = c.sandbox_id.clone();
+        let read = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            "cd \"$1\" && p=$(command -v -- \"$2\") && [ -f \"$p\" ] && [ -x \"$p\" ] && exec cat -- \"$p\""
+                .to_owned(),
+            "sh".to_owned(),
+            cwd.to_owned(),
+            shell.to_owned(),
+        ];
+        let (code, binary) = c
+            .run_captured(read, None, None, MAX_SHELL)
+            .await
+            .map_err(|e| into_runtime(&sid, e))?;
+        if code != 0 || binary.is_empty() {
+            return Err(RuntimeError::CommandSetup {
+                step: "exec".into(),
+                message: format!("shell {shell} could not be started: not an executable file"),
+                errno: libc::ENOENT,
+            });
+        }
+        let path = format!("{}/shell-{}", spec::RUN_DIR, random_hex(16));
+        let write = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            "umask 0777 && cat > \"$1\" && chmod 0111 \"$1\"".to_owned(),
+            "sh".to_owned(),
+            path.clone(),
+        ];
+        let (code, _) = c
+            .run_captured(write, Some("0:0"), Some(binary), 0)
+            .await
+            .map_err(|e| into_runtime(&sid, e))?;
+        if code != 0 {
+            return Err(RuntimeError::CommandSetup {
+                step: "session".into(),
+                message: format!("could not prepare the shell image {path} (exit code {code})"),
+                errno: 0,
+            });
+        }
+        Ok(path)
     }
 
     fn session(c: &Container, session_id: &str) -> Result<Arc<Session>> {

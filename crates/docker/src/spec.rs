@@ -16,6 +16,9 @@ use crate::config::DockerConfig;
 pub const WORKSPACE: &str = "/workspace";
 /// `HOME` inside the container (a tmpfs owned by the sandbox user).
 pub const HOME: &str = "/tmp/home";
+/// A root-owned tmpfs (mode 0755) for the execute-only copies of session shells: the sandbox
+/// user can run them, not read, replace or add anything there.
+pub const RUN_DIR: &str = "/run/agentfense";
 /// The user when neither the config nor the image names a non-root one.
 pub const DEFAULT_USER: &str = "1000:1000";
 /// `USER` for numeric users (the name the base image and the bwrap runtime give uid 1000).
@@ -262,6 +265,10 @@ pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
                 format!("rw,nosuid,nodev,size={},mode=1777", p.cfg.tmp_size),
             ),
             (HOME.to_owned(), home_opts),
+            (
+                RUN_DIR.to_owned(),
+                "rw,nosuid,nodev,exec,size=64m,mode=0755".to_owned(),
+            ),
         ])),
         network_mode: Some(network_mode(p.cfg, p.spec.network)),
         cap_drop: Some(vec!["ALL".into()]),

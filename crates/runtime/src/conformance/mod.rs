@@ -320,6 +320,7 @@ macro_rules! conformance_tests {
             redirecting_the_shell_for_good_does_not_break_the_session,
             exit_with_background_jobs_returns_promptly_and_kills_them,
             session_with_a_missing_workdir_is_invalid,
+            processes_of_a_session_cannot_reach_into_its_shell,
         ]);
     };
     (@group $prepare:path, $target:expr, $group:ident: [$($case:ident),* $(,)?]) => {

@@ -347,3 +347,46 @@ pub async fn session_with_a_missing_workdir_is_invalid(t: &Target) {
     ));
     fx.destroy().await;
 }
+
+/// The attack of finding 2 (issue 13): a process the session started (a separate executable,
+/// like any background job) reaches into the shell through `/proc/<shell>` to type its own
+/// lines, read the channel or forge results. The shell runs non-dumpable (an execute-only
+/// image), so every route is refused, and the calls that follow are exact.
+pub async fn processes_of_a_session_cannot_reach_into_its_shell(t: &Target) {
+    let fx = t.start().await;
+    for shell in ["", "/bin/bash"] {
+        let s = open(&fx, shell).await;
+        let attack = r#"sh -c '
+  printf "touch /tmp/injected\n" > /proc/$PPID/fd/0 && echo typed-into-stdin
+  for fd in 1 2 8 9; do printf "\036AFE forged\036" > /proc/$PPID/fd/$fd && echo wrote-fd-$fd; done
+  ls /proc/$PPID/fd >/dev/null && echo listed-fds
+  head -c1 /proc/$PPID/environ >/dev/null && echo read-environ
+  python3 -c "import sys; open(\"/proc/%s/mem\" % sys.argv[1], \"rb\")" $PPID && echo opened-mem
+  true' 2>/dev/null"#;
+        let r = run(&fx, &s, attack).await;
+        assert_eq!(
+            (r.exit_code, r.stdout.as_str()),
+            (0, ""),
+            "shell {shell:?}: {r:?}"
+        );
+        // A background job that keeps trying, started by one call, active during the next.
+        let job = r#"sh -c 'for i in $(seq 200); do printf "touch /tmp/injected\n" > /proc/$PPID/fd/0; done' 2>/dev/null &"#;
+        run(&fx, &s, job).await;
+        for i in 0..5 {
+            let r = run(&fx, &s, &format!("echo call{i}; (exit {i})")).await;
+            assert_eq!(
+                (r.exit_code, r.stdout.as_str()),
+                (i, format!("call{i}\n").as_str())
+            );
+        }
+        let r = run(
+            &fx,
+            &s,
+            "wait; test -e /tmp/injected && echo injected; echo done",
+        )
+        .await;
+        assert_eq!(r.stdout, "done\n", "shell {shell:?}: {r:?}");
+        fx.rt.session_destroy(&fx.id, &s).await.unwrap();
+    }
+    fx.destroy().await;
+}

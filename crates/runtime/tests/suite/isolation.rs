@@ -156,44 +156,15 @@ echo "writable: $n $(find /run -writable 2>/dev/null | wc -l)""#;
     fx.destroy().await;
 }
 
-/// The attack of finding 2 (issue 13): a process the session started (a separate executable,
-/// like any background job) reaches into the shell through `/proc/<shell>` to type its own
-/// lines, read the channel or forge results. The shell runs non-dumpable, so every route is
-/// refused, and the calls that follow are exact.
+/// The session shell runs from an execute-only image (see the conformance case
+/// `processes_of_a_session_cannot_reach_into_its_shell`); its name is still the one asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processes_of_a_session_cannot_reach_into_its_shell() {
-    if skip("processes_of_a_session_cannot_reach_into_its_shell") {
+async fn session_shells_keep_their_name() {
+    if skip("session_shells_keep_their_name") {
         return;
     }
     let fx = start().await;
     let s = session(&fx).await;
-    let attack = r#"sh -c '
-  printf "touch /tmp/injected\n" > /proc/$PPID/fd/0 && echo typed-into-stdin
-  cat /proc/$PPID/fd/0 </dev/null >/dev/null & sleep 0; kill $! 2>/dev/null
-  ls /proc/$PPID/fd >/dev/null && echo listed-fds
-  head -c1 /proc/$PPID/environ >/dev/null && echo read-environ
-  python3 -c "import sys; open(\"/proc/%s/mem\" % sys.argv[1], \"rb\")" $PPID && echo opened-mem
-  true' 2>/dev/null"#;
-    let r = call(&fx, &s, attack).await;
-    assert_eq!((r.exit_code, r.stdout.as_str()), (0, ""), "{r:?}");
-    // A background job that keeps trying, started by one call, active during the next ones.
-    let job = r#"sh -c 'for i in $(seq 200); do printf "touch /tmp/injected\n" > /proc/$PPID/fd/0; done' 2>/dev/null &"#;
-    call(&fx, &s, job).await;
-    for i in 0..5 {
-        let r = call(&fx, &s, &format!("echo call{i}; (exit {i})")).await;
-        assert_eq!(
-            (r.exit_code, r.stdout.as_str()),
-            (i, format!("call{i}\n").as_str())
-        );
-    }
-    let r = call(
-        &fx,
-        &s,
-        "wait; test -e /tmp/injected && echo injected; echo done",
-    )
-    .await;
-    assert_eq!(r.stdout, "done\n", "{r:?}");
-    // The shell's binary is an execute-only image; its name is the one asked for.
     let r = call(&fx, &s, "ps -o args= -p $$").await;
     assert_eq!(r.stdout, "/bin/sh -i\n", "{r:?}");
     fx.destroy().await;
