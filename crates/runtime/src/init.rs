@@ -280,6 +280,17 @@ impl Init {
         }
     }
 
+    fn spawn_failed(&self, id: u64, step: &str, errno: Errno) {
+        self.reply(
+            &Reply::SpawnFailed {
+                id,
+                step: step.to_owned(),
+                errno: errno as i32,
+            },
+            &[],
+        );
+    }
+
     /// Reaps every exited child; reports the ones the host asked for.
     fn reap(&mut self) {
         loop {
@@ -354,14 +365,7 @@ impl Init {
                         self.procs.insert(pid, Proc { id, session: false });
                         self.by_id.insert(id, pid);
                     }
-                    Err((step, errno)) => self.reply(
-                        &Reply::SpawnFailed {
-                            id,
-                            step: step.to_owned(),
-                            errno: errno as i32,
-                        },
-                        &[],
-                    ),
+                    Err((step, errno)) => self.spawn_failed(id, step, errno),
                 }
             }
             Request::Signal { id, signal } => {
@@ -461,14 +465,7 @@ impl Init {
                 );
                 self.reply(&Reply::Started { id }, &[]);
             }
-            Err((step, errno)) => self.reply(
-                &Reply::SpawnFailed {
-                    id,
-                    step: step.to_owned(),
-                    errno: errno as i32,
-                },
-                &[],
-            ),
+            Err((step, errno)) => self.spawn_failed(id, step, errno),
         }
     }
 
