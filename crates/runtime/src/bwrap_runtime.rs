@@ -498,7 +498,10 @@ impl BwrapRuntime {
                 // Only stdio and the control socket reach bwrap (and so the sandbox): any
                 // descriptor of the server that is not close-on-exec is made so here.
                 if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                    // Linux < 5.11: one descriptor at a time (EBADF for unused numbers).
+                    for fd in 3..65536 {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
                 }
                 // Let the control socket survive exec (it was created close-on-exec so other
                 // concurrently spawned processes never inherit it).

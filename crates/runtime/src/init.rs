@@ -57,6 +57,9 @@ use crate::protocol::{CONTROL_FD, InitConfig, Reply, Request, recv_packet, send_
 /// The seccomp filters, once built; commands install their part before exec.
 static COMMAND_FILTERS: std::sync::OnceLock<SeccompFilters> = std::sync::OnceLock::new();
 
+/// The umask the init started with, which commands get back (the init itself runs with 0).
+static COMMAND_UMASK: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+
 /// Entry point of the `agentfense-init` binary. Never returns.
 pub fn run_main() -> ! {
     let code = match run() {
@@ -171,8 +174,11 @@ fn run() -> io::Result<()> {
 /// Prepares `$HOME` and the session channel directory, and hardens the init (inherited by
 /// every command). Returns the Landlock status and the open channel directory.
 fn configure(cfg: &InitConfig) -> io::Result<(String, OwnedFd)> {
-    // Files the init creates get exactly the modes it asks for.
-    nix::sys::stat::umask(Mode::empty());
+    // Files the init creates get exactly the modes it asks for; commands get the umask back.
+    let _ = COMMAND_UMASK.set(nix::sys::stat::umask(Mode::empty()));
+    // No supplementary groups (root's): the init opens session shells with the sandbox
+    // user's fs uid and gid, and root's groups must not widen that.
+    nix::unistd::setgroups(&[])?;
     std::fs::create_dir_all(&cfg.home)?;
     std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))?;
     nix::unistd::chown(
@@ -216,6 +222,9 @@ pub const INIT_CAPABILITIES: rustix::thread::CapabilitySet = rustix::thread::Cap
     .union(rustix::thread::CapabilitySet::SETGID)
     .union(rustix::thread::CapabilitySet::SETUID);
 
+/// Highest descriptor the fallback of [`close_fds_from`] visits.
+const FALLBACK_MAX_FD: u32 = 65535;
+
 /// Closes (or, with `cloexec`, marks close-on-exec) every descriptor from `first` on, except
 /// `keep`. Async-signal-safe (one or two `close_range` calls).
 fn close_fds_from(first: u32, keep: Option<RawFd>, cloexec: bool) {
@@ -235,7 +244,22 @@ fn close_fds_from(first: u32, keep: Option<RawFd>, cloexec: bool) {
             // SAFETY: close_range only closes (or flags) descriptors; the caller owns every
             // descriptor in the range, none of which is used through a live Rust handle
             // afterwards (`cloexec` leaves them open).
-            unsafe { libc::close_range(lo, hi, flags) };
+            if unsafe { libc::close_range(lo, hi, flags) } != 0 {
+                // Linux < 5.11 (no CLOSE_RANGE_CLOEXEC) or < 5.9: one descriptor at a time.
+                for fd in lo..=hi.min(FALLBACK_MAX_FD) {
+                    let Ok(fd) = libc::c_int::try_from(fd) else {
+                        break;
+                    };
+                    // SAFETY: as above, on one descriptor; EBADF for unused numbers is fine.
+                    unsafe {
+                        if cloexec {
+                            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                        } else {
+                            libc::close(fd);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -433,6 +457,20 @@ impl Init {
                 return;
             }
         };
+        // The shell's protection is that it is not dumpable; with `fs.suid_dumpable = 1` the
+        // kernel would make it dumpable anyway, and other processes could reach into it.
+        if std::fs::read_to_string("/proc/sys/fs/suid_dumpable").is_ok_and(|v| v.trim() == "1") {
+            self.reply(
+                &Reply::Failed {
+                    id,
+                    message: "fs.suid_dumpable is 1 on this host, so a session shell would be \
+                              open to every process of the sandbox; set it to 0 or 2"
+                        .into(),
+                },
+                &[],
+            );
+            return;
+        }
         let shell = argv.first().map(String::as_str).unwrap_or_default();
         let spawned = self
             .images
@@ -632,13 +670,15 @@ fn open_shell(shell: &str, env: &[String], cwd: &str) -> Result<OwnedFd, (&'stat
     };
     let mut last = Errno::ENOENT;
     for c in candidates {
-        match nix::fcntl::open(
-            c.as_str(),
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        // O_NONBLOCK: a FIFO planted as the shell must not block PID 1.
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+        match nix::fcntl::open(c.as_str(), flags, Mode::empty()) {
             Ok(fd) => match nix::sys::stat::fstat(&fd) {
-                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0 => {
+                Ok(st)
+                    if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                        && st.st_mode & 0o111 != 0
+                        && u64::try_from(st.st_size).is_ok_and(|n| n <= MAX_SHELL_SIZE) =>
+                {
                     return Ok(fd);
                 }
                 Ok(_) => last = Errno::EACCES,
@@ -650,19 +690,26 @@ fn open_shell(shell: &str, env: &[String], cwd: &str) -> Result<OwnedFd, (&'stat
     Err(("exec", last))
 }
 
-/// Copies `file` into a sealed, root-owned memfd with mode 0111.
+/// Largest shell binary the init copies (bash is ~1.3 MiB).
+const MAX_SHELL_SIZE: u64 = 64 << 20;
+
+/// Copies `file` (at most [`MAX_SHELL_SIZE`] bytes, even if it grows meanwhile) into a sealed,
+/// root-owned memfd with mode 0111.
 fn copy_execute_only(file: OwnedFd) -> Result<OwnedFd, Errno> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
     // MFD_EXEC (Linux >= 6.3) keeps the memfd executable whatever `vm.memfd_noexec` says
     // below 2; older kernels reject the flag and make every memfd executable.
     let memfd = match rustix::fs::memfd_create("agentfense-shell", flags | MemfdFlags::EXEC) {
-        Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create("agentfense-shell", flags),
+        // `vm.memfd_noexec = 2` answers EACCES: the exec then fails with a clear errno.
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::ACCESS) => {
+            rustix::fs::memfd_create("agentfense-shell", flags)
+        }
         r => r,
     }
     .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
     let mut dst = std::fs::File::from(memfd);
-    let mut src = std::fs::File::from(file);
+    let mut src = std::io::Read::take(std::fs::File::from(file), MAX_SHELL_SIZE);
     std::io::copy(&mut src, &mut dst)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     let memfd = OwnedFd::from(dst);
@@ -862,6 +909,9 @@ fn child(
     }
     if let Err(e) = nix::unistd::setsid() {
         return ("setsid", e);
+    }
+    if let Some(mask) = COMMAND_UMASK.get() {
+        nix::sys::stat::umask(*mask);
     }
     let r = nix::unistd::dup2_stdin(stdio[0])
         .and_then(|()| nix::unistd::dup2_stdout(stdio[1]))

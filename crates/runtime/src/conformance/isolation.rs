@@ -264,6 +264,11 @@ pub async fn commands_inherit_only_stdio(t: &Target) {
     let fx = t.start().await;
     let r = fx.sh("ls /proc/$$/fd; true").await;
     assert_eq!((r.exit_code, r.stdout.as_str()), (0, "0\n1\n2\n"), "{r:?}");
+    // Nor the init's own umask (0, for its channel files): new files are not world-writable.
+    let r = fx
+        .sh("touch /tmp/u && mkdir /tmp/d && stat -c '%A' /tmp/u /tmp/d | cut -c9")
+        .await;
+    assert_eq!(r.stdout, "-\n-\n", "{r:?}");
     fx.destroy().await;
 }
 

@@ -268,7 +268,8 @@ pub const ALLOWED_SYSCALLS: &[(&str, libc::c_long)] = &[
     ("writev", libc::SYS_writev),
 ];
 
-/// Allowed on x86_64 only (the legacy calls aarch64 never had).
+/// Allowed on x86_64 only (the legacy calls aarch64 never had, and the few the libc crate
+/// lists for x86_64 only).
 #[cfg(target_arch = "x86_64")]
 pub const ALLOWED_ARCH_SYSCALLS: &[(&str, libc::c_long)] = &[
     ("io_pgetevents", 333),
@@ -323,4 +324,12 @@ pub const ALLOWED_ARCH_SYSCALLS: &[(&str, libc::c_long)] = &[
 
 /// Allowed on aarch64 only.
 #[cfg(target_arch = "aarch64")]
-pub const ALLOWED_ARCH_SYSCALLS: &[(&str, libc::c_long)] = &[("io_pgetevents", 292)];
+pub const ALLOWED_ARCH_SYSCALLS: &[(&str, libc::c_long)] = &[
+    ("io_pgetevents", 292),
+    // In the kernel's generic table, missing from the libc crate's for aarch64.
+    ("sync_file_range", 84),
+    ("renameat", 38),
+    ("getrlimit", 163),
+    ("setrlimit", 164),
+    ("fchmodat2", 452),
+];
