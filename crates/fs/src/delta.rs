@@ -897,6 +897,7 @@ impl Delta {
     }
 
     fn prepare_new(&self, meta: &Meta, rel: &Path) -> Result<(OwnedFd, PathBuf), FsError> {
+        refuse_stage_name(rel)?;
         if self.lookup_locked(meta, rel)?.is_some() {
             return Err(FsError::Exists { path: rel.into() });
         }
@@ -1088,6 +1089,7 @@ impl Delta {
                 path: from.into(),
             });
         }
+        refuse_stage_name(to)?;
         if to.starts_with(from) && from != to {
             return Err(FsError::InvalidName {
                 name: to.to_string_lossy().into_owned(),
@@ -1568,6 +1570,18 @@ fn stage_name() -> io::Result<OsString> {
         "{STAGE_PREFIX}{:032x}",
         u128::from_le_bytes(b)
     )))
+}
+
+/// Refuses a new entry named like a staging file: once published it would be in the
+/// codebase where no sandbox can see or remove it.
+fn refuse_stage_name(rel: &Path) -> Result<(), FsError> {
+    if rel.file_name().is_some_and(|n| is_stage_name(n.as_bytes())) {
+        return Err(FsError::NotPermitted {
+            op: "a name reserved for publishing",
+            path: rel.into(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether `name` is a staging name of [`stage_name`]'s exact shape.

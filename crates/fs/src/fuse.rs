@@ -775,22 +775,28 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
 
     /// Keeps the host file of the file at `path` for I/O after it is unlinked or replaced,
     /// when the kernel knows its inode (a process may hold it open).
-    fn pin_before_removal(&self, path: &Path, attr: &Attr) {
+    /// Fails (EMFILE, nothing removed) when pinning a new host file would exceed the
+    /// sandbox's open-files cap: a pinned file holds a descriptor like an open handle.
+    fn pin_before_removal(&self, path: &Path, attr: &Attr) -> Result<(), FsError> {
         if attr.kind != EntryKind::File {
-            return;
+            return Ok(());
         }
         let ino = {
             let nodes = lock(&self.shared.nodes);
             match nodes.by_path.get(path) {
                 Some(&ino) if nodes.by_ino.get(&ino).is_some_and(|n| n.lookups > 0) => ino,
-                _ => return,
+                _ => return Ok(()),
             }
         };
+        if lock(&self.shared.io).held(ino).is_none() {
+            self.check_open_files()?;
+        }
         let delta = &self.shared.delta;
         lock(&self.shared.io).pin(ino, || match attr.layer {
             Layer::Upper => delta.open_write(path, false).ok().map(|f| (f, true)),
             Layer::Lower => delta.open_read(path).ok().map(|(f, _)| (f, false)),
         });
+        Ok(())
     }
 
     fn finish_create(
@@ -1018,7 +1024,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         let op = if dir { "rmdir" } else { "unlink" };
         let (attr, d) = self.visible(op, &path)?;
         self.require(op, &path, d, Level::Write)?;
-        self.pin_before_removal(&path, &attr);
+        self.pin_before_removal(&path, &attr)?;
         if dir {
             self.shared.delta.rmdir(&path)?;
         } else {
@@ -1061,7 +1067,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
                 if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                     return Err(FsError::Exists { path: to });
                 }
-                self.pin_before_removal(&to, &dst);
+                self.pin_before_removal(&to, &dst)?;
             }
             None => {
                 let dd = self.decision(&to, src.kind);

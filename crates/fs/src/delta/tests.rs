@@ -923,5 +923,14 @@ fn staging_names_in_the_codebase_are_never_in_the_merged_view() {
     assert!(!names(&f.d, "src").contains(&stage));
     assert_eq!(read(&f.d, ".agentfense-stage-notes"), "ordinary\n");
     assert!(is_stage_name(stage.as_bytes()));
+    // Nor can a sandbox make one (it would be published where no sandbox can remove it).
+    assert!(matches!(
+        f.d.create_file(p(&stage), 0o644, None),
+        Err(FsError::NotPermitted { .. })
+    ));
+    assert!(matches!(
+        f.d.rename(p("README"), p(&stage)),
+        Err(FsError::NotPermitted { .. })
+    ));
     assert!(!is_stage_name(b".agentfense-stage-notes"));
 }

@@ -101,4 +101,15 @@ fn open_files_held_for_a_sandbox_are_capped() {
         _ => None,
     });
     assert_eq!(limit, Some("open_files"));
+    // The other way to make the daemon hold a file: open it (no handle in no-open mode), then
+    // unlink it; the daemon keeps the host file for the open descriptor. Past the cap the
+    // unlink is refused instead.
+    let script = "import errno, os\nfor i in range(50):\n    open(f'output/p{i}', 'w').close()\nfds = [os.open(f'output/p{i}', os.O_RDONLY) for i in range(50)]\nrefused = 0\nfor i in range(50):\n    try:\n        os.unlink(f'output/p{i}')\n    except OSError as e:\n        assert e.errno == errno.EMFILE, e\n        refused += 1\nprint(refused > 0)\n";
+    let out = Command::new("timeout")
+        .args(["-k", "2", "30", "python3", "-c", script])
+        .current_dir(m.mnt())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "True\n", "{out:?}");
+    assert!(m.h().stats().open_files <= 10, "{:?}", m.h().stats());
 }
