@@ -359,7 +359,10 @@ impl DockerRuntime {
         // would fill up with one copy per session).
         {
             let c = c.clone();
-            let rm = vec!["/bin/rm".to_owned(), "-f".to_owned(), image_path.clone()];
+            let dir = image_path
+                .rsplit_once('/')
+                .map_or(image_path.clone(), |(d, _)| d.to_owned());
+            let rm = vec!["/bin/rm".to_owned(), "-rf".to_owned(), dir];
             tokio::spawn(async move {
                 let _ = c.run_captured(rm, Some("0:0"), None, 0).await;
             });
@@ -417,12 +420,20 @@ impl DockerRuntime {
                 errno: libc::ENOENT,
             });
         }
-        let path = format!("{}/shell-{}", spec::RUN_DIR, random_hex(16));
+        // Under the shell's own name (busybox picks its applet from it, bash its mode).
+        let dir = format!("{}/shell-{}", spec::RUN_DIR, random_hex(16));
+        let name = shell
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("sh");
+        let path = format!("{dir}/{name}");
         let write = vec![
             "/bin/sh".to_owned(),
             "-c".to_owned(),
-            "umask 0777 && cat > \"$1\" && chmod 0111 \"$1\"".to_owned(),
+            "mkdir -m 0755 \"$1\" && umask 0777 && cat > \"$2\" && chmod 0111 \"$2\"".to_owned(),
             "sh".to_owned(),
+            dir,
             path.clone(),
         ];
         let (code, _) = c
