@@ -6,6 +6,7 @@
 //! if the queue is ever full the event is counted and an `audit_events_dropped` line says how
 //! many were lost. The file is opened in append mode with mode 0600.
 
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
@@ -13,7 +14,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
@@ -175,10 +175,19 @@ pub struct AuditError {
     pub source: std::io::Error,
 }
 
+type Queued = (SystemTime, AuditEvent);
+
 /// A cheap, cloneable handle for recording events.
+///
+/// Two queues: the server's own events (lifecycle, commands, limits) and the bulk of the
+/// filesystems' (denials), which the writer takes only when the first is empty. A sandbox
+/// storming denials therefore fills only the bulk queue and waits there
+/// ([`Audit::record_wait`]): it can neither push another sandbox's events out, nor get its
+/// own commands dropped from the trail.
 #[derive(Clone, Debug)]
 pub struct Audit {
-    tx: Option<SyncSender<(SystemTime, AuditEvent)>>,
+    tx: Option<Sender<Queued>>,
+    bulk_tx: Option<Sender<Queued>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -206,13 +215,14 @@ impl Audit {
                 path: path.to_owned(),
                 source,
             })?;
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = bounded(QUEUE);
+        let (bulk_tx, bulk_rx) = bounded(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let d = dropped.clone();
         let p = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(rx, BufWriter::new(file), d, p))
+            .spawn(move || write_loop(rx, bulk_rx, BufWriter::new(file), d, p))
             .map_err(|source| AuditError {
                 path: path.to_owned(),
                 source,
@@ -220,6 +230,7 @@ impl Audit {
         Ok((
             Audit {
                 tx: Some(tx),
+                bulk_tx: Some(bulk_tx),
                 dropped,
             },
             AuditWriter {
@@ -232,6 +243,7 @@ impl Audit {
     pub fn disabled() -> Audit {
         Audit {
             tx: None,
+            bulk_tx: None,
             dropped: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -241,7 +253,7 @@ impl Audit {
     /// whose only job is forwarding events (the filesystem bridge), so that a slow writer
     /// slows the source down rather than losing its events.
     pub fn record_wait(&self, event: AuditEvent) {
-        let Some(tx) = &self.tx else { return };
+        let Some(tx) = &self.bulk_tx else { return };
         if tx.send((SystemTime::now(), event)).is_err() {
             tracing::warn!("audit writer has stopped; event lost");
         }
@@ -274,7 +286,8 @@ impl AuditWriter {
 }
 
 fn write_loop(
-    rx: Receiver<(SystemTime, AuditEvent)>,
+    rx: Receiver<Queued>,
+    bulk_rx: Receiver<Queued>,
     mut out: BufWriter<std::fs::File>,
     dropped: Arc<AtomicU64>,
     path: PathBuf,
@@ -293,12 +306,40 @@ fn write_loop(
             Err(e) => tracing::error!(error = %e, "cannot encode audit event"),
         }
     };
-    while let Ok((at, ev)) = rx.recv() {
-        write(&mut out, at, &ev);
-        // Drain what is queued, then flush once: lines reach the kernel (and survive a
-        // kill -9 of the server) without a syscall per event under load.
-        while let Ok((at, ev)) = rx.try_recv() {
-            write(&mut out, at, &ev);
+    let never = crossbeam_channel::never::<Queued>();
+    let (mut prio_open, mut bulk_open) = (true, true);
+    while prio_open || bulk_open {
+        let prio = if prio_open { &rx } else { &never };
+        let bulk = if bulk_open { &bulk_rx } else { &never };
+        crossbeam_channel::select_biased! {
+            recv(prio) -> m => match m {
+                Ok((at, ev)) => write(&mut out, at, &ev),
+                Err(_) => prio_open = false,
+            },
+            recv(bulk) -> m => match m {
+                Ok((at, ev)) => write(&mut out, at, &ev),
+                Err(_) => bulk_open = false,
+            },
+        }
+        // Drain what is queued (the server's own events first, the bulk in slices between
+        // them), then flush once: lines reach the kernel (and survive a kill -9 of the
+        // server) without a syscall per event under load.
+        for _ in 0..64 {
+            let mut wrote = false;
+            while let Ok((at, ev)) = rx.try_recv() {
+                write(&mut out, at, &ev);
+                wrote = true;
+            }
+            for _ in 0..256 {
+                let Ok((at, ev)) = bulk_rx.try_recv() else {
+                    break;
+                };
+                write(&mut out, at, &ev);
+                wrote = true;
+            }
+            if !wrote {
+                break;
+            }
         }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
@@ -366,6 +407,43 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    /// A storm of one sandbox's denials (waiting for room) never pushes out the server's own
+    /// events (commands, lifecycle), and loses nothing itself.
+    #[test]
+    fn a_denial_storm_cannot_push_out_the_servers_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (audit, writer) = Audit::open(&path).unwrap();
+        let storm = {
+            let audit = audit.clone();
+            std::thread::spawn(move || {
+                for i in 0..(4 * QUEUE) {
+                    audit.record_wait(AuditEvent::PermissionDenied {
+                        sandbox_id: "sb_storm".into(),
+                        operation: "lookup".into(),
+                        path: format!("/k{i}.key"),
+                        level: "none".into(),
+                        rule: None,
+                        count: 1,
+                    });
+                }
+            })
+        };
+        for i in 0..1000 {
+            audit.record(AuditEvent::SandboxStarted {
+                sandbox_id: format!("sb_{i}"),
+            });
+        }
+        storm.join().unwrap();
+        drop(audit);
+        writer.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let count = |event: &str| text.lines().filter(|l| l.contains(event)).count();
+        assert_eq!(count("\"sandbox_started\""), 1000);
+        assert_eq!(count("\"permission_denied\""), 4 * QUEUE);
+        assert_eq!(count("audit_events_dropped"), 0);
     }
 
     #[test]
