@@ -16,6 +16,7 @@ use seccompiler::{
 };
 
 mod allow_list;
+mod bpf;
 pub use allow_list::{ALLOWED_ARCH_SYSCALLS, ALLOWED_SYSCALLS};
 
 /// Bit 30 of a syscall number on x86_64 selects the x32 ABI, whose calls reach the same kernel
@@ -167,33 +168,15 @@ impl SeccompFilters {
     /// - the command part: `clone3` answers `ENOSYS` (its flags live in memory a filter cannot
     ///   inspect, and libc falls back to `clone`).
     pub fn build() -> Result<Self, HardeningError> {
-        use SeccompCmpArgLen::{Dword, Qword};
+        use SeccompCmpArgLen::Qword;
         let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|_| HardeningError::Arch(std::env::consts::ARCH.to_owned()))?;
 
-        let mut allow: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-        for (_, nr) in ALLOWED_SYSCALLS.iter().chain(ALLOWED_ARCH_SYSCALLS) {
-            allow.insert(*nr, vec![]);
-        }
-        allow.insert(libc::SYS_clone3, vec![]);
-        let no_ns = cond(0, Qword, SeccompCmpOp::MaskedEq(clone_ns_mask()), 0)?;
-        allow.insert(libc::SYS_clone, vec![rule(vec![no_ns])?]);
-        let personalities = ALLOWED_PERSONALITIES
-            .iter()
-            .map(|p| rule(vec![cond(0, Dword, SeccompCmpOp::Eq, *p)?]))
-            .collect::<Result<Vec<_>, _>>()?;
-        allow.insert(libc::SYS_personality, personalities);
-        let families = DENIED_SOCKET_FAMILIES
-            .iter()
-            .map(|f| cond(0, Dword, SeccompCmpOp::Ne, *f))
-            .collect::<Result<Vec<_>, _>>()?;
-        allow.insert(libc::SYS_socket, vec![rule(families)?]);
-        let allow = program(
-            allow,
-            SeccompAction::Errno(libc::ENOSYS as u32),
-            SeccompAction::Allow,
-            arch,
-        )?;
+        let allow = bpf::allow_list(
+            audit_arch(arch),
+            &allow_rules(),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        );
 
         let mut deny: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         for (_, nr) in DENIED_SYSCALLS {
@@ -247,6 +230,41 @@ impl SeccompFilters {
     }
 }
 
+/// The allow-list's rules by syscall number (see [`SeccompFilters::build`]).
+fn allow_rules() -> BTreeMap<u32, bpf::ArgRule> {
+    use bpf::ArgRule;
+    let nr = |n: libc::c_long| u32::try_from(n).unwrap_or(u32::MAX);
+    let mut m: BTreeMap<u32, ArgRule> = ALLOWED_SYSCALLS
+        .iter()
+        .chain(ALLOWED_ARCH_SYSCALLS)
+        .map(|(_, n)| (nr(*n), ArgRule::Any))
+        .collect();
+    m.insert(nr(libc::SYS_clone3), ArgRule::Any);
+    // Every namespace flag is in the low 32 bits.
+    m.insert(
+        nr(libc::SYS_clone),
+        ArgRule::NoBits(u32::try_from(clone_ns_mask()).unwrap_or(u32::MAX)),
+    );
+    m.insert(
+        nr(libc::SYS_personality),
+        ArgRule::OneOf(ALLOWED_PERSONALITIES.iter().map(|p| *p as u32).collect()),
+    );
+    m.insert(
+        nr(libc::SYS_socket),
+        ArgRule::NoneOf(DENIED_SOCKET_FAMILIES.iter().map(|f| *f as u32).collect()),
+    );
+    m
+}
+
+/// `AUDIT_ARCH_*` of `arch`.
+fn audit_arch(arch: TargetArch) -> u32 {
+    match arch {
+        TargetArch::aarch64 => 183 | 0x8000_0000 | 0x4000_0000,
+        TargetArch::riscv64 => 243 | 0x8000_0000 | 0x4000_0000,
+        TargetArch::x86_64 => 62 | 0x8000_0000 | 0x4000_0000,
+    }
+}
+
 /// The ABI guard, which seccompiler cannot express (its rules match syscall numbers, not bits
 /// of them): kill a call from a foreign architecture; answer `EPERM` to a number with the x32
 /// bit; allow the rest (the other filters decide).
@@ -257,14 +275,9 @@ fn abi_guard(arch: TargetArch) -> BpfProgram {
     const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     let ins = |code: u16, jt: u8, jf: u8, k: u32| sock_filter { code, jt, jf, k };
-    let audit_arch = match arch {
-        TargetArch::aarch64 => 183 | 0x8000_0000 | 0x4000_0000,
-        TargetArch::riscv64 => 243 | 0x8000_0000 | 0x4000_0000,
-        TargetArch::x86_64 => 62 | 0x8000_0000 | 0x4000_0000,
-    };
     vec![
         ins(LD_W_ABS, 0, 0, 4),
-        ins(JEQ_K, 1, 0, audit_arch),
+        ins(JEQ_K, 1, 0, audit_arch(arch)),
         ins(RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
         ins(LD_W_ABS, 0, 0, 0),
         ins(JSET_K, 0, 1, X32_SYSCALL_BIT),
@@ -308,6 +321,67 @@ mod tests {
         let f = SeccompFilters::build().unwrap();
         assert_eq!(f.base.len(), 3);
         assert!(f.base.iter().all(|p| !p.is_empty()) && !f.command.is_empty());
+        // Compact: the install-time cost grows with the program.
+        assert!(f.base[0].len() < 400, "{}", f.base[0].len());
+    }
+
+    /// The allow-list program decides every syscall number as the tables say.
+    #[test]
+    fn the_allow_list_program_matches_the_tables() {
+        let arch = TargetArch::try_from(std::env::consts::ARCH).unwrap();
+        let f = SeccompFilters::build().unwrap();
+        let p = &f.base[0];
+        let aa = audit_arch(arch);
+        let run = |nr: i64, arg0: u64| bpf::tests::run(p, aa, u32::try_from(nr).unwrap(), arg0);
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        let listed: std::collections::BTreeSet<i64> = ALLOWED_SYSCALLS
+            .iter()
+            .chain(ALLOWED_ARCH_SYSCALLS)
+            .map(|(_, n)| *n)
+            .collect();
+        let special = [
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_personality,
+            libc::SYS_socket,
+        ];
+        for nr in 0..1024 {
+            if special.contains(&nr) {
+                continue;
+            }
+            let want = if listed.contains(&nr) { allow } else { enosys };
+            assert_eq!(run(nr, 0), want, "syscall {nr}");
+        }
+        for (_, nr) in DENIED_SYSCALLS {
+            assert_eq!(
+                run(*nr, 0),
+                enosys,
+                "denied syscall {nr} is not on the allow-list"
+            );
+        }
+        assert_eq!(run(libc::SYS_clone3, 0), allow);
+        assert_eq!(run(libc::SYS_clone, libc::SIGCHLD as u64), allow);
+        for bit in CLONE_NS_FLAGS {
+            assert_eq!(
+                run(libc::SYS_clone, *bit as u64 | libc::SIGCHLD as u64),
+                enosys
+            );
+        }
+        for p in ALLOWED_PERSONALITIES {
+            assert_eq!(run(libc::SYS_personality, *p), allow);
+        }
+        assert_eq!(run(libc::SYS_personality, 0x0040_0000), enosys);
+        assert_eq!(run(libc::SYS_socket, libc::AF_INET as u64), allow);
+        assert_eq!(run(libc::SYS_socket, libc::AF_UNIX as u64), allow);
+        for f in DENIED_SOCKET_FAMILIES {
+            assert_eq!(run(libc::SYS_socket, *f), enosys);
+        }
+        assert_eq!(run(0x4000_0000 | 39, 0), enosys);
+        assert_eq!(
+            bpf::tests::run(p, aa ^ 1, 0, 0),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
     }
 
     #[test]
