@@ -488,20 +488,30 @@ impl BwrapRuntime {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Only stdio and the control socket reach bwrap (and so the sandbox): any
+                // descriptor of the server that is not close-on-exec is made so here.
+                if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
+                    // Linux < 5.11: one descriptor at a time (EBADF for unused numbers), up to
+                    // the highest number this process may have open.
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                        libc::c_int::try_from(lim.rlim_cur).unwrap_or(libc::c_int::MAX)
+                    } else {
+                        1 << 20
+                    };
+                    for fd in 3..top {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
+                }
                 // The server's own descriptor limit is raised for its FUSE daemons; sandboxes
-                // get the one it started with.
+                // get the one it started with (after the loop above, which needs the raised one).
                 if let Some(lim) = &nofile
                     && libc::setrlimit(libc::RLIMIT_NOFILE, lim) != 0
                 {
                     return Err(std::io::Error::last_os_error());
-                }
-                // Only stdio and the control socket reach bwrap (and so the sandbox): any
-                // descriptor of the server that is not close-on-exec is made so here.
-                if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
-                    // Linux < 5.11: one descriptor at a time (EBADF for unused numbers).
-                    for fd in 3..65536 {
-                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                    }
                 }
                 // Let the control socket survive exec (it was created close-on-exec so other
                 // concurrently spawned processes never inherit it).
