@@ -403,7 +403,8 @@ impl DockerRuntime {
         let read = vec![
             "/bin/sh".to_owned(),
             "-c".to_owned(),
-            "cd \"$1\" && p=$(command -v -- \"$2\") && [ -f \"$p\" ] && [ -x \"$p\" ] && exec cat -- \"$p\""
+            // Exit 3: no such working directory (a relative shell path is looked up there).
+            "cd \"$1\" 2>/dev/null || exit 3; p=$(command -v -- \"$2\") && [ -f \"$p\" ] && [ -x \"$p\" ] && exec cat -- \"$p\""
                 .to_owned(),
             "sh".to_owned(),
             cwd.to_owned(),
@@ -413,6 +414,13 @@ impl DockerRuntime {
             .run_captured(read, None, None, MAX_SHELL)
             .await
             .map_err(|e| into_runtime(&sid, e))?;
+        if code == 3 {
+            return Err(RuntimeError::CommandSetup {
+                step: "chdir".into(),
+                message: format!("working directory {cwd} does not exist"),
+                errno: libc::ENOENT,
+            });
+        }
         if code != 0 || binary.is_empty() {
             return Err(RuntimeError::CommandSetup {
                 step: "exec".into(),
