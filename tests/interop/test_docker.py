@@ -67,3 +67,18 @@ def test_docker_limits_and_restart(project, endpoint, audit):
         sb.stop()
         sb.start()
         assert sb.run("cat output/r.txt 2>/dev/null; echo ok").stdout.endswith("ok\n")
+
+
+def test_docker_disk_quota_counts_tmp(project, endpoint, audit):
+    """Issue 13, finding 5, in a container: the delta and /tmp share the quota."""
+    with docker_sandbox(project, endpoint, labels={"agentfense.disk_bytes": "4M"}) as sb:
+        assert sb.run("df -B1 --output=size /workspace | tail -n 1").stdout.strip() == "4194304"
+        r = sb.run("head -c 6000000 /dev/zero > output/big")
+        assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+        # (The partial file was published when the command ended; deleting it makes room
+        # once that deletion is published, at the end of the command.)
+        assert sb.run("rm -f output/big").exit_code == 0
+        assert sb.run("head -c 3000000 /dev/zero > output/a").exit_code == 0
+        r = sb.run("head -c 3000000 /dev/zero > /tmp/t")
+        assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+        audit.wait_for("resource_limit_exceeded", sandbox_id=sb.id, limit="disk")

@@ -483,6 +483,52 @@ def test_open_files_of_one_sandbox_do_not_starve_others(project, endpoint, audit
         hog.exec("pkill -f hold.py; true")
 
 
+def test_disk_quota_holds_for_the_delta_publishes_and_tmp(endpoint, audit):
+    """Issue 13, finding 5: a write rule let a sandbox fill the host's disk through its delta
+    (in the automatic publish mode, a command at a time into the codebase), and /tmp was a
+    fixed 512 MiB. With agentfense.disk_bytes=4M the agent hits ENOSPC, sees the quota in df,
+    and gets room back by deleting."""
+    from agentfense import InvalidConfigurationError
+
+    c = SandboxClient(endpoint=endpoint)
+    cb = c.create_codebase(name="disk", owner_id="disk-user")
+    c.upload_file(cb.id, "README.md", b"# disk\n")
+    rules = [{"pattern": "**/*", "permission": "write"}]
+    for bad, why in [("1T", "runtime.max_resources.disk_bytes"), ("lots", "agentfense.disk_bytes"),
+                     ("0", "agentfense.disk_bytes")]:
+        with pytest.raises(InvalidConfigurationError) as err:
+            c.create_sandbox(cb.id, permissions=rules, labels={"agentfense.disk_bytes": bad})
+        assert why in str(err.value), err.value
+    sb = c.create_sandbox(cb.id, permissions=rules, labels={"agentfense.disk_bytes": "4M"})
+    c.start_sandbox(sb.id)
+    sh = lambda cmd: c.exec(sb.id, cmd, timeout=datetime.timedelta(seconds=60))
+    assert sh("df -B1 --output=size /workspace /tmp | tail -n +2").stdout.split() == \
+        ["4194304", "4194304"]
+    # One command cannot take more than the quota...
+    r = sh("head -c 6000000 /dev/zero > big")
+    assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+    assert sh("rm -f big").exit_code == 0
+    # ...nor can commands one after another, though each one's writes are published into the
+    # codebase when it ends: what the sandbox published counts.
+    assert sh("head -c 3000000 /dev/zero > a").exit_code == 0
+    assert len(c.download_file(cb.id, "a")) == 3000000
+    r = sh("head -c 3000000 /dev/zero > b")
+    assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+    # /tmp (and $HOME in it) share the quota.
+    r = sh("head -c 3000000 /dev/zero > /tmp/t")
+    assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+    r = sh("head -c 3000000 /dev/zero > ~/t")
+    assert r.exit_code != 0, r
+    audit.wait_for("resource_limit_exceeded", sandbox_id=sb.id, limit="disk")
+    # Deleting makes room again, also for what was published (once the deletion is: here
+    # when the command that deleted ends).
+    assert sh("rm -f a b /tmp/t ~/t").exit_code == 0
+    assert sh("head -c 3000000 /dev/zero > b && echo ok").stdout == "ok\n"
+    c.destroy_sandbox(sb.id)
+    c.delete_codebase(cb.id)
+    c.close()
+
+
 def test_per_owner_quota(endpoint):
     from agentfense import ResourceLimitExceededError
 

@@ -56,6 +56,10 @@ pub struct LocalArgs {
     /// Process limit (default 1024).
     #[arg(long)]
     pub pids: Option<u64>,
+    /// Disk quota: what the sandbox's writes may take, its delta, `/tmp` and `$HOME` together
+    /// (e.g. `512M`, `10G`; default 10G). Past it, writes fail with ENOSPC.
+    #[arg(long, value_name = "SIZE", value_parser = agentfense_core::parse_size)]
+    pub disk_limit: Option<u64>,
     /// CPU limit in CPUs, e.g. 0.5.
     #[arg(long)]
     pub cpus: Option<f64>,
@@ -101,11 +105,11 @@ pub(crate) struct LocalSandbox {
     work: PathBuf,
     delta: PathBuf,
     mnt: PathBuf,
-    state: PathBuf,
     mount: MountHandle,
-    rt_cfg: RuntimeConfig,
-    limits: ResourceLimits,
-    network: bool,
+    /// Created (not started) before the mount: it decides the sandbox user's host uid, which
+    /// the mount shows as the files' owner.
+    runtime: BwrapRuntime,
+    events: std::sync::Mutex<tokio::sync::mpsc::Receiver<agentfense_runtime::RuntimeEvent>>,
     apply: bool,
     discard: bool,
     /// The `--env` variables.
@@ -138,12 +142,6 @@ impl LocalSandbox {
         // A crashed earlier run may have left its mount.
         let _ = agentfense_fs::cleanup_stale_mounts(&work);
 
-        let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
-        cfg.publish_mode = PublishMode::Explicit;
-        cfg.io_mode = args.io_mode;
-        cfg.owner = Some(agentfense_server::service::SANDBOX_OWNER);
-        let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
-
         let mut rt_cfg = RuntimeConfig {
             allow_network: args.network,
             init_path: default_init_path(),
@@ -159,17 +157,53 @@ impl LocalSandbox {
             pids_limit: args.pids.unwrap_or(defaults.pids_limit),
             cpu_quota: args.cpus.map_or(0, |c| (c * 100_000.0) as u64),
             cpu_shares: 0,
+            disk_bytes: args.disk_limit.unwrap_or(defaults.disk_bytes),
+            disk_inodes: defaults.disk_inodes,
         };
+        anyhow::ensure!(limits.disk_bytes > 0, "--disk-limit must be more than 0");
+        let (tx, events) = tokio::sync::mpsc::channel(64);
+        let runtime = agentfense_server::serve::bwrap_runtime(&rt_cfg, &state, tx)?;
+        let nz = |v: u64| (v > 0).then_some(v);
+        let spec = SandboxSpec {
+            image: None,
+            workspace: mnt.clone(),
+            limits: agentfense_runtime::ResourceLimits {
+                memory_bytes: nz(limits.memory_bytes),
+                cpu_quota_us: nz(limits.cpu_quota),
+                cpu_shares: None,
+                pids_limit: nz(limits.pids_limit),
+            },
+            network: if args.network {
+                NetworkMode::Host
+            } else {
+                NetworkMode::None
+            },
+            tmp_size: Some(limits.disk_bytes),
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .build()?
+            .block_on(runtime.create(LOCAL_ID, spec))
+            .context("cannot create the sandbox")?;
+
+        let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
+        cfg.publish_mode = PublishMode::Explicit;
+        cfg.io_mode = args.io_mode;
+        cfg.owner = Some(
+            runtime
+                .host_user(LOCAL_ID)
+                .unwrap_or(agentfense_server::service::SANDBOX_OWNER),
+        );
+        cfg.disk_bytes = limits.disk_bytes;
+        cfg.disk_inodes = limits.disk_inodes;
+        let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
         Ok(LocalSandbox {
             dir,
             work,
             delta,
             mnt,
-            state,
             mount,
-            rt_cfg,
-            limits,
-            network: args.network,
+            runtime,
+            events: std::sync::Mutex::new(events),
             apply: args.apply,
             discard: args.discard,
             env,
@@ -183,37 +217,20 @@ impl LocalSandbox {
         &self,
         body: impl AsyncFnOnce(&BwrapRuntime, &str) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let (tx, mut events) = tokio::sync::mpsc::channel(64);
-        let runtime = agentfense_server::serve::bwrap_runtime(&self.rt_cfg, &self.state, tx)?;
-        let nz = |v: u64| (v > 0).then_some(v);
-        let spec = SandboxSpec {
-            image: None,
-            workspace: self.mnt.clone(),
-            limits: agentfense_runtime::ResourceLimits {
-                memory_bytes: nz(self.limits.memory_bytes),
-                cpu_quota_us: nz(self.limits.cpu_quota),
-                cpu_shares: None,
-                pids_limit: nz(self.limits.pids_limit),
-            },
-            network: if self.network {
-                NetworkMode::Host
-            } else {
-                NetworkMode::None
-            },
-        };
-        runtime
-            .create(LOCAL_ID, spec)
-            .await
-            .context("cannot create the sandbox")?;
+        let runtime = &self.runtime;
         let result = async {
             runtime
                 .start(LOCAL_ID)
                 .await
                 .context("cannot start the sandbox")?;
-            body(&runtime, LOCAL_ID).await
+            if let Some(tmp) = runtime.scratch(LOCAL_ID) {
+                self.mount.count_scratch(tmp);
+            }
+            body(runtime, LOCAL_ID).await
         }
         .await;
         let _ = runtime.destroy(LOCAL_ID).await;
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(ev) = events.try_recv() {
             let agentfense_runtime::RuntimeEvent::ResourceLimitExceeded { limit, .. } = ev;
             eprintln!("agentfense: the command hit the {} limit", limit.as_str());

@@ -16,7 +16,7 @@ mod policy;
 pub mod presets;
 
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
-pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus};
+pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus, parse_size};
 pub use path::{PathError, SandboxPath};
 pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};
 pub use policy::{

@@ -69,6 +69,27 @@ impl FromStr for RuntimeKind {
     }
 }
 
+/// A size in bytes: digits, optionally followed by `K`, `M`, `G` or `T` (binary units, 1024;
+/// an `i`, `B` or `iB` after the letter changes nothing), e.g. `4194304`, `512M`, `10GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 1073741824, 512M, 10GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "ki" | "kib" => 10,
+        "m" | "mb" | "mi" | "mib" => 20,
+        "g" | "gb" | "gi" | "gib" => 30,
+        "t" | "tb" | "ti" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Resource limits of a sandbox; 0 means "no limit" for each field (the wire convention).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -81,6 +102,12 @@ pub struct ResourceLimits {
     pub cpu_shares: u64,
     /// Maximum number of processes.
     pub pids_limit: u64,
+    /// Disk the sandbox may use: allocated bytes of its delta, and the size of its `/tmp` (which
+    /// holds `$HOME`). Not on the wire: the server's defaults or the `agentfense.disk_bytes`
+    /// label set it.
+    pub disk_bytes: u64,
+    /// Files, directories and links the sandbox may have in its delta.
+    pub disk_inodes: u64,
 }
 
 impl ResourceLimits {
@@ -103,6 +130,8 @@ impl ResourceLimits {
             ("cpu_quota", self.cpu_quota, ceiling.cpu_quota, true),
             ("cpu_shares", self.cpu_shares, ceiling.cpu_shares, false),
             ("pids_limit", self.pids_limit, ceiling.pids_limit, true),
+            ("disk_bytes", self.disk_bytes, ceiling.disk_bytes, true),
+            ("disk_inodes", self.disk_inodes, ceiling.disk_inodes, true),
         ];
         fields
             .into_iter()
@@ -118,6 +147,8 @@ impl ResourceLimits {
             cpu_quota: pick(self.cpu_quota, defaults.cpu_quota),
             cpu_shares: pick(self.cpu_shares, defaults.cpu_shares),
             pids_limit: pick(self.pids_limit, defaults.pids_limit),
+            disk_bytes: pick(self.disk_bytes, defaults.disk_bytes),
+            disk_inodes: pick(self.disk_inodes, defaults.disk_inodes),
         }
     }
 }
@@ -146,6 +177,25 @@ mod tests {
             }
         );
         assert!(ResourceLimits::default().is_unlimited());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4194304"), Ok(4 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size(" 1 kb"), Ok(1024));
+        for bad in [
+            "",
+            "M",
+            "-1",
+            "1.5G",
+            "12X",
+            "99999999999999999999",
+            "16777216T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub(crate) struct Container {
     pub(crate) sessions: StdMutex<HashMap<String, Arc<Session>>>,
     pub(crate) closed: AtomicBool,
     events: mpsc::Sender<RuntimeEvent>,
+    /// The container's `/tmp` (a tmpfs), seen through its first process, when the daemon is
+    /// local (see [`Runtime::scratch`]).
+    scratch: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Container {
@@ -452,6 +455,13 @@ impl DockerRuntime {
             );
         }
         let counters = counter_files.read();
+        let scratch = rustix::fs::open(
+            format!("/proc/{pid}/root/tmp"),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()
+        .map(Arc::new);
         Ok(Container {
             sandbox_id: sandbox_id.to_owned(),
             id,
@@ -463,6 +473,7 @@ impl DockerRuntime {
             sessions: StdMutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             events: self.events.clone(),
+            scratch,
         })
     }
 
@@ -616,6 +627,13 @@ fn validate_limits(l: &ResourceLimits) -> Result<()> {
 }
 
 impl Runtime for DockerRuntime {
+    fn scratch(&self, sandbox_id: &str) -> Option<std::os::fd::OwnedFd> {
+        let entry = self.sandboxes.lock().ok()?.get(sandbox_id)?.clone();
+        let e = entry.try_lock().ok()?;
+        let fd = e.running.as_ref()?.scratch.clone()?;
+        fd.try_clone().ok()
+    }
+
     fn cleanup_stale(&self) -> BoxFuture<'_, Result<usize>> {
         Box::pin(async move {
             // At startup nothing of ours is running yet: every container we own is a leftover.

@@ -262,7 +262,10 @@ pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
         tmpfs: Some(HashMap::from([
             (
                 "/tmp".to_owned(),
-                format!("rw,nosuid,nodev,size={},mode=1777", p.cfg.tmp_size),
+                format!(
+                    "rw,nosuid,nodev,size={},mode=1777",
+                    p.spec.tmp_size.unwrap_or(p.cfg.tmp_size)
+                ),
             ),
             (HOME.to_owned(), home_opts),
             (
@@ -425,6 +428,7 @@ mod tests {
                 pids_limit: Some(50),
             },
             network: NetworkMode::None,
+            tmp_size: None,
         };
         let user = resolve_user(None, None);
         let env = base_env(&[], &user);

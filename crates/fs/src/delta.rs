@@ -42,6 +42,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
 
 use crate::error::FsError;
 use crate::host::{self, Kind};
+use crate::quota::{DiskUsage, allocated, footprint_below};
 
 /// Which layer an entry comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -503,6 +504,10 @@ pub struct Delta {
     /// at the next open if a crash leaves them) while renaming from there into the codebase
     /// works; cleared at the first EXDEV (different filesystems or mounts).
     publish_via_work: std::sync::atomic::AtomicBool,
+    /// The sandbox's disk quota and what counts against it.
+    usage: DiskUsage,
+    /// The delta directory (for the quota's published-growth record).
+    dir: PathBuf,
 }
 
 impl Delta {
@@ -542,10 +547,47 @@ impl Delta {
             meta: Mutex::new(meta),
             counter: AtomicU64::new(0),
             publish_via_work: std::sync::atomic::AtomicBool::new(true),
+            usage: DiskUsage::default(),
+            dir: delta_dir.to_path_buf(),
         };
+        delta
+            .usage
+            .set_upper(footprint_below(&delta_dir.join("upper")));
+        delta.usage.load_published(delta_dir);
         delta.compact(&mut delta.lock())?;
         remove_stale_temps(&delta_dir.join("work"));
         Ok(delta)
+    }
+
+    /// The upper layer's space and quota.
+    pub fn usage(&self) -> &DiskUsage {
+        &self.usage
+    }
+
+    /// (allocated bytes, 1) of `rel` in the upper layer, (0, 0) if it is not there.
+    fn footprint(&self, rel: &Path) -> (i64, i64) {
+        match host::lstat(self.upper.as_fd(), rel) {
+            Ok(st) => (allocated(u64::try_from(st.st_blocks).unwrap_or(0)), 1),
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// Runs `f`, charging the change of the upper footprint of `rels` to the quota.
+    fn accounted<T>(
+        &self,
+        rels: &[&Path],
+        f: impl FnOnce() -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        let sum = |d: &Self| {
+            rels.iter()
+                .map(|r| d.footprint(r))
+                .fold((0, 0), |(b, i), (b2, i2)| (b + b2, i + i2))
+        };
+        let before = sum(self);
+        let r = f();
+        let after = sum(self);
+        self.usage.charge(after.0 - before.0, after.1 - before.1);
+        r
     }
 
     /// Rewrites the journal as a snapshot (temp file + rename) and reopens it for appending.
@@ -733,6 +775,10 @@ impl Delta {
         let pdir = self.upper_dir(parent)?;
         let lower_st =
             host::lstat(self.lower.as_fd(), rel).map_err(|e| FsError::io("lstat lower", rel, e))?;
+        self.usage.check_room(
+            u64::try_from(allocated(u64::try_from(lower_st.st_blocks).unwrap_or(0))).unwrap_or(0),
+            1,
+        )?;
         let mode = Mode::from_raw_mode(lower_st.st_mode & 0o7777);
         let io = |e: rustix::io::Errno| FsError::io("copy-up", rel, e.into());
         match attr.kind {
@@ -816,6 +862,14 @@ impl Delta {
         if !rustix::fs::fstat(&src).is_ok_and(|st| same_version(&st, &lower_st)) {
             return;
         }
+        // A copy that would not fit the quota is left to the locked path, which refuses it.
+        if self
+            .usage
+            .fits(allocated(u64::try_from(lower_st.st_blocks).unwrap_or(0)), 1)
+            .is_err()
+        {
+            return;
+        }
         let tmp = self.tmp_name();
         let Ok(dst) = rustix::fs::openat(
             &self.work,
@@ -845,7 +899,7 @@ impl Delta {
     }
 
     /// Copies `rel` up (if it is not already in the delta) and records it as changed.
-    pub fn copy_up(&self, rel: &Path) -> Result<EntryKind, FsError> {
+    fn copy_up_raw(&self, rel: &Path) -> Result<EntryKind, FsError> {
         check_rel(rel)?;
         self.stage_copy_up(rel);
         let mut meta = self.lock();
@@ -855,7 +909,7 @@ impl Delta {
     }
 
     /// Opens regular file `rel` for writing (read-write), copying it up first.
-    pub fn open_write(&self, rel: &Path, truncate: bool) -> Result<File, FsError> {
+    fn open_write_raw(&self, rel: &Path, truncate: bool) -> Result<File, FsError> {
         check_rel(rel)?;
         if !truncate {
             self.stage_copy_up(rel);
@@ -920,7 +974,7 @@ impl Delta {
 
     /// Creates regular file `rel` (which must not exist) with `mode`, owned by `owner` when
     /// given, and opens it read-write.
-    pub fn create_file(
+    fn create_file_raw(
         &self,
         rel: &Path,
         mode: u32,
@@ -947,7 +1001,7 @@ impl Delta {
     }
 
     /// Creates directory `rel`.
-    pub fn mkdir(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), FsError> {
+    fn mkdir_raw(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), FsError> {
         check_rel(rel)?;
         let mut meta = self.lock();
         let (pdir, _) = self.prepare_new(&meta, rel)?;
@@ -963,7 +1017,7 @@ impl Delta {
     }
 
     /// Creates symlink `rel` pointing at `target` (stored verbatim, never resolved here).
-    pub fn symlink(
+    fn symlink_raw(
         &self,
         rel: &Path,
         target: &Path,
@@ -1009,7 +1063,7 @@ impl Delta {
     }
 
     /// Deletes non-directory `rel`.
-    pub fn unlink(&self, rel: &Path) -> Result<(), FsError> {
+    fn unlink_raw(&self, rel: &Path) -> Result<(), FsError> {
         check_rel(rel)?;
         let mut meta = self.lock();
         let attr = self
@@ -1023,7 +1077,7 @@ impl Delta {
 
     /// Deletes directory `rel`, which must be empty in the merged view. Entries the rules
     /// hide count: a directory holding only hidden files is not empty, and nothing is deleted.
-    pub fn rmdir(&self, rel: &Path) -> Result<(), FsError> {
+    fn rmdir_raw(&self, rel: &Path) -> Result<(), FsError> {
         check_rel(rel)?;
         if rel.as_os_str().is_empty() {
             return Err(FsError::NotPermitted {
@@ -1080,7 +1134,7 @@ impl Delta {
     /// Renames `from` to `to`, replacing `to` if it exists (an empty directory, or a
     /// non-directory when `from` is one). A directory can only be renamed when it lives
     /// entirely in the delta; otherwise `CrossDevice`.
-    pub fn rename(&self, from: &Path, to: &Path) -> Result<(), FsError> {
+    fn rename_raw(&self, from: &Path, to: &Path) -> Result<(), FsError> {
         check_rel(from)?;
         check_rel(to)?;
         if from.as_os_str().is_empty() || to.as_os_str().is_empty() {
@@ -1170,7 +1224,7 @@ impl Delta {
     }
 
     /// chmod: copies up and sets the permission bits.
-    pub fn set_mode(&self, rel: &Path, mode: u32) -> Result<(), FsError> {
+    fn set_mode_raw(&self, rel: &Path, mode: u32) -> Result<(), FsError> {
         check_rel(rel)?;
         self.stage_copy_up(rel);
         let mut meta = self.lock();
@@ -1188,7 +1242,7 @@ impl Delta {
     }
 
     /// utimes: copies up and sets the times (`None` leaves one unchanged).
-    pub fn set_times(
+    fn set_times_raw(
         &self,
         rel: &Path,
         atime: Option<SystemTime>,
@@ -1222,9 +1276,82 @@ impl Delta {
     }
 
     /// truncate: copies up and sets the size.
-    pub fn truncate(&self, rel: &Path, size: u64) -> Result<(), FsError> {
-        let f = self.open_write(rel, size == 0)?;
+    fn truncate_raw(&self, rel: &Path, size: u64) -> Result<(), FsError> {
+        let f = self.open_write_raw(rel, size == 0)?;
         f.set_len(size).map_err(|e| FsError::io("truncate", rel, e))
+    }
+
+    /// [`Self::copy_up_raw`], charged to the disk quota.
+    pub fn copy_up(&self, rel: &Path) -> Result<EntryKind, FsError> {
+        self.accounted(&[rel], || self.copy_up_raw(rel))
+    }
+
+    /// [`Self::open_write_raw`], charged to the disk quota.
+    pub fn open_write(&self, rel: &Path, truncate: bool) -> Result<File, FsError> {
+        self.accounted(&[rel], || self.open_write_raw(rel, truncate))
+    }
+
+    /// [`Self::unlink_raw`], charged to the disk quota.
+    pub fn unlink(&self, rel: &Path) -> Result<(), FsError> {
+        self.accounted(&[rel], || self.unlink_raw(rel))
+    }
+
+    /// [`Self::rmdir_raw`], charged to the disk quota.
+    pub fn rmdir(&self, rel: &Path) -> Result<(), FsError> {
+        self.accounted(&[rel], || self.rmdir_raw(rel))
+    }
+
+    /// [`Self::rename_raw`], charged to the disk quota.
+    pub fn rename(&self, from: &Path, to: &Path) -> Result<(), FsError> {
+        self.accounted(&[from, to], || self.rename_raw(from, to))
+    }
+
+    /// [`Self::set_mode_raw`], charged to the disk quota.
+    pub fn set_mode(&self, rel: &Path, mode: u32) -> Result<(), FsError> {
+        self.accounted(&[rel], || self.set_mode_raw(rel, mode))
+    }
+
+    /// [`Self::truncate_raw`], charged to the disk quota.
+    pub fn truncate(&self, rel: &Path, size: u64) -> Result<(), FsError> {
+        self.accounted(&[rel], || self.truncate_raw(rel, size))
+    }
+
+    /// [`Self::create_file_raw`], charged to the disk quota.
+    pub fn create_file(
+        &self,
+        rel: &Path,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<File, FsError> {
+        self.usage.check_room(0, 1)?;
+        self.accounted(&[rel], || self.create_file_raw(rel, mode, owner))
+    }
+
+    /// [`Self::mkdir_raw`], charged to the disk quota.
+    pub fn mkdir(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), FsError> {
+        self.usage.check_room(0, 1)?;
+        self.accounted(&[rel], || self.mkdir_raw(rel, mode, owner))
+    }
+
+    /// [`Self::symlink_raw`], charged to the disk quota.
+    pub fn symlink(
+        &self,
+        rel: &Path,
+        target: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), FsError> {
+        self.usage.check_room(0, 1)?;
+        self.accounted(&[rel], || self.symlink_raw(rel, target, owner))
+    }
+
+    /// [`Self::set_times_raw`], charged to the disk quota.
+    pub fn set_times(
+        &self,
+        rel: &Path,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+    ) -> Result<(), FsError> {
+        self.accounted(&[rel], || self.set_times_raw(rel, atime, mtime))
     }
 
     /// Paths changed since the last publish.
@@ -1280,9 +1407,11 @@ impl Delta {
             return Ok(report);
         }
         let dirty: Vec<PathBuf> = meta.dirty.iter().cloned().collect();
+        // What this publish adds to the codebase counts against the sandbox's quota.
+        let lower_before = self.lower_footprint(&dirty);
         let mut puts = Vec::new();
         let mut dels = Vec::new();
-        for p in dirty {
+        for p in dirty.iter().cloned() {
             match host::lstat(self.upper.as_fd(), &p) {
                 Ok(st) => puts.push((p, st)),
                 Err(_) if meta.whiteouts.contains(&p) => dels.push(p),
@@ -1347,8 +1476,31 @@ impl Delta {
             }
         }
         self.prune_upper(&meta, Path::new(""));
+        let lower_after = self.lower_footprint(&dirty);
+        self.usage.add_published(
+            &self.dir,
+            lower_after.0 - lower_before.0,
+            lower_after.1 - lower_before.1,
+        );
+        // Published files left the upper layer (and emptied directories were pruned): measure
+        // it afresh rather than following each removal.
+        self.usage
+            .set_upper(footprint_below(&self.dir.join("upper")));
         self.compact(&mut meta)?;
         Ok(report)
+    }
+
+    /// (allocated bytes, entries) that `paths` take in the codebase.
+    fn lower_footprint(&self, paths: &[PathBuf]) -> (i64, i64) {
+        paths
+            .iter()
+            .filter_map(|p| host::lstat(self.lower.as_fd(), p).ok())
+            .fold((0, 0), |(b, i), st| {
+                (
+                    b + allocated(u64::try_from(st.st_blocks).unwrap_or(0)),
+                    i + 1,
+                )
+            })
     }
 
     fn drop_upper(&self, rel: &Path) {

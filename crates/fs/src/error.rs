@@ -118,6 +118,12 @@ pub enum FsError {
         /// 1-based line number.
         line: usize,
     },
+    /// The sandbox's disk quota (bytes or entries in its delta) is used up.
+    #[error("this sandbox's disk quota is used up ({what})")]
+    NoSpace {
+        /// `bytes` or `inodes`, with the numbers.
+        what: String,
+    },
     /// The sandbox already holds as many files open through the filesystem as it may.
     #[error("this sandbox holds {limit} open files through the filesystem, its limit")]
     TooManyOpenFiles {
@@ -162,6 +168,7 @@ impl FsError {
             FsError::Vanished { .. } => libc::ESTALE,
             FsError::Busy { .. } => libc::ETXTBSY,
             FsError::TooManyOpenFiles { .. } => libc::EMFILE,
+            FsError::NoSpace { .. } => libc::ENOSPC,
             FsError::Io { source, .. } => match source.raw_os_error() {
                 // Errors that describe the caller's request or the disk, not our internals,
                 // are passed through; anything else is an internal failure.

@@ -78,6 +78,7 @@ use crate::audit::{Auditor, display_path};
 use crate::delta::{Attr, Delta, EntryKind, Layer};
 use crate::error::FsError;
 use crate::mount::IoMode;
+use crate::quota::allocated;
 
 /// Options of the adapter (a subset of `FsConfig`).
 #[derive(Clone, Debug)]
@@ -223,6 +224,9 @@ struct IoFile {
     /// Detached (unlinked or replaced) while the kernel still knows the inode: kept until
     /// FORGET and never evicted, since its path no longer leads to it.
     pinned: bool,
+    /// A detached delta file whose space is charged to the disk quota until FORGET (the
+    /// removal that detached it discharged it, but the data stays on disk while held).
+    charged: bool,
 }
 
 /// Host files by inode, for READ and WRITE requests that carry no handle. Unpinned entries
@@ -258,6 +262,7 @@ impl IoCache {
                 file,
                 write,
                 pinned: false,
+                charged: false,
             },
         );
         self.order.push_back(ino);
@@ -279,6 +284,7 @@ impl IoCache {
                     file: Arc::new(file),
                     write,
                     pinned: true,
+                    charged: false,
                 },
             );
         }
@@ -294,10 +300,25 @@ impl IoCache {
         }
     }
 
-    fn forget(&mut self, ino: u64) {
-        if self.files.remove(&ino).is_some() {
-            self.order.retain(|&i| i != ino);
+    fn forget(&mut self, ino: u64) -> Option<IoFile> {
+        let f = self.files.remove(&ino)?;
+        self.order.retain(|&i| i != ino);
+        Some(f)
+    }
+
+    /// Whether `ino` is a detached delta file charged to the quota.
+    fn is_charged(&self, ino: u64) -> bool {
+        self.files.get(&ino).is_some_and(|f| f.charged)
+    }
+
+    /// The pinned delta file of `ino`, marked as charged to the quota, unless it already was.
+    fn charge_detached(&mut self, ino: u64) -> Option<Arc<File>> {
+        let f = self.files.get_mut(&ino)?;
+        if !f.pinned || !f.write || f.charged {
+            return None;
         }
+        f.charged = true;
+        Some(f.file.clone())
     }
 
     /// The host file cached for `ino` and whether it is writable.
@@ -777,15 +798,16 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     /// when the kernel knows its inode (a process may hold it open).
     /// Fails (EMFILE, nothing removed) when pinning a new host file would exceed the
     /// sandbox's open-files cap: a pinned file holds a descriptor like an open handle.
-    fn pin_before_removal(&self, path: &Path, attr: &Attr) -> Result<(), FsError> {
+    /// Returns the inode pinned, for [`Self::charge_detached`] once the removal is done.
+    fn pin_before_removal(&self, path: &Path, attr: &Attr) -> Result<Option<u64>, FsError> {
         if attr.kind != EntryKind::File {
-            return Ok(());
+            return Ok(None);
         }
         let ino = {
             let nodes = lock(&self.shared.nodes);
             match nodes.by_path.get(path) {
                 Some(&ino) if nodes.by_ino.get(&ino).is_some_and(|n| n.lookups > 0) => ino,
-                _ => return Ok(()),
+                _ => return Ok(None),
             }
         };
         if lock(&self.shared.io).held(ino).is_none() {
@@ -796,7 +818,20 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             Layer::Upper => delta.open_write(path, false).ok().map(|f| (f, true)),
             Layer::Lower => delta.open_read(path).ok().map(|(f, _)| (f, false)),
         });
-        Ok(())
+        Ok(Some(ino))
+    }
+
+    /// After a removal detached the delta file pinned for `ino`: its data stays on disk while
+    /// the kernel holds it, so it stays charged to the quota until FORGET.
+    fn charge_detached(&self, ino: Option<u64>) {
+        let Some(ino) = ino else { return };
+        let Some(file) = lock(&self.shared.io).charge_detached(ino) else {
+            return;
+        };
+        if let Ok(m) = file.metadata() {
+            let bytes = allocated(std::os::unix::fs::MetadataExt::blocks(&m));
+            self.shared.delta.usage().hold_detached(bytes);
+        }
     }
 
     fn finish_create(
@@ -962,6 +997,14 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         }
     }
 
+    /// Who a new host file should belong to: the creating process, unless every file is
+    /// shown with one owner anyway. Then the host files stay the service's: the creator's uid
+    /// may be a sandbox's user-namespace id that a later sandbox reuses, and nothing but the
+    /// shown owner depends on it.
+    fn host_owner(&self, creator: (u32, u32)) -> Option<(u32, u32)> {
+        self.opts.owner.is_none().then_some(creator)
+    }
+
     fn do_create(
         &self,
         owner: (u32, u32),
@@ -980,10 +1023,10 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         }
         let path = self.check_new("create", parent, name, EntryKind::File)?;
         self.check_open_files()?;
-        let file = self
-            .shared
-            .delta
-            .create_file(&path, mode & !umask & 0o7777, Some(owner))?;
+        let file =
+            self.shared
+                .delta
+                .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
         let attr = self.entry(&path, true)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, file, write))
@@ -1000,7 +1043,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         let path = self.check_new("mkdir", parent, name, EntryKind::Dir)?;
         self.shared
             .delta
-            .mkdir(&path, mode & !umask & 0o7777, Some(owner))?;
+            .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
         self.entry(&path, true)
     }
 
@@ -1012,7 +1055,9 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         target: &Path,
     ) -> Result<FileAttr, FsError> {
         let path = self.check_new("symlink", parent, name, EntryKind::Symlink)?;
-        self.shared.delta.symlink(&path, target, Some(owner))?;
+        self.shared
+            .delta
+            .symlink(&path, target, self.host_owner(owner))?;
         self.entry(&path, true)
     }
 
@@ -1024,12 +1069,13 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         let op = if dir { "rmdir" } else { "unlink" };
         let (attr, d) = self.visible(op, &path)?;
         self.require(op, &path, d, Level::Write)?;
-        self.pin_before_removal(&path, &attr)?;
+        let pinned = self.pin_before_removal(&path, &attr)?;
         if dir {
             self.shared.delta.rmdir(&path)?;
         } else {
             self.shared.delta.unlink(&path)?;
         }
+        self.charge_detached(pinned);
         lock(&self.shared.nodes).detach(&path);
         Ok(())
     }
@@ -1058,6 +1104,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         }
         let (src, d) = self.visible("rename", &from)?;
         self.require("rename", &from, d, Level::Write)?;
+        let mut pinned = None;
         match self.shared.delta.lookup(&to)? {
             Some(dst) => {
                 let dd = self.decision(&to, dst.kind);
@@ -1067,7 +1114,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
                 if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                     return Err(FsError::Exists { path: to });
                 }
-                self.pin_before_removal(&to, &dst)?;
+                pinned = self.pin_before_removal(&to, &dst)?;
             }
             None => {
                 let dd = self.decision(&to, src.kind);
@@ -1101,6 +1148,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             }
         }
         self.shared.delta.rename(&from, &to)?;
+        self.charge_detached(pinned);
         // A codebase file moves by copy-up: a host file cached for reading it is the old one.
         self.shared.invalidate_io(std::slice::from_ref(&from));
         lock(&self.shared.nodes).moved(&from, &to);
@@ -1238,8 +1286,35 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             .read()
             .unwrap_or_else(|p| p.into_inner());
         let file = self.io_target(ino, fh, true)?;
-        file.write_all_at(data, offset)
-            .map_err(|e| FsError::io("write", "(open file)", e))?;
+        // Charged to the disk quota by what the write allocates (fstat around it); refused
+        // (ENOSPC) when what it may allocate does not fit: the growth of the file, or all of
+        // the data where the file has holes (filling a sparse file allocates within its size).
+        use std::os::unix::fs::MetadataExt;
+        let usage = self.shared.delta.usage();
+        let before = file.metadata().ok();
+        if let Some(m) = &before {
+            let end = offset.saturating_add(data.len() as u64);
+            let sparse = u64::try_from(allocated(m.blocks())).unwrap_or(0) < m.len();
+            let needed = if sparse {
+                data.len() as u64
+            } else {
+                end.saturating_sub(m.len())
+            };
+            usage.check_room(needed, 0)?;
+        }
+        let written = file.write_all_at(data, offset);
+        if let (Some(b), Ok(a)) = (before, file.metadata()) {
+            let grown = allocated(a.blocks()) - allocated(b.blocks());
+            if grown != 0 {
+                // A detached file's blocks are charged apart, until the kernel lets go of it.
+                if lock(&self.shared.io).is_charged(ino) {
+                    usage.grow_detached(grown);
+                } else {
+                    usage.charge(grown, 0);
+                }
+            }
+        }
+        written.map_err(|e| FsError::io("write", "(open file)", e))?;
         Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
     }
 
@@ -1336,13 +1411,35 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         })
     }
 
-    fn do_statfs(&self) -> Result<(u64, u64, u32), FsError> {
+    /// (total blocks, free blocks, total files, free files, block size): the host file
+    /// system's free space, or the disk quota where one is set (never more than the host has).
+    fn do_statfs(&self) -> Result<(u64, u64, u64, u64, u32), FsError> {
         let st = rustix::fs::statvfs(self.shared.delta.lower_path())
             .map_err(|e| FsError::io("statfs", self.shared.delta.lower_path(), e.into()))?;
+        let frsize = st.f_frsize.max(1);
+        let (used_b, used_i) = self.shared.delta.usage().used();
+        let (max_b, max_i) = self.shared.delta.usage().limits();
+        // Total = free without a quota: the used space (which includes hidden files) is not
+        // shown.
+        let (blocks, bfree) = if max_b > 0 {
+            (
+                max_b / frsize,
+                (max_b.saturating_sub(used_b) / frsize).min(st.f_bavail),
+            )
+        } else {
+            (st.f_bavail, st.f_bavail)
+        };
+        let (files, ffree) = if max_i > 0 {
+            (max_i, max_i.saturating_sub(used_i).min(st.f_favail))
+        } else {
+            (st.f_favail, st.f_favail)
+        };
         Ok((
-            st.f_bavail,
-            st.f_favail,
-            u32::try_from(st.f_frsize).unwrap_or(4096),
+            blocks,
+            bfree,
+            files,
+            ffree,
+            u32::try_from(frsize).unwrap_or(4096),
         ))
     }
 }
@@ -1452,7 +1549,15 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
         drop(nodes);
         if gone {
             lock(&self.cursors).1.remove(&ino.0);
-            lock(&self.shared.io).forget(ino.0);
+            let held = lock(&self.shared.io).forget(ino.0);
+            if let Some(f) = held.filter(|f| f.charged) {
+                let bytes = f
+                    .file
+                    .metadata()
+                    .map(|m| allocated(std::os::unix::fs::MetadataExt::blocks(&m)))
+                    .unwrap_or(0);
+                self.shared.delta.usage().release_detached(bytes);
+            }
             lock(&self.listings).remove(&ino.0);
         }
     }
@@ -1724,9 +1829,8 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.do_statfs() {
-            // Total = free: the used space (which includes hidden files) is not shown.
-            Ok((bavail, favail, frsize)) => {
-                reply.statfs(bavail, bavail, bavail, favail, favail, frsize, 255, frsize);
+            Ok((blocks, bfree, files, ffree, frsize)) => {
+                reply.statfs(blocks, bfree, bfree, files, ffree, frsize, 255, frsize);
             }
             Err(e) => reply.error(errno(&e)),
         }

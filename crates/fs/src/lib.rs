@@ -56,6 +56,7 @@ mod error;
 mod fuse;
 mod host;
 mod mount;
+pub mod quota;
 
 pub use audit::{AGGREGATION_WINDOW, AuditEvent, CHANNEL_CAPACITY};
 pub use delta::{

@@ -182,6 +182,12 @@ pub struct FsConfig {
     /// runs in the server's process: without this one sandbox could exhaust the descriptors
     /// every other sandbox and the API need.
     pub max_open_files: usize,
+    /// Disk quota of the delta: allocated bytes and entries (0 = none). Past it, writes and
+    /// creations fail with ENOSPC inside the sandbox, `df` on the mount shows the quota, and a
+    /// `LimitExceeded` event with limit `disk` is sent; removing files makes room again.
+    pub disk_bytes: u64,
+    /// See [`FsConfig::disk_bytes`].
+    pub disk_inodes: u64,
 }
 
 /// Default of [`FsConfig::max_open_files`].
@@ -211,6 +217,8 @@ impl FsConfig {
             threads: 2,
             io_mode: IoMode::default(),
             max_open_files: DEFAULT_MAX_OPEN_FILES,
+            disk_bytes: 0,
+            disk_inodes: 0,
         }
     }
 }
@@ -287,6 +295,16 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         Auditor::new(config.sandbox_id.clone()),
         config.policy,
     ));
+    let weak = Arc::downgrade(&shared);
+    shared.delta.usage().set_limits(
+        config.disk_bytes,
+        config.disk_inodes,
+        Box::new(move |what| {
+            if let Some(s) = weak.upgrade() {
+                s.audit.limit_exceeded("disk", what);
+            }
+        }),
+    );
     let opts = FsOptions {
         entry_ttl: config.entry_ttl,
         attr_ttl: config.attr_ttl,
@@ -450,6 +468,12 @@ impl MountHandle {
     /// How many audit events were dropped because the channel was full.
     pub fn dropped_events(&self) -> u64 {
         self.shared.audit.dropped()
+    }
+
+    /// Counts the file system `fd` is on (the sandbox's `/tmp`, see
+    /// `agentfense_runtime::Runtime::scratch`) against the disk quota, with the delta.
+    pub fn count_scratch(&self, fd: std::os::fd::OwnedFd) {
+        self.shared.delta.usage().set_scratch(fd);
     }
 
     /// Counters (host files held, dropped events, opens by kind).

@@ -114,7 +114,31 @@ pub struct BwrapOptions {
     pub hostname: String,
     /// Number of the inherited control-socket fd, passed to the init as its argument.
     pub control_fd: i32,
+    /// Run in a user namespace of its own (see [`crate::userns`]). bwrap then runs as an
+    /// unprivileged host uid, which cannot reach the server's private directories: the paths
+    /// above must be ones it can resolve ([`crate::userns::Staging`]).
+    pub userns: Option<UsernsFds>,
 }
+
+/// Inherited descriptors of the user-namespace handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsernsFds {
+    /// bwrap waits on it until the server has written the namespace's id maps.
+    pub block_fd: i32,
+    /// bwrap writes the namespace's process id there (JSON).
+    pub info_fd: i32,
+}
+
+/// Capabilities bwrap leaves the init, inside its own user namespace only, when it runs in
+/// one: what [`crate::init`] needs to prepare `$HOME` (CHOWN) and to shrink its bounding set
+/// (SETPCAP) before keeping [`crate::init::INIT_CAPABILITIES`].
+pub const USERNS_INIT_CAPS: &[&str] = &[
+    "CAP_KILL",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_CHOWN",
+    "CAP_SETPCAP",
+];
 
 /// Builds bwrap's arguments (without the bwrap binary itself). Pure.
 pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
@@ -124,9 +148,23 @@ pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
             a.push(i.as_ref().to_owned());
         }
     };
-    // Lifetime and namespaces. No user namespace: bwrap runs as real root, so a user namespace
-    // would map the sandbox user onto host root; instead the init drops to an unprivileged uid.
+    // Lifetime and namespaces. With a user namespace, root inside is an unprivileged host uid
+    // (bwrap already runs as it) and the server writes the id maps while bwrap waits. Without
+    // one, bwrap runs as real root and the init drops to an unprivileged uid itself.
     push(&[&"--die-with-parent", &"--new-session", &"--as-pid-1"]);
+    let fd = |n: i32| n.to_string();
+    if let Some(u) = &opts.userns {
+        push(&[&"--unshare-user", &"--uid", &"0", &"--gid", &"0"]);
+        push(&[
+            &"--userns-block-fd",
+            &fd(u.block_fd),
+            &"--info-fd",
+            &fd(u.info_fd),
+        ]);
+        for cap in USERNS_INIT_CAPS {
+            push(&[&"--cap-add", cap]);
+        }
+    }
     push(&[
         &"--unshare-pid",
         &"--unshare-ipc",
@@ -185,8 +223,7 @@ pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
         &"--chdir",
         &WORKSPACE,
     ]);
-    let fd = opts.control_fd.to_string();
-    push(&[&"--", &SANDBOX_INIT, &fd]);
+    push(&[&"--", &SANDBOX_INIT, &fd(opts.control_fd)]);
     a
 }
 
@@ -365,7 +402,29 @@ mod tests {
             tmp_size: 1024,
             hostname: "sandbox".into(),
             control_fd: 3,
+            userns: None,
         }
+    }
+
+    #[test]
+    fn user_namespace_waits_for_the_maps_and_keeps_few_capabilities() {
+        let mut o = opts(NetworkMode::None);
+        o.userns = Some(UsernsFds {
+            block_fd: 4,
+            info_fd: 5,
+        });
+        let got = strs(bwrap_args(&o, &merged_usr())).join(" ");
+        for want in [
+            "--unshare-user --uid 0 --gid 0 --userns-block-fd 4 --info-fd 5",
+            "--cap-add CAP_KILL --cap-add CAP_SETUID --cap-add CAP_SETGID --cap-add CAP_CHOWN \
+             --cap-add CAP_SETPCAP",
+            "--bind /mnt/ws /workspace --chdir /workspace -- /run/agentfense/init 3",
+        ] {
+            assert!(got.contains(want), "{want:?} missing from {got}");
+        }
+        // Without, none of it.
+        let plain = strs(bwrap_args(&opts(NetworkMode::None), &merged_usr())).join(" ");
+        assert!(!plain.contains("--unshare-user") && !plain.contains("--cap-add"));
     }
 
     fn merged_usr() -> HostLayout {

@@ -34,6 +34,7 @@ use crate::types::{
     ExecEvent, ExecRequest, ExecResult, LimitKind, MAX_COMMAND, NetworkMode, RuntimeEvent,
     SandboxSpec, SessionSpec, TtyRequest, check_command,
 };
+use crate::userns::{IdLease, IdPool, Staging};
 
 mod exec;
 mod session;
@@ -86,6 +87,10 @@ pub struct BwrapConfig {
     /// `RLIMIT_NOFILE` (soft, hard) of sandboxes, when the server raised its own above what
     /// sandboxes should inherit; `None` inherits the server's.
     pub sandbox_nofile: Option<(u64, u64)>,
+    /// Blocks of host ids for per-sandbox user namespaces (see [`crate::userns`]); `None`
+    /// runs sandboxes in the host's user namespace (the init as host root, commands as
+    /// [`BwrapConfig::user`]'s uid on the host).
+    pub userns: Option<Arc<IdPool>>,
 }
 
 impl BwrapConfig {
@@ -113,6 +118,7 @@ impl BwrapConfig {
             hostname: "sandbox".into(),
             start_timeout: Duration::from_secs(10),
             sandbox_nofile: None,
+            userns: None,
         }
     }
 }
@@ -140,6 +146,11 @@ pub struct BwrapRuntime {
     host: HostLayout,
     events: mpsc::Sender<RuntimeEvent>,
     sandboxes: StdMutex<HashMap<String, Arc<Mutex<Entry>>>>,
+    /// The `/tmp` of each running sandbox (see [`Runtime::scratch`]).
+    scratch: StdMutex<HashMap<String, Arc<OwnedFd>>>,
+    /// The host id block of each created sandbox (with [`BwrapConfig::userns`]), from create
+    /// to destroy.
+    leases: StdMutex<HashMap<String, Arc<IdLease>>>,
 }
 
 #[derive(Debug)]
@@ -264,7 +275,30 @@ impl BwrapRuntime {
             host: HostLayout::probe(),
             events,
             sandboxes: StdMutex::new(HashMap::new()),
+            leases: StdMutex::new(HashMap::new()),
+            scratch: StdMutex::new(HashMap::new()),
         })
+    }
+
+    /// The host (uid, gid) the sandbox user of `sandbox_id` has (its id block's, with a user
+    /// namespace), once created.
+    pub fn host_user(&self, sandbox_id: &str) -> Option<(u32, u32)> {
+        let (uid, gid) = (self.cfg.user.uid, self.cfg.user.gid);
+        if self.cfg.userns.is_none() {
+            return Some((uid, gid));
+        }
+        let lease = self.lease(sandbox_id)?;
+        Some((lease.host_id(uid), lease.host_id(gid)))
+    }
+
+    fn forget_scratch(&self, sandbox_id: &str) {
+        if let Ok(mut m) = self.scratch.lock() {
+            m.remove(sandbox_id);
+        }
+    }
+
+    fn lease(&self, sandbox_id: &str) -> Option<Arc<IdLease>> {
+        self.leases.lock().ok()?.get(sandbox_id).cloned()
     }
 
     /// Diagnostics about a sandbox.
@@ -355,6 +389,12 @@ impl BwrapRuntime {
                 sandbox_id: sandbox_id.to_owned(),
             });
         }
+        if let Some(pool) = &self.cfg.userns {
+            let lease = pool.lease()?;
+            if let Ok(mut l) = self.leases.lock() {
+                l.insert(sandbox_id.to_owned(), Arc::new(lease));
+            }
+        }
         map.insert(
             sandbox_id.to_owned(),
             Arc::new(Mutex::new(Entry { spec, env: None })),
@@ -385,11 +425,22 @@ impl BwrapRuntime {
         let etc = shared_etc(&self.cfg.state_dir, &self.cfg.user, &self.cfg.hostname)
             .map_err(|(path, source)| RuntimeError::PrepareState { path, source })?;
 
+        let lease = self.lease(sandbox_id);
         let cgroup = match &self.cfg.cgroups {
-            Some(m) => Some(m.create(&cgroup_name(sandbox_id), &spec.limits)?),
+            Some(m) => {
+                let mut cg = m.create(&cgroup_name(sandbox_id), &spec.limits)?;
+                if let Some(l) = &lease
+                    && let Err(e) = cg.delegate_to(l.base(), l.base())
+                {
+                    let _ = cg.destroy().await;
+                    return Err(e);
+                }
+                Some(cg)
+            }
             None => None,
         };
-        self.spawn_env_in(sandbox_id, spec, &etc, cgroup).await
+        self.spawn_env_in(sandbox_id, spec, &etc, cgroup, lease.as_deref())
+            .await
     }
 
     async fn spawn_env_in(
@@ -398,6 +449,7 @@ impl BwrapRuntime {
         spec: &SandboxSpec,
         etc: &Path,
         cgroup: Option<SandboxCgroup>,
+        lease: Option<&IdLease>,
     ) -> Result<Env> {
         let fail = |cgroup: Option<SandboxCgroup>, err: RuntimeError| async move {
             if let Some(cg) = cgroup {
@@ -434,14 +486,39 @@ impl BwrapRuntime {
             )
             .await;
         }
+        let staging = match lease
+            .map(|_| Staging::new(&spec.workspace, &self.cfg.init_path, etc, &self.host))
+            .transpose()
+        {
+            Ok(u) => u,
+            Err(source) => {
+                return fail(
+                    cgroup,
+                    RuntimeError::Io {
+                        op: "preparing the user namespace",
+                        source,
+                    },
+                )
+                .await;
+            }
+        };
+        let (workspace, init_path, etc_dir) = match &staging {
+            Some(_) => Staging::paths(),
+            None => (
+                spec.workspace.clone(),
+                self.cfg.init_path.clone(),
+                etc.to_path_buf(),
+            ),
+        };
         let opts = BwrapOptions {
-            init_path: self.cfg.init_path.clone(),
-            workspace: spec.workspace.clone(),
-            etc_dir: etc.to_path_buf(),
+            init_path,
+            workspace,
+            etc_dir,
             network: spec.network,
-            tmp_size: self.cfg.tmp_size,
+            tmp_size: spec.tmp_size.unwrap_or(self.cfg.tmp_size),
             hostname: self.cfg.hostname.clone(),
             control_fd: child_sock.as_raw_fd(),
+            userns: staging.as_ref().map(Staging::for_bwrap),
         };
         let args = bwrap_args(&opts, &self.host);
         // Open the cgroup.procs files now: the child only writes to them (no allocation or
@@ -467,6 +544,11 @@ impl BwrapRuntime {
         }
         let proc_fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let ctl_fd = child_sock.as_raw_fd();
+        let inherit = staging.as_ref().map(Staging::inherited).unwrap_or_default();
+        let stage = staging.as_ref().map(Staging::root);
+        // With a user namespace bwrap runs as the block's first uid (root inside) from the
+        // start: nothing of the sandbox ever holds a capability in the host's namespace.
+        let run_as = lease.map(IdLease::base);
         let nofile = self.cfg.sandbox_nofile.map(|(soft, hard)| libc::rlimit {
             rlim_cur: soft,
             rlim_max: hard,
@@ -479,7 +561,8 @@ impl BwrapRuntime {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: the closure runs between fork and exec; it only calls async-signal-safe
-        // syscalls (write, fcntl) on fds opened before the fork, and allocates nothing.
+        // syscalls (write, fcntl, close_range, setrlimit, unshare, mount, mkdir, open, the
+        // set*id calls) on fds and strings prepared before the fork, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 // Join every cgroup before exec, so nothing of the sandbox ever runs outside.
@@ -513,9 +596,23 @@ impl BwrapRuntime {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // Let the control socket survive exec (it was created close-on-exec so other
-                // concurrently spawned processes never inherit it).
-                if libc::fcntl(ctl_fd, libc::F_SETFD, 0) != 0 {
+                // Let the control socket (and the user namespace's descriptors) survive exec
+                // (they were created close-on-exec so other concurrently spawned processes
+                // never inherit them).
+                for fd in std::iter::once(ctl_fd).chain(inherit.into_iter().filter(|&f| f > 0)) {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(st) = &stage {
+                    // SAFETY: this is the forked child, about to exec.
+                    st.enter()?;
+                }
+                if let Some(id) = run_as
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setresgid(id, id, id) != 0
+                        || libc::setresuid(id, id, id) != 0)
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -540,6 +637,19 @@ impl BwrapRuntime {
         };
         drop(child_sock);
         drop(procs);
+        if let (Some(fds), Some(lease)) = (staging, lease)
+            && let Err(source) = fds.map_ids(lease, self.cfg.start_timeout).await
+        {
+            let _ = child.kill().await;
+            return fail(
+                cgroup,
+                RuntimeError::Io {
+                    op: "mapping the sandbox's user namespace",
+                    source,
+                },
+            )
+            .await;
+        }
 
         let stderr_log = Arc::new(StdMutex::new(String::new()));
         if let Some(mut err) = child.stderr.take() {
@@ -648,6 +758,23 @@ impl BwrapRuntime {
                 .await;
             }
         };
+        // The sandbox's /tmp (with $HOME), seen through its init, for disk quotas.
+        let scratch = child.id().and_then(|bwrap| {
+            let children =
+                std::fs::read_to_string(format!("/proc/{bwrap}/task/{bwrap}/children")).ok()?;
+            let init = children.split_whitespace().next()?;
+            rustix::fs::open(
+                format!("/proc/{init}/root/tmp"),
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .ok()
+        });
+        if let (Some(fd), Ok(mut m)) = (scratch, self.scratch.lock()) {
+            m.insert(sandbox_id.to_owned(), Arc::new(fd));
+        }
         let counters = cgroup.as_ref().map(|c| c.counters()).unwrap_or_default();
         Ok(Env {
             sandbox_id: sandbox_id.to_owned(),
@@ -666,6 +793,7 @@ impl BwrapRuntime {
 
     async fn do_stop(&self, sandbox_id: &str) -> Result<()> {
         let entry = self.entry(sandbox_id)?;
+        self.forget_scratch(sandbox_id);
         let mut e = entry.lock().await;
         match e.env.take() {
             Some(env) => {
@@ -680,6 +808,7 @@ impl BwrapRuntime {
 
     async fn do_destroy(&self, sandbox_id: &str) -> Result<()> {
         let entry = self.entry(sandbox_id)?;
+        self.forget_scratch(sandbox_id);
         {
             let mut e = entry.lock().await;
             if let Some(env) = e.env.take() {
@@ -690,6 +819,10 @@ impl BwrapRuntime {
         let _ = std::fs::remove_dir_all(self.cfg.state_dir.join(sandbox_id));
         if let Ok(mut m) = self.sandboxes.lock() {
             m.remove(sandbox_id);
+        }
+        // Every process of the sandbox is gone: its id block may go to another sandbox.
+        if let Ok(mut l) = self.leases.lock() {
+            l.remove(sandbox_id);
         }
         Ok(())
     }
@@ -893,6 +1026,15 @@ impl Runtime for BwrapRuntime {
     fn create<'a>(&'a self, sandbox_id: &'a str, spec: SandboxSpec) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_create(sandbox_id, spec))
     }
+    fn sandbox_owner(&self, sandbox_id: &str) -> Option<(u32, u32)> {
+        self.host_user(sandbox_id)
+    }
+
+    fn scratch(&self, sandbox_id: &str) -> Option<OwnedFd> {
+        let fd = self.scratch.lock().ok()?.get(sandbox_id)?.clone();
+        fd.try_clone().ok()
+    }
+
     fn cleanup_stale(&self) -> BoxFuture<'_, Result<usize>> {
         Box::pin(async move {
             let Some(m) = self.cfg.cgroups.clone() else {

@@ -34,6 +34,8 @@ pub trait CgroupFs: Send + Sync + std::fmt::Debug {
     fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>>;
     /// Opens a cgroup directory (read-only), e.g. for `clone3(CLONE_INTO_CGROUP)`.
     fn open_dir(&self, path: &Path) -> io::Result<std::fs::File>;
+    /// `chown` (not following a final symlink).
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()>;
 }
 
 /// The real file system.
@@ -63,6 +65,9 @@ impl CgroupFs for StdCgroupFs {
     }
     fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
         std::fs::File::open(path)
+    }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
     }
 }
 
@@ -308,6 +313,7 @@ impl CgroupManager {
     pub fn create(&self, name: &str, limits: &ResourceLimits) -> Result<SandboxCgroup> {
         let mut cg = SandboxCgroup {
             fs: self.fs.clone(),
+            delegate: None,
             v2: false,
             memory: None,
             pids: None,
@@ -488,6 +494,10 @@ pub fn shares_to_weight(shares: u64) -> u64 {
 #[derive(Debug)]
 pub struct SandboxCgroup {
     fs: Arc<dyn CgroupFs>,
+    /// The host (uid, gid) of the sandbox's init when it runs in its own user namespace:
+    /// it must be able to place commands in their per-command cgroups (see
+    /// [`SandboxCgroup::delegate_to`]).
+    delegate: Option<(u32, u32)>,
     v2: bool,
     memory: Option<PathBuf>,
     pids: Option<PathBuf>,
@@ -507,6 +517,25 @@ impl SandboxCgroup {
     /// The sandbox's cgroup directories (one per hierarchy).
     pub fn paths(&self) -> Vec<PathBuf> {
         self.dirs().into_iter().cloned().collect()
+    }
+
+    /// Lets host (`uid`, `gid`), the sandbox's init in its own user namespace, move its
+    /// children into per-command cgroups: a migration needs write access to `cgroup.procs` of
+    /// the destination and of the common ancestor (the sandbox's v2 cgroup), which stay
+    /// root's otherwise. Limits, `cgroup.kill` and the v1 controllers stay root's.
+    pub fn delegate_to(&mut self, uid: u32, gid: u32) -> Result<()> {
+        if let Some(dir) = &self.unified {
+            let procs = dir.join("cgroup.procs");
+            self.fs
+                .chown(&procs, uid, gid)
+                .map_err(|source| RuntimeError::Cgroup {
+                    op: "chown",
+                    path: procs,
+                    source,
+                })?;
+        }
+        self.delegate = Some((uid, gid));
+        Ok(())
     }
 
     /// Every `cgroup.procs` the sandbox's processes must join.
@@ -594,6 +623,19 @@ impl SandboxCgroup {
                 path: dir.clone(),
                 source,
             })?;
+        if let Some((uid, gid)) = self.delegate {
+            let procs = dir.join("cgroup.procs");
+            for p in [&dir, &procs] {
+                if let Err(source) = self.fs.chown(p, uid, gid) {
+                    let _ = self.fs.remove_dir(&dir);
+                    return Err(RuntimeError::Cgroup {
+                        op: "chown",
+                        path: p.clone(),
+                        source,
+                    });
+                }
+            }
+        }
         let handle = match self.fs.open_dir(&dir) {
             Ok(f) => f,
             Err(source) => {
@@ -797,6 +839,13 @@ mod tests {
         }
         fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
             StdCgroupFs.list_dirs(path)
+        }
+        fn chown(&self, path: &Path, _uid: u32, _gid: u32) -> io::Result<()> {
+            self.writes
+                .lock()
+                .unwrap()
+                .push((path.to_path_buf(), "chown".to_owned()));
+            Ok(())
         }
         fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
             StdCgroupFs.open_dir(path)

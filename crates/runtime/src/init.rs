@@ -265,11 +265,17 @@ fn close_fds_from(first: u32, keep: Option<RawFd>, cloexec: bool) {
 }
 
 /// Shrinks the init's bounding, permitted and effective sets to [`INIT_CAPABILITIES`] (bwrap
-/// leaves real root with nearly all of them).
+/// leaves real root with nearly all of them; in a user namespace, with
+/// [`crate::bwrap::USERNS_INIT_CAPS`]). Clearing the inheritable set also clears the ambient
+/// set bwrap fills in a user namespace.
 fn drop_capabilities() -> io::Result<()> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
     for bit in CapabilitySet::all().iter() {
-        if INIT_CAPABILITIES.contains(bit) {
+        // In a user namespace bwrap already left only a few (and dropping one that is not
+        // there would still need CAP_SETPCAP).
+        if INIT_CAPABILITIES.contains(bit)
+            || !rustix::thread::capability_is_in_bounding_set(bit).unwrap_or(true)
+        {
             continue;
         }
         match rustix::thread::remove_capability_from_bounding_set(bit) {

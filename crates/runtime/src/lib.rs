@@ -38,6 +38,7 @@
 //!     workspace: "/run/agentfense/mnt/sb1".into(), // the FUSE mount
 //!     limits: Default::default(),
 //!     network: Default::default(),
+//!     tmp_size: None,
 //! };
 //! rt.create("sb1", spec).await?;
 //! rt.start("sb1").await?;
@@ -63,6 +64,7 @@ pub mod output;
 pub mod protocol;
 mod runtime;
 pub mod types;
+pub mod userns;
 
 pub use bwrap_runtime::{
     BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, TtyProcess, build_env, resolve_workdir,

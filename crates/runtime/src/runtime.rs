@@ -187,6 +187,23 @@ pub trait Runtime: Send + Sync {
     /// Stops (if needed) and forgets the sandbox, removing its host-side state.
     fn destroy<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, Result<()>>;
 
+    /// The host (uid, gid) of the sandbox's user once the sandbox is created: what a
+    /// filesystem serving its workspace should show as the files' owner, so that the
+    /// sandbox user owns them inside (tools such as git check). `None`: the runtime does
+    /// not say (the caller uses the conventional sandbox user, 1000).
+    fn sandbox_owner(&self, sandbox_id: &str) -> Option<(u32, u32)> {
+        let _ = sandbox_id;
+        None
+    }
+
+    /// An `O_PATH` descriptor of the running sandbox's `/tmp` (the file system that also
+    /// holds `$HOME`), so that what it holds can count against a disk quota (`fstatfs`).
+    /// `None`: not running, or the runtime cannot say.
+    fn scratch(&self, sandbox_id: &str) -> Option<std::os::fd::OwnedFd> {
+        let _ = sandbox_id;
+        None
+    }
+
     /// Removes what a crashed earlier process of this service left behind (cgroups,
     /// containers). Called once at startup, before any sandbox starts; returns how many
     /// leftovers were removed. The default has nothing to clean.

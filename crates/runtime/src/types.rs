@@ -54,6 +54,9 @@ pub struct SandboxSpec {
     /// Container image, for runtimes that run images (`None`: the runtime's default; the
     /// bwrap runtime runs none and ignores it).
     pub image: Option<String>,
+    /// Size of the sandbox's `/tmp` tmpfs (which holds `$HOME`) in bytes, e.g. its disk quota;
+    /// `None`: the runtime's configured size.
+    pub tmp_size: Option<u64>,
 }
 
 /// One command to run with `/bin/sh -c`.

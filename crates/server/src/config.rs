@@ -153,6 +153,14 @@ pub struct RuntimeConfig {
     /// `resource_limit_exceeded` event with `limit: "open_files"`; other sandboxes and the API,
     /// which share the server's descriptor table, are unaffected.
     pub open_files_per_sandbox: usize,
+    /// Run each bubblewrap sandbox in a user namespace of its own, mapped onto a block of
+    /// host ids that belongs to no host account and to no other sandbox (default true). Turn
+    /// off only on hosts that forbid unprivileged user namespaces; the init then runs as host
+    /// root and every sandbox's user is host uid 1000.
+    pub user_namespace: bool,
+    /// First host uid (and gid) of the sandboxes' id blocks (65,536 ids each, 16,384 blocks);
+    /// the range must hold no account or subordinate range of the host (checked at start).
+    pub sandbox_uid_base: u32,
     /// Docker runtime settings.
     pub docker: DockerConfig,
 }
@@ -172,6 +180,9 @@ impl Default for RuntimeConfig {
             default_resources: ResourceLimits {
                 memory_bytes: 2 << 30,
                 pids_limit: 1024,
+                // A write rule must not let a sandbox fill the host's disk.
+                disk_bytes: 10 << 30,
+                disk_inodes: 1_000_000,
                 ..ResourceLimits::default()
             },
             // Requests may go well beyond the defaults, but never unbounded: one sandbox must
@@ -179,9 +190,12 @@ impl Default for RuntimeConfig {
             max_resources: ResourceLimits {
                 memory_bytes: 8 << 30,
                 pids_limit: 16384,
+                disk_bytes: 64 << 30,
                 ..ResourceLimits::default()
             },
             open_files_per_sandbox: agentfense_fs::DEFAULT_MAX_OPEN_FILES,
+            user_namespace: true,
+            sandbox_uid_base: agentfense_runtime::userns::DEFAULT_BASE,
             docker: DockerConfig::default(),
         }
     }

@@ -215,6 +215,21 @@ pub fn bwrap_runtime(
     cfg.output_cap = usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX);
     cfg.allow_network = rt.allow_network;
     cfg.sandbox_nofile = raise_nofile_limit();
+    if rt.user_namespace {
+        use agentfense_runtime::userns::{DEFAULT_LEASE_DIR, DEFAULT_SLOTS, IdPool};
+        let pool = IdPool::new(
+            rt.sandbox_uid_base,
+            DEFAULT_SLOTS,
+            Path::new(DEFAULT_LEASE_DIR),
+        )
+        .map_err(|e| {
+            ServeError::Host(format!(
+                "per-sandbox user namespaces (runtime.user_namespace): {}",
+                crate::error::chain(&e)
+            ))
+        })?;
+        cfg.userns = Some(std::sync::Arc::new(pool));
+    }
     // One parent cgroup per state directory: a server cleaning up after its own crash must not
     // touch the sandboxes of another server, or of `agentfense run`, on the same host.
     // FNV-1a, stable across builds: a restarted (or upgraded) server finds its cgroups again.

@@ -177,7 +177,7 @@ fn python_sdk_interop_on_docker() {
     );
     eprintln!("{report}");
     assert!(
-        out.status.success() && report.contains("2 passed"),
+        out.status.success() && report.contains("3 passed"),
         "Docker SDK suite failed ({}).\nserver log:\n{}",
         out.status,
         server.log_text()

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         workspace: ws.clone(),
         limits: Default::default(),
         network: Default::default(),
+        tmp_size: None,
     };
     let t_true = || ExecRequest {
         command: "true".into(),

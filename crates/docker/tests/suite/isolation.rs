@@ -65,6 +65,7 @@ async fn mounts_made_after_start_propagate_into_the_workspace() {
             workspace: ws.clone(),
             limits: Default::default(),
             network: Default::default(),
+            tmp_size: None,
         },
     )
     .await

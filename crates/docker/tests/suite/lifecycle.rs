@@ -16,6 +16,7 @@ fn spec(ws: &std::path::Path) -> SandboxSpec {
         workspace: ws.to_path_buf(),
         limits: Default::default(),
         network: NetworkMode::None,
+        tmp_size: None,
     }
 }
 

@@ -113,3 +113,44 @@ fn open_files_held_for_a_sandbox_are_capped() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "True\n", "{out:?}");
     assert!(m.h().stats().open_files <= 10, "{:?}", m.h().stats());
 }
+
+/// Finding 5 of issue 13: a write rule let a sandbox fill the host disk through its delta.
+/// With a quota: ENOSPC past it (also for data held by an open descriptor after an unlink),
+/// `df` shows the quota, the event says why, and removing files makes room again.
+#[test]
+fn the_delta_has_a_disk_quota() {
+    require_fuse!("the_delta_has_a_disk_quota");
+    let m = mount_with(test_rules(), super::util::standard_tree, |cfg| {
+        cfg.disk_bytes = 2 << 20;
+        cfg.disk_inodes = 64;
+    });
+    let rx = m.h().events();
+    let (code, _, err) = m.sh("head -c 4194304 /dev/zero > output/big");
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(m.ok("df -B1 --output=size . | tail -n 1").trim(), "2097152");
+    assert_eq!(
+        m.ok("rm output/big && head -c 1048576 /dev/zero > output/ok && rm output/ok && echo ok"),
+        "ok\n"
+    );
+    // Data held by an open descriptor after an unlink still counts (1.5 MiB held + 1 MiB
+    // more does not fit in 2 MiB; 1 MiB alone would).
+    let (code, _, err) = m.sh(
+        "exec 3>output/held; head -c 1572864 /dev/zero >&3; rm output/held; \
+         head -c 1048576 /dev/zero > output/more",
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    m.ok("rm -f output/more");
+    // Entries count too.
+    let (code, _, err) = m.sh("for i in $(seq 100); do : > output/f$i || exit 1; done");
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left on device"), "{err}");
+    m.ok("rm -f output/f*");
+    m.ok("mkdir output/d && echo fine > output/d/x");
+    let limit = rx.try_iter().find_map(|ev| match ev {
+        AuditEvent::LimitExceeded { limit, .. } => Some(limit),
+        _ => None,
+    });
+    assert_eq!(limit, Some("disk"));
+}

@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         workspace: ws.clone(),
         limits: Default::default(),
         network: Default::default(),
+        tmp_size: None,
     };
     let truecmd = || ExecRequest {
         command: "true".into(),

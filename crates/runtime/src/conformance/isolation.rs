@@ -7,8 +7,8 @@ use pretty_assertions::assert_eq;
 use super::{Options, Target, assert_all_fail};
 use crate::types::NetworkMode;
 
-/// Host and sandbox share the workspace; the sandbox writes as uid 1000 and cannot read what
-/// that user may not.
+/// Host and sandbox share the workspace; the sandbox writes as its user (uid 1000 inside, the
+/// host uid the runtime gives it outside) and cannot read what that user may not.
 pub async fn workspace_is_shared_with_the_host(t: &Target) {
     let fx = t.start().await;
     std::fs::write(fx.workspace.join("from-host.txt"), "hello from the host\n").unwrap();
@@ -20,7 +20,8 @@ pub async fn workspace_is_shared_with_the_host(t: &Target) {
     assert_eq!(std::fs::read_to_string(&made).unwrap(), "made\n");
     // Written as the sandbox user, not root.
     let m = std::fs::metadata(&made).unwrap();
-    assert_eq!((m.uid(), m.gid()), (1000, 1000));
+    let owner = fx.rt.sandbox_owner(&fx.id).unwrap_or((1000, 1000));
+    assert_eq!((m.uid(), m.gid()), owner);
     // A host file the sandbox user may not read stays unreadable.
     let secret = fx.workspace.join("secret");
     std::fs::write(&secret, "s").unwrap();

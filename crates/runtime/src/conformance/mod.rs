@@ -121,8 +121,9 @@ impl<R: Runtime + ?Sized> Sandbox<R> {
 }
 
 impl<R: Runtime + ?Sized> Sandbox<R> {
-    /// Gives `workspace` to the sandbox user (uid 1000), then creates and starts a sandbox over
-    /// it with a fresh id (`t<pid>-<n>`) on `rt`, whose event channel is `events`. `keep`
+    /// Creates a sandbox over `workspace` with a fresh id (`t<pid>-<n>`) on `rt`, whose event
+    /// channel is `events`, gives `workspace` to the sandbox user (its host uid, which the
+    /// runtime picks: per sandbox with a user namespace, else 1000), and starts it. `keep`
     /// (e.g. the temporary workspace) lives as long as the sandbox.
     pub async fn create_and_start(
         rt: Arc<R>,
@@ -132,15 +133,17 @@ impl<R: Runtime + ?Sized> Sandbox<R> {
         network: NetworkMode,
         keep: impl Any + Send + Sync,
     ) -> Self {
-        std::os::unix::fs::chown(&workspace, Some(1000), Some(1000)).unwrap();
         let id = format!("t{}", unique_suffix());
         let spec = SandboxSpec {
             image: None,
             workspace: workspace.clone(),
             limits,
             network,
+            tmp_size: None,
         };
         rt.create(&id, spec).await.unwrap();
+        let (uid, gid) = rt.sandbox_owner(&id).unwrap_or((1000, 1000));
+        std::os::unix::fs::chown(&workspace, Some(uid), Some(gid)).unwrap();
         rt.start(&id).await.unwrap();
         Sandbox::new(rt, id, workspace, events, keep)
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use agentfense_runtime::cgroup::{CgroupManager, StdCgroupFs};
 use agentfense_runtime::conformance::{self, Options, Sandbox, Target};
+use agentfense_runtime::userns::{self, IdPool};
 use agentfense_runtime::{BwrapConfig, BwrapRuntime, ResourceLimits};
 use tokio::sync::mpsc;
 
@@ -62,6 +63,23 @@ pub fn target() -> Target {
 
 pub type Fixture = Sandbox<BwrapRuntime>;
 
+/// The host id blocks of this test process's sandboxes (the server's defaults: one pool per
+/// process, leases host-wide).
+pub fn id_pool() -> Arc<IdPool> {
+    static POOL: std::sync::OnceLock<Arc<IdPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        Arc::new(
+            IdPool::new(
+                userns::DEFAULT_BASE,
+                userns::DEFAULT_SLOTS,
+                userns::DEFAULT_LEASE_DIR.as_ref(),
+            )
+            .unwrap(),
+        )
+    })
+    .clone()
+}
+
 pub async fn start() -> Fixture {
     start_with(Options::default(), true).await
 }
@@ -83,6 +101,7 @@ pub async fn start_with(opts: Options, cgroups: bool) -> Fixture {
         )
         .unwrap()
     });
+    cfg.userns = Some(id_pool());
     let (tx, events) = mpsc::channel(64);
     let rt = Arc::new(BwrapRuntime::new(cfg, tx).unwrap());
     let workspace = ws.path().to_path_buf();

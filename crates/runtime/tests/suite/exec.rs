@@ -42,6 +42,7 @@ async fn works_without_cgroups() {
                     ..Default::default()
                 },
                 network: Default::default(),
+                tmp_size: None,
             },
         )
         .await

@@ -83,6 +83,137 @@ async fn landlock_and_init_capabilities() {
     fx.destroy().await;
 }
 
+/// The host uid (`Uid:` of `/proc/<pid>/status`, all four equal) of host process `pid`.
+fn host_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(ids.iter().all(|&i| i == ids[0]), "{ids:?}");
+    ids[0]
+}
+
+/// Runs `sleep 300` in `fx` and returns the host pid of that `sleep` (and its stream, which
+/// keeps it running).
+async fn sleeping(fx: &Fixture) -> (u32, agentfense_runtime::ExecStream) {
+    let stream = fx
+        .rt
+        .exec_stream(&fx.id, req("exec sleep 300"))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pids = fx.rt.info(&fx.id).await.unwrap().host_pids;
+        let found = pids.into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c == "sleep\n")
+        });
+        if let Some(pid) = found {
+            return (pid, stream);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sleep process appeared"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Whether host user `uid` can list `/proc/<pid>/root/workspace` (a sandbox's files, through
+/// the `allow_other` mount) or signal `pid`.
+fn host_user_reaches(uid: u32, pid: u32) -> (bool, bool) {
+    let as_user = |cmd: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+                "sh".into(),
+                "-c".into(),
+                cmd.into(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("setpriv (util-linux) is needed")
+            .success()
+    };
+    (
+        as_user(&format!("ls /proc/{pid}/root/workspace")),
+        as_user(&format!("kill -0 {pid}")),
+    )
+}
+
+/// The attack of finding 8 (issue 13): every sandbox's user was host uid 1000, in the host's
+/// user namespace, with the init as host root. Whoever owns uid 1000 on the host (and every
+/// other sandbox) could signal sandbox processes and read their workspace through
+/// `/proc/<pid>/root`; per-uid kernel limits were shared. Now each sandbox has a user
+/// namespace mapped onto a block of host ids of its own, far from any account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_have_host_ids_of_their_own() {
+    if skip("sandboxes_have_host_ids_of_their_own") {
+        return;
+    }
+    let (a, b) = (start().await, start().await);
+    std::fs::write(a.workspace.join("secret"), "a's work\n").unwrap();
+    let (pid_a, stream_a) = sleeping(&a).await;
+    let (pid_b, stream_b) = sleeping(&b).await;
+    let (uid_a, uid_b) = (host_uid(pid_a), host_uid(pid_b));
+    assert_ne!(uid_a, 1000);
+    assert_ne!(uid_a, uid_b, "two sandboxes share host uid {uid_a}");
+    for uid in [uid_a, uid_b] {
+        assert!(uid >= agentfense_runtime::userns::DEFAULT_BASE, "{uid}");
+    }
+    assert_eq!(Some((uid_a, uid_a)), a.rt.sandbox_owner(&a.id));
+    // The old shared uid, and the other sandbox's user, reach nothing of sandbox a.
+    assert_eq!(host_user_reaches(1000, pid_a), (false, false));
+    assert_eq!(host_user_reaches(uid_b, pid_a), (false, false));
+    // (The probe itself works: the process's own host uid may signal it.)
+    assert!(host_user_reaches(uid_a, pid_a).1);
+
+    // The init: root only in the sandbox's own user namespace, an unprivileged uid on the host.
+    let init = a.rt.info(&a.id).await.unwrap().host_pids[1];
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(ns(&init.to_string()), ns("self"));
+    assert_eq!(host_uid(init), uid_a - 1000);
+    // bwrap itself (outside the sandbox, as the block's first uid) sees a root of its own with
+    // no other host mount: holding, say, another sandbox's FUSE mount would make that mount's
+    // unmount wait for this sandbox to end.
+    let bwrap = a.rt.info(&a.id).await.unwrap().host_pids[0];
+    assert_eq!(host_uid(bwrap), uid_a - 1000);
+    let mounts = std::fs::read_to_string(format!("/proc/{bwrap}/mountinfo")).unwrap();
+    let points: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    assert!(points.contains(&"/run/agentfense/workspace"), "{mounts}");
+    for host_only in ["/sys", "/root", "/home", "/var/lib/docker"] {
+        assert!(
+            !points.contains(&host_only),
+            "bwrap holds {host_only}: {mounts}"
+        );
+    }
+    // Inside, the map shows the block, not the host's identity map `0 0 4294967295`.
+    let r = a.sh("cat /proc/1/uid_map /proc/self/gid_map").await;
+    let want = format!("0 {} 65536\n", uid_a - 1000);
+    let got: Vec<String> = r
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+        .collect();
+    assert_eq!(got, vec![want.clone(), want], "{r:?}");
+    // The workspace, given to the sandbox user's host uid, is the sandbox user's inside; a
+    // file of host root's is nobody's (host root is not mapped at all).
+    assert_eq!(
+        a.sh("stat -c '%U %u' /workspace /workspace/secret; id -un")
+            .await
+            .stdout,
+        "sandbox 1000\nnobody 65534\nsandbox\n"
+    );
+    drop((stream_a, stream_b));
+    a.destroy().await;
+    b.destroy().await;
+}
+
 async fn session(fx: &Fixture) -> String {
     fx.rt
         .session_create(&fx.id, Default::default())

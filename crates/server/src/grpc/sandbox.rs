@@ -49,6 +49,8 @@ fn resources(r: Option<&v1::ResourceLimits>) -> Result<ResourceLimits, Status> {
         cpu_quota: field("cpu_quota", r.cpu_quota)?,
         cpu_shares: field("cpu_shares", r.cpu_shares)?,
         pids_limit: field("pids_limit", r.pids_limit)?,
+        // Not on the wire: the label `agentfense.disk_bytes` or the server's default.
+        ..ResourceLimits::default()
     })
 }
 

@@ -33,6 +33,10 @@ pub const LABEL_PUBLISH: &str = "agentfense.publish";
 /// per open); see [`IoMode`].
 pub const LABEL_IO: &str = "agentfense.io";
 
+/// Label: the sandbox's disk quota (`agentfense.disk_bytes=2G`): what its writes may take,
+/// over `runtime.default_resources.disk_bytes` and at most `runtime.max_resources.disk_bytes`.
+pub const LABEL_DISK_BYTES: &str = "agentfense.disk_bytes";
+
 /// Uid and gid the runtimes run commands as (the bubblewrap runtime's default user).
 pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
 
@@ -172,8 +176,9 @@ fn check_labels(
         v.parse::<IoMode>()
             .map_err(|e| ServiceError::InvalidArgument(format!("label {LABEL_IO}: {e}")))?;
     }
+    disk_label(labels)?;
     // The `agentfense.` prefix is ours: a misspelt knob must not be ignored silently.
-    let known = [LABEL_NETWORK, LABEL_PUBLISH, LABEL_IO];
+    let known = [LABEL_NETWORK, LABEL_PUBLISH, LABEL_IO, LABEL_DISK_BYTES];
     if let Some(k) = labels
         .keys()
         .find(|k| k.starts_with("agentfense.") && !known.contains(&k.as_str()))
@@ -184,6 +189,21 @@ fn check_labels(
         )));
     }
     Ok(())
+}
+
+/// The disk quota a sandbox's labels ask for ([`LABEL_DISK_BYTES`]): bytes, or a size with a
+/// binary unit (`512M`, `10G`).
+fn disk_label(labels: &BTreeMap<String, String>) -> Result<Option<u64>, ServiceError> {
+    labels
+        .get(LABEL_DISK_BYTES)
+        .map(|v| match agentfense_core::parse_size(v) {
+            Ok(0) => Err(format!(
+                "{v:?}: a quota of 0 bytes (leave the label out for the server's default)"
+            )),
+            r => r,
+        })
+        .transpose()
+        .map_err(|e| ServiceError::InvalidArgument(format!("label {LABEL_DISK_BYTES}: {e}")))
 }
 
 /// The I/O mode a sandbox's labels ask for ([`LABEL_IO`], checked at create).
@@ -306,7 +326,11 @@ impl Service {
         }
         check_labels(&req.labels, self.settings.config.runtime.allow_network)?;
         let rt_cfg = &self.settings.config.runtime;
-        let resources = req.resources.or(rt_cfg.default_resources);
+        let mut resources = req.resources;
+        if let Some(bytes) = disk_label(&req.labels)? {
+            resources.disk_bytes = bytes;
+        }
+        let resources = resources.or(rt_cfg.default_resources);
         if let Some((field, value, ceiling)) = resources.exceeds(&rt_cfg.max_resources) {
             let value = if value == 0 {
                 "0 (unlimited)".to_owned()
@@ -453,17 +477,35 @@ impl Service {
             .map_err(|e| ServiceError::internal("compiling stored rules", e))?;
         let (mountpoint, delta) = self.mount_dirs(&rec.id);
         let lower = self.files.dir(&rec.codebase_id);
-        let mut cfg = FsConfig::new(rec.id.to_string(), lower, delta, mountpoint.clone(), policy);
-        // Files appear owned by the sandbox user, so that tools like git do not refuse a
-        // repository owned by someone else. Access is decided by the rules, not by owners.
-        cfg.owner = Some(SANDBOX_OWNER);
-        if rec.labels.get(LABEL_PUBLISH).map(String::as_str) == Some("manual") {
-            cfg.publish_mode = PublishMode::Explicit;
+        let network = match rec.labels.get(LABEL_NETWORK).map(String::as_str) {
+            Some("enabled") | Some("host") => NetworkMode::Host,
+            _ => NetworkMode::None,
+        };
+        let mut r = rec.resources;
+        // Sandboxes created before disk quotas existed get today's default.
+        let defaults = self.settings.config.runtime.default_resources;
+        if r.disk_bytes == 0 {
+            r.disk_bytes = defaults.disk_bytes;
         }
-        cfg.io_mode = io_mode(&rec.labels);
-        cfg.max_open_files = self.settings.config.runtime.open_files_per_sandbox;
+        if r.disk_inodes == 0 {
+            r.disk_inodes = defaults.disk_inodes;
+        }
+        let nz = |v: u64| (v > 0).then_some(v);
+        let spec = agentfense_runtime::SandboxSpec {
+            image: (!rec.image.is_empty()).then(|| rec.image.clone()),
+            workspace: mountpoint.clone(),
+            limits: agentfense_runtime::ResourceLimits {
+                memory_bytes: nz(r.memory_bytes),
+                cpu_quota_us: nz(r.cpu_quota),
+                cpu_shares: nz(r.cpu_shares),
+                pids_limit: nz(r.pids_limit),
+            },
+            network,
+            // /tmp (with $HOME) counts against the disk quota: it is that size at most.
+            tmp_size: nz(r.disk_bytes),
+        };
         let mp = mountpoint.clone();
-        let mount = blocking(move || {
+        blocking(move || {
             if let Some(parent) = mp.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| ServiceError::internal("creating the mount directory", e))?;
@@ -472,43 +514,47 @@ impl Service {
                 let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
             }
             std::fs::create_dir_all(&mp)
-                .map_err(|e| ServiceError::internal("creating the mountpoint", e))?;
+                .map_err(|e| ServiceError::internal("creating the mountpoint", e))
+        })
+        .await?;
+        // Created before the mount: the runtime decides which host uid the sandbox user has
+        // (one of its own with a user namespace), and the files must show that owner.
+        let sid = rec.id.to_string();
+        match runtime.create(&sid, spec).await {
+            Ok(()) | Err(RuntimeError::SandboxExists { .. }) => {}
+            Err(e) => return Err(runtime_error(e)),
+        }
+        let mut cfg = FsConfig::new(rec.id.to_string(), lower, delta, mountpoint, policy);
+        // Files appear owned by the sandbox user, so that tools like git do not refuse a
+        // repository owned by someone else. Access is decided by the rules, not by owners.
+        cfg.owner = Some(runtime.sandbox_owner(&sid).unwrap_or(SANDBOX_OWNER));
+        if rec.labels.get(LABEL_PUBLISH).map(String::as_str) == Some("manual") {
+            cfg.publish_mode = PublishMode::Explicit;
+        }
+        cfg.io_mode = io_mode(&rec.labels);
+        cfg.max_open_files = self.settings.config.runtime.open_files_per_sandbox;
+        cfg.disk_bytes = r.disk_bytes;
+        cfg.disk_inodes = r.disk_inodes;
+        let mount = match blocking(move || {
             agentfense_fs::mount(cfg)
                 .map_err(|e| ServiceError::internal("mounting the policy filesystem", e))
         })
-        .await?;
-        self.spawn_fs_audit_bridge(&mount);
-        let network = match rec.labels.get(LABEL_NETWORK).map(String::as_str) {
-            Some("enabled") | Some("host") => NetworkMode::Host,
-            _ => NetworkMode::None,
-        };
-        let r = rec.resources;
-        let nz = |v: u64| (v > 0).then_some(v);
-        let spec = agentfense_runtime::SandboxSpec {
-            image: (!rec.image.is_empty()).then(|| rec.image.clone()),
-            workspace: mountpoint,
-            limits: agentfense_runtime::ResourceLimits {
-                memory_bytes: nz(r.memory_bytes),
-                cpu_quota_us: nz(r.cpu_quota),
-                cpu_shares: nz(r.cpu_shares),
-                pids_limit: nz(r.pids_limit),
-            },
-            network,
-        };
-        let sid = rec.id.to_string();
-        let started = async {
-            match runtime.create(&sid, spec).await {
-                Ok(()) => {}
-                Err(RuntimeError::SandboxExists { .. }) => {}
-                Err(e) => return Err(runtime_error(e)),
+        .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = runtime.destroy(&sid).await;
+                return Err(e);
             }
-            runtime.start(&sid).await.map_err(runtime_error)
-        }
-        .await;
-        if let Err(e) = started {
+        };
+        self.spawn_fs_audit_bridge(&mount);
+        if let Err(e) = runtime.start(&sid).await.map_err(runtime_error) {
             let _ = runtime.destroy(&sid).await;
             let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
             return Err(e);
+        }
+        if let Some(tmp) = runtime.scratch(&sid) {
+            mount.count_scratch(tmp);
         }
         self.engine
             .live
