@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentfense_runtime::cgroup::{CgroupManager, StdCgroupFs};
+use agentfense_runtime::userns::{self, IdPool};
 use agentfense_runtime::{BwrapConfig, BwrapRuntime, ExecRequest, Runtime, SandboxSpec};
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -74,8 +75,18 @@ async fn main() -> anyhow::Result<()> {
         &proc_self,
         "agentfense-bench",
     )?);
+    // As the server runs it: each sandbox in a user namespace of its own. The same runtime
+    // without is the baseline of the start case.
+    let shared_ns = cfg.clone();
+    cfg.userns = Some(Arc::new(IdPool::new(
+        userns::DEFAULT_BASE,
+        userns::DEFAULT_SLOTS,
+        userns::DEFAULT_LEASE_DIR.as_ref(),
+    )?));
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let rt = BwrapRuntime::new(cfg, tx)?;
+    let (tx2, _rx2) = tokio::sync::mpsc::channel(16);
+    let rt_shared_ns = BwrapRuntime::new(shared_ns, tx2)?;
     let spec = SandboxSpec {
         image: None,
         workspace: ws.clone(),
@@ -177,18 +188,22 @@ async fn main() -> anyhow::Result<()> {
     }
     report("plain fork+exec /bin/true", v);
 
-    // 5. Start: environment up and first command done.
-    let mut v = Vec::new();
+    // 5. Start: environment up and first command done; with and without a user namespace of
+    // its own, interleaved.
+    let (mut v, mut w) = (Vec::new(), Vec::new());
     for i in 0..30 {
-        let id = format!("start{i}");
-        rt.create(&id, spec.clone()).await?;
-        let t = Instant::now();
-        rt.start(&id).await?;
-        rt.exec(&id, truecmd()).await?;
-        v.push(t.elapsed());
-        rt.destroy(&id).await?;
+        for (rt, out) in [(&rt, &mut v), (&rt_shared_ns, &mut w)] {
+            let id = format!("start{i}");
+            rt.create(&id, spec.clone()).await?;
+            let t = Instant::now();
+            rt.start(&id).await?;
+            rt.exec(&id, truecmd()).await?;
+            out.push(t.elapsed());
+            rt.destroy(&id).await?;
+        }
     }
     report("start sandbox + first `true`", v);
+    report("the same in the host's user namespace", w);
 
     std::fs::remove_dir_all(&base)?;
     Ok(())
