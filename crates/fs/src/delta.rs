@@ -572,14 +572,24 @@ impl Delta {
         }
     }
 
-    /// Runs `f`, charging the change of the upper footprint of `rels` to the quota.
+    /// Runs `f`, charging the change of the upper footprint of `rels` to the quota (each
+    /// path once). Creations and removals name the parent directory too: a directory grows
+    /// with its entries (and ext4's never shrinks), and what `rmdir` gives back must have been
+    /// charged.
     fn accounted<T>(
         &self,
         rels: &[&Path],
         f: impl FnOnce() -> Result<T, FsError>,
     ) -> Result<T, FsError> {
+        let mut paths: Vec<&Path> = Vec::with_capacity(rels.len());
+        for r in rels {
+            if !paths.contains(r) {
+                paths.push(r);
+            }
+        }
         let sum = |d: &Self| {
-            rels.iter()
+            paths
+                .iter()
                 .map(|r| d.footprint(r))
                 .fold((0, 0), |(b, i), (b2, i2)| (b + b2, i + i2))
         };
@@ -594,13 +604,16 @@ impl Delta {
     fn compact(&self, meta: &mut Meta) -> Result<(), FsError> {
         meta.take_pending();
         let tmp = self.meta_path.with_extension("tmp");
+        let snapshot = meta.snapshot();
         let write = || -> io::Result<File> {
             let mut f = File::create(&tmp)?;
-            f.write_all(&meta.snapshot())?;
+            f.write_all(&snapshot)?;
             std::fs::rename(&tmp, &self.meta_path)?;
             File::options().append(true).open(&self.meta_path)
         };
         meta.log = Some(write().map_err(|e| FsError::io("write delta meta", &self.meta_path, e))?);
+        let len = snapshot.len() as i64;
+        self.usage.set_journal(len, len);
         Ok(())
     }
 
@@ -620,10 +633,21 @@ impl Delta {
         if pending.is_empty() {
             return Ok(());
         }
+        // The journal counts against the disk quota, and churn (the same names created and
+        // removed over and over) must not grow it without end: past twice its last snapshot
+        // (and 1 MiB), it is rewritten as a snapshot.
+        let (journal, snapshot) = self.usage.journal();
+        if journal + pending.len() as i64 > 2 * snapshot + (1 << 20) {
+            return self.compact(meta);
+        }
         match &mut meta.log {
-            Some(log) => log
-                .write_all(&pending)
-                .map_err(|e| FsError::io("append delta meta", &self.meta_path, e)),
+            Some(log) => {
+                log.write_all(&pending)
+                    .map_err(|e| FsError::io("append delta meta", &self.meta_path, e))?;
+                self.usage
+                    .set_journal(journal + pending.len() as i64, snapshot);
+                Ok(())
+            }
             None => self.compact(meta),
         }
     }
@@ -1293,17 +1317,19 @@ impl Delta {
 
     /// [`Self::unlink_raw`], charged to the disk quota.
     pub fn unlink(&self, rel: &Path) -> Result<(), FsError> {
-        self.accounted(&[rel], || self.unlink_raw(rel))
+        self.accounted(&[rel, parent_of(rel)], || self.unlink_raw(rel))
     }
 
     /// [`Self::rmdir_raw`], charged to the disk quota.
     pub fn rmdir(&self, rel: &Path) -> Result<(), FsError> {
-        self.accounted(&[rel], || self.rmdir_raw(rel))
+        self.accounted(&[rel, parent_of(rel)], || self.rmdir_raw(rel))
     }
 
     /// [`Self::rename_raw`], charged to the disk quota.
     pub fn rename(&self, from: &Path, to: &Path) -> Result<(), FsError> {
-        self.accounted(&[from, to], || self.rename_raw(from, to))
+        self.accounted(&[from, to, parent_of(from), parent_of(to)], || {
+            self.rename_raw(from, to)
+        })
     }
 
     /// [`Self::set_mode_raw`], charged to the disk quota.
@@ -1324,13 +1350,15 @@ impl Delta {
         owner: Option<(u32, u32)>,
     ) -> Result<File, FsError> {
         self.usage.check_room(0, 1)?;
-        self.accounted(&[rel], || self.create_file_raw(rel, mode, owner))
+        self.accounted(&[rel, parent_of(rel)], || {
+            self.create_file_raw(rel, mode, owner)
+        })
     }
 
     /// [`Self::mkdir_raw`], charged to the disk quota.
     pub fn mkdir(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), FsError> {
         self.usage.check_room(0, 1)?;
-        self.accounted(&[rel], || self.mkdir_raw(rel, mode, owner))
+        self.accounted(&[rel, parent_of(rel)], || self.mkdir_raw(rel, mode, owner))
     }
 
     /// [`Self::symlink_raw`], charged to the disk quota.
@@ -1341,7 +1369,9 @@ impl Delta {
         owner: Option<(u32, u32)>,
     ) -> Result<(), FsError> {
         self.usage.check_room(0, 1)?;
-        self.accounted(&[rel], || self.symlink_raw(rel, target, owner))
+        self.accounted(&[rel, parent_of(rel)], || {
+            self.symlink_raw(rel, target, owner)
+        })
     }
 
     /// [`Self::set_times_raw`], charged to the disk quota.
@@ -1446,13 +1476,29 @@ impl Delta {
         puts.sort_by(|a, b| {
             (a.0.components().count(), &a.0).cmp(&(b.0.components().count(), &b.0))
         });
+        // Published entries keep the owner of what they replace; new ones get the codebase
+        // root's (a user's checkout stays theirs, whatever uid the sandbox wrote as).
+        let root_owner = host::lstat(self.lower.as_fd(), Path::new(""))
+            .map(|st| (st.st_uid, st.st_gid))
+            .ok();
         for (p, st) in puts {
             let kind = EntryKind::from(Kind::from_mode(st.st_mode));
             if !(filter.allow)(&p, kind) {
                 report.skipped.push(p);
                 continue;
             }
-            match self.publish_put(&meta, &p, &st) {
+            let owner = host::lstat(self.lower.as_fd(), &p)
+                .map(|st| (st.st_uid, st.st_gid))
+                .ok()
+                .or(root_owner);
+            let put = self.publish_put(&meta, &p, &st);
+            if put.is_ok()
+                && let (Some(owner), Ok((parent, name))) = (owner, host::split(&p))
+                && let Ok(pdir) = host::open_dir(self.lower.as_fd(), parent)
+            {
+                chown_new(&pdir, name, Some(owner));
+            }
+            match put {
                 Ok((conflict, new_lower)) => {
                     report.conflicts.extend(conflict);
                     report.written.push(p.clone());
@@ -1495,9 +1541,12 @@ impl Delta {
         paths
             .iter()
             .filter_map(|p| host::lstat(self.lower.as_fd(), p).ok())
+            // A file with other links keeps its blocks when one name goes: each name carries
+            // its share.
             .fold((0, 0), |(b, i), st| {
+                let links = i64::try_from(st.st_nlink).unwrap_or(1).max(1);
                 (
-                    b + allocated(u64::try_from(st.st_blocks).unwrap_or(0)),
+                    b + allocated(u64::try_from(st.st_blocks).unwrap_or(0)) / links,
                     i + 1,
                 )
             })
@@ -1937,6 +1986,11 @@ fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io::Result<()
     };
     rustix::fs::futimens(&dst, &times)?;
     Ok(())
+}
+
+/// The directory `rel` is in (`""`, the root, for a top-level name).
+fn parent_of(rel: &Path) -> &Path {
+    rel.parent().unwrap_or(Path::new(""))
 }
 
 #[cfg(test)]

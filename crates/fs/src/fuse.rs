@@ -311,14 +311,21 @@ impl IoCache {
         self.files.get(&ino).is_some_and(|f| f.charged)
     }
 
-    /// The pinned delta file of `ino`, marked as charged to the quota, unless it already was.
+    /// The pinned file of `ino`, marked as charged to the quota, unless it already was. The
+    /// caller knows it is a delta file (whether the cached descriptor is writable or not: a
+    /// file read before its removal is held through a read-only one).
     fn charge_detached(&mut self, ino: u64) -> Option<Arc<File>> {
         let f = self.files.get_mut(&ino)?;
-        if !f.pinned || !f.write || f.charged {
+        if !f.pinned || f.charged {
             return None;
         }
         f.charged = true;
         Some(f.file.clone())
+    }
+
+    /// Whether `ino`'s host file is kept until FORGET.
+    fn is_pinned(&self, ino: u64) -> bool {
+        self.files.get(&ino).is_some_and(|f| f.pinned)
     }
 
     /// The host file cached for `ino` and whether it is writable.
@@ -798,8 +805,9 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     /// when the kernel knows its inode (a process may hold it open).
     /// Fails (EMFILE, nothing removed) when pinning a new host file would exceed the
     /// sandbox's open-files cap: a pinned file holds a descriptor like an open handle.
-    /// Returns the inode pinned, for [`Self::charge_detached`] once the removal is done.
-    fn pin_before_removal(&self, path: &Path, attr: &Attr) -> Result<Option<u64>, FsError> {
+    /// Returns the inode pinned and whether it is a delta file, for [`Self::charge_detached`]
+    /// once the removal is done.
+    fn pin_before_removal(&self, path: &Path, attr: &Attr) -> Result<Option<(u64, bool)>, FsError> {
         if attr.kind != EntryKind::File {
             return Ok(None);
         }
@@ -810,7 +818,9 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
                 _ => return Ok(None),
             }
         };
-        if lock(&self.shared.io).held(ino).is_none() {
+        // Every new pin counts, also of a file already in the read cache: pinned files leave
+        // the cache's bound, so the cap is what bounds them.
+        if !lock(&self.shared.io).is_pinned(ino) {
             self.check_open_files()?;
         }
         let delta = &self.shared.delta;
@@ -818,13 +828,13 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             Layer::Upper => delta.open_write(path, false).ok().map(|f| (f, true)),
             Layer::Lower => delta.open_read(path).ok().map(|(f, _)| (f, false)),
         });
-        Ok(Some(ino))
+        Ok(Some((ino, attr.layer == Layer::Upper)))
     }
 
     /// After a removal detached the delta file pinned for `ino`: its data stays on disk while
     /// the kernel holds it, so it stays charged to the quota until FORGET.
-    fn charge_detached(&self, ino: Option<u64>) {
-        let Some(ino) = ino else { return };
+    fn charge_detached(&self, pinned: Option<(u64, bool)>) {
+        let Some((ino, true)) = pinned else { return };
         let Some(file) = lock(&self.shared.io).charge_detached(ino) else {
             return;
         };
@@ -1198,9 +1208,15 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         // Any change copies the file up: a host file cached for reading it is the old one.
         self.shared.invalidate_io(std::slice::from_ref(&path));
         if let Some(size) = size {
-            let via_handle = fh.and_then(|fh| self.created_file(fh, true).map(|f| f.set_len(size)));
+            let via_handle = fh.and_then(|fh| self.created_file(fh, true));
             match via_handle {
-                Some(r) => r.map_err(|e| FsError::io("truncate", &path, e))?,
+                // Charged like a write: what the file allocates before and after.
+                Some(f) => {
+                    let before = f.metadata().ok();
+                    let r = f.set_len(size);
+                    self.charge_growth(ino, before.as_ref(), &f);
+                    r.map_err(|e| FsError::io("truncate", &path, e))?;
+                }
                 None => {
                     let _gate = self
                         .shared
@@ -1295,7 +1311,9 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         if let Some(m) = &before {
             let end = offset.saturating_add(data.len() as u64);
             let sparse = u64::try_from(allocated(m.blocks())).unwrap_or(0) < m.len();
-            let needed = if sparse {
+            // Past the end (a seek leaves a hole) and into holes, a write allocates its data;
+            // over allocated blocks, nothing.
+            let needed = if sparse || offset >= m.len() {
                 data.len() as u64
             } else {
                 end.saturating_sub(m.len())
@@ -1303,19 +1321,29 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
             usage.check_room(needed, 0)?;
         }
         let written = file.write_all_at(data, offset);
-        if let (Some(b), Ok(a)) = (before, file.metadata()) {
-            let grown = allocated(a.blocks()) - allocated(b.blocks());
-            if grown != 0 {
-                // A detached file's blocks are charged apart, until the kernel lets go of it.
-                if lock(&self.shared.io).is_charged(ino) {
-                    usage.grow_detached(grown);
-                } else {
-                    usage.charge(grown, 0);
-                }
-            }
-        }
+        self.charge_growth(ino, before.as_ref(), &file);
         written.map_err(|e| FsError::io("write", "(open file)", e))?;
         Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Charges to the disk quota what host file `file` of `ino` allocates now beyond what it
+    /// did `before` (negative when it shrank).
+    fn charge_growth(&self, ino: u64, before: Option<&std::fs::Metadata>, file: &File) {
+        use std::os::unix::fs::MetadataExt;
+        let (Some(b), Ok(a)) = (before, file.metadata()) else {
+            return;
+        };
+        let grown = allocated(a.blocks()) - allocated(b.blocks());
+        if grown == 0 {
+            return;
+        }
+        let usage = self.shared.delta.usage();
+        // A detached file's blocks are charged apart, until the kernel lets go of it.
+        if lock(&self.shared.io).is_charged(ino) {
+            usage.grow_detached(grown);
+        } else {
+            usage.charge(grown, 0);
+        }
     }
 
     fn do_fsync(&self, ino: u64, fh: FileHandle, datasync: bool) -> Result<(), FsError> {

@@ -1,6 +1,7 @@
 //! A sandbox's disk quota: what its writes take, against a limit of bytes and of entries.
 //!
 //! What counts, together:
+//! - the delta's metadata **journal** (rewritten as a snapshot when churn doubles it);
 //! - the **upper layer** of the delta: allocated bytes (`st_blocks * 512`) and entries,
 //!   measured around every change the daemon makes to it (see `Delta::accounted`), and measured
 //!   afresh when the delta is opened and after every publish;
@@ -39,6 +40,9 @@ pub struct DiskUsage {
     upper_bytes: AtomicI64,
     upper_inodes: AtomicI64,
     detached_bytes: AtomicI64,
+    /// The delta's metadata journal (whiteouts, changed paths), which grows with churn.
+    journal_bytes: AtomicI64,
+    snapshot_bytes: AtomicI64,
     /// Detached files still charged, and a condition signalled when one is let go of.
     detached: (Mutex<usize>, Condvar),
     published: Mutex<(i64, i64)>,
@@ -59,6 +63,8 @@ impl Default for DiskUsage {
             upper_bytes: AtomicI64::new(0),
             upper_inodes: AtomicI64::new(0),
             detached_bytes: AtomicI64::new(0),
+            journal_bytes: AtomicI64::new(0),
+            snapshot_bytes: AtomicI64::new(0),
             detached: (Mutex::new(0), Condvar::new()),
             published: Mutex::new((0, 0)),
             max_bytes: AtomicU64::new(0),
@@ -98,6 +104,7 @@ impl DiskUsage {
         let (scratch_b, scratch_i) = self.scratch_used();
         let bytes = self.upper_bytes.load(Ordering::Relaxed)
             + self.detached_bytes.load(Ordering::Relaxed)
+            + self.journal_bytes.load(Ordering::Relaxed)
             + published.0
             + scratch_b;
         let inodes = self.upper_inodes.load(Ordering::Relaxed) + published.1 + scratch_i;
@@ -150,6 +157,7 @@ impl DiskUsage {
         let published = self.published.lock().unwrap_or_else(|p| p.into_inner()).0;
         self.upper_bytes.load(Ordering::Relaxed)
             + self.detached_bytes.load(Ordering::Relaxed)
+            + self.journal_bytes.load(Ordering::Relaxed)
             + published
     }
 
@@ -254,6 +262,20 @@ impl DiskUsage {
         if let Some(f) = self.on_full.get() {
             f(what.to_owned());
         }
+    }
+
+    /// (bytes of the delta's journal now, bytes of its last snapshot).
+    pub(crate) fn journal(&self) -> (i64, i64) {
+        (
+            self.journal_bytes.load(Ordering::Relaxed),
+            self.snapshot_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records the journal's size (it counts against the bytes quota) and its last snapshot's.
+    pub(crate) fn set_journal(&self, bytes: i64, snapshot: i64) {
+        self.journal_bytes.store(bytes, Ordering::Relaxed);
+        self.snapshot_bytes.store(snapshot, Ordering::Relaxed);
     }
 
     /// Adds a measured change of the upper layer.

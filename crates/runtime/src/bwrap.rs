@@ -108,8 +108,10 @@ pub struct BwrapOptions {
     pub etc_dir: PathBuf,
     /// Network mode.
     pub network: NetworkMode,
-    /// Size of the `/tmp` (and `/dev/shm`) tmpfs in bytes.
+    /// Size of the `/tmp` tmpfs in bytes.
     pub tmp_size: u64,
+    /// Size of the `/dev/shm` tmpfs in bytes.
+    pub shm_size: u64,
     /// Hostname inside the sandbox.
     pub hostname: String,
     /// Number of the inherited control-socket fd, passed to the init as its argument.
@@ -198,11 +200,12 @@ pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
     // 4. Private writable tmpfs.
     let size = opts.tmp_size.to_string();
     push(&[&"--perms", &"1777", &"--size", &size, &"--tmpfs", &"/tmp"]);
+    let shm = opts.shm_size.to_string();
     push(&[
         &"--perms",
         &"1777",
         &"--size",
-        &size,
+        &shm,
         &"--tmpfs",
         &"/dev/shm",
     ]);
@@ -400,6 +403,7 @@ mod tests {
             etc_dir: "/var/lib/af/sb1/etc".into(),
             network,
             tmp_size: 1024,
+            shm_size: 1024,
             hostname: "sandbox".into(),
             control_fd: 3,
             userns: None,

@@ -516,6 +516,9 @@ impl BwrapRuntime {
             etc_dir,
             network: spec.network,
             tmp_size: spec.tmp_size.unwrap_or(self.cfg.tmp_size),
+            // Not counted against a disk quota (memory, bounded by the memory limit): it keeps
+            // the runtime's size whatever the quota.
+            shm_size: self.cfg.tmp_size,
             hostname: self.cfg.hostname.clone(),
             control_fd: child_sock.as_raw_fd(),
             userns: staging.as_ref().map(Staging::for_bwrap),

@@ -623,17 +623,16 @@ impl SandboxCgroup {
                 path: dir.clone(),
                 source,
             })?;
+        // Only `cgroup.procs`: owning the directory would let the init create cgroups below.
         if let Some((uid, gid)) = self.delegate {
             let procs = dir.join("cgroup.procs");
-            for p in [&dir, &procs] {
-                if let Err(source) = self.fs.chown(p, uid, gid) {
-                    let _ = self.fs.remove_dir(&dir);
-                    return Err(RuntimeError::Cgroup {
-                        op: "chown",
-                        path: p.clone(),
-                        source,
-                    });
-                }
+            if let Err(source) = self.fs.chown(&procs, uid, gid) {
+                let _ = self.fs.remove_dir(&dir);
+                return Err(RuntimeError::Cgroup {
+                    op: "chown",
+                    path: procs,
+                    source,
+                });
             }
         }
         let handle = match self.fs.open_dir(&dir) {

@@ -112,7 +112,10 @@ impl IdPool {
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.slots {
             let slot = first.wrapping_add(i) % self.slots;
-            let path = self.lease_dir.join(slot.to_string());
+            // Named after the block's first uid, not its number: pools with other bases
+            // sharing the directory still never hand out the same ids.
+            let base = self.base + slot * SLOT_SIZE;
+            let path = self.lease_dir.join(base.to_string());
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -125,10 +128,7 @@ impl IdPool {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => {
                     self.next.store(slot.wrapping_add(1), Ordering::Relaxed);
-                    return Ok(IdLease {
-                        base: self.base + slot * SLOT_SIZE,
-                        _lock: file,
-                    });
+                    return Ok(IdLease { base, _lock: file });
                 }
                 Err(rustix::io::Errno::WOULDBLOCK) => continue,
                 Err(e) => {
@@ -151,6 +151,22 @@ impl IdPool {
 pub fn write_maps(pid: u32, lease: &IdLease) -> io::Result<()> {
     let line = format!("0 {} {SLOT_SIZE}\n", lease.base);
     let proc = PathBuf::from(format!("/proc/{pid}"));
+    // The process must be bwrap's, running as the block's first uid (not a reused pid).
+    let status = std::fs::read_to_string(proc.join("status"))?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u32>().ok());
+    if uid != Some(lease.base) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "process {pid} is not the sandbox's (uid {uid:?}, expected {})",
+                lease.base
+            ),
+        ));
+    }
     std::fs::write(proc.join("uid_map"), &line)?;
     std::fs::write(proc.join("gid_map"), &line)
 }
@@ -371,10 +387,18 @@ impl StagedRoot {
                     c"mode=0755,size=64k".as_ptr().cast(),
                 ) == 0
                 && self.ops.iter().all(|op| match op {
-                    Op::Dir(p) => libc::mkdir(p.as_ptr(), 0o755) == 0,
+                    // Modes set explicitly: the server's umask must not make them untraversable
+                    // for bwrap's uid.
+                    Op::Dir(p) => {
+                        libc::mkdir(p.as_ptr(), 0o755) == 0 && libc::chmod(p.as_ptr(), 0o755) == 0
+                    }
                     Op::File(p) => {
-                        let fd = libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
-                        fd >= 0 && libc::close(fd) == 0
+                        let fd = libc::open(
+                            p.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o644,
+                        );
+                        fd >= 0 && libc::close(fd) == 0 && libc::chmod(p.as_ptr(), 0o644) == 0
                     }
                     Op::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
                     Op::Bind { src, dst, recursive } => {

@@ -934,3 +934,51 @@ fn staging_names_in_the_codebase_are_never_in_the_merged_view() {
     ));
     assert!(!is_stage_name(b".agentfense-stage-notes"));
 }
+
+/// Published new entries belong to the codebase root's owner (a user's checkout stays theirs
+/// whatever uid the sandbox wrote as); replaced ones keep the owner they had. (Needs root to
+/// chown; skipped loudly otherwise.)
+#[test]
+fn published_entries_keep_the_codebase_owners() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED published_entries_keep_the_codebase_owners: needs root to chown");
+        return;
+    }
+    let f = fx();
+    std::os::unix::fs::chown(&f.lower, Some(4321), Some(4322)).unwrap();
+    std::os::unix::fs::chown(f.lower.join("README"), Some(555), Some(556)).unwrap();
+    write(&f.d, "new.txt", "new\n");
+    write(&f.d, "README", "changed\n");
+    f.d.mkdir(p("newdir"), 0o755, None).unwrap();
+    f.d.publish(&PublishFilter::default()).unwrap();
+    let owner = |rel: &str| {
+        let m = std::fs::symlink_metadata(f.lower.join(rel)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("new.txt"), (4321, 4322));
+    assert_eq!(owner("newdir"), (4321, 4322));
+    assert_eq!(owner("README"), (555, 556));
+}
+
+/// The quota's publish accounting: what a publish adds to the codebase counts (and is kept in
+/// the delta directory across a reopen), and a published deletion gives it back.
+#[test]
+fn publishes_count_against_the_quota() {
+    let f = fx();
+    // (Written straight to the file, as FUSE writes are charged by the FUSE layer: only the
+    // publish measures it here.)
+    write(&f.d, "big", &"x".repeat(64 << 10));
+    f.d.publish(&PublishFilter::default()).unwrap();
+    // The file left the delta for the codebase: still this sandbox's.
+    let (after, _) = f.d.usage().used();
+    assert!(after >= 64 << 10, "{after}");
+    let again = Delta::open(&f.lower, &f.delta_dir).unwrap();
+    assert_eq!(again.usage().used().0, after);
+    again.unlink(p("big")).unwrap();
+    again.publish(&PublishFilter::default()).unwrap();
+    assert!(
+        again.usage().used().0 < 64 << 10,
+        "{:?}",
+        again.usage().used()
+    );
+}

@@ -142,6 +142,22 @@ fn the_delta_has_a_disk_quota() {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("No space left on device"), "{err}");
     m.ok("rm -f output/more");
+    // The same when the daemon had the file cached for reading (a read-only descriptor) before
+    // the unlink: still the delta's blocks, still charged.
+    let (code, _, err) = m.sh(
+        "head -c 1572864 /dev/zero > output/read; exec 3<output/read; head -c1 output/read \
+         >/dev/null; rm output/read; head -c 1048576 /dev/zero > output/more",
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    m.ok("rm -f output/more");
+    // Rewriting one file through a descriptor (write, truncate, again) costs what it holds,
+    // not what it once held; a write past the end allocates its data, not the gap.
+    m.ok(
+        "python3 -c 'f = open(\"output/loop\", \"wb\")\nfor _ in range(8):\n    f.seek(0); \
+         f.write(b\"a\" * (1 << 20)); f.flush(); f.truncate(0)' && rm output/loop",
+    );
+    m.ok("dd if=/dev/zero of=output/sparse bs=1 count=1 seek=100M status=none && rm output/sparse");
     // Entries count too.
     let (code, _, err) = m.sh("for i in $(seq 100); do : > output/f$i || exit 1; done");
     assert_ne!(code, 0);

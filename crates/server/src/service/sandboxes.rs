@@ -553,8 +553,13 @@ impl Service {
             let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
             return Err(e);
         }
-        if let Some(tmp) = runtime.scratch(&sid) {
-            mount.count_scratch(tmp);
+        match runtime.scratch(&sid) {
+            Some(tmp) => mount.count_scratch(tmp),
+            None => tracing::warn!(
+                sandbox_id = %sid,
+                "the sandbox's /tmp cannot be seen from here: it is sized at the disk quota but \
+                 not counted with the delta"
+            ),
         }
         self.engine
             .live
