@@ -79,7 +79,8 @@ def test_agent_safe_hides_secrets_and_protects_source(project, endpoint, audit):
         assert run(sb, "cat /proc/net/dev").stdout.count(":") == 1  # only lo
 
     denied = audit.wait_for("permission_denied", path="/.env.local")
-    assert denied[0]["level"] == "none" and denied[0]["rule"] == "**/.env*"
+    # The server's mandatory floor decides before the preset's own `**/.env*`.
+    assert denied[0]["level"] == "none" and denied[0]["rule"] == "policy.mandatory: **/.env.*"
 
 
 def test_read_only_and_view_only(project, endpoint):
@@ -543,3 +544,39 @@ def test_per_owner_quota(endpoint):
     c.destroy_sandbox(c.create_sandbox(cb.id, permissions=rules).id)  # room again
     c.delete_codebase(cb.id)
     c.close()
+
+
+def test_server_floor_hides_secrets_the_sdk_preset_misses(project, endpoint, http_base, audit):
+    """Issue 15, finding 2: the published SDK expands preset="agent-safe" in the client to the
+    original's list, which has no SSH keys and no cloud credentials, so deploy/id_rsa was
+    readable. The server's mandatory floor (policy.mandatory, on by default) ranks above every
+    client rule."""
+    for rel, text in {
+        "deploy/id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n",
+        "deploy/id_rsa.pub": "ssh-ed25519 AAAA public\n",
+        "home/.aws/credentials": "[default]\naws_secret_access_key=secret\n",
+    }.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    with Sandbox.from_local(str(project), preset="agent-safe", endpoint=endpoint) as sb:
+        for secret in ["deploy/id_rsa", "home/.aws/credentials"]:
+            r = run(sb, f"cat {secret}")
+            assert r.exit_code != 0 and "No such file" in r.stderr, (secret, r)
+        listed = run(sb, "ls -a deploy home").stdout.split()
+        assert "id_rsa" not in listed and ".aws" not in listed, listed
+        # The public half stays readable.
+        assert run(sb, "cat deploy/id_rsa.pub").exit_code == 0
+        audit.wait_for("permission_denied", sandbox_id=sb.id, rule="policy.mandatory: **/id_rsa")
+        # The floor is shown with the sandbox's rules, as a trailing group above everything.
+        c = SandboxClient(endpoint=endpoint)
+        rules = c.get_sandbox(sb.id).permissions
+        floor = [r for r in rules if r.priority == 2**31 - 1]
+        assert any(r.pattern == "**/id_rsa" for r in floor), rules
+        c.close()
+    # Unknown ids of any shape are NOT_FOUND, not a bad request.
+    for bad in ["sb_nope", "sb_0000000000000000", "x"]:
+        try:
+            urllib.request.urlopen(f"{http_base}/v1/sandboxes/{bad}", timeout=10)
+            raise AssertionError(f"{bad} was found")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404, (bad, e.code)

@@ -23,6 +23,20 @@ pub struct PolicyArgs {
     /// `dir:/build=none@50`. TYPE is glob (default), dir or file. Repeatable.
     #[arg(long = "rule", value_name = "RULE")]
     pub rules: Vec<String>,
+
+    /// Take the mandatory floor (rules above all of these: real secret material hidden)
+    /// from this server config's `policy.mandatory` instead of the built-in default.
+    #[arg(
+        long = "server-config",
+        value_name = "FILE",
+        conflicts_with = "no_floor"
+    )]
+    pub server_config: Option<PathBuf>,
+
+    /// Apply no mandatory floor: keys, `.env` files and credentials are then visible unless
+    /// the rules hide them.
+    #[arg(long)]
+    pub no_floor: bool,
 }
 
 impl PolicyArgs {
@@ -50,10 +64,28 @@ impl PolicyArgs {
         Ok(rules)
     }
 
-    /// The compiled policy.
+    /// The mandatory floor: the built-in default, a server config's, or none (`--no-floor`,
+    /// said on stderr).
+    pub fn floor(&self) -> anyhow::Result<Vec<PermissionRule>> {
+        if self.no_floor {
+            eprintln!(
+                "agentfense: warning: --no-floor: private keys, .env files and cloud credentials                  are visible unless the rules hide them"
+            );
+            return Ok(Vec::new());
+        }
+        match &self.server_config {
+            Some(path) => Ok(agentfense_server::config::Config::load(path)
+                .with_context(|| format!("cannot read the floor from {}", path.display()))?
+                .policy
+                .mandatory),
+            None => Ok(presets::default_floor()),
+        }
+    }
+
+    /// The compiled policy: the rules under the mandatory floor.
     pub fn policy(&self) -> anyhow::Result<Policy> {
         let rules = self.rules()?;
-        Policy::compile(rules).map_err(|e| {
+        Policy::compile_with_floor(rules, self.floor()?).map_err(|e| {
             let cause = std::error::Error::source(&e)
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default();
@@ -142,6 +174,8 @@ mod tests {
             preset: "read-only".into(),
             policy_file: Some(f),
             rules: vec!["/x=none@9".into()],
+            server_config: None,
+            no_floor: false,
         };
         assert_eq!(
             args.rules().unwrap(),
@@ -155,12 +189,16 @@ mod tests {
             preset: "nope".into(),
             policy_file: None,
             rules: vec![],
+            server_config: None,
+            no_floor: false,
         };
         assert!(bad.rules().unwrap_err().to_string().contains("agent-safe"));
         let bad_pattern = PolicyArgs {
             preset: "none".into(),
             policy_file: None,
             rules: vec!["**.md=read".into()],
+            server_config: None,
+            no_floor: false,
         };
         let msg = bad_pattern.policy().unwrap_err().to_string();
         assert!(

@@ -144,6 +144,13 @@ struct ExplainJson<'a> {
 pub fn describe(policy: &Policy, d: &Decision) -> String {
     let rule = |r: agentfense_core::RuleRef| {
         let pr = policy.rule(r);
+        if policy.is_floor(r) {
+            // Above every rule of the sandbox, whatever their priorities.
+            return format!(
+                "mandatory floor rule {:?} ({} {}, policy.mandatory)",
+                pr.pattern, pr.pattern_type, pr.permission
+            );
+        }
         format!(
             "rule #{} {:?} ({} {}, priority {})",
             r.index, pr.pattern, pr.pattern_type, pr.permission, pr.priority

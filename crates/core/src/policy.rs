@@ -170,8 +170,11 @@ struct Compiled {
 /// more than one small state vector.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// The client's rules, then the floor's.
     rules: Vec<PermissionRule>,
     ordered: Vec<Compiled>,
+    /// Index in `rules` of the first floor rule.
+    floor_start: usize,
 }
 
 /// Evaluation state for one path, extended one component at a time with
@@ -223,12 +226,25 @@ impl Policy {
     /// Compiles and orders `rules`. Every pattern is checked; the first malformed one is
     /// reported with its index.
     pub fn compile(rules: Vec<PermissionRule>) -> Result<Policy, PolicyError> {
+        Policy::compile_with_floor(rules, Vec::new())
+    }
+
+    /// Compiles `rules` under a mandatory `floor` (the server's `policy.mandatory`): every
+    /// floor rule ranks above every rule of `rules`, whatever their priorities, so no client
+    /// rule can lift it. [`RuleRef`]s count the floor's rules after `rules`' (see
+    /// [`Policy::is_floor`]).
+    pub fn compile_with_floor(
+        mut rules: Vec<PermissionRule>,
+        floor: Vec<PermissionRule>,
+    ) -> Result<Policy, PolicyError> {
         if rules.len() > MAX_RULES {
             return Err(PolicyError::TooManyRules {
                 count: rules.len(),
                 max: MAX_RULES,
             });
         }
+        let floor_start = rules.len();
+        rules.extend(floor);
         let mut ordered = rules
             .iter()
             .enumerate()
@@ -251,17 +267,48 @@ impl Policy {
         ordered.sort_by_key(|c| {
             let r = &rules[c.input.index];
             (
+                c.input.index < floor_start,
                 std::cmp::Reverse(r.priority),
                 std::cmp::Reverse(r.pattern_type.rank()),
                 std::cmp::Reverse(specificity(&r.pattern)),
             )
         });
-        Ok(Policy { rules, ordered })
+        Ok(Policy {
+            rules,
+            ordered,
+            floor_start,
+        })
     }
 
-    /// The rules as given.
+    /// The rules as given: the client's, then the floor's.
     pub fn rules(&self) -> &[PermissionRule] {
         &self.rules
+    }
+
+    /// The client's rules (without the floor).
+    pub fn client_rules(&self) -> &[PermissionRule] {
+        &self.rules[..self.floor_start]
+    }
+
+    /// The mandatory floor's rules.
+    pub fn floor(&self) -> &[PermissionRule] {
+        &self.rules[self.floor_start..]
+    }
+
+    /// Whether `r` is a rule of the mandatory floor.
+    pub fn is_floor(&self, r: RuleRef) -> bool {
+        r.index >= self.floor_start
+    }
+
+    /// The rule behind `r` as audit events and explanations name it: its pattern, prefixed
+    /// with `policy.mandatory: ` for a floor rule.
+    pub fn describe(&self, r: RuleRef) -> String {
+        let pattern = &self.rules[r.index].pattern;
+        if self.is_floor(r) {
+            format!("policy.mandatory: {pattern}")
+        } else {
+            pattern.clone()
+        }
     }
 
     /// The rule behind a [`RuleRef`].
@@ -719,5 +766,27 @@ mod tests {
                 prop_assert_eq!(p.decide(&c, Dir), p.evaluate(&path, Dir));
             }
         }
+    }
+
+    #[test]
+    fn the_floor_outranks_every_client_rule() {
+        use crate::Level::{None as Hidden, Read, Write};
+        let client = vec![
+            PermissionRule::glob("**/*", Read, 0),
+            // A client trying to lift the floor with a higher priority and a more specific rule.
+            PermissionRule::new("deploy/id_rsa", PatternType::File, Write, i32::MAX),
+        ];
+        let p = Policy::compile_with_floor(client, crate::presets::default_floor()).unwrap();
+        let key = SandboxPath::parse("/deploy/id_rsa").unwrap();
+        let d = p.evaluate(&key, NodeKind::File);
+        assert_eq!(d.level, Hidden);
+        let r = d.rule().unwrap();
+        assert!(p.is_floor(r));
+        assert_eq!(p.describe(r), "policy.mandatory: **/id_rsa");
+        assert_eq!(p.client_rules().len(), 2);
+        let src = SandboxPath::parse("/src/credentials.py").unwrap();
+        assert_eq!(p.evaluate(&src, NodeKind::File).level, Read);
+        let bundle = SandboxPath::parse("/.venv/lib/certifi/cacert.pem").unwrap();
+        assert_eq!(p.evaluate(&bundle, NodeKind::File).level, Read);
     }
 }

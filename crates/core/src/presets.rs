@@ -32,6 +32,52 @@ pub const SECRET_PATTERNS: &[&str] = &[
     "**/.pypirc",
 ];
 
+/// The default mandatory floor (server config `policy.mandatory`, `agentfense run`): real
+/// secret material, hidden (`none`) in every sandbox whatever its rules ask. Names only, picked
+/// so that no ordinary file matches: no `*.pem` (CA bundles such as certifi's `cacert.pem` are
+/// public) and no `credentials*` (source files such as `credentials.py`).
+pub const FLOOR_PATTERNS: &[&str] = &[
+    // Environment files with secrets.
+    "**/.env",
+    "**/.env.*",
+    // SSH: the directory and private keys wherever they lie (not `*.pub`).
+    "**/.ssh/**",
+    "**/id_rsa",
+    "**/id_dsa",
+    "**/id_ecdsa",
+    "**/id_ecdsa_sk",
+    "**/id_ed25519",
+    "**/id_ed25519_sk",
+    "**/*.ppk",
+    // Private key and keystore files.
+    "**/*.key",
+    "**/*.p12",
+    "**/*.pfx",
+    "**/*.jks",
+    "**/*.keystore",
+    // Cloud credentials.
+    "**/.aws/**",
+    "**/.gcp/**",
+    "**/.azure/**",
+    "**/.config/gcloud/**",
+    "**/application_default_credentials.json",
+    // Tokens of tools.
+    "**/.netrc",
+    "**/.npmrc",
+    "**/.pypirc",
+    "**/.git-credentials",
+    "**/.docker/config.json",
+    "**/.kube/config",
+];
+
+/// The default mandatory floor's rules (see [`FLOOR_PATTERNS`]).
+pub fn default_floor() -> Vec<PermissionRule> {
+    FLOOR_PATTERNS
+        .iter()
+        .map(|p| PermissionRule::glob(*p, Level::None, 0))
+        .collect()
+}
+
 /// A named, built-in rule set.
 #[derive(Debug, Clone, Copy)]
 pub struct Preset {

@@ -572,7 +572,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         self.shared.audit.denied(op, &shown, d.level, || {
             d.rule().map(|r| {
                 let (policy, _) = self.shared.policy();
-                (r, policy.rule(r).pattern.clone())
+                (r, policy.describe(r))
             })
         });
         debug!(op, path = %shown, level = %d.level, "denied");

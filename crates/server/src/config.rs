@@ -69,6 +69,27 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Logs and the audit trail.
     pub logging: LoggingConfig,
+    /// The policy every sandbox gets, whatever its rules.
+    pub policy: PolicyConfig,
+}
+
+/// `policy.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The mandatory floor: rules applied to every sandbox of every runtime, ranked above all
+    /// of its own rules (no client rule can lift one), named `policy.mandatory: <pattern>` in
+    /// `permission_denied` events. Default: real secret material hidden
+    /// ([`agentfense_core::presets::FLOOR_PATTERNS`]); `[]` turns it off.
+    pub mandatory: Vec<agentfense_core::PermissionRule>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            mandatory: agentfense_core::presets::default_floor(),
+        }
+    }
 }
 
 /// `server.*`
@@ -409,6 +430,9 @@ impl Config {
                     ),
                 });
             }
+        }
+        if let Err(e) = agentfense_core::Policy::compile(self.policy.mandatory.clone()) {
+            return Err(invalid("policy.mandatory", e.to_string()));
         }
         let rt = &self.runtime;
         if rt.default_timeout.is_zero() {

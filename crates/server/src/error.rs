@@ -68,9 +68,11 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// An id that does not parse names nothing: NOT_FOUND, as for any unknown id (what the
+/// original and every peer answer, and what SDKs map to "not found"), with the expected form.
 impl From<IdError> for ServiceError {
     fn from(e: IdError) -> Self {
-        ServiceError::InvalidArgument(e.to_string())
+        ServiceError::NotFound(format!("no such {}: {e}", e.field.trim_end_matches("_id")))
     }
 }
 

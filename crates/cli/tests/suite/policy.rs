@@ -20,7 +20,12 @@ fn explain_matches_the_engine_for_every_path() {
     let mut args = vec!["policy", "explain", "--json", "--preset", "agent-safe"];
     args.extend(paths);
     let out = ok_stdout(&args);
-    let policy = Policy::compile(presets::get("agent-safe").unwrap().rules()).unwrap();
+    // The CLI applies the default mandatory floor above the preset, as the server does.
+    let policy = Policy::compile_with_floor(
+        presets::get("agent-safe").unwrap().rules(),
+        presets::default_floor(),
+    )
+    .unwrap();
     let lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -45,11 +50,52 @@ fn explain_text_names_the_rule() {
     let env = lines.next().unwrap();
     assert!(env.starts_with("/.env "), "{env}");
     assert!(
-        env.contains(" none ") && env.contains("\"**/.env*\""),
+        env.contains(" none ") && env.contains("mandatory floor rule \"**/.env\""),
         "{env}"
     );
     let src = lines.next().unwrap();
     assert!(src.contains(" read ") && src.contains("\"**/*\""), "{src}");
+    // Without the floor (said loudly), the preset's own rule decides.
+    let out = super::util::agentfense(&["policy", "explain", "--no-floor", "/.env"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"**/.env*\""),
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--no-floor"),
+        "{out:?}"
+    );
+}
+
+/// A client rule can never lift the floor, and `--server-config` takes the floor from a server
+/// config (here one that turns it off).
+#[test]
+fn the_floor_outranks_rules_and_follows_the_server_config() {
+    let out = ok_stdout(&[
+        "policy",
+        "explain",
+        "--rule",
+        "file:/deploy/id_rsa=write@2147483647",
+        "/deploy/id_rsa",
+    ]);
+    assert!(
+        out.contains(" none ") && out.contains("policy.mandatory"),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.yaml");
+    std::fs::write(&cfg, "policy:\n  mandatory: []\n").unwrap();
+    let out = ok_stdout(&[
+        "policy",
+        "explain",
+        "--server-config",
+        cfg.to_str().unwrap(),
+        "--rule",
+        "file:/deploy/id_rsa=write@2147483647",
+        "/deploy/id_rsa",
+    ]);
+    assert!(out.contains(" write "), "{out}");
 }
 
 #[test]

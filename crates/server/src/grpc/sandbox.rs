@@ -23,6 +23,13 @@ pub const EXIT_CODE_TRAILER: &str = "x-exit-code";
 #[derive(Debug, Clone)]
 pub struct SandboxApi(pub Arc<Service>);
 
+impl SandboxApi {
+    /// The server's mandatory policy floor, shown with every sandbox's rules.
+    fn floor(&self) -> &[agentfense_core::PermissionRule] {
+        &self.0.settings.config.policy.mandatory
+    }
+}
+
 type OutputStream = Pin<Box<dyn Stream<Item = Result<v1::ExecOutput, Status>> + Send>>;
 
 fn opt_duration(
@@ -141,7 +148,7 @@ impl SandboxService for SandboxApi {
             resources: resources(r.resources.as_ref())?,
         };
         let rec = self.0.create_sandbox(create).await?;
-        Ok(Response::new(wire::sandbox(&rec)))
+        Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
     async fn get_sandbox(
@@ -149,7 +156,7 @@ impl SandboxService for SandboxApi {
         req: Request<v1::GetSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
         let rec = self.0.get_sandbox(&req.into_inner().sandbox_id).await?;
-        Ok(Response::new(wire::sandbox(&rec)))
+        Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
     async fn list_sandboxes(
@@ -162,7 +169,11 @@ impl SandboxService for SandboxApi {
             .list_sandboxes(&r.codebase_id, r.page_size, &r.page_token)
             .await?;
         Ok(Response::new(v1::ListSandboxesResponse {
-            sandboxes: page.items.iter().map(wire::sandbox).collect(),
+            sandboxes: page
+                .items
+                .iter()
+                .map(|s| wire::sandbox(s, self.floor()))
+                .collect(),
             next_page_token: page.next_token,
         }))
     }
@@ -172,7 +183,7 @@ impl SandboxService for SandboxApi {
         req: Request<v1::StartSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
         let rec = self.0.start_sandbox(&req.into_inner().sandbox_id).await?;
-        Ok(Response::new(wire::sandbox(&rec)))
+        Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
     async fn stop_sandbox(
@@ -180,7 +191,7 @@ impl SandboxService for SandboxApi {
         req: Request<v1::StopSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
         let rec = self.0.stop_sandbox(&req.into_inner().sandbox_id).await?;
-        Ok(Response::new(wire::sandbox(&rec)))
+        Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
     async fn destroy_sandbox(

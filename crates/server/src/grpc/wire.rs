@@ -45,12 +45,20 @@ pub(crate) fn runtime(r: RuntimeKind) -> v1::RuntimeType {
     }
 }
 
-pub(crate) fn sandbox(s: &SandboxRecord) -> v1::Sandbox {
+/// A sandbox as the API shows it. Its permissions are its own rules followed by the server's
+/// mandatory `floor` (`policy.mandatory`), which ranks above them all: shown as a trailing
+/// group with priority `i32::MAX`, so a client reading them sees what applies.
+pub(crate) fn sandbox(s: &SandboxRecord, floor: &[agentfense_core::PermissionRule]) -> v1::Sandbox {
     let r = s.resources;
+    let mut rules = s.rules.clone();
+    rules.extend(floor.iter().map(|f| agentfense_core::PermissionRule {
+        priority: i32::MAX,
+        ..f.clone()
+    }));
     v1::Sandbox {
         id: s.id.to_string(),
         codebase_id: s.codebase_id.to_string(),
-        permissions: rules_to_wire(&s.rules),
+        permissions: rules_to_wire(&rules),
         status: sandbox_status(s.status) as i32,
         labels: s.labels.clone().into_iter().collect(),
         created_at: Some(timestamp_from_system_time(s.created_at)),

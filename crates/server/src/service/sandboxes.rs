@@ -473,7 +473,10 @@ impl Service {
                     rec.runtime
                 ))
             })?;
-        let policy = Policy::compile(rec.rules.clone())
+        // The server's mandatory floor ranks above the sandbox's own rules; it applies as the
+        // config says at each start.
+        let floor = self.settings.config.policy.mandatory.clone();
+        let policy = Policy::compile_with_floor(rec.rules.clone(), floor)
             .map_err(|e| ServiceError::internal("compiling stored rules", e))?;
         let (mountpoint, delta) = self.mount_dirs(&rec.id);
         let lower = self.files.dir(&rec.codebase_id);
