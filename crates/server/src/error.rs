@@ -21,9 +21,6 @@ pub enum ServiceError {
     /// The command's timeout expired (DEADLINE_EXCEEDED).
     #[error("{0}")]
     DeadlineExceeded(String),
-    /// Not supported by this server (UNIMPLEMENTED).
-    #[error("{0}")]
-    Unimplemented(String),
     /// The server is shutting down (UNAVAILABLE).
     #[error("{0}")]
     Unavailable(String),
@@ -111,7 +108,6 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
             ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
-            ServiceError::Unimplemented(m) => Status::unimplemented(m),
             ServiceError::Unavailable(m) => Status::unavailable(m),
             ServiceError::Internal { ref context, .. } => {
                 // Logged once, here at the boundary; the client gets no internals.

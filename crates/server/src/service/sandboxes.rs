@@ -237,6 +237,8 @@ fn status_name(s: SandboxStatus) -> &'static str {
 }
 
 impl Engine {
+    /// The lifecycle lock of `id`. Callers check that the sandbox exists first, so that
+    /// requests for unknown ids never add entries (destroy removes them).
     fn lock(&self, id: &SandboxId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.clone()).or_default().clone()
@@ -417,6 +419,7 @@ impl Service {
     /// StartSandbox: PENDING, STOPPED or ERROR → RUNNING.
     pub async fn start_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
         let id = Service::sandbox_id(id)?;
+        self.sandbox(&id).await?;
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let mut rec = self.sandbox(&id).await?;
@@ -599,6 +602,7 @@ impl Service {
     /// automatic mode, unmounts. The delta is kept; Start reuses it.
     pub async fn stop_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
         let id = Service::sandbox_id(id)?;
+        self.sandbox(&id).await?;
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let mut rec = self.sandbox(&id).await?;
@@ -678,6 +682,7 @@ impl Service {
         id: &SandboxId,
         expired: bool,
     ) -> Result<(), ServiceError> {
+        self.sandbox(id).await?;
         let lock = self.engine.lock(id);
         let _g = lock.lock().await;
         let rec = self.sandbox(id).await?;
