@@ -143,7 +143,8 @@ pub struct ExecArgs {
     /// Environment variable `KEY=VALUE` (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// The command (run with /bin/sh -c).
+    /// The command: one argument is a shell command line (run with /bin/sh -c); several are a
+    /// program and its arguments, run exactly as given.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
@@ -572,7 +573,7 @@ pub(crate) fn exec(args: ExecArgs, conn: Conn, out: &mut dyn Write) -> anyhow::R
         let mut c = connect(&conn).await?;
         let req = v1::ExecRequest {
             sandbox_id: args.sandbox,
-            command: args.command.join(" "),
+            command: crate::command_line(&args.command)?,
             env: kv(&args.env, "--env")?,
             workdir: args.workdir.unwrap_or_default(),
             timeout: timeout(args.timeout)?,
@@ -641,7 +642,7 @@ pub(crate) fn session(
                 let r =
                     c.sb.session_exec(v1::SessionExecRequest {
                         session_id: session,
-                        command: command.join(" "),
+                        command: crate::command_line(&command)?,
                         timeout: timeout(t)?,
                     })
                     .await

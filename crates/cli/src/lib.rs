@@ -166,3 +166,38 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Session { cmd, conn } => client_cmd::session(cmd, conn, out),
     }
 }
+
+/// The `/bin/sh -c` command line of the words after `--`: one word is a shell command line as
+/// written (`-- 'make && make test'`); several are a program and its arguments, run exactly
+/// (each quoted: no re-splitting, no globbing, no expansion).
+pub(crate) fn command_line(words: &[String]) -> anyhow::Result<String> {
+    match words {
+        [one] => Ok(one.clone()),
+        _ => shlex::try_join(words.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("cannot pass the command's arguments to the shell: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod command_line_tests {
+    use super::command_line;
+
+    #[test]
+    fn one_word_is_a_shell_line_several_are_an_argv() {
+        let w = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            command_line(&w(&["echo a && echo b"])).unwrap(),
+            "echo a && echo b"
+        );
+        let line = command_line(&w(&[
+            "printf", "%s|%s\\n", "a b", "c", "*", "$HOME", "it's",
+        ]))
+        .unwrap();
+        let back = shlex::split(&line).unwrap();
+        assert_eq!(
+            back,
+            w(&["printf", "%s|%s\\n", "a b", "c", "*", "$HOME", "it's"])
+        );
+        assert!(command_line(&w(&["a", "b\0c"])).is_err());
+    }
+}

@@ -23,7 +23,8 @@ pub struct RunArgs {
     /// Timeout in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
-    /// The command, run with /bin/sh -c.
+    /// The command: one argument is a shell command line (run with /bin/sh -c); several are a
+    /// program and its arguments, run exactly as given.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
@@ -43,7 +44,7 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
         buf
     };
     let req = ExecRequest {
-        command: args.command.join(" "),
+        command: crate::command_line(&args.command)?,
         stdin,
         env: local.env.clone(),
         workdir: String::new(),

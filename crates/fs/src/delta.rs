@@ -1476,21 +1476,21 @@ impl Delta {
         puts.sort_by(|a, b| {
             (a.0.components().count(), &a.0).cmp(&(b.0.components().count(), &b.0))
         });
-        // Published entries keep the owner of what they replace; new ones get the codebase
-        // root's (a user's checkout stays theirs, whatever uid the sandbox wrote as).
-        let root_owner = host::lstat(self.lower.as_fd(), Path::new(""))
-            .map(|st| (st.st_uid, st.st_gid))
-            .ok();
+        // Published entries keep the owner of what they replace; new ones get the owner of
+        // the directory they land in (a user's checkout stays theirs, whatever uid the sandbox
+        // wrote as). Shallowest first, so a new directory is its owner's before its entries.
+        let owner_of = |rel: &Path| {
+            host::lstat(self.lower.as_fd(), rel)
+                .map(|st| (st.st_uid, st.st_gid))
+                .ok()
+        };
         for (p, st) in puts {
             let kind = EntryKind::from(Kind::from_mode(st.st_mode));
             if !(filter.allow)(&p, kind) {
                 report.skipped.push(p);
                 continue;
             }
-            let owner = host::lstat(self.lower.as_fd(), &p)
-                .map(|st| (st.st_uid, st.st_gid))
-                .ok()
-                .or(root_owner);
+            let owner = owner_of(&p).or_else(|| p.ancestors().skip(1).find_map(owner_of));
             let put = self.publish_put(&meta, &p, &st);
             if put.is_ok()
                 && let (Some(owner), Ok((parent, name))) = (owner, host::split(&p))

@@ -124,3 +124,35 @@ fn run_rejects_an_unknown_io_mode() {
         "{err}"
     );
 }
+
+/// Issue 16, finding 1: the words after `--` were joined and re-split by a shell, so
+/// `printf '%s|%s\n' "a b" c` printed garbage. Several words are now an argv, run exactly; one
+/// word stays a shell command line.
+#[test]
+fn several_words_are_an_argv_one_is_a_shell_line() {
+    if !privileged("several_words_are_an_argv_one_is_a_shell_line") {
+        return;
+    }
+    let project = project_with_secrets();
+    let dir = project.path().to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--discard",
+            "--",
+            "printf",
+            "%s|%s|%s\\n",
+            "a b",
+            "*",
+            "$HOME",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "a b|*|$HOME\n"), "{err}");
+    let (code, out, err) = run(
+        data.path(),
+        &[dir, "--discard", "--", "echo one && echo two"],
+    );
+    assert_eq!((code, out.as_str()), (0, "one\ntwo\n"), "{err}");
+}

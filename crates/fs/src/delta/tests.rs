@@ -935,7 +935,7 @@ fn staging_names_in_the_codebase_are_never_in_the_merged_view() {
     assert!(!is_stage_name(b".agentfense-stage-notes"));
 }
 
-/// Published new entries belong to the codebase root's owner (a user's checkout stays theirs
+/// Published new entries belong to their directory's owner (a user's checkout stays theirs
 /// whatever uid the sandbox wrote as); replaced ones keep the owner they had. (Needs root to
 /// chown; skipped loudly otherwise.)
 #[test]
@@ -950,6 +950,10 @@ fn published_entries_keep_the_codebase_owners() {
     write(&f.d, "new.txt", "new\n");
     write(&f.d, "README", "changed\n");
     f.d.mkdir(p("newdir"), 0o755, None).unwrap();
+    f.d.mkdir(p("newdir/sub"), 0o755, None).unwrap();
+    write(&f.d, "newdir/sub/deep.txt", "deep\n");
+    std::os::unix::fs::chown(f.lower.join("src"), Some(777), Some(778)).unwrap();
+    write(&f.d, "src/added.rs", "fn added() {}\n");
     f.d.publish(&PublishFilter::default()).unwrap();
     let owner = |rel: &str| {
         let m = std::fs::symlink_metadata(f.lower.join(rel)).unwrap();
@@ -957,6 +961,9 @@ fn published_entries_keep_the_codebase_owners() {
     };
     assert_eq!(owner("new.txt"), (4321, 4322));
     assert_eq!(owner("newdir"), (4321, 4322));
+    assert_eq!(owner("newdir/sub/deep.txt"), (4321, 4322));
+    // A new file takes its directory's owner.
+    assert_eq!(owner("src/added.rs"), (777, 778));
     assert_eq!(owner("README"), (555, 556));
 }
 
