@@ -146,6 +146,32 @@ impl IdPool {
     }
 }
 
+/// Why this host will not let an unprivileged uid (bwrap, as a sandbox's block) create a user
+/// namespace, judged from the knobs distributions use, or `None` when nothing forbids it.
+/// `read` gives a sysctl's value (`None`: absent on this kernel).
+pub fn userns_unavailable(read: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let num = |key: &str| read(key).and_then(|v| v.trim().parse::<i64>().ok());
+    if num("/proc/sys/user/max_user_namespaces") == Some(0) {
+        return Some("user.max_user_namespaces is 0".into());
+    }
+    if num("/proc/sys/kernel/unprivileged_userns_clone") == Some(0) {
+        return Some("kernel.unprivileged_userns_clone is 0".into());
+    }
+    if num("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == Some(1) {
+        return Some(
+            "kernel.apparmor_restrict_unprivileged_userns is 1 (AppArmor confines unprivileged \
+             user namespaces)"
+                .into(),
+        );
+    }
+    None
+}
+
+/// [`userns_unavailable`] on this host.
+pub fn host_userns_unavailable() -> Option<String> {
+    userns_unavailable(|path| std::fs::read_to_string(path).ok())
+}
+
 /// Maps ids `0..SLOT_SIZE` of the user namespace of process `pid` onto `lease`'s block
 /// (uids and gids). The caller must be host root.
 pub fn write_maps(pid: u32, lease: &IdLease) -> io::Result<()> {
@@ -512,6 +538,30 @@ mod tests {
         drop(a);
         assert_eq!(other.lease().unwrap().base(), freed);
         assert_eq!(b.host_id(1000), b.base() + 1000);
+    }
+
+    #[test]
+    fn hosts_that_forbid_unprivileged_user_namespaces_are_named() {
+        let host = |vals: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vals.iter()
+                    .find(|(p, _)| k.ends_with(p))
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(
+            userns_unavailable(host(&[("max_user_namespaces", "96367\n")])),
+            None
+        );
+        assert_eq!(userns_unavailable(host(&[])), None);
+        for (knob, v) in [
+            ("max_user_namespaces", "0\n"),
+            ("unprivileged_userns_clone", "0\n"),
+            ("apparmor_restrict_unprivileged_userns", "1\n"),
+        ] {
+            let why = userns_unavailable(move |k: &str| k.ends_with(knob).then(|| v.to_owned()));
+            assert!(why.is_some_and(|w| w.contains(knob)), "{knob}");
+        }
     }
 
     #[test]

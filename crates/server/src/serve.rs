@@ -216,7 +216,17 @@ pub fn bwrap_runtime(
     cfg.allow_network = rt.allow_network;
     cfg.sandbox_nofile = raise_nofile_limit();
     if rt.user_namespace {
-        use agentfense_runtime::userns::{DEFAULT_LEASE_DIR, DEFAULT_SLOTS, IdPool};
+        use agentfense_runtime::userns::{
+            DEFAULT_LEASE_DIR, DEFAULT_SLOTS, IdPool, host_userns_unavailable,
+        };
+        if let Some(why) = host_userns_unavailable() {
+            return Err(ServeError::Host(format!(
+                "each sandbox runs in a user namespace of its own, created by an unprivileged \
+                 uid, but this host forbids that: {why}. Allow unprivileged user namespaces, or \
+                 set runtime.user_namespace: false (every sandbox then shares host uid 1000 and \
+                 its init runs as host root; see docs/security.md)"
+            )));
+        }
         let pool = IdPool::new(
             rt.sandbox_uid_base,
             DEFAULT_SLOTS,
