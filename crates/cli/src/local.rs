@@ -212,13 +212,31 @@ impl LocalSandbox {
 
     /// Starts a bubblewrap sandbox over the mount, runs `body` with the runtime and the
     /// sandbox id, and destroys the sandbox again (also when `body` fails). Resource limit
-    /// hits are reported on stderr.
+    /// hits are reported on stderr. `body` handles signals itself (`agentfense shell`).
     pub async fn with_sandbox<T>(
         &self,
         body: impl AsyncFnOnce(&BwrapRuntime, &str) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
+        self.with_sandbox_until(body, false).await
+    }
+
+    /// [`Self::with_sandbox`], also stopped (the sandbox destroyed, the error [`Interrupted`])
+    /// when SIGINT, SIGTERM or SIGHUP arrives: a killed `agentfense run` leaves no process and,
+    /// after [`Self::finish_interrupted`], no mount behind.
+    pub async fn with_sandbox_interruptible<T>(
+        &self,
+        body: impl AsyncFnOnce(&BwrapRuntime, &str) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.with_sandbox_until(body, true).await
+    }
+
+    async fn with_sandbox_until<T>(
+        &self,
+        body: impl AsyncFnOnce(&BwrapRuntime, &str) -> anyhow::Result<T>,
+        on_signals: bool,
+    ) -> anyhow::Result<T> {
         let runtime = &self.runtime;
-        let result = async {
+        let work = async {
             runtime
                 .start(LOCAL_ID)
                 .await
@@ -227,8 +245,18 @@ impl LocalSandbox {
                 self.mount.count_scratch(tmp);
             }
             body(runtime, LOCAL_ID).await
-        }
-        .await;
+        };
+        let stop = async {
+            if on_signals {
+                termination_signal().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let result = tokio::select! {
+            r = work => r,
+            signal = stop => Err(anyhow::Error::new(Interrupted(signal))),
+        };
         let _ = runtime.destroy(LOCAL_ID).await;
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(ev) = events.try_recv() {
@@ -236,6 +264,15 @@ impl LocalSandbox {
             eprintln!("agentfense: the command hit the {} limit", limit.as_str());
         }
         result
+    }
+
+    /// After [`Interrupted`]: nothing is applied (the command did not finish), the rest as
+    /// [`Self::finish`].
+    pub fn finish_interrupted(mut self, signal: i32) -> anyhow::Result<ExitCode> {
+        eprintln!("agentfense: interrupted by signal {signal}: the command was stopped");
+        self.apply = false;
+        self.finish()?;
+        Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(255)))
     }
 
     /// Prints what the sandbox changed (judged against the directory), applies or discards
@@ -304,4 +341,40 @@ impl LocalSandbox {
 /// A sandboxed program's exit code as ours (`-1` becomes 255, `256 + n` wraps like a shell).
 pub(crate) fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(if code < 0 { 255 } else { (code % 256) as u8 }))
+}
+
+/// A local run ended by a signal (its number): the sandbox is destroyed, the mount still there
+/// for [`LocalSandbox::finish_interrupted`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Interrupted(pub i32);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted by signal {}", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Signal numbers (the same on every Linux architecture).
+const SIGHUP: i32 = 1;
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+
+/// The first of SIGINT, SIGTERM and SIGHUP to arrive (never, for one that cannot be watched).
+async fn termination_signal() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let watch = |kind: SignalKind| async move {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = watch(SignalKind::interrupt()) => SIGINT,
+        () = watch(SignalKind::terminate()) => SIGTERM,
+        () = watch(SignalKind::hangup()) => SIGHUP,
+    }
 }

@@ -54,7 +54,7 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let code = rt.block_on(local.with_sandbox(async |runtime, id| {
+    let code = rt.block_on(local.with_sandbox_interruptible(async |runtime, id| {
         let mut stream = runtime.exec_stream(id, req).await?;
         let mut code = 0;
         while let Some(ev) = stream.next().await {
@@ -73,7 +73,14 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
             }
         }
         Ok(code)
-    }))?;
+    }));
+    let code = match code {
+        Ok(code) => code,
+        Err(e) => match e.downcast_ref::<crate::local::Interrupted>() {
+            Some(crate::local::Interrupted(signal)) => return local.finish_interrupted(*signal),
+            None => return Err(e),
+        },
+    };
     local.finish()?;
     Ok(exit_code(code))
 }

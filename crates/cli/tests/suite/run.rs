@@ -156,3 +156,57 @@ fn several_words_are_an_argv_one_is_a_shell_line() {
     );
     assert_eq!((code, out.as_str()), (0, "one\ntwo\n"), "{err}");
 }
+
+/// Issue 16: a run killed by a signal left its mount (and, had bwrap outlived it, processes)
+/// behind. Now SIGTERM stops the command, destroys the sandbox, keeps the changes (nothing is
+/// applied) and unmounts; the exit code is 128 + 15.
+#[test]
+fn a_killed_run_cleans_up_its_mount_and_processes() {
+    use std::io::BufRead;
+    if !privileged("a_killed_run_cleans_up_its_mount_and_processes") {
+        return;
+    }
+    let project = project_with_secrets();
+    let dir = project.path().to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+        .args(["run", "--data-dir"])
+        .arg(data.path())
+        .args([
+            dir,
+            "--apply",
+            "--",
+            "echo kept > output/k.txt; echo started; exec sleep 4242",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Handshake: the command has run once it says so.
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("interrupted by signal 15"), "{err}");
+    let data_dir = data.path().to_str().unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(data_dir), "a mount is left: {mounts}");
+    let sleeping = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| c == b"sleep\x004242\x00");
+    assert!(!sleeping, "the command's process outlived the run");
+    // Nothing was applied (the command did not finish); the change is kept.
+    assert!(!project.path().join("output/k.txt").exists());
+    assert!(err.contains("A output/k.txt"), "{err}");
+}
