@@ -20,14 +20,17 @@ fn run(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A project with secrets and a data directory, when the privileged tests can run here.
+fn local(test: &str) -> Option<(tempfile::TempDir, tempfile::TempDir)> {
+    privileged(test).then(|| (project_with_secrets(), tempfile::tempdir().unwrap()))
+}
+
 #[test]
 fn run_under_agent_safe_then_apply() {
-    if !privileged("run_under_agent_safe_then_apply") {
+    let Some((project, data)) = local("run_under_agent_safe_then_apply") else {
         return;
-    }
-    let project = project_with_secrets();
+    };
     let dir = project.path().to_str().unwrap();
-    let data = tempfile::tempdir().unwrap();
 
     let (code, out, err) = run(data.path(), &[dir, "--", "ls -a; cat .env"]);
     assert_ne!(code, 0);
@@ -91,12 +94,10 @@ fn run_under_agent_safe_then_apply() {
 
 #[test]
 fn run_in_passthrough_io_mode_reads_and_writes() {
-    if !privileged("run_in_passthrough_io_mode_reads_and_writes") {
+    let Some((project, data)) = local("run_in_passthrough_io_mode_reads_and_writes") else {
         return;
-    }
-    let project = project_with_secrets();
+    };
     let dir = project.path().to_str().unwrap();
-    let data = tempfile::tempdir().unwrap();
     let (code, out, err) = run(
         data.path(),
         &[
@@ -130,12 +131,10 @@ fn run_rejects_an_unknown_io_mode() {
 /// word stays a shell command line.
 #[test]
 fn several_words_are_an_argv_one_is_a_shell_line() {
-    if !privileged("several_words_are_an_argv_one_is_a_shell_line") {
+    let Some((project, data)) = local("several_words_are_an_argv_one_is_a_shell_line") else {
         return;
-    }
-    let project = project_with_secrets();
+    };
     let dir = project.path().to_str().unwrap();
-    let data = tempfile::tempdir().unwrap();
     let (code, out, err) = run(
         data.path(),
         &[
@@ -163,12 +162,10 @@ fn several_words_are_an_argv_one_is_a_shell_line() {
 #[test]
 fn a_killed_run_cleans_up_its_mount_and_processes() {
     use std::io::BufRead;
-    if !privileged("a_killed_run_cleans_up_its_mount_and_processes") {
+    let Some((project, data)) = local("a_killed_run_cleans_up_its_mount_and_processes") else {
         return;
-    }
-    let project = project_with_secrets();
+    };
     let dir = project.path().to_str().unwrap();
-    let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentfense"))
         .args(["run", "--data-dir"])
         .arg(data.path())

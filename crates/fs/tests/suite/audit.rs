@@ -85,11 +85,7 @@ fn open_files_held_for_a_sandbox_are_capped() {
     });
     let rx = m.h().events();
     let script = "import errno\nheld = []\ntry:\n    for i in range(50):\n        held.append(open(f'output/f{i}', 'w'))\nexcept OSError as e:\n    print(len(held), errno.errorcode[e.errno])\nfor f in held:\n    f.close()\nopen('output/again', 'w').close()\nprint('again')\n";
-    let out = Command::new("timeout")
-        .args(["-k", "2", "30", "python3", "-c", script])
-        .current_dir(m.mnt())
-        .output()
-        .unwrap();
+    let out = m.python(script);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // The cap counts every host file the daemon holds, the bounded read cache included.
     let (held, rest) = stdout.split_once(' ').unwrap();
@@ -105,11 +101,7 @@ fn open_files_held_for_a_sandbox_are_capped() {
     // unlink it; the daemon keeps the host file for the open descriptor. Past the cap the
     // unlink is refused instead.
     let script = "import errno, os\nfor i in range(50):\n    open(f'output/p{i}', 'w').close()\nfds = [os.open(f'output/p{i}', os.O_RDONLY) for i in range(50)]\nrefused = 0\nfor i in range(50):\n    try:\n        os.unlink(f'output/p{i}')\n    except OSError as e:\n        assert e.errno == errno.EMFILE, e\n        refused += 1\nprint(refused > 0)\n";
-    let out = Command::new("timeout")
-        .args(["-k", "2", "30", "python3", "-c", script])
-        .current_dir(m.mnt())
-        .output()
-        .unwrap();
+    let out = m.python(script);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "True\n", "{out:?}");
     assert!(m.h().stats().open_files <= 10, "{:?}", m.h().stats());
 }

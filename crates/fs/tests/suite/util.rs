@@ -91,17 +91,22 @@ impl Mnt {
         out
     }
 
+    /// Runs the Python program `script` in the mount (killed after 30 s).
+    pub fn python(&self, script: &str) -> std::process::Output {
+        Command::new("timeout")
+            .args(["-k", "2", "30", "python3", "-c", script])
+            .current_dir(self.mnt())
+            .output()
+            .unwrap()
+    }
+
     /// Runs a Python statement in the mount and returns `ok` or the errno name it raised
     /// (plus the printed value, if the statement is an expression).
     pub fn py(&self, stmt: &str) -> String {
         let prog = format!(
             "import os, errno, stat\nS = {stmt:?}\ntry:\n    code, mode = compile(S, 'x', 'eval'), 'eval'\nexcept SyntaxError:\n    code, mode = compile(S, 'x', 'exec'), 'exec'\ntry:\n    r = eval(code) if mode == 'eval' else exec(code)\n    print('ok' if r is None else 'ok ' + repr(r))\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
         );
-        let out = Command::new("timeout")
-            .args(["-k", "2", "30", "python3", "-c", &prog])
-            .current_dir(self.mnt())
-            .output()
-            .unwrap();
+        let out = self.python(&prog);
         assert_ne!(out.status.code(), Some(124), "timed out: {stmt}");
         let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if s.is_empty() {
