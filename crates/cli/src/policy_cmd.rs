@@ -1,11 +1,14 @@
 //! `agentfense policy explain|show` and `agentfense presets`.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use agentfense_core::{Basis, Cursor, Decision, Level, NodeKind, Policy, SandboxPath, presets};
+use agentfense_core::{
+    Basis, Cursor, Decision, Level, NodeKind, Policy, SandboxPath, Tree, presets,
+};
 use anyhow::Context;
 use clap::Subcommand;
 use serde::Serialize;
@@ -18,7 +21,8 @@ pub enum PolicyCommand {
     /// For each path, print its level and the rule that decided it.
     ///
     /// A path ending in `/` is treated as a directory; with `--root DIR` the kind is read from
-    /// the real tree instead.
+    /// the real tree instead, and a directory shown only for traversal is shown only if
+    /// something below it in that tree is visible (as the mount does).
     ///
     /// Example: agentfense policy explain --preset agent-safe /.env /src/main.py /output/
     Explain {
@@ -60,6 +64,7 @@ pub(crate) fn run(cmd: PolicyCommand, out: &mut dyn Write) -> anyhow::Result<Exi
             paths,
         } => {
             let policy = policy.policy()?;
+            let tree = root.as_ref().map(|_| HostTree::default());
             for raw in &paths {
                 let path = SandboxPath::parse(raw)
                     .with_context(|| format!("invalid sandbox path {raw:?}"))?;
@@ -69,7 +74,15 @@ pub(crate) fn run(cmd: PolicyCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                     None if path.is_root() => NodeKind::Dir,
                     None => NodeKind::File,
                 };
-                let d = policy.evaluate(&path, kind);
+                let d = match (&tree, &root) {
+                    (Some(tree), Some(root)) => policy.decide_in(
+                        tree,
+                        &root.join(path.relative()),
+                        &policy.cursor(&path),
+                        kind,
+                    ),
+                    _ => policy.evaluate(&path, kind),
+                };
                 if json {
                     let line = ExplainJson {
                         path: path.as_str(),
@@ -105,8 +118,10 @@ pub(crate) fn run(cmd: PolicyCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                 "{:<5}  /",
                 policy.evaluate(&SandboxPath::root(), NodeKind::Dir).level
             )?;
+            let tree = HostTree::default();
             let mut walker = Show {
                 policy: &policy,
+                tree: &tree,
                 reveal,
                 counts: &mut counts,
                 out,
@@ -169,7 +184,7 @@ pub fn describe(policy: &Policy, d: &Decision) -> String {
         }
         Basis::Traversal { via } => {
             format!(
-                "traversable directory: something below it is granted by {}",
+                "traversable directory, shown while something below it is visible: granted by {}",
                 rule(via)
             )
         }
@@ -187,8 +202,42 @@ fn kind_on_disk(root: &Path, path: &SandboxPath) -> anyhow::Result<NodeKind> {
     })
 }
 
+/// A host directory as the engine walks it, with its verdicts remembered.
+#[derive(Default)]
+struct HostTree {
+    verdicts: RefCell<HashMap<PathBuf, bool>>,
+}
+
+impl Tree for HostTree {
+    type Node = PathBuf;
+
+    fn children(&self, dir: &PathBuf) -> Vec<(PathBuf, String, NodeKind)> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| {
+                // `file_type` does not follow symlinks, like the mount.
+                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                let kind = if is_dir { NodeKind::Dir } else { NodeKind::File };
+                (e.path(), e.file_name().to_string_lossy().into_owned(), kind)
+            })
+            .collect()
+    }
+
+    fn cached(&self, dir: &PathBuf) -> Option<bool> {
+        self.verdicts.borrow().get(dir).copied()
+    }
+
+    fn remember(&self, dir: &PathBuf, shown: bool) {
+        self.verdicts.borrow_mut().insert(dir.clone(), shown);
+    }
+}
+
 struct Show<'a> {
     policy: &'a Policy,
+    tree: &'a HostTree,
     reveal: bool,
     counts: &'a mut BTreeMap<Level, usize>,
     out: &'a mut dyn Write,
@@ -223,7 +272,9 @@ impl Show<'_> {
             let level = if hidden_above {
                 Level::None
             } else {
-                self.policy.decide(&cur, kind).level
+                self.policy
+                    .decide_in(self.tree, &host.join(&name), &cur, kind)
+                    .level
             };
             *self.counts.entry(level).or_default() += 1;
             if level.is_visible() || self.reveal {

@@ -14,6 +14,7 @@ mod path;
 mod pattern;
 mod policy;
 pub mod presets;
+mod tree;
 
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
 pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus, parse_size};
@@ -23,3 +24,4 @@ pub use policy::{
     Basis, Cursor, Decision, MAX_RULES, NodeKind, PermissionRule, Policy, PolicyError, RuleRef,
     specificity,
 };
+pub use tree::Tree;

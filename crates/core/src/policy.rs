@@ -371,6 +371,16 @@ impl Policy {
 
     /// The decision for the path a cursor stands for.
     pub fn decide(&self, cur: &Cursor, kind: NodeKind) -> Decision {
+        self.decide_inner(cur, kind == NodeKind::Dir)
+    }
+
+    /// The decision a directory has without traversal (rule 3): what it is when nothing
+    /// below it is visible. Used by [`Policy::decide_in`].
+    pub(crate) fn decide_untraversed(&self, cur: &Cursor) -> Decision {
+        self.decide_inner(cur, false)
+    }
+
+    fn decide_inner(&self, cur: &Cursor, traversable: bool) -> Decision {
         let own = cur.own.map(|rank| (rank, &self.ordered[rank]));
         if cur.depth == 0 {
             let level = own.map_or(Level::None, |(_, c)| c.level).max(Level::View);
@@ -391,8 +401,7 @@ impl Policy {
                 basis: Basis::Rule(c.input),
             };
         }
-        if kind == NodeKind::Dir
-            && let Some(via) = self.traversal(cur, own, blocker_rank)
+        if traversable && let Some(via) = self.traversal(cur, own, blocker_rank)
         {
             return Decision {
                 level: Level::View,

@@ -62,10 +62,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use agentfense_core::{Decision, Level, NodeKind, Policy};
+use agentfense_core::{Basis, Cursor, Decision, Level, NodeKind, Policy};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -79,6 +79,7 @@ use crate::delta::{Attr, Delta, EntryKind, Layer};
 use crate::error::FsError;
 use crate::mount::IoMode;
 use crate::quota::allocated;
+use shown::{MergedView, ShownDirs, Vanished};
 
 /// Options of the adapter (a subset of `FsConfig`).
 #[derive(Clone, Debug)]
@@ -352,6 +353,11 @@ pub(crate) struct Shared {
     pub(crate) write_gate: RwLock<()>,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) daemon_opens: AtomicU64,
+    /// Verdicts on directories shown only for traversal (see [`shown`]).
+    pub(crate) shown: Mutex<ShownDirs>,
+    /// Where to send the names of directories that vanished, for the kernel to forget (set
+    /// by the mount once its session exists).
+    pub(crate) vanished: OnceLock<Vanished>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -371,6 +377,8 @@ impl Shared {
             write_gate: RwLock::new(()),
             passthrough_opens: AtomicU64::new(0),
             daemon_opens: AtomicU64::new(0),
+            shown: Mutex::new(ShownDirs::default()),
+            vanished: OnceLock::new(),
         }
     }
 
@@ -383,6 +391,7 @@ impl Shared {
         let mut g = self.policy.write().unwrap_or_else(|p| p.into_inner());
         g.0 = Arc::new(policy);
         g.1 += 1;
+        lock(&self.shown).clear();
     }
 
     /// Whether `rel` has a CREATE or passthrough handle open. A published file that is still
@@ -422,20 +431,12 @@ impl Shared {
     }
 }
 
-type RootFn<C> = fn(&Policy) -> C;
-type ChildFn<C> = fn(&Policy, &C, &str) -> C;
-type DecideFn<C> = fn(&Policy, &C, NodeKind) -> Decision;
-
-/// The filesystem. Generic over the engine's cursor type only because `agentfense-core`
-/// does not export `Cursor` by name; `C` is always that type (see `crate::mount`).
-pub(crate) struct PolicyFs<C> {
+/// The filesystem.
+pub(crate) struct PolicyFs {
     shared: Arc<Shared>,
     opts: FsOptions,
-    root: RootFn<C>,
-    child: ChildFn<C>,
-    decide: DecideFn<C>,
     /// Cursor per inode, valid for policy generation `.0`.
-    cursors: Mutex<(u64, HashMap<u64, C>)>,
+    cursors: Mutex<(u64, HashMap<u64, Cursor>)>,
     /// Listings being read (READDIR at offset 0 builds one, the empty end of it drops it).
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     /// [`IoMode::Passthrough`]: per-inode open state, and whether the kernel took passthrough.
@@ -473,20 +474,11 @@ fn check_name(name: &OsStr) -> Result<(), FsError> {
     Ok(())
 }
 
-impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        opts: FsOptions,
-        root: RootFn<C>,
-        child: ChildFn<C>,
-        decide: DecideFn<C>,
-    ) -> Self {
+impl PolicyFs {
+    pub(crate) fn new(shared: Arc<Shared>, opts: FsOptions) -> Self {
         PolicyFs {
             shared,
             opts,
-            root,
-            child,
-            decide,
             cursors: Mutex::new((0, HashMap::new())),
             listings: Mutex::new(HashMap::new()),
             pt: Mutex::new(HashMap::new()),
@@ -506,7 +498,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     }
 
     /// The cursor of the path of `ino` under `policy` (generation `gen`).
-    fn cursor(&self, policy: &Policy, gen_: u64, path: &Path) -> C {
+    fn cursor(&self, policy: &Policy, gen_: u64, path: &Path) -> Cursor {
         let mut cache = lock(&self.cursors);
         if cache.0 != gen_ {
             cache.0 = gen_;
@@ -516,7 +508,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         let ino_of = |p: &Path| nodes.by_path.get(p).copied();
         // Walk up to the nearest cached ancestor, then step down.
         let mut chain: Vec<&Path> = Vec::new();
-        let mut start: Option<C> = None;
+        let mut start: Option<Cursor> = None;
         for anc in path.ancestors() {
             if let Some(c) = ino_of(anc).and_then(|i| cache.1.get(&i)) {
                 start = Some(c.clone());
@@ -530,7 +522,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         let mut cur = match start {
             Some(c) => c,
             None => {
-                let c = (self.root)(policy);
+                let c = policy.cursor_root();
                 cache.1.insert(1, c.clone());
                 c
             }
@@ -540,7 +532,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
                 .file_name()
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default();
-            cur = (self.child)(policy, &cur, &name);
+            cur = policy.cursor_child(&cur, &name);
             if let Some(i) = ino_of(p) {
                 cache.1.insert(i, cur.clone());
             }
@@ -552,7 +544,40 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
     fn decision(&self, path: &Path, kind: EntryKind) -> Decision {
         let (policy, gen_) = self.shared.policy();
         let c = self.cursor(&policy, gen_, path);
-        (self.decide)(&policy, &c, kind_of(kind))
+        self.decide(&policy, &c, path, kind)
+    }
+
+    /// The decision for `path` (cursor `c`) in this mount's merged view: a directory shown
+    /// only for traversal must hold something visible (see [`shown`]).
+    fn decide(&self, policy: &Policy, c: &Cursor, path: &Path, kind: EntryKind) -> Decision {
+        let d = policy.decide(c, kind_of(kind));
+        if !matches!(d.basis, Basis::Traversal { .. }) {
+            return d;
+        }
+        let view = MergedView {
+            shared: &self.shared,
+            generation: lock(&self.shared.shown).generation(),
+            ttl: self.opts.entry_ttl,
+        };
+        policy.decide_in(&view, &path.to_path_buf(), c, kind_of(kind))
+    }
+
+    /// After `path` left this mount's view (unlink, rmdir, the source of a rename): forgets
+    /// the verdicts it changed, and has the kernel forget the ancestors that vanished with it.
+    fn removed(&self, path: &Path, dir: bool) {
+        let had = lock(&self.shared.shown).forget(path, dir);
+        for (anc, was_shown) in had {
+            if !was_shown || self.decision(&anc, EntryKind::Dir).level != Level::None {
+                continue;
+            }
+            let parent = anc.parent().unwrap_or(Path::new(""));
+            let ino = lock(&self.shared.nodes).by_path.get(parent).copied();
+            if let (Some(ino), Some(name), Some(tx)) =
+                (ino, anc.file_name(), self.shared.vanished.get())
+            {
+                let _ = tx.send((ino, name.to_os_string()));
+            }
+        }
     }
 
     /// Reports a denial and returns its error: ENOENT for a hidden path, else EACCES.
@@ -1087,6 +1112,7 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         }
         self.charge_detached(pinned);
         lock(&self.shared.nodes).detach(&path);
+        self.removed(&path, dir);
         Ok(())
     }
 
@@ -1164,6 +1190,8 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         lock(&self.shared.nodes).moved(&from, &to);
         // Cursors depend on paths: recompute lazily.
         lock(&self.cursors).1.clear();
+        lock(&self.shared.shown).forget(&to, true);
+        self.removed(&from, src.kind == EntryKind::Dir);
         Ok(())
     }
 
@@ -1391,13 +1419,17 @@ impl<C: Clone + Send + Sync + 'static> PolicyFs<C> {
         let mut entries = Vec::with_capacity(listing.len() + 2);
         entries.push((ino, FileType::Directory, OsString::from(".")));
         entries.push((ino, FileType::Directory, OsString::from("..")));
-        let mut nodes = lock(&self.shared.nodes);
+        let mut shown = Vec::with_capacity(listing.len());
         for (name, kind) in listing {
-            let c = (self.child)(&policy, &parent_cursor, &name.to_string_lossy());
-            if (self.decide)(&policy, &c, kind_of(kind)).level == Level::None {
-                continue;
+            let c = policy.cursor_child(&parent_cursor, &name.to_string_lossy());
+            let child = path.join(&name);
+            if self.decide(&policy, &c, &child, kind).level != Level::None {
+                shown.push((child, kind, name));
             }
-            let child_ino = nodes.get_or_insert(&path.join(&name));
+        }
+        let mut nodes = lock(&self.shared.nodes);
+        for (child, kind, name) in shown {
+            let child_ino = nodes.get_or_insert(&child);
             entries.push((child_ino, file_type(kind), name));
         }
         drop(nodes);
@@ -1506,7 +1538,7 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(code)
 }
 
-impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
+impl Filesystem for PolicyFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // No READDIRPLUS: with it the kernel re-asks for the attributes of every entry on
         // each listing, which made warm `git status`/`ls` 2-3x slower than plain READDIR plus
@@ -1934,5 +1966,6 @@ impl<C: Clone + Send + Sync + 'static> Filesystem for PolicyFs<C> {
     }
 }
 
+mod shown;
 #[cfg(test)]
 mod tests;

@@ -100,6 +100,26 @@ fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], changed: 
     // changed one is re-opened on the next read.
     shared.pin_io(&gone);
     shared.invalidate_io(&present);
+    // Directories shown only for traversal may appear or vanish with what changed below them.
+    let mut ancestors: Vec<PathBuf> = Vec::new();
+    if changed {
+        let mut shown = shared.shown.lock().unwrap_or_else(|p| p.into_inner());
+        for p in paths {
+            ancestors.extend(shown.forget(p, true).into_iter().map(|(a, _)| a));
+        }
+    }
+    ancestors.sort();
+    ancestors.dedup();
+    for a in &ancestors {
+        let parent = a.parent().unwrap_or(Path::new(""));
+        let ino = {
+            let nodes = shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.by_path.get(parent).copied()
+        };
+        if let (Some(ino), Some(name)) = (ino, a.file_name()) {
+            let _ = notifier.inval_entry(INodeNo(ino), name);
+        }
+    }
     let targets: Vec<(Option<u64>, Option<u64>, PathBuf)> = {
         let mut nodes = shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let targets = paths
@@ -143,6 +163,25 @@ fn notify_mounts(lower: &Path, paths: &[PathBuf], except: Option<u64>) {
     for (shared, notifier) in targets {
         invalidate(&shared, &notifier, paths, true);
     }
+}
+
+/// Starts the thread that tells the kernel to forget directories that vanished from the view
+/// after a removal through the mount (never from inside a request: the kernel may hold locks
+/// that request is waiting for). It ends when the filesystem is dropped. Without it, the
+/// kernel forgets them when their entry TTL ends.
+fn forget_vanished(shared: &Shared, notifier: Notifier) {
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+    let _ = shared.vanished.set(tx);
+    std::thread::Builder::new()
+        .name("fuse-vanished".into())
+        .spawn(move || {
+            for (parent, name) in rx {
+                // Best effort: ENOENT when the kernel did not cache the name.
+                let _ = notifier.inval_entry(INodeNo(parent), &name);
+            }
+        })
+        .map(drop)
+        .unwrap_or_else(|e| warn!(error = %e, "cannot start the fuse-vanished thread"));
 }
 
 /// Everything needed to mount one sandbox's view.
@@ -312,14 +351,7 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         io_mode: config.io_mode,
         max_open_files: config.max_open_files,
     };
-    // `Policy::cursor_*` fix the cursor type; see `PolicyFs`.
-    let fs = PolicyFs::new(
-        shared.clone(),
-        opts,
-        Policy::cursor_root,
-        Policy::cursor_child,
-        Policy::decide,
-    );
+    let fs = PolicyFs::new(shared.clone(), opts);
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),
@@ -342,6 +374,7 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         }
     })?;
     info!(mountpoint = %config.mountpoint.display(), sandbox_id = %config.sandbox_id, "mounted");
+    forget_vanished(&shared, session.notifier());
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     registry().push(Registered {
         id,

@@ -223,3 +223,39 @@ fn presets_lists_every_preset() {
     let json: serde_json::Value = serde_json::from_str(&ok_stdout(&["presets", "--json"])).unwrap();
     assert_eq!(json["read-only"][0]["permission"], "read");
 }
+
+#[test]
+fn show_and_explain_hide_directories_with_nothing_visible_below() {
+    let dir = tempfile::tempdir().unwrap();
+    for p in [
+        "src/pkg/deep/leaf.py",
+        "docs/guide.md",
+        "secrets/db.txt",
+        "top.py",
+    ] {
+        let path = dir.path().join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "x").unwrap();
+    }
+    let root = dir.path().to_str().unwrap();
+    let rules = ["--preset", "none", "--rule", "**/*.py=read"];
+    let mut args = vec!["policy", "show"];
+    args.extend(rules);
+    args.push(root);
+    let out = ok_stdout(&args);
+    let shown: Vec<String> = parse_show(&out).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        shown,
+        ["/", "/src/", "/src/pkg/", "/src/pkg/deep/", "/src/pkg/deep/leaf.py", "/top.py"],
+        "{out}"
+    );
+    // The same answer per path, as the mount gives it.
+    let mut args = vec!["policy", "explain", "--root", root];
+    args.extend(rules);
+    args.extend(["/docs", "/src/pkg"]);
+    let levels: Vec<String> = ok_stdout(&args)
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(levels, ["none", "view"]);
+}

@@ -132,7 +132,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn resolve<C: Clone + Send + Sync + 'static>(fs: &PolicyFs<C>, path: &Path) -> Option<u64> {
+fn resolve(fs: &PolicyFs, path: &Path) -> Option<u64> {
     let mut ino = 1;
     for c in path.components() {
         ino = fs.do_lookup(ino, c.as_os_str()).ok()?.ino.0;
@@ -149,7 +149,7 @@ fn split(p: &str) -> (PathBuf, OsString) {
 }
 
 /// Applies `op`; whether it succeeded (it may be refused, or name nothing).
-fn apply<C: Clone + Send + Sync + 'static>(fs: &PolicyFs<C>, op: &Op) -> bool {
+fn apply(fs: &PolicyFs, op: &Op) -> bool {
     let owner = (0, 0);
     let parent_of = |p: &str| {
         let (parent, name) = split(p);
@@ -425,7 +425,7 @@ fn adapter(
     lower: &Path,
     delta: &Path,
     policy: Policy,
-) -> (Arc<Shared>, PolicyFs<impl Clone + Send + Sync + 'static>) {
+) -> (Arc<Shared>, PolicyFs) {
     let shared = Arc::new(Shared::new(
         Delta::open(lower, delta).unwrap(),
         Auditor::new("t".into()),
@@ -438,12 +438,6 @@ fn adapter(
         io_mode: IoMode::NoOpen,
         max_open_files: crate::mount::DEFAULT_MAX_OPEN_FILES,
     };
-    let fs = PolicyFs::new(
-        shared.clone(),
-        opts,
-        Policy::cursor_root,
-        Policy::cursor_child,
-        Policy::decide,
-    );
+    let fs = PolicyFs::new(shared.clone(), opts);
     (shared, fs)
 }

@@ -1,5 +1,6 @@
 mod util;
 
+mod absent_dirs;
 mod audit;
 
 mod daemon_io;
