@@ -83,6 +83,9 @@ def project(tmp_path):
         "secrets/db.txt": "top-secret-db\n",
         "app/secrets/x/y.txt": "top-secret-deep\n",
         "certs/server.key": "top-secret-key\n",
+        # Not in the SDK's own agent-safe list: hidden by the server's mandatory floor.
+        "deploy/id_rsa": "top-secret-ssh-key\n",
+        "home/.aws/credentials": "aws_secret_access_key=top-secret-aws\n",
         "docs/guide.md": "guide\n",
         "output/.keep": "",
         ".sandboxignore": "ignored_dir/\n*.log\n",

@@ -56,6 +56,12 @@ def test_agent_safe_hides_secrets_and_protects_source(project, endpoint, audit):
         assert r.exit_code != 0 and "No such file" in r.stderr
         r = run(sb, "cat app/secrets/x/y.txt")
         assert r.exit_code != 0 and "No such file" in r.stderr
+        # The SDK expands agent-safe in the client, without SSH keys or cloud credentials;
+        # the server's floor hides them anyway.
+        for floor_hidden in ["deploy/id_rsa", "home/.aws/credentials", "home/.aws"]:
+            r = run(sb, f"cat {floor_hidden}; ls -d {floor_hidden}")
+            assert r.exit_code != 0 and "No such file" in r.stderr, floor_hidden
+        assert run(sb, "ls deploy").stdout == ""
 
         # src/ is readable but read-only.
         assert run(sb, "python3 src/main.py").stdout == "hello from sandbox\n"

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod client_cmd;
+mod host_tree;
 mod local;
 pub mod policy_args;
 mod policy_cmd;

@@ -1,19 +1,17 @@
 //! `agentfense policy explain|show` and `agentfense presets`.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use agentfense_core::{
-    Basis, Cursor, Decision, Level, NodeKind, Policy, SandboxPath, Tree, presets,
-};
+use agentfense_core::{Basis, Cursor, Decision, Level, NodeKind, Policy, SandboxPath, presets};
 use anyhow::Context;
 use clap::Subcommand;
 use serde::Serialize;
 
 use crate::PolicyArgs;
+use crate::host_tree::HostTree;
 
 /// `agentfense policy ...`
 #[derive(Debug, Subcommand)]
@@ -159,15 +157,19 @@ struct ExplainJson<'a> {
 pub fn describe(policy: &Policy, d: &Decision) -> String {
     let rule = |r: agentfense_core::RuleRef| {
         let pr = policy.rule(r);
+        let only = pr
+            .content
+            .map(|c| format!(", only {}", c.describe()))
+            .unwrap_or_default();
         if policy.is_floor(r) {
             // Above every rule of the sandbox, whatever their priorities.
             return format!(
-                "mandatory floor rule {:?} ({} {}, policy.mandatory)",
+                "mandatory floor rule {:?} ({} {}{only}, policy.mandatory)",
                 pr.pattern, pr.pattern_type, pr.permission
             );
         }
         format!(
-            "rule #{} {:?} ({} {}, priority {})",
+            "rule #{} {:?} ({} {}{only}, priority {})",
             r.index, pr.pattern, pr.pattern_type, pr.permission, pr.priority
         )
     };
@@ -200,39 +202,6 @@ fn kind_on_disk(root: &Path, path: &SandboxPath) -> anyhow::Result<NodeKind> {
     } else {
         NodeKind::File
     })
-}
-
-/// A host directory as the engine walks it, with its verdicts remembered.
-#[derive(Default)]
-struct HostTree {
-    verdicts: RefCell<HashMap<PathBuf, bool>>,
-}
-
-impl Tree for HostTree {
-    type Node = PathBuf;
-
-    fn children(&self, dir: &PathBuf) -> Vec<(PathBuf, String, NodeKind)> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .map(|e| {
-                // `file_type` does not follow symlinks, like the mount.
-                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-                let kind = if is_dir { NodeKind::Dir } else { NodeKind::File };
-                (e.path(), e.file_name().to_string_lossy().into_owned(), kind)
-            })
-            .collect()
-    }
-
-    fn cached(&self, dir: &PathBuf) -> Option<bool> {
-        self.verdicts.borrow().get(dir).copied()
-    }
-
-    fn remember(&self, dir: &PathBuf, shown: bool) {
-        self.verdicts.borrow_mut().insert(dir.clone(), shown);
-    }
 }
 
 struct Show<'a> {

@@ -13,6 +13,7 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::PolicyArgs;
+use crate::host_tree::HostTree;
 
 /// Options of `agentfense scan`.
 #[derive(Debug, Args)]
@@ -58,7 +59,9 @@ static NAME_RULES: LazyLock<Vec<NameRule>> = LazyLock::new(|| {
     [
         (r"^\.env($|[.\-_])|^\.envrc$", "environment file"),
         (
-            r"\.(pem|key|p12|pfx|jks|keystore|ppk|asc|gpg)$",
+            // Not `.pem`/`.crt`: those are as often public (CA bundles); a private key in
+            // one is found by its content.
+            r"\.(key|p12|pfx|jks|keystore|ppk|asc|gpg)$",
             "key or certificate file",
         ),
         (
@@ -191,6 +194,7 @@ fn read_text(path: &Path) -> Option<String> {
 
 /// Scans `dir` (without following symlinks; `.git` internals are skipped except its config).
 pub fn scan(dir: &Path, policy: &Policy) -> anyhow::Result<Vec<Finding>> {
+    let tree = HostTree::default();
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -227,7 +231,10 @@ pub fn scan(dir: &Path, policy: &Policy) -> anyhow::Result<Vec<Finding>> {
                 continue;
             }
             let sp = SandboxPath::parse(&child.to_string_lossy())?;
-            let level = policy.level(&sp, NodeKind::File);
+            // As the mount decides: content conditions judged on the file.
+            let level = policy
+                .decide_in(&tree, &dir.join(&child), &policy.cursor(&sp), NodeKind::File)
+                .level;
             out.push(Finding {
                 path: sp.to_string(),
                 reasons,
@@ -301,7 +308,6 @@ mod tests {
         for p in [
             ".env",
             "config/.env.prod",
-            "certs/server.pem",
             "tls.key",
             "home/.ssh/id_rsa",
             "id_ed25519",
@@ -320,6 +326,7 @@ mod tests {
             "environment.yml",
             "keyboard.rs",
             "monkey.py",
+            "certifi/cacert.pem",
         ] {
             assert_eq!(reasons(p, None), Vec::<String>::new(), "{p}");
         }

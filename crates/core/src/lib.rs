@@ -8,6 +8,7 @@
 //! The exact semantics (glob grammar, rule order, traversal of hidden directories) are documented
 //! in `docs/permissions.md` and on the items below.
 
+mod content;
 mod level;
 mod model;
 mod path;
@@ -16,6 +17,7 @@ mod policy;
 pub mod presets;
 mod tree;
 
+pub use content::{Content, MAX_SCANNED};
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
 pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus, parse_size};
 pub use path::{PathError, SandboxPath};

@@ -25,6 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::content::Content;
 use crate::pattern::{Pattern, PatternError, State};
 use crate::{Level, PatternType, SandboxPath};
 
@@ -42,6 +43,11 @@ pub struct PermissionRule {
     /// Higher wins. Defaults to 0.
     #[serde(default)]
     pub priority: i32,
+    /// Only on `none` rules: the rule applies to a regular file only when its content
+    /// satisfies this condition (see [`Content`]). Not on the wire: policy files, presets
+    /// and the server's floor use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
 }
 
 impl PermissionRule {
@@ -52,7 +58,14 @@ impl PermissionRule {
             pattern_type: PatternType::Glob,
             permission,
             priority,
+            content: None,
         }
+    }
+
+    /// This rule, applying only to files whose content satisfies `content`.
+    pub fn when_content(mut self, content: Content) -> Self {
+        self.content = Some(content);
+        self
     }
 
     /// A rule of any type.
@@ -67,6 +80,7 @@ impl PermissionRule {
             pattern_type,
             permission,
             priority,
+            content: None,
         }
     }
 }
@@ -84,6 +98,16 @@ pub enum PolicyError {
         /// What is wrong with it.
         #[source]
         source: PatternError,
+    },
+    /// A content condition on a rule that grants something (conditions can only hide).
+    #[error("rule {index} ({pattern:?}): a content condition only works on a `none` rule, not on `{level}`")]
+    GrantingContentCondition {
+        /// Position of the rule in the input list (0-based).
+        index: usize,
+        /// The pattern as given.
+        pattern: String,
+        /// The level it tried to grant.
+        level: Level,
     },
     /// More rules than the engine accepts.
     #[error("{count} rules given; at most {max} are accepted")]
@@ -164,6 +188,7 @@ struct Compiled {
     pattern: Pattern,
     level: Level,
     input: RuleRef,
+    content: Option<Content>,
 }
 
 /// A compiled, ordered rule set. Cheap to share (`Arc<Policy>`); evaluation never allocates
@@ -175,6 +200,8 @@ pub struct Policy {
     ordered: Vec<Compiled>,
     /// Index in `rules` of the first floor rule.
     floor_start: usize,
+    /// Whether any rule has a content condition.
+    has_content: bool,
 }
 
 /// Evaluation state for one path, extended one component at a time with
@@ -245,6 +272,17 @@ impl Policy {
         }
         let floor_start = rules.len();
         rules.extend(floor);
+        if let Some((index, r)) = rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.content.is_some() && r.permission != Level::None)
+        {
+            return Err(PolicyError::GrantingContentCondition {
+                index,
+                pattern: r.pattern.clone(),
+                level: r.permission,
+            });
+        }
         let mut ordered = rules
             .iter()
             .enumerate()
@@ -254,6 +292,7 @@ impl Policy {
                         pattern,
                         level: r.permission,
                         input: RuleRef { index },
+                        content: r.content,
                     })
                     .map_err(|source| PolicyError::InvalidPattern {
                         index,
@@ -273,10 +312,12 @@ impl Policy {
                 std::cmp::Reverse(specificity(&r.pattern)),
             )
         });
+        let has_content = ordered.iter().any(|c| c.content.is_some());
         Ok(Policy {
             rules,
             ordered,
             floor_start,
+            has_content,
         })
     }
 
@@ -370,8 +411,55 @@ impl Policy {
     }
 
     /// The decision for the path a cursor stands for.
+    ///
+    /// Content-conditioned rules are taken to apply (their files are hidden): only
+    /// [`Policy::decide_in`], which can read files, lifts them.
     pub fn decide(&self, cur: &Cursor, kind: NodeKind) -> Decision {
+        self.decide_with(cur, kind, &mut |_| true)
+    }
+
+    /// [`Policy::decide`], asking `holds` whether the file satisfies a content condition
+    /// (called only for files that a content-conditioned rule matches). Directories shown
+    /// for traversal stay shown: [`Policy::decide_in`] also checks the tree below.
+    pub fn decide_with(
+        &self,
+        cur: &Cursor,
+        kind: NodeKind,
+        holds: &mut dyn FnMut(Content) -> bool,
+    ) -> Decision {
+        if kind == NodeKind::File
+            && cur.depth > 0
+            && let Some(d) = self.content_rule(cur, holds)
+        {
+            return d;
+        }
         self.decide_inner(cur, kind == NodeKind::Dir)
+    }
+
+    /// The first content-conditioned rule that ranks before the path's own rule (and before
+    /// every `none` hiding it anyway), matches the path, and whose condition holds.
+    fn content_rule(
+        &self,
+        cur: &Cursor,
+        holds: &mut dyn FnMut(Content) -> bool,
+    ) -> Option<Decision> {
+        if !self.has_content {
+            return None;
+        }
+        let limit = cur
+            .own
+            .unwrap_or(usize::MAX)
+            .min(cur.blocker.map_or(usize::MAX, |b| b.0))
+            .min(self.ordered.len());
+        self.ordered[..limit]
+            .iter()
+            .zip(&cur.states)
+            .filter(|(c, st)| c.content.is_some() && c.pattern.accepts(**st))
+            .find(|(c, _)| c.content.is_some_and(&mut *holds))
+            .map(|(c, _)| Decision {
+                level: Level::None,
+                basis: Basis::Rule(c.input),
+            })
     }
 
     /// The decision a directory has without traversal (rule 3): what it is when nothing
@@ -439,11 +527,13 @@ impl Policy {
         self.evaluate(path, kind).level
     }
 
+    /// The rank of the first rule matching a path, content-conditioned rules aside (they
+    /// are weighed for files only, by [`Policy::decide_with`]).
     fn first_accepting(&self, states: &[State]) -> Option<usize> {
         self.ordered
             .iter()
             .zip(states)
-            .position(|(c, st)| c.pattern.accepts(*st))
+            .position(|(c, st)| c.content.is_none() && c.pattern.accepts(*st))
     }
 
     /// The rule that makes a hidden directory traversable, if any (rule 3 of the module docs).
@@ -461,6 +551,10 @@ impl Policy {
         };
         let limit = blocker_rank.min(own_none).min(self.ordered.len());
         for (rank, (c, st)) in self.ordered[..limit].iter().zip(&cur.states).enumerate() {
+            if c.content.is_some() {
+                // Hides some files, never a whole subtree.
+                continue;
+            }
             if c.level == Level::None {
                 // A `none` that covers the whole subtree shadows every lower-ranked grant.
                 if c.pattern.matches_all_below(*st) {
@@ -795,7 +889,29 @@ mod tests {
         assert_eq!(p.client_rules().len(), 2);
         let src = SandboxPath::parse("/src/credentials.py").unwrap();
         assert_eq!(p.evaluate(&src, NodeKind::File).level, Read);
-        let bundle = SandboxPath::parse("/.venv/lib/certifi/cacert.pem").unwrap();
-        assert_eq!(p.evaluate(&bundle, NodeKind::File).level, Read);
+        // A `.pem` is hidden only when it holds a private key; without reading it, the
+        // engine assumes it does (fail closed).
+        let bundle = p.cursor(&SandboxPath::parse("/.venv/lib/certifi/cacert.pem").unwrap());
+        assert_eq!(p.decide(&bundle, NodeKind::File).level, Hidden);
+        let public = p.decide_with(&bundle, NodeKind::File, &mut |_| false);
+        assert_eq!(public.level, Read);
+        let key = p.decide_with(&bundle, NodeKind::File, &mut |_| true);
+        assert_eq!(key.level, Hidden);
+        assert_eq!(p.describe(key.rule().unwrap()), "policy.mandatory: **/*.pem");
+        // Directories never match a content condition.
+        assert_eq!(p.decide(&bundle, NodeKind::Dir).level, Read);
+    }
+
+    #[test]
+    fn content_conditions_only_hide() {
+        let r = PermissionRule::glob("**/*.pem", Level::Read, 0).when_content(Content::PrivateKey);
+        let e = Policy::compile(vec![r]).unwrap_err();
+        assert!(e.to_string().contains("only works on a `none` rule"), "{e}");
+        // As YAML/JSON: `content: private-key`.
+        let r: PermissionRule = serde_json::from_str(
+            r#"{"pattern": "**/*.pem", "permission": "none", "content": "private-key"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.content, Some(Content::PrivateKey));
     }
 }

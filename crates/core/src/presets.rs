@@ -1,41 +1,29 @@
-//! Built-in permission presets, shared by the server and the CLI.
+//! Built-in permission presets, shared by the server and the CLI, and the default mandatory
+//! floor.
 //!
 //! Same intent as the original SDK's presets, but written for the corrected glob semantics
 //! (`**` = zero or more whole segments), so that `**/secrets/**` and `**/.git/**` really hide
-//! top-level and deep directories. `agent-safe` and `development` hide the same set of
-//! credential files ([`SECRET_PATTERNS`]).
+//! top-level and deep directories, and without hiding ordinary files:
+//! * names that hold only secrets are hidden by name ([`FLOOR_PATTERNS`]);
+//! * names that hold public material as often as secrets (`*.pem`, `*.crt`: CA bundles such
+//!   as certifi's `cacert.pem`, which every venv has) are hidden only when the file holds a
+//!   private key ([`KEY_MATERIAL_PATTERNS`], a [`Content::PrivateKey`] condition);
+//! * source files named like secrets (`credentials.py`) stay visible: only data formats named
+//!   `credentials.*` are hidden.
+//!
+//! `agent-safe` and `development` hide what the floor hides plus every `.env*` file and every
+//! `secrets/` directory ([`SECRET_PATTERNS`]), so they keep hiding secrets on a server whose
+//! floor is turned off.
 
-use crate::{Level, PermissionRule};
+use crate::{Content, Level, PermissionRule};
 
 /// Priority of the secret-hiding rules: above anything a preset grants.
 pub const SECRET_PRIORITY: i32 = 100;
 
-/// Patterns of files and directories that hold credentials; `none` in `agent-safe` and
-/// `development`.
-pub const SECRET_PATTERNS: &[&str] = &[
-    "**/.env*",
-    "**/secrets/**",
-    "**/*.key",
-    "**/*.pem",
-    "**/*.p12",
-    "**/*.pfx",
-    "**/credentials*",
-    "**/id_rsa*",
-    "**/id_ed25519*",
-    "**/id_ecdsa*",
-    "**/id_dsa*",
-    "**/.aws/**",
-    "**/.gcp/**",
-    "**/.azure/**",
-    "**/.netrc",
-    "**/.npmrc",
-    "**/.pypirc",
-];
-
 /// The default mandatory floor (server config `policy.mandatory`, `agentfense run`): real
 /// secret material, hidden (`none`) in every sandbox whatever its rules ask. Names only, picked
-/// so that no ordinary file matches: no `*.pem` (CA bundles such as certifi's `cacert.pem` are
-/// public) and no `credentials*` (source files such as `credentials.py`).
+/// so that no ordinary file matches: no `*.pem` by name (see [`KEY_MATERIAL_PATTERNS`]) and no
+/// `credentials*` (source files such as `credentials.py`).
 pub const FLOOR_PATTERNS: &[&str] = &[
     // Environment files with secrets.
     "**/.env",
@@ -61,6 +49,14 @@ pub const FLOOR_PATTERNS: &[&str] = &[
     "**/.azure/**",
     "**/.config/gcloud/**",
     "**/application_default_credentials.json",
+    // Credentials stored as data (never source code such as `credentials.py`).
+    "**/credentials.json",
+    "**/credentials.yaml",
+    "**/credentials.yml",
+    "**/credentials.toml",
+    "**/credentials.ini",
+    "**/credentials.xml",
+    "**/credentials.db",
     // Tokens of tools.
     "**/.netrc",
     "**/.npmrc",
@@ -70,12 +66,36 @@ pub const FLOOR_PATTERNS: &[&str] = &[
     "**/.kube/config",
 ];
 
-/// The default mandatory floor's rules (see [`FLOOR_PATTERNS`]).
+/// Files hidden only when they hold a private key ([`Content::PrivateKey`]): certificates
+/// and CA bundles under these names are public, a private key (alone or next to its
+/// certificate) is not. A cloud service-account key file holds its key as a PEM block too.
+pub const KEY_MATERIAL_PATTERNS: &[&str] = &[
+    "**/*.pem",
+    "**/*.crt",
+    "**/*.cer",
+    "**/*service*account*.json",
+];
+
+/// Hidden by `agent-safe` and `development` besides the floor's patterns.
+pub const SECRET_PATTERNS: &[&str] = &["**/.env*", "**/secrets/**"];
+
+/// Every secret-hiding rule at `priority`: the floor's names, the key-material patterns
+/// with their content condition, and `extra` names.
+fn secret_rules(extra: &[&'static str], priority: i32) -> Vec<PermissionRule> {
+    let names = extra.iter().chain(FLOOR_PATTERNS);
+    let mut rules: Vec<PermissionRule> = names
+        .map(|p| PermissionRule::glob(*p, Level::None, priority))
+        .collect();
+    rules.extend(KEY_MATERIAL_PATTERNS.iter().map(|p| {
+        PermissionRule::glob(*p, Level::None, priority).when_content(Content::PrivateKey)
+    }));
+    rules
+}
+
+/// The default mandatory floor's rules (see [`FLOOR_PATTERNS`] and
+/// [`KEY_MATERIAL_PATTERNS`]).
 pub fn default_floor() -> Vec<PermissionRule> {
-    FLOOR_PATTERNS
-        .iter()
-        .map(|p| PermissionRule::glob(*p, Level::None, 0))
-        .collect()
+    secret_rules(&[], 0)
 }
 
 /// A named, built-in rule set.
@@ -99,10 +119,8 @@ fn everything(level: Level) -> Vec<PermissionRule> {
     vec![PermissionRule::glob("**/*", level, 0)]
 }
 
-fn secrets_hidden() -> impl Iterator<Item = PermissionRule> {
-    SECRET_PATTERNS
-        .iter()
-        .map(|p| PermissionRule::glob(*p, Level::None, SECRET_PRIORITY))
+fn secrets_hidden() -> Vec<PermissionRule> {
+    secret_rules(SECRET_PATTERNS, SECRET_PRIORITY)
 }
 
 /// Every built-in preset.
@@ -165,6 +183,7 @@ mod tests {
 
     /// Paths and, per preset, the expected level:
     /// (path, kind, agent-safe, development, full-access, read-only, view-only).
+    /// Files whose name contains `private` hold a private key; no other file does.
     #[rustfmt::skip]
     const TABLE: &[(&str, NodeKind, &str, &str, &str, &str, &str)] = {
         use NodeKind::{Dir as D, File as F};
@@ -182,17 +201,24 @@ mod tests {
             ("/app/secrets/x/y.txt",       F, "none",  "none",  "write", "read", "view"),
             ("/app/secretsx/y.txt",        F, "read",  "write", "write", "read", "view"),
             ("/id.key",                    F, "none",  "none",  "write", "read", "view"),
-            ("/certs/server.pem",          F, "none",  "none",  "write", "read", "view"),
+            ("/certs/server.pem",          F, "read",  "write", "write", "read", "view"),
+            ("/certs/private.pem",         F, "none",  "none",  "write", "read", "view"),
+            ("/tls/private.crt",           F, "none",  "none",  "write", "read", "view"),
+            ("/.venv/lib/certifi/cacert.pem", F, "read", "write", "write", "read", "view"),
+            ("/gcp/service-account.json",  F, "read",  "write", "write", "read", "view"),
+            ("/gcp/private-service-account.json", F, "none", "none", "write", "read", "view"),
+            ("/src/credentials.py",        F, "read",  "write", "write", "read", "view"),
+            ("/keys/id_rsa.pub",           F, "read",  "write", "write", "read", "view"),
             ("/certs/client.p12",          F, "none",  "none",  "write", "read", "view"),
             ("/certs/client.pfx",          F, "none",  "none",  "write", "read", "view"),
             ("/credentials.json",          F, "none",  "none",  "write", "read", "view"),
-            ("/deploy/credentials",        D, "none",  "none",  "write", "read", "view"),
-            ("/deploy/credentials/gcp.json", F, "none", "none", "write", "read", "view"),
+            ("/deploy/credentials",        D, "read",  "write", "write", "read", "view"),
+            ("/deploy/credentials.yml",    F, "none",  "none",  "write", "read", "view"),
             ("/home/.ssh/id_rsa",          F, "none",  "none",  "write", "read", "view"),
             ("/home/.ssh/id_rsa.pub",      F, "none",  "none",  "write", "read", "view"),
             ("/id_ed25519",                F, "none",  "none",  "write", "read", "view"),
             ("/keys/id_ecdsa",             F, "none",  "none",  "write", "read", "view"),
-            ("/home/.ssh/known_hosts",     F, "read",  "write", "write", "read", "view"),
+            ("/home/.ssh/known_hosts",     F, "none",  "none",  "write", "read", "view"),
             ("/.aws",                      D, "none",  "none",  "write", "read", "view"),
             ("/.aws/credentials",          F, "none",  "none",  "write", "read", "view"),
             ("/home/u/.aws/config",        F, "none",  "none",  "write", "read", "view"),
@@ -237,8 +263,10 @@ mod tests {
         let mut mismatches = vec![];
         for (path, kind, a, b, c, d, e) in TABLE {
             let sp = SandboxPath::parse(path).unwrap();
+            let mut holds = |_| path.contains("private");
             for (i, want) in [a, b, c, d, e].iter().enumerate() {
-                let got = policies[i].level(&sp, *kind);
+                let cur = policies[i].cursor(&sp);
+                let got = policies[i].decide_with(&cur, *kind, &mut holds).level;
                 if got.as_str() != **want {
                     mismatches.push(format!(
                         "{} {path} ({kind:?}): want {want}, got {got}",

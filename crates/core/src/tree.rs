@@ -8,11 +8,14 @@
 //! is visible by its own rule. So the visible paths of a tree are exactly the paths whose own
 //! level is at least `view`, plus their ancestors.
 //!
+//! Content-conditioned rules ([`crate::Content`]) are weighed here too: the tree reads the
+//! file ([`Tree::holds`]).
+//!
 //! The tree is whatever [`Tree`] says: the merged view of a mount, a host directory. Walks stop
 //! at the first visible descendant and remember their verdicts through [`Tree::remember`], so a
 //! caller with a cache pays for each directory once until it invalidates it.
 
-use crate::{Basis, Cursor, Decision, NodeKind, Policy};
+use crate::{Basis, Content, Cursor, Decision, NodeKind, Policy};
 
 /// A real tree of files for [`Policy::decide_in`].
 pub trait Tree {
@@ -30,6 +33,12 @@ pub trait Tree {
 
     /// Remembers `dir`'s verdict; the caller must forget it when the tree below changes.
     fn remember(&self, _dir: &Self::Node, _shown: bool) {}
+
+    /// Whether file `file` satisfies a content condition ([`Content::holds`] on what it
+    /// holds). The default, for trees that cannot read files, says yes: fail closed.
+    fn holds(&self, _file: &Self::Node, _content: Content) -> bool {
+        true
+    }
 }
 
 impl Policy {
@@ -44,7 +53,7 @@ impl Policy {
         cur: &Cursor,
         kind: NodeKind,
     ) -> Decision {
-        let d = self.decide(cur, kind);
+        let d = self.decide_with(cur, kind, &mut |c| tree.holds(node, c));
         if matches!(d.basis, Basis::Traversal { .. }) && !self.reveals(tree, node, cur) {
             return self.decide_untraversed(cur);
         }
@@ -59,7 +68,7 @@ impl Policy {
         let mut found = false;
         for (child, name, kind) in tree.children(dir) {
             let c = self.cursor_child(cur, &name);
-            let d = self.decide(&c, kind);
+            let d = self.decide_with(&c, kind, &mut |ct| tree.holds(&child, ct));
             found = match d.basis {
                 Basis::Traversal { .. } => self.reveals(tree, &child, &c),
                 _ => d.level.is_visible(),

@@ -741,6 +741,21 @@ impl Delta {
         Ok((File::from(fd), attr.layer))
     }
 
+    /// Opens regular file `rel` read-only to judge what it holds, without taking the delta's
+    /// lock (publish asks while holding it): the copy in this sandbox's layer if there is one,
+    /// else the codebase's. Not a merged-view lookup: callers ask only about paths they know
+    /// exist, or about a deletion, whose content is the codebase's.
+    pub(crate) fn open_content(&self, rel: &Path) -> std::io::Result<File> {
+        check_rel(rel).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        match host::open_file(self.upper.as_fd(), rel, OFlags::RDONLY) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                host::open_file(self.lower.as_fd(), rel, OFlags::RDONLY)
+            }
+            r => r,
+        }
+        .map(File::from)
+    }
+
     /// Reads the target of symlink `rel`.
     pub fn readlink(&self, rel: &Path) -> Result<Vec<u8>, FsError> {
         check_rel(rel)?;

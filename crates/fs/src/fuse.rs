@@ -353,6 +353,8 @@ pub(crate) struct Shared {
     pub(crate) write_gate: RwLock<()>,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) daemon_opens: AtomicU64,
+    /// What files hold, for content-conditioned rules (see [`content`]).
+    pub(crate) contents: Mutex<content::ContentVerdicts>,
     /// Verdicts on directories shown only for traversal (see [`shown`]).
     pub(crate) shown: Mutex<ShownDirs>,
     /// Where to send the names of directories that vanished, for the kernel to forget (set
@@ -377,6 +379,7 @@ impl Shared {
             write_gate: RwLock::new(()),
             passthrough_opens: AtomicU64::new(0),
             daemon_opens: AtomicU64::new(0),
+            contents: Mutex::new(content::ContentVerdicts::default()),
             shown: Mutex::new(ShownDirs::default()),
             vanished: OnceLock::new(),
         }
@@ -548,10 +551,16 @@ impl PolicyFs {
     }
 
     /// The decision for `path` (cursor `c`) in this mount's merged view: a directory shown
-    /// only for traversal must hold something visible (see [`shown`]).
+    /// only for traversal must hold something visible (see [`shown`]), and a content
+    /// condition is judged on the file (see [`content`]).
     fn decide(&self, policy: &Policy, c: &Cursor, path: &Path, kind: EntryKind) -> Decision {
         let d = policy.decide(c, kind_of(kind));
-        if !matches!(d.basis, Basis::Traversal { .. }) {
+        let from_tree = match d.basis {
+            Basis::Traversal { .. } => true,
+            Basis::Rule(r) => policy.rule(r).content.is_some(),
+            _ => false,
+        };
+        if !from_tree {
             return d;
         }
         let view = MergedView {
@@ -1966,6 +1975,7 @@ impl Filesystem for PolicyFs {
     }
 }
 
+pub(crate) mod content;
 mod shown;
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::audit::{AuditEvent, Auditor};
 use crate::delta::{Delta, EntryKind, PublishFilter, PublishReport};
 use crate::error::FsError;
+use crate::fuse::content::ContentVerdicts;
 use crate::fuse::{FsOptions, PolicyFs, Shared};
 
 /// Our FUSE filesystem name: the mount's source in `/proc/self/mountinfo` (type `fuse`, or
@@ -392,8 +393,15 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
     })
 }
 
-/// Whether the rules grant write on delta-relative `rel`.
-fn writable(policy: &Policy, rel: &Path, kind: EntryKind) -> bool {
+/// Whether the rules grant write on delta-relative `rel` (content conditions judged on the
+/// file itself; called by publish, under the delta's lock).
+fn writable(
+    delta: &Delta,
+    contents: &Mutex<ContentVerdicts>,
+    policy: &Policy,
+    rel: &Path,
+    kind: EntryKind,
+) -> bool {
     let mut cur = policy.cursor_root();
     for c in rel.components() {
         cur = policy.cursor_child(&cur, &c.as_os_str().to_string_lossy());
@@ -403,7 +411,8 @@ fn writable(policy: &Policy, rel: &Path, kind: EntryKind) -> bool {
     } else {
         NodeKind::File
     };
-    policy.decide(&cur, kind).level == Level::Write
+    let mut holds = |c| crate::fuse::content::holds(delta, contents, rel, c);
+    policy.decide_with(&cur, kind, &mut holds).level == Level::Write
 }
 
 impl MountHandle {
@@ -424,7 +433,7 @@ impl MountHandle {
             // is gone.
             let _gate = shared.write_gate.write().unwrap_or_else(|p| p.into_inner());
             let report = shared.delta.publish(&PublishFilter {
-                allow: &|p, k| writable(&policy, p, k),
+                allow: &|p, k| writable(&shared.delta, &shared.contents, &policy, p, k),
                 busy: &|p| shared.busy(p),
             })?;
             shared.invalidate_io(&report.written);
@@ -561,8 +570,10 @@ pub fn publish_unmounted(
     delta: &Path,
     policy: &Policy,
 ) -> Result<PublishReport, FsError> {
-    let report = Delta::open(lower, delta)?.publish(&PublishFilter {
-        allow: &|p, k| writable(policy, p, k),
+    let delta = Delta::open(lower, delta)?;
+    let contents = Mutex::new(ContentVerdicts::default());
+    let report = delta.publish(&PublishFilter {
+        allow: &|p, k| writable(&delta, &contents, policy, p, k),
         busy: &|_| false,
     })?;
     let changed: Vec<PathBuf> = report

@@ -207,6 +207,7 @@ pub fn rule_from_wire(
         pattern_type: pattern_type_from_wire(rule.r#type, &field_path(prefix, "type"))?,
         permission: level_from_wire(rule.permission, &field_path(prefix, "permission"))?,
         priority: rule.priority,
+        content: None,
     })
 }
 
@@ -231,6 +232,8 @@ impl TryFrom<&v1::PermissionRule> for PermissionRule {
 
 impl From<&PermissionRule> for v1::PermissionRule {
     /// Echoes a rule back to clients (`Sandbox.permissions`), with an explicit pattern type.
+    /// The wire has no content conditions: a content-conditioned `none` rule (only the
+    /// server's floor has them) shows as a plain `none` rule, the stricter reading.
     fn from(rule: &PermissionRule) -> Self {
         v1::PermissionRule {
             pattern: rule.pattern.clone(),

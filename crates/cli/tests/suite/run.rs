@@ -207,3 +207,35 @@ fn a_killed_run_cleans_up_its_mount_and_processes() {
     assert!(!project.path().join("output/k.txt").exists());
     assert!(err.contains("A output/k.txt"), "{err}");
 }
+
+/// Under `development`, a venv can be made and used in the workspace: pip's vendored CA
+/// bundle (`certifi/cacert.pem`) is public, so the preset's key-material rules leave it alone,
+/// while a real private key in the project stays absent (issue 15).
+#[test]
+fn a_venv_works_under_development_and_keys_stay_hidden() {
+    let Some((project, data)) = local("a_venv_works_under_development_and_keys_stay_hidden") else {
+        return;
+    };
+    let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
+    std::fs::create_dir_all(project.path().join("deploy")).unwrap();
+    std::fs::write(project.path().join("deploy/server.pem"), key).unwrap();
+    let dir = project.path().to_str().unwrap();
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--preset",
+            "development",
+            "--discard",
+            "--",
+            "python3 -m venv /workspace/.venv && .venv/bin/pip --version \
+             && ls .venv/lib/python3*/site-packages/pip/_vendor/certifi/ \
+             && { cat deploy/server.pem || echo key hidden; }",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.starts_with("pip "), "{out}");
+    assert!(out.contains("cacert.pem"), "{out}");
+    assert!(out.ends_with("key hidden\n"), "{out}");
+    assert!(!out.contains("OPENSSH") && !err.contains("OPENSSH"), "{out}\n{err}");
+}

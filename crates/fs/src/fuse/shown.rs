@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use agentfense_core::{NodeKind, Tree};
+use agentfense_core::{Content, NodeKind, Tree};
 
 use super::{Shared, kind_of, lock};
 
@@ -63,12 +63,6 @@ impl ShownDirs {
     pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
-
-    /// How many verdicts are held (for tests and stats).
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.verdicts.len()
-    }
 }
 
 /// The merged view of one mount as the policy engine walks it.
@@ -108,6 +102,10 @@ impl Tree for MergedView<'_> {
         if s.generation == self.generation {
             s.verdicts.insert(dir.clone(), (shown, Instant::now()));
         }
+    }
+
+    fn holds(&self, file: &PathBuf, content: Content) -> bool {
+        super::content::holds(&self.shared.delta, &self.shared.contents, file, content)
     }
 }
 

@@ -6,6 +6,7 @@ mod audit;
 mod daemon_io;
 mod enforcement;
 mod invariants;
+mod key_material;
 mod leak;
 mod passthrough;
 mod publish;
