@@ -28,7 +28,11 @@ impl Tree for HostTree {
             .map(|e| {
                 // `file_type` does not follow symlinks, like the mount.
                 let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-                let kind = if is_dir { NodeKind::Dir } else { NodeKind::File };
+                let kind = if is_dir {
+                    NodeKind::Dir
+                } else {
+                    NodeKind::File
+                };
                 (e.path(), e.file_name().to_string_lossy().into_owned(), kind)
             })
             .collect()
@@ -53,8 +57,8 @@ impl Tree for HostTree {
             Ok(_) => {}
         }
         let mut data = Vec::new();
-        let read = std::fs::File::open(file)
-            .and_then(|f| f.take(MAX_SCANNED + 1).read_to_end(&mut data));
+        let read =
+            std::fs::File::open(file).and_then(|f| f.take(MAX_SCANNED + 1).read_to_end(&mut data));
         read.is_err() || data.len() as u64 > MAX_SCANNED || content.holds(&data)
     }
 }

@@ -233,7 +233,12 @@ pub fn scan(dir: &Path, policy: &Policy) -> anyhow::Result<Vec<Finding>> {
             let sp = SandboxPath::parse(&child.to_string_lossy())?;
             // As the mount decides: content conditions judged on the file.
             let level = policy
-                .decide_in(&tree, &dir.join(&child), &policy.cursor(&sp), NodeKind::File)
+                .decide_in(
+                    &tree,
+                    &dir.join(&child),
+                    &policy.cursor(&sp),
+                    NodeKind::File,
+                )
                 .level;
             out.push(Finding {
                 path: sp.to_string(),

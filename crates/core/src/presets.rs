@@ -43,6 +43,9 @@ pub const FLOOR_PATTERNS: &[&str] = &[
     "**/*.pfx",
     "**/*.jks",
     "**/*.keystore",
+    // GnuPG and password stores.
+    "**/.gnupg/**",
+    "**/.password-store/**",
     // Cloud credentials.
     "**/.aws/**",
     "**/.gcp/**",
@@ -64,6 +67,10 @@ pub const FLOOR_PATTERNS: &[&str] = &[
     "**/.git-credentials",
     "**/.docker/config.json",
     "**/.kube/config",
+    "**/.vault-token",
+    "**/.config/gh/hosts.yml",
+    "**/.terraform.d/credentials.tfrc.json",
+    "**/.cargo/credentials",
 ];
 
 /// Files hidden only when they hold a private key ([`Content::PrivateKey`]): certificates
@@ -74,6 +81,12 @@ pub const KEY_MATERIAL_PATTERNS: &[&str] = &[
     "**/*.crt",
     "**/*.cer",
     "**/*service*account*.json",
+    // Copies and variants of SSH keys (`id_rsa.bak`, `deploy_id_ed25519`); `*.pub` files
+    // hold no private key and stay visible.
+    "**/*id_rsa*",
+    "**/*id_dsa*",
+    "**/*id_ecdsa*",
+    "**/*id_ed25519*",
 ];
 
 /// Hidden by `agent-safe` and `development` besides the floor's patterns.
@@ -209,6 +222,10 @@ mod tests {
             ("/gcp/private-service-account.json", F, "none", "none", "write", "read", "view"),
             ("/src/credentials.py",        F, "read",  "write", "write", "read", "view"),
             ("/keys/id_rsa.pub",           F, "read",  "write", "write", "read", "view"),
+            ("/keys/id_rsa.private.bak",   F, "none",  "none",  "write", "read", "view"),
+            ("/keys/id_ed25519_private",   F, "none",  "none",  "write", "read", "view"),
+            ("/home/.gnupg/pubring.kbx",   F, "none",  "none",  "write", "read", "view"),
+            ("/home/.config/gh/hosts.yml", F, "none",  "none",  "write", "read", "view"),
             ("/certs/client.p12",          F, "none",  "none",  "write", "read", "view"),
             ("/certs/client.pfx",          F, "none",  "none",  "write", "read", "view"),
             ("/credentials.json",          F, "none",  "none",  "write", "read", "view"),

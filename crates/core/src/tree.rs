@@ -179,12 +179,23 @@ mod tests {
     fn only_directories_leading_to_granted_files_are_shown() {
         let p = Policy::compile(vec![PermissionRule::glob("**/*.py", Level::Read, 0)]).unwrap();
         let t = Mem::new(
-            &["/src/pkg/deep/leaf.py", "/docs/guide.md", "/secrets/db.txt", "/top.py"],
+            &[
+                "/src/pkg/deep/leaf.py",
+                "/docs/guide.md",
+                "/secrets/db.txt",
+                "/top.py",
+            ],
             &["/empty"],
         );
         assert_eq!(
             t.visible(&p),
-            set(&["/src", "/src/pkg", "/src/pkg/deep", "/src/pkg/deep/leaf.py", "/top.py"])
+            set(&[
+                "/src",
+                "/src/pkg",
+                "/src/pkg/deep",
+                "/src/pkg/deep/leaf.py",
+                "/top.py"
+            ])
         );
         // The hidden directory reports the decision it has without traversal.
         let docs = p.cursor(&SandboxPath::parse("/docs").unwrap());
@@ -205,8 +216,8 @@ mod tests {
 
     fn rule_strategy() -> impl Strategy<Value = PermissionRule> {
         let pattern = prop::sample::select(vec![
-            "**/*.py", "**/*", "/a/**", "a", "/a/b", "**/s/**", "/b/*.py", "*.md", "/a/*",
-            "**/b", "/s",
+            "**/*.py", "**/*", "/a/**", "a", "/a/b", "**/s/**", "/b/*.py", "*.md", "/a/*", "**/b",
+            "/s",
         ]);
         let ty = prop::sample::select(vec![
             PatternType::Glob,
@@ -219,7 +230,8 @@ mod tests {
 
     fn tree_strategy() -> impl Strategy<Value = Vec<(String, bool)>> {
         let name = prop::sample::select(vec!["a", "b", "s", "x.py", "y.md"]);
-        let path = prop::collection::vec(name, 1..5).prop_map(|parts| format!("/{}", parts.join("/")));
+        let path =
+            prop::collection::vec(name, 1..5).prop_map(|parts| format!("/{}", parts.join("/")));
         prop::collection::vec((path, any::<bool>()), 0..12)
     }
 

@@ -246,7 +246,14 @@ fn show_and_explain_hide_directories_with_nothing_visible_below() {
     let shown: Vec<String> = parse_show(&out).into_iter().map(|(_, p)| p).collect();
     assert_eq!(
         shown,
-        ["/", "/src/", "/src/pkg/", "/src/pkg/deep/", "/src/pkg/deep/leaf.py", "/top.py"],
+        [
+            "/",
+            "/src/",
+            "/src/pkg/",
+            "/src/pkg/deep/",
+            "/src/pkg/deep/leaf.py",
+            "/top.py"
+        ],
         "{out}"
     );
     // The same answer per path, as the mount gives it.

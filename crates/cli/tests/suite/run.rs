@@ -237,5 +237,8 @@ fn a_venv_works_under_development_and_keys_stay_hidden() {
     assert!(out.starts_with("pip "), "{out}");
     assert!(out.contains("cacert.pem"), "{out}");
     assert!(out.ends_with("key hidden\n"), "{out}");
-    assert!(!out.contains("OPENSSH") && !err.contains("OPENSSH"), "{out}\n{err}");
+    assert!(
+        !out.contains("OPENSSH") && !err.contains("OPENSSH"),
+        "{out}\n{err}"
+    );
 }

@@ -62,8 +62,7 @@ pub(crate) fn holds(
         return *v;
     }
     let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    if file.take(MAX_SCANNED + 1).read_to_end(&mut data).is_err()
-        || data.len() as u64 > MAX_SCANNED
+    if file.take(MAX_SCANNED + 1).read_to_end(&mut data).is_err() || data.len() as u64 > MAX_SCANNED
     {
         return true;
     }

@@ -421,11 +421,7 @@ fn create_handles_follow_rule_changes() {
 }
 
 /// The adapter over a fresh delta, without kernel caching, as the mount builds it.
-fn adapter(
-    lower: &Path,
-    delta: &Path,
-    policy: Policy,
-) -> (Arc<Shared>, PolicyFs) {
+fn adapter(lower: &Path, delta: &Path, policy: Policy) -> (Arc<Shared>, PolicyFs) {
     let shared = Arc::new(Shared::new(
         Delta::open(lower, delta).unwrap(),
         Auditor::new("t".into()),

@@ -55,9 +55,19 @@ fn find_prints_exactly_the_granted_files_and_their_ancestors() {
         ".\n./src\n./src/pkg\n./src/pkg/deep\n./src/pkg/deep/leaf.py\n./top.py\n"
     );
     assert_eq!(m.ok("ls -a"), ".\n..\nsrc\ntop.py\n");
-    for hidden in ["docs", "secrets", "acquisition-target", "empty", "empty/inner"] {
+    for hidden in [
+        "docs",
+        "secrets",
+        "acquisition-target",
+        "empty",
+        "empty/inner",
+    ] {
         assert_eq!(m.py(&format!("os.stat({hidden:?})")), "ENOENT", "{hidden}");
-        assert_eq!(m.py(&format!("os.listdir({hidden:?})")), "ENOENT", "{hidden}");
+        assert_eq!(
+            m.py(&format!("os.listdir({hidden:?})")),
+            "ENOENT",
+            "{hidden}"
+        );
     }
     // Creating inside a hidden directory is refused like anywhere else nothing is granted.
     assert_eq!(m.py("open('docs/x.py', 'w')"), "ENOENT");
@@ -71,7 +81,10 @@ fn directories_appear_and_vanish_with_codebase_changes() {
     // An upload puts a granted file below the hidden directory: its ancestors appear.
     write(&m.lower(), "docs/api/new.py", "y\n");
     agentfense_fs::codebase_changed(&m.lower(), &[PathBuf::from("docs/api/new.py")]);
-    assert_eq!(m.ok("find docs | sort"), "docs\ndocs/api\ndocs/api/new.py\n");
+    assert_eq!(
+        m.ok("find docs | sort"),
+        "docs\ndocs/api\ndocs/api/new.py\n"
+    );
     // Removing the last one makes them vanish again, cached names included.
     std::fs::remove_file(m.lower().join("docs/api/new.py")).unwrap();
     agentfense_fs::codebase_changed(&m.lower(), &[PathBuf::from("docs/api/new.py")]);

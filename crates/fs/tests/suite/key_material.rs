@@ -5,7 +5,8 @@ use agentfense_core::presets;
 
 use super::util::{mount_with, require_fuse, write};
 
-const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----\n";
+const CERT: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----\n";
 const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
 
 fn tree(lower: &std::path::Path) {
@@ -21,17 +22,17 @@ fn tree(lower: &std::path::Path) {
 #[test]
 fn private_keys_are_absent_and_public_certificates_are_files() {
     require_fuse!("private_keys_are_absent_and_public_certificates_are_files");
-    let m = mount_with(
-        presets::get("development").unwrap().rules(),
-        tree,
-        |_| {},
-    );
+    let m = mount_with(presets::get("development").unwrap().rules(), tree, |_| {});
     assert_eq!(m.ok("ls certs"), "ca.crt\n");
     assert_eq!(m.ok("cat .venv/lib/certifi/cacert.pem"), CERT.repeat(3));
     assert_eq!(m.ok("cat src/credentials.py"), "def load(): ...\n");
     assert_eq!(m.ok("ls deploy"), "id_rsa.pub\n");
     for hidden in ["certs/server.pem", "certs/tls.crt", "deploy/id_rsa"] {
-        assert_eq!(m.py(&format!("open({hidden:?}).read()")), "ENOENT", "{hidden}");
+        assert_eq!(
+            m.py(&format!("open({hidden:?}).read()")),
+            "ENOENT",
+            "{hidden}"
+        );
         assert_eq!(m.py(&format!("os.stat({hidden:?})")), "ENOENT", "{hidden}");
     }
     // Overwriting a hidden key is refused like writing any hidden path.
