@@ -55,6 +55,7 @@ pub mod delta;
 mod error;
 mod fuse;
 mod host;
+mod modes;
 mod mount;
 pub mod quota;
 

@@ -13,7 +13,8 @@ const HIDDEN: &[&str] = &[
     "secrets/LEAKNAME.txt",
     "LEAKNAME.pem",
     "server.key",
-    "credentials.LEAKNAME",
+    "credentials.json",
+    "LEAKNAME_id_rsa.bak",
     "id_rsa",
     ".aws/LEAKNAME",
     ".git/LEAKNAME",
@@ -26,7 +27,8 @@ fn tree(lower: &Path) {
         let base = lower.join(d);
         write(&base, "visible.txt", "just code\n");
         for h in HIDDEN {
-            write(&base, h, "LEAKBYTES\n");
+            // Key material is hidden by what it holds (`*.pem`, SSH key copies): a private key.
+            write(&base, h, "-----BEGIN PRIVATE KEY-----\nLEAKBYTES\n");
         }
     }
     // A directory whose only content is hidden.

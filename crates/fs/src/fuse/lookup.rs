@@ -1,0 +1,289 @@
+//! Paths, the rules' decisions, denials, attributes and lookups.
+
+use super::*;
+
+impl PolicyFs {
+    pub(super) fn path_of(&self, ino: u64) -> Result<PathBuf, FsError> {
+        let nodes = lock(&self.shared.nodes);
+        match nodes.by_ino.get(&ino) {
+            Some(Node { path: Some(p), .. }) => Ok(p.clone()),
+            Some(_) => Err(FsError::NotFound {
+                path: PathBuf::from("(deleted)"),
+            }),
+            None => Err(FsError::Stale { id: ino }),
+        }
+    }
+
+    /// The cursor of the path of `ino` under `policy` (generation `gen`).
+    pub(super) fn cursor(&self, policy: &Policy, gen_: u64, path: &Path) -> Cursor {
+        let mut cache = lock(&self.cursors);
+        if cache.0 != gen_ {
+            cache.0 = gen_;
+            cache.1.clear();
+        }
+        let nodes = lock(&self.shared.nodes);
+        let ino_of = |p: &Path| nodes.by_path.get(p).copied();
+        // Walk up to the nearest cached ancestor, then step down.
+        let mut chain: Vec<&Path> = Vec::new();
+        let mut start: Option<Cursor> = None;
+        for anc in path.ancestors() {
+            if let Some(c) = ino_of(anc).and_then(|i| cache.1.get(&i)) {
+                start = Some(c.clone());
+                break;
+            }
+            if anc.as_os_str().is_empty() {
+                break;
+            }
+            chain.push(anc);
+        }
+        let mut cur = match start {
+            Some(c) => c,
+            None => {
+                let c = policy.cursor_root();
+                cache.1.insert(1, c.clone());
+                c
+            }
+        };
+        for p in chain.into_iter().rev() {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            cur = policy.cursor_child(&cur, &name);
+            if let Some(i) = ino_of(p) {
+                cache.1.insert(i, cur.clone());
+            }
+        }
+        cur
+    }
+
+    /// The decision for `path` as an object of kind `kind`.
+    pub(super) fn decision(&self, path: &Path, kind: EntryKind) -> Decision {
+        let (policy, gen_) = self.shared.policy();
+        let c = self.cursor(&policy, gen_, path);
+        self.decide(&policy, &c, path, kind)
+    }
+
+    /// The decision for `path` (cursor `c`) in this mount's merged view: a directory shown
+    /// only for traversal must hold something visible (see [`shown`]), and a content
+    /// condition is judged on the file (see [`content`]).
+    pub(super) fn decide(
+        &self,
+        policy: &Policy,
+        c: &Cursor,
+        path: &Path,
+        kind: EntryKind,
+    ) -> Decision {
+        let d = policy.decide(c, kind_of(kind));
+        let from_tree = match d.basis {
+            Basis::Traversal { .. } => true,
+            Basis::Rule(r) => policy.rule(r).content.is_some(),
+            _ => false,
+        };
+        if !from_tree {
+            return d;
+        }
+        let view = MergedView {
+            shared: &self.shared,
+            generation: lock(&self.shared.shown).generation(),
+            ttl: self.opts.entry_ttl,
+        };
+        policy.decide_in(&view, &path.to_path_buf(), c, kind_of(kind))
+    }
+
+    /// After `path` left this mount's view (unlink, rmdir, the source of a rename): forgets
+    /// the verdicts it changed, and has the kernel forget the ancestors that vanished with it.
+    pub(super) fn removed(&self, path: &Path, dir: bool) {
+        let had = lock(&self.shared.shown).forget(path, dir);
+        for (anc, was_shown) in had {
+            if !was_shown || self.decision(&anc, EntryKind::Dir).level != Level::None {
+                continue;
+            }
+            let parent = anc.parent().unwrap_or(Path::new(""));
+            let ino = lock(&self.shared.nodes).by_path.get(parent).copied();
+            if let (Some(ino), Some(name), Some(tx)) =
+                (ino, anc.file_name(), self.shared.vanished.get())
+            {
+                let _ = tx.send((ino, name.to_os_string()));
+            }
+        }
+    }
+
+    /// Reports a denial and returns its error: ENOENT for a hidden path, else EACCES.
+    pub(super) fn deny(&self, op: &'static str, path: &Path, d: Decision) -> FsError {
+        self.deny_at(op, path, d, false)
+    }
+
+    /// [`Self::deny`] for a path about to be created (create, mkdir, symlink, link, rename
+    /// target): a hidden entry there must look like a missing one in a place where writing
+    /// is denied, so always EACCES, never ENOENT.
+    pub(super) fn deny_new(&self, op: &'static str, path: &Path, d: Decision) -> FsError {
+        self.deny_at(op, path, d, true)
+    }
+
+    pub(super) fn deny_at(
+        &self,
+        op: &'static str,
+        path: &Path,
+        d: Decision,
+        new_path: bool,
+    ) -> FsError {
+        let shown = display_path(path);
+        self.shared.audit.denied(op, &shown, d.level, || {
+            d.rule().map(|r| {
+                let (policy, _) = self.shared.policy();
+                (r, policy.describe(r))
+            })
+        });
+        debug!(op, path = %shown, level = %d.level, "denied");
+        if d.level == Level::None && !new_path {
+            FsError::NotFound { path: path.into() }
+        } else {
+            FsError::Denied {
+                op,
+                path: path.into(),
+                level: d.level,
+            }
+        }
+    }
+
+    /// Looks up `path` and requires it visible; returns its attributes and decision.
+    pub(super) fn visible(
+        &self,
+        op: &'static str,
+        path: &Path,
+    ) -> Result<(Attr, Decision), FsError> {
+        let attr = self
+            .shared
+            .delta
+            .lookup(path)?
+            .ok_or_else(|| FsError::NotFound { path: path.into() })?;
+        let d = self.decision(path, attr.kind);
+        if d.level == Level::None {
+            return Err(self.deny(op, path, d));
+        }
+        Ok((attr, d))
+    }
+
+    pub(super) fn require(
+        &self,
+        op: &'static str,
+        path: &Path,
+        d: Decision,
+        need: Level,
+    ) -> Result<(), FsError> {
+        if d.level < need {
+            return Err(self.deny(op, path, d));
+        }
+        Ok(())
+    }
+
+    /// For a new entry: the parent must be a visible directory and the new path writable.
+    /// An existing hidden entry is reported exactly like a missing one in a denied place.
+    pub(super) fn check_new(
+        &self,
+        op: &'static str,
+        parent: u64,
+        name: &OsStr,
+        kind: EntryKind,
+    ) -> Result<PathBuf, FsError> {
+        check_name(name)?;
+        let ppath = self.path_of(parent)?;
+        self.visible(op, &ppath)?;
+        let path = ppath.join(name);
+        match self.shared.delta.lookup(&path)? {
+            Some(a) => {
+                let d = self.decision(&path, a.kind);
+                if d.level == Level::None {
+                    return Err(self.deny_new(op, &path, d));
+                }
+                Err(FsError::Exists { path })
+            }
+            None => {
+                let d = self.decision(&path, kind);
+                if d.level < Level::Write {
+                    return Err(self.deny_new(op, &path, d));
+                }
+                Ok(path)
+            }
+        }
+    }
+
+    pub(super) fn file_attr(&self, ino: u64, a: &Attr, level: Level) -> FileAttr {
+        let mut perm = a.perm;
+        if level < Level::Write {
+            perm &= !0o222;
+        }
+        if level == Level::View && a.kind != EntryKind::Dir {
+            perm &= !0o555;
+        }
+        let (uid, gid) = self.opts.owner.unwrap_or((a.uid, a.gid));
+        let (size, blocks, nlink) = if a.kind == EntryKind::Dir {
+            // nlink 1 means "unknown" to tools that count subdirectories from it (find's leaf
+            // optimisation); the real count would include hidden subdirectories.
+            (4096, 8, 1)
+        } else {
+            (a.size, a.blocks, 1)
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks,
+            atime: a.atime,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            crtime: a.ctime,
+            kind: file_type(a.kind),
+            perm: u16::try_from(perm & 0o7777).unwrap_or(0),
+            nlink,
+            uid,
+            gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    pub(super) fn entry(&self, path: &Path, count_lookup: bool) -> Result<FileAttr, FsError> {
+        let (attr, d) = self.visible("lookup", path)?;
+        let ino = {
+            let mut nodes = lock(&self.shared.nodes);
+            let ino = nodes.get_or_insert(path);
+            if count_lookup && let Some(n) = nodes.by_ino.get_mut(&ino) {
+                n.lookups += 1;
+            }
+            ino
+        };
+        Ok(self.file_attr(ino, &attr, d.level))
+    }
+
+    pub(super) fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, FsError> {
+        check_name(name).map_err(|_| FsError::NotFound { path: name.into() })?;
+        let ppath = self.path_of(parent)?;
+        self.visible("lookup", &ppath)?;
+        self.entry(&ppath.join(name), true)
+    }
+
+    pub(super) fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> Result<FileAttr, FsError> {
+        match self.path_of(ino) {
+            Ok(path) => self.entry(&path, false),
+            Err(e) => {
+                // A deleted file still open: answer from its handle or its pinned host file.
+                let held = match fh.filter(|fh| fh.0 != 0) {
+                    Some(fh) => lock(&self.shared.handles)
+                        .get(&fh.0)
+                        .map(|h| (h.file.clone(), h.write)),
+                    None => lock(&self.shared.io).held(ino),
+                };
+                let Some((file, write)) = held else {
+                    return Err(e);
+                };
+                let st = rustix::fs::fstat(&*file)
+                    .map_err(|e| FsError::io("fstat", "(open file)", e.into()))?;
+                let a = crate::delta::attr_of_stat(&st);
+                let level = if write { Level::Write } else { Level::Read };
+                Ok(self.file_attr(ino, &a, level))
+            }
+        }
+    }
+}
