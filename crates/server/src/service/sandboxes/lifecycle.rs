@@ -1,0 +1,584 @@
+//! Create, start, stop, destroy; expiry, restart recovery and shutdown; the wiring of the
+//! policy filesystem to the runtime.
+
+use super::*;
+
+impl Service {
+    /// CreateSandbox.
+    pub async fn create_sandbox(
+        self: &Arc<Self>,
+        req: CreateSandbox,
+    ) -> Result<SandboxRecord, ServiceError> {
+        let cb_id = Service::codebase_id(&req.codebase_id)?;
+        // Rules are compiled now so that a bad pattern is INVALID_ARGUMENT at create, not a
+        // failed start later.
+        Policy::compile(req.rules.clone())
+            .map_err(|e| ServiceError::InvalidArgument(format!("permissions: {}", chain(&e))))?;
+        let kind = req.runtime.unwrap_or(self.settings.config.runtime.kind);
+        if !self.engine.runtimes.contains_key(&kind) {
+            let mut have: Vec<&str> = self.engine.runtimes.keys().map(|k| k.as_str()).collect();
+            have.sort_unstable();
+            return Err(ServiceError::FailedPrecondition(format!(
+                "runtime {kind} is not available on this server (available: {})",
+                if have.is_empty() {
+                    "none".to_owned()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        }
+        if kind == RuntimeKind::Bwrap && !req.image.is_empty() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "image {:?} was given but the bwrap runtime runs no images; use runtime DOCKER",
+                req.image
+            )));
+        }
+        check_labels(&req.labels, self.settings.config.runtime.allow_network)?;
+        let rt_cfg = &self.settings.config.runtime;
+        let mut resources = req.resources;
+        if let Some(bytes) = disk_label(&req.labels)? {
+            resources.disk_bytes = bytes;
+        }
+        let resources = resources.or(rt_cfg.default_resources);
+        if let Some((field, value, ceiling)) = resources.exceeds(&rt_cfg.max_resources) {
+            let value = if value == 0 {
+                "0 (unlimited)".to_owned()
+            } else {
+                value.to_string()
+            };
+            return Err(ServiceError::InvalidArgument(format!(
+                "resources.{field} = {value} is above this server's ceiling \
+                 runtime.max_resources.{field} = {ceiling}"
+            )));
+        }
+        let codebase = self.codebase(&cb_id).await?;
+        let max = self.settings.config.sandbox.max_per_user;
+        let now = SystemTime::now();
+        let expires_in = req
+            .expires_in
+            .unwrap_or(self.settings.config.sandbox.default_expiration);
+        let rec = SandboxRecord {
+            id: SandboxId::generate(),
+            codebase_id: cb_id,
+            owner_id: codebase.owner_id.clone(),
+            rules: req.rules,
+            status: SandboxStatus::Pending,
+            status_reason: None,
+            labels: req.labels,
+            runtime: kind,
+            image: req.image,
+            resources,
+            created_at: now,
+            started_at: None,
+            stopped_at: None,
+            expires_at: now.checked_add(expires_in),
+        };
+        let store = self.store.clone();
+        let r = rec.clone();
+        blocking(move || {
+            if store.insert_sandbox_within_quota(&r, max)? {
+                return Ok(());
+            }
+            let n = store.count_sandboxes_of_owner(&r.owner_id)?;
+            Err(ServiceError::ResourceExhausted(format!(
+                "owner {:?} already has {n} sandboxes (limit sandbox.max_per_user = {max}); \
+                 destroy one first",
+                r.owner_id
+            )))
+        })
+        .await?;
+        self.audit.record(AuditEvent::SandboxCreated {
+            sandbox_id: rec.id.to_string(),
+            codebase_id: rec.codebase_id.to_string(),
+            owner_id: rec.owner_id.clone(),
+            rules: rec.rules.clone(),
+            runtime: rec.runtime.to_string(),
+            image: rec.image.clone(),
+            resources: rec.resources,
+            labels: rec.labels.clone(),
+        });
+        Ok(rec)
+    }
+
+    /// GetSandbox.
+    pub async fn get_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
+        let id = Service::sandbox_id(id)?;
+        self.sandbox(&id).await
+    }
+
+    /// ListSandboxes.
+    pub async fn list_sandboxes(
+        self: &Arc<Self>,
+        codebase_id: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<Page<SandboxRecord>, ServiceError> {
+        let (size, after) = page_args(page_size, page_token)?;
+        let cb = if codebase_id.is_empty() {
+            None
+        } else {
+            Some(Service::codebase_id(codebase_id)?)
+        };
+        let store = self.store.clone();
+        blocking(move || Ok(store.list_sandboxes(cb.as_ref(), after, size)?)).await
+    }
+
+    /// StartSandbox: PENDING, STOPPED or ERROR → RUNNING.
+    pub async fn start_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
+        let id = Service::sandbox_id(id)?;
+        self.sandbox(&id).await?;
+        let lock = self.engine.lock(&id);
+        let _g = lock.lock().await;
+        let mut rec = self.sandbox(&id).await?;
+        if rec.status == SandboxStatus::Running {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "sandbox {id} is already running"
+            )));
+        }
+        match self.bring_up(&rec).await {
+            Ok(()) => {
+                rec.status = SandboxStatus::Running;
+                rec.status_reason = None;
+                rec.started_at = Some(SystemTime::now());
+                if let Err(e) = self.save(&rec).await {
+                    // Not recorded as running: nothing may run in it either.
+                    self.tear_down(&rec, false).await;
+                    return Err(e);
+                }
+                self.audit.record(AuditEvent::SandboxStarted {
+                    sandbox_id: id.to_string(),
+                });
+                Ok(rec)
+            }
+            Err(e) => {
+                let reason = match &e {
+                    ServiceError::Internal { context, source } => format!("{context}: {source}"),
+                    other => other.to_string(),
+                };
+                tracing::error!(sandbox_id = %id, error = %reason, "start failed");
+                rec.status = SandboxStatus::Error;
+                rec.status_reason = Some(reason.clone());
+                self.save(&rec).await?;
+                Err(match e {
+                    ServiceError::Internal { source, .. } => ServiceError::Internal {
+                        context: format!("failed to start sandbox {id}: {reason}"),
+                        source,
+                    },
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Mounts the policy filesystem and starts the environment. Undoes everything on failure.
+    pub(super) async fn bring_up(
+        self: &Arc<Self>,
+        rec: &SandboxRecord,
+    ) -> Result<(), ServiceError> {
+        let runtime = self
+            .engine
+            .runtimes
+            .get(&rec.runtime)
+            .cloned()
+            .ok_or_else(|| {
+                ServiceError::FailedPrecondition(format!(
+                    "runtime {} is not available on this server",
+                    rec.runtime
+                ))
+            })?;
+        // The server's mandatory floor ranks above the sandbox's own rules; it applies as the
+        // config says at each start.
+        let floor = self.settings.config.policy.mandatory.clone();
+        let policy = Policy::compile_with_floor(rec.rules.clone(), floor)
+            .map_err(|e| ServiceError::internal("compiling stored rules", e))?;
+        let (mountpoint, delta) = self.mount_dirs(&rec.id);
+        let lower = self.files.dir(&rec.codebase_id);
+        let network = match rec.labels.get(LABEL_NETWORK).map(String::as_str) {
+            Some("enabled") | Some("host") => NetworkMode::Host,
+            _ => NetworkMode::None,
+        };
+        let mut r = rec.resources;
+        // Sandboxes created before disk quotas existed get today's default.
+        let defaults = self.settings.config.runtime.default_resources;
+        if r.disk_bytes == 0 {
+            r.disk_bytes = defaults.disk_bytes;
+        }
+        if r.disk_inodes == 0 {
+            r.disk_inodes = defaults.disk_inodes;
+        }
+        let nz = |v: u64| (v > 0).then_some(v);
+        let spec = agentfense_runtime::SandboxSpec {
+            image: (!rec.image.is_empty()).then(|| rec.image.clone()),
+            workspace: mountpoint.clone(),
+            limits: agentfense_runtime::ResourceLimits {
+                memory_bytes: nz(r.memory_bytes),
+                cpu_quota_us: nz(r.cpu_quota),
+                cpu_shares: nz(r.cpu_shares),
+                pids_limit: nz(r.pids_limit),
+            },
+            network,
+            // /tmp (with $HOME) counts against the disk quota: it is that size at most.
+            tmp_size: nz(r.disk_bytes),
+        };
+        let mp = mountpoint.clone();
+        blocking(move || {
+            if let Some(parent) = mp.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| ServiceError::internal("creating the mount directory", e))?;
+                use std::os::unix::fs::PermissionsExt;
+                // allow_other mounts: keep the path to them private to the service.
+                let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
+            }
+            std::fs::create_dir_all(&mp)
+                .map_err(|e| ServiceError::internal("creating the mountpoint", e))
+        })
+        .await?;
+        // Created before the mount: the runtime decides which host uid the sandbox user has
+        // (one of its own with a user namespace), and the files must show that owner.
+        let sid = rec.id.to_string();
+        match runtime.create(&sid, spec).await {
+            Ok(()) | Err(RuntimeError::SandboxExists { .. }) => {}
+            Err(e) => return Err(runtime_error(e)),
+        }
+        let mut cfg = FsConfig::new(rec.id.to_string(), lower, delta, mountpoint, policy);
+        // Files appear owned by the sandbox user, so that tools like git do not refuse a
+        // repository owned by someone else. Access is decided by the rules, not by owners.
+        cfg.owner = Some(runtime.sandbox_owner(&sid).unwrap_or(SANDBOX_OWNER));
+        if rec.labels.get(LABEL_PUBLISH).map(String::as_str) == Some("manual") {
+            cfg.publish_mode = PublishMode::Explicit;
+        }
+        cfg.io_mode = io_mode(&rec.labels);
+        cfg.max_open_files = self.settings.config.runtime.open_files_per_sandbox;
+        cfg.disk_bytes = r.disk_bytes;
+        cfg.disk_inodes = r.disk_inodes;
+        let mount = match blocking(move || {
+            agentfense_fs::mount(cfg)
+                .map_err(|e| ServiceError::internal("mounting the policy filesystem", e))
+        })
+        .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = runtime.destroy(&sid).await;
+                return Err(e);
+            }
+        };
+        self.spawn_fs_audit_bridge(&mount);
+        if let Err(e) = runtime.start(&sid).await.map_err(runtime_error) {
+            let _ = runtime.destroy(&sid).await;
+            let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
+            return Err(e);
+        }
+        match runtime.scratch(&sid) {
+            Some(tmp) => mount.count_scratch(tmp),
+            None => tracing::warn!(
+                sandbox_id = %sid,
+                "the sandbox's /tmp cannot be seen from here: it is sized at the disk quota but \
+                 not counted with the delta"
+            ),
+        }
+        self.engine
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                rec.id.clone(),
+                Arc::new(Live {
+                    mount,
+                    runtime,
+                    id: rec.id.clone(),
+                    codebase_id: rec.codebase_id.clone(),
+                }),
+            );
+        Ok(())
+    }
+
+    pub(super) fn spawn_fs_audit_bridge(self: &Arc<Self>, mount: &MountHandle) {
+        let rx = mount.events();
+        let audit = self.audit.clone();
+        let _ = std::thread::Builder::new()
+            .name("fs-audit".into())
+            .spawn(move || {
+                // Ends when the mount is gone and its senders are dropped. Waits for room in
+                // the writer's queue: a storm of denials slows down (see agentfense_fs::audit)
+                // instead of losing events.
+                for ev in rx {
+                    audit.record_wait(fs_event(ev));
+                }
+            });
+    }
+
+    /// StopSandbox: RUNNING → STOPPED. Kills everything inside, publishes what is pending in
+    /// automatic mode, unmounts. The delta is kept; Start reuses it.
+    pub async fn stop_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
+        let id = Service::sandbox_id(id)?;
+        self.sandbox(&id).await?;
+        let lock = self.engine.lock(&id);
+        let _g = lock.lock().await;
+        let mut rec = self.sandbox(&id).await?;
+        if rec.status != SandboxStatus::Running {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "sandbox {id} is not running (status {})",
+                status_name(rec.status)
+            )));
+        }
+        self.tear_down(&rec, false).await;
+        rec.status = SandboxStatus::Stopped;
+        rec.stopped_at = Some(SystemTime::now());
+        self.save(&rec).await?;
+        self.audit.record(AuditEvent::SandboxStopped {
+            sandbox_id: id.to_string(),
+            reason: None,
+        });
+        Ok(rec)
+    }
+
+    /// Stops the environment and unmounts (best effort: errors are logged; the sandbox ends
+    /// up stopped either way). With `destroy`, the runtime forgets the sandbox.
+    pub(super) async fn tear_down(self: &Arc<Self>, rec: &SandboxRecord, destroy: bool) {
+        let sid = rec.id.to_string();
+        let live = self.engine.take_live(&rec.id);
+        let runtime = live
+            .as_ref()
+            .map(|l| l.runtime.clone())
+            .or_else(|| self.engine.runtimes.get(&rec.runtime).cloned());
+        if let Some(rt) = &runtime {
+            let res = if destroy {
+                rt.destroy(&sid).await
+            } else {
+                rt.stop(&sid).await
+            };
+            match res {
+                Ok(())
+                | Err(RuntimeError::SandboxNotFound { .. })
+                | Err(RuntimeError::NotRunning { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %sid, error = %chain(&e), "runtime stop failed")
+                }
+            }
+        }
+        let now = SystemTime::now();
+        let store = self.store.clone();
+        let id = rec.id.clone();
+        let _ = blocking(move || Ok(store.close_sessions_of(&id, now)?)).await;
+        if let Some(live) = live {
+            let this = self.clone();
+            let cb = rec.codebase_id.clone();
+            let sid2 = sid.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = this.publish_counted(&sid2, &cb, &live, false);
+                match Arc::try_unwrap(live) {
+                    Ok(live) => {
+                        if let Err(e) = live.mount.unmount() {
+                            tracing::warn!(sandbox_id = %sid2, error = %chain(&e), "unmount failed");
+                        }
+                    }
+                    // An in-flight request still holds it: the last holder's drop unmounts.
+                    Err(_) => tracing::debug!(sandbox_id = %sid2, "mount still in use; unmounting on last release"),
+                }
+            })
+            .await;
+        }
+    }
+
+    /// DestroySandbox: from any state. Stops it, removes its delta and metadata.
+    pub async fn destroy_sandbox(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
+        let id = Service::sandbox_id(id)?;
+        self.destroy_inner(&id, false).await
+    }
+
+    pub(super) async fn destroy_inner(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        expired: bool,
+    ) -> Result<(), ServiceError> {
+        self.sandbox(id).await?;
+        let lock = self.engine.lock(id);
+        let _g = lock.lock().await;
+        let rec = self.sandbox(id).await?;
+        self.tear_down(&rec, true).await;
+        let (mountpoint, delta) = self.mount_dirs(id);
+        let store = self.store.clone();
+        let id2 = id.clone();
+        blocking(move || {
+            let _ = std::fs::remove_dir(&mountpoint);
+            if let Err(e) = std::fs::remove_dir_all(&delta)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %delta.display(), error = %e, "cannot remove delta");
+            }
+            Ok(store.delete_sandbox(&id2)?)
+        })
+        .await?;
+        self.engine
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.audit.record(if expired {
+            AuditEvent::SandboxExpired {
+                sandbox_id: id.to_string(),
+            }
+        } else {
+            AuditEvent::SandboxDestroyed {
+                sandbox_id: id.to_string(),
+            }
+        });
+        Ok(())
+    }
+
+    /// Destroys every sandbox past its expiry; returns how many.
+    pub async fn reap_expired(self: &Arc<Self>) -> usize {
+        let store = self.store.clone();
+        let all = match blocking(move || Ok(store.all_sandboxes()?)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "reaper cannot list sandboxes");
+                return 0;
+            }
+        };
+        let now = SystemTime::now();
+        let mut n = 0;
+        for s in all
+            .into_iter()
+            .filter(|s| s.expires_at.is_some_and(|t| t <= now))
+        {
+            match self.destroy_inner(&s.id, true).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %s.id, error = %e, "cannot destroy expired sandbox")
+                }
+            }
+        }
+        n
+    }
+
+    /// At startup: clear stale mounts, close sessions whose shells died with the previous
+    /// process, and bring sandboxes that were running back up (or mark them STOPPED with the
+    /// reason, restartable).
+    pub async fn recover(self: &Arc<Self>) {
+        let fuse_dir = self.settings.paths.mounts.join("fuse");
+        let cleaned =
+            tokio::task::spawn_blocking(move || agentfense_fs::cleanup_stale_mounts(&fuse_dir))
+                .await;
+        if let Ok(Ok(paths)) = cleaned
+            && !paths.is_empty()
+        {
+            tracing::info!(
+                count = paths.len(),
+                "detached stale FUSE mounts from a previous run"
+            );
+        }
+        for (kind, rt) in &self.engine.runtimes {
+            match rt.cleanup_stale().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(runtime = %kind, count = n, "removed leftovers of a previous run")
+                }
+                Err(e) => {
+                    tracing::warn!(runtime = %kind, error = %chain(&e), "cannot clean leftovers of a previous run")
+                }
+            }
+        }
+        let store = self.store.clone();
+        let all = match blocking(move || Ok(store.all_sandboxes()?)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "recovery cannot list sandboxes");
+                return;
+            }
+        };
+        for mut rec in all {
+            let store = self.store.clone();
+            let id = rec.id.clone();
+            let _ = blocking(move || Ok(store.close_sessions_of(&id, SystemTime::now())?)).await;
+            if rec.status != SandboxStatus::Running {
+                continue;
+            }
+            match self.bring_up(&rec).await {
+                Ok(()) => {
+                    rec.started_at = Some(SystemTime::now());
+                    tracing::info!(sandbox_id = %rec.id, "sandbox restarted after server restart");
+                    self.audit.record(AuditEvent::SandboxStarted {
+                        sandbox_id: rec.id.to_string(),
+                    });
+                }
+                Err(e) => {
+                    rec.status = SandboxStatus::Stopped;
+                    rec.stopped_at = Some(SystemTime::now());
+                    rec.status_reason = Some(format!(
+                        "server restarted and could not restart it: {}",
+                        chain(&e)
+                    ));
+                    tracing::warn!(sandbox_id = %rec.id, error = %chain(&e), "sandbox could not be restarted");
+                }
+            }
+            let _ = self.save(&rec).await;
+        }
+    }
+
+    /// At shutdown: stop every running sandbox's processes and unmount, keeping their
+    /// status RUNNING in the store so the next start brings them back.
+    pub async fn shutdown(self: &Arc<Self>) {
+        let ids: Vec<SandboxId> = self
+            .engine
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Ok(rec) = self.sandbox(&id).await {
+                self.tear_down(&rec, false).await;
+            }
+        }
+    }
+}
+
+pub(super) fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
+    match ev {
+        agentfense_fs::AuditEvent::Denied {
+            sandbox_id,
+            op,
+            path,
+            level,
+            rule,
+            count,
+        } => AuditEvent::PermissionDenied {
+            sandbox_id,
+            operation: op.to_owned(),
+            path,
+            level: Level::as_str(level).to_owned(),
+            rule: rule.map(|(_, pattern)| pattern),
+            count,
+        },
+        agentfense_fs::AuditEvent::PublishConflict {
+            sandbox_id,
+            conflict,
+        } => AuditEvent::PublishConflict {
+            sandbox_id,
+            path: conflict.path.display().to_string(),
+            detail: format!(
+                "was {:?}, found {:?}; this sandbox's version was published",
+                conflict.expected, conflict.found
+            ),
+        },
+        agentfense_fs::AuditEvent::LimitExceeded {
+            sandbox_id,
+            limit,
+            detail,
+        } => AuditEvent::ResourceLimitExceeded {
+            sandbox_id,
+            limit: limit.to_owned(),
+            command: String::new(),
+            detail,
+        },
+        agentfense_fs::AuditEvent::Dropped { sandbox_id, count } => {
+            AuditEvent::AuditEventsDropped {
+                sandbox_id: Some(sandbox_id),
+                count,
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Sessions: long-lived shells in a running sandbox.
+
+use super::*;
+
+impl Service {
+    /// CreateSession.
+    pub async fn create_session(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+        shell: String,
+        env: BTreeMap<String, String>,
+    ) -> Result<SessionRecord, ServiceError> {
+        let id = Service::sandbox_id(sandbox_id)?;
+        let live = self.running(&id).await?;
+        let shell = if shell.is_empty() {
+            "/bin/sh".to_owned()
+        } else {
+            shell
+        };
+        let spec = agentfense_runtime::SessionSpec {
+            shell: shell.clone(),
+            env: env.clone(),
+            workdir: String::new(),
+        };
+        let sess = live
+            .runtime
+            .session_create(id.as_str(), spec)
+            .await
+            .map_err(runtime_error)?;
+        let session_id = SessionId::parse(&sess)
+            .map_err(|e| ServiceError::internal("runtime returned a malformed session id", e))?;
+        let rec = SessionRecord {
+            id: session_id,
+            sandbox_id: id,
+            shell,
+            env,
+            status: SessionStatus::Active,
+            created_at: SystemTime::now(),
+            closed_at: None,
+        };
+        let store = self.store.clone();
+        let r = rec.clone();
+        blocking(move || Ok(store.insert_session(&r)?)).await?;
+        Ok(rec)
+    }
+
+    pub(super) async fn session(
+        self: &Arc<Self>,
+        id: &SessionId,
+    ) -> Result<SessionRecord, ServiceError> {
+        let store = self.store.clone();
+        let id2 = id.clone();
+        blocking(move || Ok(store.get_session(&id2)?))
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("session {id} not found")))
+    }
+
+    /// GetSession.
+    pub async fn get_session(self: &Arc<Self>, id: &str) -> Result<SessionRecord, ServiceError> {
+        let id = Service::session_id(id)?;
+        self.session(&id).await
+    }
+
+    /// ListSessions (an unknown sandbox lists as empty, like the original).
+    pub async fn list_sessions(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+    ) -> Result<Vec<SessionRecord>, ServiceError> {
+        let id = Service::sandbox_id(sandbox_id)?;
+        let store = self.store.clone();
+        blocking(move || Ok(store.list_sessions(&id)?)).await
+    }
+
+    /// DestroySession: kills the shell and everything it started.
+    pub async fn destroy_session(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
+        let id = Service::session_id(id)?;
+        let sess = self.session(&id).await?;
+        if let Some(live) = self.engine.live(&sess.sandbox_id) {
+            match live
+                .runtime
+                .session_destroy(sess.sandbox_id.as_str(), id.as_str())
+                .await
+            {
+                Ok(())
+                | Err(RuntimeError::SessionNotFound { .. })
+                | Err(RuntimeError::SessionClosed { .. }) => {}
+                Err(e) => return Err(runtime_error(e)),
+            }
+        }
+        let store = self.store.clone();
+        blocking(move || Ok(store.delete_session(&id)?)).await?;
+        Ok(())
+    }
+
+    /// SessionExec.
+    pub async fn session_exec(
+        self: &Arc<Self>,
+        session_id: &str,
+        command: String,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutcome, ServiceError> {
+        let sid = Service::session_id(session_id)?;
+        if command.trim().is_empty() {
+            return Err(ServiceError::required("command"));
+        }
+        let sess = self.session(&sid).await?;
+        if sess.status == SessionStatus::Closed {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "session {sid} is closed"
+            )));
+        }
+        let live = self.running(&sess.sandbox_id).await?;
+        let timeout = self.effective_timeout(timeout);
+        let started = std::time::Instant::now();
+        let res = live
+            .runtime
+            .session_exec(live.id.as_str(), sid.as_str(), &command, Some(timeout))
+            .await;
+        self.after_command(&live).await;
+        match res {
+            Ok(r) => {
+                self.audit_command(
+                    &live.id,
+                    Some(&sid),
+                    &command,
+                    r.exit_code,
+                    r.duration,
+                    false,
+                );
+                Ok(ExecOutcome {
+                    stdout: r.stdout,
+                    stderr: r.stderr,
+                    exit_code: r.exit_code,
+                    duration: r.duration,
+                })
+            }
+            Err(RuntimeError::SessionClosed { .. }) => {
+                let store = self.store.clone();
+                let s2 = sid.clone();
+                let _ = blocking(move || Ok(store.close_session(&s2, SystemTime::now())?)).await;
+                Err(ServiceError::FailedPrecondition(format!(
+                    "session {sid} is closed"
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
+                self.audit_command(&live.id, Some(&sid), &command, -1, started.elapsed(), true);
+                Err(ServiceError::DeadlineExceeded(format!(
+                    "command timed out after {}; the session is still usable",
+                    humantime::format_duration(timeout)
+                )))
+            }
+            Err(e) => Err(runtime_error(e)),
+        }
+    }
+}
