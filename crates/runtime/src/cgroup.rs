@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
+pub use v1::V1;
+pub use v2::V2;
+
+mod v1;
+mod v2;
 use crate::types::{LimitKind, ResourceLimits, RuntimeEvent};
 
 /// CFS period the quota is expressed against (100 ms).
@@ -86,21 +91,91 @@ fn list_dirs(path: &Path) -> io::Result<Vec<PathBuf>> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
     /// Pure cgroup v2: one directory holds every controller.
-    V2 {
-        /// `<root>/<service cgroup>/<parent_name>`.
-        base: PathBuf,
-    },
+    V2(V2),
     /// cgroup v1 controllers (and maybe a controller-less v2 `unified` hierarchy for kill/track).
-    V1 {
-        /// `<root>/memory/<service memory cgroup>/<parent_name>`.
-        memory: Option<PathBuf>,
-        /// Same for `pids`.
-        pids: Option<PathBuf>,
-        /// Same for `cpu`.
-        cpu: Option<PathBuf>,
-        /// `<root>/unified/<service cgroup>/<parent_name>` when mounted.
-        unified: Option<PathBuf>,
-    },
+    V1(V1),
+}
+
+impl Layout {
+    fn hierarchy(&self) -> &dyn Hierarchy {
+        match self {
+            Layout::V2(h) => h,
+            Layout::V1(h) => h,
+        }
+    }
+}
+
+/// What differs between cgroup v1 and v2 (one implementation each, in `v1.rs` and `v2.rs`, as
+/// youki splits them): where sandbox cgroups live, how limits are written, where the
+/// limit-hit counters are read. Everything else (joining, kill, removal, per-command cgroups)
+/// works on the directories alone.
+trait Hierarchy: Send + Sync + std::fmt::Debug {
+    /// The parent directories holding this service's sandbox cgroups.
+    fn bases(&self) -> Vec<&Path>;
+
+    /// Creates sandbox `name`'s cgroups in `dirs` (recording each directory as soon as it
+    /// exists, so that a failure can remove it) and writes `limits`.
+    fn create(
+        &self,
+        fs: &dyn CgroupFs,
+        name: &str,
+        limits: &ResourceLimits,
+        dirs: &mut SandboxDirs,
+    ) -> Result<()>;
+
+    /// Reads the limit-hit counters of a sandbox (missing files count as zero).
+    fn counters(&self, fs: &dyn CgroupFs, dirs: &SandboxDirs) -> LimitCounters;
+}
+
+/// The directories of one sandbox, one per hierarchy it has.
+#[derive(Debug, Default)]
+struct SandboxDirs {
+    memory: Option<PathBuf>,
+    pids: Option<PathBuf>,
+    cpu: Option<PathBuf>,
+    /// The v2 directory (pure v2, or the controller-less unified hierarchy of a hybrid host).
+    unified: Option<PathBuf>,
+}
+
+impl SandboxDirs {
+    fn all(&self) -> Vec<&PathBuf> {
+        [&self.memory, &self.pids, &self.cpu, &self.unified]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`memory.events`, `pids.events`, ...);
+/// zero when the file or the key is missing.
+fn read_counter(fs: &dyn CgroupFs, path: Option<PathBuf>, key: &str) -> u64 {
+    let Some(path) = path else { return 0 };
+    let Ok(text) = fs.read(&path) else {
+        return 0;
+    };
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `mkdir -p` with the error the runtime reports.
+fn mkdir(fs: &dyn CgroupFs, p: &Path) -> Result<()> {
+    fs.create_dir_all(p).map_err(|source| RuntimeError::Cgroup {
+        op: "mkdir",
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes one control file, with the error the runtime reports.
+fn set(fs: &dyn CgroupFs, p: PathBuf, v: &str) -> Result<()> {
+    fs.write(&p, v).map_err(|source| RuntimeError::Cgroup {
+        op: "write",
+        path: p,
+        source,
+    })
 }
 
 /// Finds the service's cgroup path for `controller` (`""` = the v2 line) in `/proc/self/cgroup`
@@ -125,7 +200,7 @@ pub fn service_path(proc_self_cgroup: &str, controller: &str) -> Option<String> 
 #[derive(Debug, Clone)]
 pub struct CgroupManager {
     fs: Arc<dyn CgroupFs>,
-    layout: Layout,
+    layout: Arc<Layout>,
 }
 
 /// Counters that grow when a limit is hit.
@@ -189,9 +264,9 @@ impl CgroupManager {
         let layout = if fs.exists(&root.join("cgroup.controllers")) {
             let svc = service_path(proc_self_cgroup, "")
                 .ok_or_else(|| unavailable("no v2 line in /proc/self/cgroup".into()))?;
-            Layout::V2 {
+            Layout::V2(V2 {
                 base: root.join(svc).join(parent_name),
-            }
+            })
         } else {
             let ctrl = |name: &str| {
                 let dir = root.join(name);
@@ -206,26 +281,24 @@ impl CgroupManager {
             } else {
                 None
             };
-            let l = Layout::V1 {
+            let v1 = V1 {
                 memory: ctrl("memory"),
                 pids: ctrl("pids"),
                 cpu: ctrl("cpu"),
                 unified,
             };
-            if l == (Layout::V1 {
-                memory: None,
-                pids: None,
-                cpu: None,
-                unified: None,
-            }) {
+            if v1.bases().is_empty() {
                 return Err(unavailable(format!(
                     "no cgroup v1 or v2 hierarchy under {}",
                     root.display()
                 )));
             }
-            l
+            Layout::V1(v1)
         };
-        Ok(CgroupManager { fs, layout })
+        Ok(CgroupManager {
+            fs,
+            layout: Arc::new(layout),
+        })
     }
 
     /// [`CgroupManager::detect`] on the real host: `/sys/fs/cgroup` and this process's
@@ -255,15 +328,7 @@ impl CgroupManager {
     /// process still inside: what a crashed server left behind. Call it at startup, before any
     /// sandbox starts. Returns the directories removed.
     pub fn remove_stale(&self) -> Vec<PathBuf> {
-        let bases: Vec<&PathBuf> = match &self.layout {
-            Layout::V2 { base } => vec![base],
-            Layout::V1 {
-                memory,
-                pids,
-                cpu,
-                unified,
-            } => [memory, pids, cpu, unified].into_iter().flatten().collect(),
-        };
+        let bases = self.layout.hierarchy().bases();
         let mut removed = Vec::new();
         for base in bases {
             let Ok(children) = self.fs.list_dirs(base) else {
@@ -313,169 +378,18 @@ impl CgroupManager {
     pub fn create(&self, name: &str, limits: &ResourceLimits) -> Result<SandboxCgroup> {
         let mut cg = SandboxCgroup {
             fs: self.fs.clone(),
+            layout: self.layout.clone(),
             delegate: None,
-            v2: false,
-            memory: None,
-            pids: None,
-            cpu: None,
-            unified: None,
+            dirs: SandboxDirs::default(),
         };
-        let r = self.create_inner(&mut cg, name, limits);
+        let r = self
+            .layout
+            .hierarchy()
+            .create(&*self.fs, name, limits, &mut cg.dirs);
         if r.is_err() {
             cg.remove_dirs_once();
         }
         r.map(|()| cg)
-    }
-
-    fn create_inner(
-        &self,
-        cg: &mut SandboxCgroup,
-        name: &str,
-        limits: &ResourceLimits,
-    ) -> Result<()> {
-        let fs = &*self.fs;
-        let mkdir = |p: &Path| {
-            fs.create_dir_all(p).map_err(|source| RuntimeError::Cgroup {
-                op: "mkdir",
-                path: p.to_path_buf(),
-                source,
-            })
-        };
-        let set = |p: PathBuf, v: &str| {
-            fs.write(&p, v).map_err(|source| RuntimeError::Cgroup {
-                op: "write",
-                path: p,
-                source,
-            })
-        };
-        match &self.layout {
-            Layout::V2 { base } => {
-                cg.v2 = true;
-                // Controllers must be enabled on the way down.
-                let parent = base.parent().unwrap_or(base);
-                let enable = "+memory +pids +cpu";
-                let control = parent.join("cgroup.subtree_control");
-                match fs.write(&control, enable) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                        // v2 "no internal processes" rule: the service's own cgroup (e.g. its
-                        // systemd unit) holds the server itself. Move its processes into a
-                        // leaf beside the sandboxes' subtree, then enable the controllers.
-                        let leaf_name = format!(
-                            "{}-server",
-                            base.file_name()
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_default()
-                        );
-                        let leaf = parent.join(leaf_name);
-                        mkdir(&leaf)?;
-                        let procs = parent.join("cgroup.procs");
-                        let pids = fs.read(&procs).map_err(|source| RuntimeError::Cgroup {
-                            op: "read",
-                            path: procs.clone(),
-                            source,
-                        })?;
-                        for pid in pids.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                            // A process may exit meanwhile (ESRCH): nothing to move then.
-                            if let Err(e) = fs.write(&leaf.join("cgroup.procs"), pid)
-                                && e.raw_os_error() != Some(libc::ESRCH)
-                            {
-                                return Err(RuntimeError::Cgroup {
-                                    op: "write",
-                                    path: leaf.join("cgroup.procs"),
-                                    source: e,
-                                });
-                            }
-                        }
-                        set(control, enable)?;
-                    }
-                    Err(source) => {
-                        return Err(RuntimeError::Cgroup {
-                            op: "write",
-                            path: control,
-                            source,
-                        });
-                    }
-                }
-                mkdir(base)?;
-                set(base.join("cgroup.subtree_control"), enable)?;
-                let dir = base.join(name);
-                mkdir(&dir)?;
-                cg.unified = Some(dir.clone());
-                if let Some(m) = nz(limits.memory_bytes) {
-                    set(dir.join("memory.max"), &m.to_string())?;
-                    if fs.exists(&dir.join("memory.swap.max")) {
-                        set(dir.join("memory.swap.max"), "0")?;
-                    }
-                }
-                if let Some(p) = nz(limits.pids_limit) {
-                    set(dir.join("pids.max"), &p.to_string())?;
-                }
-                if let Some(q) = nz(limits.cpu_quota_us) {
-                    set(dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
-                }
-                if let Some(s) = nz(limits.cpu_shares) {
-                    set(dir.join("cpu.weight"), &shares_to_weight(s).to_string())?;
-                }
-            }
-            Layout::V1 {
-                memory,
-                pids,
-                cpu,
-                unified,
-            } => {
-                if let Some(base) = unified {
-                    let dir = base.join(name);
-                    mkdir(&dir)?;
-                    cg.unified = Some(dir);
-                }
-                if let Some(base) = memory {
-                    let dir = base.join(name);
-                    mkdir(&dir)?;
-                    cg.memory = Some(dir.clone());
-                    if let Some(m) = nz(limits.memory_bytes) {
-                        set(dir.join("memory.limit_in_bytes"), &m.to_string())?;
-                        let memsw = dir.join("memory.memsw.limit_in_bytes");
-                        if fs.exists(&memsw) {
-                            set(memsw, &m.to_string())?;
-                        }
-                    }
-                } else if nz(limits.memory_bytes).is_some() {
-                    return Err(RuntimeError::CgroupsUnavailable {
-                        reason: "memory limit requested but no memory controller".into(),
-                    });
-                }
-                if let Some(base) = pids {
-                    let dir = base.join(name);
-                    mkdir(&dir)?;
-                    cg.pids = Some(dir.clone());
-                    if let Some(p) = nz(limits.pids_limit) {
-                        set(dir.join("pids.max"), &p.to_string())?;
-                    }
-                } else if nz(limits.pids_limit).is_some() {
-                    return Err(RuntimeError::CgroupsUnavailable {
-                        reason: "pids limit requested but no pids controller".into(),
-                    });
-                }
-                if let Some(base) = cpu {
-                    let dir = base.join(name);
-                    mkdir(&dir)?;
-                    cg.cpu = Some(dir.clone());
-                    if let Some(q) = nz(limits.cpu_quota_us) {
-                        set(dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                        set(dir.join("cpu.cfs_quota_us"), &q.to_string())?;
-                    }
-                    if let Some(s) = nz(limits.cpu_shares) {
-                        set(dir.join("cpu.shares"), &s.to_string())?;
-                    }
-                } else if nz(limits.cpu_quota_us).or(nz(limits.cpu_shares)).is_some() {
-                    return Err(RuntimeError::CgroupsUnavailable {
-                        reason: "cpu limit requested but no cpu controller".into(),
-                    });
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -494,24 +408,17 @@ pub fn shares_to_weight(shares: u64) -> u64 {
 #[derive(Debug)]
 pub struct SandboxCgroup {
     fs: Arc<dyn CgroupFs>,
+    layout: Arc<Layout>,
     /// The host (uid, gid) of the sandbox's init when it runs in its own user namespace:
     /// it must be able to place commands in their per-command cgroups (see
     /// [`SandboxCgroup::delegate_to`]).
     delegate: Option<(u32, u32)>,
-    v2: bool,
-    memory: Option<PathBuf>,
-    pids: Option<PathBuf>,
-    cpu: Option<PathBuf>,
-    /// The v2 directory (pure v2, or the controller-less unified hierarchy of a hybrid host).
-    unified: Option<PathBuf>,
+    dirs: SandboxDirs,
 }
 
 impl SandboxCgroup {
     fn dirs(&self) -> Vec<&PathBuf> {
-        [&self.memory, &self.pids, &self.cpu, &self.unified]
-            .into_iter()
-            .flatten()
-            .collect()
+        self.dirs.all()
     }
 
     /// The sandbox's cgroup directories (one per hierarchy).
@@ -524,7 +431,7 @@ impl SandboxCgroup {
     /// the destination and of the common ancestor (the sandbox's v2 cgroup), which stay
     /// root's otherwise. Limits, `cgroup.kill` and the v1 controllers stay root's.
     pub fn delegate_to(&mut self, uid: u32, gid: u32) -> Result<()> {
-        if let Some(dir) = &self.unified {
+        if let Some(dir) = &self.dirs.unified {
             let procs = dir.join("cgroup.procs");
             self.fs
                 .chown(&procs, uid, gid)
@@ -548,38 +455,13 @@ impl SandboxCgroup {
 
     /// Reads the limit-hit counters (missing files count as zero).
     pub fn counters(&self) -> LimitCounters {
-        let field = |path: Option<PathBuf>, key: &str| -> u64 {
-            let Some(path) = path else { return 0 };
-            let Ok(text) = self.fs.read(&path) else {
-                return 0;
-            };
-            text.lines()
-                .filter_map(|l| l.split_once(' '))
-                .find(|(k, _)| *k == key)
-                .and_then(|(_, v)| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        if self.v2 {
-            let dir = self.unified.clone();
-            LimitCounters {
-                oom_kills: field(dir.as_ref().map(|d| d.join("memory.events")), "oom_kill"),
-                pids_max: field(dir.as_ref().map(|d| d.join("pids.events")), "max"),
-            }
-        } else {
-            LimitCounters {
-                oom_kills: field(
-                    self.memory.as_ref().map(|d| d.join("memory.oom_control")),
-                    "oom_kill",
-                ),
-                pids_max: field(self.pids.as_ref().map(|d| d.join("pids.events")), "max"),
-            }
-        }
+        self.layout.hierarchy().counters(&*self.fs, &self.dirs)
     }
 
     /// Kills every process in the sandbox: `cgroup.kill` where the kernel has it, otherwise
     /// SIGKILL to every pid listed in `cgroup.procs`.
     pub fn kill_all(&self) {
-        if let Some(dir) = &self.unified {
+        if let Some(dir) = &self.dirs.unified {
             let kill = dir.join("cgroup.kill");
             if self.fs.exists(&kill) && self.fs.write(&kill, "1").is_ok() {
                 return;
@@ -612,7 +494,7 @@ impl SandboxCgroup {
     /// `cgroup.kill` whatever sessions or process groups it creates. `None` without a v2
     /// hierarchy (the caller falls back to killing the process group).
     pub fn exec_cgroup(&self, name: &str) -> Result<Option<ExecCgroup>> {
-        let Some(base) = &self.unified else {
+        let Some(base) = &self.dirs.unified else {
             return Ok(None);
         };
         let dir = base.join(name);
@@ -655,7 +537,7 @@ impl SandboxCgroup {
 
     fn remove_dirs_once(&self) -> Vec<(PathBuf, io::Error)> {
         let mut errs = Vec::new();
-        if let Some(u) = &self.unified
+        if let Some(u) = &self.dirs.unified
             && let Ok(children) = self.fs.list_dirs(u)
         {
             for c in children {
@@ -795,295 +677,4 @@ impl ExecCgroup {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use pretty_assertions::assert_eq;
-    use std::sync::Mutex;
-
-    /// Records writes and delegates to the real file system under a temp root.
-    #[derive(Debug, Default)]
-    struct Recording {
-        writes: Mutex<Vec<(PathBuf, String)>>,
-        /// Paths whose first write fails with EBUSY (like a v2 cgroup with processes).
-        busy_once: Mutex<Vec<PathBuf>>,
-    }
-
-    impl CgroupFs for Recording {
-        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-            StdCgroupFs.create_dir_all(path)
-        }
-        fn write(&self, path: &Path, value: &str) -> io::Result<()> {
-            let mut busy = self.busy_once.lock().unwrap();
-            if let Some(i) = busy.iter().position(|p| p == path) {
-                busy.remove(i);
-                return Err(io::Error::from_raw_os_error(libc::EBUSY));
-            }
-            drop(busy);
-            self.writes
-                .lock()
-                .unwrap()
-                .push((path.to_path_buf(), value.to_owned()));
-            std::fs::write(path, value)
-        }
-        fn read(&self, path: &Path) -> io::Result<String> {
-            StdCgroupFs.read(path)
-        }
-        // Directories here hold plain files (not cgroupfs control files), so rmdir alone
-        // would fail.
-        fn remove_dir(&self, path: &Path) -> io::Result<()> {
-            std::fs::remove_dir_all(path)
-        }
-        fn exists(&self, path: &Path) -> bool {
-            StdCgroupFs.exists(path)
-        }
-        fn list_dirs(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-            StdCgroupFs.list_dirs(path)
-        }
-        fn chown(&self, path: &Path, _uid: u32, _gid: u32) -> io::Result<()> {
-            self.writes
-                .lock()
-                .unwrap()
-                .push((path.to_path_buf(), "chown".to_owned()));
-            Ok(())
-        }
-        fn open_dir(&self, path: &Path) -> io::Result<std::fs::File> {
-            StdCgroupFs.open_dir(path)
-        }
-    }
-
-    const HYBRID: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/svc/x\n1:cpu:/\n0::/\n";
-
-    fn limits() -> ResourceLimits {
-        ResourceLimits {
-            memory_bytes: Some(64 << 20),
-            cpu_quota_us: Some(50_000),
-            cpu_shares: Some(512),
-            pids_limit: Some(50),
-        }
-    }
-
-    #[test]
-    fn service_path_parsing() {
-        assert_eq!(service_path(HYBRID, "memory").as_deref(), Some("svc/x"));
-        assert_eq!(service_path(HYBRID, "pids").as_deref(), Some(""));
-        assert_eq!(service_path(HYBRID, "").as_deref(), Some(""));
-        assert_eq!(service_path(HYBRID, "blkio"), None);
-    }
-
-    #[test]
-    fn v1_hybrid_writes_exactly_the_limits() {
-        let root = tempfile::tempdir().unwrap();
-        let r = root.path();
-        for c in ["memory", "pids", "cpu", "unified"] {
-            std::fs::create_dir_all(r.join(c)).unwrap();
-            std::fs::write(r.join(c).join("cgroup.procs"), "").unwrap();
-        }
-        let fs = Arc::new(Recording::default());
-        let m = CgroupManager::detect(fs.clone(), r, HYBRID, "agentfense").unwrap();
-        assert_eq!(
-            m.layout(),
-            &Layout::V1 {
-                memory: Some(r.join("memory/svc/x/agentfense")),
-                pids: Some(r.join("pids/agentfense")),
-                cpu: Some(r.join("cpu/agentfense")),
-                unified: Some(r.join("unified/agentfense")),
-            }
-        );
-        let cg = m.create("sb1", &limits()).unwrap();
-        let writes = fs.writes.lock().unwrap().clone();
-        let rel: Vec<(String, String)> = writes
-            .into_iter()
-            .map(|(p, v)| (p.strip_prefix(r).unwrap().display().to_string(), v))
-            .collect();
-        let want = vec![
-            (
-                "memory/svc/x/agentfense/sb1/memory.limit_in_bytes",
-                "67108864",
-            ),
-            ("pids/agentfense/sb1/pids.max", "50"),
-            ("cpu/agentfense/sb1/cpu.cfs_period_us", "100000"),
-            ("cpu/agentfense/sb1/cpu.cfs_quota_us", "50000"),
-            ("cpu/agentfense/sb1/cpu.shares", "512"),
-        ];
-        let want: Vec<(String, String)> = want
-            .into_iter()
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
-            .collect();
-        assert_eq!(rel, want);
-        assert_eq!(
-            cg.procs_files(),
-            vec![
-                r.join("memory/svc/x/agentfense/sb1/cgroup.procs"),
-                r.join("pids/agentfense/sb1/cgroup.procs"),
-                r.join("cpu/agentfense/sb1/cgroup.procs"),
-                r.join("unified/agentfense/sb1/cgroup.procs"),
-            ]
-        );
-        std::fs::write(
-            r.join("memory/svc/x/agentfense/sb1/memory.oom_control"),
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
-        )
-        .unwrap();
-        std::fs::write(r.join("pids/agentfense/sb1/pids.events"), "max 7\n").unwrap();
-        assert_eq!(
-            cg.counters(),
-            LimitCounters {
-                oom_kills: 3,
-                pids_max: 7
-            }
-        );
-        // Per-command cgroups live in the unified hierarchy.
-        let mut ex = cg.exec_cgroup("e7").unwrap().unwrap();
-        assert_eq!(ex.dir(), r.join("unified/agentfense/sb1/e7"));
-        assert!(
-            ex.take_handle()
-                .is_some_and(|f| f.metadata().unwrap().is_dir())
-        );
-        assert!(ex.take_handle().is_none());
-        std::fs::write(r.join("unified/agentfense/sb1/e7/cgroup.kill"), "").unwrap();
-        ex.kill();
-        assert_eq!(
-            fs.writes.lock().unwrap().last().unwrap(),
-            &(
-                r.join("unified/agentfense/sb1/e7/cgroup.kill"),
-                "1".to_owned()
-            )
-        );
-        // kill_all prefers cgroup.kill of the unified hierarchy.
-        std::fs::write(r.join("unified/agentfense/sb1/cgroup.kill"), "").unwrap();
-        cg.kill_all();
-        assert_eq!(
-            fs.writes.lock().unwrap().last().unwrap(),
-            &(r.join("unified/agentfense/sb1/cgroup.kill"), "1".to_owned())
-        );
-    }
-
-    #[test]
-    fn v2_writes_exactly_the_limits() {
-        let root = tempfile::tempdir().unwrap();
-        let r = root.path();
-        std::fs::write(r.join("cgroup.controllers"), "memory pids cpu").unwrap();
-        std::fs::create_dir_all(r.join("srv")).unwrap();
-        let fs = Arc::new(Recording::default());
-        let m = CgroupManager::detect(fs.clone(), r, "0::/srv\n", "agentfense").unwrap();
-        assert_eq!(
-            m.layout(),
-            &Layout::V2 {
-                base: r.join("srv/agentfense")
-            }
-        );
-        let _cg = m.create("sb1", &limits()).unwrap();
-        let rel: Vec<(String, String)> = fs
-            .writes
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(p, v)| (p.strip_prefix(r).unwrap().display().to_string(), v.clone()))
-            .collect();
-        let want: Vec<(String, String)> = [
-            ("srv/cgroup.subtree_control", "+memory +pids +cpu"),
-            (
-                "srv/agentfense/cgroup.subtree_control",
-                "+memory +pids +cpu",
-            ),
-            ("srv/agentfense/sb1/memory.max", "67108864"),
-            ("srv/agentfense/sb1/pids.max", "50"),
-            ("srv/agentfense/sb1/cpu.max", "50000 100000"),
-            ("srv/agentfense/sb1/cpu.weight", "20"),
-        ]
-        .into_iter()
-        .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        .collect();
-        assert_eq!(rel, want);
-    }
-
-    #[test]
-    fn v2_moves_the_server_out_of_its_busy_cgroup() {
-        let root = tempfile::tempdir().unwrap();
-        let r = root.path();
-        std::fs::write(r.join("cgroup.controllers"), "memory pids cpu").unwrap();
-        std::fs::create_dir_all(r.join("srv")).unwrap();
-        std::fs::write(r.join("srv/cgroup.procs"), "41\n42\n").unwrap();
-        let fs = Arc::new(Recording::default());
-        fs.busy_once
-            .lock()
-            .unwrap()
-            .push(r.join("srv/cgroup.subtree_control"));
-        let m = CgroupManager::detect(fs.clone(), r, "0::/srv\n", "agentfense").unwrap();
-        let _cg = m.create("sb1", &ResourceLimits::default()).unwrap();
-        let rel: Vec<(String, String)> = fs
-            .writes
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(p, v)| (p.strip_prefix(r).unwrap().display().to_string(), v.clone()))
-            .collect();
-        let want: Vec<(String, String)> = [
-            ("srv/agentfense-server/cgroup.procs", "41"),
-            ("srv/agentfense-server/cgroup.procs", "42"),
-            ("srv/cgroup.subtree_control", "+memory +pids +cpu"),
-            (
-                "srv/agentfense/cgroup.subtree_control",
-                "+memory +pids +cpu",
-            ),
-        ]
-        .into_iter()
-        .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        .collect();
-        assert_eq!(rel, want);
-    }
-
-    #[test]
-    fn no_limits_writes_nothing() {
-        let root = tempfile::tempdir().unwrap();
-        let r = root.path();
-        std::fs::create_dir_all(r.join("pids")).unwrap();
-        std::fs::write(r.join("pids/cgroup.procs"), "").unwrap();
-        let fs = Arc::new(Recording::default());
-        let m = CgroupManager::detect(fs.clone(), r, HYBRID, "af").unwrap();
-        let cg = m.create("sb", &ResourceLimits::default()).unwrap();
-        assert!(fs.writes.lock().unwrap().is_empty());
-        assert_eq!(cg.procs_files(), vec![r.join("pids/af/sb/cgroup.procs")]);
-        // A memory limit without a memory controller fails closed.
-        let err = m
-            .create(
-                "sb2",
-                &ResourceLimits {
-                    memory_bytes: Some(1),
-                    ..Default::default()
-                },
-            )
-            .unwrap_err();
-        assert!(matches!(err, RuntimeError::CgroupsUnavailable { .. }));
-    }
-
-    #[test]
-    fn weight_conversion() {
-        assert_eq!(shares_to_weight(1024), 39);
-        assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(262_144), 10_000);
-    }
-
-    #[test]
-    fn remove_stale_removes_only_sandbox_cgroups() {
-        let root = tempfile::tempdir().unwrap();
-        let base = root.path().join("memory/svc/agentfense");
-        for d in ["sb-sb_1/cmd-1", "sb-sb_2", "other"] {
-            std::fs::create_dir_all(base.join(d)).unwrap();
-        }
-        let mgr = CgroupManager {
-            fs: Arc::new(StdCgroupFs),
-            layout: Layout::V1 {
-                memory: Some(base.clone()),
-                pids: None,
-                cpu: None,
-                unified: None,
-            },
-        };
-        let mut removed = mgr.remove_stale();
-        removed.sort();
-        assert_eq!(removed, vec![base.join("sb-sb_1"), base.join("sb-sb_2")]);
-        assert!(base.join("other").exists());
-        assert!(!base.join("sb-sb_1").exists());
-    }
-}
+mod tests;
