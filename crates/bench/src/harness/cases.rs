@@ -1,0 +1,583 @@
+//! The benchmark cases, each run interleaved with its native baseline.
+
+use super::*;
+
+pub(super) async fn cases(
+    scale: &Scale,
+    only: &Selection,
+    server: &Server,
+    server_pid: u32,
+) -> anyhow::Result<Vec<Row>> {
+    let mut api = Api::connect(&server.grpc).await?;
+    let mut rows = Vec::new();
+    if only.has("fs") || only.has("exec") || only.has("session") {
+        running_cases(scale, only, &mut api, server, &mut rows).await?;
+    }
+    if only.has("sdk")
+        && let Some(row) = sdk_flow(
+            &server.grpc,
+            server_pid,
+            if scale.fs_iters > 3 { 3 } else { 1 },
+        )?
+    {
+        rows.push(row);
+    }
+    if only.has("start") {
+        start_cases(scale, &mut api, &mut rows).await?;
+    }
+    if only.has("density") || only.has("concurrency") {
+        density_cases(scale, only, &mut api, server, server_pid, &mut rows).await?;
+    }
+    ensure!(
+        mounts_under(&server.data) == 0,
+        "mounts left behind after destroying every sandbox"
+    );
+    let leftover = tree(server_pid).len() - 1;
+    ensure!(
+        leftover == 0,
+        "{leftover} processes left behind after destroying every sandbox"
+    );
+    Ok(rows)
+}
+
+/// The server's label that picks a sandbox's I/O mode (`no-open` or `passthrough`).
+pub(super) const LABEL_IO: &str = "agentfense.io";
+
+/// One filesystem case: a command timed in a running sandbox and natively, interleaved.
+pub(super) struct FsCase<'a> {
+    pub(super) label: String,
+    pub(super) cmd: String,
+    pub(super) sandbox: &'a str,
+    /// Where the baseline runs the command natively (`None`: in the codebase itself), and
+    /// what the report calls it.
+    pub(super) native_dir: Option<&'a Path>,
+    pub(super) baseline: &'static str,
+    /// Largest ours/native ratio of the medians that meets the target; `None` for a row
+    /// reported without a target.
+    pub(super) max_ratio: Option<f64>,
+    pub(super) target: &'static str,
+}
+
+impl<'a> FsCase<'a> {
+    /// A case whose baseline is the same command natively in the codebase.
+    pub(super) fn new(
+        label: String,
+        cmd: &str,
+        sandbox: &'a str,
+        max_ratio: Option<f64>,
+        target: &'static str,
+    ) -> FsCase<'a> {
+        FsCase {
+            label,
+            cmd: cmd.to_owned(),
+            sandbox,
+            native_dir: None,
+            baseline: "native",
+            max_ratio,
+            target,
+        }
+    }
+}
+
+/// A copy of a file on a tmpfs mounted with `huge=never`, whose page cache holds single pages
+/// only; unmounted on drop.
+pub(super) struct SmallPageCopy {
+    pub(super) dir: PathBuf,
+}
+
+impl SmallPageCopy {
+    pub(super) fn new(work: &Path, file: &Path) -> anyhow::Result<SmallPageCopy> {
+        let dir = work.join("tmpfs-small-pages");
+        std::fs::create_dir_all(&dir)?;
+        let size = std::fs::metadata(file)?.len() + (64 << 20);
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},huge=never,mode=0755"))
+            .arg("agentfense-bench")
+            .arg(&dir)
+            .status()?;
+        ensure!(st.success(), "mounting a tmpfs at {} failed", dir.display());
+        let copy = SmallPageCopy { dir };
+        std::fs::copy(file, copy.dir.join(file.file_name().context("file name")?))?;
+        Ok(copy)
+    }
+}
+
+impl Drop for SmallPageCopy {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The filesystem cases and the exec and session round trips, on running sandboxes.
+pub(super) async fn running_cases(
+    scale: &Scale,
+    only: &Selection,
+    api: &mut Api,
+    server: &Server,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    // Filesystem cases: one codebase with generated data, one full-access sandbox.
+    let cb = api.codebase("bench-fs").await?;
+    let dir = server.data.join("codebases").join(&cb);
+    if only.has("fs") {
+        eprintln!("generating data ...");
+        gen_big(&dir.join("big.bin"), scale.big_mib)?;
+        gen_tree(&dir.join("meta"), scale.meta_files, |i| format!("{i}\n"))?;
+        gen_tree(&dir.join("src"), scale.src_files, source)?;
+        let repo = dir.join("repo");
+        gen_tree(&repo, scale.repo_files, source)?;
+        git(&repo, &["init", "-q"])?;
+        git(&repo, &["add", "-A"])?;
+        git(&repo, &["commit", "-q", "-m", "bench"])?;
+    }
+    std::fs::create_dir_all(dir.join("out"))?;
+    // The agent-safe shape: the codebase readable, one output directory writable. git status
+    // runs in a sandbox that may write (git refreshes its index), like the development preset.
+    let read_rules = [
+        ("**", v1::Permission::Read, 0),
+        ("/out/**", v1::Permission::Write, 10),
+    ];
+    let sb = api.sandbox_with(&cb, &read_rules, &[]).await?;
+    api.start(&sb).await?;
+    let sb_write = api.sandbox(&cb).await?;
+    api.start(&sb_write).await?;
+    // The same rules in the other I/O mode, for its trade-off: native reads of large files
+    // against a round trip per open.
+    let sb_passthrough = if only.has("fs") {
+        let id = api
+            .sandbox_with(&cb, &read_rules, &[(LABEL_IO, "passthrough")])
+            .await?;
+        api.start(&id).await?;
+        Some(id)
+    } else {
+        None
+    };
+
+    // The kernel's own cost of a page cache made of single pages (what this FUSE mount's page
+    // cache is on Linux 6.18), next to ext4's large folios: the same file natively on a
+    // tmpfs without huge pages.
+    let small_pages = if only.has("fs") {
+        Some(SmallPageCopy::new(&server.data, &dir.join("big.bin"))?)
+    } else {
+        None
+    };
+    let read = "cat big.bin > /dev/null";
+    let grep = "grep -r needle_not_there src > /dev/null; true";
+    let fs_cases = match &sb_passthrough {
+        None => Vec::new(),
+        Some(sb_passthrough) => {
+            let mib = scale.big_mib;
+            vec![
+                FsCase::new(
+                    format!("sequential read ({mib} MiB), read rule"),
+                    read,
+                    &sb,
+                    Some(1.0 / 0.9),
+                    ">= 0.9x native throughput",
+                ),
+                FsCase {
+                    native_dir: small_pages.as_ref().map(|t| t.dir.as_path()),
+                    baseline: "native, tmpfs without huge pages",
+                    ..FsCase::new(
+                        format!(
+                            "sequential read ({mib} MiB), read rule, against single-page caching"
+                        ),
+                        read,
+                        &sb,
+                        None,
+                        "reference: the kernel's cost of single-page caching",
+                    )
+                },
+                FsCase::new(
+                    format!("sequential read ({mib} MiB), read rule, passthrough I/O mode"),
+                    read,
+                    sb_passthrough,
+                    Some(1.0 / 0.9),
+                    ">= 0.9x native throughput",
+                ),
+                FsCase::new(
+                    format!("sequential write ({mib} MiB, fdatasync), write rule"),
+                    &format!(
+                        "dd if=/dev/zero of=out/w.bin bs=1M count={mib} conv=fdatasync 2>/dev/null && rm out/w.bin"
+                    ),
+                    &sb,
+                    Some(1.0 / 0.8),
+                    ">= 0.8x native throughput",
+                ),
+                FsCase::new(
+                    format!("find + stat ({} files), read rule", scale.meta_files),
+                    "find meta -type f -printf '%s\\n' | wc -l > /dev/null",
+                    &sb,
+                    Some(1.5),
+                    "<= 1.5x native",
+                ),
+                FsCase::new(
+                    format!("grep -r ({} files), read rule", scale.src_files),
+                    grep,
+                    &sb,
+                    Some(2.0),
+                    "<= 2x native",
+                ),
+                // Reported for the trade-off: a round trip per open is what this mode costs.
+                FsCase::new(
+                    format!(
+                        "grep -r ({} files), read rule, passthrough I/O mode",
+                        scale.src_files
+                    ),
+                    grep,
+                    sb_passthrough,
+                    None,
+                    "reference (no-open mode is the default for source trees)",
+                ),
+                FsCase::new(
+                    format!("git status ({} files), write rule", scale.repo_files),
+                    "git -C repo status --porcelain > /dev/null",
+                    &sb_write,
+                    Some(2.0),
+                    "<= 2x native",
+                ),
+            ]
+        }
+    };
+    for FsCase {
+        label,
+        cmd,
+        sandbox,
+        native_dir,
+        baseline,
+        max_ratio,
+        target,
+    } in fs_cases
+    {
+        let native_dir = native_dir.unwrap_or(&dir);
+        eprintln!("case: {label}");
+        // Warm both caches first.
+        native(&cmd, native_dir)?;
+        api.exec(sandbox, &cmd).await?;
+        let (mut ours, mut base) = (vec![], vec![]);
+        // Both sides time the command itself from inside the same shell, so process start-up
+        // and the API's own cost (the exec round trip case below) are not counted here.
+        let timed =
+            format!("s=$(date +%s%N); {cmd}; e=$(date +%s%N); echo \"elapsed_ns=$((e - s))\"");
+        let parse = |out: &str| -> anyhow::Result<f64> {
+            let ns: f64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("elapsed_ns="))
+                .context("no elapsed_ns in the output")?
+                .trim()
+                .parse()?;
+            Ok(ns / 1e9)
+        };
+        for _ in 0..scale.fs_iters {
+            base.push(parse(&native_out(&timed, native_dir)?)?);
+            let r = api.exec(sandbox, &timed).await?;
+            ours.push(parse(&r.stdout)?);
+        }
+        rows.push(ratio_row(&label, &ours, baseline, &base, max_ratio, target));
+    }
+
+    if only.has("exec") {
+        exec_case(scale, api, &sb, rows).await?;
+    }
+    if only.has("session") {
+        session_case(scale, api, &sb, rows).await?;
+    }
+    drop(small_pages);
+    api.destroy(&sb).await?;
+    api.destroy(&sb_write).await?;
+    if let Some(sb_passthrough) = &sb_passthrough {
+        api.destroy(sb_passthrough).await?;
+    }
+    Ok(())
+}
+
+/// Exec round trip on a running sandbox.
+pub(super) async fn exec_case(
+    scale: &Scale,
+    api: &mut Api,
+    sb: &str,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: exec round trip");
+    let (mut ours, mut bw, mut fe) = (vec![], vec![], vec![]);
+    for _ in 0..scale.rtt_iters {
+        bw.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        fe.push(spawn_time("/bin/true", &[])?);
+        let t = Instant::now();
+        api.exec(sb, "true").await?;
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (o, b, f) = (stats(&ours), stats(&bw), stats(&fe));
+    rows.push(Row {
+        case: format!("exec round trip `true` (p99 {})", ms(o.p99)),
+        ours: o,
+        baseline_name: "`bwrap --unshare-all /bin/true`".into(),
+        baseline: Some(b),
+        target: "p50 <= 2 ms and < bwrap one-shot".into(),
+        met: Some(o.median <= 0.002 && o.median < b.median),
+    });
+    rows.push(Row {
+        case: "plain fork+exec `/bin/true` (reference)".into(),
+        ours: f,
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "—".into(),
+        met: None,
+    });
+    // An agent's commands arrive after pauses, when the kernel's cgroup machinery is cold:
+    // the same round trip with an idle pause before each, against a bwrap one-shot after the
+    // same pause.
+    eprintln!("case: exec round trip after an idle pause");
+    let (mut ours, mut bw) = (vec![], vec![]);
+    for _ in 0..scale.rtt_iters.min(60) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        bw.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = Instant::now();
+        api.exec(sb, "true").await?;
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (o, b) = (stats(&ours), stats(&bw));
+    rows.push(Row {
+        case: format!(
+            "exec round trip `true` after 150 ms idle (p99 {})",
+            ms(o.p99)
+        ),
+        ours: o,
+        baseline_name: "`bwrap --unshare-all /bin/true` after 150 ms idle".into(),
+        baseline: Some(b),
+        target: "< bwrap one-shot after the same pause".into(),
+        met: Some(o.median < b.median),
+    });
+    Ok(())
+}
+
+/// Session command round trip, against the plain exec API.
+pub(super) async fn session_case(
+    scale: &Scale,
+    api: &mut Api,
+    sb: &str,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: session round trip");
+    let sess = api
+        .sb
+        .create_session(v1::CreateSessionRequest {
+            sandbox_id: sb.to_owned(),
+            shell: "/bin/sh".into(),
+            env: Default::default(),
+        })
+        .await?
+        .into_inner()
+        .id;
+    let (mut so, mut se) = (vec![], vec![]);
+    for _ in 0..scale.rtt_iters {
+        let t = Instant::now();
+        let r = api
+            .sb
+            .session_exec(v1::SessionExecRequest {
+                session_id: sess.clone(),
+                command: "true".into(),
+                timeout: None,
+            })
+            .await?
+            .into_inner();
+        ensure!(r.exit_code == 0, "session exec failed: {}", r.stderr);
+        so.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        api.exec(sb, "true").await?;
+        se.push(t.elapsed().as_secs_f64());
+    }
+    let so_s = stats(&so);
+    rows.push(Row {
+        case: format!("session command round trip `true` (p99 {})", ms(so_s.p99)),
+        ours: so_s,
+        baseline_name: "plain exec API".into(),
+        baseline: Some(stats(&se)),
+        target: "—".into(),
+        met: None,
+    });
+    Ok(())
+}
+
+/// Time to first command, and sandbox start alone.
+pub(super) async fn start_cases(
+    scale: &Scale,
+    api: &mut Api,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: time to first command");
+    let (mut first, mut start_only, mut oneshot) = (vec![], vec![], vec![]);
+    for i in 0..scale.first_iters {
+        oneshot.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        let t = Instant::now();
+        let cb = api.codebase(&format!("first-{i}")).await?;
+        for f in 0..10 {
+            api.upload(&cb, &format!("src/f{f}.py"), b"print('hello')\n")
+                .await?;
+        }
+        let sb = api.sandbox(&cb).await?;
+        let t_start = Instant::now();
+        api.start(&sb).await?;
+        api.exec(&sb, "true").await?;
+        start_only.push(t_start.elapsed().as_secs_f64());
+        first.push(t.elapsed().as_secs_f64());
+        api.destroy(&sb).await?;
+        api.cb
+            .delete_codebase(v1::DeleteCodebaseRequest { codebase_id: cb })
+            .await?;
+    }
+    let st = stats(&start_only);
+    rows.push(Row {
+        case: "sandbox start + first command (mount, environment, exec)".into(),
+        ours: st,
+        baseline_name: "bwrap one-shot".into(),
+        baseline: Some(stats(&oneshot)),
+        target: "p50 <= 30 ms".into(),
+        met: Some(st.median <= 0.030),
+    });
+    rows.push(Row {
+        case: "time to first command: create codebase + upload 10 files + create + start + exec"
+            .into(),
+        ours: stats(&first),
+        baseline_name: "bwrap one-shot".into(),
+        baseline: Some(stats(&oneshot)),
+        target: "—".into(),
+        met: None,
+    });
+    Ok(())
+}
+
+/// Density (idle running sandboxes) and concurrency (many sandboxes doing exec loops).
+pub(super) async fn density_cases(
+    scale: &Scale,
+    only: &Selection,
+    api: &mut Api,
+    server: &Server,
+    server_pid: u32,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let cb = api.codebase("density").await?;
+    api.upload(&cb, "a.txt", b"a\n").await?;
+    if only.has("density") {
+        density_case(scale, api, &cb, server_pid, rows).await?;
+    }
+    if only.has("concurrency") {
+        concurrency_case(scale, api, &cb, server, rows).await?;
+    }
+    Ok(())
+}
+
+/// Idle running sandboxes: memory per sandbox, and whether starts slow down.
+pub(super) async fn density_case(
+    scale: &Scale,
+    api: &mut Api,
+    cb: &str,
+    server_pid: u32,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: density ({} idle sandboxes)", scale.density);
+    let before = tree_pss_kib(server_pid);
+    let mut ids = vec![];
+    let mut starts = vec![];
+    for _ in 0..scale.density {
+        let sb = api.sandbox(cb).await?;
+        let t = Instant::now();
+        api.start(&sb).await?;
+        starts.push(t.elapsed().as_secs_f64());
+        ids.push(sb);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = tree_pss_kib(server_pid);
+    let per = (after.saturating_sub(before)) as f64 / ids.len() as f64 / 1024.0;
+    let head = stats(&starts[..starts.len().min(5)]).median;
+    let tail = stats(&starts[starts.len().saturating_sub(5)..]).median;
+    let slowed = starts.iter().position(|s| *s > 2.0 * head);
+    rows.push(Row {
+        case: format!(
+            "idle sandbox memory (PSS of server + sandbox processes): {per:.2} MiB each ({} running; start {} first vs {} last{})",
+            ids.len(),
+            ms(head),
+            ms(tail),
+            match slowed {
+                Some(i) => format!("; a start first took 2x at sandbox #{}", i + 1),
+                None => "; start never slowed 2x".into(),
+            }
+        ),
+        ours: stats(&starts),
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "<= 5 MiB per idle sandbox".into(),
+        met: Some(per <= 5.0),
+    });
+    for sb in &ids {
+        api.destroy(sb).await?;
+    }
+    Ok(())
+}
+
+/// Many sandboxes doing exec loops at once.
+pub(super) async fn concurrency_case(
+    scale: &Scale,
+    api: &mut Api,
+    cb: &str,
+    server: &Server,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: concurrency ({} sandboxes)", scale.concurrency);
+    let mut ids = vec![];
+    for _ in 0..scale.concurrency {
+        let sb = api.sandbox(cb).await?;
+        api.start(&sb).await?;
+        ids.push(sb);
+    }
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for sb in ids.clone() {
+        let addr = server.grpc.clone();
+        let n = scale.exec_per_task;
+        tasks.spawn(async move {
+            let mut api = Api::connect(&addr).await?;
+            let mut lat = vec![];
+            for _ in 0..n {
+                let t = Instant::now();
+                api.exec(&sb, "true").await?;
+                lat.push(t.elapsed().as_secs_f64());
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
+    }
+    let mut lat = vec![];
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(v)) => lat.extend(v),
+            _ => errors += 1,
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    if errors > 0 {
+        bail!("{errors} of {} concurrent exec loops failed", ids.len());
+    }
+    let l = stats(&lat);
+    rows.push(Row {
+        case: format!(
+            "{} sandboxes x {} execs concurrently: {:.0} exec/s, p99 {}, 0 errors",
+            ids.len(),
+            scale.exec_per_task,
+            lat.len() as f64 / wall,
+            ms(l.p99)
+        ),
+        ours: l,
+        baseline_name: "—".into(),
+        baseline: None,
+        target: "no errors".into(),
+        met: Some(true),
+    });
+    for sb in &ids {
+        api.destroy(sb).await?;
+    }
+    Ok(())
+}
