@@ -137,6 +137,13 @@ pub(crate) fn into_runtime(sandbox_id: &str, e: DockerError) -> RuntimeError {
     }
 }
 
+/// An invalid-argument error naming what was wrong.
+pub(crate) fn invalid(message: impl Into<String>) -> RuntimeError {
+    RuntimeError::InvalidArgument {
+        message: message.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@
 //! looks up its host pid, watches it with a pidfd (exit is noticed even when a background
 //! process keeps the output open), and on a deadline kills the process group and every
 //! descendant from the host ([`kill`]). Sessions are one long-lived interactive shell per
-//! session fed over the exec's stdin; see [`session`] for the framing that keeps each call's
+//! session fed over the exec's stdin; see `runtime/session.rs` for the framing that keeps each call's
 //! stdout, stderr and exit code exact.
 //!
 //! # Wiring it into the server
@@ -48,11 +48,9 @@
 
 mod config;
 mod error;
-mod exec;
 pub mod kill;
 pub mod limits;
 mod runtime;
-pub mod session;
 pub mod spec;
 
 pub use config::DockerConfig;

@@ -22,9 +22,13 @@ use futures_util::StreamExt;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::config::DockerConfig;
+use crate::error::invalid;
 use crate::error::{DockerError, into_runtime, is_conflict, is_not_found};
 use crate::limits::CounterFiles;
-use crate::session::Session;
+use session::Session;
+
+mod exec;
+mod session;
 use crate::spec::{self, ContainerPlan, SandboxUser};
 
 /// Label on every container this runtime creates.
@@ -567,12 +571,6 @@ fn map_create_error(sandbox_id: &str, image: &str, e: bollard::errors::Error) ->
         }
     } else {
         DockerError::api("create container", sandbox_id)(e)
-    }
-}
-
-pub(crate) fn invalid(message: impl Into<String>) -> RuntimeError {
-    RuntimeError::InvalidArgument {
-        message: message.into(),
     }
 }
 

@@ -46,11 +46,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::error::into_runtime;
-use crate::exec::{
+use super::exec::{
     ExitWatch, Input, OUTPUT_GRACE, Output, resolve_workdir, setup_error, wait_exit,
 };
-use crate::runtime::{Container, DockerRuntime, invalid};
+use super::{Container, DockerRuntime};
+use crate::error::into_runtime;
+use crate::error::invalid;
 use crate::spec;
 
 /// How long `session_create` waits for the shell to answer.

@@ -21,9 +21,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::{Container, DockerRuntime};
+use crate::error::invalid;
 use crate::error::{DockerError, into_runtime};
 use crate::kill::{self, PidfdState};
-use crate::runtime::{Container, DockerRuntime, invalid};
 use crate::spec::{self, WORKSPACE};
 
 /// After the command exits, how long to wait for its output to reach end-of-file (a background
