@@ -11,5 +11,7 @@ fn main() -> std::process::ExitCode {
     {
         agentfense_runtime::init::run_main();
     }
+    // Before the first mount and the first FUSE thread (a process-wide setting).
+    agentfense_fs::tune_allocator_for_fuse();
     agentfense_cli::main_with_args(std::env::args_os())
 }

@@ -26,9 +26,11 @@
 //!   them from `spawn_blocking`.
 //! * After every command call [`MountHandle::command_finished`] (publishes unless the sandbox
 //!   uses [`PublishMode::Explicit`]).
-//! * After writing to a codebase directory yourself (uploads), call [`codebase_changed`] so
-//!   that live mounts drop their cached entries at once; otherwise they see the change after
-//!   [`FsConfig::entry_ttl`]. Publishes notify the other mounts themselves.
+//! * Give every mount the same [`Mounts`] registry ([`FsConfig::mounts`]). After writing to a
+//!   codebase directory yourself (uploads), call [`Mounts::codebase_changed`] so that live
+//!   mounts drop their cached entries at once; otherwise they see the change after
+//!   [`FsConfig::entry_ttl`]. Publishes notify the other mounts of the registry themselves.
+//! * Call [`tune_allocator_for_fuse`] once at startup in a program that runs many mounts.
 //! * At startup, [`cleanup_stale_mounts`] detaches mounts left by a crashed server.
 //!
 //! ```no_run
@@ -67,5 +69,6 @@ pub use delta::{
 pub use error::FsError;
 pub use mount::{
     DEFAULT_MAX_OPEN_FILES, DEFAULT_TTL, FS_NAME, FsConfig, IoMode, MountHandle, MountStats,
-    PublishMode, cleanup_stale_mounts, codebase_changed, detach, mount, publish_unmounted,
+    Mounts, PublishMode, cleanup_stale_mounts, detach, mount, publish_unmounted,
+    tune_allocator_for_fuse,
 };

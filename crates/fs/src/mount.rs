@@ -24,8 +24,7 @@ pub const FS_NAME: &str = "agentfense";
 /// Default kernel cache lifetime of names and attributes (see [`FsConfig::entry_ttl`]).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
-/// Live mounts of this process, by codebase, so that a change to a codebase (another
-/// sandbox's publish, an upload) can drop the stale entries from every kernel cache at once.
+/// One live mount in a [`Mounts`] registry.
 struct Registered {
     id: u64,
     lower: PathBuf,
@@ -33,11 +32,74 @@ struct Registered {
     notifier: Notifier,
 }
 
-static REGISTRY: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// A registry of live mounts, by codebase, so that a change to a codebase (another
+/// sandbox's publish, an upload) can drop the stale entries from every kernel cache at once.
+/// The owner (the server) makes one and gives a clone to every mount ([`FsConfig::mounts`]);
+/// mounts in different registries never hear of each other. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Mounts {
+    inner: Arc<MountsInner>,
+}
 
-fn registry() -> std::sync::MutexGuard<'static, Vec<Registered>> {
-    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+#[derive(Default)]
+struct MountsInner {
+    live: Mutex<Vec<Registered>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Mounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounts")
+            .field("live", &self.live().len())
+            .finish()
+    }
+}
+
+impl Mounts {
+    /// An empty registry.
+    pub fn new() -> Mounts {
+        Mounts::default()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells every mount of codebase `lower` in this registry that `paths` (relative to the
+    /// codebase root) changed outside the mounts, e.g. after an upload, so that they show the
+    /// change at once instead of after their cache TTL. Publishing calls this for the other
+    /// mounts itself.
+    pub fn codebase_changed(&self, lower: &Path, paths: &[PathBuf]) {
+        self.notify(&lower_key(lower), paths, None);
+    }
+
+    fn notify(&self, lower: &Path, paths: &[PathBuf], except: Option<u64>) {
+        let targets: Vec<(Arc<Shared>, Notifier)> = self
+            .live()
+            .iter()
+            .filter(|r| r.lower == lower && Some(r.id) != except)
+            .filter_map(|r| Some((r.shared.upgrade()?, r.notifier.clone())))
+            .collect();
+        for (shared, notifier) in targets {
+            invalidate(&shared, &notifier, paths, true);
+        }
+    }
+
+    fn register(&self, lower: PathBuf, shared: &Arc<Shared>, notifier: Notifier) -> u64 {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.live().push(Registered {
+            id,
+            lower,
+            shared: Arc::downgrade(shared),
+            notifier,
+        });
+        id
+    }
+
+    fn unregister(&self, id: u64) {
+        self.live()
+            .retain(|r| r.id != id && r.shared.strong_count() > 0);
+    }
 }
 
 fn lower_key(lower: &Path) -> PathBuf {
@@ -107,25 +169,6 @@ fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], changed: 
     }
 }
 
-/// Tells every mount of codebase `lower` in this process that `paths` (relative to the
-/// codebase root) changed outside the mounts, e.g. after an upload, so that they show the
-/// change at once instead of after their cache TTL. Publishing calls this for the other
-/// mounts itself.
-pub fn codebase_changed(lower: &Path, paths: &[PathBuf]) {
-    notify_mounts(&lower_key(lower), paths, None);
-}
-
-fn notify_mounts(lower: &Path, paths: &[PathBuf], except: Option<u64>) {
-    let targets: Vec<(Arc<Shared>, Notifier)> = registry()
-        .iter()
-        .filter(|r| r.lower == lower && Some(r.id) != except)
-        .filter_map(|r| Some((r.shared.upgrade()?, r.notifier.clone())))
-        .collect();
-    for (shared, notifier) in targets {
-        invalidate(&shared, &notifier, paths, true);
-    }
-}
-
 /// Starts the thread that tells the kernel to forget directories that vanished from the view
 /// after a removal through the mount (never from inside a request: the kernel may hold locks
 /// that request is waiting for). It ends when the filesystem is dropped. Without it, the
@@ -166,9 +209,9 @@ pub struct FsConfig {
     /// Present every file as owned by this (uid, gid), e.g. the sandbox user, so that tools
     /// like git do not see a foreign owner. `None` shows the host owner.
     pub owner: Option<(u32, u32)>,
-    /// Kernel cache lifetime of names. Changes to the codebase made through this process
-    /// (another sandbox's publish, or an upload reported with [`codebase_changed`]) are
-    /// invalidated at once; other changes become visible after at most this long.
+    /// Kernel cache lifetime of names. Changes to the codebase made through [`FsConfig::mounts`]
+    /// (another sandbox's publish, or an upload reported with [`Mounts::codebase_changed`])
+    /// are invalidated at once; other changes become visible after at most this long.
     pub entry_ttl: Duration,
     /// Kernel cache lifetime of attributes.
     pub attr_ttl: Duration,
@@ -188,6 +231,9 @@ pub struct FsConfig {
     pub disk_bytes: u64,
     /// See [`FsConfig::disk_bytes`].
     pub disk_inodes: u64,
+    /// The registry this mount joins: mounts of the same codebase in one registry see each
+    /// other's publishes at once. [`FsConfig::new`] gives a registry of its own.
+    pub mounts: Mounts,
 }
 
 /// Default of [`FsConfig::max_open_files`].
@@ -219,6 +265,7 @@ impl FsConfig {
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             disk_bytes: 0,
             disk_inodes: 0,
+            mounts: Mounts::new(),
         }
     }
 }
@@ -242,6 +289,7 @@ pub struct MountStats {
 pub struct MountHandle {
     session: Option<BackgroundSession>,
     id: u64,
+    mounts: Mounts,
     lower: PathBuf,
     shared: Arc<Shared>,
     mountpoint: PathBuf,
@@ -257,7 +305,7 @@ impl std::fmt::Debug for MountHandle {
     }
 }
 
-/// Allocations at least this large get their own anonymous mapping (see [`tune_allocator`]).
+/// Allocations at least this large get their own anonymous mapping (see [`tune_allocator_for_fuse`]).
 const MMAP_THRESHOLD: usize = 4 << 20;
 
 /// fuser gives the INIT handshake and every FUSE thread a zeroed ~16 MiB request buffer. With
@@ -266,7 +314,10 @@ const MMAP_THRESHOLD: usize = 4 << 20;
 /// them: 16 MiB resident per FUSE thread and milliseconds of `memset` per mount. A fixed
 /// threshold keeps them fresh anonymous mappings, whose pages the kernel only populates where
 /// a request is written (a few KiB for metadata requests). Process-wide, set once.
-fn tune_allocator() {
+///
+/// A library must not change a process-wide allocator setting behind its user's back: a
+/// program that runs many mounts (the server, `agentfense run`) calls this once at startup.
+pub fn tune_allocator_for_fuse() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
@@ -287,7 +338,6 @@ fn tune_allocator() {
 
 /// Mounts the sandbox view described by `config`; the FUSE session runs on background threads.
 pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
-    tune_allocator();
     let lower = lower_key(&config.lower);
     let delta = Delta::open(&config.lower, &config.delta)?;
     let shared = Arc::new(Shared::new(
@@ -336,16 +386,12 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
     })?;
     info!(mountpoint = %config.mountpoint.display(), sandbox_id = %config.sandbox_id, "mounted");
     forget_vanished(&shared, session.notifier());
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    registry().push(Registered {
-        id,
-        lower: lower.clone(),
-        shared: Arc::downgrade(&shared),
-        notifier: session.notifier(),
-    });
+    let mounts = config.mounts;
+    let id = mounts.register(lower.clone(), &shared, session.notifier());
     Ok(MountHandle {
         session: Some(session),
         id,
+        mounts,
         lower,
         shared,
         mountpoint: config.mountpoint,
@@ -381,6 +427,11 @@ impl MountHandle {
         &self.mountpoint
     }
 
+    /// The registry this mount is in ([`FsConfig::mounts`]).
+    pub fn mounts(&self) -> &Mounts {
+        &self.mounts
+    }
+
     /// Publishes the changes made since the last publish to the codebase, whatever the
     /// publish mode. Paths the current rules do not let this sandbox write stay pending;
     /// conflicts are also sent as [`AuditEvent::PublishConflict`].
@@ -413,7 +464,7 @@ impl MountHandle {
             .cloned()
             .collect();
         if !changed.is_empty() {
-            notify_mounts(&self.lower, &changed, Some(self.id));
+            self.mounts.notify(&self.lower, &changed, Some(self.id));
         }
         shared.audit.flush();
         Ok(report)
@@ -503,7 +554,7 @@ impl MountHandle {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        registry().retain(|r| r.id != self.id && r.shared.strong_count() > 0);
+        self.mounts.unregister(self.id);
         self.shared.audit.flush();
         if let Err(e) = session.umount_and_join() {
             warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching");
@@ -529,6 +580,7 @@ pub fn publish_unmounted(
     lower: &Path,
     delta: &Path,
     policy: &Policy,
+    mounts: &Mounts,
 ) -> Result<PublishReport, FsError> {
     let delta = Delta::open(lower, delta)?;
     let contents = Mutex::new(ContentVerdicts::default());
@@ -543,7 +595,7 @@ pub fn publish_unmounted(
         .cloned()
         .collect();
     if !changed.is_empty() {
-        notify_mounts(&lower_key(lower), &changed, None);
+        mounts.notify(&lower_key(lower), &changed, None);
     }
     Ok(report)
 }

@@ -80,14 +80,18 @@ fn directories_appear_and_vanish_with_codebase_changes() {
     assert_eq!(m.py("os.stat('docs')"), "ENOENT");
     // An upload puts a granted file below the hidden directory: its ancestors appear.
     write(&m.lower(), "docs/api/new.py", "y\n");
-    agentfense_fs::codebase_changed(&m.lower(), &[PathBuf::from("docs/api/new.py")]);
+    m.h()
+        .mounts()
+        .codebase_changed(&m.lower(), &[PathBuf::from("docs/api/new.py")]);
     assert_eq!(
         m.ok("find docs | sort"),
         "docs\ndocs/api\ndocs/api/new.py\n"
     );
     // Removing the last one makes them vanish again, cached names included.
     std::fs::remove_file(m.lower().join("docs/api/new.py")).unwrap();
-    agentfense_fs::codebase_changed(&m.lower(), &[PathBuf::from("docs/api/new.py")]);
+    m.h()
+        .mounts()
+        .codebase_changed(&m.lower(), &[PathBuf::from("docs/api/new.py")]);
     assert_eq!(m.py("os.stat('docs')"), "ENOENT");
     assert_eq!(m.py("os.stat('docs/api')"), "ENOENT");
     assert_eq!(m.ok("ls"), "src\ntop.py\n");

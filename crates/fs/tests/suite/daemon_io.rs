@@ -121,7 +121,15 @@ fn another_sandboxs_publish_shows_on_the_next_read() {
     let mut rules = test_rules();
     rules.push(PermissionRule::glob("/output/**", Level::Read, 20));
     let lower = a.lower();
-    let b = mount_with(rules, |_| {}, move |c| c.lower = lower);
+    let mounts = a.h().mounts().clone();
+    let b = mount_with(
+        rules,
+        |_| {},
+        move |c| {
+            c.lower = lower;
+            c.mounts = mounts;
+        },
+    );
     assert_eq!(b.ok("cat output/existing.txt"), "old output\n");
     assert_eq!(b.ok("ls output/proj"), "a.txt\n");
     a.ok("echo A > output/existing.txt && echo gone > output/proj/a.txt && rm output/proj/a.txt");

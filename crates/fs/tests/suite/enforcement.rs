@@ -188,7 +188,9 @@ fn codebase_changes_reported_by_the_server_show_at_once() {
     assert_eq!(m.py("os.stat('src/added.py')"), "ENOENT");
     std::fs::write(m.lower().join("README.md"), "updated by upload\n").unwrap();
     std::fs::write(m.lower().join("src/added.py"), "x").unwrap();
-    agentfense_fs::codebase_changed(&m.lower(), &["README.md".into(), "src/added.py".into()]);
+    m.h()
+        .mounts()
+        .codebase_changed(&m.lower(), &["README.md".into(), "src/added.py".into()]);
     assert_eq!(
         m.ok("cat README.md; ls src"),
         "updated by upload\nadded.py\nlink_to_passwd\nlink_to_secret\nmain.py\n"

@@ -164,7 +164,9 @@ fn codebase_replaced_under_an_open_reader() {
     assert_eq!(&first, b"hello\n");
     write(&m.lower(), "README.md.tmp", "replaced\n");
     std::fs::rename(m.lower().join("README.md.tmp"), m.lower().join("README.md")).unwrap();
-    agentfense_fs::codebase_changed(&m.lower(), &[PathBuf::from("README.md")]);
+    m.h()
+        .mounts()
+        .codebase_changed(&m.lower(), &[PathBuf::from("README.md")]);
     // New opens work while the old reader is open (they share its version, never an error).
     let (code, now, err) = m.sh("cat README.md");
     assert_eq!(code, 0, "{err}");

@@ -49,6 +49,8 @@ fn another_sandboxs_publish_shows_at_once() {
         Policy::compile(test_rules()).unwrap(),
     );
     cfg.publish_mode = PublishMode::Explicit;
+    // In the same registry as the first: that is how a publish reaches it.
+    cfg.mounts = a.h().mounts().clone();
     let b = agentfense_fs::mount(cfg).unwrap();
     let bmnt = dir.path().join("mnt");
     let cat = |p: &str| std::fs::read_to_string(bmnt.join(p)).unwrap_or_else(|e| e.to_string());
@@ -177,11 +179,13 @@ fn a_stopped_sandbox_publishes_only_what_its_rules_allow() {
     drop(m.handle.take());
     // With rules that no longer grant write on output/, nothing is applied.
     let ro = Policy::compile(presets::get("read-only").unwrap().rules()).unwrap();
-    let r = agentfense_fs::publish_unmounted(&lower, &delta, &ro).unwrap();
+    let r = agentfense_fs::publish_unmounted(&lower, &delta, &ro, &agentfense_fs::Mounts::new())
+        .unwrap();
     assert_eq!(r.skipped, [std::path::PathBuf::from("output/later.txt")]);
     assert!(!lower.join("output/later.txt").exists());
     let rw = Policy::compile(test_rules()).unwrap();
-    let r = agentfense_fs::publish_unmounted(&lower, &delta, &rw).unwrap();
+    let r = agentfense_fs::publish_unmounted(&lower, &delta, &rw, &agentfense_fs::Mounts::new())
+        .unwrap();
     assert_eq!(r.written, [std::path::PathBuf::from("output/later.txt")]);
     assert_eq!(
         std::fs::read_to_string(lower.join("output/later.txt")).unwrap(),

@@ -229,7 +229,7 @@ impl Service {
                 .adjust_codebase_stats(&cb, size_delta, count_delta, SystemTime::now())?;
             // Running sandboxes of this codebase see the new content at once, not after
             // their kernel cache expires.
-            agentfense_fs::codebase_changed(
+            this.engine.mounts.codebase_changed(
                 &this.files.dir(&cb),
                 &[std::path::PathBuf::from(p.relative())],
             );

@@ -53,6 +53,9 @@ pub struct Engine {
     pub(crate) live: Mutex<HashMap<SandboxId, Arc<Live>>>,
     /// Per-sandbox lifecycle locks.
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Every mount of this server: a publish or an upload reaches the other sandboxes of the
+    /// codebase at once.
+    pub(crate) mounts: agentfense_fs::Mounts,
 }
 
 impl std::fmt::Debug for Engine {

@@ -241,6 +241,7 @@ impl Service {
             Err(e) => return Err(runtime_error(e)),
         }
         let mut cfg = FsConfig::new(rec.id.to_string(), lower, delta, mountpoint, policy);
+        cfg.mounts = self.engine.mounts.clone();
         // Files appear owned by the sandbox user, so that tools like git do not refuse a
         // repository owned by someone else. Access is decided by the rules, not by owners.
         cfg.owner = Some(runtime.sandbox_owner(&sid).unwrap_or(SANDBOX_OWNER));
