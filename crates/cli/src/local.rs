@@ -162,7 +162,7 @@ impl LocalSandbox {
         };
         anyhow::ensure!(limits.disk_bytes > 0, "--disk-limit must be more than 0");
         let (tx, events) = tokio::sync::mpsc::channel(64);
-        let runtime = agentfense_server::serve::bwrap_runtime(&rt_cfg, &state, tx)?;
+        let runtime = agentfense_server::host::bwrap_runtime(&rt_cfg, &state, tx)?;
         let nz = |v: u64| (v > 0).then_some(v);
         let spec = SandboxSpec {
             image: None,
@@ -191,7 +191,7 @@ impl LocalSandbox {
         cfg.owner = Some(
             runtime
                 .host_user(LOCAL_ID)
-                .unwrap_or(agentfense_server::service::SANDBOX_OWNER),
+                .unwrap_or(agentfense_runtime::SANDBOX_OWNER),
         );
         cfg.disk_bytes = limits.disk_bytes;
         cfg.disk_inodes = limits.disk_inodes;

@@ -51,6 +51,11 @@ use validate::{cgroup_name, validate_id, validate_limits};
 use session::Session;
 pub use tty::TtyProcess;
 
+/// The sandbox user's (uid, gid) as files show it when a runtime has no user namespace of
+/// its own for the sandbox ([`crate::Runtime::sandbox_owner`] is `None`): the same ids the
+/// sandbox user has inside.
+pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
+
 /// `PATH` inside the sandbox.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -111,8 +116,8 @@ impl BwrapConfig {
             state_dir: state_dir.into(),
             user: SandboxUser {
                 name: "sandbox".into(),
-                uid: 1000,
-                gid: 1000,
+                uid: SANDBOX_OWNER.0,
+                gid: SANDBOX_OWNER.1,
                 home: "/tmp/home".into(),
             },
             default_timeout: Duration::from_secs(30),

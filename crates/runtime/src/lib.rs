@@ -67,7 +67,8 @@ pub mod types;
 pub mod userns;
 
 pub use bwrap_runtime::{
-    BwrapConfig, BwrapRuntime, DEFAULT_PATH, SandboxInfo, TtyProcess, build_env, resolve_workdir,
+    BwrapConfig, BwrapRuntime, DEFAULT_PATH, SANDBOX_OWNER, SandboxInfo, TtyProcess, build_env,
+    resolve_workdir,
 };
 pub use error::{ErrorKind, Result, RuntimeError};
 pub use runtime::{

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod grpc;
+pub mod host;
 pub mod ids;
 pub mod rest;
 pub mod serve;

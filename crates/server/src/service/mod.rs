@@ -9,7 +9,7 @@ use std::sync::Arc;
 pub use codebases::UploadSink;
 pub use sandboxes::{
     CreateSandbox, Engine, ExecOutcome, ExecParams, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH,
-    SANDBOX_OWNER, StreamItem,
+    StreamItem,
 };
 
 use crate::audit::Audit;

@@ -14,7 +14,7 @@ use agentfense_core::{
     SessionStatus,
 };
 use agentfense_fs::{FsConfig, IoMode, MountHandle, PublishMode, PublishReport};
-use agentfense_runtime::{ErrorKind, ExecEvent, NetworkMode, Runtime, RuntimeError};
+use agentfense_runtime::{ErrorKind, ExecEvent, NetworkMode, Runtime, RuntimeError, SANDBOX_OWNER};
 use tokio::sync::mpsc;
 
 use super::{Service, blocking, page_args};
@@ -22,9 +22,6 @@ use crate::audit::AuditEvent;
 use crate::error::{ServiceError, chain};
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 use crate::store::{Page, SandboxRecord, SessionRecord};
-
-/// Uid and gid the runtimes run commands as (the bubblewrap runtime's default user).
-pub const SANDBOX_OWNER: (u32, u32) = (1000, 1000);
 
 /// A sandbox's live resources while it runs.
 pub(crate) struct Live {
