@@ -163,16 +163,10 @@ impl LocalSandbox {
         anyhow::ensure!(limits.disk_bytes > 0, "--disk-limit must be more than 0");
         let (tx, events) = tokio::sync::mpsc::channel(64);
         let runtime = agentfense_server::host::bwrap_runtime(&rt_cfg, &state, tx)?;
-        let nz = |v: u64| (v > 0).then_some(v);
         let spec = SandboxSpec {
             image: None,
             workspace: mnt.clone(),
-            limits: agentfense_runtime::ResourceLimits {
-                memory_bytes: nz(limits.memory_bytes),
-                cpu_quota_us: nz(limits.cpu_quota),
-                cpu_shares: None,
-                pids_limit: nz(limits.pids_limit),
-            },
+            limits: (&limits).into(),
             network: if args.network {
                 NetworkMode::Host
             } else {

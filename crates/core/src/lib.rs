@@ -27,3 +27,16 @@ pub use policy::{
     specificity,
 };
 pub use tree::Tree;
+
+/// An error and its chain of causes on one line (`outer: cause: root cause`), for logs and
+/// for messages that must say what really failed.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -320,13 +320,13 @@ pub const SHARED_ETC_PREFIX: &str = ".etc-";
 /// FNV-1a (64 bits) of `parts`, each preceded by its length (so that the split between parts
 /// is part of the digest): a digest that stays the same across builds and Rust versions.
 fn fnv1a(parts: &[&[u8]]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = fnv::FnvHasher::default();
+    // FNV-1a is a byte stream: hashing the concatenation is hashing the parts in turn.
+    let mut bytes = Vec::new();
     for part in parts {
-        h.write(&(part.len() as u64).to_le_bytes());
-        h.write(part);
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
     }
-    h.finish()
+    crate::stable_hash(&bytes)
 }
 
 /// Bump when [`write_etc`] changes how it writes (modes, layout) without changing the

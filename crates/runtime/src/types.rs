@@ -31,6 +31,20 @@ impl ResourceLimits {
     }
 }
 
+impl From<&agentfense_core::ResourceLimits> for ResourceLimits {
+    /// The cgroup limits of a sandbox's resources (where 0 means unlimited). The disk quota is
+    /// not a cgroup limit: the filesystem and the size of `/tmp` enforce it.
+    fn from(r: &agentfense_core::ResourceLimits) -> Self {
+        let nz = |v: u64| (v > 0).then_some(v);
+        ResourceLimits {
+            memory_bytes: nz(r.memory_bytes),
+            cpu_quota_us: nz(r.cpu_quota),
+            cpu_shares: nz(r.cpu_shares),
+            pids_limit: nz(r.pids_limit),
+        }
+    }
+}
+
 /// Network mode of a sandbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum NetworkMode {

@@ -54,16 +54,7 @@ impl ServiceError {
 }
 
 /// The full chain of causes, for logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use agentfense_core::error_chain as chain;
 
 /// An id that does not parse names nothing: NOT_FOUND, as for any unknown id (what the
 /// original and every peer answer, and what SDKs map to "not found"), with the expected form.

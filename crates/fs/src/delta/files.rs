@@ -116,14 +116,7 @@ pub(super) fn agent_mode(mode: u32, kind: EntryKind) -> u32 {
 }
 
 pub(crate) fn error_chain(e: &FsError) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+    agentfense_core::error_chain(e)
 }
 
 pub(super) fn to_timespec(t: SystemTime) -> Timespec {

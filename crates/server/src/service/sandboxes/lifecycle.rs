@@ -210,12 +210,7 @@ impl Service {
         let spec = agentfense_runtime::SandboxSpec {
             image: (!rec.image.is_empty()).then(|| rec.image.clone()),
             workspace: mountpoint.clone(),
-            limits: agentfense_runtime::ResourceLimits {
-                memory_bytes: nz(r.memory_bytes),
-                cpu_quota_us: nz(r.cpu_quota),
-                cpu_shares: nz(r.cpu_shares),
-                pids_limit: nz(r.pids_limit),
-            },
+            limits: (&r).into(),
             network,
             // /tmp (with $HOME) counts against the disk quota: it is that size at most.
             tmp_size: nz(r.disk_bytes),
