@@ -102,6 +102,23 @@ pub struct ServerConfig {
     pub http_addr: String,
     /// Must be true to listen on a non-loopback address: the API has no authentication yet.
     pub allow_remote: bool,
+    /// Longest a request may take before it is answered (gRPC DEADLINE_EXCEEDED / HTTP 408)
+    /// and its handler dropped; a streamed response may go on after its first bytes. `0s`
+    /// (the default) means `runtime.max_timeout` plus one minute, so that no command the
+    /// server accepts outlives its request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// [`ServerConfig::request_timeout`], with its default resolved against `runtime`.
+    pub fn request_timeout(&self, runtime: &RuntimeConfig) -> Duration {
+        if self.request_timeout.is_zero() {
+            runtime.max_timeout + Duration::from_secs(60)
+        } else {
+            self.request_timeout
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -110,6 +127,7 @@ impl Default for ServerConfig {
             grpc_addr: "127.0.0.1:9000".into(),
             http_addr: "127.0.0.1:8080".into(),
             allow_remote: false,
+            request_timeout: Duration::ZERO,
         }
     }
 }
@@ -715,5 +733,19 @@ mod tests {
         assert_eq!(s.config.runtime.kind, RuntimeKind::Docker);
         let e = Config::load(&dir.path().join("missing.yaml")).unwrap_err();
         assert!(e.to_string().contains("missing.yaml"));
+    }
+
+    #[test]
+    fn the_request_timeout_outlives_the_longest_command() {
+        let s = resolve("").unwrap();
+        assert_eq!(
+            s.config.server.request_timeout(&s.config.runtime),
+            Duration::from_secs(660)
+        );
+        let s = resolve("server:\n  request_timeout: 5s\n").unwrap();
+        assert_eq!(
+            s.config.server.request_timeout(&s.config.runtime),
+            Duration::from_secs(5)
+        );
     }
 }

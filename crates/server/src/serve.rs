@@ -259,7 +259,10 @@ impl Bound {
             .await;
         let codebases = CodebaseApi(service.clone());
         let sandboxes = SandboxApi(service.clone());
+        let config = &service.settings().config;
+        let request_timeout = config.server.request_timeout(&config.runtime);
         let grpc_server = tonic::transport::Server::builder()
+            .timeout(request_timeout)
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .add_service(health_svc)
             .add_service(
@@ -276,13 +279,16 @@ impl Bound {
         let grpc_task = tokio::spawn(grpc_server);
 
         let http_task = http.map(|listener| {
-            let app = router(RestState { codebases, sandboxes }).layer(
-                tower_http::trace::TraceLayer::new_for_http().make_span_with(
+            let app = router(RestState { codebases, sandboxes })
+                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    request_timeout,
+                ))
+                .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(
                     |req: &axum::http::Request<_>| {
                         tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
                     },
-                ),
-            );
+                ));
             let rx = stop_rx.clone();
             tokio::spawn(async move {
                 axum::serve(listener, app)

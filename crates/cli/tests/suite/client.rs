@@ -107,3 +107,50 @@ fn client_commands_drive_a_server() {
         "{err}"
     );
 }
+
+/// `server.request_timeout` answers a request that takes longer with DEADLINE_EXCEEDED, and
+/// the sandbox stays usable.
+#[test]
+fn a_request_longer_than_the_request_timeout_is_cut() {
+    if !privileged("a_request_longer_than_the_request_timeout_is_cut") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    write_tree(&project, &[("a.txt", "a\n")]);
+    let server = Server::start_with(&tmp.path().join("data"), "server:\n  request_timeout: 1s\n");
+    let (code, cb, err) = cli(&server, &["codebase", "upload", project.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, sb, err) = cli(&server, &["sandbox", "create", cb.trim(), "--start"]);
+    assert_eq!(code, 0, "{err}");
+    let sb = sb.trim().to_owned();
+    // The command would take 20 s (within the 30 s command timeout); the request gets 1 s.
+    // Unary exec over REST: 408.
+    let base = if server.http.starts_with("http") {
+        server.http.clone()
+    } else {
+        format!("http://{}", server.http)
+    };
+    let script = format!(
+        "import urllib.request, urllib.error\n\
+         req = urllib.request.Request('{base}/v1/sandboxes/{sb}/exec', \
+           data=b'{{\"command\": \"sleep 20; echo done\"}}', \
+           headers={{'Content-Type': 'application/json'}})\n\
+         try:\n    print(urllib.request.urlopen(req).status)\n\
+         except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(status, "408", "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, out, err) = cli(&server, &["exec", &sb, "--", "cat a.txt"]);
+    assert_eq!((code, out.as_str()), (0, "a\n"), "{err}");
+    // The command of the dropped request is gone, not left running to its own timeout.
+    let (_, out, _) = cli(&server, &["exec", &sb, "--", "ps -eo args"]);
+    assert!(
+        out.contains("ps -eo args") && !out.contains("sleep 20"),
+        "{out}"
+    );
+}
