@@ -684,6 +684,15 @@ impl Runtime for DockerRuntime {
     ) -> BoxFuture<'a, Result<ExecResult>> {
         Box::pin(self.do_session_exec(sandbox_id, session_id, command, timeout))
     }
+    fn session_exec_stream<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        session_id: &'a str,
+        command: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<ExecStream>> {
+        Box::pin(self.do_session_exec_stream(sandbox_id, session_id, command, timeout))
+    }
     fn session_destroy<'a>(
         &'a self,
         sandbox_id: &'a str,

@@ -174,6 +174,35 @@ pub trait Runtime: Send + Sync {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<ExecResult>>;
 
+    /// Like [`Runtime::session_exec`], with the output streamed as the command produces it.
+    /// The default runs the command to completion and sends the result in three events: a
+    /// runtime that can stream overrides it.
+    fn session_exec_stream<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        session_id: &'a str,
+        command: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<ExecStream>> {
+        Box::pin(async move {
+            let r = self
+                .session_exec(sandbox_id, session_id, command, timeout)
+                .await?;
+            let (tx, rx) = mpsc::channel(3);
+            for ev in [
+                ExecEvent::Stdout(r.stdout),
+                ExecEvent::Stderr(r.stderr),
+                ExecEvent::Exit {
+                    exit_code: r.exit_code,
+                    duration: r.duration,
+                },
+            ] {
+                let _ = tx.try_send(Ok(ev));
+            }
+            Ok(ExecStream::new(rx))
+        })
+    }
+
     /// Kills the session's shell and all its processes.
     fn session_destroy<'a>(
         &'a self,

@@ -38,7 +38,9 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use agentfense_runtime::output::{CappedText, Utf8Chunker};
-use agentfense_runtime::{ExecResult, Result, RuntimeError, SessionSpec, check_command};
+use agentfense_runtime::{
+    ExecEvent, ExecResult, ExecStream, Result, RuntimeError, SessionSpec, check_command,
+};
 use bollard::container::LogOutput;
 use futures_util::StreamExt;
 use rustix::process::Signal;
@@ -158,7 +160,9 @@ impl Framer {
                         return out;
                     }
                     None => {
-                        let keep = self.buf.len().min(self.end.len() - 1);
+                        // Hold back only what may begin the END marker, so that output
+                        // streams as it comes.
+                        let keep = partial_suffix(&self.buf, &self.end);
                         out.extend(self.buf.drain(..self.buf.len() - keep));
                         return out;
                     }
@@ -180,6 +184,14 @@ impl Framer {
             Vec::new()
         }
     }
+}
+
+/// The length of the longest proper prefix of `marker` that `buf` ends with.
+fn partial_suffix(buf: &[u8], marker: &[u8]) -> usize {
+    (1..marker.len().min(buf.len() + 1))
+        .rev()
+        .find(|&k| buf.ends_with(&marker[..k]))
+        .unwrap_or(0)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -470,10 +482,112 @@ impl DockerRuntime {
         command: &str,
         timeout: Option<Duration>,
     ) -> Result<ExecResult> {
+        let call = self
+            .session_call(sandbox_id, session_id, command, timeout)
+            .await?;
+        call.run(None).await
+    }
+
+    /// Like [`DockerRuntime::do_session_exec`], with the output streamed as it comes; the
+    /// last item is the exit (or the error that ended the call).
+    pub(crate) async fn do_session_exec_stream(
+        &self,
+        sandbox_id: &str,
+        session_id: &str,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<ExecStream> {
+        let call = self
+            .session_call(sandbox_id, session_id, command, timeout)
+            .await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let last = match call.run(Some(tx.clone())).await {
+                Ok(r) => Ok(ExecEvent::Exit {
+                    exit_code: r.exit_code,
+                    duration: r.duration,
+                }),
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(ExecStream::new(rx))
+    }
+
+    async fn session_call(
+        &self,
+        sandbox_id: &str,
+        session_id: &str,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<SessionCall> {
         let c = self.running(sandbox_id).await?;
         let s = Self::session(&c, session_id)?;
-        let timeout = self.timeout(timeout);
         check_command(command)?;
+        Ok(SessionCall {
+            c,
+            s,
+            session_id: session_id.to_owned(),
+            command: command.to_owned(),
+            timeout: self.timeout(timeout),
+            cap: self.cfg.output_cap,
+        })
+    }
+
+    pub(crate) async fn do_session_destroy(
+        &self,
+        sandbox_id: &str,
+        session_id: &str,
+    ) -> Result<()> {
+        let c = self.running(sandbox_id).await?;
+        let s = Self::session(&c, session_id)?;
+        if let Ok(mut m) = c.sessions.lock() {
+            m.remove(session_id);
+        }
+        s.close(&c).await;
+        Ok(())
+    }
+}
+
+/// One command in a session, ready to run.
+struct SessionCall {
+    c: Arc<Container>,
+    s: Arc<Session>,
+    session_id: String,
+    command: String,
+    timeout: Duration,
+    cap: usize,
+}
+
+/// Adds output to what a call collected and, when streaming, sends it on (in order).
+async fn emit(
+    buf: &mut CappedText,
+    text: String,
+    sink: &Option<mpsc::Sender<Result<ExecEvent>>>,
+    wrap: fn(String) -> ExecEvent,
+) {
+    if text.is_empty() {
+        return;
+    }
+    buf.push(&text);
+    if let Some(tx) = sink {
+        let _ = tx.send(Ok(wrap(text))).await;
+    }
+}
+
+impl SessionCall {
+    /// Runs the command in the session's shell; with `sink`, its output is also sent there as
+    /// it comes (and the call is interrupted if the receiver goes away).
+    async fn run(self, sink: Option<mpsc::Sender<Result<ExecEvent>>>) -> Result<ExecResult> {
+        let SessionCall {
+            c,
+            s,
+            session_id,
+            command,
+            timeout,
+            cap,
+        } = self;
+        let (session_id, command) = (session_id.as_str(), command.as_str());
         let started = Instant::now();
         let closed = || RuntimeError::SessionClosed {
             session_id: session_id.to_owned(),
@@ -495,7 +609,6 @@ impl DockerRuntime {
             s.closed.store(true, Ordering::SeqCst);
             return Err(closed());
         }
-        let cap = self.cfg.output_cap;
         let (mut fo, mut fe) = (Framer::new(&nonce), Framer::new(&nonce));
         let (mut co, mut ce) = (Utf8Chunker::default(), Utf8Chunker::default());
         let (mut out, mut err) = (CappedText::new(cap), CappedText::new(cap));
@@ -511,11 +624,11 @@ impl DockerRuntime {
             }
             tokio::select! {
                 b = inner.out_rx.recv(), if out_open && fo.tail().is_none() => match b {
-                    Some(b) => out.push(&co.push(&fo.push(&b))),
+                    Some(b) => emit(&mut out, co.push(&fo.push(&b)), &sink, ExecEvent::Stdout).await,
                     None => out_open = false,
                 },
                 b = inner.err_rx.recv(), if err_open && fe.tail().is_none() => match b {
-                    Some(b) => err.push(&ce.push(&fe.push(&b))),
+                    Some(b) => emit(&mut err, ce.push(&fe.push(&b)), &sink, ExecEvent::Stderr).await,
                     None => err_open = false,
                 },
                 _ = wait_exit(&c, &s.exec_id, inner.watcher.as_ref()), if inner.watcher.is_some() && !shell_exited => {
@@ -525,13 +638,26 @@ impl DockerRuntime {
                 _ = tokio::time::sleep_until(grace.unwrap_or(far)), if grace.is_some() => {
                     // The shell exited but something keeps its output open: take what arrived.
                     while let Ok(b) = inner.out_rx.try_recv() {
-                        out.push(&co.push(&fo.push(&b)));
+                        emit(&mut out, co.push(&fo.push(&b)), &sink, ExecEvent::Stdout).await;
                     }
                     while let Ok(b) = inner.err_rx.try_recv() {
-                        err.push(&ce.push(&fe.push(&b)));
+                        emit(&mut err, ce.push(&fe.push(&b)), &sink, ExecEvent::Stderr).await;
                     }
                     out_open = false;
                     err_open = false;
+                },
+                _ = async {
+                    match &sink {
+                        Some(tx) => tx.closed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Nobody reads the output any more: stop the foreground command, as a
+                    // timeout would; the session stays usable.
+                    if let Some(pid) = s.pid {
+                        c.kill_tree(pid, Signal::INT).await;
+                    }
+                    return Err(agentfense_runtime::consumer_gone());
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     // Interrupt the foreground command only: the interactive shell returns to
@@ -561,16 +687,16 @@ impl DockerRuntime {
             Some(code) => code,
             None => {
                 // No END marker: the shell ended (`exit`, or killed); its status is the result.
-                out.push(&co.push(&fo.finish()));
-                err.push(&ce.push(&fe.finish()));
+                emit(&mut out, co.push(&fo.finish()), &sink, ExecEvent::Stdout).await;
+                emit(&mut err, ce.push(&fe.finish()), &sink, ExecEvent::Stderr).await;
                 let code = c.exit_code(&s.exec_id).await.unwrap_or(-1);
                 inner.exit_code = Some(code);
                 s.closed.store(true, Ordering::SeqCst);
                 code
             }
         };
-        out.push(&co.finish());
-        err.push(&ce.finish());
+        emit(&mut out, co.finish(), &sink, ExecEvent::Stdout).await;
+        emit(&mut err, ce.finish(), &sink, ExecEvent::Stderr).await;
         let _ = c.check_limits(command, Some(session_id));
         if inner.exit_code.is_some()
             && let Some(pid) = s.pid
@@ -588,20 +714,6 @@ impl DockerRuntime {
             stderr_truncated,
             duration: started.elapsed(),
         })
-    }
-
-    pub(crate) async fn do_session_destroy(
-        &self,
-        sandbox_id: &str,
-        session_id: &str,
-    ) -> Result<()> {
-        let c = self.running(sandbox_id).await?;
-        let s = Self::session(&c, session_id)?;
-        if let Ok(mut m) = c.sessions.lock() {
-            m.remove(session_id);
-        }
-        s.close(&c).await;
-        Ok(())
     }
 }
 

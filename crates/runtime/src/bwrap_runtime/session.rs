@@ -120,13 +120,133 @@ impl BwrapRuntime {
         command: &str,
         timeout: Option<Duration>,
     ) -> Result<ExecResult> {
+        let call = self
+            .session_call(sandbox_id, session_id, command, timeout)
+            .await?;
+        call.run(None).await
+    }
+
+    /// Like [`BwrapRuntime::do_session_exec`], with the output streamed as the command
+    /// produces it; the last item is the exit (or the error that ended the call).
+    pub(super) async fn do_session_exec_stream(
+        &self,
+        sandbox_id: &str,
+        session_id: &str,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<ExecStream> {
+        let call = self
+            .session_call(sandbox_id, session_id, command, timeout)
+            .await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let last = match call.run(Some(tx.clone())).await {
+                Ok(r) => Ok(ExecEvent::Exit {
+                    exit_code: r.exit_code,
+                    duration: r.duration,
+                }),
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(ExecStream::new(rx))
+    }
+
+    /// Checks a session call and gathers what running it needs.
+    async fn session_call(
+        &self,
+        sandbox_id: &str,
+        session_id: &str,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<SessionCall> {
+        let env = self.running(sandbox_id).await?;
+        let session = Self::session(&env, session_id)?;
+        check_command(command)?;
+        Ok(SessionCall {
+            env,
+            session,
+            sandbox_id: sandbox_id.to_owned(),
+            session_id: session_id.to_owned(),
+            command: command.to_owned(),
+            timeout: self.timeout(timeout),
+            output_cap: self.cfg.output_cap,
+        })
+    }
+
+    pub(super) async fn do_session_destroy(
+        &self,
+        sandbox_id: &str,
+        session_id: &str,
+    ) -> Result<()> {
         let env = self.running(sandbox_id).await?;
         let s = Self::session(&env, session_id)?;
-        let timeout = self.timeout(timeout);
-        check_command(command)?;
+        if let Ok(mut m) = env.sessions.lock() {
+            m.remove(session_id);
+        }
+        close_session(&env, &s).await;
+        Ok(())
+    }
+}
+
+pub(super) async fn close_session(env: &Env, s: &Session) {
+    let _ = s.closed_tx.send(true);
+    if let Some(cg) = &s.cgroup {
+        cg.kill();
+    }
+    let _ = env
+        .chan
+        .send(&Request::SessionClose { id: s.id }, &[])
+        .await;
+    // Wait briefly for the shell's exit report so the caller sees it gone.
+    if let Ok(mut inner) = tokio::time::timeout(Duration::from_secs(1), s.inner.lock()).await
+        && inner.exit_code.is_none()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some((reply, _)) = inner.rx.recv().await {
+                if let Reply::Exited { code, .. } = reply {
+                    inner.exit_code = Some(code);
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    env.chan.unregister(s.id);
+    if let Some(cg) = &s.cgroup {
+        cg.remove_if_empty();
+    }
+    tracing::debug!(sandbox_id = %env.sandbox_id, session_id = %s.public_id, "session closed");
+}
+
+/// One command in a session, ready to run (see [`SessionCall::run`]).
+pub(super) struct SessionCall {
+    env: Arc<Env>,
+    session: Arc<Session>,
+    sandbox_id: String,
+    session_id: String,
+    command: String,
+    timeout: Duration,
+    output_cap: usize,
+}
+
+impl SessionCall {
+    /// Runs the command in the session's shell; with `sink`, its output is also sent there as
+    /// it comes (and the call is interrupted if the receiver goes away).
+    async fn run(self, sink: Option<mpsc::Sender<Result<ExecEvent>>>) -> Result<ExecResult> {
+        let SessionCall {
+            env,
+            session: s,
+            sandbox_id,
+            session_id,
+            command,
+            timeout,
+            output_cap: cap,
+        } = self;
+        let (sandbox_id, session_id, command) = (&sandbox_id, &session_id, command.as_str());
         let started = Instant::now();
         let closed = || RuntimeError::SessionClosed {
-            session_id: session_id.to_owned(),
+            session_id: session_id.clone(),
         };
         let mut inner = s.inner.lock().await;
         // Anything that arrived between calls (the shell died, e.g. killed by the OOM killer).
@@ -188,10 +308,16 @@ impl BwrapRuntime {
                 message: "expected three FIFOs".into(),
                 errno: 0,
             })?;
-        let cap = self.cfg.output_cap;
-        let out = Collector::spawn(out, cap, s.closed_tx.subscribe())?;
-        let err = Collector::spawn(err, cap, s.closed_tx.subscribe())?;
-        let status = Collector::spawn(status, 64, s.closed_tx.subscribe())?;
+        let tee = |wrap: fn(String) -> ExecEvent| sink.clone().map(|tx| Tee { tx, wrap });
+        let out = Collector::spawn(out, cap, s.closed_tx.subscribe(), tee(ExecEvent::Stdout))?;
+        let err = Collector::spawn(err, cap, s.closed_tx.subscribe(), tee(ExecEvent::Stderr))?;
+        let status = Collector::spawn(status, 64, s.closed_tx.subscribe(), None)?;
+        let consumer_gone = async {
+            match &sink {
+                Some(tx) => tx.closed().await,
+                None => std::future::pending().await,
+            }
+        };
         let deadline = tokio::time::Instant::now() + timeout;
 
         let code = tokio::select! {
@@ -208,6 +334,12 @@ impl BwrapRuntime {
                     }
                     _ => None,
                 }
+            }
+            _ = consumer_gone => {
+                // Nobody reads the output any more: stop the foreground command, as a timeout
+                // would; the session stays usable.
+                let _ = env.chan.send(&Request::Signal { id: s.id, signal: libc::SIGINT }, &[]).await;
+                return Err(crate::runtime::consumer_gone());
             }
             _ = tokio::time::sleep_until(deadline) => {
                 // Interrupt the foreground command only: the interactive shell returns to its
@@ -245,50 +377,6 @@ impl BwrapRuntime {
             duration: started.elapsed(),
         })
     }
-
-    pub(super) async fn do_session_destroy(
-        &self,
-        sandbox_id: &str,
-        session_id: &str,
-    ) -> Result<()> {
-        let env = self.running(sandbox_id).await?;
-        let s = Self::session(&env, session_id)?;
-        if let Ok(mut m) = env.sessions.lock() {
-            m.remove(session_id);
-        }
-        close_session(&env, &s).await;
-        Ok(())
-    }
-}
-
-pub(super) async fn close_session(env: &Env, s: &Session) {
-    let _ = s.closed_tx.send(true);
-    if let Some(cg) = &s.cgroup {
-        cg.kill();
-    }
-    let _ = env
-        .chan
-        .send(&Request::SessionClose { id: s.id }, &[])
-        .await;
-    // Wait briefly for the shell's exit report so the caller sees it gone.
-    if let Ok(mut inner) = tokio::time::timeout(Duration::from_secs(1), s.inner.lock()).await
-        && inner.exit_code.is_none()
-    {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some((reply, _)) = inner.rx.recv().await {
-                if let Reply::Exited { code, .. } = reply {
-                    inner.exit_code = Some(code);
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-    env.chan.unregister(s.id);
-    if let Some(cg) = &s.cgroup {
-        cg.remove_if_empty();
-    }
-    tracing::debug!(sandbox_id = %env.sandbox_id, session_id = %s.public_id, "session closed");
 }
 
 /// Collects one FIFO of a session call in the background; keeps draining (discarding) after
@@ -299,11 +387,21 @@ pub(super) struct Collector {
     eof: watch::Receiver<bool>,
 }
 
+/// Where a streamed session call sends a FIFO's output as it comes, and as what.
+pub(super) struct Tee {
+    tx: mpsc::Sender<Result<ExecEvent>>,
+    wrap: fn(String) -> ExecEvent,
+}
+
 impl Collector {
+    /// Starts collecting `fd`. With `tee`, each chunk is also sent there while the call lasts
+    /// (until [`Collector::take`]), in order and before the call's result; a slow receiver
+    /// slows the reading (the writer blocks on the FIFO), a gone one stops the sending.
     pub(super) fn spawn(
         fd: OwnedFd,
         cap: usize,
         mut closed: watch::Receiver<bool>,
+        mut tee: Option<Tee>,
     ) -> Result<Self> {
         let mut rx = pipe::Receiver::from_owned_fd(fd).map_err(|source| RuntimeError::Io {
             op: "register fifo",
@@ -316,22 +414,45 @@ impl Collector {
             let mut chunker = Utf8Chunker::default();
             let mut data = vec![0u8; 16 * 1024];
             loop {
-                tokio::select! {
-                    n = rx.read(&mut data) => match n {
-                        Ok(n) if n > 0 => {
-                            let text = chunker.push(&data[..n]);
-                            if let Ok(mut g) = b.lock() && g.1 { g.0.push(&text); }
-                        }
-                        _ => break,
-                    },
+                let n = tokio::select! {
+                    n = rx.read(&mut data) => n,
                     _ = closed.wait_for(|c| *c) => break,
+                };
+                let n = match n {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
+                };
+                let text = chunker.push(&data[..n]);
+                // A permit first (awaiting a slow receiver), then push and send under the
+                // lock: nothing is sent after `take` ends the call.
+                let permit = match &tee {
+                    Some(t) if !text.is_empty() => t.tx.clone().reserve_owned().await.ok(),
+                    _ => None,
+                };
+                if permit.is_none() && tee.as_ref().is_some_and(|t| t.tx.is_closed()) {
+                    tee = None;
+                }
+                if let Ok(mut g) = b.lock()
+                    && g.1
+                {
+                    g.0.push(&text);
+                    if let (Some(p), Some(t)) = (permit, &tee) {
+                        p.send(Ok((t.wrap)(text)));
+                    }
                 }
             }
             let text = chunker.finish();
+            let permit = match &tee {
+                Some(t) if !text.is_empty() => t.tx.clone().reserve_owned().await.ok(),
+                _ => None,
+            };
             if let Ok(mut g) = b.lock()
                 && g.1
             {
                 g.0.push(&text);
+                if let (Some(p), Some(t)) = (permit, &tee) {
+                    p.send(Ok((t.wrap)(text)));
+                }
             }
             let _ = eof_tx.send(true);
         });

@@ -324,6 +324,7 @@ macro_rules! conformance_tests {
             exit_with_background_jobs_returns_promptly_and_kills_them,
             session_with_a_missing_workdir_is_invalid,
             processes_of_a_session_cannot_reach_into_its_shell,
+            session_output_streams_as_it_comes,
         ]);
     };
     (@group $prepare:path, $target:expr, $group:ident: [$($case:ident),* $(,)?]) => {

@@ -390,3 +390,41 @@ pub async fn processes_of_a_session_cannot_reach_into_its_shell(t: &Target) {
     }
     fx.destroy().await;
 }
+
+/// `session_exec_stream` delivers output while the command still runs: the command prints,
+/// then waits for a file that the test creates only after it has read that first line (a
+/// handshake, no clock); then the rest and the exit arrive. A runtime that buffered the
+/// whole call would deliver nothing before the command's timeout.
+pub async fn session_output_streams_as_it_comes(t: &Target) {
+    use crate::types::ExecEvent;
+    let fx = t.start().await;
+    let s = open(&fx, "").await;
+    let mut stream = fx
+        .rt
+        .session_exec_stream(
+            &fx.id,
+            &s,
+            "echo first; while [ ! -e /tmp/go ]; do sleep 0.01; done; echo second >&2; exit_code=7; (exit $exit_code)",
+            Some(Duration::from_secs(20)),
+        )
+        .await
+        .unwrap();
+    match stream.next().await {
+        Some(Ok(ExecEvent::Stdout(text))) => assert_eq!(text, "first\n"),
+        other => panic!("expected the first line while the command waits: {other:?}"),
+    }
+    let r = fx.sh("touch /tmp/go").await;
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let mut rest = Vec::new();
+    while let Some(ev) = stream.next().await {
+        rest.push(ev.unwrap());
+    }
+    assert!(
+        matches!(rest.as_slice(), [ExecEvent::Stderr(e), ExecEvent::Exit { exit_code: 7, .. }] if e == "second\n"),
+        "{rest:?}"
+    );
+    // The session goes on as before.
+    assert_eq!(run(&fx, &s, "echo again").await.stdout, "again\n");
+    fx.rt.session_destroy(&fx.id, &s).await.unwrap();
+    fx.destroy().await;
+}

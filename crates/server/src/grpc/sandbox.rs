@@ -284,27 +284,12 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::SessionExecRequest>,
     ) -> Result<Response<Self::SessionExecStreamStream>, Status> {
-        // Session commands run to completion in the shell; the result is sent as one stdout
-        // chunk, one stderr chunk and the exit trailer.
         let r = req.into_inner();
         let timeout = opt_duration(r.timeout.as_ref(), "timeout")?;
-        let out = self
+        let rx = self
             .0
-            .session_exec(&r.session_id, r.command, timeout)
+            .session_exec_stream(&r.session_id, r.command, timeout)
             .await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(3);
-        if !out.stdout.is_empty() {
-            let _ = tx.send(StreamItem::Stdout(out.stdout)).await;
-        }
-        if !out.stderr.is_empty() {
-            let _ = tx.send(StreamItem::Stderr(out.stderr)).await;
-        }
-        let _ = tx
-            .send(StreamItem::Exit {
-                exit_code: out.exit_code,
-                duration: out.duration,
-            })
-            .await;
         Ok(Response::new(output_stream(rx)))
     }
 }

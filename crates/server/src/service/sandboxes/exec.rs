@@ -186,11 +186,25 @@ impl Service {
         let command = p.command.clone();
         let req = self.runtime_request(p)?;
         let timeout = req.timeout.unwrap_or_default();
-        let mut stream = live
+        let stream = live
             .runtime
             .exec_stream(id.as_str(), req)
             .await
             .map_err(runtime_error)?;
+        Ok(self.pump(live, stream, command, timeout, None))
+    }
+
+    /// Forwards a command's stream to the client as [`StreamItem`]s; when it ends, publishes
+    /// (per the sandbox's mode) and audits the command. A client that goes away drops the
+    /// receiver; dropping the runtime's stream then ends the command.
+    pub(super) fn pump(
+        self: &Arc<Self>,
+        live: Arc<Live>,
+        mut stream: agentfense_runtime::ExecStream,
+        command: String,
+        timeout: Duration,
+        session: Option<SessionId>,
+    ) -> mpsc::Receiver<StreamItem> {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
@@ -212,15 +226,23 @@ impl Service {
                     }
                     Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
                         outcome = Some((-1, started.elapsed(), true));
+                        let still = if session.is_some() {
+                            "; the session is still usable"
+                        } else {
+                            ""
+                        };
                         StreamItem::Error(ServiceError::DeadlineExceeded(format!(
-                            "command timed out after {}",
+                            "command timed out after {}{still}",
                             humantime::format_duration(timeout)
                         )))
                     }
-                    Err(e) => StreamItem::Error(runtime_error(e)),
+                    Err(e) => match (&e, &session) {
+                        (RuntimeError::SessionClosed { .. }, Some(sid)) => {
+                            StreamItem::Error(this.session_closed(sid.clone()).await)
+                        }
+                        _ => StreamItem::Error(runtime_error(e)),
+                    },
                 };
-                // A client that went away drops the receiver; dropping `stream` then kills
-                // the command.
                 if tx.send(item).await.is_err() {
                     break;
                 }
@@ -228,10 +250,10 @@ impl Service {
             drop(stream);
             this.after_command(&live).await;
             if let Some((code, d, timed_out)) = outcome {
-                this.audit_command(&live.id, None, &command, code, d, timed_out);
+                this.audit_command(&live.id, session.as_ref(), &command, code, d, timed_out);
             }
         });
-        Ok(rx)
+        rx
     }
 
     /// Publishes a manual-publish sandbox's pending changes now.

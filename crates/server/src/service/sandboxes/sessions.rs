@@ -99,17 +99,7 @@ impl Service {
         command: String,
         timeout: Option<Duration>,
     ) -> Result<ExecOutcome, ServiceError> {
-        let sid = Service::session_id(session_id)?;
-        if command.trim().is_empty() {
-            return Err(ServiceError::required("command"));
-        }
-        let sess = self.session(&sid).await?;
-        if sess.status == SessionStatus::Closed {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "session {sid} is closed"
-            )));
-        }
-        let live = self.running(&sess.sandbox_id).await?;
+        let (sid, live) = self.session_call(session_id, &command).await?;
         let timeout = self.effective_timeout(timeout);
         let started = std::time::Instant::now();
         let res = live
@@ -134,14 +124,7 @@ impl Service {
                     duration: r.duration,
                 })
             }
-            Err(RuntimeError::SessionClosed { .. }) => {
-                let store = self.store.clone();
-                let s2 = sid.clone();
-                let _ = blocking(move || Ok(store.close_session(&s2, SystemTime::now())?)).await;
-                Err(ServiceError::FailedPrecondition(format!(
-                    "session {sid} is closed"
-                )))
-            }
+            Err(RuntimeError::SessionClosed { .. }) => Err(self.session_closed(sid).await),
             Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
                 self.audit_command(&live.id, Some(&sid), &command, -1, started.elapsed(), true);
                 Err(ServiceError::DeadlineExceeded(format!(
@@ -151,5 +134,54 @@ impl Service {
             }
             Err(e) => Err(runtime_error(e)),
         }
+    }
+
+    /// Like [`Service::session_exec`], with the output streamed as the command produces it.
+    pub async fn session_exec_stream(
+        self: &Arc<Self>,
+        session_id: &str,
+        command: String,
+        timeout: Option<Duration>,
+    ) -> Result<mpsc::Receiver<StreamItem>, ServiceError> {
+        let (sid, live) = self.session_call(session_id, &command).await?;
+        let timeout = self.effective_timeout(timeout);
+        let stream = match live
+            .runtime
+            .session_exec_stream(live.id.as_str(), sid.as_str(), &command, Some(timeout))
+            .await
+        {
+            Ok(s) => s,
+            Err(RuntimeError::SessionClosed { .. }) => return Err(self.session_closed(sid).await),
+            Err(e) => return Err(runtime_error(e)),
+        };
+        Ok(self.pump(live, stream, command, timeout, Some(sid)))
+    }
+
+    /// Checks a session call: a command, an open session, a running sandbox.
+    async fn session_call(
+        self: &Arc<Self>,
+        session_id: &str,
+        command: &str,
+    ) -> Result<(SessionId, Arc<Live>), ServiceError> {
+        let sid = Service::session_id(session_id)?;
+        if command.trim().is_empty() {
+            return Err(ServiceError::required("command"));
+        }
+        let sess = self.session(&sid).await?;
+        if sess.status == SessionStatus::Closed {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "session {sid} is closed"
+            )));
+        }
+        let live = self.running(&sess.sandbox_id).await?;
+        Ok((sid, live))
+    }
+
+    /// Records that the session's shell is gone; the error to answer.
+    pub(super) async fn session_closed(self: &Arc<Self>, sid: SessionId) -> ServiceError {
+        let store = self.store.clone();
+        let s2 = sid.clone();
+        let _ = blocking(move || Ok(store.close_session(&s2, SystemTime::now())?)).await;
+        ServiceError::FailedPrecondition(format!("session {sid} is closed"))
     }
 }
