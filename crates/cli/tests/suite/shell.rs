@@ -24,6 +24,35 @@ struct Term {
     data: PathBuf,
 }
 
+/// Waits until a process whose command line is `argv` runs as the foreground job of its
+/// terminal (its process group is the terminal's foreground group, from `/proc/<pid>/stat`):
+/// the moment a key like Ctrl-C reaches it and not the shell. Polls, for at most 10 s.
+fn wait_foreground(argv: &[&str]) {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let dir = e.path();
+            if std::fs::read(dir.join("cmdline")).ok().as_deref() != Some(&want[..]) {
+                return false;
+            }
+            // Fields after the `(comm)`: state ppid pgrp session tty_nr tpgid ...
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = after.split_whitespace().collect();
+            f.len() > 5 && f[2] == f[5]
+        });
+        if found {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{argv:?} never became the foreground job"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn winsize(rows: u16, cols: u16) -> Winsize {
     Winsize {
         ws_row: rows,
@@ -193,14 +222,14 @@ fn shell_is_interactive_with_job_control_and_resize() {
     t.expect("Running");
     t.send("fg\r");
     t.expect("sleep 100\r\n");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_foreground(&["sleep", "100"]);
     t.send("\x03");
     t.send("echo st=$?\r");
     t.expect("st=130");
     // Ctrl-Z stops the foreground job; the shell gets its prompt back.
     t.send("sleep 200\r");
     t.expect("sleep 200\r\n");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_foreground(&["sleep", "200"]);
     t.send("\x1a");
     t.expect("Stopped");
     t.send("echo st=$?; jobs | grep -c Stopped\r");
@@ -250,9 +279,9 @@ fn shell_stopped_by_a_signal_cleans_up() {
     let data = tempfile::tempdir().unwrap();
     let mut t = Term::spawn(data.path(), project.path(), 24, 80);
     t.expect("(sandbox) /workspace $ ");
-    t.send("echo x > output/y.txt; sleep 100\r");
-    t.expect("sleep 100\r\n");
-    std::thread::sleep(Duration::from_millis(300));
+    t.send("echo x > output/y.txt; sleep 104\r");
+    t.expect("sleep 104\r\n");
+    wait_foreground(&["sleep", "104"]);
     let pid = rustix::process::Pid::from_child(t.child.as_ref().unwrap());
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert_eq!(t.wait(), 128 + 15, "transcript:\n{}", t.text());

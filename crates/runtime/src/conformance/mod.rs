@@ -224,11 +224,36 @@ pub fn req(cmd: &str) -> ExecRequest {
     }
 }
 
-/// Runs each command in `fx`; every one must fail (non-zero exit).
-pub async fn assert_all_fail<R: Runtime + ?Sized>(fx: &Sandbox<R>, cmds: &[&str]) {
-    for cmd in cmds {
+/// How a probe must be refused: failing for any reason would also pass a probe that breaks
+/// for the wrong one (a missing tool, a typo).
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    /// Non-zero exit with one of these in stderr (the errno's text, as the tool prints it).
+    Saying(&'static [&'static str]),
+    /// Exit status 1 and no error output: the probe tests a system call itself and exits 1
+    /// exactly when the call was refused the way it expects.
+    Exit1,
+}
+
+/// The error texts of EPERM and EACCES.
+pub const DENIED: Refused = Refused::Saying(&["Operation not permitted", "Permission denied"]);
+
+/// Runs each probe in `fx`; every one must be refused as it says.
+pub async fn assert_all_refused<R: Runtime + ?Sized>(fx: &Sandbox<R>, probes: &[(&str, Refused)]) {
+    for (cmd, how) in probes {
         let r = fx.sh(cmd).await;
         assert_ne!(r.exit_code, 0, "{cmd} succeeded: {r:?}");
+        match how {
+            Refused::Saying(texts) => assert!(
+                texts.iter().any(|t| r.stderr.contains(t)),
+                "{cmd} failed, but not saying any of {texts:?}: {r:?}"
+            ),
+            Refused::Exit1 => assert_eq!(
+                (r.exit_code, r.stderr.as_str()),
+                (1, ""),
+                "{cmd} did not fail the expected way: {r:?}"
+            ),
+        }
     }
 }
 
@@ -259,6 +284,28 @@ pub fn unique_suffix() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
+}
+
+/// Awaits `f`, failing the test if it is still pending after 50 s: long before `what` (a
+/// background job, a long command) could end on its own. A guard that the call does not
+/// *wait* for `what`, not a measure of how fast it is.
+pub async fn without_waiting_for<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(50), f)
+        .await
+        .unwrap_or_else(|_| panic!("still waiting for {what} after 50 s"))
+}
+
+/// Polls `probe` until it holds (at most 10 s): for a state another process reaches
+/// asynchronously (a command started, a process reaped).
+pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !probe() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Prints `SKIPPED <test>: <reason>` and returns `true` when `missing` names a missing

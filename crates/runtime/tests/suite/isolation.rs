@@ -5,7 +5,7 @@ use pretty_assertions::assert_eq;
 
 use agentfense_runtime::Runtime;
 
-use agentfense_runtime::conformance::assert_all_fail;
+use agentfense_runtime::conformance::{DENIED, Refused, assert_all_refused};
 
 use super::common::*;
 
@@ -35,15 +35,18 @@ async fn file_system_view_and_write_restrictions() {
         return;
     }
     let fx = start().await;
-    assert_all_fail(
+    assert_all_refused(
         &fx,
         &[
-            "ls /proc/1/fd",
-            "cat /proc/1/environ",
-            "ls /sys/class/net",
-            "touch /run/agentfense/x",
+            ("ls /proc/1/fd", DENIED),
+            ("cat /proc/1/environ", DENIED),
+            ("ls /sys/class/net", Refused::Saying(&["No such file"])),
+            (
+                "touch /run/agentfense/x",
+                Refused::Saying(&["Read-only file system", "Permission denied"]),
+            ),
             // Allowed by file permissions (the process owns it), denied by Landlock.
-            "echo renamed > /proc/self/comm",
+            ("echo renamed > /proc/self/comm", DENIED),
         ],
     )
     .await;
