@@ -10,16 +10,13 @@ fn python() -> String {
     std::env::var("AGENTFENSE_PYTHON").unwrap_or_else(|_| "python3".to_owned())
 }
 
-fn sdk_available() -> Result<(), String> {
-    let out = Command::new(python())
-        .args(["-c", "import agentfense, pytest, grpc"])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    }
+/// The SDK interop suite needs: pip install agentfense==0.2.1 'protobuf>=6.31' grpcio
+/// googleapis-common-protos pytest (`./dev setup` installs them).
+fn sdk_available(test: &str) -> bool {
+    agentfense_testsupport::require(
+        test,
+        agentfense_testsupport::python_modules(&python(), &["agentfense", "pytest", "grpc"]),
+    )
 }
 
 #[test]
@@ -27,13 +24,7 @@ fn python_sdk_and_rest_interop() {
     if !privileged("python_sdk_and_rest_interop") {
         return;
     }
-    if let Err(reason) = sdk_available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the SDK interop suite needs: pip install agentfense==0.2.1 'protobuf>=6.31' grpcio \
-             googleapis-common-protos pytest ({reason})"
-        );
-        eprintln!("SKIPPED python_sdk_and_rest_interop: {reason}");
+    if !sdk_available("python_sdk_and_rest_interop") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -122,18 +113,15 @@ fn docker_ready(test: &str) -> bool {
             .args(["image", "inspect", &docker_image()])
             .output()
             .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: no Docker daemon with image {} (run scripts/docker-setup.sh)",
-            docker_image()
-        );
-        eprintln!(
-            "SKIPPED {test}: no Docker daemon with image {} (scripts/docker-setup.sh)",
-            docker_image()
-        );
-    }
-    ok
+    agentfense_testsupport::require(
+        test,
+        (!ok).then(|| {
+            format!(
+                "a Docker daemon with image {} (run scripts/docker-setup.sh)",
+                docker_image()
+            )
+        }),
+    )
 }
 
 #[test]
@@ -142,12 +130,7 @@ fn python_sdk_interop_on_docker() {
     {
         return;
     }
-    if let Err(reason) = sdk_available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the SDK is missing: {reason}"
-        );
-        eprintln!("SKIPPED python_sdk_interop_on_docker: {reason}");
+    if !sdk_available("python_sdk_interop_on_docker") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

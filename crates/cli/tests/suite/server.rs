@@ -9,26 +9,7 @@ use std::time::{Duration, Instant};
 /// True when privileged tests can run here. Otherwise: under CI (`CI` set) the test fails,
 /// because CI must run it; locally it prints `SKIPPED <test>: <reason>` and the caller returns.
 pub fn privileged(test: &str) -> bool {
-    let mut missing = vec![];
-    if !rustix::process::geteuid().is_root() {
-        missing.push("root");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse (apt-get install fuse3)");
-    }
-    if !Path::new("/usr/bin/bwrap").exists() {
-        missing.push("bubblewrap (apt-get install bubblewrap)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let reason = format!("needs {}", missing.join(", "));
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: {reason}; CI must run privileged tests (run .ci/run as root)"
-    );
-    eprintln!("SKIPPED {test}: {reason}");
-    false
+    agentfense_testsupport::require(test, agentfense_testsupport::privileged())
 }
 
 /// A running server; stopped (SIGTERM, then SIGKILL) on drop.

@@ -940,8 +940,10 @@ fn staging_names_in_the_codebase_are_never_in_the_merged_view() {
 /// chown; skipped loudly otherwise.)
 #[test]
 fn published_entries_keep_the_codebase_owners() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED published_entries_keep_the_codebase_owners: needs root to chown");
+    if !agentfense_testsupport::require(
+        "published_entries_keep_the_codebase_owners",
+        agentfense_testsupport::root(),
+    ) {
         return;
     }
     let f = fx();

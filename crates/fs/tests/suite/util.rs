@@ -10,30 +10,14 @@ use agentfense_fs::{FsConfig, MountHandle, PublishMode, mount};
 
 /// Why mount tests cannot run here, if they cannot.
 pub fn fuse_unavailable() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root".into());
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        return Some(format!("/dev/fuse unavailable: {e}"));
-    }
-    None
+    use agentfense_testsupport as ts;
+    ts::all(&[ts::root(), ts::fuse()])
 }
 
 /// Skips (or, under CI, fails) the calling test when FUSE mounts are impossible.
 macro_rules! require_fuse {
     ($name:expr) => {
-        if let Some(reason) = $crate::suite::util::fuse_unavailable() {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "{}: FUSE mount tests must run in CI but cannot: {reason}",
-                    $name
-                );
-            }
-            eprintln!("SKIPPED {}: {reason}", $name);
+        if !agentfense_testsupport::require($name, $crate::suite::util::fuse_unavailable()) {
             return;
         }
     };

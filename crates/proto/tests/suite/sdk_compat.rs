@@ -78,14 +78,11 @@ fn sdk_unavailable_reason() -> Option<String> {
 /// Returns true when the SDK is usable. Otherwise fails under CI, or prints `SKIPPED` and
 /// returns false.
 fn sdk_available(test: &str) -> bool {
-    let Some(reason) = sdk_unavailable_reason() else {
-        return true;
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: the Python SDK is required under CI ({reason}); run: {INSTALL_HINT}");
-    }
-    eprintln!("SKIPPED {test}: {reason}; to run it: {INSTALL_HINT}");
-    false
+    agentfense_testsupport::require(
+        test,
+        sdk_unavailable_reason()
+            .map(|r| format!("the Python SDK ({r}); to run it: {INSTALL_HINT}")),
+    )
 }
 
 /// Panics with the script's report unless it succeeded.

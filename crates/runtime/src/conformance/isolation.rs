@@ -184,8 +184,9 @@ const SECCOMP_UNLISTED: &[&str] = &["sysfs", "personality", "socket_vsock"];
 /// list answer `ENOSYS`, and the 32-bit entry points (x32 numbers, `int 0x80`) never reach the
 /// kernel (x86_64; elsewhere the probes are skipped, loudly).
 pub async fn seccomp_is_an_allow_list(t: &Target) {
-    if std::env::consts::ARCH != "x86_64" {
-        eprintln!("SKIPPED seccomp_is_an_allow_list: the probes use x86_64 syscall numbers");
+    let arch = (std::env::consts::ARCH != "x86_64")
+        .then(|| "x86_64 (the probes use its syscall numbers)".to_owned());
+    if !super::require("seccomp_is_an_allow_list", arch) {
         return;
     }
     let fx = t.start().await;

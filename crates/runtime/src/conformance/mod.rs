@@ -308,20 +308,8 @@ pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
     }
 }
 
-/// Prints `SKIPPED <test>: <reason>` and returns `true` when `missing` names a missing
-/// prerequisite; under `CI` panics instead. `false` when nothing is missing.
-pub fn skip_unless_ci(test: &str, missing: Option<String>) -> bool {
-    match missing {
-        None => false,
-        Some(reason) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: prerequisite missing under CI: {reason}");
-            }
-            eprintln!("SKIPPED {test}: {reason}");
-            true
-        }
-    }
-}
+/// The workspace's one skip rule (see `agentfense_testsupport`): `true` means skip.
+pub use agentfense_testsupport::{require, skip_unless_ci};
 
 /// Generates one `#[tokio::test]` per conformance case, in modules named after the case
 /// groups (`conformance::exec::echo_round_trip`, …).

@@ -16,11 +16,9 @@ pub const INIT: &str = env!("CARGO_BIN_EXE_agentfense-init");
 
 /// Why the privileged tests cannot run here, if they cannot.
 pub fn missing_prerequisite() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root".into());
-    }
-    if !std::path::Path::new("/usr/bin/bwrap").exists() {
-        return Some("needs bubblewrap (/usr/bin/bwrap)".into());
+    use agentfense_testsupport as ts;
+    if let Some(missing) = ts::all(&[ts::root(), ts::bwrap()]) {
+        return Some(missing);
     }
     // cgroups must be writable: create and remove a probe cgroup.
     let name = format!("agentfense-probe-{}", std::process::id());
