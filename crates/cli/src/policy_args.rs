@@ -125,7 +125,7 @@ pub fn parse_rule(spec: &str) -> anyhow::Result<PermissionRule> {
 pub fn load_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<PermissionRule>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
-    serde_yaml::from_str::<Vec<PermissionRule>>(&text).with_context(|| {
+    yaml_serde::from_str::<Vec<PermissionRule>>(&text).with_context(|| {
         format!(
             "policy file {} is not a list of rules {{pattern, type?, permission, priority?}}",
             path.display()
