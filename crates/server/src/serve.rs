@@ -125,6 +125,52 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     })
 }
 
+/// The Docker runtime configured by `runtime.docker` (feature `docker`).
+#[cfg(feature = "docker")]
+async fn docker_runtime(
+    settings: &Settings,
+    tx: tokio::sync::mpsc::Sender<agentfense_runtime::RuntimeEvent>,
+) -> Result<Arc<dyn agentfense_runtime::Runtime>, ServeError> {
+    let rt = &settings.config.runtime;
+    let d = &rt.docker;
+    let cfg = agentfense_docker::DockerConfig {
+        host: d.host.clone(),
+        default_image: d.default_image.clone(),
+        network_mode: d.network_mode.clone(),
+        enable_networking: d.enable_networking && rt.allow_network,
+        default_timeout: rt.default_timeout,
+        max_timeout: rt.max_timeout,
+        output_cap: usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX),
+        // Containers are labelled with the data directory, so two servers sharing one
+        // daemon never clean up each other's.
+        instance: settings.paths.data_dir.display().to_string(),
+        ..agentfense_docker::DockerConfig::default()
+    };
+    let docker = agentfense_docker::DockerRuntime::connect(cfg, tx)
+        .await
+        .map_err(|e| {
+            ServeError::Host(format!(
+                "runtime.type is docker but the Docker daemon is unusable ({}); start dockerd \
+                 or use --runtime bwrap",
+                crate::error::chain(&e)
+            ))
+        })?;
+    Ok(Arc::new(docker))
+}
+
+/// Without the `docker` feature, `runtime.type: docker` says how to get it.
+#[cfg(not(feature = "docker"))]
+async fn docker_runtime(
+    _settings: &Settings,
+    _tx: tokio::sync::mpsc::Sender<agentfense_runtime::RuntimeEvent>,
+) -> Result<Arc<dyn agentfense_runtime::Runtime>, ServeError> {
+    Err(ServeError::Host(
+        "runtime.type is docker but this build has no Docker runtime: build with the `docker` \
+         feature (on by default), or use --runtime bwrap"
+            .into(),
+    ))
+}
+
 /// Builds the runtimes this server offers and forwards their events to the audit log.
 async fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, ServeError> {
     use agentfense_core::RuntimeKind;
@@ -137,33 +183,7 @@ async fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, Serv
     // Docker is offered when it is the configured type (bwrap always is): requests that name
     // a runtime the server lacks get FAILED_PRECONDITION naming what is available.
     if rt.kind == RuntimeKind::Docker {
-        let d = &rt.docker;
-        let cfg = agentfense_docker::DockerConfig {
-            host: d.host.clone(),
-            default_image: d.default_image.clone(),
-            network_mode: d.network_mode.clone(),
-            enable_networking: d.enable_networking && rt.allow_network,
-            default_timeout: rt.default_timeout,
-            max_timeout: rt.max_timeout,
-            output_cap: usize::try_from(rt.output_limit_bytes).unwrap_or(usize::MAX),
-            // Containers are labelled with the data directory, so two servers sharing one
-            // daemon never clean up each other's.
-            instance: settings.paths.data_dir.display().to_string(),
-            ..agentfense_docker::DockerConfig::default()
-        };
-        let docker = agentfense_docker::DockerRuntime::connect(cfg, tx)
-            .await
-            .map_err(|e| {
-                ServeError::Host(format!(
-                    "runtime.type is docker but the Docker daemon is unusable ({}); start dockerd \
-                     or use --runtime bwrap",
-                    crate::error::chain(&e)
-                ))
-            })?;
-        engine.runtimes.insert(
-            RuntimeKind::Docker,
-            Arc::new(docker) as Arc<dyn agentfense_runtime::Runtime>,
-        );
+        engine.runtimes.insert(RuntimeKind::Docker, docker_runtime(settings, tx).await?);
     }
     let audit = audit.clone();
     tokio::spawn(async move {
