@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use agentfense_core::{Level, PatternType, PermissionRule, Policy, presets};
-use anyhow::{Context, bail};
+use agentfense_core::{PermissionRule, Policy, presets};
+use anyhow::Context;
 use clap::Args;
 
 /// How the rules of a command are assembled: the preset's rules first, then the rules of
@@ -94,31 +94,10 @@ impl PolicyArgs {
     }
 }
 
-/// Parses `[TYPE:]PATTERN=LEVEL[@PRIORITY]`.
+/// Parses `[TYPE:]PATTERN=LEVEL[@PRIORITY]` (the syntax lives in the core crate, with
+/// [`PermissionRule::parse_spec`]).
 pub fn parse_rule(spec: &str) -> anyhow::Result<PermissionRule> {
-    let (lhs, rhs) = spec.rsplit_once('=').with_context(|| {
-        format!("rule {spec:?} has no '=': write it as PATTERN=LEVEL[@PRIORITY], e.g. '/docs/**=write@10'")
-    })?;
-    let (level, priority) = match rhs.split_once('@') {
-        Some((l, p)) => (
-            l,
-            p.trim()
-                .parse::<i32>()
-                .with_context(|| format!("rule {spec:?}: priority {p:?} is not a whole number"))?,
-        ),
-        None => (rhs, 0),
-    };
-    let level: Level = level.parse().with_context(|| format!("rule {spec:?}"))?;
-    let (pattern_type, pattern) = match lhs.split_once(':') {
-        Some((t, p)) if ["glob", "dir", "directory", "file"].contains(&t) => {
-            (t.parse::<PatternType>()?, p)
-        }
-        _ => (PatternType::Glob, lhs),
-    };
-    if pattern.trim().is_empty() {
-        bail!("rule {spec:?} has an empty pattern");
-    }
-    Ok(PermissionRule::new(pattern, pattern_type, level, priority))
+    Ok(PermissionRule::parse_spec(spec)?)
 }
 
 /// Loads a YAML or JSON list of rules (JSON is valid YAML, so one parser reads both).
@@ -136,30 +115,8 @@ pub fn load_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<Permission
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentfense_core::{Level, PatternType};
     use pretty_assertions::assert_eq;
-
-    #[test]
-    fn parses_rule_specs() {
-        assert_eq!(
-            parse_rule("/docs/**=write@10").unwrap(),
-            PermissionRule::glob("/docs/**", Level::Write, 10)
-        );
-        assert_eq!(
-            parse_rule("dir:/build=none@-5").unwrap(),
-            PermissionRule::new("/build", PatternType::Directory, Level::None, -5)
-        );
-        assert_eq!(
-            parse_rule("file:/a=b=view").unwrap(),
-            PermissionRule::new("/a=b", PatternType::File, Level::View, 0)
-        );
-        assert_eq!(
-            parse_rule("http://x=read").unwrap().pattern_type,
-            PatternType::Glob
-        );
-        for bad in ["/docs", "/d=writ", "/d=write@x", "=read"] {
-            assert!(parse_rule(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn assembles_preset_file_and_rules_in_order() {

@@ -15,17 +15,19 @@ mod path;
 mod pattern;
 mod policy;
 pub mod presets;
+mod rule_spec;
 mod tree;
 
 pub use content::{Content, MAX_SCANNED};
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
 pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus, parse_size};
-pub use path::{PathError, SandboxPath};
+pub use path::{MAX_PATH_LEN, PathError, SandboxPath};
 pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};
 pub use policy::{
     Basis, Cursor, Decision, MAX_RULES, NodeKind, PermissionRule, Policy, PolicyError, RuleRef,
     specificity,
 };
+pub use rule_spec::RuleSpecError;
 pub use tree::Tree;
 
 /// An error and its chain of causes on one line (`outer: cause: root cause`), for logs and

@@ -6,6 +6,7 @@
 //! * [`convert`]: checked conversions between wire types and `agentfense-core` types.
 
 pub mod convert;
+pub mod rest;
 
 /// Generated code for protobuf package `sandbox.v1`.
 ///

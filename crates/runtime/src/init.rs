@@ -28,7 +28,7 @@
 //!
 //! The names reach only the shell, through its stdin pipe. The shell runs from an
 //! execute-only copy of its binary (a sealed, root-owned memfd with mode 0111, see
-//! [`ShellImages`]): the kernel makes a process that executes a file it cannot read
+//! `init/shell.rs`): the kernel makes a process that executes a file it cannot read
 //! non-dumpable, so no other process of the sandbox user can open the shell's
 //! `/proc/<pid>/fd/*` (its stdin pipe), read its memory or trace it. A background job started
 //! by an earlier call therefore can neither inject lines into the shell, nor learn, rewrite or

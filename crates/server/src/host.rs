@@ -9,7 +9,7 @@ use crate::serve::ServeError;
 
 /// Most descriptors the server asks for: its FUSE daemons hold files for every sandbox
 /// (`runtime.open_files_per_sandbox` each), next to its sockets and pipes.
-const NOFILE_TARGET: u64 = 1 << 20;
+pub const NOFILE_TARGET: u64 = 1 << 20;
 
 /// Raises this process's `RLIMIT_NOFILE` as far as the kernel allows (up to [`NOFILE_TARGET`]
 /// and `fs.nr_open`). Returns the limits it started with, for sandboxes to keep, when they

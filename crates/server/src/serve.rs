@@ -183,7 +183,9 @@ async fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, Serv
     // Docker is offered when it is the configured type (bwrap always is): requests that name
     // a runtime the server lacks get FAILED_PRECONDITION naming what is available.
     if rt.kind == RuntimeKind::Docker {
-        engine.runtimes.insert(RuntimeKind::Docker, docker_runtime(settings, tx).await?);
+        engine
+            .runtimes
+            .insert(RuntimeKind::Docker, docker_runtime(settings, tx).await?);
     }
     let audit = audit.clone();
     tokio::spawn(async move {

@@ -34,7 +34,7 @@ pub(super) fn refuse_stage_name(rel: &Path) -> Result<(), FsError> {
     Ok(())
 }
 
-/// Whether `name` is a staging name of [`stage_name`]'s exact shape.
+/// Whether `name` is a staging name of `stage_name`'s exact shape.
 pub fn is_stage_name(name: &[u8]) -> bool {
     name.strip_prefix(STAGE_PREFIX.as_bytes())
         .is_some_and(|rest| rest.len() == 32 && rest.iter().all(u8::is_ascii_hexdigit))

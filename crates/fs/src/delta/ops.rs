@@ -549,44 +549,44 @@ impl Delta {
         f.set_len(size).map_err(|e| FsError::io("truncate", rel, e))
     }
 
-    /// [`Self::copy_up_raw`], charged to the disk quota.
+    /// `copy_up_raw`, charged to the disk quota.
     pub fn copy_up(&self, rel: &Path) -> Result<EntryKind, FsError> {
         self.accounted(&[rel], || self.copy_up_raw(rel))
     }
 
-    /// [`Self::open_write_raw`], charged to the disk quota.
+    /// `open_write_raw`, charged to the disk quota.
     pub fn open_write(&self, rel: &Path, truncate: bool) -> Result<File, FsError> {
         self.accounted(&[rel], || self.open_write_raw(rel, truncate))
     }
 
-    /// [`Self::unlink_raw`], charged to the disk quota.
+    /// `unlink_raw`, charged to the disk quota.
     pub fn unlink(&self, rel: &Path) -> Result<(), FsError> {
         self.accounted(&[rel, parent_of(rel)], || self.unlink_raw(rel))
     }
 
-    /// [`Self::rmdir_raw`], charged to the disk quota.
+    /// `rmdir_raw`, charged to the disk quota.
     pub fn rmdir(&self, rel: &Path) -> Result<(), FsError> {
         self.accounted(&[rel, parent_of(rel)], || self.rmdir_raw(rel))
     }
 
-    /// [`Self::rename_raw`], charged to the disk quota.
+    /// `rename_raw`, charged to the disk quota.
     pub fn rename(&self, from: &Path, to: &Path) -> Result<(), FsError> {
         self.accounted(&[from, to, parent_of(from), parent_of(to)], || {
             self.rename_raw(from, to)
         })
     }
 
-    /// [`Self::set_mode_raw`], charged to the disk quota.
+    /// `set_mode_raw`, charged to the disk quota.
     pub fn set_mode(&self, rel: &Path, mode: u32) -> Result<(), FsError> {
         self.accounted(&[rel], || self.set_mode_raw(rel, mode))
     }
 
-    /// [`Self::truncate_raw`], charged to the disk quota.
+    /// `truncate_raw`, charged to the disk quota.
     pub fn truncate(&self, rel: &Path, size: u64) -> Result<(), FsError> {
         self.accounted(&[rel], || self.truncate_raw(rel, size))
     }
 
-    /// [`Self::create_file_raw`], charged to the disk quota.
+    /// `create_file_raw`, charged to the disk quota.
     pub fn create_file(
         &self,
         rel: &Path,
@@ -599,13 +599,13 @@ impl Delta {
         })
     }
 
-    /// [`Self::mkdir_raw`], charged to the disk quota.
+    /// `mkdir_raw`, charged to the disk quota.
     pub fn mkdir(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), FsError> {
         self.usage.check_room(0, 1)?;
         self.accounted(&[rel, parent_of(rel)], || self.mkdir_raw(rel, mode, owner))
     }
 
-    /// [`Self::symlink_raw`], charged to the disk quota.
+    /// `symlink_raw`, charged to the disk quota.
     pub fn symlink(
         &self,
         rel: &Path,
@@ -618,7 +618,7 @@ impl Delta {
         })
     }
 
-    /// [`Self::set_times_raw`], charged to the disk quota.
+    /// `set_times_raw`, charged to the disk quota.
     pub fn set_times(
         &self,
         rel: &Path,
