@@ -2,7 +2,10 @@
 //! only translate requests and responses.
 
 mod codebases;
+pub mod mounter;
 mod sandboxes;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 

@@ -13,10 +13,11 @@ use agentfense_core::{
     Level, PermissionRule, Policy, ResourceLimits, RuntimeKind, SandboxPath, SandboxStatus,
     SessionStatus,
 };
-use agentfense_fs::{FsConfig, IoMode, MountHandle, PublishMode, PublishReport};
+use agentfense_fs::{FsConfig, IoMode, PublishMode, PublishReport};
 use agentfense_runtime::{ErrorKind, ExecEvent, NetworkMode, Runtime, RuntimeError, SANDBOX_OWNER};
 use tokio::sync::mpsc;
 
+use super::mounter::{FuseMounter, Mounted, Mounter};
 use super::{Service, blocking, page_args};
 use crate::audit::AuditEvent;
 use crate::error::{ServiceError, chain};
@@ -25,7 +26,7 @@ use crate::store::{Page, SandboxRecord, SessionRecord};
 
 /// A sandbox's live resources while it runs.
 pub(crate) struct Live {
-    mount: MountHandle,
+    mount: Box<dyn Mounted>,
     runtime: Arc<dyn Runtime>,
     /// What a command needs of the sandbox's record; fixed while it runs, so exec does not
     /// read the store (session commands still read their session's record).
@@ -42,10 +43,11 @@ impl std::fmt::Debug for Live {
 }
 
 /// Everything the service needs to run sandboxes.
-#[derive(Default)]
 pub struct Engine {
     /// Available runtimes.
     pub runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    /// Makes each running sandbox's filesystem ([`FuseMounter`] unless a test says otherwise).
+    pub mounter: Arc<dyn Mounter>,
     /// Running sandboxes.
     pub(crate) live: Mutex<HashMap<SandboxId, Arc<Live>>>,
     /// Per-sandbox lifecycle locks.
@@ -53,6 +55,18 @@ pub struct Engine {
     /// Every mount of this server: a publish or an upload reaches the other sandboxes of the
     /// codebase at once.
     pub(crate) mounts: agentfense_fs::Mounts,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine {
+            runtimes: HashMap::new(),
+            mounter: Arc::new(FuseMounter),
+            live: Mutex::default(),
+            locks: Mutex::default(),
+            mounts: agentfense_fs::Mounts::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {

@@ -247,8 +247,10 @@ impl Service {
         cfg.max_open_files = self.settings.config.runtime.open_files_per_sandbox;
         cfg.disk_bytes = r.disk_bytes;
         cfg.disk_inodes = r.disk_inodes;
+        let mounter = self.engine.mounter.clone();
         let mount = match blocking(move || {
-            agentfense_fs::mount(cfg)
+            mounter
+                .mount(cfg)
                 .map_err(|e| ServiceError::internal("mounting the policy filesystem", e))
         })
         .await
@@ -259,7 +261,7 @@ impl Service {
                 return Err(e);
             }
         };
-        self.spawn_fs_audit_bridge(&mount);
+        self.spawn_fs_audit_bridge(&*mount);
         if let Err(e) = runtime.start(&sid).await.map_err(runtime_error) {
             let _ = runtime.destroy(&sid).await;
             let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
@@ -289,7 +291,7 @@ impl Service {
         Ok(())
     }
 
-    pub(super) fn spawn_fs_audit_bridge(self: &Arc<Self>, mount: &MountHandle) {
+    pub(super) fn spawn_fs_audit_bridge(self: &Arc<Self>, mount: &dyn Mounted) {
         let rx = mount.events();
         let audit = self.audit.clone();
         let _ = std::thread::Builder::new()
@@ -454,9 +456,8 @@ impl Service {
     /// reason, restartable).
     pub async fn recover(self: &Arc<Self>) {
         let fuse_dir = self.settings.paths.mounts.join("fuse");
-        let cleaned =
-            tokio::task::spawn_blocking(move || agentfense_fs::cleanup_stale_mounts(&fuse_dir))
-                .await;
+        let mounter = self.engine.mounter.clone();
+        let cleaned = tokio::task::spawn_blocking(move || mounter.cleanup_stale(&fuse_dir)).await;
         if let Ok(Ok(paths)) = cleaned
             && !paths.is_empty()
         {

@@ -1,0 +1,331 @@
+//! The sandbox lifecycle without root: every state transition, failures and their cleanup,
+//! restart recovery, reaping and quotas, with a fake runtime and a fake filesystem
+//! ([`fakes`]). Milliseconds each; the real runtime and filesystem have their own suites.
+
+mod fakes;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use agentfense_core::{Level, PermissionRule, ResourceLimits, RuntimeKind, SandboxStatus};
+
+use super::{CreateSandbox, Engine, ExecParams, Service};
+use crate::audit::{Audit, AuditWriter};
+use crate::config::{Config, Overrides};
+use crate::error::ServiceError;
+use crate::files::CodebaseFiles;
+use crate::store::Store;
+use fakes::{FakeMounter, FakeRuntime};
+
+/// A service over a temporary data directory, an in-memory store, and the fakes.
+struct Fixture {
+    svc: Arc<Service>,
+    rt: Arc<FakeRuntime>,
+    fs: Arc<FakeMounter>,
+    store: Arc<Store>,
+    dir: tempfile::TempDir,
+    _writer: AuditWriter,
+}
+
+impl Fixture {
+    fn new(config_yaml: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        Fixture::with(config_yaml, dir, store)
+    }
+
+    fn with(config_yaml: &str, dir: tempfile::TempDir, store: Arc<Store>) -> Fixture {
+        let settings = Config::from_yaml(config_yaml, Path::new("test.yaml"))
+            .unwrap()
+            .resolve(
+                Overrides {
+                    data_dir: Some(dir.path().to_owned()),
+                    ..Overrides::default()
+                },
+                dir.path(),
+            )
+            .unwrap();
+        let files = CodebaseFiles::open(&dir.path().join("codebases")).unwrap();
+        let (audit, writer) = Audit::open(&dir.path().join("audit.jsonl")).unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        let fs = Arc::new(FakeMounter::default());
+        let mut engine = Engine::default();
+        engine.mounter = fs.clone();
+        engine.runtimes.insert(RuntimeKind::Bwrap, rt.clone());
+        let svc = Arc::new(Service::new(settings, store.clone(), files, audit, engine));
+        Fixture {
+            svc,
+            rt,
+            fs,
+            store,
+            dir,
+            _writer: writer,
+        }
+    }
+
+    /// The same data directory and store, as a restarted server sees them.
+    fn restart(self) -> Fixture {
+        let Fixture { dir, store, .. } = self;
+        Fixture::with("", dir, store)
+    }
+
+    async fn sandbox(&self, owner: &str, labels: &[(&str, &str)]) -> String {
+        let cb = self
+            .svc
+            .create_codebase("project".into(), owner.into())
+            .await
+            .unwrap();
+        self.svc
+            .create_sandbox(CreateSandbox {
+                codebase_id: cb.id.to_string(),
+                rules: vec![PermissionRule::glob("**/*", Level::Read, 0)],
+                expires_in: None,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+                runtime: None,
+                image: String::new(),
+                resources: ResourceLimits::default(),
+            })
+            .await
+            .unwrap()
+            .id
+            .to_string()
+    }
+
+    async fn status(&self, id: &str) -> SandboxStatus {
+        self.svc.get_sandbox(id).await.unwrap().status
+    }
+
+    async fn exec(&self, id: &str, command: &str) -> Result<String, ServiceError> {
+        self.svc
+            .exec(
+                id,
+                ExecParams {
+                    command: command.into(),
+                    ..ExecParams::default()
+                },
+            )
+            .await
+            .map(|o| o.stdout)
+    }
+}
+
+fn is_not_found(e: &ServiceError) -> bool {
+    matches!(e, ServiceError::NotFound(_))
+}
+
+fn is_precondition(e: &ServiceError) -> bool {
+    matches!(e, ServiceError::FailedPrecondition(_))
+}
+
+#[tokio::test]
+async fn create_start_exec_stop_start_destroy() {
+    let f = Fixture::new("");
+    let id = f.sandbox("alice", &[]).await;
+    assert_eq!(f.status(&id).await, SandboxStatus::Pending);
+    assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
+
+    f.svc.start_sandbox(&id).await.unwrap();
+    assert_eq!(f.status(&id).await, SandboxStatus::Running);
+    assert_eq!(f.fs.live(), vec![id.clone()]);
+    assert_eq!(f.rt.state(&id), Some(true));
+    // Starting a running sandbox is refused.
+    assert!(is_precondition(
+        &f.svc.start_sandbox(&id).await.unwrap_err()
+    ));
+
+    // A command runs and its writes are published after it (publish-after-each mode).
+    assert_eq!(f.exec(&id, "ls").await.unwrap(), "ran: ls");
+    assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
+
+    f.svc.stop_sandbox(&id).await.unwrap();
+    assert_eq!(f.status(&id).await, SandboxStatus::Stopped);
+    assert!(f.fs.live().is_empty(), "stop unmounts");
+    assert_eq!(f.rt.state(&id), Some(false));
+    assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
+
+    f.svc.start_sandbox(&id).await.unwrap();
+    assert_eq!(f.status(&id).await, SandboxStatus::Running);
+    assert_eq!(f.rt.count("start", &id), 2);
+
+    f.svc.destroy_sandbox(&id).await.unwrap();
+    assert!(is_not_found(&f.svc.get_sandbox(&id).await.unwrap_err()));
+    assert!(f.fs.live().is_empty());
+    assert_eq!(f.rt.state(&id), None);
+    // Destroying again, or anything on the id, is NOT_FOUND.
+    assert!(is_not_found(&f.svc.destroy_sandbox(&id).await.unwrap_err()));
+    assert!(is_not_found(&f.svc.start_sandbox(&id).await.unwrap_err()));
+}
+
+#[tokio::test]
+async fn manual_publish_publishes_only_when_asked() {
+    let f = Fixture::new("");
+    let id = f
+        .sandbox("alice", &[(super::LABEL_PUBLISH, "manual")])
+        .await;
+    f.svc.start_sandbox(&id).await.unwrap();
+    f.exec(&id, "make").await.unwrap();
+    assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 0);
+    f.svc.publish(&id).await.unwrap();
+    assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_failed_start_is_an_error_state_and_leaves_nothing_running() {
+    let f = Fixture::new("");
+    let id = f.sandbox("alice", &[]).await;
+    f.rt.fail_start.store(true, Ordering::SeqCst);
+    f.svc.start_sandbox(&id).await.unwrap_err();
+    let rec = f.svc.get_sandbox(&id).await.unwrap();
+    assert_eq!(rec.status, SandboxStatus::Error);
+    assert!(
+        rec.status_reason.as_deref().unwrap_or("").contains("fake"),
+        "{rec:?}"
+    );
+    assert!(f.fs.live().is_empty(), "the mount is undone");
+    assert_eq!(f.rt.state(&id), None, "the runtime's sandbox is destroyed");
+    // ERROR → RUNNING once the cause is gone.
+    f.rt.fail_start.store(false, Ordering::SeqCst);
+    f.svc.start_sandbox(&id).await.unwrap();
+    assert_eq!(f.status(&id).await, SandboxStatus::Running);
+}
+
+#[tokio::test]
+async fn a_failed_mount_starts_nothing() {
+    let f = Fixture::new("");
+    let id = f.sandbox("alice", &[]).await;
+    f.fs.fail.store(true, Ordering::SeqCst);
+    f.svc.start_sandbox(&id).await.unwrap_err();
+    assert_eq!(f.status(&id).await, SandboxStatus::Error);
+    assert_eq!(f.rt.count("start", &id), 0);
+    assert_eq!(f.rt.state(&id), None);
+}
+
+#[tokio::test]
+async fn a_restart_brings_running_sandboxes_back_and_leaves_stopped_ones() {
+    let f = Fixture::new("");
+    let running = f.sandbox("alice", &[]).await;
+    let stopped = f.sandbox("alice", &[]).await;
+    f.svc.start_sandbox(&running).await.unwrap();
+    // A server that died with a sandbox running: the store still says RUNNING.
+    let f = f.restart();
+    assert!(f.fs.live().is_empty());
+    f.svc.recover().await;
+    assert_eq!(f.fs.live(), vec![running.clone()]);
+    assert_eq!(f.status(&running).await, SandboxStatus::Running);
+    assert_eq!(f.status(&stopped).await, SandboxStatus::Pending);
+    assert_eq!(f.exec(&running, "pwd").await.unwrap(), "ran: pwd");
+}
+
+#[tokio::test]
+async fn expired_sandboxes_are_reaped_and_others_kept() {
+    let f = Fixture::new("");
+    let keep = f.sandbox("alice", &[]).await;
+    let cb = f
+        .svc
+        .create_codebase("p".into(), "alice".into())
+        .await
+        .unwrap();
+    let gone = f
+        .svc
+        .create_sandbox(CreateSandbox {
+            codebase_id: cb.id.to_string(),
+            rules: vec![],
+            expires_in: Some(Duration::from_nanos(1)),
+            labels: BTreeMap::new(),
+            runtime: None,
+            image: String::new(),
+            resources: ResourceLimits::default(),
+        })
+        .await
+        .unwrap()
+        .id
+        .to_string();
+    f.svc.start_sandbox(&gone).await.unwrap();
+    assert_eq!(f.svc.reap_expired().await, 1);
+    assert!(is_not_found(&f.svc.get_sandbox(&gone).await.unwrap_err()));
+    assert_eq!(f.rt.state(&gone), None);
+    assert!(f.fs.live().is_empty());
+    assert_eq!(f.status(&keep).await, SandboxStatus::Pending);
+}
+
+#[tokio::test]
+async fn the_per_owner_quota_counts_live_sandboxes() {
+    let f = Fixture::new("sandbox:\n  max_per_user: 1\n");
+    let first = f.sandbox("alice", &[]).await;
+    let cb = f
+        .svc
+        .create_codebase("p".into(), "alice".into())
+        .await
+        .unwrap();
+    let req = || CreateSandbox {
+        codebase_id: cb.id.to_string(),
+        rules: vec![],
+        expires_in: None,
+        labels: BTreeMap::new(),
+        runtime: None,
+        image: String::new(),
+        resources: ResourceLimits::default(),
+    };
+    let e = f.svc.create_sandbox(req()).await.unwrap_err();
+    assert!(matches!(e, ServiceError::ResourceExhausted(_)), "{e:?}");
+    // Another owner is not affected; destroying frees the slot.
+    f.sandbox("bob", &[]).await;
+    f.svc.destroy_sandbox(&first).await.unwrap();
+    f.svc.create_sandbox(req()).await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_name_what_is_wrong() {
+    let f = Fixture::new("");
+    // Unknown ids of any shape are NOT_FOUND; a missing one is INVALID_ARGUMENT.
+    for id in ["sb_nope", "nope", "sb_0123456789abcdef", "../x"] {
+        let e = f.svc.get_sandbox(id).await.unwrap_err();
+        assert!(is_not_found(&e), "{id:?}: {e:?}");
+    }
+    let e = f.svc.get_sandbox("").await.unwrap_err();
+    assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
+    // A runtime the server lacks is FAILED_PRECONDITION naming what it has.
+    let cb = f
+        .svc
+        .create_codebase("p".into(), "alice".into())
+        .await
+        .unwrap();
+    let e = f
+        .svc
+        .create_sandbox(CreateSandbox {
+            codebase_id: cb.id.to_string(),
+            rules: vec![],
+            expires_in: None,
+            labels: BTreeMap::new(),
+            runtime: Some(RuntimeKind::Docker),
+            image: String::new(),
+            resources: ResourceLimits::default(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ServiceError::FailedPrecondition(m) if m.contains("available: bwrap")),
+        "{e:?}"
+    );
+    // A bad pattern is INVALID_ARGUMENT at create, not a failed start later.
+    let e = f
+        .svc
+        .create_sandbox(CreateSandbox {
+            codebase_id: cb.id.to_string(),
+            rules: vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
+            expires_in: None,
+            labels: BTreeMap::new(),
+            runtime: None,
+            image: String::new(),
+            resources: ResourceLimits::default(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
+}
