@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::audit::{Audit, AuditWriter};
 use crate::config::Settings;
 use crate::files::CodebaseFiles;
-use crate::grpc::{CodebaseApi, MAX_MESSAGE, SandboxApi};
+use crate::grpc::{CodebaseApi, SandboxApi};
 use crate::host::bwrap_runtime;
 use crate::rest::{RestState, router};
 use crate::service::{Engine, Service};
@@ -286,17 +286,7 @@ impl Bound {
         let grpc_server = tonic::transport::Server::builder()
             .timeout(request_timeout)
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-            .add_service(health_svc)
-            .add_service(
-                CodebaseServiceServer::new(codebases.clone())
-                    .max_decoding_message_size(MAX_MESSAGE)
-                    .max_encoding_message_size(MAX_MESSAGE),
-            )
-            .add_service(
-                SandboxServiceServer::new(sandboxes.clone())
-                    .max_decoding_message_size(MAX_MESSAGE)
-                    .max_encoding_message_size(MAX_MESSAGE),
-            )
+            .add_routes(crate::grpc::routes(service.clone()).add_service(health_svc))
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone()));
         let grpc_task = tokio::spawn(grpc_server);
 

@@ -12,3 +12,20 @@ pub use sandbox::{EXIT_CODE_TRAILER, SandboxApi};
 pub const MAX_MESSAGE: usize = 4 << 20;
 /// Chunk size of streamed downloads (the SDK's upload chunk size too).
 pub const CHUNK: usize = 64 << 10;
+
+/// The sandbox.v1 services (codebases and sandboxes) on one service handle, as routes that
+/// `serve` listens with and that tests drive in process.
+pub fn routes(service: std::sync::Arc<crate::service::Service>) -> tonic::service::Routes {
+    use agentfense_proto::v1::codebase_service_server::CodebaseServiceServer;
+    use agentfense_proto::v1::sandbox_service_server::SandboxServiceServer;
+    tonic::service::Routes::new(
+        CodebaseServiceServer::new(CodebaseApi(service.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
+    .add_service(
+        SandboxServiceServer::new(SandboxApi(service))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
+}

@@ -329,3 +329,121 @@ async fn requests_name_what_is_wrong() {
         .unwrap_err();
     assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
 }
+
+/// The REST router, driven in process over the same fakes: create, start, exec, errors.
+#[tokio::test]
+async fn the_rest_router_drives_the_lifecycle_in_process() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let f = Fixture::new("");
+    let app = crate::rest::router(crate::rest::RestState {
+        codebases: crate::grpc::CodebaseApi(f.svc.clone()),
+        sandboxes: crate::grpc::SandboxApi(f.svc.clone()),
+    });
+    let call = |method: &str, uri: String, body: &str| {
+        let app = app.clone();
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            (status, json)
+        }
+    };
+    let (st, cb) = call(
+        "POST",
+        "/v1/codebases".into(),
+        r#"{"name": "p", "ownerId": "alice"}"#,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{cb}");
+    let body = format!(
+        r#"{{"codebaseId": "{}", "permissions": [{{"pattern": "**/*", "permission": "PERMISSION_READ"}}]}}"#,
+        cb["id"].as_str().unwrap()
+    );
+    let (st, sb) = call("POST", "/v1/sandboxes".into(), &body).await;
+    assert_eq!(st, StatusCode::OK, "{sb}");
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let (st, _) = call("POST", format!("/v1/sandboxes/{id}/start"), "").await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, out) = call(
+        "POST",
+        format!("/v1/sandboxes/{id}/exec"),
+        r#"{"command": "ls"}"#,
+    )
+    .await;
+    assert_eq!(
+        (st, out["stdout"].as_str()),
+        (StatusCode::OK, Some("ran: ls"))
+    );
+    let (st, err) = call("GET", "/v1/sandboxes/sb_nope".into(), "").await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{err}");
+    let (st, err) = call("POST", "/v1/sandboxes".into(), "{").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("not valid JSON"),
+        "{err}"
+    );
+}
+
+/// The gRPC routes, driven in process: a framed request in, a status out.
+#[tokio::test]
+async fn the_grpc_routes_answer_in_process() {
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tower::ServiceExt;
+
+    let f = Fixture::new("");
+    let id = f.sandbox("alice", &[]).await;
+    let routes = crate::grpc::routes(f.svc.clone());
+    let frame = |msg: &agentfense_proto::v1::GetSandboxRequest| {
+        let body = msg.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&body);
+        framed
+    };
+    let get = |sandbox_id: String| {
+        let routes = routes.clone();
+        let req = Request::builder()
+            .method("POST")
+            .uri("/sandbox.v1.SandboxService/GetSandbox")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                axum::body::Bytes::from(frame(&agentfense_proto::v1::GetSandboxRequest {
+                    sandbox_id,
+                })),
+            )))
+            .unwrap();
+        async move {
+            let resp = routes.oneshot(req).await.unwrap();
+            let headers = resp.headers().clone();
+            let collected = resp.into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            let status = headers
+                .get("grpc-status")
+                .or_else(|| trailers.get("grpc-status"))
+                .map(|v| v.to_str().unwrap().to_owned());
+            let bytes = collected.to_bytes();
+            let msg = (bytes.len() > 5)
+                .then(|| agentfense_proto::v1::Sandbox::decode(&bytes[5..]).unwrap());
+            (status, msg)
+        }
+    };
+    let (status, msg) = get(id.clone()).await;
+    assert_eq!(status.as_deref(), Some("0"));
+    assert_eq!(msg.unwrap().id, id);
+    let (status, _) = get("sb_nope".into()).await;
+    assert_eq!(status.as_deref(), Some("5"), "NOT_FOUND");
+}
