@@ -338,6 +338,7 @@ async fn drive(
     let c2 = c.clone();
     let exec_id2 = exec_id.clone();
     let mut pid_lookup = Box::pin(async move { c2.exec_pid(&exec_id2).await });
+    let mut consumer_left = false;
 
     let failure: Option<RuntimeError> = loop {
         if !open {
@@ -402,10 +403,9 @@ async fn drive(
                 None
             },
             _ = tx.closed() => {
-                // The consumer went away: kill the command now rather than at its deadline.
-                if let Some(p) = pid {
-                    c.kill_tree(p, Signal::KILL).await;
-                }
+                // The consumer went away: kill the command now rather than at its deadline
+                // (below, once its pid is known).
+                consumer_left = true;
                 break Some(consumer_gone());
             },
             _ = tokio::time::sleep_until(grace.unwrap_or(far)), if grace.is_some() => {
@@ -418,9 +418,7 @@ async fn drive(
             match deliver(&tx, ev, deadline).await {
                 Delivery::Sent => {}
                 Delivery::ConsumerGone => {
-                    if let Some(p) = pid {
-                        c.kill_tree(p, Signal::KILL).await;
-                    }
+                    consumer_left = true;
                     break Some(consumer_gone());
                 }
                 Delivery::PastDeadline => {
@@ -433,6 +431,15 @@ async fn drive(
             }
         }
     };
+    if consumer_left {
+        // A consumer that leaves before the command's pid is known must not leave it running.
+        if pid.is_none() && pid_pending {
+            pid = pid_lookup.await;
+        }
+        if let Some(p) = pid {
+            c.kill_tree(p, Signal::KILL).await;
+        }
+    }
     // Flush held-back partial characters.
     for (text, is_out) in [(out_chunker.finish(), true), (err_chunker.finish(), false)] {
         if !text.is_empty() && failure.is_none() && !timed_out {
