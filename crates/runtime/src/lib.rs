@@ -73,6 +73,7 @@ pub use bwrap_runtime::{
 pub use error::{ErrorKind, Result, RuntimeError};
 pub use runtime::{
     BoxFuture, Delivery, ExecStream, Runtime, consumer_gone, deliver, find_session, process_tree,
+    stream_call,
 };
 /// A 64-bit FNV-1a hash of `bytes`, stable across builds and versions: for names of state
 /// kept on the host (cgroup trees, work directories) that a restarted or upgraded process

@@ -109,6 +109,26 @@ pub async fn deliver(
     }
 }
 
+/// Streams a call that collects its result while sending its output on: `run` gets the
+/// sender for the output; its result becomes the stream's last item (the exit, or the error
+/// that ended it). For runtimes whose session calls stream.
+pub fn stream_call<F, Fut>(run: F) -> ExecStream
+where
+    F: FnOnce(mpsc::Sender<Result<ExecEvent>>) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::types::ExecResult>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    let call = run(tx.clone());
+    tokio::spawn(async move {
+        let last = call.await.map(|r| ExecEvent::Exit {
+            exit_code: r.exit_code,
+            duration: r.duration,
+        });
+        let _ = tx.send(last).await;
+    });
+    ExecStream::new(rx)
+}
+
 /// The error ending a command whose stream consumer went away.
 pub fn consumer_gone() -> crate::error::RuntimeError {
     crate::error::RuntimeError::Io {

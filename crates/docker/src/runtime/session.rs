@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use agentfense_runtime::output::{CappedText, Utf8Chunker};
 use agentfense_runtime::{
     ExecEvent, ExecResult, ExecStream, Result, RuntimeError, SessionSpec, check_command,
+    stream_call,
 };
 use bollard::container::LogOutput;
 use futures_util::StreamExt;
@@ -500,18 +501,7 @@ impl DockerRuntime {
         let call = self
             .session_call(sandbox_id, session_id, command, timeout)
             .await?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let last = match call.run(Some(tx.clone())).await {
-                Ok(r) => Ok(ExecEvent::Exit {
-                    exit_code: r.exit_code,
-                    duration: r.duration,
-                }),
-                Err(e) => Err(e),
-            };
-            let _ = tx.send(last).await;
-        });
-        Ok(ExecStream::new(rx))
+        Ok(stream_call(|tx| call.run(Some(tx))))
     }
 
     async fn session_call(

@@ -138,18 +138,7 @@ impl BwrapRuntime {
         let call = self
             .session_call(sandbox_id, session_id, command, timeout)
             .await?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let last = match call.run(Some(tx.clone())).await {
-                Ok(r) => Ok(ExecEvent::Exit {
-                    exit_code: r.exit_code,
-                    duration: r.duration,
-                }),
-                Err(e) => Err(e),
-            };
-            let _ = tx.send(last).await;
-        });
-        Ok(ExecStream::new(rx))
+        Ok(crate::runtime::stream_call(|tx| call.run(Some(tx))))
     }
 
     /// Checks a session call and gathers what running it needs.

@@ -80,16 +80,14 @@ impl Fixture {
             .unwrap();
         self.svc
             .create_sandbox(CreateSandbox {
-                codebase_id: cb.id.to_string(),
-                rules: vec![PermissionRule::glob("**/*", Level::Read, 0)],
-                expires_in: None,
                 labels: labels
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect::<BTreeMap<_, _>>(),
-                runtime: None,
-                image: String::new(),
-                resources: ResourceLimits::default(),
+                ..create(
+                    &cb.id.to_string(),
+                    vec![PermissionRule::glob("**/*", Level::Read, 0)],
+                )
             })
             .await
             .unwrap()
@@ -112,6 +110,19 @@ impl Fixture {
             )
             .await
             .map(|o| o.stdout)
+    }
+}
+
+/// A CreateSandbox request for codebase `cb` with `rules`; the rest defaulted.
+fn create(cb: &str, rules: Vec<PermissionRule>) -> CreateSandbox {
+    CreateSandbox {
+        codebase_id: cb.to_owned(),
+        rules,
+        expires_in: None,
+        labels: BTreeMap::new(),
+        runtime: None,
+        image: String::new(),
+        resources: ResourceLimits::default(),
     }
 }
 
@@ -234,13 +245,8 @@ async fn expired_sandboxes_are_reaped_and_others_kept() {
     let gone = f
         .svc
         .create_sandbox(CreateSandbox {
-            codebase_id: cb.id.to_string(),
-            rules: vec![],
             expires_in: Some(Duration::from_nanos(1)),
-            labels: BTreeMap::new(),
-            runtime: None,
-            image: String::new(),
-            resources: ResourceLimits::default(),
+            ..create(&cb.id.to_string(), vec![])
         })
         .await
         .unwrap()
@@ -263,15 +269,7 @@ async fn the_per_owner_quota_counts_live_sandboxes() {
         .create_codebase("p".into(), "alice".into())
         .await
         .unwrap();
-    let req = || CreateSandbox {
-        codebase_id: cb.id.to_string(),
-        rules: vec![],
-        expires_in: None,
-        labels: BTreeMap::new(),
-        runtime: None,
-        image: String::new(),
-        resources: ResourceLimits::default(),
-    };
+    let req = || create(&cb.id.to_string(), vec![]);
     let e = f.svc.create_sandbox(req()).await.unwrap_err();
     assert!(matches!(e, ServiceError::ResourceExhausted(_)), "{e:?}");
     // Another owner is not affected; destroying frees the slot.
@@ -299,13 +297,8 @@ async fn requests_name_what_is_wrong() {
     let e = f
         .svc
         .create_sandbox(CreateSandbox {
-            codebase_id: cb.id.to_string(),
-            rules: vec![],
-            expires_in: None,
-            labels: BTreeMap::new(),
             runtime: Some(RuntimeKind::Docker),
-            image: String::new(),
-            resources: ResourceLimits::default(),
+            ..create(&cb.id.to_string(), vec![])
         })
         .await
         .unwrap_err();
@@ -316,15 +309,10 @@ async fn requests_name_what_is_wrong() {
     // A bad pattern is INVALID_ARGUMENT at create, not a failed start later.
     let e = f
         .svc
-        .create_sandbox(CreateSandbox {
-            codebase_id: cb.id.to_string(),
-            rules: vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
-            expires_in: None,
-            labels: BTreeMap::new(),
-            runtime: None,
-            image: String::new(),
-            resources: ResourceLimits::default(),
-        })
+        .create_sandbox(create(
+            &cb.id.to_string(),
+            vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
+        ))
         .await
         .unwrap_err();
     assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
