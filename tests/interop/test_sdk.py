@@ -86,7 +86,7 @@ def test_agent_safe_hides_secrets_and_protects_source(project, endpoint, audit):
 
     denied = audit.wait_for("permission_denied", path="/.env.local")
     # The server's mandatory floor decides before the preset's own `**/.env*`.
-    assert denied[0]["level"] == "none" and denied[0]["rule"] == "policy.mandatory: **/.env.*"
+    assert denied[0]["level"] == "none" and denied[0]["rule"] == "policy.mandatory: (?i)**/.env.*"
 
 
 def test_read_only_and_view_only(project, endpoint):
@@ -572,12 +572,12 @@ def test_server_floor_hides_secrets_the_sdk_preset_misses(project, endpoint, htt
         assert "id_rsa" not in listed and ".aws" not in listed, listed
         # The public half stays readable.
         assert run(sb, "cat deploy/id_rsa.pub").exit_code == 0
-        audit.wait_for("permission_denied", sandbox_id=sb.id, rule="policy.mandatory: **/id_rsa")
+        audit.wait_for("permission_denied", sandbox_id=sb.id, rule="policy.mandatory: (?i)**/id_rsa")
         # The floor is shown with the sandbox's rules, as a trailing group above everything.
         c = SandboxClient(endpoint=endpoint)
         rules = c.get_sandbox(sb.id).permissions
         floor = [r for r in rules if r.priority == 2**31 - 1]
-        assert any(r.pattern == "**/id_rsa" for r in floor), rules
+        assert any(r.pattern == "(?i)**/id_rsa" for r in floor), rules
         c.close()
     # Unknown ids of any shape are NOT_FOUND, not a bad request.
     for bad in ["sb_nope", "sb_0000000000000000", "x"]:

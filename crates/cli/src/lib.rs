@@ -18,6 +18,7 @@ mod run_cmd;
 pub mod scan_cmd;
 mod serve_cmd;
 mod shell_cmd;
+mod terminal;
 
 pub use policy_args::PolicyArgs;
 

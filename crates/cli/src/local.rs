@@ -297,7 +297,7 @@ impl LocalSandbox {
         } else {
             writeln!(err, "agentfense: {} change(s):", changes.len())?;
             for (tag, p) in &changes {
-                writeln!(err, "  {tag} {p}")?;
+                writeln!(err, "  {tag} {}", crate::terminal::escape(p))?;
             }
         }
         if self.apply {

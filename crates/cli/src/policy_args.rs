@@ -69,7 +69,7 @@ impl PolicyArgs {
     pub fn floor(&self) -> anyhow::Result<Vec<PermissionRule>> {
         if self.no_floor {
             eprintln!(
-                "agentfense: warning: --no-floor: private keys, .env files and cloud credentials                  are visible unless the rules hide them"
+                "agentfense: warning: --no-floor: private keys, .env files and cloud credentials are visible unless the rules hide them"
             );
             return Ok(Vec::new());
         }

@@ -96,6 +96,7 @@ pub(crate) fn run(cmd: PolicyCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                     } else {
                         path.to_string()
                     };
+                    let shown = crate::terminal::escape(&shown);
                     writeln!(out, "{shown:<40} {:<5}  {}", d.level, describe(&policy, &d))?;
                 }
             }
@@ -249,6 +250,7 @@ impl Show<'_> {
             if level.is_visible() || self.reveal {
                 let indent = "  ".repeat(child.depth() - 1);
                 let suffix = if is_dir { "/" } else { "" };
+                let child = crate::terminal::escape(child.as_str());
                 writeln!(self.out, "{level:<5}  {indent}{child}{suffix}")?;
             }
             // Hidden subtrees are still walked, so that the summary counts every entry.

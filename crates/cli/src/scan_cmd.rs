@@ -84,7 +84,11 @@ static NAME_RULES: LazyLock<Vec<NameRule>> = LazyLock::new(|| {
         (r"^kubeconfig$", "cluster credentials"),
     ]
     .into_iter()
-    .map(|(p, what)| NameRule { re: re(p), what })
+    // Every spelling: `.ENV`, `ID_RSA`, `Credentials.json` are the same secrets.
+    .map(|(p, what)| NameRule {
+        re: re(&format!("(?i){p}")),
+        what,
+    })
     .collect()
 });
 
@@ -156,7 +160,7 @@ pub fn classify(rel: &Path, content: Option<&str>) -> Vec<String> {
         .into_iter()
         .flat_map(|p| p.components())
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .find(|c| SECRET_DIRS.contains(&c.as_str()))
+        .find(|c| SECRET_DIRS.contains(&c.to_lowercase().as_str()))
     {
         reasons.push(format!("in a {dir}/ directory"));
     }
@@ -277,7 +281,7 @@ pub(crate) fn run(args: ScanArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
                 "{:<12} {:<5}  {}  ({})",
                 verdict,
                 f.level,
-                f.path,
+                crate::terminal::escape(&f.path),
                 f.reasons.join("; ")
             )?;
         }
@@ -321,6 +325,12 @@ mod tests {
             ".netrc",
             "sa/service-account-prod.json",
             "secrets.yaml",
+            ".ENV",
+            "PRIVATE.KEY",
+            "ID_RSA",
+            "Credentials.json",
+            ".Env.local",
+            "Secrets/db.txt",
         ] {
             assert!(!reasons(p, None).is_empty(), "{p}");
         }

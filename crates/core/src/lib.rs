@@ -21,8 +21,8 @@ mod tree;
 pub use content::{Content, MAX_SCANNED};
 pub use level::{Level, ParseLevelError, ParsePatternTypeError, PatternType};
 pub use model::{ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus, parse_size};
-pub use path::{MAX_PATH_LEN, PathError, SandboxPath};
-pub use pattern::{MAX_PATTERN_SEGMENTS, PatternError};
+pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, SandboxPath};
+pub use pattern::{CASE_INSENSITIVE, MAX_PATTERN_SEGMENTS, PatternError};
 pub use policy::{
     Basis, Cursor, Decision, MAX_RULES, NodeKind, PermissionRule, Policy, PolicyError, RuleRef,
     specificity,

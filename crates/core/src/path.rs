@@ -5,6 +5,9 @@ use std::fmt;
 /// Longest accepted path, in bytes (Linux `PATH_MAX`).
 pub const MAX_PATH_LEN: usize = 4096;
 
+/// Longest accepted file name (one path component), in bytes (Linux `NAME_MAX`).
+pub const MAX_NAME_LEN: usize = 255;
+
 /// Why a path was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -24,6 +27,14 @@ pub enum PathError {
     #[error("path is {len} bytes long; the limit is {MAX_PATH_LEN}")]
     TooLong {
         /// Length of the input.
+        len: usize,
+    },
+    /// A path component longer than [`MAX_NAME_LEN`].
+    #[error("file name {name:?}... is {len} bytes long; the limit is {MAX_NAME_LEN}")]
+    NameTooLong {
+        /// The name's first 32 characters.
+        name: String,
+        /// Its length in bytes.
         len: usize,
     },
     /// A single path component that is empty, `.`, `..`, or contains `/` or NUL.
@@ -70,6 +81,12 @@ impl SandboxPath {
                             input: input.to_owned(),
                         });
                     }
+                }
+                p if p.len() > MAX_NAME_LEN => {
+                    return Err(PathError::NameTooLong {
+                        name: p.chars().take(32).collect(),
+                        len: p.len(),
+                    });
                 }
                 p => parts.push(p),
             }
@@ -141,6 +158,12 @@ impl SandboxPath {
         if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
             return Err(PathError::InvalidName {
                 input: name.to_owned(),
+            });
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(PathError::NameTooLong {
+                name: name.chars().take(32).collect(),
+                len: name.len(),
             });
         }
         let len = self.0.len() + 1 + name.len();
@@ -295,5 +318,15 @@ mod tests {
             }
             prop_assert_eq!(SandboxPath::parse(&s).is_ok(), ok);
         }
+    }
+
+    #[test]
+    fn too_long_names_are_refused_naming_the_limit() {
+        let long = "n".repeat(300);
+        let e = SandboxPath::parse(&format!("/docs/{long}")).unwrap_err();
+        assert!(e.to_string().contains("the limit is 255"), "{e}");
+        assert!(matches!(e, PathError::NameTooLong { len: 300, .. }));
+        assert!(SandboxPath::root().join(&long).is_err());
+        assert!(SandboxPath::parse(&format!("/{}", "n".repeat(255))).is_ok());
     }
 }

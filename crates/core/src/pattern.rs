@@ -8,9 +8,67 @@
 //! pattern still match something strictly below this directory?" and "does it match every path
 //! below it?".
 
+use std::borrow::Cow;
+
 use globset::{GlobBuilder, GlobMatcher};
+use unicode_normalization::{IsNormalized, UnicodeNormalization, is_nfc_quick};
 
 use crate::PatternType;
+
+/// The prefix that makes a pattern match names whatever their case: `(?i)**/.env*` hides
+/// `.ENV` and `.Env.local` too.
+pub const CASE_INSENSITIVE: &str = "(?i)";
+
+/// `text` in Unicode normalization form C (the form patterns are compiled in): a name stored
+/// decomposed (`e` + U+0301) matches a pattern written composed (`é`), and back.
+pub fn nfc(text: &str) -> Cow<'_, str> {
+    if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(text.nfc().collect())
+    }
+}
+
+/// `text` lower-cased for case-insensitive matching (ASCII without allocating when it has no
+/// upper-case letter).
+pub fn fold(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() {
+        if text.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(text.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(text)
+        }
+    } else {
+        Cow::Owned(text.to_lowercase())
+    }
+}
+
+/// A pattern's text without its flags, and whether it is case-insensitive.
+pub fn split_flags(raw: &str) -> (&str, bool) {
+    match raw.strip_prefix(CASE_INSENSITIVE) {
+        Some(body) => (body, true),
+        None => (raw, false),
+    }
+}
+
+/// A path segment as the patterns compare it: in NFC, and lower-cased for case-insensitive
+/// patterns (computed once per segment for every rule).
+#[derive(Debug, Clone)]
+pub(crate) struct Name<'a> {
+    exact: Cow<'a, str>,
+    folded: Cow<'a, str>,
+}
+
+impl<'a> Name<'a> {
+    pub(crate) fn new(segment: &'a str) -> Name<'a> {
+        let exact = nfc(segment);
+        let folded = match &exact {
+            Cow::Borrowed(s) => fold(s),
+            Cow::Owned(s) => Cow::Owned(fold(s).into_owned()),
+        };
+        Name { exact, folded }
+    }
+}
 
 /// Most segments a pattern may have (the NFA state set is a `u64`).
 pub const MAX_PATTERN_SEGMENTS: usize = 62;
@@ -59,11 +117,12 @@ enum Segment {
 }
 
 impl Segment {
-    fn matches(&self, s: &str) -> bool {
+    fn matches(&self, name: &Name<'_>, fold: bool) -> bool {
+        let s = if fold { &name.folded } else { &name.exact };
         match self {
             Segment::AnyDepth => true,
-            Segment::Literal(l) => l == s,
-            Segment::Glob(g) => g.is_match(s),
+            Segment::Literal(l) => l == s.as_ref(),
+            Segment::Glob(g) => g.is_match(s.as_ref()),
         }
     }
 }
@@ -72,6 +131,9 @@ impl Segment {
 #[derive(Debug, Clone)]
 pub(crate) struct Pattern {
     segments: Vec<Segment>,
+    /// Case-insensitive ([`CASE_INSENSITIVE`]): segments hold lower-case text and match the
+    /// lower-cased name.
+    fold: bool,
 }
 
 /// The NFA state: bit `i` set means "the first `i` pattern segments have been consumed".
@@ -84,14 +146,21 @@ impl Pattern {
     /// dropped, trailing `/` ignored). `file` and `directory` patterns are literal; a
     /// `directory` pattern also matches everything below. `..` is rejected in every type.
     pub(crate) fn compile(raw: &str, kind: PatternType) -> Result<Self, PatternError> {
-        if raw.trim().is_empty() {
+        let (body, fold_case) = split_flags(raw);
+        if body.trim().is_empty() {
             return Err(PatternError::Empty);
         }
-        if raw.contains('\0') {
+        if body.contains('\0') {
             return Err(PatternError::ContainsNul);
         }
+        let text = nfc(body);
+        let text = if fold_case {
+            fold(&text).into_owned()
+        } else {
+            text.into_owned()
+        };
         let mut segments = Vec::new();
-        for part in raw.split('/') {
+        for part in text.split('/') {
             match part {
                 "" | "." => continue,
                 ".." => return Err(PatternError::DotDot),
@@ -116,7 +185,10 @@ impl Pattern {
         if segments.len() > MAX_PATTERN_SEGMENTS {
             return Err(PatternError::TooLong);
         }
-        Ok(Pattern { segments })
+        Ok(Pattern {
+            segments,
+            fold: fold_case,
+        })
     }
 
     fn accept_bit(&self) -> State {
@@ -139,14 +211,20 @@ impl Pattern {
     }
 
     /// Consumes one path segment.
+    #[cfg(test)]
     pub(crate) fn step(&self, state: State, segment: &str) -> State {
+        self.step_name(state, &Name::new(segment))
+    }
+
+    /// Consumes one path segment, normalised once for every pattern ([`Name`]).
+    pub(crate) fn step_name(&self, state: State, name: &Name<'_>) -> State {
         let mut next = 0;
         let mut rest = state & (self.accept_bit() - 1);
         while rest != 0 {
             let i = rest.trailing_zeros() as usize;
             rest &= rest - 1;
             let seg = &self.segments[i];
-            if seg.matches(segment) {
+            if seg.matches(name, self.fold) {
                 next |= match seg {
                     // `**` may consume this segment and stay, ready for more.
                     Segment::AnyDepth => 1 << i,
@@ -218,6 +296,39 @@ mod tests {
         Pattern::compile(pattern, PatternType::Glob)
             .unwrap()
             .is_match(&SandboxPath::parse(path).unwrap())
+    }
+
+    #[test]
+    fn case_insensitive_patterns_match_every_spelling() {
+        for (pattern, path, want) in [
+            ("(?i)**/.env*", "/.ENV", true),
+            ("(?i)**/.env*", "/a/.Env.local", true),
+            ("(?i)**/secrets/**", "/App/SECRETS/db.txt", true),
+            ("(?i)**/*.pem", "/cert.PEM", true),
+            ("(?i)**/id_rsa", "/deploy/ID_RSA", true),
+            ("(?i)/Docs/**", "/docs/x", true),
+            ("(?i)**/straße", "/STRASSE", false),
+            ("(?i)**/ÉTÉ", "/été", true),
+            // Without the flag, exact as before.
+            ("**/.env*", "/.ENV", false),
+            ("**/secrets/**", "/Secrets/db.txt", false),
+        ] {
+            assert_eq!(m(pattern, path), want, "{pattern} {path}");
+        }
+    }
+
+    #[test]
+    fn patterns_and_names_meet_in_one_normalization_form() {
+        let nfc = "/nfd/s\u{e9}crets/**";
+        let nfd = "/nfd/se\u{301}crets/**";
+        for (pattern, path) in [
+            (nfc, "/nfd/se\u{301}crets/pw.txt"),
+            (nfd, "/nfd/s\u{e9}crets/pw.txt"),
+            (nfc, "/nfd/s\u{e9}crets/pw.txt"),
+            (nfd, "/nfd/se\u{301}crets/pw.txt"),
+        ] {
+            assert!(m(pattern, path), "{pattern:?} {path:?}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::content::Content;
-use crate::pattern::{Pattern, PatternError, State};
+use crate::pattern::{Name, Pattern, PatternError, State, split_flags};
 use crate::{Level, PatternType, SandboxPath};
 
 /// One access rule, as written by users and sent on the wire.
@@ -235,6 +235,8 @@ pub const MAX_RULES: usize = 4096;
 /// +100 if it starts with `/`; +50 if it does not start with `**`; plus the byte index of the
 /// first `**` when that index is > 0; +200 if it contains no `*`.
 pub fn specificity(raw: &str) -> i64 {
+    // Flags (`(?i)`) are not part of the pattern's shape.
+    let raw = split_flags(raw).0;
     let mut score = 0;
     if raw.starts_with('/') {
         score += 100;
@@ -383,11 +385,12 @@ impl Policy {
 
     /// The cursor for `parent`'s child called `name` (one path component).
     pub fn cursor_child(&self, parent: &Cursor, name: &str) -> Cursor {
+        let name = Name::new(name);
         let states: Vec<State> = self
             .ordered
             .iter()
             .zip(&parent.states)
-            .map(|(c, st)| c.pattern.step(*st, name))
+            .map(|(c, st)| c.pattern.step_name(*st, &name))
             .collect();
         let own = self.first_accepting(&states);
         // The root's own rule never hides anything: the root is always reachable.

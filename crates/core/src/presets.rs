@@ -15,7 +15,7 @@
 //! `secrets/` directory ([`SECRET_PATTERNS`]), so they keep hiding secrets on a server whose
 //! floor is turned off.
 
-use crate::{Content, Level, PermissionRule};
+use crate::{CASE_INSENSITIVE, Content, Level, PermissionRule};
 
 /// Priority of the secret-hiding rules: above anything a preset grants.
 pub const SECRET_PRIORITY: i32 = 100;
@@ -93,14 +93,16 @@ pub const KEY_MATERIAL_PATTERNS: &[&str] = &[
 pub const SECRET_PATTERNS: &[&str] = &["**/.env*", "**/secrets/**"];
 
 /// Every secret-hiding rule at `priority`: the floor's names, the key-material patterns
-/// with their content condition, and `extra` names.
+/// with their content condition, and `extra` names. All of them match case-insensitively
+/// (`.ENV`, `ID_RSA`, `Secrets/` are the same secrets).
 fn secret_rules(extra: &[&'static str], priority: i32) -> Vec<PermissionRule> {
+    let ci = |p: &str| format!("{CASE_INSENSITIVE}{p}");
     let names = extra.iter().chain(FLOOR_PATTERNS);
     let mut rules: Vec<PermissionRule> = names
-        .map(|p| PermissionRule::glob(*p, Level::None, priority))
+        .map(|p| PermissionRule::glob(ci(p), Level::None, priority))
         .collect();
     rules.extend(KEY_MATERIAL_PATTERNS.iter().map(|p| {
-        PermissionRule::glob(*p, Level::None, priority).when_content(Content::PrivateKey)
+        PermissionRule::glob(ci(p), Level::None, priority).when_content(Content::PrivateKey)
     }));
     rules
 }
@@ -223,6 +225,15 @@ mod tests {
             ("/src/credentials.py",        F, "read",  "write", "write", "read", "view"),
             ("/keys/id_rsa.pub",           F, "read",  "write", "write", "read", "view"),
             ("/keys/id_rsa.private.bak",   F, "none",  "none",  "write", "read", "view"),
+            // Every spelling of a secret is the secret.
+            ("/.ENV",                      F, "none",  "none",  "write", "read", "view"),
+            ("/config/.Env.local",         F, "none",  "none",  "write", "read", "view"),
+            ("/PRIVATE.KEY",               F, "none",  "none",  "write", "read", "view"),
+            ("/deploy/ID_RSA",             F, "none",  "none",  "write", "read", "view"),
+            ("/Secrets/db.txt",            F, "none",  "none",  "write", "read", "view"),
+            ("/Credentials.json",          F, "none",  "none",  "write", "read", "view"),
+            ("/certs/cert-private.PEM",    F, "none",  "none",  "write", "read", "view"),
+            ("/home/.SSH/config",          F, "none",  "none",  "write", "read", "view"),
             ("/keys/id_ed25519_private",   F, "none",  "none",  "write", "read", "view"),
             ("/home/.gnupg/pubring.kbx",   F, "none",  "none",  "write", "read", "view"),
             ("/home/.config/gh/hosts.yml", F, "none",  "none",  "write", "read", "view"),

@@ -50,7 +50,7 @@ fn explain_text_names_the_rule() {
     let env = lines.next().unwrap();
     assert!(env.starts_with("/.env "), "{env}");
     assert!(
-        env.contains(" none ") && env.contains("mandatory floor rule \"**/.env\""),
+        env.contains(" none ") && env.contains("mandatory floor rule \"(?i)**/.env\""),
         "{env}"
     );
     let src = lines.next().unwrap();
@@ -59,7 +59,7 @@ fn explain_text_names_the_rule() {
     let out = super::util::agentfense(&["policy", "explain", "--no-floor", "/.env"]);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("\"**/.env*\""),
+        String::from_utf8_lossy(&out.stdout).contains("\"(?i)**/.env*\""),
         "{out:?}"
     );
     assert!(

@@ -242,3 +242,25 @@ fn a_venv_works_under_development_and_keys_stay_hidden() {
         "{out}\n{err}"
     );
 }
+
+/// A file name with terminal escapes cannot erase or forge lines of the change list a person
+/// reviews (issue 24): it is printed escaped.
+#[test]
+fn names_in_the_change_list_are_escaped() {
+    let Some((project, data)) = local("names_in_the_change_list_are_escaped") else {
+        return;
+    };
+    let dir = project.path().to_str().unwrap();
+    let (code, _, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--discard",
+            "--",
+            "touch \"output/a$(printf '\\033[2K\\rFAKE line\\033[31m')\"",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\r'), "{err:?}");
+    assert!(err.contains("A output/a\\e[2K\\rFAKE line\\e[31m"), "{err}");
+}

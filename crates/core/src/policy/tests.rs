@@ -311,7 +311,7 @@ fn the_floor_outranks_every_client_rule() {
     assert_eq!(d.level, Hidden);
     let r = d.rule().unwrap();
     assert!(p.is_floor(r));
-    assert_eq!(p.describe(r), "policy.mandatory: **/id_rsa");
+    assert_eq!(p.describe(r), "policy.mandatory: (?i)**/id_rsa");
     assert_eq!(p.client_rules().len(), 2);
     let src = SandboxPath::parse("/src/credentials.py").unwrap();
     assert_eq!(p.evaluate(&src, NodeKind::File).level, Read);
@@ -325,7 +325,7 @@ fn the_floor_outranks_every_client_rule() {
     assert_eq!(key.level, Hidden);
     assert_eq!(
         p.describe(key.rule().unwrap()),
-        "policy.mandatory: **/*.pem"
+        "policy.mandatory: (?i)**/*.pem"
     );
     // Directories never match a content condition.
     assert_eq!(p.decide(&bundle, NodeKind::Dir).level, Read);

@@ -10,3 +10,4 @@ mod key_material;
 mod leak;
 mod passthrough;
 mod publish;
+mod spellings;
