@@ -278,16 +278,38 @@ impl LocalSandbox {
             .pending()
             .into_iter()
             .filter_map(|p| {
-                let in_view = std::fs::symlink_metadata(mnt.join(&p)).is_ok();
-                let in_dir = std::fs::symlink_metadata(dir.join(&p)).is_ok();
-                let tag = match (in_dir, in_view) {
-                    // Created and removed again (a lock file): nothing to report.
-                    (false, false) => return None,
-                    (false, true) => 'A',
-                    (true, true) => 'M',
-                    (true, false) => 'D',
+                let view = std::fs::symlink_metadata(mnt.join(&p)).ok();
+                let host = std::fs::symlink_metadata(dir.join(&p)).ok();
+                let kind = |m: &std::fs::Metadata| {
+                    let t = m.file_type();
+                    if t.is_dir() {
+                        "directory"
+                    } else if t.is_symlink() {
+                        "symlink"
+                    } else {
+                        "file"
+                    }
                 };
-                Some((tag, p.display().to_string()))
+                let (tag, mut shown) = match (&host, &view) {
+                    // Created and removed again (a lock file): nothing to report.
+                    (None, None) => return None,
+                    (None, Some(_)) => ('A', p.display().to_string()),
+                    (Some(h), Some(v)) if kind(h) != kind(v) => {
+                        ('T', format!("{} ({} → {})", p.display(), kind(h), kind(v)))
+                    }
+                    (Some(_), Some(_)) => ('M', p.display().to_string()),
+                    (Some(_), None) => ('D', p.display().to_string()),
+                };
+                if view.as_ref().is_some_and(|v| v.file_type().is_symlink())
+                    && let Ok(target) = std::fs::read_link(mnt.join(&p))
+                {
+                    let bytes = target.as_os_str().as_encoded_bytes();
+                    shown.push_str(&format!(" -> {}", target.display()));
+                    if agentfense_fs::link_escapes(&p, bytes) {
+                        shown.push_str(" (leaves the project: never applied)");
+                    }
+                }
+                Some((tag, shown))
             })
             .collect();
         changes.sort_by(|a, b| a.1.cmp(&b.1));
@@ -314,6 +336,14 @@ impl LocalSandbox {
                     format!(", {} failed", report.failed.len())
                 }
             )?;
+            for (p, target) in &report.refused {
+                writeln!(
+                    err,
+                    "agentfense: not applied: {} -> {}: a symlink leaving the project",
+                    crate::terminal::escape(&p.display().to_string()),
+                    crate::terminal::escape(target)
+                )?;
+            }
         }
         self.mount.unmount().context("cannot unmount")?;
         if self.discard {

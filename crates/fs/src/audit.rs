@@ -56,6 +56,15 @@ pub enum AuditEvent {
         /// The codebase path.
         conflict: Conflict,
     },
+    /// A symlink whose target leaves the project was not published.
+    PublishRefused {
+        /// The sandbox.
+        sandbox_id: String,
+        /// Sandbox path of the link (`/tmp`).
+        path: String,
+        /// Its target (`/etc`).
+        target: String,
+    },
     /// A per-sandbox limit of the filesystem was hit (at most one event per
     /// [`AGGREGATION_WINDOW`] and limit).
     LimitExceeded {
@@ -285,6 +294,14 @@ impl Auditor {
         self.send(AuditEvent::PublishConflict {
             sandbox_id: self.sandbox_id.clone(),
             conflict,
+        });
+    }
+
+    pub(crate) fn refused(&self, rel: &std::path::Path, target: &str) {
+        self.send(AuditEvent::PublishRefused {
+            sandbox_id: self.sandbox_id.clone(),
+            path: display_path(rel),
+            target: target.to_owned(),
         });
     }
 }

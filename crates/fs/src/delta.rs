@@ -204,6 +204,9 @@ pub struct PublishReport {
     /// Paths that could not be applied, with the reason; they stay pending and the next
     /// publish tries again.
     pub failed: Vec<(PathBuf, String)>,
+    /// Symlinks never applied because their target leaves the project ([`link_escapes`]),
+    /// with the target; they stay in the sandbox's view.
+    pub refused: Vec<(PathBuf, String)>,
 }
 
 /// Decides per path whether publishing may touch it, and whether it is still open for
@@ -558,7 +561,7 @@ mod publish;
 
 pub(crate) use files::error_chain;
 use files::*;
-pub use files::{STAGE_PREFIX, is_stage_name};
+pub use files::{STAGE_PREFIX, is_stage_name, link_escapes};
 use journal::*;
 #[cfg(test)]
 mod tests;

@@ -64,7 +64,7 @@ pub mod quota;
 pub use audit::{AGGREGATION_WINDOW, AuditEvent, CHANNEL_CAPACITY};
 pub use delta::{
     Attr, Change, ChangeKind, Conflict, Delta, EntryKind, Layer, Origin, PublishFilter,
-    PublishReport,
+    PublishReport, link_escapes,
 };
 pub use error::FsError;
 pub use mount::{

@@ -457,6 +457,10 @@ impl MountHandle {
         for (p, why) in &report.failed {
             warn!(path = %p.display(), reason = %why, "publish failed for path");
         }
+        for (p, target) in &report.refused {
+            warn!(path = %p.display(), target = %target, "symlink leaving the project not published");
+            shared.audit.refused(p, target);
+        }
         let changed: Vec<PathBuf> = report
             .written
             .iter()

@@ -146,6 +146,15 @@ pub enum AuditEvent {
         /// What the other side had done.
         detail: String,
     },
+    /// A symlink whose target leaves the project was not published (it stays in the sandbox).
+    PublishRefused {
+        /// The sandbox.
+        sandbox_id: String,
+        /// Path of the link in the codebase.
+        path: String,
+        /// Its target.
+        target: String,
+    },
     /// Events lost: a sandbox's filesystem events when their consumer stalled (with the
     /// sandbox), or any events when the writer's queue was full (without).
     AuditEventsDropped {

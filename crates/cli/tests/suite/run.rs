@@ -264,3 +264,38 @@ fn names_in_the_change_list_are_escaped() {
     assert!(!err.contains('\x1b') && !err.contains('\r'), "{err:?}");
     assert!(err.contains("A output/a\\e[2K\\rFAKE line\\e[31m"), "{err}");
 }
+
+/// `--apply` never turns a project directory into a link to outside it (issue 24): the change
+/// list shows the change of type and the target, and the link is not applied.
+#[test]
+fn apply_never_writes_a_symlink_leaving_the_project() {
+    let Some((project, data)) = local("apply_never_writes_a_symlink_leaving_the_project") else {
+        return;
+    };
+    std::fs::create_dir_all(project.path().join("build")).unwrap();
+    std::fs::write(project.path().join("build/log.txt"), "log\n").unwrap();
+    let dir = project.path().to_str().unwrap();
+    let (code, _, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--preset",
+            "development",
+            "--apply",
+            "--",
+            "rm -r build && ln -s /etc build && ln -s ../../../../root output/up",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("T build (directory → symlink) -> /etc (leaves the project: never applied)"),
+        "{err}"
+    );
+    assert!(err.contains("not applied: build -> /etc"), "{err}");
+    assert!(
+        err.contains("not applied: output/up -> ../../../../root"),
+        "{err}"
+    );
+    assert!(!project.path().join("build").is_symlink(), "{err}");
+    assert!(!project.path().join("output/up").exists());
+}

@@ -256,3 +256,25 @@ pub(super) fn chown_new(pdir: &OwnedFd, name: &OsStr, owner: Option<(u32, u32)>)
         );
     }
 }
+
+/// Whether a symlink at `rel` (delta-relative) with target `target` points outside the
+/// project: an absolute target, or a `..` that climbs above the root from where the link is.
+/// Publish never writes such a link into a codebase: a host tool following it later would
+/// read or write outside the project.
+pub fn link_escapes(rel: &Path, target: &[u8]) -> bool {
+    if target.first() == Some(&b'/') {
+        return true;
+    }
+    let mut depth = rel.parent().map_or(0, |p| p.components().count());
+    for part in target.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return true,
+            },
+            _ => depth += 1,
+        }
+    }
+    false
+}

@@ -110,6 +110,16 @@ impl Delta {
                 report.skipped.push(p);
                 continue;
             }
+            if kind == EntryKind::Symlink {
+                // Read as publish_put reads it (never through a symlink), under the same
+                // lock: the target checked is the target written.
+                let target = host::readlink(self.upper.as_fd(), &p).unwrap_or_default();
+                if link_escapes(&p, &target) {
+                    let target = String::from_utf8_lossy(&target).into_owned();
+                    report.refused.push((p, target));
+                    continue;
+                }
+            }
             let owner = owner_of(&p).or_else(|| p.ancestors().skip(1).find_map(owner_of));
             let put = self.publish_put(&meta, &p, &st);
             if put.is_ok()

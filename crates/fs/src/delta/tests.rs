@@ -991,3 +991,66 @@ fn publishes_count_against_the_quota() {
         again.usage().used()
     );
 }
+
+/// Publish never turns a project path into a symlink that leaves the project (issue 24): an
+/// absolute target or a `..` past the root is refused and reported, the codebase untouched;
+/// links inside the project publish as before.
+#[test]
+fn symlinks_leaving_the_project_are_never_published() {
+    let f = fx();
+    let d = &f.d;
+    // `src/deep` (a directory) becomes a link to /etc; others climb out with `..`.
+    d.unlink(p("src/deep/b.rs")).unwrap();
+    d.rmdir(p("src/deep")).unwrap();
+    d.symlink(p("src/deep"), Path::new("/etc"), None).unwrap();
+    d.symlink(p("up"), Path::new("../../root"), None).unwrap();
+    d.symlink(p("src/sneaky"), Path::new("a/../../../x"), None)
+        .unwrap();
+    d.symlink(p("src/fine"), Path::new("../README"), None)
+        .unwrap();
+    let report = d.publish(&PublishFilter::default()).unwrap();
+    let mut refused: Vec<(String, String)> = report
+        .refused
+        .iter()
+        .map(|(p, t)| (p.display().to_string(), t.clone()))
+        .collect();
+    refused.sort();
+    assert_eq!(
+        refused,
+        [
+            ("src/deep".to_owned(), "/etc".to_owned()),
+            ("src/sneaky".to_owned(), "a/../../../x".to_owned()),
+            ("up".to_owned(), "../../root".to_owned()),
+        ]
+    );
+    assert!(f.lower.join("src/deep").is_dir() || !f.lower.join("src/deep").exists());
+    assert!(!f.lower.join("src/deep").is_symlink());
+    assert!(!f.lower.join("up").exists() && !f.lower.join("src/sneaky").exists());
+    assert_eq!(
+        std::fs::read_link(f.lower.join("src/fine")).unwrap(),
+        Path::new("../README")
+    );
+}
+
+#[test]
+fn link_targets_are_judged_from_where_the_link_is() {
+    use super::link_escapes;
+    for (at, target, out) in [
+        ("a", "/etc", true),
+        ("a", "b", false),
+        ("a", "../b", true),
+        ("d/a", "../b", false),
+        ("d/a", "../../b", true),
+        ("d/a", "./x/../../y", false),
+        ("d/a", "x/../../../y", true),
+        ("d/e/a", "../..", false),
+        ("d/e/a", "../../..", true),
+        ("a", "", false),
+    ] {
+        assert_eq!(
+            link_escapes(Path::new(at), target.as_bytes()),
+            out,
+            "{at} -> {target}"
+        );
+    }
+}

@@ -45,7 +45,9 @@ fn a_denial_storm_loses_no_event() {
                         paths.insert(path);
                     }
                     AuditEvent::Dropped { count, .. } => dropped += count,
-                    AuditEvent::PublishConflict { .. } | AuditEvent::LimitExceeded { .. } => {}
+                    AuditEvent::PublishConflict { .. }
+                    | AuditEvent::PublishRefused { .. }
+                    | AuditEvent::LimitExceeded { .. } => {}
                 }
             }
             if finished {

@@ -561,6 +561,15 @@ pub(super) fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
                 conflict.expected, conflict.found
             ),
         },
+        agentfense_fs::AuditEvent::PublishRefused {
+            sandbox_id,
+            path,
+            target,
+        } => AuditEvent::PublishRefused {
+            sandbox_id,
+            path,
+            target,
+        },
         agentfense_fs::AuditEvent::LimitExceeded {
             sandbox_id,
             limit,
