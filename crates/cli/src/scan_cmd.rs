@@ -198,8 +198,18 @@ fn read_text(path: &Path) -> Option<String> {
 
 /// Scans `dir` (without following symlinks; `.git` internals are skipped except its config).
 pub fn scan(dir: &Path, policy: &Policy) -> anyhow::Result<Vec<Finding>> {
+    use std::os::unix::fs::MetadataExt;
     let tree = HostTree::default();
     let mut out = Vec::new();
+    // Files with several names, by (device, inode): a hidden secret is readable under another
+    // name that is not hidden.
+    let mut linked: std::collections::HashMap<(u64, u64), Vec<(SandboxPath, Level)>> =
+        std::collections::HashMap::new();
+    let level_of = |child: &Path, sp: &SandboxPath| {
+        policy
+            .decide_in(&tree, &dir.join(child), &policy.cursor(sp), NodeKind::File)
+            .level
+    };
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let host = dir.join(&rel);
@@ -225,6 +235,16 @@ pub fn scan(dir: &Path, policy: &Policy) -> anyhow::Result<Vec<Finding>> {
             {
                 continue;
             }
+            if let Ok(m) = e.metadata()
+                && m.nlink() > 1
+            {
+                let sp = SandboxPath::parse(&child.to_string_lossy())?;
+                let level = level_of(&child, &sp);
+                linked
+                    .entry((m.dev(), m.ino()))
+                    .or_default()
+                    .push((sp, level));
+            }
             let content = if e.metadata().map(|m| m.len()).unwrap_or(u64::MAX) <= MAX_CONTENT {
                 read_text(&dir.join(&child))
             } else {
@@ -236,20 +256,30 @@ pub fn scan(dir: &Path, policy: &Policy) -> anyhow::Result<Vec<Finding>> {
             }
             let sp = SandboxPath::parse(&child.to_string_lossy())?;
             // As the mount decides: content conditions judged on the file.
-            let level = policy
-                .decide_in(
-                    &tree,
-                    &dir.join(&child),
-                    &policy.cursor(&sp),
-                    NodeKind::File,
-                )
-                .level;
+            let level = level_of(&child, &sp);
             out.push(Finding {
                 path: sp.to_string(),
                 reasons,
                 level,
                 exposed: level >= Level::Read,
             });
+        }
+    }
+    for names in linked.values() {
+        let Some((hidden, _)) = names.iter().find(|(_, l)| *l == Level::None) else {
+            continue;
+        };
+        for (sp, level) in names.iter().filter(|(_, l)| *l >= Level::Read) {
+            let reason = format!("a hard link to hidden {hidden}: the same file, readable here");
+            match out.iter_mut().find(|f| f.path == sp.as_str()) {
+                Some(f) => f.reasons.push(reason),
+                None => out.push(Finding {
+                    path: sp.to_string(),
+                    reasons: vec![reason],
+                    level: *level,
+                    exposed: true,
+                }),
+            }
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));

@@ -77,3 +77,33 @@ fn scan_is_quiet_on_this_repository() {
         );
     }
 }
+
+/// A hard link to a hidden secret is the secret under another name (issue 24): scan flags
+/// the readable name; and secrets in other cases count (`.ENV`).
+#[test]
+fn scan_flags_other_names_and_spellings_of_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            (".env", "API_KEY=x\n"),
+            (".ENV", "API_KEY=y\n"),
+            ("README.md", "hi\n"),
+        ],
+    );
+    std::fs::hard_link(dir.path().join(".env"), dir.path().join("notes.txt")).unwrap();
+    let out = agentfense(&["scan", dir.path().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = |p: &str| {
+        text.lines()
+            .find(|l| l.contains(p))
+            .unwrap_or_else(|| panic!("{p} missing:\n{text}"))
+    };
+    let link = line("/notes.txt");
+    assert!(
+        link.starts_with("EXPOSED") && link.contains("hard link to hidden /.env"),
+        "{link}"
+    );
+    assert!(line("/.ENV").starts_with("hidden"), "{text}");
+}
