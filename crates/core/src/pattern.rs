@@ -51,21 +51,22 @@ pub fn split_flags(raw: &str) -> (&str, bool) {
     }
 }
 
-/// A path segment as the patterns compare it: in NFC, and lower-cased for case-insensitive
-/// patterns (computed once per segment for every rule).
+/// A path segment as the patterns compare it: in NFC, and lower-cased when some pattern is
+/// case-insensitive (computed once per segment for every rule, and only then).
 #[derive(Debug, Clone)]
 pub(crate) struct Name<'a> {
     exact: Cow<'a, str>,
-    folded: Cow<'a, str>,
+    folded: Option<Cow<'a, str>>,
 }
 
 impl<'a> Name<'a> {
-    pub(crate) fn new(segment: &'a str) -> Name<'a> {
+    /// `segment` for matching; `fold`: some pattern is case-insensitive.
+    pub(crate) fn new(segment: &'a str, fold_case: bool) -> Name<'a> {
         let exact = nfc(segment);
-        let folded = match &exact {
+        let folded = fold_case.then(|| match &exact {
             Cow::Borrowed(s) => fold(s),
             Cow::Owned(s) => Cow::Owned(fold(s).into_owned()),
-        };
+        });
         Name { exact, folded }
     }
 }
@@ -118,7 +119,11 @@ enum Segment {
 
 impl Segment {
     fn matches(&self, name: &Name<'_>, fold: bool) -> bool {
-        let s = if fold { &name.folded } else { &name.exact };
+        // A name made without folding only meets exact patterns (see `Name::new`).
+        let s = match &name.folded {
+            Some(folded) if fold => folded,
+            _ => &name.exact,
+        };
         match self {
             Segment::AnyDepth => true,
             Segment::Literal(l) => l == s.as_ref(),
@@ -205,6 +210,11 @@ impl Pattern {
         state
     }
 
+    /// Whether the pattern is case-insensitive.
+    pub(crate) fn folds(&self) -> bool {
+        self.fold
+    }
+
     /// The state before any segment is consumed (the root).
     pub(crate) fn start(&self) -> State {
         self.closure(1)
@@ -213,7 +223,7 @@ impl Pattern {
     /// Consumes one path segment.
     #[cfg(test)]
     pub(crate) fn step(&self, state: State, segment: &str) -> State {
-        self.step_name(state, &Name::new(segment))
+        self.step_name(state, &Name::new(segment, self.fold))
     }
 
     /// Consumes one path segment, normalised once for every pattern ([`Name`]).

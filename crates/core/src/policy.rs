@@ -204,6 +204,8 @@ pub struct Policy {
     floor_start: usize,
     /// Whether any rule has a content condition.
     has_content: bool,
+    /// Whether any pattern is case-insensitive (names are lower-cased only then).
+    has_fold: bool,
 }
 
 /// Evaluation state for one path, extended one component at a time with
@@ -319,11 +321,13 @@ impl Policy {
             )
         });
         let has_content = ordered.iter().any(|c| c.content.is_some());
+        let has_fold = ordered.iter().any(|c| c.pattern.folds());
         Ok(Policy {
             rules,
             ordered,
             floor_start,
             has_content,
+            has_fold,
         })
     }
 
@@ -385,7 +389,7 @@ impl Policy {
 
     /// The cursor for `parent`'s child called `name` (one path component).
     pub fn cursor_child(&self, parent: &Cursor, name: &str) -> Cursor {
-        let name = Name::new(name);
+        let name = Name::new(name, self.has_fold);
         let states: Vec<State> = self
             .ordered
             .iter()

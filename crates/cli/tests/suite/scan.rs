@@ -26,17 +26,20 @@ fn planted_project() -> tempfile::TempDir {
     dir
 }
 
+/// The report line about `path`.
+fn line_of<'a>(text: &'a str, path: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.contains(path))
+        .unwrap_or_else(|| panic!("{path} missing:\n{text}"))
+}
+
 #[test]
 fn scan_flags_exposed_secrets_and_exits_nonzero() {
     let dir = planted_project();
     let out = agentfense(&["scan", dir.path().to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    let line = |p: &str| {
-        text.lines()
-            .find(|l| l.contains(p))
-            .unwrap_or_else(|| panic!("{p} missing:\n{text}"))
-    };
+    let line = |p: &str| line_of(&text, p);
     assert!(line("/src/notes/deploy_key.txt").starts_with("EXPOSED"));
     assert!(line("/src/notes/deploy_key.txt").contains("private key"));
     assert!(line("/config/settings.ini").starts_with("EXPOSED"));
@@ -95,11 +98,7 @@ fn scan_flags_other_names_and_spellings_of_secrets() {
     let out = agentfense(&["scan", dir.path().to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    let line = |p: &str| {
-        text.lines()
-            .find(|l| l.contains(p))
-            .unwrap_or_else(|| panic!("{p} missing:\n{text}"))
-    };
+    let line = |p: &str| line_of(&text, p);
     let link = line("/notes.txt");
     assert!(
         link.starts_with("EXPOSED") && link.contains("hard link to hidden /.env"),
