@@ -370,7 +370,11 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
         MountOption::NoSuid,
         MountOption::NoDev,
         MountOption::NoAtime,
-        // No `default_permissions`: the rules decide, not the host mode bits.
+        // The kernel checks opens against the modes the rules shape (`file_attr`): in no-open
+        // mode no OPEN reaches the daemon, and without this an O_RDWR open of a `read` file
+        // would succeed and a shared mapping could change its cached pages for later commands.
+        // Everything else is still decided by the rules, in the daemon.
+        MountOption::DefaultPermissions,
     ];
     fuse_config.acl = if config.allow_other {
         SessionACL::All

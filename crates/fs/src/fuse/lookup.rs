@@ -211,7 +211,12 @@ impl PolicyFs {
 
     pub(super) fn file_attr(&self, ino: u64, a: &Attr, level: Level) -> FileAttr {
         let mut perm = a.perm;
-        if level < Level::Write {
+        // The mount uses `default_permissions`: the kernel refuses an open for writing (or
+        // any open of a `view` file) from these bits, before a shared mapping can change a
+        // cached page. Directories keep the host's bits: what may be created or removed in
+        // them is decided by the rules per name (and audited), so `cp -r` of the workspace
+        // gives an ordinary tree.
+        if level < Level::Write && a.kind != EntryKind::Dir {
             perm &= !0o222;
         }
         if level == Level::View && a.kind != EntryKind::Dir {

@@ -2,7 +2,7 @@
 
 use pretty_assertions::assert_eq;
 
-use super::util::{mount_with, require_fuse, standard, standard_tree, test_rules};
+use super::util::{mount_as_user, mount_with, require_fuse, standard, standard_tree, test_rules};
 
 #[test]
 fn listing_and_stat() {
@@ -146,15 +146,18 @@ fn renaming() {
 #[test]
 fn access_answers_from_the_rules() {
     require_fuse!("access_answers_from_the_rules");
-    let m = standard();
-    assert_eq!(m.py("os.access('README.md', os.R_OK)"), "ok True");
-    assert_eq!(m.py("os.access('README.md', os.W_OK)"), "ok False");
-    assert_eq!(m.py("os.access('view/plan.txt', os.R_OK)"), "ok False");
-    assert_eq!(m.py("os.access('view', os.R_OK | os.X_OK)"), "ok True");
-    assert_eq!(m.py("os.access('output/existing.txt', os.W_OK)"), "ok True");
-    assert_eq!(m.py("os.access('src/.env', os.F_OK)"), "ok False");
-    let (code, _, _) = m.sh("test -w README.md");
-    assert_eq!(code, 1);
+    // As the sandbox user: root's access() ignores mode bits.
+    let m = mount_as_user(agentfense_fs::IoMode::NoOpen);
+    assert_eq!(m.user_py("os.access('README.md', os.R_OK)"), "ok True");
+    assert_eq!(m.user_py("os.access('README.md', os.W_OK)"), "ok False");
+    assert_eq!(m.user_py("os.access('view/plan.txt', os.R_OK)"), "ok False");
+    assert_eq!(m.user_py("os.access('view', os.R_OK | os.X_OK)"), "ok True");
+    assert_eq!(
+        m.user_py("os.access('output/existing.txt', os.W_OK)"),
+        "ok True"
+    );
+    assert_eq!(m.user_py("os.access('src/.env', os.F_OK)"), "ok False");
+    assert_eq!(m.user_py("os.access('src/main.py', os.X_OK)"), "ok False");
 }
 
 #[test]

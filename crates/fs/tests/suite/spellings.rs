@@ -2,8 +2,9 @@
 //! other cases, and names stored in another Unicode normalization form than the rule's.
 
 use agentfense_core::{Level, PermissionRule, presets};
+use agentfense_fs::IoMode;
 
-use super::util::{mount_with, require_fuse, write};
+use super::util::{mount_as_user, mount_with, require_fuse, write};
 
 const KEY: &str = "-----BEGIN PRIVATE KEY-----\nLEAK\n-----END PRIVATE KEY-----\n";
 
@@ -62,4 +63,74 @@ fn rules_match_names_in_either_normalization_form() {
     let (_, out, err) = m.sh("cat nfd/*/pw.txt; ls -R");
     assert!(!out.contains("LEAK") && !err.contains("LEAK"), "{out}{err}");
     assert_eq!(m.ok("ls nfd"), "");
+}
+
+/// The attack of finding 4, as the sandbox user (not root): open a `read` file for writing
+/// and change its cached pages through a shared mapping, so that later commands read the
+/// change. Every write access must be refused at open, in both I/O modes.
+#[test]
+fn read_files_refuse_every_write_access_at_open() {
+    require_fuse!("read_files_refuse_every_write_access_at_open");
+    for mode in [IoMode::NoOpen, IoMode::Passthrough] {
+        let m = mount_as_user(mode);
+        let attack = r#"
+import mmap, os, errno
+for flags in (os.O_RDWR, os.O_WRONLY, os.O_WRONLY | os.O_APPEND):
+    try:
+        fd = os.open("src/main.py", flags)
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+        continue
+    try:
+        if flags == os.O_RDWR:
+            mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm[0:5] = b"PWNED"
+            try:
+                mm.flush()
+            except OSError:
+                pass
+            mm.close()
+        else:
+            os.write(fd, b"PWNED")
+        print("opened")
+    except OSError as e:
+        print("late " + errno.errorcode[e.errno])
+    finally:
+        os.close(fd)
+"#;
+        let out = m.user_python(attack);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "EACCES\nEACCES\nEACCES\n",
+            "{mode:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Whatever happened, later commands read the file as it is.
+        assert_eq!(m.ok("cat src/main.py"), "print('hi')\n", "{mode:?}");
+        // The owner the file is presented as cannot make it writable either.
+        assert_eq!(
+            m.user_py("os.chmod('src/main.py', 0o666)"),
+            "EACCES",
+            "{mode:?}"
+        );
+        // A view file cannot be opened at all.
+        assert_eq!(
+            m.user_py("open('view/plan.txt').read()"),
+            "EACCES",
+            "{mode:?}"
+        );
+        // Write areas stay writable for the same user, through a shared mapping too.
+        assert_eq!(
+            m.user_py(
+                "import mmap\nfd = os.open('output/existing.txt', os.O_RDWR)\n\
+                 mm = mmap.mmap(fd, 0, mmap.MAP_SHARED)\nmm[0:3] = b'NEW'\nmm.flush()"
+            ),
+            "ok",
+            "{mode:?}"
+        );
+        assert_eq!(m.ok("cat output/existing.txt"), "NEW output\n", "{mode:?}");
+        // A new file in a directory the rules leave read-only is the daemon's refusal.
+        assert_eq!(m.user_py("open('src/new.py', 'w')"), "EACCES", "{mode:?}");
+        assert_eq!(m.user_py("os.unlink('src/main.py')"), "EACCES", "{mode:?}");
+    }
 }

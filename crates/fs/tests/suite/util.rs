@@ -84,13 +84,33 @@ impl Mnt {
             .unwrap()
     }
 
+    /// Runs the Python program `script` in the mount as the sandbox user of
+    /// [`mount_as_user`] (uid 1234, no capabilities), where the kernel's own checks apply.
+    pub fn user_python(&self, script: &str) -> std::process::Output {
+        Command::new("timeout")
+            .args(["-k", "2", "30", "setpriv", "--reuid=1234", "--regid=4321"])
+            .args(["--clear-groups", "/usr/bin/python3", "-c", script])
+            .current_dir(self.mnt())
+            .output()
+            .unwrap()
+    }
+
+    /// [`Mnt::py`] as the sandbox user of [`mount_as_user`].
+    pub fn user_py(&self, stmt: &str) -> String {
+        self.py_with(stmt, |p| self.user_python(p))
+    }
+
     /// Runs a Python statement in the mount and returns `ok` or the errno name it raised
     /// (plus the printed value, if the statement is an expression).
     pub fn py(&self, stmt: &str) -> String {
+        self.py_with(stmt, |p| self.python(p))
+    }
+
+    fn py_with(&self, stmt: &str, run: impl Fn(&str) -> std::process::Output) -> String {
         let prog = format!(
             "import os, errno, stat\nS = {stmt:?}\ntry:\n    code, mode = compile(S, 'x', 'eval'), 'eval'\nexcept SyntaxError:\n    code, mode = compile(S, 'x', 'exec'), 'exec'\ntry:\n    r = eval(code) if mode == 'eval' else exec(code)\n    print('ok' if r is None else 'ok ' + repr(r))\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
         );
-        let out = self.python(&prog);
+        let out = run(&prog);
         assert_ne!(out.status.code(), Some(124), "timed out: {stmt}");
         let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if s.is_empty() {
@@ -175,6 +195,16 @@ pub fn mount_with(
         std::thread::sleep(Duration::from_millis(10));
     }
     m
+}
+
+/// The standard tree mounted for a sandbox user (uid 1234, gid 4321) as in production:
+/// files are presented as that user's, and the user may use the mount.
+pub fn mount_as_user(io_mode: agentfense_fs::IoMode) -> Mnt {
+    mount_with(test_rules(), standard_tree, |c| {
+        c.owner = Some((1234, 4321));
+        c.allow_other = true;
+        c.io_mode = io_mode;
+    })
 }
 
 pub fn standard() -> Mnt {
