@@ -273,6 +273,8 @@ pub struct Delta {
     usage: DiskUsage,
     /// The delta directory (for the quota's published-growth record).
     dir: PathBuf,
+    /// Which lower directories fold letter case (lower entries resolve only as stored).
+    spellings: spelling::Spellings,
 }
 
 impl Delta {
@@ -314,6 +316,7 @@ impl Delta {
             publish_via_work: std::sync::atomic::AtomicBool::new(true),
             usage: DiskUsage::default(),
             dir: delta_dir.to_path_buf(),
+            spellings: spelling::Spellings::default(),
         };
         delta
             .usage
@@ -437,7 +440,15 @@ impl Delta {
             return Ok(None);
         }
         match host::lstat(self.lower.as_fd(), rel) {
-            Ok(st) => Ok(Some(Attr::from_stat(Layer::Lower, &st))),
+            Ok(st) => {
+                // The rules judged the name as typed; a case-folding directory must not hand
+                // out an entry stored under another spelling.
+                let exact = self
+                    .spellings
+                    .stored_as_typed(self.lower.as_fd(), rel, &st)
+                    .map_err(|e| FsError::io("check spelling", rel, e))?;
+                Ok(exact.then(|| Attr::from_stat(Layer::Lower, &st)))
+            }
             Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(FsError::io("lstat lower", rel, e)),
         }
@@ -558,6 +569,7 @@ mod files;
 mod journal;
 mod ops;
 mod publish;
+mod spelling;
 
 pub(crate) use files::error_chain;
 use files::*;

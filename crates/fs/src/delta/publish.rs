@@ -4,6 +4,17 @@
 use super::*;
 
 impl Delta {
+    /// Whether `rel` names an existing codebase entry only through a case-folding directory
+    /// (stored as another spelling, or below one).
+    fn stored_under_another_spelling(&self, rel: &Path) -> bool {
+        host::lstat(self.lower.as_fd(), rel).is_ok_and(|st| {
+            !self
+                .spellings
+                .stored_as_typed(self.lower.as_fd(), rel, &st)
+                .unwrap_or(false)
+        })
+    }
+
     /// Paths changed since the last publish.
     pub fn pending(&self) -> Vec<PathBuf> {
         self.lock().dirty.iter().cloned().collect()
@@ -119,6 +130,17 @@ impl Delta {
                     report.refused.push((p, target));
                     continue;
                 }
+            }
+            if self.stored_under_another_spelling(&p) {
+                // On a case-folding codebase directory the write would land on the entry
+                // stored as `notes.txt`, which the rules judged under its own name.
+                report.failed.push((
+                    p,
+                    "the codebase stores this name under another spelling (a case-insensitive \
+                     directory): not applied"
+                        .to_owned(),
+                ));
+                continue;
             }
             let owner = owner_of(&p).or_else(|| p.ancestors().skip(1).find_map(owner_of));
             let put = self.publish_put(&meta, &p, &st);

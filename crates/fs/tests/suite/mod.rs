@@ -2,6 +2,7 @@ mod util;
 
 mod absent_dirs;
 mod audit;
+mod casefold;
 
 mod daemon_io;
 mod enforcement;
