@@ -391,6 +391,69 @@ pub fn shared_etc(
     }
 }
 
+/// A host directory that says nothing about the host: what sandboxes bind from it (the init,
+/// the generated `/etc`) shows up in their `/proc/self/mountinfo` under its path (a bind
+/// mount's root is its path on the source filesystem), so neither the data directory, the
+/// project's folder name nor where the binary is installed may appear there.
+pub const SHARED_DIR: &str = "/run/agentfense-shared";
+
+/// The init binary as sandboxes should bind it: a hard link (or, across filesystems, a copy)
+/// named after its identity in `shared_dir`, made on first use. `init` itself when the shared
+/// directory cannot be written (not root), with a debug log.
+pub fn shared_init(shared_dir: &Path, init: &Path) -> PathBuf {
+    match place_init(shared_dir, init) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, dir = %shared_dir.display(), "init bound from its own path");
+            init.to_path_buf()
+        }
+    }
+}
+
+/// Links older than this to another binary are removed when a new one is made (a server of
+/// an older build may still be running; its next start makes its link again).
+const STALE_INIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn place_init(shared_dir: &Path, init: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(init)?;
+    let key = fnv1a(&[
+        &m.dev().to_le_bytes(),
+        &m.ino().to_le_bytes(),
+        &m.size().to_le_bytes(),
+        &m.mtime().to_le_bytes(),
+        &m.mtime_nsec().to_le_bytes(),
+    ]);
+    let path = shared_dir.join(format!("init-{key:016x}"));
+    if std::fs::metadata(&path).is_ok_and(|p| p.len() == m.len()) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(shared_dir)?;
+    std::fs::set_permissions(shared_dir, std::fs::Permissions::from_mode(0o755))?;
+    let tmp = shared_dir.join(format!(".tmp-init-{}-{key:016x}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(init, &tmp).is_err() {
+        std::fs::copy(init, &tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(entries) = std::fs::read_dir(shared_dir) {
+        for e in entries.flatten() {
+            let stale = e.path() != path
+                && e.file_name().as_encoded_bytes().starts_with(b"init-")
+                && e.metadata().is_ok_and(|m| {
+                    let changed = std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(u64::try_from(m.ctime()).unwrap_or(0));
+                    changed.elapsed().is_ok_and(|age| age > STALE_INIT)
+                });
+            if stale {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use agentfense_core::SandboxPath;
 
 use crate::bwrap::{
     BwrapOptions, CHANNEL_DIR, HostLayout, SandboxUser, WORKSPACE, WRITABLE_DEVICES, bwrap_args,
-    shared_etc,
+    shared_etc, shared_init,
 };
 use crate::cgroup::{CgroupManager, ExecCgroup, LimitCounters, SandboxCgroup};
 use crate::error::{Result, RuntimeError};
@@ -72,9 +72,12 @@ pub struct BwrapConfig {
     pub bwrap_path: PathBuf,
     /// The `agentfense-init` binary (the server ships it next to its own executable).
     pub init_path: PathBuf,
-    /// Host directory for the runtime's state (the generated `/etc` the sandboxes share);
-    /// created if missing.
+    /// Host directory for the runtime's state; created if missing.
     pub state_dir: PathBuf,
+    /// Where the init and the generated `/etc` are bound from ([`crate::bwrap::SHARED_DIR`]:
+    /// a path that reveals nothing to `/proc/self/mountinfo`); the state directory when it
+    /// cannot be written.
+    pub shared_dir: PathBuf,
     /// The unprivileged user commands run as.
     pub user: SandboxUser,
     /// Deadline when a request gives none.
@@ -114,6 +117,7 @@ impl BwrapConfig {
             bwrap_path: "/usr/bin/bwrap".into(),
             init_path: init_path.into(),
             state_dir: state_dir.into(),
+            shared_dir: crate::bwrap::SHARED_DIR.into(),
             user: SandboxUser {
                 name: "sandbox".into(),
                 uid: SANDBOX_OWNER.0,

@@ -299,3 +299,32 @@ fn apply_never_writes_a_symlink_leaving_the_project() {
     assert!(!project.path().join("build").is_symlink(), "{err}");
     assert!(!project.path().join("output/up").exists());
 }
+
+/// Issue 24, finding 7: `/proc/self/mountinfo` inside the sandbox showed the data directory,
+/// the project's folder name and the binary's path (a bind mount's root is its source path).
+#[test]
+fn mount_sources_reveal_no_host_path() {
+    let Some((project, data)) = local("mount_sources_reveal_no_host_path") else {
+        return;
+    };
+    let dir = project.path().to_str().unwrap();
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--discard",
+            "--",
+            "cat /proc/self/mountinfo /proc/mounts",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_agentfense"));
+    let folder = project.path().file_name().unwrap().to_str().unwrap();
+    for leak in [
+        data.path().to_str().unwrap(),
+        folder,
+        exe.parent().unwrap().to_str().unwrap(),
+    ] {
+        assert!(!out.contains(leak), "{leak} in\n{out}");
+    }
+}

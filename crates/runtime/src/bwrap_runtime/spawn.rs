@@ -5,8 +5,12 @@ use super::*;
 
 impl BwrapRuntime {
     pub(super) async fn spawn_env(&self, sandbox_id: &str, spec: &SandboxSpec) -> Result<Env> {
-        let etc = shared_etc(&self.cfg.state_dir, &self.cfg.user, &self.cfg.hostname)
+        // Bound from a path that reveals nothing in the sandbox's mountinfo; from the state
+        // directory only when the shared one cannot be written.
+        let etc = shared_etc(&self.cfg.shared_dir, &self.cfg.user, &self.cfg.hostname)
+            .or_else(|_| shared_etc(&self.cfg.state_dir, &self.cfg.user, &self.cfg.hostname))
             .map_err(|(path, source)| RuntimeError::PrepareState { path, source })?;
+        let init = shared_init(&self.cfg.shared_dir, &self.cfg.init_path);
 
         let lease = self.lease(sandbox_id);
         let cgroup = match &self.cfg.cgroups {
@@ -22,7 +26,7 @@ impl BwrapRuntime {
             }
             None => None,
         };
-        self.spawn_env_in(sandbox_id, spec, &etc, cgroup, lease.as_deref())
+        self.spawn_env_in(sandbox_id, spec, &init, &etc, cgroup, lease.as_deref())
             .await
     }
 
@@ -30,6 +34,7 @@ impl BwrapRuntime {
         &self,
         sandbox_id: &str,
         spec: &SandboxSpec,
+        init: &Path,
         etc: &Path,
         cgroup: Option<SandboxCgroup>,
         lease: Option<&IdLease>,
@@ -70,7 +75,7 @@ impl BwrapRuntime {
             .await;
         }
         let staging = match lease
-            .map(|_| Staging::new(&spec.workspace, &self.cfg.init_path, etc, &self.host))
+            .map(|_| Staging::new(&spec.workspace, init, etc, &self.host))
             .transpose()
         {
             Ok(u) => u,
@@ -89,7 +94,7 @@ impl BwrapRuntime {
             Some(_) => Staging::paths(),
             None => (
                 spec.workspace.clone(),
-                self.cfg.init_path.clone(),
+                init.to_path_buf(),
                 etc.to_path_buf(),
             ),
         };
