@@ -103,6 +103,8 @@ pub(crate) struct PolicyFs {
     /// [`IoMode::Passthrough`]: per-inode open state, and whether the kernel took passthrough.
     pt: Mutex<HashMap<u64, PtState>>,
     passthrough: AtomicBool,
+    /// Directory times as shown to the sandbox (moved only by changes it can see).
+    dir_times: Mutex<dirtimes::DirTimes>,
 }
 
 /// The visible entries of a directory, `.` and `..` first.
@@ -144,12 +146,14 @@ impl PolicyFs {
             listings: Mutex::new(HashMap::new()),
             pt: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
+            dir_times: Mutex::new(dirtimes::DirTimes::default()),
         }
     }
 }
 
 mod adapter;
 pub(crate) mod content;
+mod dirtimes;
 mod inodes;
 mod io;
 mod io_cache;

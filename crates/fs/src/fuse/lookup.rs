@@ -259,7 +259,50 @@ impl PolicyFs {
             }
             ino
         };
-        Ok(self.file_attr(ino, &attr, d.level))
+        let mut fa = self.file_attr(ino, &attr, d.level);
+        if attr.kind == EntryKind::Dir {
+            (fa.mtime, fa.ctime) = self.dir_times_shown(path, (attr.mtime, attr.ctime))?;
+        }
+        Ok(fa)
+    }
+
+    /// The times directory `path` is shown with: its real ones only once something the
+    /// sandbox can see in it changed (`dirtimes`).
+    fn dir_times_shown(
+        &self,
+        path: &Path,
+        real: dirtimes::Times,
+    ) -> Result<dirtimes::Times, FsError> {
+        let (_, gen_) = self.shared.policy();
+        if let dirtimes::Shown::Times(t) = lock(&self.dir_times).shown(path, gen_, real) {
+            return Ok(t);
+        }
+        let names = self
+            .visible_children(path)?
+            .iter()
+            .fold(0u64, |acc, (_, _, name)| {
+                acc.wrapping_add(dirtimes::term(name))
+            });
+        Ok(lock(&self.dir_times).settle(path, gen_, real, names))
+    }
+
+    /// The entries of directory `path` the sandbox can see: (path, kind, name).
+    pub(super) fn visible_children(
+        &self,
+        path: &Path,
+    ) -> Result<Vec<(PathBuf, EntryKind, OsString)>, FsError> {
+        let listing = self.shared.delta.list(path)?;
+        let (policy, gen_) = self.shared.policy();
+        let parent_cursor = self.cursor(&policy, gen_, path);
+        let mut shown = Vec::with_capacity(listing.len());
+        for (name, kind) in listing {
+            let c = policy.cursor_child(&parent_cursor, &name.to_string_lossy());
+            let child = path.join(&name);
+            if self.decide(&policy, &c, &child, kind).level != Level::None {
+                shown.push((child, kind, name));
+            }
+        }
+        Ok(shown)
     }
 
     pub(super) fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, FsError> {

@@ -33,6 +33,7 @@ impl PolicyFs {
             self.shared
                 .delta
                 .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
+        lock(&self.dir_times).changed(&path, true);
         let attr = self.entry(&path, true)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, file, write))
@@ -50,6 +51,7 @@ impl PolicyFs {
         self.shared
             .delta
             .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
+        lock(&self.dir_times).changed(&path, true);
         self.entry(&path, true)
     }
 
@@ -64,6 +66,7 @@ impl PolicyFs {
         self.shared
             .delta
             .symlink(&path, target, self.host_owner(owner))?;
+        lock(&self.dir_times).changed(&path, true);
         self.entry(&path, true)
     }
 
@@ -82,6 +85,13 @@ impl PolicyFs {
             self.shared.delta.unlink(&path)?;
         }
         self.charge_detached(pinned);
+        {
+            let mut times = lock(&self.dir_times);
+            times.changed(&path, false);
+            if dir {
+                times.dir_gone(&path);
+            }
+        }
         lock(&self.shared.nodes).detach(&path);
         self.removed(&path, dir);
         Ok(())
@@ -112,7 +122,8 @@ impl PolicyFs {
         let (src, d) = self.visible("rename", &from)?;
         self.require("rename", &from, d, Level::Write)?;
         let mut pinned = None;
-        match self.shared.delta.lookup(&to)? {
+        let replaces = self.shared.delta.lookup(&to)?;
+        match replaces {
             Some(dst) => {
                 let dd = self.decision(&to, dst.kind);
                 if dd.level < Level::Write {
@@ -156,6 +167,18 @@ impl PolicyFs {
         }
         self.shared.delta.rename(&from, &to)?;
         self.charge_detached(pinned);
+        {
+            let mut times = lock(&self.dir_times);
+            times.changed(&from, false);
+            if src.kind == EntryKind::Dir {
+                times.dir_gone(&from);
+            }
+            if replaces.is_some() {
+                times.touched(&tparent);
+            } else {
+                times.changed(&to, true);
+            }
+        }
         // A codebase file moves by copy-up: a host file cached for reading it is the old one.
         self.shared.invalidate_io(std::slice::from_ref(&from));
         lock(&self.shared.nodes).moved(&from, &to);
@@ -243,6 +266,7 @@ impl PolicyFs {
             };
             self.shared.delta.set_times(&path, t(atime), t(mtime))?;
         }
+        lock(&self.dir_times).touched(&path);
         self.entry(&path, false)
     }
 
@@ -266,20 +290,10 @@ impl PolicyFs {
         if attr.kind != EntryKind::Dir {
             return Err(FsError::NotDir { path });
         }
-        let listing = self.shared.delta.list(&path)?;
-        let (policy, gen_) = self.shared.policy();
-        let parent_cursor = self.cursor(&policy, gen_, &path);
-        let mut entries = Vec::with_capacity(listing.len() + 2);
+        let shown = self.visible_children(&path)?;
+        let mut entries = Vec::with_capacity(shown.len() + 2);
         entries.push((ino, FileType::Directory, OsString::from(".")));
         entries.push((ino, FileType::Directory, OsString::from("..")));
-        let mut shown = Vec::with_capacity(listing.len());
-        for (name, kind) in listing {
-            let c = policy.cursor_child(&parent_cursor, &name.to_string_lossy());
-            let child = path.join(&name);
-            if self.decide(&policy, &c, &child, kind).level != Level::None {
-                shown.push((child, kind, name));
-            }
-        }
         let mut nodes = lock(&self.shared.nodes);
         for (child, kind, name) in shown {
             let child_ino = nodes.get_or_insert(&child);

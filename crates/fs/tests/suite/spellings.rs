@@ -134,3 +134,53 @@ for flags in (os.O_RDWR, os.O_WRONLY, os.O_WRONLY | os.O_APPEND):
         assert_eq!(m.user_py("os.unlink('src/main.py')"), "EACCES", "{mode:?}");
     }
 }
+
+/// Finding 7: a directory's times moved when only hidden entries in it changed, so another
+/// sandbox (or the host) creating `.env.new` showed as a timestamp change.
+#[test]
+fn directory_times_move_only_for_changes_the_sandbox_can_see() {
+    require_fuse!("directory_times_move_only_for_changes_the_sandbox_can_see");
+    let m = mount_with(
+        presets::get("agent-safe").unwrap().rules(),
+        |lower| {
+            write(lower, "src/main.py", "x\n");
+            write(lower, "output/a.txt", "a\n");
+            // An old time, so that any change is a different one (no clock ticks involved).
+            for d in ["src", "output"] {
+                let t = std::fs::FileTimes::new().set_modified(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1e9 as u64),
+                );
+                std::fs::File::open(lower.join(d))
+                    .unwrap()
+                    .set_times(t)
+                    .unwrap();
+            }
+        },
+        |c| {
+            // Every stat reaches the daemon: nothing is answered from the kernel's cache.
+            c.attr_ttl = std::time::Duration::ZERO;
+            c.entry_ttl = std::time::Duration::ZERO;
+        },
+    );
+    let times = |d: &str| m.ok(&format!("stat -c '%Y %Z' {d}"));
+    let src = times("src");
+    assert!(src.starts_with("1000000000 "), "{src}");
+    // Hidden changes from outside: a secret created, then removed.
+    write(&m.lower(), "src/.env.new", "K=1\n");
+    assert_eq!(times("src"), src);
+    std::fs::remove_file(m.lower().join("src/.env.new")).unwrap();
+    assert_eq!(times("src"), src);
+    // A visible change from outside moves them.
+    write(&m.lower(), "src/new.py", "y\n");
+    let moved = times("src");
+    assert_ne!(moved, src);
+    assert_eq!(m.ok("ls src"), "main.py\nnew.py\n");
+    // The sandbox's own changes move them (set to a known time first: no clock involved).
+    m.ok("touch output/b.txt && touch -d @1000000001 output");
+    let own = times("output");
+    assert!(own.starts_with("1000000001 "), "{own}");
+    write(&m.lower(), "output/.env", "K=2\n");
+    assert_eq!(times("output"), own);
+    m.ok("rm output/b.txt");
+    assert!(!times("output").starts_with("1000000001 "));
+}
