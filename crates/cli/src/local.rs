@@ -71,19 +71,72 @@ pub struct LocalArgs {
     pub dir: PathBuf,
 }
 
-/// Where a directory's delta and mountpoint live: one folder per directory, named after it.
-fn work_dir(data_dir: &Path, dir: &Path) -> PathBuf {
+/// Where a directory's delta and mountpoint live: one folder per directory, named after it,
+/// and the tag that tells two folders of the same name apart.
+fn work_dir(data_dir: &Path, dir: &Path) -> (PathBuf, u32) {
     let canon = dir.to_string_lossy();
     // FNV-1a: a short tag for the full path that stays the same across builds (kept deltas
     // are found again after an upgrade), so that two `src` folders differ.
-    let hash = agentfense_runtime::stable_hash(canon.as_bytes());
+    let hash = agentfense_runtime::stable_hash(canon.as_bytes()) as u32;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "root".into());
-    data_dir
-        .join("local")
-        .join(format!("{name}-{:08x}", hash as u32))
+    (
+        data_dir.join("local").join(format!("{name}-{hash:08x}")),
+        hash,
+    )
+}
+
+/// Most runs on one directory at the same time.
+const MAX_SLOTS: u32 = 32;
+
+/// A run's claim on one slot of a directory: slot 1 is `base` itself, slot n its sibling
+/// `base.n`. Each slot has its own delta, mount and sandbox, and is held with an exclusive
+/// lock on its `lock` file for the life of the run (the kernel drops it when the process
+/// dies, however it dies). A run takes the lowest free slot, so runs one after another keep
+/// building on slot 1; a run started while another is going gets a slot of its own.
+struct Slot {
+    work: PathBuf,
+    number: u32,
+    _lock: std::fs::File,
+}
+
+fn claim_slot(base: &Path) -> anyhow::Result<Slot> {
+    use std::os::unix::fs::PermissionsExt;
+    for number in 1..=MAX_SLOTS {
+        let work = if number == 1 {
+            base.to_path_buf()
+        } else {
+            let mut name = base.file_name().unwrap_or_default().to_owned();
+            name.push(format!(".{number}"));
+            base.with_file_name(name)
+        };
+        std::fs::create_dir_all(&work)
+            .with_context(|| format!("cannot create {}", work.display()))?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+        let lock_path = work.join("lock");
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {
+                return Ok(Slot {
+                    work,
+                    number,
+                    _lock: lock,
+                });
+            }
+            Err(std::fs::TryLockError::WouldBlock) => continue,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()));
+            }
+        }
+    }
+    anyhow::bail!("{MAX_SLOTS} runs on this directory are already going: wait for one to finish")
 }
 
 fn kv(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -96,12 +149,14 @@ fn kv(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// The sandbox id of local commands (one sandbox per process).
-const LOCAL_ID: &str = "sb_local";
-
 /// A project directory with the policy filesystem mounted over it (unmounted on drop).
 pub(crate) struct LocalSandbox {
     dir: PathBuf,
+    /// This run's slot of the directory (held until the run ends).
+    slot: Slot,
+    /// The sandbox id: unique per directory and slot, so that concurrent runs never share a
+    /// cgroup, a user-namespace lease or a runtime entry.
+    id: String,
     work: PathBuf,
     delta: PathBuf,
     mnt: PathBuf,
@@ -127,19 +182,19 @@ impl LocalSandbox {
             .with_context(|| format!("cannot open project directory {}", args.dir.display()))?;
         anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
         let env = kv(&args.env)?;
-        let work = work_dir(
+        let (base, tag) = work_dir(
             &args.data_dir.clone().unwrap_or_else(default_data_dir),
             &dir,
         );
+        let slot = claim_slot(&base)?;
+        let work = slot.work.clone();
+        let id = format!("sb_local_{tag:08x}_{}", slot.number);
         let (delta, mnt, state) = (work.join("delta"), work.join("mnt"), work.join("runtime"));
-        for d in [&work, &delta, &mnt] {
+        for d in [&delta, &mnt] {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
-        }
-        // A crashed earlier run may have left its mount.
+        // A crashed earlier run in this slot may have left its mount (no live run holds it:
+        // the slot's lock is ours).
         let _ = agentfense_fs::cleanup_stale_mounts(&work);
 
         let mut rt_cfg = RuntimeConfig {
@@ -176,7 +231,7 @@ impl LocalSandbox {
         };
         tokio::runtime::Builder::new_current_thread()
             .build()?
-            .block_on(runtime.create(LOCAL_ID, spec))
+            .block_on(runtime.create(&id, spec))
             .context("cannot create the sandbox")?;
 
         let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
@@ -184,7 +239,7 @@ impl LocalSandbox {
         cfg.io_mode = args.io_mode;
         cfg.owner = Some(
             runtime
-                .host_user(LOCAL_ID)
+                .host_user(&id)
                 .unwrap_or(agentfense_runtime::SANDBOX_OWNER),
         );
         cfg.disk_bytes = limits.disk_bytes;
@@ -192,6 +247,8 @@ impl LocalSandbox {
         let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
         Ok(LocalSandbox {
             dir,
+            slot,
+            id,
             work,
             delta,
             mnt,
@@ -230,15 +287,16 @@ impl LocalSandbox {
         on_signals: bool,
     ) -> anyhow::Result<T> {
         let runtime = &self.runtime;
+        let id = self.id.as_str();
         let work = async {
             runtime
-                .start(LOCAL_ID)
+                .start(id)
                 .await
                 .context("cannot start the sandbox")?;
-            if let Some(tmp) = runtime.scratch(LOCAL_ID) {
+            if let Some(tmp) = runtime.scratch(id) {
                 self.mount.count_scratch(tmp);
             }
-            body(runtime, LOCAL_ID).await
+            body(runtime, id).await
         };
         let stop = async {
             if on_signals {
@@ -251,7 +309,7 @@ impl LocalSandbox {
             r = work => r,
             signal = stop => Err(anyhow::Error::new(Interrupted(signal))),
         };
-        let _ = runtime.destroy(LOCAL_ID).await;
+        let _ = runtime.destroy(id).await;
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(ev) = events.try_recv() {
             let agentfense_runtime::RuntimeEvent::ResourceLimitExceeded { limit, .. } = ev;
@@ -347,8 +405,16 @@ impl LocalSandbox {
         }
         self.mount.unmount().context("cannot unmount")?;
         if self.discard {
-            std::fs::remove_dir_all(&self.work)
-                .with_context(|| format!("cannot remove {}", self.work.display()))?;
+            // The slot's lock file stays (and stays held until this run exits).
+            for sub in ["delta", "mnt", "runtime"] {
+                let p = self.work.join(sub);
+                match std::fs::remove_dir_all(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("cannot remove {}", p.display()));
+                    }
+                    _ => {}
+                }
+            }
             writeln!(err, "agentfense: changes discarded")?;
         } else if !self.apply && !changes.is_empty() {
             writeln!(
@@ -357,6 +423,14 @@ impl LocalSandbox {
                 self.delta.display(),
                 self.dir.display()
             )?;
+            if self.slot.number > 1 {
+                writeln!(
+                    err,
+                    "agentfense: this run ran beside another on the same directory, in slot {}: \
+                     a later run sees these changes only when it gets that slot",
+                    self.slot.number
+                )?;
+            }
         }
         Ok(())
     }

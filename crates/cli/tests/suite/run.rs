@@ -328,3 +328,64 @@ fn mount_sources_reveal_no_host_path() {
         assert!(!out.contains(leak), "{leak} in\n{out}");
     }
 }
+
+/// Issue 16, finding 2: a second run on the same directory made the first fail ("sandbox
+/// sb_local is not running", output lost) and failed to unmount. Now each concurrent run gets
+/// a slot of its own (its own delta, mount and sandbox) and both finish.
+#[test]
+fn runs_on_one_directory_at_the_same_time_are_independent() {
+    let Some((project, data)) = local("runs_on_one_directory_at_the_same_time_are_independent")
+    else {
+        return;
+    };
+    let dir = project.path().to_str().unwrap();
+    // The first run waits inside its sandbox until the test creates `go` in the project.
+    let first = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+        .arg("run")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            dir,
+            "--",
+            "until [ -e go ]; do sleep 0.05; done; echo first > output/first.txt; echo first",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It holds slot 1 once its lock is taken.
+    let lock = loop {
+        if let Some(p) = std::fs::read_dir(data.path().join("local"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path().join("lock"))
+            && let Ok(f) = std::fs::File::open(&p)
+            && matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
+        {
+            break p;
+        }
+        std::thread::yield_now();
+    };
+    let (code, out, err) = run(
+        data.path(),
+        &[dir, "--", "echo second > output/second.txt; echo second"],
+    );
+    assert_eq!((code, out.as_str()), (0, "second\n"), "{err}");
+    assert!(err.contains("slot 2"), "{err}");
+    std::fs::write(project.path().join("go"), "").unwrap();
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&first.stdout), "first\n");
+    // Each kept its own changes; the next run takes slot 1 again and builds on it.
+    let (code, out, err) = run(data.path(), &[dir, "--", "ls output"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("first.txt") && !out.contains("second.txt"),
+        "{out}"
+    );
+    assert!(lock.exists());
+}
