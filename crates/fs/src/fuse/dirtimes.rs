@@ -7,10 +7,13 @@
 //! changed; otherwise the times it was last shown stay.
 //!
 //! What it can see is kept as a fingerprint: the wrapping sum of a hash of each visible name,
-//! computed from a listing the first time the directory is shown and whenever its real times
-//! move for a reason this mount did not cause. The mount's own creations, removals and
-//! renames update the fingerprint in place and move the times at once (no listing: creating
-//! many files in one directory stays linear).
+//! taken whenever the sandbox lists the directory (the listing is made anyway) and whenever
+//! the real times of a directory with a fingerprint move for a reason this mount did not
+//! cause. A directory the sandbox has not listed yet has no fingerprint, and its times stay
+//! as first shown until it is listed: nothing of its contents is known to the sandbox, and the
+//! kernel holds no listing of it that its times would have to invalidate. The mount's own
+//! creations, removals and renames update the fingerprint in place and move the times at once
+//! (no listing: creating many files in one directory stays linear).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -24,11 +27,12 @@ pub(crate) type Times = (SystemTime, SystemTime);
 
 #[derive(Debug)]
 struct Record {
-    /// The policy generation the fingerprint was taken under.
+    /// The policy generation the record was made under.
     generation: u64,
     real: Times,
     shown: Times,
-    names: u64,
+    /// The fingerprint of the visible names, once the sandbox has listed the directory.
+    names: Option<u64>,
     /// This mount changed the directory since its times were last shown.
     own: bool,
 }
@@ -47,6 +51,13 @@ pub(crate) fn term(name: &OsStr) -> u64 {
     h.finish()
 }
 
+/// The fingerprint of a set of visible names.
+pub(crate) fn fingerprint<'a>(names: impl IntoIterator<Item = &'a OsStr>) -> u64 {
+    names
+        .into_iter()
+        .fold(0u64, |acc, n| acc.wrapping_add(term(n)))
+}
+
 /// What [`DirTimes::shown`] needs to decide.
 pub(crate) enum Shown {
     /// The times to show.
@@ -60,27 +71,50 @@ impl DirTimes {
     /// listing.
     pub(crate) fn shown(&mut self, dir: &Path, generation: u64, real: Times) -> Shown {
         match self.dirs.get_mut(dir) {
-            Some(r) if r.generation == generation && r.real == real => Shown::Times(r.shown),
-            Some(r) if r.generation == generation && r.own => {
-                r.own = false;
-                r.real = real;
-                r.shown = real;
+            Some(r) if r.generation == generation => {
+                if r.real == real {
+                    Shown::Times(r.shown)
+                } else if r.own {
+                    r.own = false;
+                    r.real = real;
+                    r.shown = real;
+                    Shown::Times(real)
+                } else if r.names.is_none() {
+                    // Never listed: nothing to compare with, nothing the sandbox saw changed.
+                    r.real = real;
+                    Shown::Times(r.shown)
+                } else {
+                    Shown::NeedNames
+                }
+            }
+            _ => {
+                self.dirs.insert(
+                    dir.to_path_buf(),
+                    Record {
+                        generation,
+                        real,
+                        shown: real,
+                        names: None,
+                        own: false,
+                    },
+                );
                 Shown::Times(real)
             }
-            _ => Shown::NeedNames,
         }
     }
 
-    /// Records the fingerprint `names` of what the sandbox can see in `dir` now, and returns
-    /// the times to show.
+    /// Records the fingerprint `names` of what the sandbox can see in `dir` now (after
+    /// [`Shown::NeedNames`], or from a listing), and returns the times to show.
     pub(crate) fn settle(&mut self, dir: &Path, generation: u64, real: Times, names: u64) -> Times {
         match self.dirs.get_mut(dir) {
             Some(r) if r.generation == generation => {
-                if r.names != names || r.own {
-                    r.shown = real;
+                if r.real != real {
+                    if r.own || r.names.is_some_and(|old| old != names) {
+                        r.shown = real;
+                    }
+                    r.real = real;
                 }
-                r.real = real;
-                r.names = names;
+                r.names = Some(names);
                 r.own = false;
                 r.shown
             }
@@ -91,7 +125,7 @@ impl DirTimes {
                         generation,
                         real,
                         shown: real,
-                        names,
+                        names: Some(names),
                         own: false,
                     },
                 );
@@ -107,11 +141,13 @@ impl DirTimes {
         };
         if let Some(r) = self.dirs.get_mut(dir) {
             let t = term(name);
-            r.names = if added {
-                r.names.wrapping_add(t)
-            } else {
-                r.names.wrapping_sub(t)
-            };
+            r.names = r.names.map(|n| {
+                if added {
+                    n.wrapping_add(t)
+                } else {
+                    n.wrapping_sub(t)
+                }
+            });
             r.own = true;
         }
     }
@@ -147,21 +183,29 @@ mod tests {
         let mut d = DirTimes::default();
         let dir = Path::new("d");
         let a = term(OsStr::new("a"));
-        assert!(matches!(d.shown(dir, 0, t(10)), Shown::NeedNames));
-        assert_eq!(d.settle(dir, 0, t(10), a), t(10));
-        assert!(matches!(d.shown(dir, 0, t(10)), Shown::Times(x) if x == t(10)));
-        // A hidden entry appeared: the visible names are the same.
-        assert!(matches!(d.shown(dir, 0, t(20)), Shown::NeedNames));
+        let shown = |d: &mut DirTimes, real| match d.shown(dir, 0, real) {
+            Shown::Times(t) => Some(t),
+            Shown::NeedNames => None,
+        };
+        assert_eq!(shown(&mut d, t(10)), Some(t(10)));
+        // Not listed yet: a change keeps the times first shown, without a listing.
+        assert_eq!(shown(&mut d, t(15)), Some(t(10)));
+        // Listed: the fingerprint is taken.
+        assert_eq!(d.settle(dir, 0, t(15), a), t(10));
+        // A hidden entry appeared: a listing finds the same visible names.
+        assert_eq!(shown(&mut d, t(20)), None);
         assert_eq!(d.settle(dir, 0, t(20), a), t(10));
         // A visible one appeared from outside.
         let ab = a.wrapping_add(term(OsStr::new("b")));
+        assert_eq!(shown(&mut d, t(30)), None);
         assert_eq!(d.settle(dir, 0, t(30), ab), t(30));
         // This mount removed `b`: no listing needed, the times move.
         d.changed(Path::new("d/b"), false);
-        assert!(matches!(d.shown(dir, 0, t(40)), Shown::Times(x) if x == t(40)));
+        assert_eq!(shown(&mut d, t(40)), Some(t(40)));
         // ...and the fingerprint followed: a later hidden change does not move them.
+        assert_eq!(shown(&mut d, t(50)), None);
         assert_eq!(d.settle(dir, 0, t(50), a), t(40));
         // A new policy generation starts over.
-        assert!(matches!(d.shown(dir, 1, t(50)), Shown::NeedNames));
+        assert!(matches!(d.shown(dir, 1, t(50)), Shown::Times(x) if x == t(50)));
     }
 }

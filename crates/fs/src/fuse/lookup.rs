@@ -277,12 +277,8 @@ impl PolicyFs {
         if let dirtimes::Shown::Times(t) = lock(&self.dir_times).shown(path, gen_, real) {
             return Ok(t);
         }
-        let names = self
-            .visible_children(path)?
-            .iter()
-            .fold(0u64, |acc, (_, _, name)| {
-                acc.wrapping_add(dirtimes::term(name))
-            });
+        let children = self.visible_children(path)?;
+        let names = dirtimes::fingerprint(children.iter().map(|(_, _, n)| n.as_os_str()));
         Ok(lock(&self.dir_times).settle(path, gen_, real, names))
     }
 

@@ -291,6 +291,10 @@ impl PolicyFs {
             return Err(FsError::NotDir { path });
         }
         let shown = self.visible_children(&path)?;
+        // The names the sandbox now knows: what the directory's times are judged against.
+        let names = dirtimes::fingerprint(shown.iter().map(|(_, _, n)| n.as_os_str()));
+        let (_, gen_) = self.shared.policy();
+        lock(&self.dir_times).settle(&path, gen_, (attr.mtime, attr.ctime), names);
         let mut entries = Vec::with_capacity(shown.len() + 2);
         entries.push((ino, FileType::Directory, OsString::from(".")));
         entries.push((ino, FileType::Directory, OsString::from("..")));

@@ -165,6 +165,11 @@ fn directory_times_move_only_for_changes_the_sandbox_can_see() {
     let times = |d: &str| m.ok(&format!("stat -c '%Y %Z' {d}"));
     let src = times("src");
     assert!(src.starts_with("1000000000 "), "{src}");
+    // Not listed yet: even a visible change keeps the times first shown (the sandbox knows
+    // nothing of the contents); listing it makes them the real ones from then on.
+    write(&m.lower(), "src/early.py", "y\n");
+    assert_eq!(times("src"), src);
+    assert_eq!(m.ok("ls src"), "early.py\nmain.py\n");
     // Hidden changes from outside: a secret created, then removed.
     write(&m.lower(), "src/.env.new", "K=1\n");
     assert_eq!(times("src"), src);
@@ -174,9 +179,9 @@ fn directory_times_move_only_for_changes_the_sandbox_can_see() {
     write(&m.lower(), "src/new.py", "y\n");
     let moved = times("src");
     assert_ne!(moved, src);
-    assert_eq!(m.ok("ls src"), "main.py\nnew.py\n");
+    assert_eq!(m.ok("ls src"), "early.py\nmain.py\nnew.py\n");
     // The sandbox's own changes move them (set to a known time first: no clock involved).
-    m.ok("touch output/b.txt && touch -d @1000000001 output");
+    m.ok("ls output && touch output/b.txt && touch -d @1000000001 output");
     let own = times("output");
     assert!(own.starts_with("1000000001 "), "{own}");
     write(&m.lower(), "output/.env", "K=2\n");
