@@ -296,6 +296,31 @@ impl Delta {
         self.note_created(&mut meta, rel)
     }
 
+    /// Makes `to` (which must not exist) a hard link to the file or symlink `from`, both in
+    /// this sandbox's layer: a codebase file is copied up first, so the codebase's own links
+    /// are never touched.
+    pub(super) fn link_raw(&self, from: &Path, to: &Path) -> Result<(), FsError> {
+        check_rel(from)?;
+        check_rel(to)?;
+        let mut meta = self.lock();
+        let kind = self.copy_up_locked(&mut meta, from)?;
+        if kind == EntryKind::Dir {
+            return Err(FsError::NotPermitted {
+                op: "hard link to a directory",
+                path: from.into(),
+            });
+        }
+        let (pdir, _) = self.prepare_new(&meta, to)?;
+        let (fparent, fname) = host::split(from).map_err(|e| FsError::io("link", from, e))?;
+        let (_, tname) = host::split(to).map_err(|e| FsError::io("link", to, e))?;
+        let fdir = self.upper_dir(fparent)?;
+        rustix::fs::linkat(&fdir, fname, &pdir, tname, AtFlags::empty())
+            .map_err(|e| FsError::io("link", to, e.into()))?;
+        // Both names are published together, so that they stay one file in the codebase.
+        meta.dirty.insert(from.to_path_buf());
+        self.note_created(&mut meta, to)
+    }
+
     pub(super) fn lower_entry(&self, meta: &Meta, rel: &Path) -> Option<Stat> {
         if !meta.lower_visible(rel) {
             return None;
@@ -597,6 +622,11 @@ impl Delta {
         self.accounted(&[rel, parent_of(rel)], || {
             self.create_file_raw(rel, mode, owner)
         })
+    }
+
+    /// `link_raw`, charged to the disk quota (each name carries the file's blocks).
+    pub fn link(&self, from: &Path, to: &Path) -> Result<(), FsError> {
+        self.accounted(&[from, to, parent_of(to)], || self.link_raw(from, to))
     }
 
     /// `mkdir_raw`, charged to the disk quota.

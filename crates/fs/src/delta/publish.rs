@@ -115,6 +115,7 @@ impl Delta {
                 .map(|st| (st.st_uid, st.st_gid))
                 .ok()
         };
+        let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
         for (p, st) in puts {
             let kind = EntryKind::from(Kind::from_mode(st.st_mode));
             if !(filter.allow)(&p, kind) {
@@ -143,7 +144,22 @@ impl Delta {
                 continue;
             }
             let owner = owner_of(&p).or_else(|| p.ancestors().skip(1).find_map(owner_of));
-            let put = self.publish_put(&meta, &p, &st);
+            // Names of one file in this sandbox stay one file in the codebase where its file
+            // system allows; else each name gets its own copy.
+            let linked = (kind != EntryKind::Dir && st.st_nlink > 1)
+                .then(|| links.get(&(st.st_dev, st.st_ino)))
+                .flatten();
+            let put = match linked {
+                Some(first) => self
+                    .publish_link(&meta, first, &p)
+                    .or_else(|_| self.publish_put(&meta, &p, &st)),
+                None => self.publish_put(&meta, &p, &st),
+            };
+            if put.is_ok() && kind != EntryKind::Dir && st.st_nlink > 1 {
+                links
+                    .entry((st.st_dev, st.st_ino))
+                    .or_insert_with(|| p.clone());
+            }
             if put.is_ok()
                 && let (Some(owner), Ok((parent, name))) = (owner, host::split(&p))
                 && let Ok(pdir) = host::open_dir(self.lower.as_fd(), parent)
@@ -283,6 +299,46 @@ impl Delta {
         host::remove_at(pdir.as_fd(), name, is_dir)
             .map_err(|e| FsError::io("publish delete", rel, e))?;
         Ok(conflict)
+    }
+
+    /// Publishes `rel` as another name of the codebase file `first` (just published from the
+    /// same file of this sandbox): linked under a staging name, then renamed over `rel`.
+    fn publish_link(
+        &self,
+        meta: &Meta,
+        first: &Path,
+        rel: &Path,
+    ) -> Result<(Option<Conflict>, Option<Origin>), FsError> {
+        let io = |op: &'static str| move |e: rustix::io::Errno| FsError::io(op, rel, e.into());
+        let (fparent, fname) =
+            host::split(first).map_err(|e| FsError::io("publish link", rel, e))?;
+        let (parent, name) = host::split(rel).map_err(|e| FsError::io("publish link", rel, e))?;
+        let fdir = host::open_dir(self.lower.as_fd(), fparent)
+            .map_err(|e| FsError::io("publish link", rel, e))?;
+        let upper = self.upper.as_fd();
+        let pdir = host::mkdir_all(self.lower.as_fd(), parent, |prefix| {
+            host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777)
+        })
+        .map_err(|e| FsError::io("create codebase directory", parent, e))?;
+        let current = match rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(s) => Some(s),
+            Err(rustix::io::Errno::NOENT) => None,
+            Err(e) => return Err(io("lstat codebase")(e)),
+        };
+        if current
+            .as_ref()
+            .is_some_and(|s| Kind::from_mode(s.st_mode) == Kind::Dir)
+        {
+            return Err(FsError::IsDir { path: rel.into() });
+        }
+        let conflict = self.conflict(meta, rel, current.as_ref());
+        let tmp = stage_name().map_err(|e| FsError::io("publish link", rel, e))?;
+        rustix::fs::linkat(&fdir, fname, &pdir, &tmp, AtFlags::empty()).map_err(io("link"))?;
+        if let Err(e) = rustix::fs::renameat(&pdir, &tmp, &pdir, name) {
+            let _ = rustix::fs::unlinkat(&pdir, &tmp, AtFlags::empty());
+            return Err(io("publish rename")(e));
+        }
+        Ok((conflict, current_origin(&pdir, name)))
     }
 
     pub(super) fn publish_put(

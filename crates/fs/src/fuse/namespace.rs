@@ -196,12 +196,21 @@ impl PolicyFs {
         newname: &OsStr,
     ) -> Result<FileAttr, FsError> {
         let src = self.path_of(ino)?;
-        self.visible("link", &src)?;
+        let (_, d) = self.visible("link", &src)?;
+        // Both names must be writable: a link must not make a second, writable name for a
+        // file the rules keep read-only (or a readable one for a file they hide by name).
+        if d.level < Level::Write {
+            // Audited like any denial; EPERM, as link(2) answers for a file one may not write.
+            self.deny("link", &src, d);
+            return Err(FsError::NotPermitted {
+                op: "hard link to a file this sandbox may not write",
+                path: src,
+            });
+        }
         let path = self.check_new("link", newparent, newname, EntryKind::File)?;
-        Err(FsError::NotPermitted {
-            op: "hard link",
-            path,
-        })
+        self.shared.delta.link(&src, &path)?;
+        lock(&self.dir_times).changed(&path, true);
+        self.entry(&path, true)
     }
 
     #[allow(clippy::too_many_arguments)]

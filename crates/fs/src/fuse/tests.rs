@@ -310,8 +310,7 @@ fn allowed_operations_succeed_under_the_property() {
         Op::Unlink("o/f".into()),
     ];
     let n = run_case(rules(), &ops).unwrap();
-    // Hard links are refused for now (issue 16); everything else succeeds.
-    assert_eq!(n, ops.len() - 1, "{ops:?}");
+    assert_eq!(n, ops.len(), "{ops:?}");
     // And refused ones are refused: nothing of these succeeds.
     let refused = vec![
         Op::Create("a/new".into()),

@@ -255,3 +255,45 @@ fn everyday_tools_work_in_a_write_area() {
     m.ok("sed -i 's/hi/bye/' output/srccopy/main.py");
     assert_eq!(m.ok("cat output/srccopy/main.py"), "print('bye')\n");
 }
+
+/// Issue 16, finding 4: hard links were refused (EPERM) everywhere: `ln a b`, `cp -al`,
+/// `tar x` of an archive with hard links, `git clone --local`. Now they work where both names
+/// are writable, and are published as hard links.
+#[test]
+fn hard_links_work_in_write_areas_and_are_published_as_links() {
+    use std::os::unix::fs::MetadataExt;
+    require_fuse!("hard_links_work_in_write_areas_and_are_published_as_links");
+    let m = standard();
+    m.ok("ln output/existing.txt output/hl && cat output/hl");
+    m.ok("cp -al output/proj output/proj2 && cat output/proj2/a.txt");
+    // An archive with a hard link in it (made on the host), extracted in the sandbox.
+    let host = m.dir.path().join("archive");
+    std::fs::create_dir_all(host.join("src")).unwrap();
+    std::fs::write(host.join("src/one"), "x\n").unwrap();
+    std::fs::hard_link(host.join("src/one"), host.join("src/two")).unwrap();
+    let tar = m.lower().join("output/links.tar");
+    let made = std::process::Command::new("tar")
+        .arg("cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&host)
+        .arg("src")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    m.ok("mkdir output/u && tar xf output/links.tar -C output/u && cat output/u/src/two");
+    // A second name for a file this sandbox may only read, or in a read-only place: refused.
+    assert_eq!(m.py("os.link('README.md', 'output/readme')"), "EPERM");
+    assert_eq!(m.py("os.link('output/hl', 'src/hl')"), "EACCES");
+    // Hidden files stay hidden under a new name.
+    assert_eq!(m.py("os.link('output/.env', 'output/visible')"), "ENOENT");
+    m.h().publish().unwrap();
+    let lower = m.lower();
+    let ino = |p: &str| std::fs::metadata(lower.join(p)).unwrap().ino();
+    assert_eq!(ino("output/existing.txt"), ino("output/hl"));
+    assert_eq!(ino("output/u/src/one"), ino("output/u/src/two"));
+    assert_eq!(
+        std::fs::read_to_string(lower.join("output/hl")).unwrap(),
+        "old output\n"
+    );
+}

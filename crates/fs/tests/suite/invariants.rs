@@ -34,14 +34,21 @@ fn rmdir_of_a_directory_with_only_hidden_entries_fails() {
     assert!(m.lower().join("output/only_hidden/.env").exists());
 }
 
+/// A hard link is a second name for a file: it must never give a hidden file a visible name,
+/// a read-only file a writable one, or land where the rules forbid creating.
 #[test]
-fn hard_links_are_refused() {
-    require_fuse!("hard_links_are_refused");
+fn hard_links_never_expose_what_the_rules_protect() {
+    require_fuse!("hard_links_never_expose_what_the_rules_protect");
     let m = standard();
-    assert_eq!(m.py("os.link('output/existing.txt', 'output/hl')"), "EPERM");
     assert_eq!(m.py("os.link('src/.env', 'output/hl')"), "ENOENT");
-    assert_eq!(m.py("os.link('README.md', 'src/hl')"), "EACCES");
-    let (code, _, _) = m.sh("ln output/existing.txt output/hl2");
+    assert_eq!(m.py("os.link('README.md', 'output/hl')"), "EPERM");
+    assert_eq!(m.py("os.link('README.md', 'src/hl')"), "EPERM");
+    assert_eq!(m.py("os.link('output/existing.txt', 'src/hl')"), "EACCES");
+    assert_eq!(
+        m.py("os.link('output/existing.txt', 'output/.env.hl')"),
+        "EACCES"
+    );
+    let (code, _, _) = m.sh("ln src/main.py output/hl2");
     assert_ne!(code, 0);
 }
 
