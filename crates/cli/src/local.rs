@@ -228,6 +228,10 @@ impl LocalSandbox {
                 NetworkMode::None
             },
             tmp_size: Some(limits.disk_bytes),
+            // The project at its own path too (venvs, shebangs and messages name real
+            // paths), unless that path is one the sandbox's system occupies.
+            workspace_path: Some(dir.to_string_lossy().into_owned())
+                .filter(|p| agentfense_runtime::check_workspace_path(p).is_ok()),
         };
         tokio::runtime::Builder::new_current_thread()
             .build()?

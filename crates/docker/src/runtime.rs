@@ -154,6 +154,13 @@ impl DockerRuntime {
         image: Option<&str>,
     ) -> Result<()> {
         validate_id(sandbox_id)?;
+        if let Some(p) = &spec.workspace_path {
+            return Err(RuntimeError::InvalidArgument {
+                message: format!(
+                    "workspace path {p:?}: the docker runtime serves the workspace at /workspace only"
+                ),
+            });
+        }
         let meta =
             std::fs::metadata(&spec.workspace).map_err(|source| RuntimeError::Workspace {
                 path: spec.workspace.clone(),

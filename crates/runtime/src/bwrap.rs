@@ -104,6 +104,9 @@ pub struct BwrapOptions {
     pub init_path: PathBuf,
     /// Host directory bound at `/workspace`.
     pub workspace: PathBuf,
+    /// Where the workspace also appears (checked by [`crate::check_workspace_path`]); the
+    /// sandbox starts there.
+    pub workspace_path: Option<String>,
     /// Host directory holding the generated `/etc` (see [`shared_etc`]).
     pub etc_dir: PathBuf,
     /// Network mode.
@@ -219,13 +222,15 @@ pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
     ]);
     push(&[&"--ro-bind", &opts.init_path, &SANDBOX_INIT]);
     // 5. The workspace.
-    push(&[
-        &"--bind",
-        &opts.workspace,
-        &WORKSPACE,
-        &"--chdir",
-        &WORKSPACE,
-    ]);
+    push(&[&"--bind", &opts.workspace, &WORKSPACE]);
+    let start = match &opts.workspace_path {
+        Some(p) => {
+            push(&[&"--bind", &opts.workspace, p]);
+            p.as_str()
+        }
+        None => WORKSPACE,
+    };
+    push(&[&"--chdir", &start]);
     push(&[&"--", &SANDBOX_INIT, &fd(opts.control_fd)]);
     a
 }
@@ -463,6 +468,7 @@ mod tests {
         BwrapOptions {
             init_path: "/opt/af/agentfense-init".into(),
             workspace: "/mnt/ws".into(),
+            workspace_path: None,
             etc_dir: "/var/lib/af/sb1/etc".into(),
             network,
             tmp_size: 1024,

@@ -45,7 +45,7 @@ mod validate;
 
 use channel::{Channel, Incoming};
 use spawn::{check_executable, setup_error, shutdown_env};
-pub use validate::{build_env, resolve_workdir};
+pub use validate::{build_env, check_workspace_path, resolve_workdir, resolve_workdir_in};
 use validate::{cgroup_name, validate_id, validate_limits};
 
 use session::Session;
@@ -190,6 +190,8 @@ struct Env {
     start_duration: Duration,
     user: SandboxUser,
     events: mpsc::Sender<RuntimeEvent>,
+    /// Where commands start: the sandbox's workspace path, else `/workspace`.
+    root: String,
 }
 
 impl BwrapRuntime {
@@ -287,6 +289,9 @@ impl BwrapRuntime {
 
     async fn do_create(&self, sandbox_id: &str, spec: SandboxSpec) -> Result<()> {
         validate_id(sandbox_id)?;
+        if let Some(p) = &spec.workspace_path {
+            check_workspace_path(p)?;
+        }
         let meta =
             std::fs::metadata(&spec.workspace).map_err(|source| RuntimeError::Workspace {
                 path: spec.workspace.clone(),

@@ -39,6 +39,7 @@
 //!     limits: Default::default(),
 //!     network: Default::default(),
 //!     tmp_size: None,
+//!     workspace_path: None,
 //! };
 //! rt.create("sb1", spec).await?;
 //! rt.start("sb1").await?;
@@ -68,7 +69,7 @@ pub mod userns;
 
 pub use bwrap_runtime::{
     BwrapConfig, BwrapRuntime, DEFAULT_PATH, SANDBOX_OWNER, SandboxInfo, TtyProcess, build_env,
-    resolve_workdir,
+    check_workspace_path, resolve_workdir, resolve_workdir_in,
 };
 pub use error::{ErrorKind, Result, RuntimeError};
 pub use runtime::{

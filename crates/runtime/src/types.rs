@@ -71,6 +71,10 @@ pub struct SandboxSpec {
     /// Size of the sandbox's `/tmp` tmpfs (which holds `$HOME`) in bytes, e.g. its disk quota;
     /// `None`: the runtime's configured size.
     pub tmp_size: Option<u64>,
+    /// Where the workspace also appears inside, an absolute path (a local project at its own
+    /// host path, so that venvs, shebangs and error messages name real paths); commands start
+    /// there. `None`: only `/workspace`. Checked by [`crate::check_workspace_path`].
+    pub workspace_path: Option<String>,
 }
 
 /// One command to run with `/bin/sh -c`.

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         limits: Default::default(),
         network: Default::default(),
         tmp_size: None,
+        workspace_path: None,
     };
     let t_true = || ExecRequest {
         command: "true".into(),

@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         limits: Default::default(),
         network: Default::default(),
         tmp_size: None,
+        workspace_path: None,
     };
     let truecmd = || ExecRequest {
         command: "true".into(),

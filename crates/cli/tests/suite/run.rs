@@ -389,3 +389,62 @@ fn runs_on_one_directory_at_the_same_time_are_independent() {
     );
     assert!(lock.exists());
 }
+
+/// Issue 16, finding 3: the project moved to `/workspace`, so a venv made on the host (its
+/// shebangs and `.pth` files name the host path) did not work, and messages named paths that
+/// do not exist on the host. The project now appears at its own path (and the command starts
+/// there), with `/workspace` kept as an alias.
+#[test]
+fn the_project_appears_at_its_own_path() {
+    let Some((project, data)) = local("the_project_appears_at_its_own_path") else {
+        return;
+    };
+    let dir = project.path().to_str().unwrap().to_owned();
+    // A venv made on the host: a console script and an editable install by absolute path.
+    // The system's Python: the sandbox sees the host's /usr, not a per-user interpreter.
+    let made = Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(project.path().join(".venv"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let script = project.path().join(".venv/bin/hello");
+    std::fs::write(
+        &script,
+        format!(
+            "#!{dir}/.venv/bin/python\nimport sys, mypkg\nprint(sys.prefix == {dir:?} + '/.venv', mypkg.WHERE)\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(project.path().join("pkgsrc/mypkg")).unwrap();
+    std::fs::write(
+        project.path().join("pkgsrc/mypkg/__init__.py"),
+        "WHERE = __file__\n",
+    )
+    .unwrap();
+    let site = std::fs::read_dir(project.path().join(".venv/lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages");
+    std::fs::write(site.join("mypkg.pth"), format!("{dir}/pkgsrc\n")).unwrap();
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            &dir,
+            "--preset",
+            "development",
+            "--discard",
+            "--",
+            "pwd; .venv/bin/hello; cat /workspace/pkgsrc/mypkg/__init__.py",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        out,
+        format!("{dir}\nTrue {dir}/pkgsrc/mypkg/__init__.py\nWHERE = __file__\n")
+    );
+}

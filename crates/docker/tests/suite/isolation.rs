@@ -66,6 +66,7 @@ async fn mounts_made_after_start_propagate_into_the_workspace() {
             limits: Default::default(),
             network: Default::default(),
             tmp_size: None,
+            workspace_path: None,
         },
     )
     .await

@@ -17,6 +17,7 @@ fn spec(ws: &std::path::Path) -> SandboxSpec {
         limits: Default::default(),
         network: NetworkMode::None,
         tmp_size: None,
+        workspace_path: None,
     }
 }
 

@@ -11,7 +11,7 @@ impl BwrapRuntime {
     ) -> Result<ExecStream> {
         let env = self.running(sandbox_id).await?;
         let timeout = self.timeout(req.timeout);
-        let cwd = resolve_workdir(&req.workdir)?;
+        let cwd = resolve_workdir_in(&env.root, &req.workdir)?;
         check_command(&req.command)?;
         let envv = build_env(&env.user, &req.env, &[])?;
         let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), req.command.clone()];

@@ -28,7 +28,7 @@ impl BwrapRuntime {
         spec: SessionSpec,
     ) -> Result<String> {
         let env = self.running(sandbox_id).await?;
-        let cwd = resolve_workdir(&spec.workdir)?;
+        let cwd = resolve_workdir_in(&env.root, &spec.workdir)?;
         let shell = if spec.shell.is_empty() {
             "/bin/sh".to_owned()
         } else {

@@ -101,6 +101,7 @@ impl BwrapRuntime {
         let opts = BwrapOptions {
             init_path,
             workspace,
+            workspace_path: spec.workspace_path.clone(),
             etc_dir,
             network: spec.network,
             tmp_size: spec.tmp_size.unwrap_or(self.cfg.tmp_size),
@@ -379,6 +380,10 @@ impl BwrapRuntime {
             start_duration: started.elapsed(),
             user: self.cfg.user.clone(),
             events: self.events.clone(),
+            root: spec
+                .workspace_path
+                .clone()
+                .unwrap_or_else(|| WORKSPACE.to_owned()),
         })
     }
 }

@@ -44,7 +44,7 @@ impl BwrapRuntime {
         tty: BorrowedFd<'_>,
     ) -> Result<TtyProcess> {
         let env = self.running(sandbox_id).await?;
-        let cwd = resolve_workdir(&req.workdir)?;
+        let cwd = resolve_workdir_in(&env.root, &req.workdir)?;
         validate_argv(&req.argv)?;
         if !nix::unistd::isatty(tty).unwrap_or(false) {
             return Err(RuntimeError::invalid("the tty fd is not a terminal"));

@@ -38,8 +38,83 @@ pub(super) fn cgroup_name(sandbox_id: &str) -> String {
     format!("sb-{sandbox_id}")
 }
 
+/// Top-level directories a workspace path may not be in: the system the sandbox is built
+/// from, kernel filesystems, and the runtime's own places.
+const RESERVED_TOP: &[&str] = &[
+    "bin",
+    "boot",
+    "dev",
+    "etc",
+    "lib",
+    "lib32",
+    "lib64",
+    "libx32",
+    "proc",
+    "run",
+    "sbin",
+    "sys",
+    "usr",
+    "workspace",
+];
+
+/// Checks a [`SandboxSpec::workspace_path`]: absolute, normalized, at least one level deep, not
+/// in a [`RESERVED_TOP`] directory.
+pub fn check_workspace_path(path: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(RuntimeError::invalid(format!(
+            "workspace path {path:?} {why}"
+        )))
+    };
+    let Some(rel) = path.strip_prefix('/') else {
+        return bad("is not absolute");
+    };
+    let p = match SandboxPath::parse(rel) {
+        Ok(p) if p.as_str() == path => p,
+        Ok(_) | Err(_) => return bad("is not a normalized path"),
+    };
+    if p.is_root() {
+        return bad("is the root");
+    }
+    let top = rel.split('/').next().unwrap_or_default();
+    if RESERVED_TOP.contains(&top) {
+        return bad(&format!(
+            "is inside /{top}, which the sandbox's system occupies"
+        ));
+    }
+    if path.bytes().any(|b| b.is_ascii_control()) {
+        return bad("contains control characters");
+    }
+    Ok(())
+}
+
 /// Resolves a request's workdir to an absolute path inside `/workspace`.
 pub fn resolve_workdir(workdir: &str) -> Result<String> {
+    resolve_workdir_in(WORKSPACE, workdir)
+}
+
+/// Resolves a request's workdir to an absolute path inside the workspace, which appears at
+/// `/workspace` and at `root` (the same or the sandbox's [`SandboxSpec::workspace_path`]):
+/// relative paths and an empty one are taken from `root`.
+pub fn resolve_workdir_in(root: &str, workdir: &str) -> Result<String> {
+    if root != WORKSPACE {
+        let rel = if workdir.starts_with('/') {
+            workdir
+                .strip_prefix(root)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+                .map(|r| r.trim_start_matches('/'))
+        } else {
+            Some(workdir)
+        };
+        if let Some(rel) = rel {
+            let p = SandboxPath::parse(rel)
+                .map_err(|e| RuntimeError::invalid(format!("workdir: {e}")))?;
+            return Ok(if p.is_root() {
+                root.to_owned()
+            } else {
+                format!("{root}{}", p.as_str())
+            });
+        }
+    }
     let rel = if workdir.starts_with('/') {
         if workdir == WORKSPACE {
             ""
@@ -47,7 +122,7 @@ pub fn resolve_workdir(workdir: &str) -> Result<String> {
             rest
         } else {
             return Err(RuntimeError::invalid(format!(
-                "workdir {workdir:?} is outside /workspace"
+                "workdir {workdir:?} is outside the workspace"
             )));
         }
     } else {
@@ -95,6 +170,33 @@ mod tests {
     #[test]
     pub(super) fn workdir_stays_inside_workspace() {
         assert_eq!(resolve_workdir("").unwrap(), "/workspace");
+        assert_eq!(resolve_workdir_in("/home/me/p", "").unwrap(), "/home/me/p");
+        assert_eq!(
+            resolve_workdir_in("/home/me/p", "a/b").unwrap(),
+            "/home/me/p/a/b"
+        );
+        assert_eq!(
+            resolve_workdir_in("/home/me/p", "/home/me/p/a").unwrap(),
+            "/home/me/p/a"
+        );
+        assert_eq!(
+            resolve_workdir_in("/home/me/p", "/workspace/a").unwrap(),
+            "/workspace/a"
+        );
+        assert!(resolve_workdir_in("/home/me/p", "/home/me/pq").is_err());
+        assert!(resolve_workdir_in("/home/me/p", "/home/me/p/../x").is_err());
+        assert!(check_workspace_path("/home/me/p").is_ok());
+        for bad in [
+            "home/me",
+            "/",
+            "/usr/src/p",
+            "/home/me/../x",
+            "/home//me",
+            "/workspace/x",
+            "/a\nb",
+        ] {
+            assert!(check_workspace_path(bad).is_err(), "{bad}");
+        }
         assert_eq!(resolve_workdir("/workspace").unwrap(), "/workspace");
         assert_eq!(resolve_workdir("a/./b/").unwrap(), "/workspace/a/b");
         assert_eq!(

@@ -140,6 +140,7 @@ impl<R: Runtime + ?Sized> Sandbox<R> {
             limits,
             network,
             tmp_size: None,
+            workspace_path: None,
         };
         rt.create(&id, spec).await.unwrap();
         let (uid, gid) = rt.sandbox_owner(&id).unwrap_or((1000, 1000));

@@ -43,6 +43,7 @@ async fn works_without_cgroups() {
                 },
                 network: Default::default(),
                 tmp_size: None,
+                workspace_path: None,
             },
         )
         .await

@@ -16,6 +16,11 @@ pub const LABEL_IO: &str = "agentfense.io";
 /// over `runtime.default_resources.disk_bytes` and at most `runtime.max_resources.disk_bytes`.
 pub const LABEL_DISK_BYTES: &str = "agentfense.disk_bytes";
 
+/// Label: where the workspace also appears inside the sandbox, an absolute path (e.g. the
+/// project's path on the developer's machine, so that absolute paths in venvs and build
+/// files hold); commands start there. `/workspace` stays.
+pub const LABEL_WORKSPACE_PATH: &str = "agentfense.workspace_path";
+
 /// Checks the labels that configure a sandbox ([`LABEL_NETWORK`], [`LABEL_PUBLISH`],
 /// [`LABEL_IO`]) at create, so that a bad value is INVALID_ARGUMENT then rather than a failed
 /// start later. Other labels are the user's own and pass through.
@@ -51,8 +56,19 @@ pub(super) fn check_labels(
             .map_err(|e| ServiceError::InvalidArgument(format!("label {LABEL_IO}: {e}")))?;
     }
     disk_label(labels)?;
+    if let Some(v) = labels.get(LABEL_WORKSPACE_PATH) {
+        agentfense_runtime::check_workspace_path(v).map_err(|e| {
+            ServiceError::InvalidArgument(format!("label {LABEL_WORKSPACE_PATH}: {e}"))
+        })?;
+    }
     // The `agentfense.` prefix is ours: a misspelt knob must not be ignored silently.
-    let known = [LABEL_NETWORK, LABEL_PUBLISH, LABEL_IO, LABEL_DISK_BYTES];
+    let known = [
+        LABEL_NETWORK,
+        LABEL_PUBLISH,
+        LABEL_IO,
+        LABEL_DISK_BYTES,
+        LABEL_WORKSPACE_PATH,
+    ];
     if let Some(k) = labels
         .keys()
         .find(|k| k.starts_with("agentfense.") && !known.contains(&k.as_str()))
@@ -110,6 +126,29 @@ mod tests {
         }
         // Other labels are the user's own.
         check_labels(&labels(&[("team", "x"), ("agentfense-like", "y")]), false).unwrap();
+    }
+
+    #[test]
+    fn workspace_path_label_must_be_a_usable_absolute_path() {
+        check_labels(
+            &labels(&[(LABEL_WORKSPACE_PATH, "/home/me/project")]),
+            false,
+        )
+        .unwrap();
+        for bad in [
+            "relative",
+            "/",
+            "/usr/src/p",
+            "/home/me/../x",
+            "/workspace/p",
+        ] {
+            match check_labels(&labels(&[(LABEL_WORKSPACE_PATH, bad)]), false) {
+                Err(ServiceError::InvalidArgument(msg)) => {
+                    assert!(msg.contains(LABEL_WORKSPACE_PATH), "{msg}")
+                }
+                other => panic!("{bad}: expected InvalidArgument, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -214,6 +214,7 @@ impl Service {
             network,
             // /tmp (with $HOME) counts against the disk quota: it is that size at most.
             tmp_size: nz(r.disk_bytes),
+            workspace_path: rec.labels.get(labels::LABEL_WORKSPACE_PATH).cloned(),
         };
         let mp = mountpoint.clone();
         blocking(move || {
