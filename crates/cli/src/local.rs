@@ -63,6 +63,14 @@ pub struct LocalArgs {
     /// CPU limit in CPUs, e.g. 0.5.
     #[arg(long)]
     pub cpus: Option<f64>,
+    /// Size of the sandbox's `/tmp` (e.g. `2G`; default and ceiling: the disk quota, which it
+    /// counts against).
+    #[arg(long, value_name = "SIZE", value_parser = agentfense_core::parse_size)]
+    pub tmp_size: Option<u64>,
+    /// Start with an empty `$HOME`. By default each directory has a home of its own that
+    /// persists across runs (caches of pip, npm, cargo; tool state), kept beside its changes.
+    #[arg(long)]
+    pub fresh_home: bool,
     /// Where deltas of local runs are kept (default: the server's data directory).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -161,6 +169,10 @@ pub(crate) struct LocalSandbox {
     delta: PathBuf,
     mnt: PathBuf,
     mount: MountHandle,
+    /// `--tmp-size` (0: `/tmp` may take what the disk quota leaves).
+    tmp_cap: u64,
+    /// The persistent `$HOME`'s own mount (every path writable), over the slot's `home`.
+    home: MountHandle,
     /// Created (not started) before the mount: it decides the sandbox user's host uid, which
     /// the mount shows as the files' owner.
     runtime: BwrapRuntime,
@@ -190,8 +202,30 @@ impl LocalSandbox {
         let work = slot.work.clone();
         let id = format!("sb_local_{tag:08x}_{}", slot.number);
         let (delta, mnt, state) = (work.join("delta"), work.join("mnt"), work.join("runtime"));
-        for d in [&delta, &mnt] {
+        // $HOME: a delta of its own over an empty base, kept in the slot across runs.
+        let (home, home_base, home_mnt) = (
+            work.join("home"),
+            work.join("home-base"),
+            work.join("home-mnt"),
+        );
+        if args.fresh_home {
+            match std::fs::remove_dir_all(&home) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot remove {}", home.display()));
+                }
+                _ => {}
+            }
+        }
+        for d in [&delta, &mnt, &home_base, &home_mnt] {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The home's root is its delta's: private to the sandbox user.
+            let root = home.join("upper");
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("cannot create {}", root.display()))?;
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
         }
         // A crashed earlier run in this slot may have left its mount (no live run holds it:
         // the slot's lock is ours).
@@ -216,6 +250,10 @@ impl LocalSandbox {
             disk_inodes: defaults.disk_inodes,
         };
         anyhow::ensure!(limits.disk_bytes > 0, "--disk-limit must be more than 0");
+        anyhow::ensure!(args.tmp_size != Some(0), "--tmp-size must be more than 0");
+        let tmp_size = args
+            .tmp_size
+            .map_or(limits.disk_bytes, |t| t.min(limits.disk_bytes));
         let (tx, events) = tokio::sync::mpsc::channel(64);
         let runtime = agentfense_server::host::bwrap_runtime(&rt_cfg, &state, tx)?;
         let spec = SandboxSpec {
@@ -227,28 +265,51 @@ impl LocalSandbox {
             } else {
                 NetworkMode::None
             },
-            tmp_size: Some(limits.disk_bytes),
+            tmp_size: Some(tmp_size),
             // The project at its own path too (venvs, shebangs and messages name real
             // paths), unless that path is one the sandbox's system occupies.
             workspace_path: Some(dir.to_string_lossy().into_owned())
                 .filter(|p| agentfense_runtime::check_workspace_path(p).is_ok()),
+            home: Some(home_mnt.clone()),
         };
         tokio::runtime::Builder::new_current_thread()
             .build()?
             .block_on(runtime.create(&id, spec))
             .context("cannot create the sandbox")?;
 
+        let owner = runtime
+            .host_user(&id)
+            .unwrap_or(agentfense_runtime::SANDBOX_OWNER);
         let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
         cfg.publish_mode = PublishMode::Explicit;
         cfg.io_mode = args.io_mode;
-        cfg.owner = Some(
-            runtime
-                .host_user(&id)
-                .unwrap_or(agentfense_runtime::SANDBOX_OWNER),
-        );
+        cfg.owner = Some(owner);
         cfg.disk_bytes = limits.disk_bytes;
         cfg.disk_inodes = limits.disk_inodes;
         let mount = agentfense_fs::mount(cfg).context("cannot mount the policy filesystem")?;
+        // The home is the sandbox's own: every path writable, nothing published (its delta is
+        // the storage), under the same disk quota. A mount rather than a bind, so that its
+        // size is bounded and its host path appears nowhere inside.
+        let mut home_cfg = FsConfig::new(
+            "home",
+            &home_base,
+            &home,
+            &home_mnt,
+            agentfense_core::Policy::compile(vec![agentfense_core::PermissionRule::glob(
+                "**",
+                agentfense_core::Level::Write,
+                0,
+            )])?,
+        );
+        home_cfg.publish_mode = PublishMode::Explicit;
+        home_cfg.owner = Some(owner);
+        home_cfg.disk_bytes = limits.disk_bytes;
+        home_cfg.disk_inodes = limits.disk_inodes;
+        let home = agentfense_fs::mount(home_cfg).context("cannot mount the sandbox's home")?;
+        let mut env = env;
+        for (k, v) in git_identity() {
+            env.entry(k.to_owned()).or_insert(v);
+        }
         Ok(LocalSandbox {
             dir,
             slot,
@@ -257,6 +318,8 @@ impl LocalSandbox {
             delta,
             mnt,
             mount,
+            home,
+            tmp_cap: args.tmp_size.unwrap_or(0),
             runtime,
             events: std::sync::Mutex::new(events),
             apply: args.apply,
@@ -298,7 +361,7 @@ impl LocalSandbox {
                 .await
                 .context("cannot start the sandbox")?;
             if let Some(tmp) = runtime.scratch(id) {
-                self.mount.count_scratch(tmp);
+                self.mount.count_scratch(tmp, self.tmp_cap);
             }
             body(runtime, id).await
         };
@@ -408,8 +471,10 @@ impl LocalSandbox {
             }
         }
         self.mount.unmount().context("cannot unmount")?;
+        self.home.unmount().context("cannot unmount the home")?;
         if self.discard {
-            // The slot's lock file stays (and stays held until this run exits).
+            // The slot's lock file stays (and stays held until this run exits), and so does
+            // its home (`--fresh-home` drops that).
             for sub in ["delta", "mnt", "runtime"] {
                 let p = self.work.join(sub);
                 match std::fs::remove_dir_all(&p) {
@@ -438,6 +503,44 @@ impl LocalSandbox {
         }
         Ok(())
     }
+}
+
+/// The invoking user's git identity (`user.name`, `user.email` only: never credentials or
+/// helpers), as the variables git reads, so that `git commit` works in the sandbox. Under
+/// sudo, the identity of the user who ran sudo.
+fn git_identity() -> Vec<(&'static str, String)> {
+    let home = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|u| !u.is_empty() && u != "root")
+        .and_then(|u| {
+            let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 5 && f[0] == u).then(|| f[5].to_owned())
+            })
+        });
+    let get = |key: &str| {
+        let mut cmd = std::process::Command::new("git");
+        cmd.args(["config", "--global", "--get", key])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(h) = &home {
+            cmd.env("HOME", h).env_remove("XDG_CONFIG_HOME");
+        }
+        let out = cmd.output().ok().filter(|o| o.status.success())?;
+        let v = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+        (!v.is_empty() && !v.chars().any(char::is_control)).then_some(v)
+    };
+    let mut vars = Vec::new();
+    if let Some(name) = get("user.name") {
+        vars.push(("GIT_AUTHOR_NAME", name.clone()));
+        vars.push(("GIT_COMMITTER_NAME", name));
+    }
+    if let Some(email) = get("user.email") {
+        vars.push(("GIT_AUTHOR_EMAIL", email.clone()));
+        vars.push(("GIT_COMMITTER_EMAIL", email));
+    }
+    vars
 }
 
 /// A sandboxed program's exit code as ours (`-1` becomes 255, `256 + n` wraps like a shell).

@@ -430,6 +430,7 @@ mod tests {
             network: NetworkMode::None,
             tmp_size: None,
             workspace_path: None,
+            home: None,
         };
         let user = resolve_user(None, None);
         let env = base_env(&[], &user);

@@ -532,9 +532,10 @@ impl MountHandle {
     }
 
     /// Counts the file system `fd` is on (the sandbox's `/tmp`, see
-    /// `agentfense_runtime::Runtime::scratch`) against the disk quota, with the delta.
-    pub fn count_scratch(&self, fd: std::os::fd::OwnedFd) {
-        self.shared.delta.usage().set_scratch(fd);
+    /// `agentfense_runtime::Runtime::scratch`) against the disk quota, with the delta; its size
+    /// follows the room the quota leaves, at most `cap` bytes when that is not 0.
+    pub fn count_scratch(&self, fd: std::os::fd::OwnedFd, cap: u64) {
+        self.shared.delta.usage().set_scratch(fd, cap);
     }
 
     /// Counters (host files held, dropped events, opens by kind).

@@ -49,6 +49,8 @@ pub struct DiskUsage {
     max_bytes: AtomicU64,
     max_inodes: AtomicU64,
     scratch: OnceLock<OwnedFd>,
+    /// The most the scratch file system may take even when the quota leaves more (0: none).
+    scratch_cap: AtomicU64,
     /// What the rest (delta, detached, published) took when the scratch file system was last
     /// resized to the room it leaves (see [`DiskUsage::fit_scratch`]); `i64::MIN`: never.
     scratch_fitted_at: AtomicI64,
@@ -70,6 +72,7 @@ impl Default for DiskUsage {
             max_bytes: AtomicU64::new(0),
             max_inodes: AtomicU64::new(0),
             scratch: OnceLock::new(),
+            scratch_cap: AtomicU64::new(0),
             scratch_fitted_at: AtomicI64::new(i64::MIN),
             on_full: OnceLock::new(),
             last_report: Mutex::new(None),
@@ -145,8 +148,9 @@ impl DiskUsage {
 
     /// Counts the file system whose root `fd` is (the sandbox's `/tmp`, a tmpfs) against the
     /// quota too, and keeps its size at the room the rest leaves, so that neither side can
-    /// take the other's share. Set once.
-    pub fn set_scratch(&self, fd: OwnedFd) {
+    /// take the other's share; at most `cap` bytes when it is not 0. Set once.
+    pub fn set_scratch(&self, fd: OwnedFd, cap: u64) {
+        self.scratch_cap.store(cap, Ordering::Relaxed);
         if self.scratch.set(fd).is_ok() {
             self.fit_scratch(true);
         }
@@ -186,6 +190,10 @@ impl DiskUsage {
         }
         let held = u64::try_from(self.scratch_used().0).unwrap_or(0);
         let room = max.saturating_sub(clamp(rest));
+        let room = match self.scratch_cap.load(Ordering::Relaxed) {
+            0 => room,
+            cap => room.min(cap),
+        };
         // tmpfs sizes are in pages; a size below what it holds is refused.
         let size = room.max(held).max(4096).div_ceil(4096) * 4096;
         use rustix::mount::{FsPickFlags, fsconfig_reconfigure, fsconfig_set_string, fspick};

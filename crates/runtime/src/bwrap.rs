@@ -107,6 +107,10 @@ pub struct BwrapOptions {
     /// Where the workspace also appears (checked by [`crate::check_workspace_path`]); the
     /// sandbox starts there.
     pub workspace_path: Option<String>,
+    /// Host directory bound at `home_path` (a persistent `$HOME`).
+    pub home: Option<PathBuf>,
+    /// The sandbox user's `$HOME`.
+    pub home_path: String,
     /// Host directory holding the generated `/etc` (see [`shared_etc`]).
     pub etc_dir: PathBuf,
     /// Network mode.
@@ -203,6 +207,9 @@ pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
     // 4. Private writable tmpfs.
     let size = opts.tmp_size.to_string();
     push(&[&"--perms", &"1777", &"--size", &size, &"--tmpfs", &"/tmp"]);
+    if let Some(home) = &opts.home {
+        push(&[&"--bind", home, &opts.home_path]);
+    }
     let shm = opts.shm_size.to_string();
     push(&[
         &"--perms",
@@ -225,6 +232,17 @@ pub fn bwrap_args(opts: &BwrapOptions, host: &HostLayout) -> Vec<OsString> {
     push(&[&"--bind", &opts.workspace, &WORKSPACE]);
     let start = match &opts.workspace_path {
         Some(p) => {
+            // bwrap would make the missing parents 0700 (root's inside): the sandbox user must
+            // traverse them. `/tmp` is a mount of its own and keeps its mode.
+            let parents: Vec<&str> = std::path::Path::new(p)
+                .ancestors()
+                .skip(1)
+                .filter_map(|a| a.to_str())
+                .filter(|a| *a != "/" && *a != "/tmp")
+                .collect();
+            for a in parents.iter().rev() {
+                push(&[&"--perms", &"0755", &"--dir", a]);
+            }
             push(&[&"--bind", &opts.workspace, p]);
             p.as_str()
         }
@@ -469,6 +487,8 @@ mod tests {
             init_path: "/opt/af/agentfense-init".into(),
             workspace: "/mnt/ws".into(),
             workspace_path: None,
+            home: None,
+            home_path: "/tmp/home".into(),
             etc_dir: "/var/lib/af/sb1/etc".into(),
             network,
             tmp_size: 1024,
@@ -611,6 +631,31 @@ mod tests {
             "3",
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_workspace_path_gets_traversable_parents_and_the_start() {
+        let mut o = opts(NetworkMode::None);
+        o.workspace_path = Some("/home/me/proj".into());
+        o.home = Some("/srv/home".into());
+        let got = strs(bwrap_args(&o, &merged_usr())).join(" ");
+        assert!(
+            got.contains(
+                "--bind /mnt/ws /workspace --perms 0755 --dir /home --perms 0755 --dir /home/me \
+                 --bind /mnt/ws /home/me/proj --chdir /home/me/proj --"
+            ),
+            "{got}"
+        );
+        assert!(
+            got.contains("--tmpfs /tmp --bind /srv/home /tmp/home"),
+            "{got}"
+        );
+        o.workspace_path = Some("/tmp/p".into());
+        let got = strs(bwrap_args(&o, &merged_usr())).join(" ");
+        assert!(
+            got.contains("--bind /mnt/ws /workspace --bind /mnt/ws /tmp/p --chdir /tmp/p --"),
+            "{got}"
+        );
     }
 
     #[test]

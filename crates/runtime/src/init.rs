@@ -179,13 +179,19 @@ fn configure(cfg: &InitConfig) -> io::Result<(String, OwnedFd)> {
     // No supplementary groups (root's): the init opens session shells with the sandbox
     // user's fs uid and gid, and root's groups must not widen that.
     nix::unistd::setgroups(&[])?;
-    std::fs::create_dir_all(&cfg.home)?;
-    std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))?;
-    nix::unistd::chown(
-        cfg.home.as_str(),
-        Some(Uid::from_raw(cfg.uid)),
-        Some(Gid::from_raw(cfg.gid)),
-    )?;
+    // A persistent home bound by the runtime is the user's already (and a mount the init
+    // may not chmod); a fresh one is made here, in the /tmp tmpfs.
+    let persistent = std::fs::symlink_metadata(&cfg.home)
+        .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == cfg.uid);
+    if !persistent {
+        std::fs::create_dir_all(&cfg.home)?;
+        std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))?;
+        nix::unistd::chown(
+            cfg.home.as_str(),
+            Some(Uid::from_raw(cfg.uid)),
+            Some(Gid::from_raw(cfg.gid)),
+        )?;
+    }
     // bwrap creates the mount point's parent 0700; sessions need to traverse it (not list it).
     // Both directories are root's, on the root-only `/run` tmpfs: nothing in them can have
     // been planted by the sandbox, which has not run yet.

@@ -40,6 +40,7 @@
 //!     network: Default::default(),
 //!     tmp_size: None,
 //!     workspace_path: None,
+//!     home: None,
 //! };
 //! rt.create("sb1", spec).await?;
 //! rt.start("sb1").await?;

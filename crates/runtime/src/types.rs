@@ -75,6 +75,9 @@ pub struct SandboxSpec {
     /// host path, so that venvs, shebangs and error messages name real paths); commands start
     /// there. `None`: only `/workspace`. Checked by [`crate::check_workspace_path`].
     pub workspace_path: Option<String>,
+    /// A host directory bound at the sandbox user's `$HOME`, so that it outlives the sandbox
+    /// (caches, tool state). `None`: `$HOME` lives in the `/tmp` tmpfs and goes with it.
+    pub home: Option<PathBuf>,
 }
 
 /// One command to run with `/bin/sh -c`.

@@ -243,6 +243,9 @@ const STAGED: [&str; 3] = [
     "/run/agentfense/etc",
 ];
 
+/// Where a persistent `$HOME` appears in bwrap's root, when the sandbox has one.
+const STAGED_HOME: &str = "/run/agentfense/home";
+
 impl Staging {
     /// Plans (nothing is mounted yet: see [`StagedRoot::enter`]) the staging root for
     /// `workspace`, `init` and `etc` on a host laid out as `host`. The pipes are close-on-exec
@@ -251,6 +254,7 @@ impl Staging {
         workspace: &Path,
         init: &Path,
         etc: &Path,
+        home: Option<&Path>,
         host: &crate::bwrap::HostLayout,
     ) -> io::Result<Staging> {
         use crate::bwrap::HostEntry;
@@ -303,7 +307,8 @@ impl Staging {
                 HostEntry::Missing => {}
             }
         }
-        for (src, dst) in [workspace, init, etc].into_iter().zip(STAGED) {
+        let staged = [workspace, init, etc].into_iter().zip(STAGED);
+        for (src, dst) in staged.chain(home.map(|h| (h, STAGED_HOME))) {
             // The init is a file: its mount point must be one.
             ops.push(if dst.ends_with("init") {
                 Op::File(at(dst)?)
@@ -333,6 +338,11 @@ impl Staging {
     /// The (workspace, init, etc) paths in bwrap's root, for its arguments.
     pub fn paths() -> (PathBuf, PathBuf, PathBuf) {
         (STAGED[0].into(), STAGED[1].into(), STAGED[2].into())
+    }
+
+    /// Where the persistent `$HOME` (if any) appears in bwrap's root.
+    pub fn home_path() -> &'static str {
+        STAGED_HOME
     }
 
     /// What the spawning child does before exec ([`StagedRoot::enter`]).

@@ -182,6 +182,9 @@ pub struct RuntimeConfig {
     pub output_limit_bytes: u64,
     /// Whether sandboxes may ask for networking (label `agentfense.network=host`).
     pub allow_network: bool,
+    /// Most bytes a sandbox's `/tmp` may take (0: whatever its disk quota leaves, which it
+    /// always counts against).
+    pub tmp_bytes: u64,
     /// Limits applied when a request gives none (0 = no limit).
     pub default_resources: ResourceLimits,
     /// The most a request may ask for, per field (0 = no ceiling): a request above it, or one
@@ -214,6 +217,7 @@ impl Default for RuntimeConfig {
             max_timeout: Duration::from_secs(600),
             output_limit_bytes: 1 << 20,
             allow_network: false,
+            tmp_bytes: 0,
             // A sandbox without limits can take the host down with one fork bomb: default to a
             // generous but finite process cap and memory limit.
             default_resources: ResourceLimits {

@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         network: Default::default(),
         tmp_size: None,
         workspace_path: None,
+        home: None,
     };
     let t_true = || ExecRequest {
         command: "true".into(),

@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         network: Default::default(),
         tmp_size: None,
         workspace_path: None,
+        home: None,
     };
     let truecmd = || ExecRequest {
         command: "true".into(),

@@ -302,6 +302,8 @@ fn apply_never_writes_a_symlink_leaving_the_project() {
 
 /// Issue 24, finding 7: `/proc/self/mountinfo` inside the sandbox showed the data directory,
 /// the project's folder name and the binary's path (a bind mount's root is its source path).
+/// The project's own path is a mount point by design (issue 16: the project appears there);
+/// no mount's source reveals a host path.
 #[test]
 fn mount_sources_reveal_no_host_path() {
     let Some((project, data)) = local("mount_sources_reveal_no_host_path") else {
@@ -310,22 +312,25 @@ fn mount_sources_reveal_no_host_path() {
     let dir = project.path().to_str().unwrap();
     let (code, out, err) = run(
         data.path(),
-        &[
-            dir,
-            "--discard",
-            "--",
-            "cat /proc/self/mountinfo /proc/mounts",
-        ],
+        &[dir, "--discard", "--", "cat /proc/self/mountinfo"],
     );
     assert_eq!(code, 0, "{err}");
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_agentfense"));
     let folder = project.path().file_name().unwrap().to_str().unwrap();
-    for leak in [
-        data.path().to_str().unwrap(),
-        folder,
-        exe.parent().unwrap().to_str().unwrap(),
-    ] {
-        assert!(!out.contains(leak), "{leak} in\n{out}");
+    for line in out.lines() {
+        // mountinfo: id parent dev root mountpoint options ... - fstype source superoptions
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (root, rest) = (fields[3], fields[5..].join(" "));
+        for leak in [
+            data.path().to_str().unwrap(),
+            folder,
+            exe.parent().unwrap().to_str().unwrap(),
+        ] {
+            assert!(
+                !root.contains(leak) && !rest.contains(leak),
+                "{leak} in\n{line}"
+            );
+        }
     }
 }
 
@@ -340,7 +345,7 @@ fn runs_on_one_directory_at_the_same_time_are_independent() {
     };
     let dir = project.path().to_str().unwrap();
     // The first run waits inside its sandbox until the test creates `go` in the project.
-    let first = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+    let mut first = Command::new(env!("CARGO_BIN_EXE_agentfense"))
         .arg("run")
         .arg("--data-dir")
         .arg(data.path())
@@ -363,6 +368,11 @@ fn runs_on_one_directory_at_the_same_time_are_independent() {
             && matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
         {
             break p;
+        }
+        if let Some(status) = first.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the first run ended before the second started: {status}: {err}");
         }
         std::thread::yield_now();
     };
@@ -447,4 +457,57 @@ fn the_project_appears_at_its_own_path() {
         out,
         format!("{dir}\nTrue {dir}/pkgsrc/mypkg/__init__.py\nWHERE = __file__\n")
     );
+}
+
+/// Issue 16, finding 8: `$HOME` was empty and thrown away each run (caches rebuilt, no git
+/// identity, so `git commit` failed). Now each directory has a home that persists across runs
+/// (`--fresh-home` starts clean), the invoking user's git identity is passed in (name and
+/// email only), and `/tmp`'s size can be set.
+#[test]
+fn home_persists_and_git_commit_works() {
+    let Some((project, data)) = local("home_persists_and_git_commit_works") else {
+        return;
+    };
+    let dir = project.path().to_str().unwrap();
+    let host_home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        host_home.path().join(".gitconfig"),
+        "[user]\n\tname = Ada Host\n\temail = ada@example.com\n[credential]\n\thelper = store\n",
+    )
+    .unwrap();
+    let run_as = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+            .arg("run")
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(args)
+            .env("HOME", host_home.path())
+            .env_remove("SUDO_USER")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run_as(&[
+        dir,
+        "--preset",
+        "development",
+        "--discard",
+        "--tmp-size",
+        "64M",
+        "--",
+        "echo kept > $HOME/cache && stat -c %a $HOME && df -k /tmp | tail -1 | awk '{print $2}' \
+         && git config --get credential.helper; \
+         git init -q output/repo && cd output/repo && echo a > a && git add a \
+         && git commit -qm first && git log --format='%an <%ae>'",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out, "700\n65536\nAda Host <ada@example.com>\n", "{err}");
+    let (code, out, err) = run_as(&[dir, "--discard", "--", "cat $HOME/cache"]);
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    let (code, out, _) = run_as(&[dir, "--discard", "--fresh-home", "--", "ls -A $HOME"]);
+    assert_eq!((code, out.as_str()), (0, ""));
 }

@@ -203,7 +203,8 @@ fn shell_is_interactive_with_job_control_and_resize() {
     let project = project_with_secrets();
     let data = tempfile::tempdir().unwrap();
     let mut t = Term::spawn(data.path(), project.path(), 30, 90);
-    t.expect("(sandbox) /workspace $ ");
+    // The shell starts at the project's own path (issue 16).
+    t.expect(&format!("(sandbox) {} $ ", project.path().display()));
 
     // The initial size is the user's terminal's.
     t.send("stty size\r");
@@ -278,7 +279,8 @@ fn shell_stopped_by_a_signal_cleans_up() {
     let project = project_with_secrets();
     let data = tempfile::tempdir().unwrap();
     let mut t = Term::spawn(data.path(), project.path(), 24, 80);
-    t.expect("(sandbox) /workspace $ ");
+    // The shell starts at the project's own path (issue 16).
+    t.expect(&format!("(sandbox) {} $ ", project.path().display()));
     t.send("echo x > output/y.txt; sleep 104\r");
     t.expect("sleep 104\r\n");
     wait_foreground(&["sleep", "104"]);

@@ -67,6 +67,7 @@ async fn mounts_made_after_start_propagate_into_the_workspace() {
             network: Default::default(),
             tmp_size: None,
             workspace_path: None,
+            home: None,
         },
     )
     .await

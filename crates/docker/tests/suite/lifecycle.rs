@@ -18,6 +18,7 @@ fn spec(ws: &std::path::Path) -> SandboxSpec {
         network: NetworkMode::None,
         tmp_size: None,
         workspace_path: None,
+        home: None,
     }
 }
 

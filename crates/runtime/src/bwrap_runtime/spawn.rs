@@ -75,7 +75,7 @@ impl BwrapRuntime {
             .await;
         }
         let staging = match lease
-            .map(|_| Staging::new(&spec.workspace, init, etc, &self.host))
+            .map(|_| Staging::new(&spec.workspace, init, etc, spec.home.as_deref(), &self.host))
             .transpose()
         {
             Ok(u) => u,
@@ -102,6 +102,12 @@ impl BwrapRuntime {
             init_path,
             workspace,
             workspace_path: spec.workspace_path.clone(),
+            home: match (&staging, &spec.home) {
+                (Some(_), Some(_)) => Some(Staging::home_path().into()),
+                (None, h) => h.clone(),
+                (Some(_), None) => None,
+            },
+            home_path: self.cfg.user.home.clone(),
             etc_dir,
             network: spec.network,
             tmp_size: spec.tmp_size.unwrap_or(self.cfg.tmp_size),

@@ -141,6 +141,7 @@ impl<R: Runtime + ?Sized> Sandbox<R> {
             network,
             tmp_size: None,
             workspace_path: None,
+            home: None,
         };
         rt.create(&id, spec).await.unwrap();
         let (uid, gid) = rt.sandbox_owner(&id).unwrap_or((1000, 1000));

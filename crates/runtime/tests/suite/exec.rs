@@ -44,6 +44,7 @@ async fn works_without_cgroups() {
                 network: Default::default(),
                 tmp_size: None,
                 workspace_path: None,
+                home: None,
             },
         )
         .await

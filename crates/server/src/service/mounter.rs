@@ -33,7 +33,7 @@ pub trait Mounted: Send + Sync + std::fmt::Debug {
     /// The filesystem's audit events (denials, conflicts, limits).
     fn events(&self) -> crossbeam_channel::Receiver<AuditEvent>;
     /// Counts the sandbox's `/tmp` against its disk quota.
-    fn count_scratch(&self, tmp: OwnedFd);
+    fn count_scratch(&self, tmp: OwnedFd, cap: u64);
     /// Unmounts (blocking).
     fn unmount(self: Box<Self>) -> Result<(), FsError>;
 }
@@ -71,8 +71,8 @@ impl Mounted for MountHandle {
     fn events(&self) -> crossbeam_channel::Receiver<AuditEvent> {
         MountHandle::events(self)
     }
-    fn count_scratch(&self, tmp: OwnedFd) {
-        MountHandle::count_scratch(self, tmp)
+    fn count_scratch(&self, tmp: OwnedFd, cap: u64) {
+        MountHandle::count_scratch(self, tmp, cap)
     }
     fn unmount(self: Box<Self>) -> Result<(), FsError> {
         MountHandle::unmount(*self)

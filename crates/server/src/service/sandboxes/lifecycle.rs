@@ -213,8 +213,12 @@ impl Service {
             limits: (&r).into(),
             network,
             // /tmp (with $HOME) counts against the disk quota: it is that size at most.
-            tmp_size: nz(r.disk_bytes),
+            tmp_size: nz(match self.settings.config.runtime.tmp_bytes {
+                0 => r.disk_bytes,
+                cap => r.disk_bytes.min(cap),
+            }),
             workspace_path: rec.labels.get(labels::LABEL_WORKSPACE_PATH).cloned(),
+            home: None,
         };
         let mp = mountpoint.clone();
         blocking(move || {
@@ -269,7 +273,7 @@ impl Service {
             return Err(e);
         }
         match runtime.scratch(&sid) {
-            Some(tmp) => mount.count_scratch(tmp),
+            Some(tmp) => mount.count_scratch(tmp, self.settings.config.runtime.tmp_bytes),
             None => tracing::warn!(
                 sandbox_id = %sid,
                 "the sandbox's /tmp cannot be seen from here: it is sized at the disk quota but \

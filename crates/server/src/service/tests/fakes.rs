@@ -284,7 +284,7 @@ impl Mounted for FakeMount {
     fn events(&self) -> crossbeam_channel::Receiver<AuditEvent> {
         self.rx.clone()
     }
-    fn count_scratch(&self, _tmp: OwnedFd) {}
+    fn count_scratch(&self, _tmp: OwnedFd, _cap: u64) {}
     fn unmount(self: Box<Self>) -> std::result::Result<(), FsError> {
         self.unmounts.fetch_add(1, Ordering::SeqCst);
         self.mounted.lock().unwrap().retain(|m| *m != self.id);
