@@ -62,8 +62,19 @@ pub enum EntryKind {
     File,
     /// A symbolic link.
     Symlink,
-    /// A fifo, socket or device node.
+    /// A named pipe.
+    Fifo,
+    /// A unix socket.
+    Socket,
+    /// A device node.
     Other,
+}
+
+impl EntryKind {
+    /// A fifo or socket: a rendezvous of processes in this sandbox, never published.
+    pub fn is_local_node(self) -> bool {
+        matches!(self, EntryKind::Fifo | EntryKind::Socket)
+    }
 }
 
 impl From<Kind> for EntryKind {
@@ -72,6 +83,8 @@ impl From<Kind> for EntryKind {
             Kind::Dir => EntryKind::Dir,
             Kind::File => EntryKind::File,
             Kind::Symlink => EntryKind::Symlink,
+            Kind::Fifo => EntryKind::Fifo,
+            Kind::Socket => EntryKind::Socket,
             Kind::Other => EntryKind::Other,
         }
     }
@@ -570,6 +583,9 @@ mod journal;
 mod ops;
 mod publish;
 mod spelling;
+mod xattr;
+
+pub use xattr::{USER_XATTR_PREFIX, XattrWrite};
 
 pub(crate) use files::error_chain;
 use files::*;

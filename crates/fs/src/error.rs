@@ -184,7 +184,14 @@ impl FsError {
                     | libc::EROFS
                     | libc::EMFILE
                     | libc::ENFILE
-                    | libc::ENOMEM),
+                    | libc::ENOMEM
+                    // Extended attributes: missing, buffer too small, too large, exists
+                    // (XATTR_CREATE), not supported by the host's file system.
+                    | libc::ENODATA
+                    | libc::ERANGE
+                    | libc::E2BIG
+                    | libc::EEXIST
+                    | libc::EOPNOTSUPP),
                 ) => e,
                 _ => libc::EIO,
             },

@@ -75,7 +75,7 @@ use fuser::{
 use tracing::{debug, warn};
 
 use crate::audit::{Auditor, display_path};
-use crate::delta::{Attr, Delta, EntryKind, Layer};
+use crate::delta::{Attr, Delta, EntryKind, Layer, XattrWrite};
 use crate::error::FsError;
 use crate::modes::IoMode;
 use crate::quota::allocated;
@@ -123,7 +123,9 @@ fn file_type(k: EntryKind) -> FileType {
         EntryKind::Dir => FileType::Directory,
         EntryKind::File => FileType::RegularFile,
         EntryKind::Symlink => FileType::Symlink,
-        EntryKind::Other => FileType::NamedPipe,
+        EntryKind::Fifo => FileType::NamedPipe,
+        EntryKind::Socket => FileType::Socket,
+        EntryKind::Other => FileType::CharDevice,
     }
 }
 

@@ -116,7 +116,11 @@ pub(crate) enum Kind {
     File,
     /// A symbolic link.
     Symlink,
-    /// Fifo, socket or device node.
+    /// A named pipe.
+    Fifo,
+    /// A unix socket.
+    Socket,
+    /// A device node.
     Other,
 }
 
@@ -126,6 +130,8 @@ impl Kind {
             libc::S_IFDIR => Kind::Dir,
             libc::S_IFREG => Kind::File,
             libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
             _ => Kind::Other,
         }
     }
@@ -136,6 +142,8 @@ impl Kind {
             T::Directory => Kind::Dir,
             T::RegularFile => Kind::File,
             T::Symlink => Kind::Symlink,
+            T::Fifo => Kind::Fifo,
+            T::Socket => Kind::Socket,
             T::Unknown => return None,
             _ => Kind::Other,
         })

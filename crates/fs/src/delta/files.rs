@@ -213,6 +213,9 @@ pub(super) fn same_version(a: &Stat, b: &Stat) -> bool {
 
 /// Copies the data of `src` into `dst`, then gives `dst` the mode, owner and times of `st`.
 pub(super) fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io::Result<()> {
+    if let Some(src) = &src {
+        super::xattr::copy_user(src.as_fd(), dst.as_fd());
+    }
     let mut dst = File::from(dst);
     if let Some(src) = src {
         io::copy(&mut File::from(src), &mut dst)?;

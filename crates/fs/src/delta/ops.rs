@@ -36,10 +36,18 @@ impl Delta {
         let mode = Mode::from_raw_mode(lower_st.st_mode & 0o7777);
         let io = |e: rustix::io::Errno| FsError::io("copy-up", rel, e.into());
         match attr.kind {
-            EntryKind::Dir => match rustix::fs::mkdirat(&pdir, name, mode) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(io(e)),
-            },
+            EntryKind::Dir => {
+                match rustix::fs::mkdirat(&pdir, name, mode) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(io(e)),
+                }
+                if let (Ok(src), Ok(dst)) = (
+                    host::open_dir_read(self.lower.as_fd(), rel),
+                    host::open_dir_read(self.upper.as_fd(), rel),
+                ) {
+                    super::xattr::copy_user(src.as_fd(), dst.as_fd());
+                }
+            }
             EntryKind::Symlink => {
                 let target = host::readlink(self.lower.as_fd(), rel)
                     .map_err(|e| FsError::io("readlink lower", rel, e))?;
@@ -62,6 +70,9 @@ impl Delta {
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io)?;
+                if !with_data {
+                    super::xattr::copy_user(src.as_fd(), dst.as_fd());
+                }
                 let res = copy_contents(with_data.then_some(src), dst, &lower_st);
                 if let Err(e) = res.and_then(|()| {
                     rustix::fs::renameat(&self.work, &tmp, &pdir, name).map_err(Into::into)
@@ -70,7 +81,7 @@ impl Delta {
                     return Err(FsError::io("copy-up", rel, e));
                 }
             }
-            EntryKind::Other => {
+            EntryKind::Other | EntryKind::Fifo | EntryKind::Socket => {
                 return Err(FsError::NotSupported {
                     op: "copy-up of a special file",
                     path: rel.into(),
@@ -292,6 +303,34 @@ impl Delta {
         let (_, name) = host::split(rel).map_err(|e| FsError::io("symlink", rel, e))?;
         rustix::fs::symlinkat(target, &pdir, name)
             .map_err(|e| FsError::io("symlink", rel, e.into()))?;
+        chown_new(&pdir, name, owner);
+        self.note_created(&mut meta, rel)
+    }
+
+    /// Makes fifo or socket node `rel` (which must not exist).
+    pub(super) fn mknod_raw(
+        &self,
+        rel: &Path,
+        kind: EntryKind,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), FsError> {
+        check_rel(rel)?;
+        let file_type = match kind {
+            EntryKind::Fifo => rustix::fs::FileType::Fifo,
+            EntryKind::Socket => rustix::fs::FileType::Socket,
+            _ => {
+                return Err(FsError::NotSupported {
+                    op: "special files",
+                    path: rel.into(),
+                });
+            }
+        };
+        let mut meta = self.lock();
+        let (pdir, _) = self.prepare_new(&meta, rel)?;
+        let (_, name) = host::split(rel).map_err(|e| FsError::io("mknod", rel, e))?;
+        rustix::fs::mknodat(&pdir, name, file_type, Mode::from_raw_mode(mode & 0o777), 0)
+            .map_err(|e| FsError::io("mknod", rel, e.into()))?;
         chown_new(&pdir, name, owner);
         self.note_created(&mut meta, rel)
     }
@@ -621,6 +660,20 @@ impl Delta {
         self.usage.check_room(0, 1)?;
         self.accounted(&[rel, parent_of(rel)], || {
             self.create_file_raw(rel, mode, owner)
+        })
+    }
+
+    /// `mknod_raw`, charged to the disk quota.
+    pub fn mknod(
+        &self,
+        rel: &Path,
+        kind: EntryKind,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), FsError> {
+        self.usage.check_room(0, 1)?;
+        self.accounted(&[rel, parent_of(rel)], || {
+            self.mknod_raw(rel, kind, mode, owner)
         })
     }
 

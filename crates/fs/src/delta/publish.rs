@@ -38,6 +38,9 @@ impl Delta {
             .iter()
             .filter_map(|p| {
                 let kind = match host::lstat(self.upper.as_fd(), p) {
+                    Ok(st) if EntryKind::from(Kind::from_mode(st.st_mode)).is_local_node() => {
+                        return None;
+                    }
                     Ok(st) => {
                         let in_lower = host::lstat(self.lower.as_fd(), p).is_ok();
                         let entry = EntryKind::from(Kind::from_mode(st.st_mode));
@@ -118,6 +121,12 @@ impl Delta {
         let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
         for (p, st) in puts {
             let kind = EntryKind::from(Kind::from_mode(st.st_mode));
+            if kind.is_local_node() {
+                // Fifos and sockets are meeting points of this sandbox's processes: they stay
+                // in its layer and never reach the codebase.
+                meta.dirty.remove(&p);
+                continue;
+            }
             if !(filter.allow)(&p, kind) {
                 report.skipped.push(p);
                 continue;
@@ -379,6 +388,9 @@ impl Delta {
             .map_err(io("open codebase directory"))?;
             rustix::fs::fchmod(&d, Mode::from_raw_mode(st.st_mode & 0o7777))
                 .map_err(io("chmod"))?;
+            if let Ok(src) = host::open_dir_read(upper, rel) {
+                super::xattr::copy_user(src.as_fd(), d.as_fd());
+            }
             return Ok((None, None));
         }
         let conflict = self.conflict(meta, rel, current.as_ref());

@@ -168,15 +168,23 @@ impl Filesystem for PolicyFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_create(
-            (req.uid(), req.gid()),
-            parent.0,
-            name,
-            mode,
-            umask,
-            libc::O_RDONLY,
-        ) {
-            Ok((a, _file, _)) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
+        let made = match mode & libc::S_IFMT {
+            libc::S_IFIFO | libc::S_IFSOCK => {
+                self.do_mknod((req.uid(), req.gid()), parent.0, name, mode, umask)
+            }
+            _ => self
+                .do_create(
+                    (req.uid(), req.gid()),
+                    parent.0,
+                    name,
+                    mode,
+                    umask,
+                    libc::O_RDONLY,
+                )
+                .map(|(a, _, _)| a),
+        };
+        match made {
+            Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -250,6 +258,22 @@ impl Filesystem for PolicyFs {
     ) {
         match self.do_link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fallocate(ino.0, fh, offset, length, mode) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -398,41 +422,38 @@ impl Filesystem for PolicyFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.do_setxattr(ino.0) {
+        match self.do_setxattr(ino.0, name, XattrWrite::Set(value, flags)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        match self
-            .path_of(ino.0)
-            .and_then(|p| self.visible("getxattr", &p))
-        {
-            Ok(_) => reply.error(Errno::NO_XATTR),
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.do_getxattr(ino.0, name) {
+            Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self
-            .path_of(ino.0)
-            .and_then(|p| self.visible("listxattr", &p))
-        {
-            Ok(_) if size == 0 => reply.size(0),
-            Ok(_) => reply.data(&[]),
+        match self.do_listxattr(ino.0) {
+            Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        match self.do_setxattr(ino.0) {
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_setxattr(ino.0, name, XattrWrite::Remove) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }

@@ -379,6 +379,34 @@ impl PolicyFs {
         Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
     }
 
+    /// `fallocate(2)` on a file the sandbox may write (its copy in this sandbox's layer),
+    /// charged to the disk quota like a write: refused (ENOSPC) up front when the range it may
+    /// allocate does not fit.
+    pub(super) fn do_fallocate(
+        &self,
+        ino: u64,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), FsError> {
+        use rustix::fs::FallocateFlags as F;
+        let _gate = self
+            .shared
+            .write_gate
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let file = self.io_target(ino, fh, true)?;
+        let flags = F::from_bits_retain(u32::try_from(mode).unwrap_or(u32::MAX));
+        if !flags.intersects(F::PUNCH_HOLE | F::COLLAPSE_RANGE) {
+            self.shared.delta.usage().check_room(length, 0)?;
+        }
+        let before = file.metadata().ok();
+        let r = rustix::fs::fallocate(&*file, flags, offset, length);
+        self.charge_growth(ino, before.as_ref(), &file);
+        r.map_err(|e| FsError::io("fallocate", "(open file)", e.into()))
+    }
+
     /// Charges to the disk quota what host file `file` of `ino` allocates now beyond what it
     /// did `before` (negative when it shrank).
     pub(super) fn charge_growth(&self, ino: u64, before: Option<&std::fs::Metadata>, file: &File) {

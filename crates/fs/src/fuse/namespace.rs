@@ -39,6 +39,29 @@ impl PolicyFs {
         Ok((attr, file, write))
     }
 
+    /// A fifo or a unix socket (`bind`): made in this sandbox's layer where the rules allow
+    /// writing, served by the kernel (no data passes through here), never published.
+    pub(super) fn do_mknod(
+        &self,
+        owner: (u32, u32),
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<FileAttr, FsError> {
+        let kind = if mode & libc::S_IFMT == libc::S_IFIFO {
+            EntryKind::Fifo
+        } else {
+            EntryKind::Socket
+        };
+        let path = self.check_new("mknod", parent, name, kind)?;
+        self.shared
+            .delta
+            .mknod(&path, kind, mode & !umask & 0o7777, self.host_owner(owner))?;
+        lock(&self.dir_times).changed(&path, true);
+        self.entry(&path, true)
+    }
+
     pub(super) fn do_mkdir(
         &self,
         owner: (u32, u32),
@@ -341,14 +364,40 @@ impl PolicyFs {
         Ok(())
     }
 
-    pub(super) fn do_setxattr(&self, ino: u64) -> Result<(), FsError> {
+    /// Sets or removes a `user.*` attribute (write level; other namespaces are refused).
+    pub(super) fn do_setxattr(
+        &self,
+        ino: u64,
+        name: &OsStr,
+        what: XattrWrite<'_>,
+    ) -> Result<(), FsError> {
         let path = self.path_of(ino)?;
         let (_, d) = self.visible("setxattr", &path)?;
         self.require("setxattr", &path, d, Level::Write)?;
-        Err(FsError::NotSupported {
-            op: "extended attributes",
-            path,
-        })
+        // A changed file is copied up: a host file cached for reading it is the old one.
+        self.shared.invalidate_io(std::slice::from_ref(&path));
+        self.shared.delta.xattr_write(&path, name, what)
+    }
+
+    /// A `user.*` attribute's value (read level).
+    pub(super) fn do_getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, FsError> {
+        let path = self.path_of(ino)?;
+        let (_, d) = self.visible("getxattr", &path)?;
+        self.require("getxattr", &path, d, Level::Read)?;
+        self.shared.delta.xattr_get(&path, name)
+    }
+
+    /// The `user.*` attribute names, each followed by a NUL (read level).
+    pub(super) fn do_listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let path = self.path_of(ino)?;
+        let (_, d) = self.visible("listxattr", &path)?;
+        self.require("listxattr", &path, d, Level::Read)?;
+        let mut out = Vec::new();
+        for n in self.shared.delta.xattr_list(&path)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
     }
 
     /// (total blocks, free blocks, total files, free files, block size): the host file

@@ -75,7 +75,7 @@ fn snapshot_view(d: &Delta, rel: &Path, out: &mut Tree) {
                 v
             }
             EntryKind::Symlink => d.readlink(&p).unwrap(),
-            EntryKind::Other => vec![],
+            EntryKind::Other | EntryKind::Fifo | EntryKind::Socket => vec![],
         };
         out.insert(p, (kind, data));
     }

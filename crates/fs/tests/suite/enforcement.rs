@@ -61,7 +61,7 @@ fn writing_and_creating() {
     assert_eq!(m.py("open('src/new.py', 'w')"), "EACCES");
     assert_eq!(m.py("os.mkdir('src/d')"), "EACCES");
     assert_eq!(m.py("os.symlink('x', 'src/l')"), "EACCES");
-    assert_eq!(m.py("os.mkfifo('output/fifo')"), "ENOTSUP");
+    assert_eq!(m.py("os.mkfifo('src/fifo')"), "EACCES");
     let (code, _, err) = m.sh("touch src/new.py");
     assert_eq!(code, 1);
     assert!(err.contains("Permission denied"), "{err}");
@@ -295,5 +295,74 @@ fn hard_links_work_in_write_areas_and_are_published_as_links() {
     assert_eq!(
         std::fs::read_to_string(lower.join("output/hl")).unwrap(),
         "old output\n"
+    );
+}
+
+/// Issue 16, finding 6: in write areas `mkfifo`, binding a unix socket, user xattrs and
+/// `fallocate` failed with EOPNOTSUPP. Fifos and sockets now work (sandbox-local, never
+/// published), `user.*` attributes are kept and published, `fallocate` allocates (charged to
+/// the quota); none of it is possible where the rules do not allow writing.
+#[test]
+fn fifos_sockets_xattrs_and_fallocate_work_in_write_areas() {
+    require_fuse!("fifos_sockets_xattrs_and_fallocate_work_in_write_areas");
+    let m = standard();
+    let out = m.python(
+        r#"
+import os, socket, threading
+os.mkfifo("output/fifo")
+def writer():
+    with open("output/fifo", "w") as f:
+        f.write("through the fifo\n")
+t = threading.Thread(target=writer); t.start()
+with open("output/fifo") as f:
+    print(f.read(), end="")
+t.join()
+srv = socket.socket(socket.AF_UNIX); srv.bind("output/sock"); srv.listen(1)
+cli = socket.socket(socket.AF_UNIX); cli.connect("output/sock")
+conn, _ = srv.accept(); cli.sendall(b"through the socket\n"); print(conn.recv(100).decode(), end="")
+os.setxattr("output/existing.txt", "user.origin", b"agent")
+print(os.getxattr("output/existing.txt", "user.origin").decode(), sorted(os.listxattr("output/existing.txt")))
+fd = os.open("output/big", os.O_CREAT | os.O_WRONLY, 0o644)
+os.posix_fallocate(fd, 0, 1 << 20)
+print(os.fstat(fd).st_size, os.fstat(fd).st_blocks * 512 >= 1 << 20)
+os.close(fd)
+"#,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "through the fifo\nthrough the socket\nagent ['user.origin']\n1048576 True\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(m.ok("stat -c %F output/fifo output/sock"), "fifo\nsocket\n");
+    // Not where the rules keep things read-only, and never outside `user.*`.
+    assert_eq!(m.py("os.mkfifo('src/fifo')"), "EACCES");
+    assert_eq!(m.py("os.setxattr('README.md', 'user.x', b'1')"), "EACCES");
+    assert_eq!(
+        m.py("os.setxattr('output/existing.txt', 'trusted.x', b'1')"),
+        "ENOTSUP"
+    );
+    assert_eq!(
+        m.py("os.getxattr('output/existing.txt', 'user.none')"),
+        "ENODATA"
+    );
+    m.h().publish().unwrap();
+    let lower = m.lower();
+    assert!(!lower.join("output/fifo").exists() && !lower.join("output/sock").exists());
+    let published = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg("import os, sys; print(os.getxattr(sys.argv[1], 'user.origin').decode())")
+        .arg(lower.join("output/existing.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&published.stdout),
+        "agent\n",
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(lower.join("output/big")).unwrap().len(),
+        1 << 20
     );
 }

@@ -119,6 +119,8 @@ fn proc_self_fd_cannot_upgrade_a_read_only_descriptor() {
     );
 }
 
+/// Extended attributes: nothing of a hidden file, nothing outside `user.*`, no change below
+/// `write` (issue 16 made `user.*` work in write areas).
 #[test]
 fn xattrs_neither_leak_nor_change() {
     require_fuse!("xattrs_neither_leak_nor_change");
@@ -126,11 +128,18 @@ fn xattrs_neither_leak_nor_change() {
     assert_eq!(m.py("os.listxattr('README.md')"), "ok []");
     assert_eq!(m.py("os.getxattr('README.md', 'user.x')"), "ENODATA");
     assert_eq!(m.py("os.getxattr('src/.env', 'user.x')"), "ENOENT");
+    assert_eq!(m.py("os.listxattr('src/.env')"), "ENOENT");
     assert_eq!(m.py("os.setxattr('README.md', 'user.x', b'1')"), "EACCES");
+    assert_eq!(m.py("os.getxattr('view/plan.txt', 'user.x')"), "EACCES");
     assert_eq!(
-        m.py("os.setxattr('output/existing.txt', 'user.x', b'1')"),
+        m.py("os.setxattr('output/existing.txt', 'security.x', b'1')"),
         "ENOTSUP"
     );
+    assert_eq!(
+        m.py("os.setxattr('output/existing.txt', 'user.x', b'1')"),
+        "ok"
+    );
+    assert_eq!(m.py("os.listxattr('output/existing.txt')"), "ok ['user.x']");
 }
 
 #[test]
