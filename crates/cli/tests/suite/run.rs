@@ -511,3 +511,33 @@ fn home_persists_and_git_commit_works() {
     let (code, out, _) = run_as(&[dir, "--discard", "--fresh-home", "--", "ls -A $HOME"]);
     assert_eq!((code, out.as_str()), (0, ""));
 }
+
+/// Issue 16, finding 5: the workspace root showed mode 0555 in every preset, so `cp -r` of it
+/// made a tree nobody could write or delete, and a read-only file's `open(O_WRONLY)` succeeded
+/// (the first write failed, which shells report as an I/O error). Directories now show the
+/// host's mode, and a read-only file refuses the open like any read-only file.
+#[test]
+fn modes_are_the_ones_the_rules_allow() {
+    let Some((project, data)) = local("modes_are_the_ones_the_rules_allow") else {
+        return;
+    };
+    std::fs::set_permissions(
+        project.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let dir = project.path().to_str().unwrap();
+    let (code, out, err) = run(
+        data.path(),
+        &[
+            dir,
+            "--discard",
+            "--",
+            "stat -c %a . README.md; cp -r . /tmp/copy && rm -rf /tmp/copy && echo copied; \
+             echo x >> README.md",
+        ],
+    );
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert_eq!(out, "755\n444\ncopied\n", "{err}");
+    assert!(err.contains("README.md: Permission denied"), "{err}");
+}
