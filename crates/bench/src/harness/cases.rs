@@ -40,6 +40,9 @@ pub(super) async fn cases(
     Ok(rows)
 }
 
+/// Files the metadata-heavy write cases create and remove.
+const CREATE_FILES: usize = 1000;
+
 /// The server's label that picks a sandbox's I/O mode (`no-open` or `passthrough`).
 pub(super) const LABEL_IO: &str = "agentfense.io";
 
@@ -56,6 +59,9 @@ pub(super) struct FsCase<'a> {
     /// reported without a target.
     pub(super) max_ratio: Option<f64>,
     pub(super) target: &'static str,
+    /// Run before each timed run on both sides, not timed (shell variables it sets are seen
+    /// by `cmd`).
+    pub(super) setup: String,
 }
 
 impl<'a> FsCase<'a> {
@@ -75,6 +81,7 @@ impl<'a> FsCase<'a> {
             baseline: "native",
             max_ratio,
             target,
+            setup: ":".to_owned(),
         }
     }
 }
@@ -125,6 +132,11 @@ pub(super) async fn running_cases(
         eprintln!("generating data ...");
         gen_big(&dir.join("big.bin"), scale.big_mib)?;
         gen_tree(&dir.join("meta"), scale.meta_files, |i| format!("{i}\n"))?;
+        let tar = Command::new("tar")
+            .args(["cf", "meta.tar", "meta"])
+            .current_dir(&dir)
+            .status()?;
+        anyhow::ensure!(tar.success(), "tar cf meta.tar failed");
         gen_tree(&dir.join("src"), scale.src_files, source)?;
         let repo = dir.join("repo");
         gen_tree(&repo, scale.repo_files, source)?;
@@ -231,6 +243,40 @@ pub(super) async fn running_cases(
                     None,
                     "reference (no-open mode is the default for source trees)",
                 ),
+                // Metadata-heavy writes (installs, builds, unpacking): each run in a fresh
+                // directory of its own (the setup is not timed).
+                FsCase {
+                    setup: "d=out/create$$; mkdir $d".to_owned(),
+                    ..FsCase::new(
+                        format!("create {CREATE_FILES} empty files, write rule"),
+                        &format!("for i in $(seq {CREATE_FILES}); do : > $d/f$i; done"),
+                        &sb,
+                        Some(2.0),
+                        "<= 2x native",
+                    )
+                },
+                FsCase {
+                    setup: format!(
+                        "d=out/rm$$; mkdir $d; for i in $(seq {CREATE_FILES}); do : > $d/f$i; done"
+                    ),
+                    ..FsCase::new(
+                        format!("rm -rf of {CREATE_FILES} files, write rule"),
+                        "rm -rf $d",
+                        &sb,
+                        Some(2.0),
+                        "<= 2x native",
+                    )
+                },
+                FsCase {
+                    setup: "d=out/tar$$; mkdir $d".to_owned(),
+                    ..FsCase::new(
+                        format!("tar x of {} files, write rule", scale.meta_files),
+                        "tar xf meta.tar -C $d",
+                        &sb,
+                        Some(2.0),
+                        "<= 2x native",
+                    )
+                },
                 FsCase::new(
                     format!("git status ({} files), write rule", scale.repo_files),
                     "git -C repo status --porcelain > /dev/null",
@@ -249,18 +295,21 @@ pub(super) async fn running_cases(
         baseline,
         max_ratio,
         target,
+        setup,
     } in fs_cases
     {
         let native_dir = native_dir.unwrap_or(&dir);
         eprintln!("case: {label}");
         // Warm both caches first.
-        native(&cmd, native_dir)?;
-        api.exec(sandbox, &cmd).await?;
+        let once = format!("{setup}; {cmd}");
+        native(&once, native_dir)?;
+        api.exec(sandbox, &once).await?;
         let (mut ours, mut base) = (vec![], vec![]);
         // Both sides time the command itself from inside the same shell, so process start-up
         // and the API's own cost (the exec round trip case below) are not counted here.
-        let timed =
-            format!("s=$(date +%s%N); {cmd}; e=$(date +%s%N); echo \"elapsed_ns=$((e - s))\"");
+        let timed = format!(
+            "{setup}; s=$(date +%s%N); {cmd}; e=$(date +%s%N); echo \"elapsed_ns=$((e - s))\""
+        );
         let parse = |out: &str| -> anyhow::Result<f64> {
             let ns: f64 = out
                 .lines()

@@ -58,7 +58,8 @@ const RESERVED_TOP: &[&str] = &[
 ];
 
 /// Checks a [`SandboxSpec::workspace_path`]: absolute, normalized, at least one level deep, not
-/// in a [`RESERVED_TOP`] directory.
+/// in a directory the sandbox's system occupies (`/usr`, `/etc`, `/proc`, `/dev`, `/sys`,
+/// `/run`, `/bin`, `/sbin`, `/lib*`, `/boot`) or in `/workspace`.
 pub fn check_workspace_path(path: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(RuntimeError::invalid(format!(
