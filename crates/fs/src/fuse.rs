@@ -141,6 +141,9 @@ fn check_name(name: &OsStr) -> Result<(), FsError> {
 
 impl PolicyFs {
     pub(crate) fn new(shared: Arc<Shared>, opts: FsOptions) -> Self {
+        // The cache of host files is a shortcut within the sandbox's open-files cap.
+        lock(&shared.io).cap =
+            io_cache::IO_CACHE_MAX.min(opts.max_open_files.saturating_sub(1).max(1));
         PolicyFs {
             shared,
             opts,

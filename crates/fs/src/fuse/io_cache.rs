@@ -58,6 +58,9 @@ pub(crate) struct IoCache {
     /// Bumped whenever entries are dropped, so that a file opened concurrently with a drop
     /// (an outside change) is not cached afterwards.
     pub(super) epoch: u64,
+    /// Most unpinned files kept ([`IO_CACHE_MAX`], or less under a small open-files cap);
+    /// 0 means [`IO_CACHE_MAX`].
+    pub(super) cap: usize,
 }
 
 /// Unpinned host files kept open per mount.
@@ -85,7 +88,12 @@ impl IoCache {
             },
         );
         self.order.push_back(ino);
-        while self.order.len() > IO_CACHE_MAX {
+        let cap = if self.cap == 0 {
+            IO_CACHE_MAX
+        } else {
+            self.cap
+        };
+        while self.order.len() > cap {
             if let Some(old) = self.order.pop_front() {
                 self.files.remove(&old);
             }
@@ -154,5 +162,16 @@ impl IoCache {
 
     pub(crate) fn len(&self) -> usize {
         self.files.len()
+    }
+
+    /// Closes unpinned host files, oldest first, until at most `n` are held (pinned ones
+    /// stay: their paths no longer lead to them).
+    pub(super) fn shrink_to(&mut self, n: usize) {
+        while self.files.len() > n {
+            let Some(old) = self.order.pop_front() else {
+                return;
+            };
+            self.files.remove(&old);
+        }
     }
 }
