@@ -6,4 +6,5 @@ mod run;
 mod scan;
 mod server;
 mod shell;
+mod toolchains;
 mod util;
