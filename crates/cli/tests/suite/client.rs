@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use super::server::{Server, privileged};
-use super::util::write_tree;
+use super::util::{outcome, write_tree};
 
 fn cli(server: &Server, args: &[&str]) -> (i32, String, String) {
     // Options go before a `--`, after which everything is the command.
@@ -14,11 +14,7 @@ fn cli(server: &Server, args: &[&str]) -> (i32, String, String) {
         .args(&args[split..])
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    outcome(out)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use super::server::privileged;
-use super::util::project_with_secrets;
+use super::util::{outcome, project_with_secrets};
 
 fn run(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
@@ -13,11 +13,7 @@ fn run(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    outcome(out)
 }
 
 /// A project with secrets and a data directory, when the privileged tests can run here.
@@ -485,11 +481,7 @@ fn home_persists_and_git_commit_works() {
             .env_remove("SUDO_USER")
             .output()
             .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        outcome(out)
     };
     let (code, out, err) = run_as(&[
         dir,

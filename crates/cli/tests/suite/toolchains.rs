@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use super::util::write_tree;
+use super::util::{outcome, write_tree};
 
 /// A project directory and a data directory, when the privileged tests and `tools` (in
 /// `/usr/bin`, where the sandbox finds them) are here.
@@ -35,11 +35,7 @@ fn run(project: &Path, data: &Path, cmd: &str) -> (i32, String, String) {
         .args(["--", cmd])
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    outcome(out)
 }
 
 #[test]

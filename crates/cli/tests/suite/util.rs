@@ -25,6 +25,15 @@ pub fn ok_stdout(args: &[&str]) -> String {
 }
 
 /// Creates `files` (path, content) under `root`, making parent directories.
+/// A finished command as (exit code, `-1` for a signal; stdout; stderr).
+pub fn outcome(out: Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn write_tree(root: &Path, files: &[(&str, &str)]) {
     for (rel, content) in files {
         let p = root.join(rel);

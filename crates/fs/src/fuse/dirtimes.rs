@@ -37,6 +37,19 @@ struct Record {
     own: bool,
 }
 
+impl Record {
+    /// The record of a directory first shown with `real` times.
+    fn first(generation: u64, real: Times, names: Option<u64>) -> Record {
+        Record {
+            generation,
+            real,
+            shown: real,
+            names,
+            own: false,
+        }
+    }
+}
+
 /// The records of one mount, by directory path (an inode number does not survive the
 /// kernel forgetting the inode).
 #[derive(Debug, Default)]
@@ -88,16 +101,8 @@ impl DirTimes {
                 }
             }
             _ => {
-                self.dirs.insert(
-                    dir.to_path_buf(),
-                    Record {
-                        generation,
-                        real,
-                        shown: real,
-                        names: None,
-                        own: false,
-                    },
-                );
+                self.dirs
+                    .insert(dir.to_path_buf(), Record::first(generation, real, None));
                 Shown::Times(real)
             }
         }
@@ -121,13 +126,7 @@ impl DirTimes {
             _ => {
                 self.dirs.insert(
                     dir.to_path_buf(),
-                    Record {
-                        generation,
-                        real,
-                        shown: real,
-                        names: Some(names),
-                        own: false,
-                    },
+                    Record::first(generation, real, Some(names)),
                 );
                 real
             }
