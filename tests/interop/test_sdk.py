@@ -451,7 +451,13 @@ k = sys.argv[1]
 held = []
 try:
     for i in range(15000):
-        held.append(open(f"/workspace/output/h{k}_{i}", "w"))
+        # Open, then unlink: the filesystem must keep the host file for the open descriptor.
+        # (Files merely created and kept open cost the server no descriptor at all.)
+        path = f"/workspace/output/h{k}_{i}"
+        open(path, "w").close()
+        f = open(path)
+        os.unlink(path)
+        held.append(f)
 except OSError as e:
     err = e.errno
 else:
@@ -464,7 +470,8 @@ signal.pause()
 
 def test_open_files_of_one_sandbox_do_not_starve_others(project, endpoint, audit):
     """Issue 13, finding 4: a sandbox holding ~20,000 open files made the server hit EMFILE,
-    so other sandboxes' execs failed. Four processes try to hold 60,000 between them."""
+    so other sandboxes' execs failed. Four processes try to make the server hold 60,000 host
+    files between them (open, then unlink each)."""
     with Sandbox.from_local(str(project), preset="agent-safe", endpoint=endpoint) as hog, \
             Sandbox.from_local(str(project), preset="agent-safe", endpoint=endpoint) as other:
         hog.exec("mkdir -p /workspace/output && cat > /tmp/hold.py", stdin=HOLD_FILES)

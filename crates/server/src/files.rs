@@ -307,9 +307,11 @@ impl CodebaseFiles {
         let root = self.open_root(id)?;
         let mut sorted: Vec<&PathBuf> = paths.iter().collect();
         sorted.sort();
+        // Sorted by components, a path's descendants come right after it: comparing with the
+        // last kept path is enough (a publish may name tens of thousands of paths).
         let mut kept: Vec<&PathBuf> = Vec::new();
         for p in sorted {
-            if !kept.iter().any(|k| p.starts_with(k)) {
+            if !kept.last().is_some_and(|k| p.starts_with(k)) {
                 kept.push(p);
             }
         }
