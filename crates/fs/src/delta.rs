@@ -345,9 +345,13 @@ impl Delta {
         &self.usage
     }
 
-    /// (allocated bytes, 1) of `rel` in the upper layer, (0, 0) if it is not there.
+    /// (allocated bytes, 1) of `rel` in the upper layer, (0, 0) if it is not there. A file
+    /// with other names carries no bytes here: its blocks are charged by inode (as writes
+    /// grow it) and stay charged while any name is left, so that linking and unlinking a
+    /// second name can neither charge them twice nor give them back early.
     fn footprint(&self, rel: &Path) -> (i64, i64) {
         match host::lstat(self.upper.as_fd(), rel) {
+            Ok(st) if st.st_nlink > 1 && Kind::from_mode(st.st_mode) != Kind::Dir => (0, 1),
             Ok(st) => (allocated(u64::try_from(st.st_blocks).unwrap_or(0)), 1),
             Err(_) => (0, 0),
         }

@@ -677,9 +677,14 @@ impl Delta {
         })
     }
 
-    /// `link_raw`, charged to the disk quota (each name carries the file's blocks).
+    /// `link_raw`, charged to the disk quota: the copy-up of a codebase file, the new entry
+    /// and its directory (the file's blocks stay charged once, see `Delta::footprint`).
     pub fn link(&self, from: &Path, to: &Path) -> Result<(), FsError> {
-        self.accounted(&[from, to, parent_of(to)], || self.link_raw(from, to))
+        self.usage.check_room(0, 1)?;
+        self.accounted(&[from], || self.copy_up_raw(from))?;
+        self.accounted(&[parent_of(to)], || self.link_raw(from, to))?;
+        self.usage.charge(0, 1);
+        Ok(())
     }
 
     /// `mkdir_raw`, charged to the disk quota.

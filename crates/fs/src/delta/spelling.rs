@@ -97,12 +97,21 @@ impl Spellings {
         entry: &Path,
         st: Option<&Stat>,
     ) -> io::Result<bool> {
-        let text = String::from_utf8_lossy(name);
+        // A name that is not UTF-8, or whose swapped case does not swap back (`ı` → `I` →
+        // `i`), makes no faithful probe: a filesystem could fold it differently, and a verdict
+        // from it would stand for the whole directory. Such a name is checked against the
+        // listing, and nothing is cached from it.
+        let Ok(text) = std::str::from_utf8(name) else {
+            return listed(lower, parent, name);
+        };
         let mut folds = false;
         for ascii in [true, false] {
-            let Some(variant) = swapped(&text, ascii) else {
+            let Some(variant) = swapped(text, ascii) else {
                 continue;
             };
+            if swapped(&variant, ascii).as_deref() != Some(text) {
+                return listed(lower, parent, name);
+            }
             let known = {
                 let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
                 dirs.get(parent)
@@ -125,6 +134,11 @@ impl Spellings {
                         Err(e)
                             if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) =>
                         {
+                            // "Not folding" only if the entry is still the one probed for (it
+                            // may have gone between the two calls).
+                            if !host::lstat(lower, entry).is_ok_and(|now| same(st, &now)) {
+                                return listed(lower, parent, name);
+                            }
                             false
                         }
                         // A variant too long or otherwise unnameable says nothing: assume folding.
@@ -146,10 +160,15 @@ impl Spellings {
         if !folds {
             return Ok(true);
         }
-        Ok(host::list(lower, parent)?
-            .iter()
-            .any(|(n, _)| n.as_slice() == name))
+        listed(lower, parent, name)
     }
+}
+
+/// Whether directory `parent` lists `name` byte for byte.
+fn listed(lower: BorrowedFd<'_>, parent: &Path, name: &[u8]) -> io::Result<bool> {
+    Ok(host::list(lower, parent)?
+        .iter()
+        .any(|(n, _)| n.as_slice() == name))
 }
 
 #[cfg(test)]

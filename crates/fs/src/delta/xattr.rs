@@ -103,7 +103,9 @@ impl Delta {
         value(fd.as_fd(), name).map_err(|e| FsError::io("getxattr", rel, e))
     }
 
-    /// Sets or removes `user.*` attribute `name` of `rel`, in this sandbox's copy of it.
+    /// Sets or removes `user.*` attribute `name` of `rel`, in this sandbox's copy of it,
+    /// charged to the disk quota (file systems that store attributes in blocks of their own
+    /// count them in the file's allocation).
     pub fn xattr_write(
         &self,
         rel: &Path,
@@ -111,6 +113,19 @@ impl Delta {
         what: XattrWrite<'_>,
     ) -> Result<(), FsError> {
         check_rel(rel)?;
+        if let XattrWrite::Set(v, _) = what {
+            self.usage
+                .check_room(u64::try_from(v.len() + name.len()).unwrap_or(u64::MAX), 0)?;
+        }
+        self.accounted(&[rel], || self.xattr_write_raw(rel, name, what))
+    }
+
+    fn xattr_write_raw(
+        &self,
+        rel: &Path,
+        name: &OsStr,
+        what: XattrWrite<'_>,
+    ) -> Result<(), FsError> {
         if !name.as_bytes().starts_with(USER_XATTR_PREFIX.as_bytes()) {
             return Err(FsError::NotSupported {
                 op: "attributes outside user.*",

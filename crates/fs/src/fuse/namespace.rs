@@ -248,7 +248,24 @@ impl PolicyFs {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> Result<FileAttr, FsError> {
-        let path = self.path_of(ino)?;
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            // A file unlinked while open: `ftruncate` through the descriptor still works, on
+            // the host file kept for it (only when it was written through this mount).
+            Err(e) => {
+                let held = lock(&self.shared.io).held(ino).filter(|(_, w)| *w);
+                let (Some(size), Some((file, _))) = (size, held) else {
+                    return Err(e);
+                };
+                let before = file.metadata().ok();
+                let r = file.set_len(size);
+                self.charge_growth(ino, before.as_ref(), &file);
+                r.map_err(|e| FsError::io("truncate", "(open file)", e))?;
+                let st = rustix::fs::fstat(&*file)
+                    .map_err(|e| FsError::io("fstat", "(open file)", e.into()))?;
+                return Ok(self.file_attr(ino, &crate::delta::attr_of_stat(&st), Level::Write));
+            }
+        };
         let (attr, d) = self.visible("setattr", &path)?;
         let op = if size.is_some() {
             "truncate"

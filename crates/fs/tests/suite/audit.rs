@@ -162,3 +162,26 @@ fn the_delta_has_a_disk_quota() {
     });
     assert_eq!(limit, Some("disk"));
 }
+
+/// Found in review: a second name made the quota refund blocks still in use (`ln f g`, grow
+/// `f`, `rm g`: `g`'s removal gave back what `f` holds), and `user.*` attributes were never
+/// charged but refunded on unlink. Both were loops to unlimited disk.
+#[test]
+fn hard_links_and_xattrs_cannot_undo_the_quota() {
+    require_fuse!("hard_links_and_xattrs_cannot_undo_the_quota");
+    let m = mount_with(test_rules(), super::util::standard_tree, |cfg| {
+        cfg.disk_bytes = 2 << 20;
+        cfg.disk_inodes = 100_000;
+    });
+    let links = "import errno, os\nn = 0\ntry:\n    for i in range(8):\n        f, g = f'output/f{i}', f'output/g{i}'\n        open(f, 'w').close()\n        os.link(f, g)\n        with open(f, 'wb') as h:\n            h.write(b'x' * (1 << 20))\n        os.unlink(g)\n        n += 1\nexcept OSError as e:\n    print(n, errno.errorcode[e.errno])\n";
+    let out = m.python(links);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1 ENOSPC\n",
+        "{out:?}"
+    );
+    m.ok("rm -f output/f* output/g*");
+    let xattrs = "import errno, os\nfor i in range(1500):\n    p = f'output/x{i}'\n    open(p, 'w').close()\n    os.setxattr(p, 'user.pad', b'p' * 3900)\n    os.unlink(p)\ntry:\n    with open('output/big', 'wb') as h:\n        h.write(b'x' * (3 << 20))\n    print('wrote 3 MiB')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n";
+    let out = m.python(xattrs);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ENOSPC\n", "{out:?}");
+}

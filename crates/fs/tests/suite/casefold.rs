@@ -194,10 +194,15 @@ fn other_spellings_on_a_case_insensitive_codebase_are_absent() {
         "src/main.py",
         "private/plan.txt",
         "src/Notes.txt",
+        "src/Тайна.txt",
     ] {
         write(&backing, p, &format!("LEAK {p}\n"));
     }
     write(&backing, "README.md", "readme\n");
+    // Names whose case cannot be probed faithfully, which the attacker looks up first.
+    for dir in ["", "src", "private"] {
+        std::fs::write(backing.join(dir).join("ı"), "").unwrap();
+    }
     let lower = dir.path().join("lower");
     let _mirror = mirror(&backing, &lower);
     // The mirror itself is case-insensitive: the attack's premise.
@@ -210,6 +215,7 @@ fn other_spellings_on_a_case_insensitive_codebase_are_absent() {
     let mut rules = presets::get("agent-safe").unwrap().rules();
     rules.push(PermissionRule::glob("/private/**", Level::None, 50));
     rules.push(PermissionRule::glob("/src/Notes.txt", Level::None, 50));
+    rules.push(PermissionRule::glob("/src/Тайна.txt", Level::None, 50));
     let mut cfg = FsConfig::new(
         "sb-case",
         &lower,
@@ -222,9 +228,13 @@ fn other_spellings_on_a_case_insensitive_codebase_are_absent() {
         handle: Some(mount(cfg).unwrap()),
         dir,
     };
+    // A first lookup of a name whose case cannot be probed faithfully (not UTF-8, or `ı`)
+    // must not teach the mount that a directory does not fold.
+    m.sh("stat ı src/ı; true");
     let (_, out, err) = m.sh(
         "cat .ENV SECRETS/db.txt server.KEY ID_RSA Secrets/DB.TXT PRIVATE/plan.txt \
-         Private/PLAN.TXT src/notes.txt src/NOTES.TXT SRC/Notes.txt; ls -a",
+         Private/PLAN.TXT src/notes.txt src/NOTES.TXT SRC/Notes.txt src/тайна.txt src/ТАЙНА.txt; \
+         ls -a",
     );
     assert!(!out.contains("LEAK") && !err.contains("LEAK"), "{out}{err}");
     for p in [
@@ -244,6 +254,6 @@ fn other_spellings_on_a_case_insensitive_codebase_are_absent() {
         m.ok("cat README.md src/main.py"),
         "readme\nLEAK src/main.py\n"
     );
-    assert_eq!(m.ok("ls -A"), "README.md\nsrc\n");
-    assert_eq!(m.ok("ls -A src"), "main.py\n");
+    assert_eq!(m.ok("ls -A | grep -v ı"), "README.md\nsrc\n");
+    assert_eq!(m.ok("ls -A src | grep -v ı"), "main.py\n");
 }

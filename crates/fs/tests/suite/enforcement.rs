@@ -408,4 +408,12 @@ fn creating_more_files_than_the_open_files_limit_works() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(m.h().stats().open_files <= 100, "{:?}", m.h().stats());
+    // A created file unlinked while open can still be truncated through its descriptor.
+    assert_eq!(
+        m.user_py(
+            "fd = os.open('output/tmpf', os.O_CREAT | os.O_RDWR, 0o644)\nos.write(fd, b'abc')\n\
+             os.unlink('output/tmpf')\nos.ftruncate(fd, 1)\nprint(os.fstat(fd).st_size)"
+        ),
+        "1\nok"
+    );
 }
