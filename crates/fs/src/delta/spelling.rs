@@ -106,11 +106,11 @@ impl Spellings {
         };
         let mut folds = false;
         for ascii in [true, false] {
-            let Some(variant) = swapped(text, ascii) else {
+            // Nothing allocated on the common path: a name without letters of the class, or
+            // a directory whose verdict is known.
+            let cased = |c: char| c.is_ascii() == ascii && (c.is_lowercase() || c.is_uppercase());
+            if !text.chars().any(cased) {
                 continue;
-            };
-            if swapped(&variant, ascii).as_deref() != Some(text) {
-                return listed(lower, parent, name);
             }
             let known = {
                 let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
@@ -120,6 +120,12 @@ impl Spellings {
             let verdict = match known {
                 Some(v) => v,
                 None => {
+                    let Some(variant) = swapped(text, ascii) else {
+                        continue;
+                    };
+                    if swapped(&variant, ascii).as_deref() != Some(text) {
+                        return listed(lower, parent, name);
+                    }
                     let own;
                     let st = match st {
                         Some(st) => st,
