@@ -165,7 +165,6 @@ pub(crate) struct LocalSandbox {
     /// The sandbox id: unique per directory and slot, so that concurrent runs never share a
     /// cgroup, a user-namespace lease or a runtime entry.
     id: String,
-    work: PathBuf,
     delta: PathBuf,
     mnt: PathBuf,
     mount: MountHandle,
@@ -314,7 +313,6 @@ impl LocalSandbox {
             dir,
             slot,
             id,
-            work,
             delta,
             mnt,
             mount,
@@ -476,7 +474,7 @@ impl LocalSandbox {
             // The slot's lock file stays (and stays held until this run exits), and so does
             // its home (`--fresh-home` drops that).
             for sub in ["delta", "mnt", "runtime"] {
-                let p = self.work.join(sub);
+                let p = self.slot.work.join(sub);
                 match std::fs::remove_dir_all(&p) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         return Err(e).with_context(|| format!("cannot remove {}", p.display()));

@@ -3,6 +3,12 @@
 use super::*;
 
 impl PolicyFs {
+    /// The entry of `path`, just made through this mount (its directory's times move).
+    fn made(&self, path: &Path) -> Result<FileAttr, FsError> {
+        lock(&self.dir_times).changed(path, true);
+        self.entry(path, true)
+    }
+
     /// Who a new host file should belong to: the creating process, unless every file is
     /// shown with one owner anyway. Then the host files stay the service's: the creator's uid
     /// may be a sandbox's user-namespace id that a later sandbox reuses, and nothing but the
@@ -33,8 +39,7 @@ impl PolicyFs {
             self.shared
                 .delta
                 .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
-        lock(&self.dir_times).changed(&path, true);
-        let attr = self.entry(&path, true)?;
+        let attr = self.made(&path)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, file, write))
     }
@@ -58,8 +63,7 @@ impl PolicyFs {
         self.shared
             .delta
             .mknod(&path, kind, mode & !umask & 0o7777, self.host_owner(owner))?;
-        lock(&self.dir_times).changed(&path, true);
-        self.entry(&path, true)
+        self.made(&path)
     }
 
     pub(super) fn do_mkdir(
@@ -74,8 +78,7 @@ impl PolicyFs {
         self.shared
             .delta
             .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
-        lock(&self.dir_times).changed(&path, true);
-        self.entry(&path, true)
+        self.made(&path)
     }
 
     pub(super) fn do_symlink(
@@ -89,8 +92,7 @@ impl PolicyFs {
         self.shared
             .delta
             .symlink(&path, target, self.host_owner(owner))?;
-        lock(&self.dir_times).changed(&path, true);
-        self.entry(&path, true)
+        self.made(&path)
     }
 
     pub(super) fn do_remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<(), FsError> {
@@ -232,8 +234,7 @@ impl PolicyFs {
         }
         let path = self.check_new("link", newparent, newname, EntryKind::File)?;
         self.shared.delta.link(&src, &path)?;
-        lock(&self.dir_times).changed(&path, true);
-        self.entry(&path, true)
+        self.made(&path)
     }
 
     #[allow(clippy::too_many_arguments)]
