@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod client_cmd;
 mod host_tree;
+mod keys_cmd;
 mod local;
 pub mod policy_args;
 mod policy_cmd;
@@ -74,6 +75,18 @@ pub enum Command {
     ///
     /// Example: agentfense scan ./project --preset agent-safe
     Scan(scan_cmd::ScanArgs),
+    /// API keys of an authenticated server (`auth.enabled`), on its data directory; works
+    /// while the server runs.
+    ///
+    /// Example: agentfense keys create --tenant team-a --scope exec --expires 30d
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCmd),
+    /// Tenants of an authenticated server: list, block (incident response: its keys stop
+    /// working and its sandboxes are stopped), unblock.
+    ///
+    /// Example: agentfense tenants block team-a --reason "leaked key"
+    #[command(subcommand)]
+    Tenants(keys_cmd::TenantsCmd),
     /// Manage codebases on a server.
     Codebase {
         /// What to do.
@@ -162,6 +175,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run_cmd::run(args, out),
         Command::Shell(args) => shell_cmd::run(args),
         Command::Scan(args) => scan_cmd::run(args, out),
+        Command::Keys(cmd) => keys_cmd::keys(cmd, out),
+        Command::Tenants(cmd) => keys_cmd::tenants(cmd, out),
         Command::Codebase { cmd, conn } => client_cmd::codebase(cmd, conn, out),
         Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),
         Command::Exec { args, conn } => client_cmd::exec(args, conn, out),

@@ -99,14 +99,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let remote = !settings.grpc_addr.ip().is_loopback()
-            || settings.http_addr.is_some_and(|a| !a.ip().is_loopback());
+        let auth = settings.config.auth.enabled;
         let data_dir = settings.paths.data_dir.clone();
         let bound = agentfense_server::serve::bind(settings).await?;
-        if remote {
-            tracing::warn!(
-                "LISTENING ON A NON-LOOPBACK ADDRESS: the API has NO AUTHENTICATION; anyone who \
-                 can reach it can run commands in every sandbox"
+        if !auth {
+            tracing::info!(
+                "authentication is off (auth.enabled: false): every local client is an admin"
             );
         }
         // One stable line per port, for people and for scripts that start the server.
@@ -115,6 +113,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(a) = bound.http_addr() {
             println!("agentfense: REST listening on http://{a}");
+        }
+        if let Some(p) = bound.unix_socket() {
+            println!("agentfense: gRPC listening on unix://{}", p.display());
         }
         println!("agentfense: data in {}", data_dir.display());
         bound.run(shutdown_signal()).await?;

@@ -155,6 +155,38 @@ pub enum AuditEvent {
         /// Its target.
         target: String,
     },
+    /// A call presented no usable credential (counted per source; past
+    /// `auth.max_failures_per_minute` the source is refused without further lines).
+    AuthenticationFailed {
+        /// Client address (`ip`) or unix peer (`unix:<uid>`).
+        source: String,
+        /// The method called (`Service/Method`).
+        method: String,
+        /// Why it failed (never the secret).
+        reason: String,
+        /// The key id the credential claimed, if it had a key's shape.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        claimed_key_id: Option<String>,
+        /// This failure reached the limit: the source is refused for the rest of the minute.
+        rate_limited: bool,
+    },
+    /// A tenant was blocked (`agentfense tenants block`): its keys stopped working and the
+    /// server stopped its sandboxes.
+    TenantBlocked {
+        /// The tenant (also the line's `tenant`).
+        blocked_tenant: String,
+        /// The reason given.
+        reason: String,
+        /// The sandboxes that were running and were stopped.
+        sandboxes_stopped: Vec<String>,
+    },
+    /// A token bound to one sandbox was minted.
+    SandboxTokenCreated {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The token's id (never the token).
+        token_id: String,
+    },
     /// Events lost: a sandbox's filesystem events when their consumer stalled (with the
     /// sandbox), or any events when the writer's queue was full (without).
     AuditEventsDropped {
@@ -166,9 +198,32 @@ pub enum AuditEvent {
     },
 }
 
+/// Who caused an event: the tenant it concerns and the credential used (`key_...`,
+/// `tok_...`, `unix:<uid>`, `cert:<name>`); both `null` for the server's own events that no
+/// tenant owns, and `key_id` `null` for events no request caused (expiry, filesystem denials).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Actor {
+    /// The tenant.
+    pub tenant: Option<String>,
+    /// The credential's id.
+    pub key_id: Option<String>,
+}
+
+impl Actor {
+    /// Events of a tenant's resource that no request caused.
+    pub fn tenant(tenant: &str) -> Actor {
+        Actor {
+            tenant: Some(tenant.to_owned()),
+            key_id: None,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     timestamp: String,
+    #[serde(flatten)]
+    actor: &'a Actor,
     #[serde(flatten)]
     event: &'a AuditEvent,
 }
@@ -184,7 +239,7 @@ pub struct AuditError {
     pub source: std::io::Error,
 }
 
-type Queued = (SystemTime, AuditEvent);
+type Queued = (SystemTime, Actor, AuditEvent);
 
 /// A cheap, cloneable handle for recording events.
 ///
@@ -261,9 +316,9 @@ impl Audit {
     /// Records `event`, waiting for room in the queue instead of dropping it: for a thread
     /// whose only job is forwarding events (the filesystem bridge), so that a slow writer
     /// slows the source down rather than losing its events.
-    pub fn record_wait(&self, event: AuditEvent) {
+    pub fn record_wait(&self, actor: Actor, event: AuditEvent) {
         let Some(tx) = &self.bulk_tx else { return };
-        if tx.send((SystemTime::now(), event)).is_err() {
+        if tx.send((SystemTime::now(), actor, event)).is_err() {
             tracing::warn!("audit writer has stopped; event lost");
         }
     }
@@ -271,8 +326,13 @@ impl Audit {
     /// Records `event` without ever blocking: if the queue is full it is counted, and an
     /// `audit_events_dropped` line reports the count.
     pub fn record(&self, event: AuditEvent) {
+        self.record_as(Actor::default(), event);
+    }
+
+    /// [`Audit::record`] with the actor that caused the event.
+    pub fn record_as(&self, actor: Actor, event: AuditEvent) {
         let Some(tx) = &self.tx else { return };
-        match tx.try_send((SystemTime::now(), event)) {
+        match tx.try_send((SystemTime::now(), actor, event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -301,9 +361,13 @@ fn write_loop(
     dropped: Arc<AtomicU64>,
     path: PathBuf,
 ) {
-    let write = |out: &mut BufWriter<std::fs::File>, at: SystemTime, ev: &AuditEvent| {
+    let write = |out: &mut BufWriter<std::fs::File>,
+                 at: SystemTime,
+                 actor: &Actor,
+                 ev: &AuditEvent| {
         let line = Line {
             timestamp: humantime::format_rfc3339_millis(at).to_string(),
+            actor,
             event: ev,
         };
         match serde_json::to_string(&line) {
@@ -322,11 +386,11 @@ fn write_loop(
         let bulk = if bulk_open { &bulk_rx } else { &never };
         crossbeam_channel::select_biased! {
             recv(prio) -> m => match m {
-                Ok((at, ev)) => write(&mut out, at, &ev),
+                Ok((at, actor, ev)) => write(&mut out, at, &actor, &ev),
                 Err(_) => prio_open = false,
             },
             recv(bulk) -> m => match m {
-                Ok((at, ev)) => write(&mut out, at, &ev),
+                Ok((at, actor, ev)) => write(&mut out, at, &actor, &ev),
                 Err(_) => bulk_open = false,
             },
         }
@@ -335,15 +399,15 @@ fn write_loop(
         // server) without a syscall per event under load.
         for _ in 0..64 {
             let mut wrote = false;
-            while let Ok((at, ev)) = rx.try_recv() {
-                write(&mut out, at, &ev);
+            while let Ok((at, actor, ev)) = rx.try_recv() {
+                write(&mut out, at, &actor, &ev);
                 wrote = true;
             }
             for _ in 0..256 {
-                let Ok((at, ev)) = bulk_rx.try_recv() else {
+                let Ok((at, actor, ev)) = bulk_rx.try_recv() else {
                     break;
                 };
-                write(&mut out, at, &ev);
+                write(&mut out, at, &actor, &ev);
                 wrote = true;
             }
             if !wrote {
@@ -355,6 +419,7 @@ fn write_loop(
             write(
                 &mut out,
                 SystemTime::now(),
+                &Actor::default(),
                 &AuditEvent::AuditEventsDropped {
                     sandbox_id: None,
                     count: lost,
@@ -411,6 +476,12 @@ mod tests {
         assert_eq!(lines[1]["event"], "permission_denied");
         assert_eq!(lines[1]["count"], 3);
         assert_eq!(lines[1]["rule"], "**/.env*");
+        // Every line names its tenant and credential, null when none applies.
+        assert!(
+            lines[0]["tenant"].is_null() && lines[0]["key_id"].is_null(),
+            "{}",
+            lines[0]
+        );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -429,14 +500,17 @@ mod tests {
             let audit = audit.clone();
             std::thread::spawn(move || {
                 for i in 0..(4 * QUEUE) {
-                    audit.record_wait(AuditEvent::PermissionDenied {
-                        sandbox_id: "sb_storm".into(),
-                        operation: "lookup".into(),
-                        path: format!("/k{i}.key"),
-                        level: "none".into(),
-                        rule: None,
-                        count: 1,
-                    });
+                    audit.record_wait(
+                        Actor::tenant("t"),
+                        AuditEvent::PermissionDenied {
+                            sandbox_id: "sb_storm".into(),
+                            operation: "lookup".into(),
+                            path: format!("/k{i}.key"),
+                            level: "none".into(),
+                            rule: None,
+                            count: 1,
+                        },
+                    );
                 }
             })
         };

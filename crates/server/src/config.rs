@@ -14,6 +14,10 @@ use std::time::Duration;
 use agentfense_core::{ResourceLimits, RuntimeKind};
 use serde::Deserialize;
 
+mod auth;
+
+pub use auth::{AuthConfig, QuotaConfig, TenantQuota, TlsConfig};
+
 /// A configuration that could not be loaded or is inconsistent.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -71,6 +75,10 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// The policy every sandbox gets, whatever its rules.
     pub policy: PolicyConfig,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Per-tenant limits.
+    pub quotas: QuotaConfig,
 }
 
 /// `policy.*`
@@ -100,8 +108,19 @@ pub struct ServerConfig {
     pub grpc_addr: String,
     /// REST listen address; empty disables the REST gateway.
     pub http_addr: String,
-    /// Must be true to listen on a non-loopback address: the API has no authentication yet.
-    pub allow_remote: bool,
+    /// Replaced by `auth.enabled` (kept only to name its replacement when a config sets it).
+    pub allow_remote: Option<bool>,
+    /// The unix socket the API (gRPC) also listens on: absent = `<data_dir>/agentfense.sock`,
+    /// `""` = none. Peers are identified by their uid (`auth.unix_users`).
+    pub unix_socket: Option<PathBuf>,
+    /// Group that owns the unix socket (mode 0660); absent = the server's own group.
+    pub unix_socket_group: Option<String>,
+    /// Host names (besides loopback names and addresses) REST requests may carry in `Host`.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) whose browser requests REST accepts; none by default.
+    pub cors_origins: Vec<String>,
+    /// TLS for the gRPC and REST listeners.
+    pub tls: TlsConfig,
     /// Longest a request may take before it is answered (gRPC DEADLINE_EXCEEDED / HTTP 408)
     /// and its handler dropped; a streamed response may go on after its first bytes. `0s`
     /// (the default) means `runtime.max_timeout` plus one minute, so that no command the
@@ -126,7 +145,12 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: "127.0.0.1:9000".into(),
             http_addr: "127.0.0.1:8080".into(),
-            allow_remote: false,
+            allow_remote: None,
+            unix_socket: None,
+            unix_socket_group: None,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            tls: TlsConfig::default(),
             request_timeout: Duration::ZERO,
         }
     }
@@ -359,6 +383,8 @@ pub struct Settings {
     pub grpc_addr: SocketAddr,
     /// REST listen address, if enabled.
     pub http_addr: Option<SocketAddr>,
+    /// The API's unix socket, if enabled.
+    pub unix_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -436,21 +462,48 @@ impl Config {
         } else {
             Some(parse_addr("server.http_addr", &self.server.http_addr)?)
         };
+        if self.server.allow_remote.is_some() {
+            return Err(invalid(
+                "server.allow_remote",
+                "was replaced by auth.enabled: a non-loopback listener needs authentication \
+                 (see docs/server.md, \"Authentication and tenants\")",
+            ));
+        }
         for (key, addr) in [
             ("server.grpc_addr", Some(grpc_addr)),
             ("server.http_addr", http_addr),
         ] {
             if let Some(addr) = addr
                 && !addr.ip().is_loopback()
-                && !self.server.allow_remote
+                && !self.auth.enabled
             {
                 return Err(ConfigError::Invalid {
                     key,
                     message: format!(
-                        "{addr} is not a loopback address and the API has no authentication; \
-                         set server.allow_remote: true to expose it anyway"
+                        "{addr} is not a loopback address: set auth.enabled: true and create \
+                         keys with `agentfense keys create` to expose the API"
                     ),
                 });
+            }
+        }
+        let tls = &self.server.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(invalid("server.tls", "cert and key must be given together"));
+        }
+        if tls.client_ca.is_some() && !tls.enabled() {
+            return Err(invalid(
+                "server.tls.client_ca",
+                "needs server.tls.cert and server.tls.key",
+            ));
+        }
+        for origin in &self.server.cors_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.trim_end_matches('/').matches('/').count() != 2
+            {
+                return Err(invalid(
+                    "server.cors_origins",
+                    format!("{origin:?} is not an origin (scheme://host[:port])"),
+                ));
             }
         }
         if let Err(e) = agentfense_core::Policy::compile(self.policy.mandatory.clone()) {
@@ -538,11 +591,17 @@ impl Config {
             )?,
             data_dir,
         };
+        let unix_socket = match &self.server.unix_socket {
+            None => Some(paths.data_dir.join("agentfense.sock")),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(absolute(p.clone())?),
+        };
         Ok(Settings {
             config: self,
             paths,
             grpc_addr,
             http_addr,
+            unix_socket,
         })
     }
 
@@ -699,15 +758,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("allow_remote") && e.contains("authentication"),
+            e.contains("auth.enabled") && e.contains("agentfense keys create"),
             "{e}"
         );
         let e = resolve("server:\n  grpc_addr: ':9000'\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("allow_remote"), "{e}");
-        let s = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n  allow_remote: true\n").unwrap();
+        assert!(e.contains("auth.enabled"), "{e}");
+        // The old switch is gone and says what replaced it.
+        let e = resolve("server:\n  grpc_addr: 0.0.0.0:9000\n  allow_remote: true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.allow_remote") && e.contains("auth.enabled"),
+            "{e}"
+        );
+        let s = resolve("server:\n  grpc_addr: 0.0.0.0:9000\nauth:\n  enabled: true\n").unwrap();
         assert!(s.grpc_addr.ip().is_unspecified());
+        let e = resolve("server:\n  tls:\n    cert: c.pem\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.tls"), "{e}");
+        let e = resolve("server:\n  cors_origins: [evil.example]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.cors_origins"), "{e}");
         let s = resolve("server:\n  grpc_addr: localhost:9001\n").unwrap();
         assert!(s.grpc_addr.ip().is_loopback());
     }

@@ -5,6 +5,7 @@
 //! error mapping each. Binaries call [`config::Config::load`] and then the serve entry point.
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod files;
@@ -15,3 +16,4 @@ pub mod rest;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod tls;

@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::audit::{Audit, AuditWriter};
+use crate::auth::Gate;
+use crate::auth::keys::ServerSecret;
 use crate::config::Settings;
 use crate::files::CodebaseFiles;
 use crate::grpc::{CodebaseApi, SandboxApi};
@@ -62,15 +64,28 @@ pub enum ServeError {
     /// The REST server failed.
     #[error("REST server failed")]
     Http(#[source] std::io::Error),
+    /// The unix socket could not be set up.
+    #[error("cannot listen on unix socket {path}: {detail}")]
+    Unix {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Authentication could not be set up.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// A server with its state open and its ports bound, not yet serving.
 #[derive(Debug)]
 pub struct Bound {
     service: Arc<Service>,
+    gate: Arc<Gate>,
     audit_writer: AuditWriter,
     grpc: TcpListener,
     http: Option<TcpListener>,
+    unix: Option<tokio::net::UnixListener>,
 }
 
 /// Opens the data directory, the metadata store, codebase storage and the audit log, and binds
@@ -115,13 +130,85 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         ),
         None => None,
     };
+    let unix = match &settings.unix_socket {
+        Some(path) => Some(bind_unix(
+            path,
+            settings.config.server.unix_socket_group.as_deref(),
+        )?),
+        None => None,
+    };
+    let secret = ServerSecret::load_or_create(&ServerSecret::path_in(&paths.data_dir))
+        .map_err(|e| ServeError::Auth(e.to_string()))?;
+    let gate = Arc::new(
+        Gate::new(
+            store.clone(),
+            secret.clone(),
+            settings.config.auth.clone(),
+            audit.clone(),
+        )
+        .map_err(ServeError::Auth)?,
+    );
     let engine = build_engine(&settings, &audit).await?;
-    let service = Arc::new(Service::new(settings, store, files, audit, engine));
+    let service = Arc::new(Service::new(settings, store, files, audit, engine).with_secret(secret));
     Ok(Bound {
         service,
+        gate,
         audit_writer,
         grpc,
         http,
+        unix,
+    })
+}
+
+/// Binds the API's unix socket: a stale socket file is replaced (a live server on it is
+/// refused), the socket is mode 0660 and, when configured, owned by `group`.
+fn bind_unix(
+    path: &std::path::Path,
+    group: Option<&str>,
+) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |detail: String| ServeError::Unix {
+        path: path.to_owned(),
+        detail,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(err("a file that is not a socket is in the way".into()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err("another server is listening on it".into()));
+        }
+        std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let gid = match group {
+        None => None,
+        Some(g) => Some(gid_of(g).ok_or_else(|| err(format!("no group named {g:?}")))?),
+    };
+    // Created 0600 (umask) and only then opened up: no window in which anyone else connects.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let listener = tokio::net::UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = listener.map_err(|e| err(e.to_string()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| err(e.to_string()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
+/// A group's gid from the group database (or a numeric gid).
+fn gid_of(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
     })
 }
 
@@ -228,6 +315,14 @@ impl Bound {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The unix socket's path, if the server listens on one.
+    pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
+        self.unix
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+    }
+
     /// The service (for in-process use).
     pub fn service(&self) -> &Arc<Service> {
         &self.service
@@ -241,9 +336,11 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let Bound {
             service,
+            gate,
             audit_writer,
             grpc,
             http,
+            unix,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -272,6 +369,23 @@ impl Bound {
             })
         };
 
+        // Tenant blocks are written by `agentfense tenants block` (another process): act on
+        // them within a second.
+        let blocks = {
+            let svc = service.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { svc.enforce_blocks().await; }
+                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                    }
+                }
+            })
+        };
+
         let (health, health_svc) = tonic_health::server::health_reporter();
         health
             .set_serving::<CodebaseServiceServer<CodebaseApi>>()
@@ -283,15 +397,34 @@ impl Bound {
         let sandboxes = SandboxApi(service.clone());
         let config = &service.settings().config;
         let request_timeout = config.server.request_timeout(&config.runtime);
-        let grpc_server = tonic::transport::Server::builder()
-            .timeout(request_timeout)
-            .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-            .add_routes(crate::grpc::routes(service.clone()).add_service(health_svc))
+        let grpc_routes =
+            crate::grpc::routes(service.clone(), gate.clone()).add_service(health_svc);
+        let grpc_builder = || {
+            tonic::transport::Server::builder()
+                .timeout(request_timeout)
+                .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        };
+        let grpc_server = grpc_builder()
+            .add_routes(grpc_routes.clone())
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone()));
         let grpc_task = tokio::spawn(grpc_server);
+        let unix_task = unix.map(|listener| {
+            let incoming =
+                tonic::codegen::tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(
+                grpc_builder()
+                    .add_routes(grpc_routes)
+                    .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone())),
+            )
+        });
 
+        let guard = Arc::new(crate::rest::Guard {
+            gate: gate.clone(),
+            allowed_hosts: config.server.allowed_hosts.clone(),
+            cors_origins: config.server.cors_origins.clone(),
+        });
         let http_task = http.map(|listener| {
-            let app = router(RestState { codebases, sandboxes })
+            let app = router(RestState { codebases, sandboxes }, guard)
                 .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                     axum::http::StatusCode::REQUEST_TIMEOUT,
                     request_timeout,
@@ -303,9 +436,12 @@ impl Bound {
                 ));
             let rx = stop_rx.clone();
             tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(wait(rx))
-                    .await
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<crate::rest::RestPeer>(),
+                )
+                .with_graceful_shutdown(wait(rx))
+                .await
             })
         });
 
@@ -319,6 +455,10 @@ impl Bound {
             None => None,
         };
         let _ = reaper.await;
+        let _ = blocks.await;
+        if let Some(t) = unix_task {
+            let _ = tokio::time::timeout(grace, t).await;
+        }
         // Kill what runs inside sandboxes and unmount every FUSE mount; their RUNNING status
         // stays in the store so the next start brings them back.
         service.shutdown().await;

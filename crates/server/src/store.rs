@@ -59,6 +59,33 @@ pub const MIGRATIONS: &[&str] = &[
         closed_at INTEGER
     );
     CREATE INDEX sessions_by_sandbox ON sessions(sandbox_id, seq);",
+    // 2: tenants and API keys. Rows made before authentication existed belong to the
+    // `default` tenant (the one every caller has while auth.enabled is false).
+    "ALTER TABLE codebases ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX codebases_by_tenant ON codebases(tenant, seq);
+    ALTER TABLE sandboxes ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX sandboxes_by_tenant ON sandboxes(tenant, seq);
+    CREATE TABLE tenants (
+        name TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        blocked_at INTEGER,
+        block_reason TEXT,
+        block_enforced_at INTEGER
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        sandbox_id TEXT,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        last_used_at INTEGER,
+        revoked_at INTEGER
+    );
+    CREATE INDEX api_keys_by_sandbox ON api_keys(sandbox_id);
+    CREATE TABLE sandbox_creations (tenant TEXT NOT NULL, at INTEGER NOT NULL);
+    CREATE INDEX sandbox_creations_by_tenant ON sandbox_creations(tenant, at);",
 ];
 
 /// A metadata operation that failed.
@@ -122,8 +149,10 @@ pub struct CodebaseRecord {
     pub id: CodebaseId,
     /// Display name.
     pub name: String,
-    /// Owner (an unverified string from the client).
+    /// Owner: the client's label (the tenant for non-admin callers when auth is on).
     pub owner_id: String,
+    /// The tenant it belongs to (`default` while authentication is off).
+    pub tenant: String,
     /// Sum of file sizes, bytes.
     pub size: i64,
     /// Number of files.
@@ -143,6 +172,8 @@ pub struct SandboxRecord {
     pub codebase_id: CodebaseId,
     /// The codebase's owner (quota accounting).
     pub owner_id: String,
+    /// The tenant it belongs to (its codebase's).
+    pub tenant: String,
     /// Access rules, in request order.
     pub rules: Vec<PermissionRule>,
     /// Lifecycle state.
@@ -184,6 +215,17 @@ pub struct SessionRecord {
     pub created_at: SystemTime,
     /// When it closed.
     pub closed_at: Option<SystemTime>,
+}
+
+/// Which sandboxes a listing returns (every field narrows it; the default is all).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SandboxFilter<'a> {
+    /// Only this codebase's.
+    pub codebase: Option<&'a CodebaseId>,
+    /// Only this tenant's.
+    pub tenant: Option<&'a str>,
+    /// Only this one.
+    pub id: Option<&'a SandboxId>,
 }
 
 /// One page of a listing and the token for the next one (empty at the end).
@@ -285,7 +327,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (statements are
         // atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -297,8 +339,8 @@ impl Store {
     pub fn insert_codebase(&self, c: &CodebaseRecord) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "INSERT INTO codebases (id, name, owner_id, size, file_count, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO codebases (id, name, owner_id, size, file_count, created_at, updated_at,
+                 tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     c.id.as_str(),
                     c.name,
@@ -306,7 +348,8 @@ impl Store {
                     c.size,
                     c.file_count,
                     to_nanos(c.created_at),
-                    to_nanos(c.updated_at)
+                    to_nanos(c.updated_at),
+                    c.tenant,
                 ],
             )
             .map_err(q("insert codebase"))?;
@@ -325,6 +368,7 @@ impl Store {
                 file_count: r.get(4)?,
                 created_at: from_nanos(r.get(5)?),
                 updated_at: from_nanos(r.get(6)?),
+                tenant: r.get(7)?,
             },
         ))
     }
@@ -345,7 +389,7 @@ impl Store {
     pub fn get_codebase(&self, id: &CodebaseId) -> Result<Option<CodebaseRecord>, StoreError> {
         self.conn()
             .query_row(
-                "SELECT id, name, owner_id, size, file_count, created_at, updated_at
+                "SELECT id, name, owner_id, size, file_count, created_at, updated_at, tenant
                  FROM codebases WHERE id = ?1",
                 [id.as_str()],
                 Store::codebase_row,
@@ -356,9 +400,11 @@ impl Store {
             .transpose()
     }
 
-    /// Codebases in creation order, optionally of one owner; `after` is a page token.
+    /// Codebases in creation order, optionally of one tenant and one owner; `after` is a
+    /// page token.
     pub fn list_codebases(
         &self,
+        tenant: Option<&str>,
         owner: Option<&str>,
         after: i64,
         limit: usize,
@@ -366,14 +412,15 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, name, owner_id, size, file_count, created_at, updated_at, seq
+                "SELECT id, name, owner_id, size, file_count, created_at, updated_at, tenant, seq
                  FROM codebases WHERE seq > ?1 AND (?2 IS NULL OR owner_id = ?2)
+                 AND (?4 IS NULL OR tenant = ?4)
                  ORDER BY seq LIMIT ?3",
             )
             .map_err(q("list codebases"))?;
         let rows = stmt
-            .query_map(params![after, owner, (limit + 1) as i64], |r| {
-                Ok((Store::codebase_row(r)?, r.get::<_, i64>(7)?))
+            .query_map(params![after, owner, (limit + 1) as i64, tenant], |r| {
+                Ok((Store::codebase_row(r)?, r.get::<_, i64>(8)?))
             })
             .map_err(q("list codebases"))?
             .collect::<Result<Vec<_>, _>>()
@@ -410,47 +457,12 @@ impl Store {
 
     // ---- sandboxes ---------------------------------------------------------------------
 
-    /// Inserts a new sandbox.
+    /// Inserts a new sandbox (no limits: see [`Store::insert_sandbox_limited`]).
     pub fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
-        self.insert_sandbox_within_quota(s, 0).map(|_| ())
-    }
-
-    /// Inserts a new sandbox unless its owner already has `max_per_owner` (0 = no limit);
-    /// returns false, inserting nothing, when the quota is reached. One statement, so two
-    /// concurrent creates cannot both slip under the limit.
-    pub fn insert_sandbox_within_quota(
-        &self,
-        s: &SandboxRecord,
-        max_per_owner: u32,
-    ) -> Result<bool, StoreError> {
-        let (rules, labels, resources) = encode_sandbox(s)?;
-        let n = self
-            .conn()
-            .execute(
-                "INSERT INTO sandboxes (id, codebase_id, owner_id, rules, status, status_reason,
-                 labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14
-                 WHERE ?15 = 0 OR (SELECT COUNT(*) FROM sandboxes WHERE owner_id = ?3) < ?15",
-                params![
-                    s.id.as_str(),
-                    s.codebase_id.as_str(),
-                    s.owner_id,
-                    rules,
-                    status_str(s.status),
-                    s.status_reason,
-                    labels,
-                    s.runtime.as_str(),
-                    s.image,
-                    resources,
-                    to_nanos(s.created_at),
-                    s.started_at.map(to_nanos),
-                    s.stopped_at.map(to_nanos),
-                    s.expires_at.map(to_nanos),
-                    i64::from(max_per_owner),
-                ],
-            )
-            .map_err(q("insert sandbox"))?;
-        Ok(n == 1)
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(q("insert sandbox"))?;
+        insert_sandbox_row(&tx, s)?;
+        tx.commit().map_err(q("insert sandbox"))
     }
 
     /// Writes every mutable field of a sandbox (status, reason, timestamps, expiry).
@@ -472,7 +484,7 @@ impl Store {
         Ok(())
     }
 
-    const SANDBOX_COLS: &'static str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, seq";
+    const SANDBOX_COLS: &'static str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, seq, tenant";
 
     /// The sandbox with this id.
     pub fn get_sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
@@ -488,23 +500,30 @@ impl Store {
         raw.map(RawSandbox::decode).transpose()
     }
 
-    /// Sandboxes in creation order, optionally of one codebase.
+    /// Sandboxes in creation order, optionally of one codebase, one tenant, or just one.
     pub fn list_sandboxes(
         &self,
-        codebase: Option<&CodebaseId>,
+        filter: SandboxFilter<'_>,
         after: i64,
         limit: usize,
     ) -> Result<Page<SandboxRecord>, StoreError> {
         let conn = self.conn();
         let sql = format!(
             "SELECT {} FROM sandboxes WHERE seq > ?1 AND (?2 IS NULL OR codebase_id = ?2)
+             AND (?4 IS NULL OR tenant = ?4) AND (?5 IS NULL OR id = ?5)
              ORDER BY seq LIMIT ?3",
             Store::SANDBOX_COLS
         );
         let mut stmt = conn.prepare_cached(&sql).map_err(q("list sandboxes"))?;
         let rows = stmt
             .query_map(
-                params![after, codebase.map(|c| c.as_str()), (limit + 1) as i64],
+                params![
+                    after,
+                    filter.codebase.map(|c| c.as_str()),
+                    (limit + 1) as i64,
+                    filter.tenant,
+                    filter.id.map(|c| c.as_str()),
+                ],
                 |r| Ok((RawSandbox::from_row(r)?, r.get::<_, i64>(14)?)),
             )
             .map_err(q("list sandboxes"))?
@@ -759,6 +778,7 @@ struct RawSandbox {
     started_at: Option<i64>,
     stopped_at: Option<i64>,
     expires_at: Option<i64>,
+    tenant: String,
 }
 
 impl RawSandbox {
@@ -778,6 +798,7 @@ impl RawSandbox {
             started_at: r.get(11)?,
             stopped_at: r.get(12)?,
             expires_at: r.get(13)?,
+            tenant: r.get(15)?,
         })
     }
 
@@ -793,6 +814,7 @@ impl RawSandbox {
             codebase_id: CodebaseId::parse(&self.codebase_id)
                 .map_err(|e| corrupt("sandbox codebase id", e.to_string()))?,
             owner_id: self.owner_id,
+            tenant: self.tenant,
             rules: serde_json::from_str(&self.rules)
                 .map_err(|e| corrupt("sandbox rules", e.to_string()))?,
             status: match self.status.as_str() {
@@ -823,5 +845,37 @@ impl RawSandbox {
     }
 }
 
+mod auth;
 #[cfg(test)]
 mod tests;
+
+pub use auth::{KeyRecord, LimitHit, TenantRecord, TenantUsage};
+
+/// Inserts a sandbox row (inside a caller's transaction).
+fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Result<(), StoreError> {
+    let (rules, labels, resources) = encode_sandbox(s)?;
+    tx.execute(
+        "INSERT INTO sandboxes (id, codebase_id, owner_id, rules, status, status_reason,
+         labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at,
+         tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            s.id.as_str(),
+            s.codebase_id.as_str(),
+            s.owner_id,
+            rules,
+            status_str(s.status),
+            s.status_reason,
+            labels,
+            s.runtime.as_str(),
+            s.image,
+            resources,
+            to_nanos(s.created_at),
+            s.started_at.map(to_nanos),
+            s.stopped_at.map(to_nanos),
+            s.expires_at.map(to_nanos),
+            s.tenant,
+        ],
+    )
+    .map_err(q("insert sandbox"))?;
+    Ok(())
+}

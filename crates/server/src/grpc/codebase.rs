@@ -24,8 +24,9 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<v1::CreateCodebaseRequest>,
     ) -> Result<Response<v1::Codebase>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
-        let c = self.0.create_codebase(r.name, r.owner_id).await?;
+        let c = self.0.create_codebase(&caller, r.name, r.owner_id).await?;
         Ok(Response::new(wire::codebase(&c)))
     }
 
@@ -33,7 +34,11 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<v1::GetCodebaseRequest>,
     ) -> Result<Response<v1::Codebase>, Status> {
-        let c = self.0.get_codebase(&req.into_inner().codebase_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        let c = self
+            .0
+            .get_codebase(&caller, &req.into_inner().codebase_id)
+            .await?;
         Ok(Response::new(wire::codebase(&c)))
     }
 
@@ -41,10 +46,11 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<v1::ListCodebasesRequest>,
     ) -> Result<Response<v1::ListCodebasesResponse>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let page = self
             .0
-            .list_codebases(r.owner_id, r.page_size, r.page_token)
+            .list_codebases(&caller, r.owner_id, r.page_size, r.page_token)
             .await?;
         Ok(Response::new(v1::ListCodebasesResponse {
             codebases: page.items.iter().map(wire::codebase).collect(),
@@ -56,8 +62,9 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<v1::DeleteCodebaseRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         self.0
-            .delete_codebase(&req.into_inner().codebase_id)
+            .delete_codebase(&caller, &req.into_inner().codebase_id)
             .await?;
         Ok(Response::new(v1::Empty {}))
     }
@@ -66,6 +73,7 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<Streaming<v1::UploadChunk>>,
     ) -> Result<Response<v1::UploadResult>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let mut stream = req.into_inner();
         let first = stream
             .message()
@@ -80,7 +88,7 @@ impl CodebaseService for CodebaseApi {
         };
         let mut sink = self
             .0
-            .begin_upload(&meta.codebase_id, &meta.file_path, meta.total_size)
+            .begin_upload(&caller, &meta.codebase_id, &meta.file_path, meta.total_size)
             .await?;
         // Chunks are written as they arrive (never buffered whole in memory); on any error the
         // sink is dropped, which removes the staged file.
@@ -116,8 +124,12 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<v1::DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
-        let mut file = self.0.open_download(&r.codebase_id, &r.file_path).await?;
+        let mut file = self
+            .0
+            .open_download(&caller, &r.codebase_id, &r.file_path)
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let path = r.file_path;
         tokio::task::spawn_blocking(move || {
@@ -150,10 +162,11 @@ impl CodebaseService for CodebaseApi {
         &self,
         req: Request<v1::ListFilesRequest>,
     ) -> Result<Response<v1::ListFilesResponse>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let files = self
             .0
-            .list_files(&r.codebase_id, &r.path, r.recursive)
+            .list_files(&caller, &r.codebase_id, &r.path, r.recursive)
             .await?;
         Ok(Response::new(v1::ListFilesResponse {
             files: files.iter().map(wire::file_info).collect(),

@@ -13,12 +13,16 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 /// Chunk size of streamed downloads (the SDK's upload chunk size too).
 pub const CHUNK: usize = 64 << 10;
 
-/// The sandbox.v1 services (codebases and sandboxes) on one service handle, as routes that
-/// `serve` listens with and that tests drive in process.
-pub fn routes(service: std::sync::Arc<crate::service::Service>) -> tonic::service::Routes {
+/// The sandbox.v1 services (codebases and sandboxes) on one service handle, behind the gate
+/// ([`crate::auth::AuthLayer`]), as routes that `serve` listens with and that tests drive in
+/// process. Services added to the result afterwards (health) are not gated.
+pub fn routes(
+    service: std::sync::Arc<crate::service::Service>,
+    gate: std::sync::Arc<crate::auth::Gate>,
+) -> tonic::service::Routes {
     use agentfense_proto::v1::codebase_service_server::CodebaseServiceServer;
     use agentfense_proto::v1::sandbox_service_server::SandboxServiceServer;
-    tonic::service::Routes::new(
+    let routes = tonic::service::Routes::new(
         CodebaseServiceServer::new(CodebaseApi(service.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
@@ -27,5 +31,11 @@ pub fn routes(service: std::sync::Arc<crate::service::Service>) -> tonic::servic
         SandboxServiceServer::new(SandboxApi(service))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
+    );
+    tonic::service::Routes::from(
+        routes
+            .prepare()
+            .into_axum_router()
+            .layer(crate::auth::AuthLayer(gate)),
     )
 }

@@ -126,6 +126,7 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::CreateSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let runtime = match v1::RuntimeType::try_from(r.runtime) {
             Ok(v1::RuntimeType::Unspecified) => None,
@@ -147,7 +148,7 @@ impl SandboxService for SandboxApi {
             image: r.image,
             resources: resources(r.resources.as_ref())?,
         };
-        let rec = self.0.create_sandbox(create).await?;
+        let rec = self.0.create_sandbox(&caller, create).await?;
         Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
@@ -155,7 +156,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::GetSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
-        let rec = self.0.get_sandbox(&req.into_inner().sandbox_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        let rec = self
+            .0
+            .get_sandbox(&caller, &req.into_inner().sandbox_id)
+            .await?;
         Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
@@ -163,10 +168,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::ListSandboxesRequest>,
     ) -> Result<Response<v1::ListSandboxesResponse>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let page = self
             .0
-            .list_sandboxes(&r.codebase_id, r.page_size, &r.page_token)
+            .list_sandboxes(&caller, &r.codebase_id, r.page_size, &r.page_token)
             .await?;
         Ok(Response::new(v1::ListSandboxesResponse {
             sandboxes: page
@@ -182,7 +188,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::StartSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
-        let rec = self.0.start_sandbox(&req.into_inner().sandbox_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        let rec = self
+            .0
+            .start_sandbox(&caller, &req.into_inner().sandbox_id)
+            .await?;
         Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
@@ -190,7 +200,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::StopSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
-        let rec = self.0.stop_sandbox(&req.into_inner().sandbox_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        let rec = self
+            .0
+            .stop_sandbox(&caller, &req.into_inner().sandbox_id)
+            .await?;
         Ok(Response::new(wire::sandbox(&rec, self.floor())))
     }
 
@@ -198,7 +212,10 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::DestroySandboxRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
-        self.0.destroy_sandbox(&req.into_inner().sandbox_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        self.0
+            .destroy_sandbox(&caller, &req.into_inner().sandbox_id)
+            .await?;
         Ok(Response::new(v1::Empty {}))
     }
 
@@ -206,12 +223,13 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::ExecRequest>,
     ) -> Result<Response<v1::ExecResult>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         if r.sandbox_id.is_empty() {
             return Err(ServiceError::required("sandbox_id").into());
         }
         let id = r.sandbox_id.clone();
-        let out = self.0.exec(&id, exec_params(r)?).await?;
+        let out = self.0.exec(&caller, &id, exec_params(r)?).await?;
         Ok(Response::new(exec_result(out)))
     }
 
@@ -221,9 +239,10 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::ExecRequest>,
     ) -> Result<Response<Self::ExecStreamStream>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let id = r.sandbox_id.clone();
-        let rx = self.0.exec_stream(&id, exec_params(r)?).await?;
+        let rx = self.0.exec_stream(&caller, &id, exec_params(r)?).await?;
         Ok(Response::new(output_stream(rx)))
     }
 
@@ -231,10 +250,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::CreateSessionRequest>,
     ) -> Result<Response<v1::Session>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let s = self
             .0
-            .create_session(&r.sandbox_id, r.shell, r.env.into_iter().collect())
+            .create_session(&caller, &r.sandbox_id, r.shell, r.env.into_iter().collect())
             .await?;
         Ok(Response::new(wire::session(&s)))
     }
@@ -243,7 +263,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::GetSessionRequest>,
     ) -> Result<Response<v1::Session>, Status> {
-        let s = self.0.get_session(&req.into_inner().session_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        let s = self
+            .0
+            .get_session(&caller, &req.into_inner().session_id)
+            .await?;
         Ok(Response::new(wire::session(&s)))
     }
 
@@ -251,7 +275,11 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::ListSessionsRequest>,
     ) -> Result<Response<v1::ListSessionsResponse>, Status> {
-        let list = self.0.list_sessions(&req.into_inner().sandbox_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        let list = self
+            .0
+            .list_sessions(&caller, &req.into_inner().sandbox_id)
+            .await?;
         Ok(Response::new(v1::ListSessionsResponse {
             sessions: list.iter().map(wire::session).collect(),
         }))
@@ -261,7 +289,10 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::DestroySessionRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
-        self.0.destroy_session(&req.into_inner().session_id).await?;
+        let caller = crate::auth::caller_of(&req)?;
+        self.0
+            .destroy_session(&caller, &req.into_inner().session_id)
+            .await?;
         Ok(Response::new(v1::Empty {}))
     }
 
@@ -269,11 +300,12 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::SessionExecRequest>,
     ) -> Result<Response<v1::ExecResult>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let timeout = opt_duration(r.timeout.as_ref(), "timeout")?;
         let out = self
             .0
-            .session_exec(&r.session_id, r.command, timeout)
+            .session_exec(&caller, &r.session_id, r.command, timeout)
             .await?;
         Ok(Response::new(exec_result(out)))
     }
@@ -284,11 +316,12 @@ impl SandboxService for SandboxApi {
         &self,
         req: Request<v1::SessionExecRequest>,
     ) -> Result<Response<Self::SessionExecStreamStream>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
         let r = req.into_inner();
         let timeout = opt_duration(r.timeout.as_ref(), "timeout")?;
         let rx = self
             .0
-            .session_exec_stream(&r.session_id, r.command, timeout)
+            .session_exec_stream(&caller, &r.session_id, r.command, timeout)
             .await?;
         Ok(Response::new(output_stream(rx)))
     }

@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use agentfense_core::SandboxPath;
 
 use super::{Service, blocking, page_args};
-use crate::audit::AuditEvent;
+use crate::audit::{Actor, AuditEvent};
+use crate::auth::Caller;
 use crate::error::ServiceError;
 use crate::files::{FileEntry, Upload, Uploaded};
 use crate::ids::CodebaseId;
@@ -20,6 +21,7 @@ const MAX_NAME: usize = 256;
 #[derive(Debug)]
 pub struct UploadSink {
     codebase: CodebaseId,
+    actor: Actor,
     path: SandboxPath,
     announced: u64,
     upload: Upload,
@@ -54,24 +56,35 @@ impl Service {
         Ok(CodebaseId::parse(raw)?)
     }
 
-    /// The codebase, or NOT_FOUND.
+    /// The codebase, or NOT_FOUND: also when it belongs to a tenant the caller cannot see
+    /// (the answer never reveals that it exists).
     pub(crate) async fn codebase(
         self: &Arc<Self>,
+        caller: &Caller,
         id: &CodebaseId,
     ) -> Result<CodebaseRecord, ServiceError> {
         let store = self.store.clone();
         let id2 = id.clone();
         blocking(move || Ok(store.get_codebase(&id2)?))
             .await?
+            .filter(|c| caller.sees_tenant(&c.tenant))
             .ok_or_else(|| ServiceError::NotFound(format!("codebase {id} not found")))
     }
 
-    /// CreateCodebase.
+    /// CreateCodebase. The codebase belongs to the caller's tenant; a non-admin caller's
+    /// `owner_id` is replaced by its tenant (so no quota or listing can be escaped by naming
+    /// another owner).
     pub async fn create_codebase(
         self: &Arc<Self>,
+        caller: &Caller,
         name: String,
         owner_id: String,
     ) -> Result<CodebaseRecord, ServiceError> {
+        let owner_id = if caller.is_admin() {
+            owner_id
+        } else {
+            caller.tenant.clone()
+        };
         for (field, v) in [("name", &name), ("owner_id", &owner_id)] {
             if v.trim().is_empty() {
                 return Err(ServiceError::required(field));
@@ -87,6 +100,7 @@ impl Service {
             id: CodebaseId::generate(),
             name,
             owner_id,
+            tenant: caller.tenant.clone(),
             size: 0,
             file_count: 0,
             created_at: now,
@@ -103,41 +117,54 @@ impl Service {
             Ok(())
         })
         .await?;
-        self.audit.record(AuditEvent::CodebaseCreated {
-            codebase_id: rec.id.to_string(),
-            name: rec.name.clone(),
-            owner_id: rec.owner_id.clone(),
-        });
+        self.audit.record_as(
+            caller.actor(),
+            AuditEvent::CodebaseCreated {
+                codebase_id: rec.id.to_string(),
+                name: rec.name.clone(),
+                owner_id: rec.owner_id.clone(),
+            },
+        );
         Ok(rec)
     }
 
     /// GetCodebase.
-    pub async fn get_codebase(self: &Arc<Self>, id: &str) -> Result<CodebaseRecord, ServiceError> {
+    pub async fn get_codebase(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<CodebaseRecord, ServiceError> {
         let id = Service::codebase_id(id)?;
-        self.codebase(&id).await
+        self.codebase(caller, &id).await
     }
 
-    /// ListCodebases (real pagination; an empty owner lists everyone's).
+    /// ListCodebases (real pagination; an empty owner lists everyone's the caller may see).
     pub async fn list_codebases(
         self: &Arc<Self>,
+        caller: &Caller,
         owner_id: String,
         page_size: i32,
         page_token: String,
     ) -> Result<Page<CodebaseRecord>, ServiceError> {
         let (size, after) = page_args(page_size, &page_token)?;
         let store = self.store.clone();
+        let tenant = caller.list_tenant().map(str::to_owned);
         blocking(move || {
             let owner = (!owner_id.is_empty()).then_some(owner_id.as_str());
-            Ok(store.list_codebases(owner, after, size)?)
+            Ok(store.list_codebases(tenant.as_deref(), owner, after, size)?)
         })
         .await
     }
 
     /// DeleteCodebase: refused while any sandbox uses it, so that no sandbox (running or with
     /// unpublished changes) loses its files.
-    pub async fn delete_codebase(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
+    pub async fn delete_codebase(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(), ServiceError> {
         let id = Service::codebase_id(id)?;
-        self.codebase(&id).await?;
+        self.codebase(caller, &id).await?;
         let this = self.clone();
         let id2 = id.clone();
         blocking(move || {
@@ -155,15 +182,19 @@ impl Service {
             Ok(())
         })
         .await?;
-        self.audit.record(AuditEvent::CodebaseDeleted {
-            codebase_id: id.to_string(),
-        });
+        self.audit.record_as(
+            caller.actor(),
+            AuditEvent::CodebaseDeleted {
+                codebase_id: id.to_string(),
+            },
+        );
         Ok(())
     }
 
     /// Starts an upload from the stream's first (metadata) message.
     pub async fn begin_upload(
         self: &Arc<Self>,
+        caller: &Caller,
         codebase_id: &str,
         file_path: &str,
         total_size: i64,
@@ -191,12 +222,20 @@ impl Service {
                 "{file_path}: total_size {total_size} exceeds the upload limit of {limit} bytes"
             )));
         }
-        self.codebase(&id).await?;
+        let cb = self.codebase(caller, &id).await?;
+        let quota = self.settings.config.quotas.of(&cb.tenant);
+        if quota.codebase_bytes > 0 {
+            let store = self.store.clone();
+            let t = cb.tenant.clone();
+            let usage = blocking(move || Ok(store.tenant_usage(&t)?)).await?;
+            super::quota::check_codebase_bytes(&cb.tenant, &usage, total_size as u64, &quota)?;
+        }
         let this = self.clone();
         let (id2, p2) = (id.clone(), path.clone());
         let upload = blocking(move || Ok(this.files.begin_upload(&id2, &p2, limit)?)).await?;
         Ok(UploadSink {
             codebase: id,
+            actor: caller.actor(),
             path,
             announced: total_size as u64,
             upload,
@@ -211,6 +250,7 @@ impl Service {
         let this = self.clone();
         let UploadSink {
             codebase,
+            actor,
             path,
             announced,
             upload,
@@ -236,24 +276,28 @@ impl Service {
             Ok(up)
         })
         .await?;
-        self.audit.record(AuditEvent::FileUploaded {
-            codebase_id: codebase.to_string(),
-            path: p.relative().to_owned(),
-            size: done.size,
-            checksum: done.md5.clone(),
-        });
+        self.audit.record_as(
+            actor,
+            AuditEvent::FileUploaded {
+                codebase_id: codebase.to_string(),
+                path: p.relative().to_owned(),
+                size: done.size,
+                checksum: done.md5.clone(),
+            },
+        );
         Ok((codebase, p, done))
     }
 
     /// Opens a codebase file for DownloadFile.
     pub async fn open_download(
         self: &Arc<Self>,
+        caller: &Caller,
         codebase_id: &str,
         file_path: &str,
     ) -> Result<File, ServiceError> {
         let id = Service::codebase_id(codebase_id)?;
         let path = parse_file_path(file_path, "file_path")?;
-        self.codebase(&id).await?;
+        self.codebase(caller, &id).await?;
         let this = self.clone();
         blocking(move || Ok(this.files.open_file(&id, &path)?)).await
     }
@@ -261,6 +305,7 @@ impl Service {
     /// ListFiles.
     pub async fn list_files(
         self: &Arc<Self>,
+        caller: &Caller,
         codebase_id: &str,
         path: &str,
         recursive: bool,
@@ -268,7 +313,7 @@ impl Service {
         let id = Service::codebase_id(codebase_id)?;
         let dir = SandboxPath::parse(path)
             .map_err(|e| ServiceError::InvalidArgument(format!("path: {e}")))?;
-        self.codebase(&id).await?;
+        self.codebase(caller, &id).await?;
         let this = self.clone();
         blocking(move || Ok(this.files.list(&id, &dir, recursive)?)).await
     }

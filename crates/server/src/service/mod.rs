@@ -3,9 +3,11 @@
 
 mod codebases;
 pub mod mounter;
+mod quota;
 mod sandboxes;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ pub use sandboxes::{
     CreateSandbox, Engine, ExecOutcome, ExecParams, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH,
     StreamItem,
 };
+pub use tokens::MintedToken;
 
 use crate::audit::Audit;
 use crate::config::Settings;
@@ -34,6 +37,8 @@ pub struct Service {
     pub(crate) files: CodebaseFiles,
     pub(crate) audit: Audit,
     pub(crate) engine: Engine,
+    pub(crate) quota: quota::Counters,
+    pub(crate) secret: crate::auth::keys::ServerSecret,
 }
 
 impl Service {
@@ -51,7 +56,20 @@ impl Service {
             files,
             audit,
             engine,
+            quota: quota::Counters::default(),
+            secret: {
+                // Replaced by the data directory's secret (`with_secret`) in a real server.
+                let mut b = [0u8; 32];
+                let _ = getrandom::fill(&mut b);
+                crate::auth::keys::ServerSecret::fixed(b)
+            },
         }
+    }
+
+    /// Uses `secret` to hash the sandbox tokens this service mints.
+    pub fn with_secret(mut self, secret: crate::auth::keys::ServerSecret) -> Self {
+        self.secret = secret;
+        self
     }
 
     /// The settings in force.

@@ -19,10 +19,11 @@ use tokio::sync::mpsc;
 
 use super::mounter::{FuseMounter, Mounted, Mounter};
 use super::{Service, blocking, page_args};
-use crate::audit::AuditEvent;
+use crate::audit::{Actor, AuditEvent};
+use crate::auth::Caller;
 use crate::error::{ServiceError, chain};
 use crate::ids::{CodebaseId, SandboxId, SessionId};
-use crate::store::{Page, SandboxRecord, SessionRecord};
+use crate::store::{LimitHit, Page, SandboxRecord, SessionRecord};
 
 /// A sandbox's live resources while it runs.
 pub(crate) struct Live {
@@ -32,6 +33,7 @@ pub(crate) struct Live {
     /// read the store (session commands still read their session's record).
     id: SandboxId,
     codebase_id: CodebaseId,
+    tenant: String,
 }
 
 impl std::fmt::Debug for Live {
@@ -189,7 +191,7 @@ impl Engine {
 }
 
 impl Service {
-    fn sandbox_id(raw: &str) -> Result<SandboxId, ServiceError> {
+    pub(crate) fn sandbox_id(raw: &str) -> Result<SandboxId, ServiceError> {
         if raw.is_empty() {
             return Err(ServiceError::required("sandbox_id"));
         }
@@ -217,6 +219,20 @@ impl Service {
         blocking(move || Ok(store.get_sandbox(&id2)?))
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} not found")))
+    }
+
+    /// The sandbox, or NOT_FOUND: also when the caller cannot see it (another tenant's, or
+    /// not the one its sandbox token is for).
+    pub(crate) async fn sandbox_for(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &SandboxId,
+    ) -> Result<SandboxRecord, ServiceError> {
+        match self.sandbox(id).await {
+            Ok(rec) if caller.sees_sandbox(&rec.tenant, &rec.id) => Ok(rec),
+            Ok(_) => Err(ServiceError::NotFound(format!("sandbox {id} not found"))),
+            Err(e) => Err(e),
+        }
     }
 
     async fn save(self: &Arc<Self>, rec: &SandboxRecord) -> Result<(), ServiceError> {

@@ -12,6 +12,7 @@ fn codebase(owner: &str) -> CodebaseRecord {
         id: CodebaseId::generate(),
         name: "demo".into(),
         owner_id: owner.into(),
+        tenant: format!("t-{owner}"),
         size: 0,
         file_count: 0,
         created_at: t(1),
@@ -24,6 +25,7 @@ fn sandbox(cb: &CodebaseRecord) -> SandboxRecord {
         id: SandboxId::generate(),
         codebase_id: cb.id.clone(),
         owner_id: cb.owner_id.clone(),
+        tenant: cb.tenant.clone(),
         rules: vec![PermissionRule::glob("**/*", Level::Read, 0)],
         status: SandboxStatus::Pending,
         status_reason: None,
@@ -77,14 +79,14 @@ fn codebase_pagination_is_real_and_filters_by_owner() {
         ids.push(c.id.clone());
         s.insert_codebase(&c).unwrap();
     }
-    let p1 = s.list_codebases(None, 0, 2).unwrap();
+    let p1 = s.list_codebases(None, None, 0, 2).unwrap();
     assert_eq!(p1.items.len(), 2);
     assert!(!p1.next_token.is_empty());
     let p2 = s
-        .list_codebases(None, p1.next_token.parse().unwrap(), 2)
+        .list_codebases(None, None, p1.next_token.parse().unwrap(), 2)
         .unwrap();
     let p3 = s
-        .list_codebases(None, p2.next_token.parse().unwrap(), 2)
+        .list_codebases(None, None, p2.next_token.parse().unwrap(), 2)
         .unwrap();
     assert_eq!(p3.items.len(), 1);
     assert_eq!(p3.next_token, "");
@@ -94,9 +96,18 @@ fn codebase_pagination_is_real_and_filters_by_owner() {
         .map(|c| c.id)
         .collect();
     assert_eq!(all, ids);
-    let even = s.list_codebases(Some("even"), 0, 100).unwrap();
+    let even = s.list_codebases(None, Some("even"), 0, 100).unwrap();
     assert_eq!(even.items.len(), 3);
     assert!(even.items.iter().all(|c| c.owner_id == "even"));
+    // By tenant, alone or with an owner.
+    let odd = s.list_codebases(Some("t-odd"), None, 0, 100).unwrap();
+    assert_eq!(odd.items.len(), 2);
+    assert!(
+        s.list_codebases(Some("t-odd"), Some("even"), 0, 100)
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 #[test]
@@ -126,9 +137,36 @@ fn sandboxes_round_trip_and_update() {
     s.update_sandbox(&sb).unwrap();
     assert_eq!(s.get_sandbox(&sb.id).unwrap(), Some(sb.clone()));
     assert_eq!(s.count_sandboxes_of_owner("owner").unwrap(), 1);
-    // The quota is checked in the same statement as the insert.
-    assert!(!s.insert_sandbox_within_quota(&sandbox(&c), 1).unwrap());
+    // Limits are checked in the same transaction as the insert; a refused create inserts
+    // and counts nothing.
+    let now = t(50_000);
+    let hit = s
+        .insert_sandbox_limited(&sandbox(&c), 1, 0, 0, now)
+        .unwrap();
+    assert_eq!(hit, Err(LimitHit::Owner(1)));
+    let hit = s
+        .insert_sandbox_limited(&sandbox(&c), 0, 1, 0, now)
+        .unwrap();
+    assert_eq!(hit, Err(LimitHit::Tenant(1)));
     assert_eq!(s.count_sandboxes_of_owner("owner").unwrap(), 1);
+    let extra = sandbox(&c);
+    assert_eq!(
+        s.insert_sandbox_limited(&extra, 0, 2, 1, now).unwrap(),
+        Ok(())
+    );
+    let hit = s
+        .insert_sandbox_limited(&sandbox(&c), 0, 0, 1, now)
+        .unwrap();
+    assert_eq!(hit, Err(LimitHit::PerHour(1)));
+    // The hour slides.
+    let later = now + Duration::from_secs(3601);
+    let again = sandbox(&c);
+    assert_eq!(
+        s.insert_sandbox_limited(&again, 0, 0, 1, later).unwrap(),
+        Ok(())
+    );
+    s.delete_sandbox(&extra.id).unwrap();
+    s.delete_sandbox(&again.id).unwrap();
     assert_eq!(
         s.sandboxes_of_codebase(&c.id).unwrap(),
         vec![sb.id.to_string()]
@@ -137,7 +175,16 @@ fn sandboxes_round_trip_and_update() {
     s.insert_codebase(&other).unwrap();
     s.insert_sandbox(&sandbox(&other)).unwrap();
     assert_eq!(
-        s.list_sandboxes(Some(&c.id), 0, 10).unwrap().items,
+        s.list_sandboxes(
+            crate::store::SandboxFilter {
+                codebase: Some(&c.id),
+                ..Default::default()
+            },
+            0,
+            10
+        )
+        .unwrap()
+        .items,
         vec![sb.clone()]
     );
     assert_eq!(s.all_sandboxes().unwrap().len(), 2);
@@ -174,4 +221,61 @@ fn sessions_round_trip_close_and_cascade() {
     assert_eq!(s.list_sessions(&sb.id).unwrap().len(), 1);
     s.delete_sandbox(&sb.id).unwrap();
     assert_eq!(s.get_session(&sess.id).unwrap(), None);
+}
+
+#[test]
+fn keys_tenants_and_hourly_creations() {
+    let s = Store::open_in_memory().unwrap();
+    let k = crate::store::KeyRecord {
+        id: "key_0123456789ab".into(),
+        tenant: "a".into(),
+        scopes: vec!["exec".into(), "sandboxes:read".into()],
+        sandbox_id: None,
+        created_at: t(1),
+        expires_at: Some(t(100)),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    s.insert_key(&k, b"hash").unwrap();
+    let (got, hash, blocked) = s.key(&k.id).unwrap().unwrap();
+    assert_eq!(
+        (got, hash.as_slice(), blocked),
+        (k.clone(), &b"hash"[..], false)
+    );
+    assert!(s.key("key_nope").unwrap().is_none());
+    s.touch_key(&k.id, t(5)).unwrap();
+    assert!(s.revoke_key(&k.id, t(6)).unwrap());
+    assert!(s.revoke_key(&k.id, t(7)).unwrap());
+    let listed = s.list_keys().unwrap();
+    assert_eq!(listed[0].revoked_at, Some(t(6)));
+    assert_eq!(listed[0].last_used_at, Some(t(5)));
+    assert!(!s.revoke_key("key_nope", t(7)).unwrap());
+
+    // Blocking: visible through the key lookup, pending until enforced, undoable.
+    assert!(s.block_tenant("a", "leak", t(8)).unwrap());
+    assert!(!s.block_tenant("a", "again", t(9)).unwrap());
+    assert!(s.key(&k.id).unwrap().unwrap().2);
+    assert!(s.tenant_blocked("a").unwrap());
+    assert!(!s.tenant_blocked("b").unwrap());
+    assert_eq!(
+        s.blocks_to_enforce().unwrap(),
+        vec![("a".into(), "leak".into())]
+    );
+    s.block_enforced("a", t(10)).unwrap();
+    assert!(s.blocks_to_enforce().unwrap().is_empty());
+    assert!(s.unblock_tenant("a").unwrap());
+    assert!(!s.unblock_tenant("a").unwrap());
+    assert_eq!(s.list_tenants().unwrap()[0].name, "a");
+
+    // Usage by tenant.
+    let c = codebase("u");
+    s.insert_codebase(&c).unwrap();
+    s.adjust_codebase_stats(&c.id, 1000, 1, t(11)).unwrap();
+    let mut sb = sandbox(&c);
+    sb.status = SandboxStatus::Running;
+    s.insert_sandbox(&sb).unwrap();
+    s.insert_sandbox(&sandbox(&c)).unwrap();
+    let u = s.tenant_usage("t-u").unwrap();
+    assert_eq!((u.sandboxes, u.running, u.codebase_bytes), (2, 1, 1000));
+    s.delete_tokens_of("sb_x").unwrap();
 }

@@ -4,17 +4,23 @@
 use super::*;
 
 impl Service {
+    /// The running sandbox `id` as the caller may use it: NOT_FOUND when it cannot see it,
+    /// FAILED_PRECONDITION when it is not running.
     pub(super) async fn running(
         self: &Arc<Self>,
+        caller: &Caller,
         id: &SandboxId,
     ) -> Result<Arc<Live>, ServiceError> {
         // Live resources exist exactly while the store says the sandbox runs: added by a
         // start that is then saved (or undone), taken away first when it stops. Only the
         // error path reads the store.
         if let Some(live) = self.engine.live(id) {
+            if !caller.sees_sandbox(&live.tenant, &live.id) {
+                return Err(ServiceError::NotFound(format!("sandbox {id} not found")));
+            }
             return Ok(live);
         }
-        let rec = self.sandbox(id).await?;
+        let rec = self.sandbox_for(caller, id).await?;
         Err(ServiceError::FailedPrecondition(format!(
             "sandbox {id} is not running (status {}); start it first",
             status_name(rec.status)
@@ -118,42 +124,59 @@ impl Service {
         Ok(Some(report))
     }
 
+    /// A slot for one more command of the sandbox's tenant (`quotas.concurrent_execs`).
+    pub(super) fn exec_slot(&self, live: &Live) -> Result<super::super::quota::Slot, ServiceError> {
+        let quota = self.settings.config.quotas.of(&live.tenant);
+        self.quota.exec(&live.tenant, &quota)
+    }
+
     pub(super) fn audit_command(
         &self,
+        actor: &Actor,
         sandbox_id: &SandboxId,
         session: Option<&SessionId>,
         command: &str,
-        exit_code: i32,
-        duration: Duration,
-        timed_out: bool,
+        (exit_code, duration, timed_out): (i32, Duration, bool),
     ) {
-        self.audit.record(AuditEvent::CommandExecuted {
-            sandbox_id: sandbox_id.to_string(),
-            session_id: session.map(|s| s.to_string()),
-            command: command.to_owned(),
-            exit_code,
-            duration_ms: duration.as_millis() as u64,
-            timed_out,
-        });
+        self.audit.record_as(
+            actor.clone(),
+            AuditEvent::CommandExecuted {
+                sandbox_id: sandbox_id.to_string(),
+                session_id: session.map(|s| s.to_string()),
+                command: command.to_owned(),
+                exit_code,
+                duration_ms: duration.as_millis() as u64,
+                timed_out,
+            },
+        );
     }
 
     /// Exec.
     pub async fn exec(
         self: &Arc<Self>,
+        caller: &Caller,
         sandbox_id: &str,
         p: ExecParams,
     ) -> Result<ExecOutcome, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let live = self.running(&id).await?;
+        let live = self.running(caller, &id).await?;
         let command = p.command.clone();
         let req = self.runtime_request(p)?;
+        let _slot = self.exec_slot(&live)?;
+        let actor = caller.actor();
         let timeout = req.timeout.unwrap_or_default();
         let started = std::time::Instant::now();
         let res = live.runtime.exec(id.as_str(), req).await;
         self.after_command(&live).await;
         match res {
             Ok(r) => {
-                self.audit_command(&live.id, None, &command, r.exit_code, r.duration, false);
+                self.audit_command(
+                    &actor,
+                    &live.id,
+                    None,
+                    &command,
+                    (r.exit_code, r.duration, false),
+                );
                 Ok(ExecOutcome {
                     stdout: r.stdout,
                     stderr: r.stderr,
@@ -164,7 +187,8 @@ impl Service {
             Err(e) => {
                 let timed_out = e.kind() == ErrorKind::DeadlineExceeded;
                 if timed_out {
-                    self.audit_command(&live.id, None, &command, -1, started.elapsed(), true);
+                    let d = started.elapsed();
+                    self.audit_command(&actor, &live.id, None, &command, (-1, d, true));
                     return Err(ServiceError::DeadlineExceeded(format!(
                         "command timed out after {}",
                         humantime::format_duration(timeout)
@@ -178,20 +202,22 @@ impl Service {
     /// ExecStream: items arrive on the returned channel; the last is `Exit` or `Error`.
     pub async fn exec_stream(
         self: &Arc<Self>,
+        caller: &Caller,
         sandbox_id: &str,
         p: ExecParams,
     ) -> Result<mpsc::Receiver<StreamItem>, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let live = self.running(&id).await?;
+        let live = self.running(caller, &id).await?;
         let command = p.command.clone();
         let req = self.runtime_request(p)?;
+        let slot = self.exec_slot(&live)?;
         let timeout = req.timeout.unwrap_or_default();
         let stream = live
             .runtime
             .exec_stream(id.as_str(), req)
             .await
             .map_err(runtime_error)?;
-        Ok(self.pump(live, stream, command, timeout, None))
+        Ok(self.pump(live, stream, command, timeout, None, (caller.actor(), slot)))
     }
 
     /// Forwards a command's stream to the client as [`StreamItem`]s; when it ends, publishes
@@ -204,6 +230,7 @@ impl Service {
         command: String,
         timeout: Duration,
         session: Option<SessionId>,
+        (actor, slot): (Actor, super::super::quota::Slot),
     ) -> mpsc::Receiver<StreamItem> {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
@@ -250,8 +277,10 @@ impl Service {
             drop(stream);
             this.after_command(&live).await;
             if let Some((code, d, timed_out)) = outcome {
-                this.audit_command(&live.id, session.as_ref(), &command, code, d, timed_out);
+                let sess = session.as_ref();
+                this.audit_command(&actor, &live.id, sess, &command, (code, d, timed_out));
             }
+            drop(slot);
         });
         rx
     }
@@ -259,10 +288,11 @@ impl Service {
     /// Publishes a manual-publish sandbox's pending changes now.
     pub async fn publish(
         self: &Arc<Self>,
+        caller: &Caller,
         sandbox_id: &str,
     ) -> Result<PublishReport, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let live = self.running(&id).await?;
+        let live = self.running(caller, &id).await?;
         let this = self.clone();
         blocking(move || {
             Ok(this

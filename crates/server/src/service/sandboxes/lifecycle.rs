@@ -7,6 +7,7 @@ impl Service {
     /// CreateSandbox.
     pub async fn create_sandbox(
         self: &Arc<Self>,
+        caller: &Caller,
         req: CreateSandbox,
     ) -> Result<SandboxRecord, ServiceError> {
         let cb_id = Service::codebase_id(&req.codebase_id)?;
@@ -51,8 +52,11 @@ impl Service {
                  runtime.max_resources.{field} = {ceiling}"
             )));
         }
-        let codebase = self.codebase(&cb_id).await?;
+        let codebase = self.codebase(caller, &cb_id).await?;
         let max = self.settings.config.sandbox.max_per_user;
+        // The sandbox belongs to its codebase's tenant (an admin may work on any).
+        let tenant = codebase.tenant.clone();
+        let quota = self.settings.config.quotas.of(&tenant);
         let now = SystemTime::now();
         let expires_in = req
             .expires_in
@@ -61,6 +65,7 @@ impl Service {
             id: SandboxId::generate(),
             codebase_id: cb_id,
             owner_id: codebase.owner_id.clone(),
+            tenant,
             rules: req.rules,
             status: SandboxStatus::Pending,
             status_reason: None,
@@ -76,39 +81,63 @@ impl Service {
         let store = self.store.clone();
         let r = rec.clone();
         blocking(move || {
-            if store.insert_sandbox_within_quota(&r, max)? {
-                return Ok(());
-            }
-            let n = store.count_sandboxes_of_owner(&r.owner_id)?;
-            Err(ServiceError::ResourceExhausted(format!(
-                "owner {:?} already has {n} sandboxes (limit sandbox.max_per_user = {max}); \
-                 destroy one first",
-                r.owner_id
-            )))
+            let hit = store.insert_sandbox_limited(
+                &r,
+                max,
+                quota.sandboxes,
+                quota.creations_per_hour,
+                now,
+            )?;
+            Err(ServiceError::ResourceExhausted(match hit {
+                Ok(()) => return Ok(()),
+                Err(LimitHit::PerHour(n)) => format!(
+                    "tenant {:?} created {n} sandboxes in the last hour (quota \
+                     quotas.creations_per_hour = {}); try again later",
+                    r.tenant, quota.creations_per_hour
+                ),
+                Err(LimitHit::Tenant(n)) => format!(
+                    "tenant {:?} has {n} sandboxes (quota quotas.sandboxes = {}); destroy one \
+                     first",
+                    r.tenant, quota.sandboxes
+                ),
+                Err(LimitHit::Owner(n)) => format!(
+                    "owner {:?} already has {n} sandboxes (limit sandbox.max_per_user = {max}); \
+                     destroy one first",
+                    r.owner_id
+                ),
+            }))
         })
         .await?;
-        self.audit.record(AuditEvent::SandboxCreated {
-            sandbox_id: rec.id.to_string(),
-            codebase_id: rec.codebase_id.to_string(),
-            owner_id: rec.owner_id.clone(),
-            rules: rec.rules.clone(),
-            runtime: rec.runtime.to_string(),
-            image: rec.image.clone(),
-            resources: rec.resources,
-            labels: rec.labels.clone(),
-        });
+        self.audit.record_as(
+            caller.actor(),
+            AuditEvent::SandboxCreated {
+                sandbox_id: rec.id.to_string(),
+                codebase_id: rec.codebase_id.to_string(),
+                owner_id: rec.owner_id.clone(),
+                rules: rec.rules.clone(),
+                runtime: rec.runtime.to_string(),
+                image: rec.image.clone(),
+                resources: rec.resources,
+                labels: rec.labels.clone(),
+            },
+        );
         Ok(rec)
     }
 
     /// GetSandbox.
-    pub async fn get_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
+    pub async fn get_sandbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<SandboxRecord, ServiceError> {
         let id = Service::sandbox_id(id)?;
-        self.sandbox(&id).await
+        self.sandbox_for(caller, &id).await
     }
 
-    /// ListSandboxes.
+    /// ListSandboxes: those the caller may see.
     pub async fn list_sandboxes(
         self: &Arc<Self>,
+        caller: &Caller,
         codebase_id: &str,
         page_size: i32,
         page_token: &str,
@@ -120,13 +149,27 @@ impl Service {
             Some(Service::codebase_id(codebase_id)?)
         };
         let store = self.store.clone();
-        blocking(move || Ok(store.list_sandboxes(cb.as_ref(), after, size)?)).await
+        let tenant = caller.list_tenant().map(str::to_owned);
+        let only = caller.sandbox.clone();
+        blocking(move || {
+            let filter = crate::store::SandboxFilter {
+                codebase: cb.as_ref(),
+                tenant: tenant.as_deref(),
+                id: only.as_ref(),
+            };
+            Ok(store.list_sandboxes(filter, after, size)?)
+        })
+        .await
     }
 
     /// StartSandbox: PENDING, STOPPED or ERROR → RUNNING.
-    pub async fn start_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
+    pub async fn start_sandbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<SandboxRecord, ServiceError> {
         let id = Service::sandbox_id(id)?;
-        self.sandbox(&id).await?;
+        self.sandbox_for(caller, &id).await?;
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let mut rec = self.sandbox(&id).await?;
@@ -135,6 +178,15 @@ impl Service {
                 "sandbox {id} is already running"
             )));
         }
+        let quota = self.settings.config.quotas.of(&rec.tenant);
+        let _reservation = if quota.running_sandboxes > 0 {
+            let store = self.store.clone();
+            let t = rec.tenant.clone();
+            let usage = blocking(move || Ok(store.tenant_usage(&t)?)).await?;
+            Some(self.quota.start(&rec.tenant, usage.running, &quota)?)
+        } else {
+            None
+        };
         match self.bring_up(&rec).await {
             Ok(()) => {
                 rec.status = SandboxStatus::Running;
@@ -145,9 +197,12 @@ impl Service {
                     self.tear_down(&rec, false).await;
                     return Err(e);
                 }
-                self.audit.record(AuditEvent::SandboxStarted {
-                    sandbox_id: id.to_string(),
-                });
+                self.audit.record_as(
+                    caller.actor(),
+                    AuditEvent::SandboxStarted {
+                        sandbox_id: id.to_string(),
+                    },
+                );
                 Ok(rec)
             }
             Err(e) => {
@@ -266,7 +321,7 @@ impl Service {
                 return Err(e);
             }
         };
-        self.spawn_fs_audit_bridge(&*mount);
+        self.spawn_fs_audit_bridge(&*mount, &rec.tenant);
         if let Err(e) = runtime.start(&sid).await.map_err(runtime_error) {
             let _ = runtime.destroy(&sid).await;
             let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
@@ -291,14 +346,16 @@ impl Service {
                     runtime,
                     id: rec.id.clone(),
                     codebase_id: rec.codebase_id.clone(),
+                    tenant: rec.tenant.clone(),
                 }),
             );
         Ok(())
     }
 
-    pub(super) fn spawn_fs_audit_bridge(self: &Arc<Self>, mount: &dyn Mounted) {
+    pub(super) fn spawn_fs_audit_bridge(self: &Arc<Self>, mount: &dyn Mounted, tenant: &str) {
         let rx = mount.events();
         let audit = self.audit.clone();
+        let actor = Actor::tenant(tenant);
         let _ = std::thread::Builder::new()
             .name("fs-audit".into())
             .spawn(move || {
@@ -306,16 +363,20 @@ impl Service {
                 // the writer's queue: a storm of denials slows down (see agentfense_fs::audit)
                 // instead of losing events.
                 for ev in rx {
-                    audit.record_wait(fs_event(ev));
+                    audit.record_wait(actor.clone(), fs_event(ev));
                 }
             });
     }
 
     /// StopSandbox: RUNNING → STOPPED. Kills everything inside, publishes what is pending in
     /// automatic mode, unmounts. The delta is kept; Start reuses it.
-    pub async fn stop_sandbox(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, ServiceError> {
+    pub async fn stop_sandbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<SandboxRecord, ServiceError> {
         let id = Service::sandbox_id(id)?;
-        self.sandbox(&id).await?;
+        self.sandbox_for(caller, &id).await?;
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let mut rec = self.sandbox(&id).await?;
@@ -329,10 +390,13 @@ impl Service {
         rec.status = SandboxStatus::Stopped;
         rec.stopped_at = Some(SystemTime::now());
         self.save(&rec).await?;
-        self.audit.record(AuditEvent::SandboxStopped {
-            sandbox_id: id.to_string(),
-            reason: None,
-        });
+        self.audit.record_as(
+            caller.actor(),
+            AuditEvent::SandboxStopped {
+                sandbox_id: id.to_string(),
+                reason: None,
+            },
+        );
         Ok(rec)
     }
 
@@ -385,15 +449,21 @@ impl Service {
     }
 
     /// DestroySandbox: from any state. Stops it, removes its delta and metadata.
-    pub async fn destroy_sandbox(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
+    pub async fn destroy_sandbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(), ServiceError> {
         let id = Service::sandbox_id(id)?;
-        self.destroy_inner(&id, false).await
+        self.sandbox_for(caller, &id).await?;
+        self.destroy_inner(&id, Some(caller.actor())).await
     }
 
+    /// Destroys a sandbox: on request (`actor` = who asked) or by the reaper (`None`).
     pub(super) async fn destroy_inner(
         self: &Arc<Self>,
         id: &SandboxId,
-        expired: bool,
+        actor: Option<Actor>,
     ) -> Result<(), ServiceError> {
         self.sandbox(id).await?;
         let lock = self.engine.lock(id);
@@ -410,6 +480,7 @@ impl Service {
             {
                 tracing::warn!(path = %delta.display(), error = %e, "cannot remove delta");
             }
+            store.delete_tokens_of(id2.as_str())?;
             Ok(store.delete_sandbox(&id2)?)
         })
         .await?;
@@ -418,15 +489,20 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        self.audit.record(if expired {
-            AuditEvent::SandboxExpired {
-                sandbox_id: id.to_string(),
-            }
-        } else {
-            AuditEvent::SandboxDestroyed {
-                sandbox_id: id.to_string(),
-            }
-        });
+        match actor {
+            None => self.audit.record_as(
+                Actor::tenant(&rec.tenant),
+                AuditEvent::SandboxExpired {
+                    sandbox_id: id.to_string(),
+                },
+            ),
+            Some(actor) => self.audit.record_as(
+                actor,
+                AuditEvent::SandboxDestroyed {
+                    sandbox_id: id.to_string(),
+                },
+            ),
+        }
         Ok(())
     }
 
@@ -446,7 +522,7 @@ impl Service {
             .into_iter()
             .filter(|s| s.expires_at.is_some_and(|t| t <= now))
         {
-            match self.destroy_inner(&s.id, true).await {
+            match self.destroy_inner(&s.id, None).await {
                 Ok(()) => n += 1,
                 Err(e) => {
                     tracing::warn!(sandbox_id = %s.id, error = %e, "cannot destroy expired sandbox")
@@ -501,9 +577,12 @@ impl Service {
                 Ok(()) => {
                     rec.started_at = Some(SystemTime::now());
                     tracing::info!(sandbox_id = %rec.id, "sandbox restarted after server restart");
-                    self.audit.record(AuditEvent::SandboxStarted {
-                        sandbox_id: rec.id.to_string(),
-                    });
+                    self.audit.record_as(
+                        Actor::tenant(&rec.tenant),
+                        AuditEvent::SandboxStarted {
+                            sandbox_id: rec.id.to_string(),
+                        },
+                    );
                 }
                 Err(e) => {
                     rec.status = SandboxStatus::Stopped;
@@ -591,5 +670,75 @@ pub(super) fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
                 count,
             }
         }
+    }
+}
+
+impl Service {
+    /// Acts on tenant blocks (`agentfense tenants block`, written to the store by another
+    /// process): stops every running sandbox of each newly blocked tenant and audits it. The
+    /// tenant's keys already fail at the gate. Returns how many tenants were handled.
+    pub async fn enforce_blocks(self: &Arc<Self>) -> usize {
+        let store = self.store.clone();
+        let pending = match blocking(move || Ok(store.blocks_to_enforce()?)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read tenant blocks");
+                return 0;
+            }
+        };
+        let mut handled = 0;
+        for (tenant, reason) in pending {
+            let store = self.store.clone();
+            let t = tenant.clone();
+            let all = blocking(move || {
+                Ok(store.list_sandboxes(
+                    crate::store::SandboxFilter {
+                        tenant: Some(&t),
+                        ..Default::default()
+                    },
+                    0,
+                    1_000_000,
+                )?)
+            })
+            .await;
+            let Ok(page) = all else { continue };
+            let mut stopped = Vec::new();
+            for rec in page.items {
+                let lock = self.engine.lock(&rec.id);
+                let _g = lock.lock().await;
+                let Ok(mut rec) = self.sandbox(&rec.id).await else {
+                    continue;
+                };
+                if rec.status != SandboxStatus::Running {
+                    continue;
+                }
+                self.tear_down(&rec, false).await;
+                rec.status = SandboxStatus::Stopped;
+                rec.stopped_at = Some(SystemTime::now());
+                rec.status_reason = Some(format!("tenant {tenant:?} was blocked"));
+                if self.save(&rec).await.is_ok() {
+                    stopped.push(rec.id.to_string());
+                }
+            }
+            let store = self.store.clone();
+            let t = tenant.clone();
+            if blocking(move || Ok(store.block_enforced(&t, SystemTime::now())?))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            tracing::warn!(tenant = %tenant, stopped = stopped.len(), "tenant blocked");
+            self.audit.record_as(
+                Actor::tenant(&tenant),
+                AuditEvent::TenantBlocked {
+                    blocked_tenant: tenant.clone(),
+                    reason,
+                    sandboxes_stopped: stopped,
+                },
+            );
+            handled += 1;
+        }
+        handled
     }
 }

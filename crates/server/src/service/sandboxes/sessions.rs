@@ -6,12 +6,13 @@ impl Service {
     /// CreateSession.
     pub async fn create_session(
         self: &Arc<Self>,
+        caller: &Caller,
         sandbox_id: &str,
         shell: String,
         env: BTreeMap<String, String>,
     ) -> Result<SessionRecord, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
-        let live = self.running(&id).await?;
+        let live = self.running(caller, &id).await?;
         let shell = if shell.is_empty() {
             "/bin/sh".to_owned()
         } else {
@@ -44,37 +45,58 @@ impl Service {
         Ok(rec)
     }
 
+    /// The session, or NOT_FOUND: also when the caller cannot see its sandbox.
     pub(super) async fn session(
         self: &Arc<Self>,
+        caller: &Caller,
         id: &SessionId,
     ) -> Result<SessionRecord, ServiceError> {
         let store = self.store.clone();
         let id2 = id.clone();
-        blocking(move || Ok(store.get_session(&id2)?))
+        let not_found = || ServiceError::NotFound(format!("session {id} not found"));
+        let sess = blocking(move || Ok(store.get_session(&id2)?))
             .await?
-            .ok_or_else(|| ServiceError::NotFound(format!("session {id} not found")))
+            .ok_or_else(not_found)?;
+        let visible = match self.engine.live(&sess.sandbox_id) {
+            Some(live) => caller.sees_sandbox(&live.tenant, &live.id),
+            None => self.sandbox_for(caller, &sess.sandbox_id).await.is_ok(),
+        };
+        if visible { Ok(sess) } else { Err(not_found()) }
     }
 
     /// GetSession.
-    pub async fn get_session(self: &Arc<Self>, id: &str) -> Result<SessionRecord, ServiceError> {
+    pub async fn get_session(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<SessionRecord, ServiceError> {
         let id = Service::session_id(id)?;
-        self.session(&id).await
+        self.session(caller, &id).await
     }
 
-    /// ListSessions (an unknown sandbox lists as empty, like the original).
+    /// ListSessions (an unknown sandbox, or one the caller cannot see, lists as empty, like
+    /// the original).
     pub async fn list_sessions(
         self: &Arc<Self>,
+        caller: &Caller,
         sandbox_id: &str,
     ) -> Result<Vec<SessionRecord>, ServiceError> {
         let id = Service::sandbox_id(sandbox_id)?;
+        if self.sandbox_for(caller, &id).await.is_err() {
+            return Ok(Vec::new());
+        }
         let store = self.store.clone();
         blocking(move || Ok(store.list_sessions(&id)?)).await
     }
 
     /// DestroySession: kills the shell and everything it started.
-    pub async fn destroy_session(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
+    pub async fn destroy_session(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(), ServiceError> {
         let id = Service::session_id(id)?;
-        let sess = self.session(&id).await?;
+        let sess = self.session(caller, &id).await?;
         if let Some(live) = self.engine.live(&sess.sandbox_id) {
             match live
                 .runtime
@@ -95,11 +117,14 @@ impl Service {
     /// SessionExec.
     pub async fn session_exec(
         self: &Arc<Self>,
+        caller: &Caller,
         session_id: &str,
         command: String,
         timeout: Option<Duration>,
     ) -> Result<ExecOutcome, ServiceError> {
-        let (sid, live) = self.session_call(session_id, &command).await?;
+        let (sid, live) = self.session_call(caller, session_id, &command).await?;
+        let _slot = self.exec_slot(&live)?;
+        let actor = caller.actor();
         let timeout = self.effective_timeout(timeout);
         let started = std::time::Instant::now();
         let res = live
@@ -110,12 +135,11 @@ impl Service {
         match res {
             Ok(r) => {
                 self.audit_command(
+                    &actor,
                     &live.id,
                     Some(&sid),
                     &command,
-                    r.exit_code,
-                    r.duration,
-                    false,
+                    (r.exit_code, r.duration, false),
                 );
                 Ok(ExecOutcome {
                     stdout: r.stdout,
@@ -126,7 +150,8 @@ impl Service {
             }
             Err(RuntimeError::SessionClosed { .. }) => Err(self.session_closed(sid).await),
             Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
-                self.audit_command(&live.id, Some(&sid), &command, -1, started.elapsed(), true);
+                let d = started.elapsed();
+                self.audit_command(&actor, &live.id, Some(&sid), &command, (-1, d, true));
                 Err(ServiceError::DeadlineExceeded(format!(
                     "command timed out after {}; the session is still usable",
                     humantime::format_duration(timeout)
@@ -139,11 +164,13 @@ impl Service {
     /// Like [`Service::session_exec`], with the output streamed as the command produces it.
     pub async fn session_exec_stream(
         self: &Arc<Self>,
+        caller: &Caller,
         session_id: &str,
         command: String,
         timeout: Option<Duration>,
     ) -> Result<mpsc::Receiver<StreamItem>, ServiceError> {
-        let (sid, live) = self.session_call(session_id, &command).await?;
+        let (sid, live) = self.session_call(caller, session_id, &command).await?;
+        let slot = self.exec_slot(&live)?;
         let timeout = self.effective_timeout(timeout);
         let stream = match live
             .runtime
@@ -154,12 +181,20 @@ impl Service {
             Err(RuntimeError::SessionClosed { .. }) => return Err(self.session_closed(sid).await),
             Err(e) => return Err(runtime_error(e)),
         };
-        Ok(self.pump(live, stream, command, timeout, Some(sid)))
+        Ok(self.pump(
+            live,
+            stream,
+            command,
+            timeout,
+            Some(sid),
+            (caller.actor(), slot),
+        ))
     }
 
     /// Checks a session call: a command, an open session, a running sandbox.
     async fn session_call(
         self: &Arc<Self>,
+        caller: &Caller,
         session_id: &str,
         command: &str,
     ) -> Result<(SessionId, Arc<Live>), ServiceError> {
@@ -167,13 +202,13 @@ impl Service {
         if command.trim().is_empty() {
             return Err(ServiceError::required("command"));
         }
-        let sess = self.session(&sid).await?;
+        let sess = self.session(caller, &sid).await?;
         if sess.status == SessionStatus::Closed {
             return Err(ServiceError::FailedPrecondition(format!(
                 "session {sid} is closed"
             )));
         }
-        let live = self.running(&sess.sandbox_id).await?;
+        let live = self.running(caller, &sess.sandbox_id).await?;
         Ok((sid, live))
     }
 

@@ -2,6 +2,7 @@
 //! restart recovery, reaping and quotas, with a fake runtime and a fake filesystem
 //! ([`fakes`]). Milliseconds each; the real runtime and filesystem have their own suites.
 
+mod auth;
 mod fakes;
 
 use std::collections::BTreeMap;
@@ -66,6 +67,34 @@ impl Fixture {
         }
     }
 
+    /// The gate over this fixture's store, with its `auth` config.
+    fn gate(&self) -> Arc<crate::auth::Gate> {
+        Arc::new(
+            crate::auth::Gate::new(
+                self.store.clone(),
+                self.svc.secret.clone(),
+                self.svc.settings.config.auth.clone(),
+                self.svc.audit.clone(),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The REST router over this fixture, behind its gate.
+    fn rest(&self) -> axum::Router {
+        crate::rest::router(
+            crate::rest::RestState {
+                codebases: crate::grpc::CodebaseApi(self.svc.clone()),
+                sandboxes: crate::grpc::SandboxApi(self.svc.clone()),
+            },
+            Arc::new(crate::rest::Guard {
+                gate: self.gate(),
+                allowed_hosts: self.svc.settings.config.server.allowed_hosts.clone(),
+                cors_origins: self.svc.settings.config.server.cors_origins.clone(),
+            }),
+        )
+    }
+
     /// The same data directory and store, as a restarted server sees them.
     fn restart(self) -> Fixture {
         let Fixture { dir, store, .. } = self;
@@ -75,20 +104,27 @@ impl Fixture {
     async fn sandbox(&self, owner: &str, labels: &[(&str, &str)]) -> String {
         let cb = self
             .svc
-            .create_codebase("project".into(), owner.into())
+            .create_codebase(
+                &crate::auth::Caller::local(),
+                "project".into(),
+                owner.into(),
+            )
             .await
             .unwrap();
         self.svc
-            .create_sandbox(CreateSandbox {
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect::<BTreeMap<_, _>>(),
-                ..create(
-                    &cb.id.to_string(),
-                    vec![PermissionRule::glob("**/*", Level::Read, 0)],
-                )
-            })
+            .create_sandbox(
+                &crate::auth::Caller::local(),
+                CreateSandbox {
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect::<BTreeMap<_, _>>(),
+                    ..create(
+                        &cb.id.to_string(),
+                        vec![PermissionRule::glob("**/*", Level::Read, 0)],
+                    )
+                },
+            )
             .await
             .unwrap()
             .id
@@ -96,12 +132,17 @@ impl Fixture {
     }
 
     async fn status(&self, id: &str) -> SandboxStatus {
-        self.svc.get_sandbox(id).await.unwrap().status
+        self.svc
+            .get_sandbox(&crate::auth::Caller::local(), id)
+            .await
+            .unwrap()
+            .status
     }
 
     async fn exec(&self, id: &str, command: &str) -> Result<String, ServiceError> {
         self.svc
             .exec(
+                &crate::auth::Caller::local(),
                 id,
                 ExecParams {
                     command: command.into(),
@@ -141,36 +182,66 @@ async fn create_start_exec_stop_start_destroy() {
     assert_eq!(f.status(&id).await, SandboxStatus::Pending);
     assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
 
-    f.svc.start_sandbox(&id).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     assert_eq!(f.status(&id).await, SandboxStatus::Running);
     assert_eq!(f.fs.live(), vec![id.clone()]);
     assert_eq!(f.rt.state(&id), Some(true));
     // Starting a running sandbox is refused.
     assert!(is_precondition(
-        &f.svc.start_sandbox(&id).await.unwrap_err()
+        &f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap_err()
     ));
 
     // A command runs and its writes are published after it (publish-after-each mode).
     assert_eq!(f.exec(&id, "ls").await.unwrap(), "ran: ls");
     assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
 
-    f.svc.stop_sandbox(&id).await.unwrap();
+    f.svc
+        .stop_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     assert_eq!(f.status(&id).await, SandboxStatus::Stopped);
     assert!(f.fs.live().is_empty(), "stop unmounts");
     assert_eq!(f.rt.state(&id), Some(false));
     assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
 
-    f.svc.start_sandbox(&id).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     assert_eq!(f.status(&id).await, SandboxStatus::Running);
     assert_eq!(f.rt.count("start", &id), 2);
 
-    f.svc.destroy_sandbox(&id).await.unwrap();
-    assert!(is_not_found(&f.svc.get_sandbox(&id).await.unwrap_err()));
+    f.svc
+        .destroy_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
+    assert!(is_not_found(
+        &f.svc
+            .get_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap_err()
+    ));
     assert!(f.fs.live().is_empty());
     assert_eq!(f.rt.state(&id), None);
     // Destroying again, or anything on the id, is NOT_FOUND.
-    assert!(is_not_found(&f.svc.destroy_sandbox(&id).await.unwrap_err()));
-    assert!(is_not_found(&f.svc.start_sandbox(&id).await.unwrap_err()));
+    assert!(is_not_found(
+        &f.svc
+            .destroy_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap_err()
+    ));
+    assert!(is_not_found(
+        &f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap_err()
+    ));
 }
 
 #[tokio::test]
@@ -179,10 +250,16 @@ async fn manual_publish_publishes_only_when_asked() {
     let id = f
         .sandbox("alice", &[(super::LABEL_PUBLISH, "manual")])
         .await;
-    f.svc.start_sandbox(&id).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     f.exec(&id, "make").await.unwrap();
     assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 0);
-    f.svc.publish(&id).await.unwrap();
+    f.svc
+        .publish(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
 }
 
@@ -191,8 +268,15 @@ async fn a_failed_start_is_an_error_state_and_leaves_nothing_running() {
     let f = Fixture::new("");
     let id = f.sandbox("alice", &[]).await;
     f.rt.fail_start.store(true, Ordering::SeqCst);
-    f.svc.start_sandbox(&id).await.unwrap_err();
-    let rec = f.svc.get_sandbox(&id).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap_err();
+    let rec = f
+        .svc
+        .get_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     assert_eq!(rec.status, SandboxStatus::Error);
     assert!(
         rec.status_reason.as_deref().unwrap_or("").contains("fake"),
@@ -202,7 +286,10 @@ async fn a_failed_start_is_an_error_state_and_leaves_nothing_running() {
     assert_eq!(f.rt.state(&id), None, "the runtime's sandbox is destroyed");
     // ERROR → RUNNING once the cause is gone.
     f.rt.fail_start.store(false, Ordering::SeqCst);
-    f.svc.start_sandbox(&id).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap();
     assert_eq!(f.status(&id).await, SandboxStatus::Running);
 }
 
@@ -211,7 +298,10 @@ async fn a_failed_mount_starts_nothing() {
     let f = Fixture::new("");
     let id = f.sandbox("alice", &[]).await;
     f.fs.fail.store(true, Ordering::SeqCst);
-    f.svc.start_sandbox(&id).await.unwrap_err();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &id)
+        .await
+        .unwrap_err();
     assert_eq!(f.status(&id).await, SandboxStatus::Error);
     assert_eq!(f.rt.count("start", &id), 0);
     assert_eq!(f.rt.state(&id), None);
@@ -222,7 +312,10 @@ async fn a_restart_brings_running_sandboxes_back_and_leaves_stopped_ones() {
     let f = Fixture::new("");
     let running = f.sandbox("alice", &[]).await;
     let stopped = f.sandbox("alice", &[]).await;
-    f.svc.start_sandbox(&running).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &running)
+        .await
+        .unwrap();
     // A server that died with a sandbox running: the store still says RUNNING.
     let f = f.restart();
     assert!(f.fs.live().is_empty());
@@ -239,22 +332,33 @@ async fn expired_sandboxes_are_reaped_and_others_kept() {
     let keep = f.sandbox("alice", &[]).await;
     let cb = f
         .svc
-        .create_codebase("p".into(), "alice".into())
+        .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
         .await
         .unwrap();
     let gone = f
         .svc
-        .create_sandbox(CreateSandbox {
-            expires_in: Some(Duration::from_nanos(1)),
-            ..create(&cb.id.to_string(), vec![])
-        })
+        .create_sandbox(
+            &crate::auth::Caller::local(),
+            CreateSandbox {
+                expires_in: Some(Duration::from_nanos(1)),
+                ..create(&cb.id.to_string(), vec![])
+            },
+        )
         .await
         .unwrap()
         .id
         .to_string();
-    f.svc.start_sandbox(&gone).await.unwrap();
+    f.svc
+        .start_sandbox(&crate::auth::Caller::local(), &gone)
+        .await
+        .unwrap();
     assert_eq!(f.svc.reap_expired().await, 1);
-    assert!(is_not_found(&f.svc.get_sandbox(&gone).await.unwrap_err()));
+    assert!(is_not_found(
+        &f.svc
+            .get_sandbox(&crate::auth::Caller::local(), &gone)
+            .await
+            .unwrap_err()
+    ));
     assert_eq!(f.rt.state(&gone), None);
     assert!(f.fs.live().is_empty());
     assert_eq!(f.status(&keep).await, SandboxStatus::Pending);
@@ -266,16 +370,26 @@ async fn the_per_owner_quota_counts_live_sandboxes() {
     let first = f.sandbox("alice", &[]).await;
     let cb = f
         .svc
-        .create_codebase("p".into(), "alice".into())
+        .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
         .await
         .unwrap();
     let req = || create(&cb.id.to_string(), vec![]);
-    let e = f.svc.create_sandbox(req()).await.unwrap_err();
+    let e = f
+        .svc
+        .create_sandbox(&crate::auth::Caller::local(), req())
+        .await
+        .unwrap_err();
     assert!(matches!(e, ServiceError::ResourceExhausted(_)), "{e:?}");
     // Another owner is not affected; destroying frees the slot.
     f.sandbox("bob", &[]).await;
-    f.svc.destroy_sandbox(&first).await.unwrap();
-    f.svc.create_sandbox(req()).await.unwrap();
+    f.svc
+        .destroy_sandbox(&crate::auth::Caller::local(), &first)
+        .await
+        .unwrap();
+    f.svc
+        .create_sandbox(&crate::auth::Caller::local(), req())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -283,23 +397,34 @@ async fn requests_name_what_is_wrong() {
     let f = Fixture::new("");
     // Unknown ids of any shape are NOT_FOUND; a missing one is INVALID_ARGUMENT.
     for id in ["sb_nope", "nope", "sb_0123456789abcdef", "../x"] {
-        let e = f.svc.get_sandbox(id).await.unwrap_err();
+        let e = f
+            .svc
+            .get_sandbox(&crate::auth::Caller::local(), id)
+            .await
+            .unwrap_err();
         assert!(is_not_found(&e), "{id:?}: {e:?}");
     }
-    let e = f.svc.get_sandbox("").await.unwrap_err();
+    let e = f
+        .svc
+        .get_sandbox(&crate::auth::Caller::local(), "")
+        .await
+        .unwrap_err();
     assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
     // A runtime the server lacks is FAILED_PRECONDITION naming what it has.
     let cb = f
         .svc
-        .create_codebase("p".into(), "alice".into())
+        .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
         .await
         .unwrap();
     let e = f
         .svc
-        .create_sandbox(CreateSandbox {
-            runtime: Some(RuntimeKind::Docker),
-            ..create(&cb.id.to_string(), vec![])
-        })
+        .create_sandbox(
+            &crate::auth::Caller::local(),
+            CreateSandbox {
+                runtime: Some(RuntimeKind::Docker),
+                ..create(&cb.id.to_string(), vec![])
+            },
+        )
         .await
         .unwrap_err();
     assert!(
@@ -309,10 +434,13 @@ async fn requests_name_what_is_wrong() {
     // A bad pattern is INVALID_ARGUMENT at create, not a failed start later.
     let e = f
         .svc
-        .create_sandbox(create(
-            &cb.id.to_string(),
-            vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
-        ))
+        .create_sandbox(
+            &crate::auth::Caller::local(),
+            create(
+                &cb.id.to_string(),
+                vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
+            ),
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
@@ -327,15 +455,13 @@ async fn the_rest_router_drives_the_lifecycle_in_process() {
     use tower::ServiceExt;
 
     let f = Fixture::new("");
-    let app = crate::rest::router(crate::rest::RestState {
-        codebases: crate::grpc::CodebaseApi(f.svc.clone()),
-        sandboxes: crate::grpc::SandboxApi(f.svc.clone()),
-    });
+    let app = f.rest();
     let call = |method: &str, uri: String, body: &str| {
         let app = app.clone();
         let req = Request::builder()
             .method(method)
             .uri(uri)
+            .header("host", "localhost:8080")
             .header("content-type", "application/json")
             .body(Body::from(body.to_owned()))
             .unwrap();
@@ -393,7 +519,7 @@ async fn the_grpc_routes_answer_in_process() {
 
     let f = Fixture::new("");
     let id = f.sandbox("alice", &[]).await;
-    let routes = crate::grpc::routes(f.svc.clone());
+    let routes = crate::grpc::routes(f.svc.clone(), f.gate());
     let frame = |msg: &agentfense_proto::v1::GetSandboxRequest| {
         let body = msg.encode_to_vec();
         let mut framed = vec![0u8];

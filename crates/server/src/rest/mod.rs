@@ -14,14 +14,19 @@ use agentfense_proto::v1::{
 };
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::auth::Caller;
 use crate::grpc::{CodebaseApi, SandboxApi};
+
+mod guard;
+
+pub use guard::{Guard, RestPeer};
 
 /// What the REST handlers need.
 #[derive(Clone, Debug)]
@@ -96,6 +101,7 @@ type Q = Query<HashMap<String, String>>;
 
 /// Transcodes, calls one gRPC method, and serialises its answer.
 async fn call<Req, Resp, F, Fut>(
+    caller: Caller,
     body: &[u8],
     query: HashMap<String, String>,
     path: &[(&str, String)],
@@ -108,10 +114,18 @@ where
     Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
 {
     let req: Req = transcode(body, query, path)?;
-    reply(method(tonic::Request::new(req)).await)
+    reply(method(with_caller(req, caller)).await)
+}
+
+/// A gRPC request carrying the caller the gate admitted.
+fn with_caller<T>(msg: T, caller: Caller) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.extensions_mut().insert(caller);
+    r
 }
 
 type S = State<RestState>;
+type E = Extension<Caller>;
 type Id = Path<String>;
 
 fn none() -> HashMap<String, String> {
@@ -123,14 +137,14 @@ fn sandbox_routes() -> Router<RestState> {
     Router::new()
         .route(
             "/v1/sandboxes",
-            get(|State(s): S, Query(q): Q| async move {
-                call(b"", q, &[], |r| async move {
+            get(|State(s): S, Extension(c): E, Query(q): Q| async move {
+                call(c, b"", q, &[], |r| async move {
                     s.sandboxes.list_sandboxes(r).await
                 })
                 .await
             })
-            .post(|State(s): S, body: Bytes| async move {
-                call(&body, none(), &[], |r| async move {
+            .post(|State(s): S, Extension(c): E, body: Bytes| async move {
+                call(c, &body, none(), &[], |r| async move {
                     s.sandboxes.create_sandbox(r).await
                 })
                 .await
@@ -138,14 +152,14 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sandboxes/{sandbox_id}",
-            get(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+            get(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.get_sandbox(r).await
                 })
                 .await
             })
-            .delete(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+            .delete(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.destroy_sandbox(r).await
                 })
                 .await
@@ -153,8 +167,8 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sandboxes/{sandbox_id}/start",
-            post(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+            post(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.start_sandbox(r).await
                 })
                 .await
@@ -162,8 +176,8 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sandboxes/{sandbox_id}/stop",
-            post(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+            post(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.stop_sandbox(r).await
                 })
                 .await
@@ -171,8 +185,8 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sandboxes/{sandbox_id}/exec",
-            post(|State(s): S, Path(id): Id, body: Bytes| async move {
-                call(&body, none(), &[("sandbox_id", id)], |r| async move {
+            post(|State(s): S, Extension(c): E, Path(id): Id, body: Bytes| async move {
+                call(c, &body, none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.exec(r).await
                 })
                 .await
@@ -180,14 +194,14 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sandboxes/{sandbox_id}/sessions",
-            get(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("sandbox_id", id)], |r| async move {
+            get(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.list_sessions(r).await
                 })
                 .await
             })
-            .post(|State(s): S, Path(id): Id, body: Bytes| async move {
-                call(&body, none(), &[("sandbox_id", id)], |r| async move {
+            .post(|State(s): S, Extension(c): E, Path(id): Id, body: Bytes| async move {
+                call(c, &body, none(), &[("sandbox_id", id)], |r| async move {
                     s.sandboxes.create_session(r).await
                 })
                 .await
@@ -195,14 +209,14 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sessions/{session_id}",
-            get(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("session_id", id)], |r| async move {
+            get(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("session_id", id)], |r| async move {
                     s.sandboxes.get_session(r).await
                 })
                 .await
             })
-            .delete(|State(s): S, Path(id): Id| async move {
-                call(b"", none(), &[("session_id", id)], |r| async move {
+            .delete(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                call(c, b"", none(), &[("session_id", id)], |r| async move {
                     s.sandboxes.destroy_session(r).await
                 })
                 .await
@@ -210,8 +224,8 @@ fn sandbox_routes() -> Router<RestState> {
         )
         .route(
             "/v1/sessions/{session_id}/exec",
-            post(|State(s): S, Path(id): Id, body: Bytes| async move {
-                call(&body, none(), &[("session_id", id)], |r| async move {
+            post(|State(s): S, Extension(c): E, Path(id): Id, body: Bytes| async move {
+                call(c, &body, none(), &[("session_id", id)], |r| async move {
                     s.sandboxes.session_exec(r).await
                 })
                 .await
@@ -221,11 +235,11 @@ fn sandbox_routes() -> Router<RestState> {
         // a sandbox labelled agentfense.publish=manual.
         .route(
             "/v1/sandboxes/{sandbox_id}/publish",
-            post(|State(s): S, Path(id): Id| async move {
+            post(|State(s): S, Extension(c): E, Path(id): Id| async move {
                 let report = s
                     .sandboxes
                     .0
-                    .publish(&id)
+                    .publish(&c, &id)
                     .await
                     .map_err(tonic::Status::from)?;
                 let paths = |v: &[std::path::PathBuf]| {
@@ -248,50 +262,95 @@ fn sandbox_routes() -> Router<RestState> {
                 )
             }),
         )
+        // Our extension: a token for one sandbox (its commands and sessions only), for an
+        // agent harness to hand to an agent. Body: `{"ttl": "1h"}` (optional).
+        .route(
+            "/v1/sandboxes/{sandbox_id}/tokens",
+            post(
+                |State(s): S, Extension(c): E, Path(id): Id, body: Bytes| async move {
+                    #[derive(serde::Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct Body {
+                        #[serde(default, with = "humantime_serde")]
+                        ttl: Option<std::time::Duration>,
+                    }
+                    let b: Body = if body.is_empty() {
+                        Body { ttl: None }
+                    } else {
+                        serde_json::from_slice(&body)
+                            .map_err(|e| bad_request(format!("body: {e}")))?
+                    };
+                    let t = s
+                        .sandboxes
+                        .0
+                        .mint_sandbox_token(&c, &id, b.ttl)
+                        .await
+                        .map_err(tonic::Status::from)?;
+                    Ok::<_, RestError>(
+                        axum::Json(serde_json::json!({
+                            "token": t.token,
+                            "tokenId": t.id,
+                            "sandboxId": id,
+                            "expiresAt": t.expires_at.map(|e| humantime::format_rfc3339_millis(e).to_string()),
+                        }))
+                        .into_response(),
+                    )
+                },
+            ),
+        )
 }
 
-/// The REST router (codebase routes; sandbox routes are added by [`router`]).
-pub fn router(state: RestState) -> Router {
+/// The REST router: every `/v1` route behind the gate ([`guard`]), the whole router behind
+/// the cross-site checks (Host, Origin, Content-Type).
+pub fn router(state: RestState, guard: std::sync::Arc<Guard>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/v1/codebases",
-            get(|State(s): State<RestState>, Query(q): Q| async move {
+            get(|State(s): S, Extension(c): E, Query(q): Q| async move {
                 let req: v1::ListCodebasesRequest = transcode(b"", q, &[])?;
-                reply(s.codebases.list_codebases(tonic::Request::new(req)).await)
+                reply(s.codebases.list_codebases(with_caller(req, c)).await)
             })
-            .post(|State(s): State<RestState>, body: Bytes| async move {
+            .post(|State(s): S, Extension(c): E, body: Bytes| async move {
                 let req: v1::CreateCodebaseRequest = transcode(&body, HashMap::new(), &[])?;
-                reply(s.codebases.create_codebase(tonic::Request::new(req)).await)
+                reply(s.codebases.create_codebase(with_caller(req, c)).await)
             }),
         )
         .route(
             "/v1/codebases/{codebase_id}",
             get(
-                |State(s): State<RestState>, Path(id): Path<String>, Query(q): Q| async move {
+                |State(s): S, Extension(c): E, Path(id): Path<String>, Query(q): Q| async move {
                     let req: v1::GetCodebaseRequest = transcode(b"", q, &[("codebase_id", id)])?;
-                    reply(s.codebases.get_codebase(tonic::Request::new(req)).await)
+                    reply(s.codebases.get_codebase(with_caller(req, c)).await)
                 },
             )
             .delete(
-                |State(s): State<RestState>, Path(id): Path<String>| async move {
+                |State(s): S, Extension(c): E, Path(id): Path<String>| async move {
                     let req: v1::DeleteCodebaseRequest =
                         transcode(b"", HashMap::new(), &[("codebase_id", id)])?;
-                    reply(s.codebases.delete_codebase(tonic::Request::new(req)).await)
+                    reply(s.codebases.delete_codebase(with_caller(req, c)).await)
                 },
             ),
         )
         .route(
             "/v1/codebases/{codebase_id}/files",
             get(
-                |State(s): State<RestState>, Path(id): Path<String>, Query(q): Q| async move {
+                |State(s): S, Extension(c): E, Path(id): Path<String>, Query(q): Q| async move {
                     let req: v1::ListFilesRequest = transcode(b"", q, &[("codebase_id", id)])?;
-                    reply(s.codebases.list_files(tonic::Request::new(req)).await)
+                    reply(s.codebases.list_files(with_caller(req, c)).await)
                 },
             ),
         )
         .merge(sandbox_routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            guard.clone(),
+            guard::authenticate,
+        ))
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            guard::cross_site,
+        ))
 }
 
 #[cfg(test)]
