@@ -13,14 +13,32 @@ use agentfense_proto::v1::{
 };
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The channel every client call goes through: adds `authorization: Bearer <key>` when a key
+/// is configured.
+type Authed = InterceptedService<Channel, ApiKey>;
+
+/// Adds the API key to each call.
+#[derive(Clone)]
+struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 use crate::PolicyArgs;
 
 /// Where the server is.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// gRPC endpoint of the server.
+    /// gRPC endpoint of the server (`HOST:PORT`, `https://HOST:PORT` or `unix:///PATH`).
     #[arg(
         long,
         global = true,
@@ -28,6 +46,16 @@ pub struct Conn {
         value_name = "HOST:PORT"
     )]
     pub endpoint: String,
+    /// API key of an authenticated server (`agentfense keys create`); read from the
+    /// environment so that it stays out of shell history and process listings.
+    #[arg(
+        long = "api-key",
+        env = "AGENTFENSE_API_KEY",
+        global = true,
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
     /// Print JSON (the API's messages) instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -188,12 +216,12 @@ pub enum SessionCmd {
 }
 
 struct Clients {
-    cb: CodebaseServiceClient<Channel>,
-    sb: SandboxServiceClient<Channel>,
+    cb: CodebaseServiceClient<Authed>,
+    sb: SandboxServiceClient<Authed>,
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
-    let url = if conn.endpoint.contains("://") {
+    let url = if conn.endpoint.contains("://") || conn.endpoint.starts_with("unix:") {
         conn.endpoint.clone()
     } else {
         format!("http://{}", conn.endpoint)
@@ -206,9 +234,18 @@ async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
         .with_context(|| {
             format!("cannot reach the server at {url}; is `agentfense serve` running? (--endpoint)")
         })?;
+    let key = match &conn.api_key {
+        None => ApiKey(None),
+        Some(k) => {
+            ApiKey(Some(format!("Bearer {}", k.trim()).parse().map_err(
+                |_| anyhow::anyhow!("--api-key is not a valid key"),
+            )?))
+        }
+    };
     Ok(Clients {
-        cb: CodebaseServiceClient::new(channel.clone()).max_decoding_message_size(4 << 20),
-        sb: SandboxServiceClient::new(channel).max_decoding_message_size(4 << 20),
+        cb: CodebaseServiceClient::with_interceptor(channel.clone(), key.clone())
+            .max_decoding_message_size(4 << 20),
+        sb: SandboxServiceClient::with_interceptor(channel, key).max_decoding_message_size(4 << 20),
     })
 }
 
@@ -395,7 +432,7 @@ pub(crate) fn codebase(
 
 /// Uploads every file below `dir` that `.gitignore`/`.sandboxignore` do not exclude.
 async fn upload_dir(
-    cb: &mut CodebaseServiceClient<Channel>,
+    cb: &mut CodebaseServiceClient<Authed>,
     id: &str,
     dir: &Path,
 ) -> anyhow::Result<(u64, u64)> {

@@ -115,6 +115,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             println!("agentfense: REST listening on http://{a}");
         }
         if let Some(p) = bound.unix_socket() {
+            // unix:///path is also the endpoint to give the Python SDK.
             println!("agentfense: gRPC listening on unix://{}", p.display());
         }
         println!("agentfense: data in {}", data_dir.display());

@@ -17,3 +17,4 @@ pub mod serve;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod uds;

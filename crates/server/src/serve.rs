@@ -409,8 +409,18 @@ impl Bound {
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone()));
         let grpc_task = tokio::spawn(grpc_server);
         let unix_task = unix.map(|listener| {
+            use tonic::codegen::tokio_stream::StreamExt;
+            let fix = Arc::new(crate::uds::AuthorityFix::for_socket(
+                listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+                    .unwrap_or_default()
+                    .as_path(),
+            ));
             let incoming =
-                tonic::codegen::tokio_stream::wrappers::UnixListenerStream::new(listener);
+                tonic::codegen::tokio_stream::wrappers::UnixListenerStream::new(listener)
+                    .map(move |conn| conn.map(|s| crate::uds::UdsConn::new(s, fix.clone())));
             tokio::spawn(
                 grpc_builder()
                     .add_routes(grpc_routes)
@@ -462,7 +472,10 @@ impl Bound {
         // Kill what runs inside sandboxes and unmount every FUSE mount; their RUNNING status
         // stays in the store so the next start brings them back.
         service.shutdown().await;
+        // Every handle on the audit log must go before the writer can finish (the gate
+        // records failed authentications).
         drop(service);
+        drop(gate);
         // Flush the audit trail last, after every request that could record an event.
         tokio::task::spawn_blocking(move || audit_writer.close())
             .await

@@ -17,6 +17,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub grpc: String,
     pub http: String,
+    /// The unix socket (gRPC), unless configured off.
+    pub unix: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -63,14 +65,20 @@ impl Server {
                 }
             }
         });
-        let (mut grpc, mut http) = (None, None);
+        let (mut grpc, mut http, mut unix) = (None, None, None);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while grpc.is_none() || http.is_none() {
+        // "data in" is the last line of the banner.
+        let mut done = false;
+        while !done {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    done = line.starts_with("agentfense: data in ");
                     if let Some(a) = line.strip_prefix("agentfense: gRPC listening on ") {
-                        grpc = Some(a.to_owned());
+                        match a.strip_prefix("unix://") {
+                            Some(p) => unix = Some(PathBuf::from(p)),
+                            None => grpc = Some(a.to_owned()),
+                        }
                     }
                     if let Some(a) = line.strip_prefix("agentfense: REST listening on ") {
                         http = Some(a.to_owned());
@@ -89,6 +97,7 @@ impl Server {
             child: Some(child),
             grpc: grpc.unwrap(),
             http: http.unwrap(),
+            unix,
             data_dir: data_dir.to_owned(),
             log,
         }
