@@ -128,12 +128,10 @@ fn keys_revocation_and_blocking_on_a_running_server() {
 
     // REST over a real socket: the rebinding probe is refused before authentication, a key
     // works, a missing one is 401.
-    let rebind = format!(
-        "POST /v1/sandboxes/sb_0000000000000000/exec HTTP/1.1\r\nHost: rebind.evil.example\r\n\
-         Origin: http://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
-         Connection: close\r\n\r\n{{}}"
-    );
-    assert_eq!(http(&server.http, &rebind), 421);
+    let rebind = "POST /v1/sandboxes/sb_0000000000000000/exec HTTP/1.1\r\nHost: rebind.evil.example\r\n\
+                  Origin: http://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
+                  Connection: close\r\n\r\n{}";
+    assert_eq!(http(&server.http, rebind), 421);
     let get = |key: Option<&str>| {
         let auth = key
             .map(|k| format!("Authorization: Bearer {k}\r\n"))
