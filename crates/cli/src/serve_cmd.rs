@@ -100,6 +100,11 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let auth = settings.config.auth.enabled;
+        let scheme = if settings.config.server.tls.enabled() {
+            "https"
+        } else {
+            "http"
+        };
         let data_dir = settings.paths.data_dir.clone();
         let bound = agentfense_server::serve::bind(settings).await?;
         if !auth {
@@ -112,7 +117,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             println!("agentfense: gRPC listening on {a}");
         }
         if let Some(a) = bound.http_addr() {
-            println!("agentfense: REST listening on http://{a}");
+            println!("agentfense: REST listening on {scheme}://{a}");
         }
         if let Some(p) = bound.unix_socket() {
             // unix:///path is also the endpoint to give the Python SDK.

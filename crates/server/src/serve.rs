@@ -86,6 +86,7 @@ pub struct Bound {
     grpc: TcpListener,
     http: Option<TcpListener>,
     unix: Option<tokio::net::UnixListener>,
+    tls: Option<crate::tls::Tls>,
 }
 
 /// Opens the data directory, the metadata store, codebase storage and the audit log, and binds
@@ -130,6 +131,8 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         ),
         None => None,
     };
+    let tls = crate::tls::Tls::load(&settings.config.server.tls)
+        .map_err(|e| ServeError::Auth(e.to_string()))?;
     let unix = match &settings.unix_socket {
         Some(path) => Some(bind_unix(
             path,
@@ -157,6 +160,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         grpc,
         http,
         unix,
+        tls,
     })
 }
 
@@ -341,6 +345,7 @@ impl Bound {
             grpc,
             http,
             unix,
+            tls,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -404,10 +409,22 @@ impl Bound {
                 .timeout(request_timeout)
                 .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         };
-        let grpc_server = grpc_builder()
-            .add_routes(grpc_routes.clone())
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone()));
-        let grpc_task = tokio::spawn(grpc_server);
+        let grpc_task = match &tls {
+            None => tokio::spawn(
+                grpc_builder()
+                    .add_routes(grpc_routes.clone())
+                    .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone())),
+            ),
+            Some(tls) => {
+                let incoming = crate::tls::TlsListener::new(grpc, tls.grpc.clone())
+                    .map_err(ServeError::Http)?;
+                tokio::spawn(
+                    grpc_builder()
+                        .add_routes(grpc_routes.clone())
+                        .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone())),
+                )
+            }
+        };
         let unix_task = unix.map(|listener| {
             use tonic::codegen::tokio_stream::StreamExt;
             let fix = Arc::new(crate::uds::AuthorityFix::for_socket(
@@ -445,14 +462,28 @@ impl Bound {
                     },
                 ));
             let rx = stop_rx.clone();
-            tokio::spawn(async move {
-                axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<crate::rest::RestPeer>(),
-                )
-                .with_graceful_shutdown(wait(rx))
-                .await
-            })
+            match &tls {
+                None => tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<crate::rest::RestPeer>(),
+                    )
+                    .with_graceful_shutdown(wait(rx))
+                    .await
+                }),
+                Some(tls) => {
+                    let acceptor = tls.rest.clone();
+                    tokio::spawn(async move {
+                        let listener = crate::tls::TlsListener::new(listener, acceptor)?;
+                        axum::serve(
+                            listener,
+                            app.into_make_service_with_connect_info::<crate::tls::PeerInfo>(),
+                        )
+                        .with_graceful_shutdown(wait(rx))
+                        .await
+                    })
+                }
+            }
         });
 
         shutdown.await;

@@ -385,3 +385,130 @@ print(len(c.list_codebases()))
     assert!(code != 0, "{out}{err}");
     server.stop();
 }
+
+/// A private CA, a server certificate for localhost/127.0.0.1 and a client certificate whose
+/// common name is `tenant`, made with the openssl CLI; returns the directory.
+fn pki(dir: &Path, tenant: &str) {
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .args(["-ec", script])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca \
+        -keyout ca.key -out ca.pem 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > srv.ext
+        openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout srv.key -out srv.csr 2>/dev/null
+        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile srv.ext -out srv.pem 2>/dev/null
+        printf 'extendedKeyUsage=clientAuth\\n' > cli.ext");
+    sh(&format!(
+        "openssl req -newkey rsa:2048 -nodes -subj /CN={tenant} -keyout cli.key -out cli.csr 2>/dev/null
+         openssl x509 -req -in cli.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile cli.ext -out cli.pem 2>/dev/null"
+    ));
+}
+
+/// TLS on both listeners: the published SDK with `secure=True` and a private CA
+/// (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH) plus the key recipe; a client certificate (mTLS) is its
+/// subject's tenant over gRPC and REST; plaintext is refused.
+#[test]
+fn tls_and_client_certificates() {
+    if !sdk("tls_and_client_certificates") {
+        return;
+    }
+    let openssl = agentfense_testsupport::which("openssl")
+        .is_none()
+        .then(|| "openssl is not installed".to_owned());
+    if !agentfense_testsupport::require("tls_and_client_certificates", openssl) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    std::fs::create_dir(&pki_dir).unwrap();
+    pki(&pki_dir, "team-cert");
+    let p = |f: &str| pki_dir.join(f).display().to_string();
+    let data = tmp.path().join("data");
+    let mut server = Server::start_with(
+        &data,
+        &format!(
+            "auth:\n  enabled: true\nserver:\n  tls:\n    cert: {}\n    key: {}\n    client_ca: {}\n",
+            p("srv.pem"),
+            p("srv.key"),
+            p("ca.pem")
+        ),
+    );
+    assert!(server.http.starts_with("https://"), "{}", server.http);
+    let port = server.grpc.rsplit(':').next().unwrap().to_owned();
+    let key = create_key(&data, "team-key", &[]);
+    let project = tmp.path().join("project");
+    super::util::write_tree(&project, &[("a.txt", "hello\n")]);
+    let env = [
+        ("EP", format!("localhost:{port}")),
+        ("PROJECT", project.display().to_string()),
+        ("AGENTFENSE_API_KEY", key.clone()),
+        ("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", p("ca.pem")),
+        ("HTTPS", server.http.clone()),
+        ("CA", p("ca.pem")),
+        ("CLI_CERT", p("cli.pem")),
+        ("CLI_KEY", p("cli.key")),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // The published SDK, secure=True, with the key recipe.
+    let (code, out, err) = py(
+        r#"
+import os, agentfense_auth
+from agentfense import Sandbox
+agentfense_auth.use_api_key(os.environ["AGENTFENSE_API_KEY"])
+with Sandbox.from_local(os.environ["PROJECT"], preset="development", endpoint=os.environ["EP"], secure=True) as sb:
+    print(sb.run("cat a.txt").stdout.strip())
+"#,
+        &env,
+        None,
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "hello"),
+        "{err}\n{}",
+        server.log_text()
+    );
+    // A client certificate is its tenant, over gRPC and REST; without one or a key, refused.
+    let (code, out, err) = py(
+        r#"
+import os, json, ssl, urllib.request, grpc
+from agentfense._gen import codebase_pb2, codebase_pb2_grpc
+read = lambda k: open(os.environ[k], "rb").read()
+creds = grpc.ssl_channel_credentials(read("CA"), read("CLI_KEY"), read("CLI_CERT"))
+stub = codebase_pb2_grpc.CodebaseServiceStub(grpc.secure_channel(os.environ["EP"], creds))
+cb = stub.CreateCodebase(codebase_pb2.CreateCodebaseRequest(name="viacert", owner_id="x"))
+print(cb.owner_id)
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+ctx.load_cert_chain(os.environ["CLI_CERT"], os.environ["CLI_KEY"])
+body = json.load(urllib.request.urlopen(os.environ["HTTPS"] + "/v1/codebases", context=ctx))
+print([c["name"] for c in body["codebases"]])
+bare = ssl.create_default_context(cafile=os.environ["CA"])
+try:
+    urllib.request.urlopen(os.environ["HTTPS"] + "/v1/codebases", context=bare)
+except urllib.error.HTTPError as e:
+    print(e.code)
+"#,
+        &env,
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["team-cert", "['viacert']", "401"],
+        "{out}"
+    );
+    // Plaintext gRPC to a TLS listener gets nowhere.
+    let (code, _, _) = client(&server, Some(&key), &["codebase", "ls"]);
+    assert_ne!(code, 0);
+    server.stop();
+}
