@@ -279,6 +279,7 @@ async fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, Serv
             .insert(RuntimeKind::Docker, docker_runtime(settings, tx).await?);
     }
     let audit = audit.clone();
+    let tenants = engine.tenants.clone();
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             match ev {
@@ -287,14 +288,24 @@ async fn build_engine(settings: &Settings, audit: &Audit) -> Result<Engine, Serv
                     session_id,
                     limit,
                     command,
-                } => audit.record(crate::audit::AuditEvent::ResourceLimitExceeded {
-                    sandbox_id,
-                    limit: limit.as_str().to_owned(),
-                    command,
-                    detail: session_id
-                        .map(|s| format!("in session {s}"))
-                        .unwrap_or_default(),
-                }),
+                } => audit.record_as(
+                    crate::audit::Actor {
+                        tenant: tenants
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&sandbox_id)
+                            .cloned(),
+                        key_id: None,
+                    },
+                    crate::audit::AuditEvent::ResourceLimitExceeded {
+                        sandbox_id,
+                        limit: limit.as_str().to_owned(),
+                        command,
+                        detail: session_id
+                            .map(|s| format!("in session {s}"))
+                            .unwrap_or_default(),
+                    },
+                ),
             }
         }
     });

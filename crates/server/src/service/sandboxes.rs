@@ -52,6 +52,9 @@ pub struct Engine {
     pub mounter: Arc<dyn Mounter>,
     /// Running sandboxes.
     pub(crate) live: Mutex<HashMap<SandboxId, Arc<Live>>>,
+    /// Running sandbox id → its tenant, for events that arrive with only an id (runtime
+    /// limit events), shared with their forwarder.
+    pub tenants: Arc<Mutex<HashMap<String, String>>>,
     /// Per-sandbox lifecycle locks.
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
     /// Every mount of this server: a publish or an upload reaches the other sandboxes of the
@@ -65,6 +68,7 @@ impl Default for Engine {
             runtimes: HashMap::new(),
             mounter: Arc::new(FuseMounter),
             live: Mutex::default(),
+            tenants: Arc::default(),
             locks: Mutex::default(),
             mounts: agentfense_fs::Mounts::default(),
         }
@@ -183,6 +187,10 @@ impl Engine {
     }
 
     fn take_live(&self, id: &SandboxId) -> Option<Arc<Live>> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id.as_str());
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -336,6 +336,11 @@ impl Service {
             ),
         }
         self.engine
+            .tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.to_string(), rec.tenant.clone());
+        self.engine
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
