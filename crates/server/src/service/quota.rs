@@ -113,3 +113,62 @@ pub(crate) fn check_codebase_bytes(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_slots_are_counted_per_tenant_and_released_on_drop() {
+        let c = Counters::default();
+        let q = TenantQuota {
+            concurrent_execs: 2,
+            ..TenantQuota::default()
+        };
+        let a1 = c.exec("a", &q).unwrap();
+        let _a2 = c.exec("a", &q).unwrap();
+        let e = c.exec("a", &q).unwrap_err().to_string();
+        assert!(
+            e.contains("quotas.concurrent_execs") && e.contains("2"),
+            "{e}"
+        );
+        let _b = c.exec("b", &q).unwrap();
+        drop(a1);
+        let _a3 = c.exec("a", &q).unwrap();
+        // Unlimited never refuses, and leaves nothing behind.
+        let none = TenantQuota::default();
+        let slots: Vec<_> = (0..100).map(|_| c.exec("z", &none).unwrap()).collect();
+        drop(slots);
+        assert!(!c.execs.lock().unwrap().contains_key("z"));
+    }
+
+    #[test]
+    fn start_reservations_add_to_what_runs() {
+        let c = Counters::default();
+        let q = TenantQuota {
+            running_sandboxes: 2,
+            ..TenantQuota::default()
+        };
+        let r = c.start("a", 1, &q).unwrap();
+        // One running plus one starting: the next start is refused until the first is saved.
+        assert!(c.start("a", 1, &q).is_err());
+        drop(r);
+        assert!(c.start("a", 1, &q).is_ok());
+        assert!(c.start("a", 2, &q).is_err());
+    }
+
+    #[test]
+    fn codebase_bytes() {
+        let q = TenantQuota {
+            codebase_bytes: 100,
+            ..TenantQuota::default()
+        };
+        let u = TenantUsage {
+            codebase_bytes: 60,
+            ..TenantUsage::default()
+        };
+        assert!(check_codebase_bytes("a", &u, 40, &q).is_ok());
+        assert!(check_codebase_bytes("a", &u, 41, &q).is_err());
+        assert!(check_codebase_bytes("a", &u, u64::MAX, &TenantQuota::default()).is_ok());
+    }
+}

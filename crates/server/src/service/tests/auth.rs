@@ -324,43 +324,203 @@ async fn tenants_are_isolated() {
         .await;
     assert_eq!(st, StatusCode::OK, "{got}");
 
-    // The same over gRPC: B's GetSandbox of A's id is NOT_FOUND.
+    // The same over gRPC, every method that takes an id of A's.
     let routes = crate::grpc::routes(f.svc.clone(), f.gate());
-    let status = |key: String| {
-        let routes = routes.clone();
-        let sb = sb.clone();
-        async move {
-            use prost::Message;
-            let body = agentfense_proto::v1::GetSandboxRequest { sandbox_id: sb }.encode_to_vec();
-            let mut framed = vec![0u8];
-            framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
-            framed.extend_from_slice(&body);
-            let req = Request::builder()
-                .method("POST")
-                .uri("/sandbox.v1.SandboxService/GetSandbox")
-                .header("content-type", "application/grpc")
-                .header("authorization", format!("Bearer {key}"))
-                .body(tonic::body::Body::new(http_body_util::Full::new(
-                    axum::body::Bytes::from(framed),
-                )))
-                .unwrap();
-            let resp = routes.oneshot(req).await.unwrap();
-            let headers = resp.headers().clone();
-            let collected = resp.into_body().collect().await.unwrap();
-            let trailers = collected.trailers().cloned().unwrap_or_default();
-            headers
-                .get("grpc-status")
-                .or_else(|| trailers.get("grpc-status"))
-                .map(|v| v.to_str().unwrap().to_owned())
-        }
-    };
-    assert_eq!(status(a.clone()).await.as_deref(), Some("0"));
-    assert_eq!(status(b.clone()).await.as_deref(), Some("5"), "NOT_FOUND");
+    let grpc = Grpc { routes };
+    use agentfense_proto::v1;
+    use v1::upload_chunk::{Content, Metadata};
+    let cbid = || cb.clone();
+    let sbid = || sb.clone();
+    let calls: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "CodebaseService/GetCodebase",
+            enc(&v1::GetCodebaseRequest {
+                codebase_id: cbid(),
+            }),
+        ),
+        (
+            "CodebaseService/DeleteCodebase",
+            enc(&v1::DeleteCodebaseRequest {
+                codebase_id: cbid(),
+            }),
+        ),
+        (
+            "CodebaseService/ListFiles",
+            enc(&v1::ListFilesRequest {
+                codebase_id: cbid(),
+                ..Default::default()
+            }),
+        ),
+        (
+            "CodebaseService/DownloadFile",
+            enc(&v1::DownloadFileRequest {
+                codebase_id: cbid(),
+                file_path: "a".into(),
+            }),
+        ),
+        (
+            "CodebaseService/UploadFiles",
+            enc(&v1::UploadChunk {
+                content: Some(Content::Metadata(Metadata {
+                    codebase_id: cbid(),
+                    file_path: "x".into(),
+                    total_size: 1,
+                })),
+            }),
+        ),
+        (
+            "SandboxService/CreateSandbox",
+            enc(&v1::CreateSandboxRequest {
+                codebase_id: cbid(),
+                ..Default::default()
+            }),
+        ),
+        (
+            "SandboxService/GetSandbox",
+            enc(&v1::GetSandboxRequest { sandbox_id: sbid() }),
+        ),
+        (
+            "SandboxService/StartSandbox",
+            enc(&v1::StartSandboxRequest { sandbox_id: sbid() }),
+        ),
+        (
+            "SandboxService/StopSandbox",
+            enc(&v1::StopSandboxRequest { sandbox_id: sbid() }),
+        ),
+        (
+            "SandboxService/DestroySandbox",
+            enc(&v1::DestroySandboxRequest { sandbox_id: sbid() }),
+        ),
+        (
+            "SandboxService/Exec",
+            enc(&v1::ExecRequest {
+                sandbox_id: sbid(),
+                command: "id".into(),
+                ..Default::default()
+            }),
+        ),
+        (
+            "SandboxService/ExecStream",
+            enc(&v1::ExecRequest {
+                sandbox_id: sbid(),
+                command: "id".into(),
+                ..Default::default()
+            }),
+        ),
+        (
+            "SandboxService/CreateSession",
+            enc(&v1::CreateSessionRequest {
+                sandbox_id: sbid(),
+                ..Default::default()
+            }),
+        ),
+        (
+            "SandboxService/GetSession",
+            enc(&v1::GetSessionRequest {
+                session_id: sess.clone(),
+            }),
+        ),
+        (
+            "SandboxService/SessionExec",
+            enc(&v1::SessionExecRequest {
+                session_id: sess.clone(),
+                command: "id".into(),
+                timeout: None,
+            }),
+        ),
+        (
+            "SandboxService/SessionExecStream",
+            enc(&v1::SessionExecRequest {
+                session_id: sess.clone(),
+                command: "id".into(),
+                timeout: None,
+            }),
+        ),
+        (
+            "SandboxService/DestroySession",
+            enc(&v1::DestroySessionRequest {
+                session_id: sess.clone(),
+            }),
+        ),
+    ];
+    for (method, body) in &calls {
+        assert_eq!(
+            grpc.status(method, body, &b).await.as_deref(),
+            Some("5"),
+            "{method}: NOT_FOUND"
+        );
+    }
+    for method in [
+        "CodebaseService/ListCodebases",
+        "SandboxService/ListSandboxes",
+        "SandboxService/ListSessions",
+    ] {
+        let body = if method.ends_with("ListSessions") {
+            enc(&v1::ListSessionsRequest { sandbox_id: sbid() })
+        } else {
+            Vec::new()
+        };
+        assert_eq!(
+            grpc.status(method, &body, &b).await.as_deref(),
+            Some("0"),
+            "{method}"
+        );
+    }
     assert_eq!(
-        status("afk_nope".into()).await.as_deref(),
+        f.rt.count("exec", &sb),
+        execs_before,
+        "nothing ran for B over gRPC"
+    );
+    assert_eq!(f.rt.state(&sb), Some(true));
+    let get = enc(&v1::GetSandboxRequest { sandbox_id: sbid() });
+    assert_eq!(
+        grpc.status("SandboxService/GetSandbox", &get, &a)
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        grpc.status("SandboxService/GetSandbox", &get, "afk_nope")
+            .await
+            .as_deref(),
         Some("16"),
         "UNAUTHENTICATED"
     );
+}
+
+fn enc<M: prost::Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
+}
+
+/// The gRPC routes in process.
+struct Grpc {
+    routes: tonic::service::Routes,
+}
+
+impl Grpc {
+    /// Calls `/sandbox.v1.{method}` with one framed message as `key`; the grpc-status.
+    async fn status(&self, method: &str, msg: &[u8], key: &str) -> Option<String> {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(msg);
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("/sandbox.v1.{method}"))
+            .header("content-type", "application/grpc")
+            .header("authorization", format!("Bearer {key}"))
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                axum::body::Bytes::from(framed),
+            )))
+            .unwrap();
+        let resp = self.routes.clone().oneshot(req).await.unwrap();
+        let headers = resp.headers().clone();
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        headers
+            .get("grpc-status")
+            .or_else(|| trailers.get("grpc-status"))
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
 }
 
 /// Missing, malformed, unknown, expired and revoked keys are UNAUTHENTICATED; a missing scope
