@@ -156,6 +156,7 @@ pub fn keys(cmd: KeysCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 tenant: tenant.clone(),
                 scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
                 sandbox_id: None,
+                parent_id: None,
                 created_at: now,
                 expires_at: expires.and_then(|d| now.checked_add(d)),
                 last_used_at: None,

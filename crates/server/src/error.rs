@@ -15,6 +15,9 @@ pub enum ServiceError {
     /// Wrong lifecycle state (FAILED_PRECONDITION).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (PERMISSION_DENIED).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Quota reached (RESOURCE_EXHAUSTED).
     #[error("{0}")]
     ResourceExhausted(String),
@@ -97,6 +100,7 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::InvalidArgument(m) => Status::invalid_argument(m),
             ServiceError::NotFound(m) => Status::not_found(m),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ServiceError::PermissionDenied(m) => Status::permission_denied(m),
             ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ServiceError::Unavailable(m) => Status::unavailable(m),

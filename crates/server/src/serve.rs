@@ -186,6 +186,21 @@ fn bind_unix(
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        // Anyone who may create or replace names in the directory could swap the socket for
+        // a symlink between our bind and chmod, or bind the path first and collect keys.
+        let meta = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?;
+        let mode = meta.permissions().mode();
+        let sticky = mode & 0o1000 != 0;
+        let foreign_owner = std::os::unix::fs::MetadataExt::uid(&meta)
+            != rustix::process::geteuid().as_raw()
+            && std::os::unix::fs::MetadataExt::uid(&meta) != 0;
+        if (mode & 0o022 != 0 && !sticky) || foreign_owner {
+            return Err(err(format!(
+                "its directory {} is writable by others or owned by another user; use a \
+                 directory only root (or the server's user) can write, e.g. /run/agentfense",
+                dir.display()
+            )));
+        }
     }
     let gid = match group {
         None => None,
@@ -197,7 +212,7 @@ fn bind_unix(
     rustix::process::umask(old);
     let listener = listener.map_err(|e| err(e.to_string()))?;
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| err(e.to_string()))?;
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| err(e.to_string()))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| err(e.to_string()))?;

@@ -78,6 +78,7 @@ pub const MIGRATIONS: &[&str] = &[
         scopes TEXT NOT NULL,
         hash BLOB NOT NULL,
         sandbox_id TEXT,
+        parent_id TEXT,
         created_at INTEGER NOT NULL,
         expires_at INTEGER,
         last_used_at INTEGER,
@@ -849,7 +850,7 @@ mod auth;
 #[cfg(test)]
 mod tests;
 
-pub use auth::{KeyRecord, LimitHit, TenantRecord, TenantUsage};
+pub use auth::{KeyLookup, KeyRecord, LimitHit, TenantRecord, TenantUsage};
 
 /// Inserts a sandbox row (inside a caller's transaction).
 fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Result<(), StoreError> {

@@ -23,6 +23,9 @@ use crate::config::TlsConfig;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections wait to be accepted (a flood of slow
+/// clients holds this many descriptors, not all of them).
+const HANDSHAKES: usize = 256;
 
 /// What a TLS connection tells the gate: the peer's address and, with mTLS, the tenant its
 /// certificate names (its subject's common name).
@@ -223,8 +226,12 @@ impl TlsListener {
     pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> io::Result<TlsListener> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
+        let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
         let accept_task = tokio::spawn(async move {
             loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
                 let (tcp, remote) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -236,6 +243,7 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let _ = tcp.set_nodelay(true);
                     match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
                         Ok(Ok(io)) => {

@@ -10,7 +10,7 @@ use super::{Caller, Requirement, Scope, requirement};
 use crate::audit::{Actor, Audit, AuditEvent};
 use crate::config::AuthConfig;
 use crate::ids::SandboxId;
-use crate::store::{KeyRecord, Store};
+use crate::store::{KeyLookup, Store};
 
 /// How long a looked-up key is trusted before it is read again (revocation, expiry and
 /// blocking take effect within this).
@@ -19,6 +19,13 @@ const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// The window failed authentications are counted in.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long the set of existing key ids is trusted (a new key works within this).
+const KNOWN_IDS_TTL: Duration = Duration::from_millis(500);
+/// Bound of each in-memory map (key cache, failure counts, last-use marks).
+const MAP_CAP: usize = 10_000;
+/// `authentication_failed` lines per minute, all sources together; past it one line says the
+/// rest were not recorded one by one.
+const FAILURE_LINES_PER_MINUTE: u32 = 1000;
 
 /// Why a call was refused.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +104,18 @@ pub struct Credentials {
 #[derive(Clone)]
 struct CachedKey {
     at: Instant,
-    found: Option<(KeyRecord, Vec<u8>, bool)>,
+    found: Option<KeyLookup>,
+}
+
+/// Keeps a map under [`MAP_CAP`]: drops stale entries, and everything if that is not enough
+/// (a flood of distinct sources or ids must not make each insert scan a huge map).
+fn bound<K, V>(map: &mut HashMap<K, V>, fresh: impl Fn(&V) -> bool) {
+    if map.len() >= MAP_CAP {
+        map.retain(|_, v| fresh(v));
+        if map.len() >= MAP_CAP / 2 {
+            map.clear();
+        }
+    }
 }
 
 /// Authenticates and authorizes calls. Cheap to share.
@@ -110,8 +128,13 @@ pub struct Gate {
     unix_users: HashMap<u32, String>,
     audit: Audit,
     keys: Mutex<HashMap<String, CachedKey>>,
+    /// Every key id in the store, and when it was read: unknown ids are refused without a
+    /// query (a flood of made-up keys costs no database time).
+    known: Mutex<(Option<Instant>, std::collections::HashSet<String>)>,
     touched: Mutex<HashMap<String, Instant>>,
     failures: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Failure lines written in the current minute, all sources together.
+    failure_lines: Mutex<(Instant, u32)>,
 }
 
 impl std::fmt::Debug for CachedKey {
@@ -161,8 +184,10 @@ impl Gate {
             unix_users,
             audit,
             keys: Mutex::default(),
+            known: Mutex::default(),
             touched: Mutex::default(),
             failures: Mutex::default(),
+            failure_lines: Mutex::new((Instant::now(), 0)),
         })
     }
 
@@ -184,7 +209,13 @@ impl Gate {
             )));
         };
         let Requirement::Scope { scope, token } = req else {
-            return Ok(Caller::local());
+            // Open methods (health) get a caller that may do nothing.
+            return Ok(Caller {
+                tenant: String::new(),
+                key_id: None,
+                scopes: Vec::new(),
+                sandbox: None,
+            });
         };
         if !self.config.enabled {
             return Ok(Caller::local());
@@ -230,7 +261,7 @@ impl Gate {
                 .ok_or_else(|| {
                     AuthError::Unauthenticated("authorization must be \"Bearer <key>\"".to_owned())
                 })?;
-            return self.by_key(presented).await;
+            return self.by_key(presented, self.flooding(&creds.peer)).await;
         }
         if let Peer::Unix(Some(uid)) = creds.peer {
             let (tenant, scopes) = match (uid, self.unix_users.get(&uid)) {
@@ -255,6 +286,12 @@ impl Gate {
             return self.unless_blocked(caller).await;
         }
         if let Some(t) = &creds.cert_tenant {
+            if t == super::DEFAULT_TENANT {
+                return Err(AuthError::Unauthenticated(format!(
+                    "a client certificate cannot name the {:?} tenant",
+                    super::DEFAULT_TENANT
+                )));
+            }
             let caller = Caller {
                 tenant: t.clone(),
                 key_id: Some(format!("cert:{t}")),
@@ -286,22 +323,62 @@ impl Gate {
         Ok(caller)
     }
 
-    async fn lookup(&self, id: &str) -> Result<Option<(KeyRecord, Vec<u8>, bool)>, AuthError> {
+    /// Whether `id` exists (from a set of all ids, re-read at most twice a second).
+    async fn exists(&self, id: &str) -> Result<bool, AuthError> {
+        {
+            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            if known.0.is_some_and(|at| at.elapsed() < KNOWN_IDS_TTL) {
+                return Ok(known.1.contains(id));
+            }
+        }
+        let store = self.store.clone();
+        let ids = tokio::task::spawn_blocking(move || store.key_ids())
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        *known = (Some(Instant::now()), ids.into_iter().collect());
+        Ok(known.1.contains(id))
+    }
+
+    /// Whether `peer`'s source, or all sources together, failed too often this minute: then
+    /// ids missing from the set of known ids are refused without a query.
+    fn flooding(&self, peer: &Peer) -> bool {
+        let max = self.config.max_failures_per_minute;
+        let source = max > 0
+            && self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&peer.limit_key())
+                .is_some_and(|(start, n)| start.elapsed() < FAILURE_WINDOW && *n >= max);
+        let all = {
+            let l = self.failure_lines.lock().unwrap_or_else(|p| p.into_inner());
+            l.0.elapsed() < FAILURE_WINDOW && l.1 >= FAILURE_LINES_PER_MINUTE
+        };
+        source || all
+    }
+
+    /// The stored key `id`. An id missing from the (recent) set of known ids is looked up in
+    /// the store only while nobody floods the gate: a key made a moment ago works at once,
+    /// and a flood of made-up ids costs no database time.
+    async fn lookup(&self, id: &str, flooding: bool) -> Result<Option<KeyLookup>, AuthError> {
         if let Some(c) = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(id)
             && c.at.elapsed() < KEY_CACHE_TTL
         {
             return Ok(c.found.clone());
         }
+        if flooding && !self.exists(id).await? {
+            return Ok(None);
+        }
         let store = self.store.clone();
         let id2 = id.to_owned();
-        let found = tokio::task::spawn_blocking(move || store.key(&id2))
+        let found = tokio::task::spawn_blocking(move || store.key(&id2, SystemTime::now()))
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         let mut cache = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() > 10_000 {
-            cache.retain(|_, c| c.at.elapsed() < KEY_CACHE_TTL);
-        }
+        bound(&mut cache, |c| c.at.elapsed() < KEY_CACHE_TTL);
         cache.insert(
             id.to_owned(),
             CachedKey {
@@ -312,15 +389,25 @@ impl Gate {
         Ok(found)
     }
 
-    async fn by_key(&self, presented: &str) -> Result<Caller, AuthError> {
+    async fn by_key(&self, presented: &str, flooding: bool) -> Result<Caller, AuthError> {
         let invalid = || AuthError::Unauthenticated("invalid API key".to_owned());
         let id = parse_id(presented).ok_or_else(invalid)?;
-        let (rec, hash, blocked) = self.lookup(&id).await?.ok_or_else(invalid)?;
+        let KeyLookup {
+            key: rec,
+            hash,
+            tenant_blocked: blocked,
+            parent_dead,
+        } = self.lookup(&id, flooding).await?.ok_or_else(invalid)?;
         if !self.secret.verify(presented, &hash) {
             return Err(invalid());
         }
         if rec.revoked_at.is_some() {
             return Err(AuthError::Unauthenticated(format!("key {id} was revoked")));
+        }
+        if parent_dead {
+            return Err(AuthError::Unauthenticated(format!(
+                "token {id} was minted by a key that is revoked or expired"
+            )));
         }
         if rec.expires_at.is_some_and(|t| t <= SystemTime::now()) {
             return Err(AuthError::Unauthenticated(format!("key {id} has expired")));
@@ -355,6 +442,7 @@ impl Gate {
             if t.get(id).is_some_and(|at| at.elapsed() < TOUCH_EVERY) {
                 return;
             }
+            bound(&mut t, |at| at.elapsed() < TOUCH_EVERY);
             t.insert(id.to_owned(), Instant::now());
         }
         let store = self.store.clone();
@@ -380,9 +468,7 @@ impl Gate {
     ) -> AuthError {
         let count = {
             let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            if f.len() > 10_000 {
-                f.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
-            }
+            bound(&mut f, |(start, _)| start.elapsed() < FAILURE_WINDOW);
             let entry = f.entry(limit_key.to_owned()).or_insert((Instant::now(), 0));
             if entry.0.elapsed() >= FAILURE_WINDOW {
                 *entry = (Instant::now(), 0);
@@ -396,6 +482,33 @@ impl Gate {
                 "too many failed authentications from {}; retry in a minute",
                 creds.peer.source()
             ));
+        }
+        let line = {
+            let mut l = self.failure_lines.lock().unwrap_or_else(|p| p.into_inner());
+            if l.0.elapsed() >= FAILURE_WINDOW {
+                *l = (Instant::now(), 0);
+            }
+            l.1 += 1;
+            l.1
+        };
+        if line > FAILURE_LINES_PER_MINUTE {
+            return e;
+        }
+        if line == FAILURE_LINES_PER_MINUTE {
+            self.audit.record_as(
+                Actor::default(),
+                AuditEvent::AuthenticationFailed {
+                    source: "*".into(),
+                    method: short(method).to_owned(),
+                    reason: format!(
+                        "{FAILURE_LINES_PER_MINUTE} failed authentications this minute from all \
+                         sources; the rest of the minute's are not recorded one by one"
+                    ),
+                    claimed_key_id: None,
+                    rate_limited: true,
+                },
+            );
+            return e;
         }
         {
             self.audit.record_as(

@@ -21,6 +21,8 @@ const MAX_NAME: usize = 256;
 #[derive(Debug)]
 pub struct UploadSink {
     codebase: CodebaseId,
+    /// Held until the upload is counted in the store (or dropped).
+    _reserved: Option<super::quota::Bytes>,
     actor: Actor,
     path: SandboxPath,
     announced: u64,
@@ -224,17 +226,23 @@ impl Service {
         }
         let cb = self.codebase(caller, &id).await?;
         let quota = self.settings.config.quotas.of(&cb.tenant);
-        if quota.codebase_bytes > 0 {
+        let reserved = if quota.codebase_bytes > 0 {
+            // Reserved before usage is read: concurrent uploads see each other.
+            let (bytes, in_progress) = self.quota.reserve_bytes(&cb.tenant, total_size as u64);
             let store = self.store.clone();
             let t = cb.tenant.clone();
             let usage = blocking(move || Ok(store.tenant_usage(&t)?)).await?;
-            super::quota::check_codebase_bytes(&cb.tenant, &usage, total_size as u64, &quota)?;
-        }
+            super::quota::check_codebase_bytes(&cb.tenant, &usage, in_progress, &quota)?;
+            Some(bytes)
+        } else {
+            None
+        };
         let this = self.clone();
         let (id2, p2) = (id.clone(), path.clone());
         let upload = blocking(move || Ok(this.files.begin_upload(&id2, &p2, limit)?)).await?;
         Ok(UploadSink {
             codebase: id,
+            _reserved: reserved,
             actor: caller.actor(),
             path,
             announced: total_size as u64,
@@ -250,6 +258,7 @@ impl Service {
         let this = self.clone();
         let UploadSink {
             codebase,
+            _reserved: reserved,
             actor,
             path,
             announced,
@@ -276,6 +285,8 @@ impl Service {
             Ok(up)
         })
         .await?;
+        // Counted in the store now: the reservation goes.
+        drop(reserved);
         self.audit.record_as(
             actor,
             AuditEvent::FileUploaded {

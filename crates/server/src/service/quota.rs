@@ -13,6 +13,28 @@ use crate::store::TenantUsage;
 pub(crate) struct Counters {
     execs: Arc<Mutex<HashMap<String, u32>>>,
     starting: Arc<Mutex<HashMap<String, u32>>>,
+    uploading: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+/// Bytes announced by uploads in progress; released on drop (after the upload is counted in
+/// the store, or abandoned).
+#[derive(Debug)]
+pub(crate) struct Bytes {
+    map: Arc<Mutex<HashMap<String, u64>>>,
+    tenant: String,
+    n: u64,
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = m.get_mut(&self.tenant) {
+            *v = v.saturating_sub(self.n);
+            if *v == 0 {
+                m.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Held while a command runs; releases its slot on drop.
@@ -77,28 +99,65 @@ impl Counters {
         )
     }
 
-    /// A reservation for one more running sandbox of `tenant`, given the `running` ones the
-    /// store knows of; held until the start is saved (or failed), so concurrent starts cannot
-    /// all slip under the limit.
-    pub(crate) fn start(
-        &self,
+    /// Reserves a start for `tenant` before the running ones are counted; returns the slot
+    /// and how many starts (this one included) are in progress. [`Counters::check_start`]
+    /// then compares against what runs: a start finishing in between is counted twice (safe),
+    /// never missed.
+    pub(crate) fn reserve_start(&self, tenant: &str) -> (Slot, u64) {
+        let mut m = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(tenant.to_owned()).or_insert(0);
+        *n += 1;
+        let starting = u64::from(*n);
+        (
+            Slot {
+                map: self.starting.clone(),
+                tenant: tenant.to_owned(),
+            },
+            starting,
+        )
+    }
+
+    /// RESOURCE_EXHAUSTED when `running` plus `starting` (this start included) exceed the
+    /// tenant's running sandboxes quota.
+    pub(crate) fn check_start(
         tenant: &str,
         running: u64,
+        starting: u64,
         q: &TenantQuota,
-    ) -> Result<Slot, ServiceError> {
-        take(
-            &self.starting,
-            tenant,
-            running,
-            q.running_sandboxes,
-            "sandboxes running or starting",
-            "running_sandboxes",
+    ) -> Result<(), ServiceError> {
+        let limit = u64::from(q.running_sandboxes);
+        if limit > 0 && running + starting > limit {
+            return Err(exhausted(
+                tenant,
+                "sandboxes running or starting",
+                running + starting - 1,
+                "running_sandboxes",
+                limit,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reserves `n` bytes of an upload for `tenant`; returns the reservation and all bytes
+    /// reserved by the tenant's uploads in progress (this one included).
+    pub(crate) fn reserve_bytes(&self, tenant: &str, n: u64) -> (Bytes, u64) {
+        let mut m = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        let v = m.entry(tenant.to_owned()).or_insert(0);
+        *v = v.saturating_add(n);
+        let total = *v;
+        (
+            Bytes {
+                map: self.uploading.clone(),
+                tenant: tenant.to_owned(),
+                n,
+            },
+            total,
         )
     }
 }
 
-/// RESOURCE_EXHAUSTED when an upload of `adding` bytes would take `tenant` past its codebase
-/// bytes quota.
+/// RESOURCE_EXHAUSTED when uploads of `adding` bytes (this one and those in progress) would
+/// take `tenant` past its codebase bytes quota.
 pub(crate) fn check_codebase_bytes(
     tenant: &str,
     usage: &TenantUsage,
@@ -149,12 +208,21 @@ mod tests {
             running_sandboxes: 2,
             ..TenantQuota::default()
         };
-        let r = c.start("a", 1, &q).unwrap();
+        let (r, n) = c.reserve_start("a");
+        assert_eq!(n, 1);
+        assert!(Counters::check_start("a", 1, n, &q).is_ok());
         // One running plus one starting: the next start is refused until the first is saved.
-        assert!(c.start("a", 1, &q).is_err());
-        drop(r);
-        assert!(c.start("a", 1, &q).is_ok());
-        assert!(c.start("a", 2, &q).is_err());
+        let (r2, n2) = c.reserve_start("a");
+        assert!(Counters::check_start("a", 1, n2, &q).is_err());
+        drop((r, r2));
+        let (_r, n) = c.reserve_start("a");
+        assert!(Counters::check_start("a", 1, n, &q).is_ok());
+        assert!(Counters::check_start("a", 2, n, &q).is_err());
+        let (b1, t1) = c.reserve_bytes("a", 10);
+        let (_b2, t2) = c.reserve_bytes("a", 5);
+        assert_eq!((t1, t2), (10, 15));
+        drop(b1);
+        assert_eq!(c.reserve_bytes("a", 1).1, 6);
     }
 
     #[test]

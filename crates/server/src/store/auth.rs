@@ -19,6 +19,8 @@ pub struct KeyRecord {
     pub scopes: Vec<String>,
     /// For sandbox tokens: the one sandbox it may touch.
     pub sandbox_id: Option<String>,
+    /// For sandbox tokens: the key that minted it (revoking that key revokes the token).
+    pub parent_id: Option<String>,
     /// Creation time.
     pub created_at: SystemTime,
     /// When it stops working, if ever.
@@ -65,7 +67,20 @@ pub struct TenantUsage {
 }
 
 const KEY_COLS: &str =
-    "id, tenant, scopes, sandbox_id, created_at, expires_at, last_used_at, revoked_at";
+    "id, tenant, scopes, sandbox_id, created_at, expires_at, last_used_at, revoked_at, parent_id";
+
+/// A stored key as the gate needs it.
+#[derive(Debug, Clone)]
+pub struct KeyLookup {
+    /// The key.
+    pub key: KeyRecord,
+    /// Its stored hash.
+    pub hash: Vec<u8>,
+    /// Its tenant is blocked.
+    pub tenant_blocked: bool,
+    /// It was minted by a key that is now revoked, expired or gone.
+    pub parent_dead: bool,
+}
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let scopes: String = r.get(2)?;
@@ -82,6 +97,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         expires_at: r.get::<_, Option<i64>>(5)?.map(from_nanos),
         last_used_at: r.get::<_, Option<i64>>(6)?.map(from_nanos),
         revoked_at: r.get::<_, Option<i64>>(7)?.map(from_nanos),
+        parent_id: r.get(8)?,
     })
 }
 
@@ -96,7 +112,9 @@ impl Store {
         )
         .map_err(q("insert tenant"))?;
         tx.execute(
-            &format!("INSERT INTO api_keys ({KEY_COLS}, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            &format!(
+                "INSERT INTO api_keys ({KEY_COLS}, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ),
             params![
                 k.id,
                 k.tenant,
@@ -106,6 +124,7 @@ impl Store {
                 k.expires_at.map(to_nanos),
                 k.last_used_at.map(to_nanos),
                 k.revoked_at.map(to_nanos),
+                k.parent_id,
                 hash,
             ],
         )
@@ -113,18 +132,70 @@ impl Store {
         tx.commit().map_err(q("insert key"))
     }
 
-    /// The key with this id, its stored hash, and whether its tenant is blocked.
-    pub fn key(&self, id: &str) -> Result<Option<(KeyRecord, Vec<u8>, bool)>, StoreError> {
+    /// The key with this id, as of `now`: its record, stored hash, whether its tenant is
+    /// blocked and whether the key that minted it (for tokens) still works.
+    pub fn key(&self, id: &str, now: SystemTime) -> Result<Option<KeyLookup>, StoreError> {
         self.conn()
             .query_row(
                 "SELECT k.id, k.tenant, k.scopes, k.sandbox_id, k.created_at, k.expires_at,
-                 k.last_used_at, k.revoked_at, k.hash, t.blocked_at IS NOT NULL
-                 FROM api_keys k LEFT JOIN tenants t ON t.name = k.tenant WHERE k.id = ?1",
-                [id],
-                |r| Ok((key_row(r)?, r.get(8)?, r.get(9)?)),
+                 k.last_used_at, k.revoked_at, k.parent_id, k.hash, t.blocked_at IS NOT NULL,
+                 k.parent_id IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL
+                     OR (p.expires_at IS NOT NULL AND p.expires_at <= ?2))
+                 FROM api_keys k LEFT JOIN tenants t ON t.name = k.tenant
+                 LEFT JOIN api_keys p ON p.id = k.parent_id
+                 WHERE k.id = ?1",
+                params![id, to_nanos(now)],
+                |r| {
+                    Ok(KeyLookup {
+                        key: key_row(r)?,
+                        hash: r.get(9)?,
+                        tenant_blocked: r.get(10)?,
+                        parent_dead: r.get(11)?,
+                    })
+                },
             )
             .optional()
             .map_err(q("get key"))
+    }
+
+    /// The ids of every key and token (the gate answers unknown ids without a query).
+    pub fn key_ids(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id FROM api_keys")
+            .map_err(q("key ids"))?;
+        stmt.query_map([], |r| r.get(0))
+            .map_err(q("key ids"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(q("key ids"))
+    }
+
+    /// How many tokens exist for a sandbox.
+    pub fn count_tokens_of(&self, sandbox_id: &str) -> Result<u64, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM api_keys WHERE sandbox_id = ?1",
+                [sandbox_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(q("count tokens"))
+    }
+
+    /// Running sandboxes of blocked tenants, with the tenant, and whether the block was
+    /// already acted on once.
+    pub fn running_of_blocked(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT s.id, s.tenant FROM sandboxes s JOIN tenants t ON t.name = s.tenant
+                 WHERE t.blocked_at IS NOT NULL AND s.status = 'running'",
+            )
+            .map_err(q("running of blocked"))?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(q("running of blocked"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(q("running of blocked"))
     }
 
     /// Every key and token, oldest first.

@@ -231,21 +231,47 @@ fn keys_tenants_and_hourly_creations() {
         tenant: "a".into(),
         scopes: vec!["exec".into(), "sandboxes:read".into()],
         sandbox_id: None,
+        parent_id: None,
         created_at: t(1),
         expires_at: Some(t(100)),
         last_used_at: None,
         revoked_at: None,
     };
     s.insert_key(&k, b"hash").unwrap();
-    let (got, hash, blocked) = s.key(&k.id).unwrap().unwrap();
+    let got = s.key(&k.id, t(2)).unwrap().unwrap();
     assert_eq!(
-        (got, hash.as_slice(), blocked),
-        (k.clone(), &b"hash"[..], false)
+        (
+            got.key,
+            got.hash.as_slice(),
+            got.tenant_blocked,
+            got.parent_dead
+        ),
+        (k.clone(), &b"hash"[..], false, false)
     );
-    assert!(s.key("key_nope").unwrap().is_none());
+    assert!(s.key("key_nope", t(2)).unwrap().is_none());
+    assert_eq!(s.key_ids().unwrap(), vec![k.id.clone()]);
+    // A token minted by it dies with it: revoked, expired, or gone.
+    let tok = crate::store::KeyRecord {
+        id: "tok_0123456789ab".into(),
+        sandbox_id: Some("sb_0123456789abcdef".into()),
+        parent_id: Some(k.id.clone()),
+        expires_at: None,
+        ..k.clone()
+    };
+    s.insert_key(&tok, b"h2").unwrap();
+    assert!(!s.key(&tok.id, t(2)).unwrap().unwrap().parent_dead);
+    assert!(
+        s.key(&tok.id, t(100)).unwrap().unwrap().parent_dead,
+        "parent expired"
+    );
+    assert_eq!(s.count_tokens_of("sb_0123456789abcdef").unwrap(), 1);
     s.touch_key(&k.id, t(5)).unwrap();
     assert!(s.revoke_key(&k.id, t(6)).unwrap());
     assert!(s.revoke_key(&k.id, t(7)).unwrap());
+    assert!(
+        s.key(&tok.id, t(7)).unwrap().unwrap().parent_dead,
+        "parent revoked"
+    );
     let listed = s.list_keys().unwrap();
     assert_eq!(listed[0].revoked_at, Some(t(6)));
     assert_eq!(listed[0].last_used_at, Some(t(5)));
@@ -254,7 +280,7 @@ fn keys_tenants_and_hourly_creations() {
     // Blocking: visible through the key lookup, pending until enforced, undoable.
     assert!(s.block_tenant("a", "leak", t(8)).unwrap());
     assert!(!s.block_tenant("a", "again", t(9)).unwrap());
-    assert!(s.key(&k.id).unwrap().unwrap().2);
+    assert!(s.key(&k.id, t(8)).unwrap().unwrap().tenant_blocked);
     assert!(s.tenant_blocked("a").unwrap());
     assert!(!s.tenant_blocked("b").unwrap());
     assert_eq!(

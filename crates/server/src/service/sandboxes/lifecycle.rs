@@ -180,10 +180,17 @@ impl Service {
         }
         let quota = self.settings.config.quotas.of(&rec.tenant);
         let _reservation = if quota.running_sandboxes > 0 {
+            let (slot, starting) = self.quota.reserve_start(&rec.tenant);
             let store = self.store.clone();
             let t = rec.tenant.clone();
             let usage = blocking(move || Ok(store.tenant_usage(&t)?)).await?;
-            Some(self.quota.start(&rec.tenant, usage.running, &quota)?)
+            super::super::quota::Counters::check_start(
+                &rec.tenant,
+                usage.running,
+                starting,
+                &quota,
+            )?;
+            Some(slot)
         } else {
             None
         };
@@ -680,51 +687,52 @@ pub(super) fn fs_event(ev: agentfense_fs::AuditEvent) -> AuditEvent {
 
 impl Service {
     /// Acts on tenant blocks (`agentfense tenants block`, written to the store by another
-    /// process): stops every running sandbox of each newly blocked tenant and audits it. The
-    /// tenant's keys already fail at the gate. Returns how many tenants were handled.
+    /// process), on every call: stops every running sandbox of a blocked tenant (also one
+    /// started by a request admitted just before the block), records `tenant_blocked` the
+    /// first time. The tenant's credentials already fail at the gate. Returns how many
+    /// sandboxes were stopped.
     pub async fn enforce_blocks(self: &Arc<Self>) -> usize {
         let store = self.store.clone();
-        let pending = match blocking(move || Ok(store.blocks_to_enforce()?)).await {
-            Ok(p) => p,
+        let found =
+            blocking(move || Ok((store.blocks_to_enforce()?, store.running_of_blocked()?))).await;
+        let (new_blocks, running) = match found {
+            Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read tenant blocks");
                 return 0;
             }
         };
-        let mut handled = 0;
-        for (tenant, reason) in pending {
-            let store = self.store.clone();
-            let t = tenant.clone();
-            let all = blocking(move || {
-                Ok(store.list_sandboxes(
-                    crate::store::SandboxFilter {
-                        tenant: Some(&t),
-                        ..Default::default()
-                    },
-                    0,
-                    1_000_000,
-                )?)
-            })
-            .await;
-            let Ok(page) = all else { continue };
-            let mut stopped = Vec::new();
-            for rec in page.items {
-                let lock = self.engine.lock(&rec.id);
-                let _g = lock.lock().await;
-                let Ok(mut rec) = self.sandbox(&rec.id).await else {
-                    continue;
-                };
-                if rec.status != SandboxStatus::Running {
-                    continue;
-                }
-                self.tear_down(&rec, false).await;
-                rec.status = SandboxStatus::Stopped;
-                rec.stopped_at = Some(SystemTime::now());
-                rec.status_reason = Some(format!("tenant {tenant:?} was blocked"));
-                if self.save(&rec).await.is_ok() {
-                    stopped.push(rec.id.to_string());
-                }
+        let mut stopped: HashMap<String, Vec<String>> = HashMap::new();
+        for (sid, tenant) in running {
+            let Ok(id) = SandboxId::parse(&sid) else {
+                continue;
+            };
+            let lock = self.engine.lock(&id);
+            let _g = lock.lock().await;
+            let Ok(mut rec) = self.sandbox(&id).await else {
+                continue;
+            };
+            if rec.status != SandboxStatus::Running {
+                continue;
             }
+            self.tear_down(&rec, false).await;
+            rec.status = SandboxStatus::Stopped;
+            rec.stopped_at = Some(SystemTime::now());
+            let reason = format!("tenant {tenant:?} is blocked");
+            rec.status_reason = Some(reason.clone());
+            if self.save(&rec).await.is_ok() {
+                self.audit.record_as(
+                    Actor::tenant(&tenant),
+                    AuditEvent::SandboxStopped {
+                        sandbox_id: sid.clone(),
+                        reason: Some(reason),
+                    },
+                );
+                stopped.entry(tenant).or_default().push(sid);
+            }
+        }
+        let n = stopped.values().map(Vec::len).sum();
+        for (tenant, reason) in new_blocks {
             let store = self.store.clone();
             let t = tenant.clone();
             if blocking(move || Ok(store.block_enforced(&t, SystemTime::now())?))
@@ -733,17 +741,17 @@ impl Service {
             {
                 continue;
             }
-            tracing::warn!(tenant = %tenant, stopped = stopped.len(), "tenant blocked");
+            let list = stopped.remove(&tenant).unwrap_or_default();
+            tracing::warn!(tenant = %tenant, stopped = list.len(), "tenant blocked");
             self.audit.record_as(
                 Actor::tenant(&tenant),
                 AuditEvent::TenantBlocked {
                     blocked_tenant: tenant.clone(),
                     reason,
-                    sandboxes_stopped: stopped,
+                    sandboxes_stopped: list,
                 },
             );
-            handled += 1;
         }
-        handled
+        n
     }
 }
