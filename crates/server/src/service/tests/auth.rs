@@ -573,10 +573,10 @@ async fn credentials_and_scopes() {
         .await;
     assert_eq!(st, StatusCode::OK, "{cb}");
     assert_eq!(cb["ownerId"], "a");
-    // Health stays open.
+    // Health stays open, whatever name a probe uses.
     let req = Request::builder()
         .uri("/healthz")
-        .header("host", "localhost")
+        .header("host", "agentfense.svc.cluster.local")
         .body(Body::empty())
         .unwrap();
     assert_eq!(rest.send(req).await.0, StatusCode::OK);
