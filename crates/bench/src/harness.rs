@@ -95,7 +95,7 @@ const FULL: Scale = Scale {
 };
 
 /// The case names `--only` accepts.
-pub const CASES: [&str; 7] = [
+pub const CASES: [&str; 8] = [
     "fs",
     "sdk",
     "exec",
@@ -103,6 +103,7 @@ pub const CASES: [&str; 7] = [
     "start",
     "density",
     "concurrency",
+    "auth",
 ];
 
 /// Which cases run.
@@ -215,7 +216,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let rows = rt.block_on(cases(scale, &only, &server, server_pid))?;
+    let mut rows = rt.block_on(cases(scale, &only, &server, server_pid))?;
+    if only.has("auth") {
+        rt.block_on(auth_case(scale, &exe, &work, &cpu, &server, &mut rows))?;
+    }
     drop(server);
     ensure!(
         mounts_under(&work) == 0,

@@ -630,3 +630,64 @@ pub(super) async fn concurrency_case(
     }
     Ok(())
 }
+
+/// What authentication costs a command: exec round trips with an API key against a server
+/// with `auth.enabled`, interleaved with the same on the main server (auth off).
+pub(super) async fn auth_case(
+    scale: &Scale,
+    exe: &Path,
+    work: &Path,
+    cpu: &Option<usize>,
+    plain: &Server,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: exec round trip with an API key");
+    let data = work.join("data-auth");
+    let authed = start_server_with(exe, &data, cpu, "auth:\n  enabled: true\n")?;
+    let out = Command::new(exe)
+        .args(["keys", "create", "--tenant", "bench", "--data-dir"])
+        .arg(&data)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout)?.trim().to_owned();
+    let mut a = Api::connect_with_key(&authed.grpc, Some(&key)).await?;
+    let mut p = Api::connect(&plain.grpc).await?;
+    let mut sandboxes = Vec::new();
+    for api in [&mut a, &mut p] {
+        let cb = api.codebase("auth").await?;
+        let sb = api.sandbox(&cb).await?;
+        api.start(&sb).await?;
+        api.exec(&sb, "true").await?;
+        sandboxes.push(sb);
+    }
+    let (mut ours, mut base) = (vec![], vec![]);
+    for _ in 0..scale.rtt_iters {
+        let t = Instant::now();
+        p.exec(&sandboxes[1], "true").await?;
+        base.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        a.exec(&sandboxes[0], "true").await?;
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (o, b) = (stats(&ours), stats(&base));
+    rows.push(Row {
+        case: format!("exec round trip `true` with an API key (p99 {})", ms(o.p99)),
+        ours: o,
+        baseline_name: "the same, authentication off".into(),
+        baseline: Some(b),
+        target: "<= 1.1x".into(),
+        met: Some(o.median <= b.median * 1.1),
+    });
+    a.destroy(&sandboxes[0]).await?;
+    p.destroy(&sandboxes[1]).await?;
+    drop(authed);
+    ensure!(
+        mounts_under(&data) == 0,
+        "mounts left behind by the authenticated server"
+    );
+    Ok(())
+}

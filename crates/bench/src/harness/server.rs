@@ -36,12 +36,22 @@ pub(super) fn pinned(cpu: &Option<usize>, program: &str) -> Command {
 }
 
 pub(super) fn start_server(exe: &Path, data: &Path, cpu: &Option<usize>) -> anyhow::Result<Server> {
+    start_server_with(exe, data, cpu, "")
+}
+
+/// [`start_server`] with more configuration.
+pub(super) fn start_server_with(
+    exe: &Path,
+    data: &Path,
+    cpu: &Option<usize>,
+    extra: &str,
+) -> anyhow::Result<Server> {
     std::fs::create_dir_all(data)?;
     let config = data.with_extension("yaml");
     // No per-owner quota: the density and concurrency cases start many sandboxes.
     std::fs::write(
         &config,
-        "sandbox:\n  max_per_user: 0\nlogging:\n  level: warn\n",
+        format!("sandbox:\n  max_per_user: 0\nlogging:\n  level: warn\n{extra}"),
     )?;
     let mut cmd = pinned(cpu, &exe.to_string_lossy());
     // The server (and its mounts) must not outlive a bench that is killed.
@@ -74,7 +84,9 @@ pub(super) fn start_server(exe: &Path, data: &Path, cpu: &Option<usize>) -> anyh
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .context("the server did not start")?;
-        if let Some(a) = line.strip_prefix("agentfense: gRPC listening on ") {
+        if let Some(a) = line.strip_prefix("agentfense: gRPC listening on ")
+            && !a.starts_with("unix:")
+        {
             return Ok(Server {
                 child,
                 grpc: a.to_owned(),
@@ -84,19 +96,43 @@ pub(super) fn start_server(exe: &Path, data: &Path, cpu: &Option<usize>) -> anyh
     }
 }
 
+/// Adds `authorization: Bearer <key>` to each call when a key is set.
+#[derive(Clone)]
+pub(super) struct Key(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Key {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(k) = &self.0 {
+            req.metadata_mut().insert("authorization", k.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Key>;
+
 pub(super) struct Api {
-    pub(super) cb: CodebaseServiceClient<Channel>,
-    pub(super) sb: SandboxServiceClient<Channel>,
+    pub(super) cb: CodebaseServiceClient<Authed>,
+    pub(super) sb: SandboxServiceClient<Authed>,
 }
 
 impl Api {
     pub(super) async fn connect(addr: &str) -> anyhow::Result<Api> {
+        Api::connect_with_key(addr, None).await
+    }
+
+    /// A client that presents `key` (an authenticated server).
+    pub(super) async fn connect_with_key(addr: &str, key: Option<&str>) -> anyhow::Result<Api> {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
             .await?;
+        let key = Key(match key {
+            Some(k) => Some(format!("Bearer {k}").parse()?),
+            None => None,
+        });
         Ok(Api {
-            cb: CodebaseServiceClient::new(ch.clone()),
-            sb: SandboxServiceClient::new(ch).max_decoding_message_size(4 << 20),
+            cb: CodebaseServiceClient::with_interceptor(ch.clone(), key.clone()),
+            sb: SandboxServiceClient::with_interceptor(ch, key).max_decoding_message_size(4 << 20),
         })
     }
 
