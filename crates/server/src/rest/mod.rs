@@ -300,7 +300,7 @@ fn sandbox_routes() -> Router<RestState> {
         )
 }
 
-/// The REST router: every `/v1` route behind the gate ([`guard`]), the whole router behind
+/// The REST router: every `/v1` route behind the gate (`guard::authenticate`), the whole router behind
 /// the cross-site checks (Host, Origin, Content-Type).
 pub fn router(state: RestState, guard: std::sync::Arc<Guard>) -> Router {
     Router::new()
