@@ -9,6 +9,7 @@
 //! in `docs/permissions.md` and on the items below.
 
 mod content;
+pub mod egress;
 mod level;
 mod model;
 mod path;
