@@ -1,0 +1,305 @@
+//! The proxy's protocol side: HTTP `CONNECT` and absolute-form plain HTTP.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{ConnEvent, Decision, Proxy};
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Hop-by-hop and proxy headers never forwarded to a destination.
+const DROPPED: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Reads until the end of the request head; returns its length (the buffer may hold more).
+async fn read_head<S: AsyncRead + Unpin>(
+    conn: &mut S,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(i + 4);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(std::io::Error::other("request head too large"));
+        }
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `host:port` (or `[v6]:port`); `default` when the port is absent.
+fn split_authority(auth: &str, default: Option<u16>) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = auth.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match auth.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            Some(_) => return None,
+            None => (auth, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0)?,
+        None => default?,
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+fn response(status: &str, reason: &str) -> Vec<u8> {
+    let clean: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let body = format!("agentfense: egress refused: {clean}\n");
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nX-AgentFense-Deny: {clean}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+async fn connect(addrs: &[SocketAddr], timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::other("no address");
+    for a in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::ErrorKind::TimedOut.into(),
+        }
+    }
+    Err(last)
+}
+
+impl Proxy {
+    /// Serves one client connection.
+    pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: S) {
+        let started = Instant::now();
+        let mut buf = Vec::with_capacity(4096);
+        let head_len =
+            match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn, &mut buf)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+                _ => {
+                    let _ = conn
+                        .write_all(&response("400 Bad Request", "no complete request head"))
+                        .await;
+                    return;
+                }
+            };
+        let mut headers = [httparse::EMPTY_HEADER; 96];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = matches!(
+            req.parse(&buf[..head_len]),
+            Ok(httparse::Status::Complete(_))
+        );
+        let (Some(method), Some(target), true) = (req.method, req.path, parsed) else {
+            let _ = conn
+                .write_all(&response("400 Bad Request", "malformed request"))
+                .await;
+            return;
+        };
+        let method = method.to_owned();
+        let target = target.to_owned();
+        let is_connect = method.eq_ignore_ascii_case("CONNECT");
+        let (host, port, forward_head) = if is_connect {
+            let Some((host, port)) = split_authority(&target, None) else {
+                let _ = conn
+                    .write_all(&response("400 Bad Request", "CONNECT needs host:port"))
+                    .await;
+                return;
+            };
+            (host, port, None)
+        } else {
+            let lower = target.to_ascii_lowercase();
+            let Some(rest) = lower.strip_prefix("http://").map(|_| &target[7..]) else {
+                let why = if lower.starts_with("https://") {
+                    "https:// goes through CONNECT (set HTTPS_PROXY)"
+                } else {
+                    "this is a proxy: send CONNECT host:port or an absolute http:// URL"
+                };
+                let _ = conn.write_all(&response("400 Bad Request", why)).await;
+                return;
+            };
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (auth, path) = rest.split_at(end);
+            let path = if path.is_empty() || path.starts_with('?') {
+                format!("/{path}")
+            } else {
+                path.to_owned()
+            };
+            let Some((host, port)) =
+                split_authority(auth.rsplit('@').next().unwrap_or(auth), Some(80))
+            else {
+                let _ = conn
+                    .write_all(&response("400 Bad Request", "bad host in the URL"))
+                    .await;
+                return;
+            };
+            // The Host header must name the same destination: a server behind one allowed
+            // address must not be asked for another of its sites.
+            let host_header = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok());
+            if let Some(h) = host_header {
+                let same = split_authority(h.trim(), Some(80))
+                    .is_some_and(|(hh, hp)| hh.eq_ignore_ascii_case(&host) && hp == port);
+                if !same {
+                    let reason = format!("Host {h:?} does not match the URL's {host}:{port}");
+                    self.refused(&host, port, &reason, started);
+                    let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+                    return;
+                }
+            }
+            let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+            for h in req.headers.iter() {
+                if DROPPED.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
+                    continue;
+                }
+                head.extend_from_slice(h.name.as_bytes());
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(h.value);
+                head.extend_from_slice(b"\r\n");
+            }
+            if host_header.is_none() {
+                head.extend_from_slice(format!("Host: {auth}\r\n").as_bytes());
+            }
+            // One request per connection: the next one is decided afresh.
+            head.extend_from_slice(b"Connection: close\r\n\r\n");
+            (host, port, Some(head))
+        };
+
+        let (addrs, rule) = match self.decide(&host, port).await {
+            Decision::Allow { addrs, rule } => (addrs, rule),
+            Decision::Deny(reason) => {
+                self.refused(&host, port, &reason, started);
+                let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+                return;
+            }
+        };
+        let mut upstream = match connect(&addrs, self.cfg.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!("cannot connect to {host}:{port}: {e}");
+                self.refused(&host, port, &reason, started);
+                let _ = conn.write_all(&response("502 Bad Gateway", &reason)).await;
+                return;
+            }
+        };
+        let rest = &buf[head_len..];
+        let setup = async {
+            match &forward_head {
+                None => {
+                    conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await?
+                }
+                Some(head) => upstream.write_all(head).await?,
+            }
+            upstream.write_all(rest).await
+        };
+        if setup.await.is_err() {
+            return;
+        }
+        let mut generation = self.generation.subscribe();
+        let pump = tokio::io::copy_bidirectional(&mut conn, &mut upstream);
+        tokio::pin!(pump);
+        let mut detail = rule.clone();
+        let (up, down) = loop {
+            tokio::select! {
+                r = &mut pump => break r.unwrap_or((0, 0)),
+                changed = generation.changed() => {
+                    if changed.is_err() || !self.still_allowed(&host, port) {
+                        detail = format!("{rule}; closed: the policy no longer allows it");
+                        break (0, 0);
+                    }
+                }
+            }
+        };
+        self.report(ConnEvent {
+            host,
+            port,
+            allowed: true,
+            detail,
+            bytes_up: up,
+            bytes_down: down,
+            duration: started.elapsed(),
+        });
+    }
+
+    fn still_allowed(&self, host: &str, port: u16) -> bool {
+        let policy = self.policy();
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => policy.allows_ip(ip, port).is_some(),
+            Err(_) => policy.allows_name(host, port).is_some(),
+        }
+    }
+
+    fn refused(&self, host: &str, port: u16, reason: &str, started: Instant) {
+        self.report(ConnEvent {
+            host: host.to_owned(),
+            port,
+            allowed: false,
+            detail: reason.to_owned(),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration: started.elapsed(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        assert_eq!(
+            split_authority("pypi.org:443", None),
+            Some(("pypi.org".into(), 443))
+        );
+        assert_eq!(
+            split_authority("pypi.org", Some(80)),
+            Some(("pypi.org".into(), 80))
+        );
+        assert_eq!(split_authority("pypi.org", None), None);
+        assert_eq!(
+            split_authority("[::1]:8080", None),
+            Some(("::1".into(), 8080))
+        );
+        assert_eq!(
+            split_authority("::1:80", None),
+            None,
+            "bare v6 is ambiguous"
+        );
+        assert_eq!(split_authority("h:0", None), None);
+        assert_eq!(split_authority(":80", None), None);
+    }
+
+    #[test]
+    fn refusals_cannot_inject_headers() {
+        let r = String::from_utf8(response("403 Forbidden", "a\r\nSet-Cookie: x")).unwrap();
+        assert!(!r.contains("\r\nSet-Cookie"), "{r}");
+        assert!(r.contains("X-AgentFense-Deny: a  Set-Cookie: x"), "{r}");
+    }
+}
