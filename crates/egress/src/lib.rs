@@ -126,6 +126,24 @@ impl Proxy {
         }
     }
 
+    /// Serves connections from a TCP listener (one made inside the sandbox's network
+    /// namespace, where its tools find the proxy at a loopback address).
+    pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    let _ = conn.set_nodelay(true);
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(conn).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "egress proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     fn report(&self, ev: ConnEvent) {
         (self.events)(ev);
     }

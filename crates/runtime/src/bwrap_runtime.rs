@@ -165,6 +165,9 @@ pub struct BwrapRuntime {
     sandboxes: StdMutex<HashMap<String, Arc<Mutex<Entry>>>>,
     /// The `/tmp` of each running sandbox (see [`Runtime::scratch`]).
     scratch: StdMutex<HashMap<String, Arc<OwnedFd>>>,
+    /// The network namespace of each running sandbox with its own (see
+    /// [`Runtime::network_namespace`]).
+    netns: StdMutex<HashMap<String, Arc<OwnedFd>>>,
     /// The host id block of each created sandbox (with [`BwrapConfig::userns`]), from create
     /// to destroy.
     leases: StdMutex<HashMap<String, Arc<IdLease>>>,
@@ -208,6 +211,7 @@ impl BwrapRuntime {
             sandboxes: StdMutex::new(HashMap::new()),
             leases: StdMutex::new(HashMap::new()),
             scratch: StdMutex::new(HashMap::new()),
+            netns: StdMutex::new(HashMap::new()),
         })
     }
 
@@ -223,6 +227,9 @@ impl BwrapRuntime {
     }
 
     fn forget_scratch(&self, sandbox_id: &str) {
+        if let Ok(mut m) = self.netns.lock() {
+            m.remove(sandbox_id);
+        }
         if let Ok(mut m) = self.scratch.lock() {
             m.remove(sandbox_id);
         }
@@ -427,6 +434,11 @@ impl Runtime for BwrapRuntime {
 
     fn scratch(&self, sandbox_id: &str) -> Option<OwnedFd> {
         let fd = self.scratch.lock().ok()?.get(sandbox_id)?.clone();
+        fd.try_clone().ok()
+    }
+
+    fn network_namespace(&self, sandbox_id: &str) -> Option<OwnedFd> {
+        let fd = self.netns.lock().ok()?.get(sandbox_id)?.clone();
         fd.try_clone().ok()
     }
 

@@ -253,6 +253,14 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// The running sandbox's network namespace (an `O_RDONLY` descriptor of
+    /// `/proc/<init>/ns/net`), for the egress proxy to listen inside it. `None`: not running,
+    /// shares the host's network, or the runtime cannot say.
+    fn network_namespace(&self, sandbox_id: &str) -> Option<std::os::fd::OwnedFd> {
+        let _ = sandbox_id;
+        None
+    }
+
     /// Removes what a crashed earlier process of this service left behind (cgroups,
     /// containers). Called once at startup, before any sandbox starts; returns how many
     /// leftovers were removed. The default has nothing to clean.

@@ -180,6 +180,33 @@ pub enum AuditEvent {
         /// The sandboxes that were running and were stopped.
         sandboxes_stopped: Vec<String>,
     },
+    /// A sandbox's connection through its egress proxy, allowed (when it ends: bytes and
+    /// duration) or refused (at once: why).
+    NetworkConnection {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The host it asked for (name or address).
+        host: String,
+        /// The port.
+        port: u16,
+        /// `allowed` or `refused`.
+        decision: String,
+        /// The entry that allowed it, or why it was refused.
+        detail: String,
+        /// Bytes sent.
+        bytes_up: u64,
+        /// Bytes received.
+        bytes_down: u64,
+        /// How long it lasted, ms.
+        duration_ms: u64,
+    },
+    /// A sandbox's egress policy was replaced.
+    EgressChanged {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The new `agentfense.egress` value.
+        egress: String,
+    },
     /// A token bound to one sandbox was minted.
     SandboxTokenCreated {
         /// The sandbox.

@@ -15,8 +15,10 @@ use agentfense_core::{ResourceLimits, RuntimeKind};
 use serde::Deserialize;
 
 mod auth;
+mod network;
 
 pub use auth::{AuthConfig, QuotaConfig, TenantQuota, TlsConfig};
+pub use network::{NetworkConfig, REGISTRIES};
 
 /// A configuration that could not be loaded or is inconsistent.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Per-tenant limits.
     pub quotas: QuotaConfig,
+    /// What sandboxes with an egress policy may reach.
+    pub network: NetworkConfig,
 }
 
 /// `policy.*`
@@ -503,6 +507,26 @@ impl Config {
                 return Err(invalid(
                     "server.cors_origins",
                     format!("{origin:?} is not an origin (scheme://host[:port])"),
+                ));
+            }
+        }
+        if let Some(c) = &self.network.ceiling {
+            agentfense_core::egress::EgressPolicy::parse(&c.join(","), &self.network.presets)
+                .map_err(|e| invalid("network.ceiling", e.to_string()))?;
+        }
+        for (name, list) in &self.network.presets {
+            for e in list {
+                agentfense_core::egress::parse_entry(e)
+                    .map_err(|err| invalid("network.presets", format!("{name}: {err}")))?;
+            }
+        }
+        for c in &self.network.private_allow {
+            let ok = agentfense_core::egress::parse_entry(c)
+                .is_ok_and(|e| matches!(e.target, agentfense_core::egress::Target::Block(_)));
+            if !ok {
+                return Err(invalid(
+                    "network.private_allow",
+                    format!("{c:?} is not an address block (e.g. 10.20.0.0/16)"),
                 ));
             }
         }

@@ -485,6 +485,26 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a sandbox's labels.
+    pub fn update_labels(
+        &self,
+        id: &SandboxId,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let encoded = serde_json::to_string(labels).map_err(|e| StoreError::Corrupt {
+            what: "sandbox labels",
+            id: id.to_string(),
+            detail: e.to_string(),
+        })?;
+        self.conn()
+            .execute(
+                "UPDATE sandboxes SET labels = ?2 WHERE id = ?1",
+                params![id.as_str(), encoded],
+            )
+            .map_err(q("update labels"))?;
+        Ok(())
+    }
+
     const SANDBOX_COLS: &'static str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, seq, tenant";
 
     /// The sandbox with this id.

@@ -1,5 +1,6 @@
 mod auth;
 mod client;
+mod egress;
 mod interop;
 mod policy;
 mod restart;

@@ -356,11 +356,14 @@ impl BwrapRuntime {
                 .await;
             }
         };
-        // The sandbox's /tmp (with $HOME), seen through its init, for disk quotas.
-        let scratch = child.id().and_then(|bwrap| {
+        // The sandbox's /tmp (with $HOME), seen through its init, for disk quotas; and its
+        // own network namespace, for the egress proxy.
+        let init = child.id().and_then(|bwrap| {
             let children =
                 std::fs::read_to_string(format!("/proc/{bwrap}/task/{bwrap}/children")).ok()?;
-            let init = children.split_whitespace().next()?;
+            children.split_whitespace().next().map(str::to_owned)
+        });
+        let scratch = init.as_ref().and_then(|init| {
             rustix::fs::open(
                 format!("/proc/{init}/root/tmp"),
                 rustix::fs::OFlags::PATH
@@ -371,6 +374,20 @@ impl BwrapRuntime {
             .ok()
         });
         if let (Some(fd), Ok(mut m)) = (scratch, self.scratch.lock()) {
+            m.insert(sandbox_id.to_owned(), Arc::new(fd));
+        }
+        let netns = init
+            .as_ref()
+            .filter(|_| spec.network == NetworkMode::None)
+            .and_then(|init| {
+                rustix::fs::open(
+                    format!("/proc/{init}/ns/net"),
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .ok()
+            });
+        if let (Some(fd), Ok(mut m)) = (netns, self.netns.lock()) {
             m.insert(sandbox_id.to_owned(), Arc::new(fd));
         }
         let counters = cgroup.as_ref().map(|c| c.counters()).unwrap_or_default();

@@ -127,6 +127,8 @@ pub mod ext {
     pub const PUBLISH: &str = "/agentfense.v1.Extensions/PublishSandbox";
     /// `POST /v1/sandboxes/{id}/tokens`.
     pub const MINT_TOKEN: &str = "/agentfense.v1.Extensions/CreateSandboxToken";
+    /// `PUT /v1/sandboxes/{id}/egress`.
+    pub const SET_EGRESS: &str = "/agentfense.v1.Extensions/SetSandboxEgress";
 }
 
 /// Every method the server answers and what it needs. Keep in step with the protocol: a test
@@ -198,6 +200,7 @@ pub const REQUIREMENTS: &[(&str, Requirement)] = {
         ),
         (ext::PUBLISH, need(SandboxesWrite)),
         (ext::MINT_TOKEN, need(SandboxesWrite)),
+        (ext::SET_EGRESS, need(SandboxesWrite)),
     ]
 };
 

@@ -117,6 +117,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     ("POST", "/v1/sandboxes/{sandbox_id}/publish", ext::PUBLISH),
     ("POST", "/v1/sandboxes/{sandbox_id}/tokens", ext::MINT_TOKEN),
+    ("PUT", "/v1/sandboxes/{sandbox_id}/egress", ext::SET_EGRESS),
 ];
 
 fn refuse(status: StatusCode, code: tonic::Code, msg: String) -> Response {
@@ -213,7 +214,7 @@ pub async fn cross_site(State(g): State<Arc<Guard>>, req: Request, next: Next) -
             let h = resp.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST, DELETE"),
+                HeaderValue::from_static("GET, POST, PUT, DELETE"),
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,

@@ -262,6 +262,30 @@ fn sandbox_routes() -> Router<RestState> {
                 )
             }),
         )
+        // Our extension: replace a sandbox's egress policy. Body: `{"egress": "entries"}`.
+        .route(
+            "/v1/sandboxes/{sandbox_id}/egress",
+            axum::routing::put(
+                |State(s): S, Extension(c): E, Path(id): Id, body: Bytes| async move {
+                    #[derive(serde::Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct Body {
+                        egress: String,
+                    }
+                    let b: Body = serde_json::from_slice(&body)
+                        .map_err(|e| bad_request(format!("body: {e}")))?;
+                    s.sandboxes
+                        .0
+                        .set_egress(&c, &id, &b.egress)
+                        .await
+                        .map_err(tonic::Status::from)?;
+                    Ok::<_, RestError>(
+                        axum::Json(serde_json::json!({ "sandboxId": id, "egress": b.egress }))
+                            .into_response(),
+                    )
+                },
+            ),
+        )
         // Our extension: a token for one sandbox (its commands and sessions only), for an
         // agent harness to hand to an agent. Body: `{"ttl": "1h"}` (optional).
         .route(

@@ -2,6 +2,7 @@
 //! only translate requests and responses.
 
 mod codebases;
+pub mod egress;
 pub mod mounter;
 mod quota;
 mod sandboxes;

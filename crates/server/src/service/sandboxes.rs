@@ -34,6 +34,20 @@ pub(crate) struct Live {
     id: SandboxId,
     codebase_id: CodebaseId,
     tenant: String,
+    /// Its egress proxy, when it has an egress policy.
+    pub(crate) egress: Option<super::egress::Egress>,
+}
+
+impl Live {
+    /// `env` plus the proxy variables of a sandbox with an egress policy (`env` wins).
+    fn with_proxy_env(&self, mut env: BTreeMap<String, String>) -> BTreeMap<String, String> {
+        if self.egress.is_some() {
+            for (k, v) in super::egress::proxy_env() {
+                env.entry(k).or_insert(v);
+            }
+        }
+        env
+    }
 }
 
 impl std::fmt::Debug for Live {
@@ -173,12 +187,12 @@ fn status_name(s: SandboxStatus) -> &'static str {
 impl Engine {
     /// The lifecycle lock of `id`. Callers check that the sandbox exists first, so that
     /// requests for unknown ids never add entries (destroy removes them).
-    fn lock(&self, id: &SandboxId) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock(&self, id: &SandboxId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.clone()).or_default().clone()
     }
 
-    fn live(&self, id: &SandboxId) -> Option<Arc<Live>> {
+    pub(crate) fn live(&self, id: &SandboxId) -> Option<Arc<Live>> {
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -38,6 +38,7 @@ impl Service {
     pub(super) fn runtime_request(
         &self,
         p: ExecParams,
+        live: &Live,
     ) -> Result<agentfense_runtime::ExecRequest, ServiceError> {
         if p.command.trim().is_empty() {
             return Err(ServiceError::required("command"));
@@ -52,7 +53,7 @@ impl Service {
             timeout: Some(self.effective_timeout(p.timeout)),
             command: p.command,
             stdin: p.stdin,
-            env: p.env,
+            env: live.with_proxy_env(p.env),
             workdir: p.workdir,
         })
     }
@@ -161,7 +162,7 @@ impl Service {
         let id = Service::sandbox_id(sandbox_id)?;
         let live = self.running(caller, &id).await?;
         let command = p.command.clone();
-        let req = self.runtime_request(p)?;
+        let req = self.runtime_request(p, &live)?;
         let _slot = self.exec_slot(&live)?;
         let actor = caller.actor();
         let timeout = req.timeout.unwrap_or_default();
@@ -209,7 +210,7 @@ impl Service {
         let id = Service::sandbox_id(sandbox_id)?;
         let live = self.running(caller, &id).await?;
         let command = p.command.clone();
-        let req = self.runtime_request(p)?;
+        let req = self.runtime_request(p, &live)?;
         let slot = self.exec_slot(&live)?;
         let timeout = req.timeout.unwrap_or_default();
         let stream = live

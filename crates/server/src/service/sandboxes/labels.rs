@@ -68,6 +68,7 @@ pub(super) fn check_labels(
         LABEL_IO,
         LABEL_DISK_BYTES,
         LABEL_WORKSPACE_PATH,
+        super::super::egress::LABEL_EGRESS,
     ];
     if let Some(k) = labels
         .keys()

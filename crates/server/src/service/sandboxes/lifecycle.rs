@@ -35,6 +35,21 @@ impl Service {
             )));
         }
         check_labels(&req.labels, self.settings.config.runtime.allow_network)?;
+        if self.egress_policy(&req.labels)?.is_some() {
+            if req.labels.contains_key(LABEL_NETWORK) {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "labels {LABEL_NETWORK} and {} exclude each other: the egress policy is the \
+                     sandbox's only way out",
+                    super::super::egress::LABEL_EGRESS
+                )));
+            }
+            if kind != RuntimeKind::Bwrap {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "label {} needs the bwrap runtime for now",
+                    super::super::egress::LABEL_EGRESS
+                )));
+            }
+        }
         let rt_cfg = &self.settings.config.runtime;
         let mut resources = req.resources;
         if let Some(bytes) = disk_label(&req.labels)? {
@@ -334,6 +349,28 @@ impl Service {
             let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
             return Err(e);
         }
+        let egress = match self.egress_policy(&rec.labels) {
+            Ok(None) => Ok(None),
+            Ok(Some(policy)) => match runtime.network_namespace(&sid) {
+                Some(ns) => self
+                    .start_egress(&sid, &rec.tenant, policy, ns)
+                    .await
+                    .map(Some),
+                None => Err(ServiceError::FailedPrecondition(format!(
+                    "sandbox {sid}: the runtime cannot give its network namespace for the \
+                     egress proxy"
+                ))),
+            },
+            Err(e) => Err(e),
+        };
+        let egress = match egress {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = runtime.destroy(&sid).await;
+                let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
+                return Err(e);
+            }
+        };
         match runtime.scratch(&sid) {
             Some(tmp) => mount.count_scratch(tmp, self.settings.config.runtime.tmp_bytes),
             None => tracing::warn!(
@@ -359,6 +396,7 @@ impl Service {
                     id: rec.id.clone(),
                     codebase_id: rec.codebase_id.clone(),
                     tenant: rec.tenant.clone(),
+                    egress,
                 }),
             );
         Ok(())

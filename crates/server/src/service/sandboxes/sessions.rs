@@ -20,7 +20,7 @@ impl Service {
         };
         let spec = agentfense_runtime::SessionSpec {
             shell: shell.clone(),
-            env: env.clone(),
+            env: live.with_proxy_env(env.clone()),
             workdir: String::new(),
         };
         let sess = live
