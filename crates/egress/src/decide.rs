@@ -53,7 +53,14 @@ pub fn classify(ip: IpAddr) -> Option<AddressClass> {
 fn classify_v4(ip: Ipv4Addr) -> Option<AddressClass> {
     let [a, b, c, _] = ip.octets();
     Some(
-        if ip == Ipv4Addr::new(169, 254, 169, 254) || ip == Ipv4Addr::new(100, 100, 100, 200) {
+        // AWS/GCP/Azure IMDS, Alibaba's, Azure's WireServer.
+        if [
+            Ipv4Addr::new(169, 254, 169, 254),
+            Ipv4Addr::new(100, 100, 100, 200),
+            Ipv4Addr::new(168, 63, 129, 16),
+        ]
+        .contains(&ip)
+        {
             AddressClass::Metadata
         } else if ip.is_loopback() {
             AddressClass::Loopback
@@ -100,15 +107,35 @@ fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {
             AddressClass::LinkLocal
         } else if s[0] == 0x2001 && s[1] == 0x0db8 {
             AddressClass::Reserved
-        } else if s[0] == 0x64 && s[1] == 0xff9b {
-            // NAT64: the embedded IPv4 address decides.
-            let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-            return classify_v4(v4);
+        } else if s[0] & 0xffc0 == 0xfec0 {
+            // Deprecated site-local: private in effect.
+            AddressClass::Private
+        } else if (s[0] == 0x64 && s[1] == 0xff9b) || s[..6] == [0; 6] {
+            // NAT64 (well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48) and IPv4-compatible
+            // (::a.b.c.d): the embedded IPv4 address (the last 32 bits) decides.
+            return classify_v4(v4_at(s[6], s[7]));
+        } else if s[0] == 0x2002 {
+            // 6to4: the IPv4 address in bits 16-48.
+            return classify_v4(v4_at(s[1], s[2]));
+        } else if s[0] == 0x2001 && s[1] == 0 {
+            // Teredo: the server's IPv4 address in bits 32-64; the client's, obfuscated, in
+            // the last 32. Either non-public makes the whole address suspect.
+            return classify_v4(v4_at(s[2], s[3])).or_else(|| classify_v4(v4_at(!s[6], !s[7])));
         } else {
             return None;
         },
     )
 }
+
+fn v4_at(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+}
+
+/// DNS lookups in progress at once, all sandboxes together (they run on the blocking thread
+/// pool the whole server shares).
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+/// Longest a lookup may take.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A decision on one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,12 +180,23 @@ impl Proxy {
                 let rule = e.source.clone();
                 let addrs = match self.cfg.hosts.get(&name) {
                     Some(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
-                    None => match tokio::net::lookup_host((name.as_str(), port)).await {
-                        Ok(it) => it.collect(),
-                        Err(e) => {
-                            return Decision::Deny(format!("{name} does not resolve: {e}"));
+                    None => {
+                        let Ok(_permit) = LOOKUPS.acquire().await else {
+                            return Decision::Deny("resolver unavailable".into());
+                        };
+                        // Fully qualified: no search domain of the host applies.
+                        let fqdn = format!("{name}.");
+                        let lookup = tokio::net::lookup_host((fqdn.as_str(), port));
+                        match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+                            Ok(Ok(it)) => it.collect(),
+                            Ok(Err(e)) => {
+                                return Decision::Deny(format!("{name} does not resolve: {e}"));
+                            }
+                            Err(_) => {
+                                return Decision::Deny(format!("resolving {name} timed out"));
+                            }
                         }
-                    },
+                    }
                 };
                 (rule, addrs)
             }
@@ -232,6 +270,25 @@ mod tests {
             "NAT64 of 127.0.0.1"
         );
         assert_eq!(c("198.18.0.1"), Some(AddressClass::Reserved));
+        assert_eq!(
+            c("64:ff9b:1::a00:5"),
+            Some(AddressClass::Private),
+            "local-use NAT64"
+        );
+        assert_eq!(c("::a00:5"), Some(AddressClass::Private), "IPv4-compatible");
+        assert_eq!(
+            c("2002:a00:5::1"),
+            Some(AddressClass::Private),
+            "6to4 of 10.0.0.5"
+        );
+        assert_eq!(
+            c("2001:0:a00:5::1"),
+            Some(AddressClass::Private),
+            "Teredo server"
+        );
+        assert_eq!(c("fec0::1"), Some(AddressClass::Private), "site-local");
+        assert_eq!(c("168.63.129.16"), Some(AddressClass::Metadata));
+        assert_eq!(c("2002:9765:df::1"), None, "6to4 of a public address");
         assert_eq!(c("151.101.0.223"), None);
         assert_eq!(c("2a04:4e42::223"), None);
     }

@@ -12,6 +12,68 @@ use crate::{ConnEvent, Decision, Proxy};
 const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no traffic either way for this long is closed.
+const IDLE: Duration = Duration::from_secs(300);
+
+/// The client side of a connection, noting the time of its last traffic (ms after `origin`).
+struct Touch<S> {
+    inner: S,
+    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    origin: Instant,
+}
+
+impl<S> Touch<S> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Touch<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Touch<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &r
+            && *n > 0
+        {
+            this.touch();
+        }
+        r
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Hop-by-hop and proxy headers never forwarded to a destination.
 const DROPPED: [&str; 5] = [
     "connection",
@@ -27,10 +89,14 @@ async fn read_head<S: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     let mut chunk = [0u8; 4096];
+    let mut scanned: usize = 0;
     loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok(i + 4);
+        // Only the new bytes (and the three before them) can complete the terminator.
+        let from = scanned.saturating_sub(3);
+        if let Some(i) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(from + i + 4);
         }
+        scanned = buf.len();
         if buf.len() >= MAX_HEAD {
             return Err(std::io::Error::other("request head too large"));
         }
@@ -92,8 +158,16 @@ async fn connect(addrs: &[SocketAddr], timeout: Duration) -> std::io::Result<Tcp
 
 impl Proxy {
     /// Serves one client connection.
-    pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: S) {
+    pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: S) {
         let started = Instant::now();
+        // Subscribed before anything is decided: a policy change from here on is seen.
+        let mut generation = self.generation.subscribe();
+        let activity = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut conn = Touch {
+            inner: conn,
+            last: activity.clone(),
+            origin: started,
+        };
         let mut buf = Vec::with_capacity(4096);
         let head_len =
             match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn, &mut buf)).await {
@@ -157,11 +231,17 @@ impl Proxy {
             };
             // The Host header must name the same destination: a server behind one allowed
             // address must not be asked for another of its sites.
-            let host_header = req
+            let mut hosts = req
                 .headers
                 .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("host"))
-                .and_then(|h| std::str::from_utf8(h.value).ok());
+                .filter(|h| h.name.eq_ignore_ascii_case("host"));
+            let host_header = hosts.next().and_then(|h| std::str::from_utf8(h.value).ok());
+            if hosts.next().is_some() {
+                let reason = "more than one Host header".to_owned();
+                self.refused(&host, port, &reason, started);
+                let _ = conn.write_all(&response("400 Bad Request", &reason)).await;
+                return;
+            }
             if let Some(h) = host_header {
                 let same = split_authority(h.trim(), Some(80))
                     .is_some_and(|(hh, hp)| hh.eq_ignore_ascii_case(&host) && hp == port);
@@ -207,6 +287,23 @@ impl Proxy {
                 return;
             }
         };
+        // An address of this host (a public or global one, which no class catches) reaches
+        // whatever listens on all interfaces: refused, unless `private_allow` names it.
+        if let (Ok(local), Ok(peer)) = (upstream.local_addr(), upstream.peer_addr())
+            && local.ip() == peer.ip()
+            && !self.cfg.private_allow.iter().any(|c| c.contains(peer.ip()))
+        {
+            let reason = format!("{} is an address of the proxy's own host", peer.ip());
+            self.refused(&host, port, &reason, started);
+            let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+            return;
+        }
+        if !self.still_allowed(&host, port) {
+            let reason = "the policy changed while connecting".to_owned();
+            self.refused(&host, port, &reason, started);
+            let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+            return;
+        }
         let rest = &buf[head_len..];
         let setup = async {
             match &forward_head {
@@ -221,16 +318,23 @@ impl Proxy {
         if setup.await.is_err() {
             return;
         }
-        let mut generation = self.generation.subscribe();
         let pump = tokio::io::copy_bidirectional(&mut conn, &mut upstream);
         tokio::pin!(pump);
         let mut detail = rule.clone();
+        let mut tick = tokio::time::interval(IDLE / 4);
         let (up, down) = loop {
             tokio::select! {
                 r = &mut pump => break r.unwrap_or((0, 0)),
                 changed = generation.changed() => {
                     if changed.is_err() || !self.still_allowed(&host, port) {
                         detail = format!("{rule}; closed: the policy no longer allows it");
+                        break (0, 0);
+                    }
+                }
+                _ = tick.tick() => {
+                    let last = Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
+                    if started.elapsed().saturating_sub(last) >= IDLE {
+                        detail = format!("{rule}; closed: idle for {} s", IDLE.as_secs());
                         break (0, 0);
                     }
                 }
@@ -248,6 +352,9 @@ impl Proxy {
     }
 
     fn still_allowed(&self, host: &str, port: u16) -> bool {
+        if self.is_closed() {
+            return false;
+        }
         let policy = self.policy();
         match host.parse::<std::net::IpAddr>() {
             Ok(ip) => policy.allows_ip(ip, port).is_some(),

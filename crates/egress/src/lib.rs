@@ -69,7 +69,14 @@ pub struct Proxy {
     events: Sink,
     /// Bumped by each policy change: open connections re-check themselves.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Connections served at once; more are closed at accept.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Set by [`Proxy::shutdown`]: every connection ends.
+    closed: std::sync::atomic::AtomicBool,
 }
+
+/// Connections one sandbox's proxy serves at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,6 +100,8 @@ impl Proxy {
             cfg,
             events: Arc::new(events),
             generation: tokio::sync::watch::Sender::new(0),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -102,6 +111,17 @@ impl Proxy {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Ends every connection (the sandbox is going away).
+    pub fn shutdown(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Whether [`Proxy::shutdown`] was called.
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Replaces the policy; open connections it no longer allows are closed.
@@ -115,8 +135,14 @@ impl Proxy {
         loop {
             match listener.accept().await {
                 Ok((conn, _)) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        continue; // over the limit: dropped (closed) at once
+                    };
                     let this = self.clone();
-                    tokio::spawn(async move { this.handle(conn).await });
+                    tokio::spawn(async move {
+                        this.handle(conn).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "egress proxy accept failed");
@@ -132,9 +158,15 @@ impl Proxy {
         loop {
             match listener.accept().await {
                 Ok((conn, _)) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        continue; // over the limit: dropped (closed) at once
+                    };
                     let _ = conn.set_nodelay(true);
                     let this = self.clone();
-                    tokio::spawn(async move { this.handle(conn).await });
+                    tokio::spawn(async move {
+                        this.handle(conn).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "egress proxy accept failed");

@@ -213,6 +213,15 @@ async fn plain_http_is_forwarded_in_origin_form_one_request_per_connection() {
         head.starts_with("HTTP/1.1 403") && head.contains("does not match"),
         "{head}"
     );
+    // So is a second Host header (servers that take the last one would serve another site).
+    let (_, head) = send(
+        &s,
+        &format!(
+            "GET http://mirror.test:{p}/ HTTP/1.1\r\nHost: mirror.test:{p}\r\nHost: secret.internal\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(head.contains("more than one Host"), "{head}");
 }
 
 #[tokio::test]

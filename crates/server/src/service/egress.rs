@@ -43,8 +43,29 @@ pub(crate) struct Egress {
 
 impl Drop for Egress {
     fn drop(&mut self) {
+        // Stop accepting, and end every open connection of the sandbox.
         self.task.abort();
+        self.proxy.shutdown();
     }
+}
+
+/// Connection events written per sandbox and second; past it they are counted and one line
+/// per second says how many were not written one by one (a flood of refusals cannot flood
+/// the trail or push other events out).
+const EVENTS_PER_SECOND: u32 = 50;
+/// Longest host or detail written to the trail.
+const MAX_FIELD: usize = 256;
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_FIELD {
+        let mut end = MAX_FIELD;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 impl Service {
@@ -160,15 +181,50 @@ impl Service {
         let audit = self.audit.clone();
         let actor = Actor::tenant(tenant);
         let sid = sandbox_id.to_owned();
+        let window = std::sync::Mutex::new((std::time::Instant::now(), 0u32, 0u64));
         let proxy = Proxy::new(policy, self.egress_config(), move |ev: ConnEvent| {
+            let suppressed = {
+                let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+                let mut dropped = 0;
+                if w.0.elapsed() >= std::time::Duration::from_secs(1) {
+                    dropped = w.2;
+                    *w = (std::time::Instant::now(), 0, 0);
+                }
+                w.1 += 1;
+                if w.1 > EVENTS_PER_SECOND {
+                    w.2 += 1;
+                    None
+                } else {
+                    Some(dropped)
+                }
+            };
+            let Some(dropped) = suppressed else { return };
+            if dropped > 0 {
+                audit.record_as(
+                    actor.clone(),
+                    AuditEvent::NetworkConnection {
+                        sandbox_id: sid.clone(),
+                        host: "*".into(),
+                        port: 0,
+                        decision: "not_recorded".into(),
+                        detail: format!(
+                            "{dropped} connections in the second before were not recorded one by \
+                             one (more than {EVENTS_PER_SECOND} a second)"
+                        ),
+                        bytes_up: 0,
+                        bytes_down: 0,
+                        duration_ms: 0,
+                    },
+                );
+            }
             audit.record_as(
                 actor.clone(),
                 AuditEvent::NetworkConnection {
                     sandbox_id: sid.clone(),
-                    host: ev.host,
+                    host: clip(ev.host),
                     port: ev.port,
                     decision: if ev.allowed { "allowed" } else { "refused" }.to_owned(),
-                    detail: ev.detail,
+                    detail: clip(ev.detail),
                     bytes_up: ev.bytes_up,
                     bytes_down: ev.bytes_down,
                     duration_ms: ev.duration.as_millis() as u64,
