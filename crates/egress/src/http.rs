@@ -74,6 +74,67 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touch<S> {
     }
 }
 
+/// What a tunnel's first client bytes are.
+#[derive(Debug, PartialEq, Eq)]
+enum Hello {
+    /// Not TLS (a server-first protocol, SSH, plain HTTP): nothing to check.
+    NotTls,
+    /// TLS, not all of the ClientHello yet.
+    Incomplete,
+    /// A ClientHello, with its server name if it has one.
+    Name(Option<String>),
+    /// TLS that does not parse as a ClientHello.
+    Bad,
+}
+
+/// Inspects the start of a tunnel (`buf` from its first byte).
+fn inspect(buf: &[u8]) -> Hello {
+    match buf.first() {
+        None => return Hello::Incomplete,
+        Some(0x16) => {}
+        Some(_) => return Hello::NotTls,
+    }
+    let mut acceptor = tokio_rustls::rustls::server::Acceptor::default();
+    let mut rd: &[u8] = buf;
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Hello::Bad,
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => Hello::Name(accepted.client_hello().server_name().map(str::to_owned)),
+        Ok(None) => Hello::Incomplete,
+        Err(_) => Hello::Bad,
+    }
+}
+
+/// The client's first bytes in a tunnel: `already` (sent with the CONNECT) plus what follows,
+/// until they are known not to be TLS or hold a whole ClientHello (at most [`MAX_HEAD`] bytes,
+/// within [`HEAD_TIMEOUT`]); and what they are. Whatever they are, they are forwarded if
+/// allowed.
+async fn first_client_bytes<R: AsyncRead + Unpin>(r: &mut R, already: Vec<u8>) -> (Vec<u8>, Hello) {
+    let mut buf = already;
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let seen = inspect(&buf);
+            if seen != Hello::Incomplete || buf.len() >= MAX_HEAD {
+                return seen;
+            }
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => return inspect(&buf),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let seen = tokio::time::timeout(HEAD_TIMEOUT, read)
+        .await
+        .unwrap_or(Hello::Incomplete);
+    (buf, seen)
+}
+
 /// Hop-by-hop and proxy headers never forwarded to a destination.
 const DROPPED: [&str; 5] = [
     "connection",
@@ -304,7 +365,11 @@ impl Proxy {
             let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
             return;
         }
-        let rest = &buf[head_len..];
+        let rest = buf[head_len..].to_vec();
+        // A tunnel to a name: the TLS server name its client asks for must be that name.
+        let sni_for = (is_connect && host.parse::<std::net::IpAddr>().is_err())
+            .then(|| agentfense_core::egress::normalize_name(&host))
+            .flatten();
         let setup = async {
             match &forward_head {
                 None => {
@@ -313,29 +378,79 @@ impl Proxy {
                 }
                 Some(head) => upstream.write_all(head).await?,
             }
-            upstream.write_all(rest).await
+            if sni_for.is_none() {
+                upstream.write_all(&rest).await?;
+            }
+            Ok::<(), std::io::Error>(())
         };
         if setup.await.is_err() {
             return;
         }
-        let pump = tokio::io::copy_bidirectional(&mut conn, &mut upstream);
-        tokio::pin!(pump);
+        let (mut cr, mut cw) = tokio::io::split(conn);
+        let (mut ur, mut uw) = upstream.into_split();
+        let down = async {
+            let n = tokio::io::copy(&mut ur, &mut cw).await.unwrap_or(0);
+            let _ = cw.shutdown().await;
+            n
+        };
+        let up = async {
+            let mut sent = 0u64;
+            if let Some(name) = &sni_for {
+                let (first, seen) = first_client_bytes(&mut cr, rest).await;
+                match seen {
+                    Hello::NotTls => {}
+                    Hello::Name(Some(sni)) if sni.eq_ignore_ascii_case(name) => {}
+                    Hello::Name(Some(sni)) => {
+                        return Err(format!(
+                            "the TLS server name {sni:?} does not match the tunnel's host {name}"
+                        ));
+                    }
+                    Hello::Name(None) => {
+                        return Err(format!(
+                            "a TLS tunnel to {name} must name it (no server name sent)"
+                        ));
+                    }
+                    Hello::Incomplete | Hello::Bad => {
+                        return Err("not a complete TLS ClientHello".to_owned());
+                    }
+                }
+                if uw.write_all(&first).await.is_err() {
+                    return Ok(0);
+                }
+                sent = first.len() as u64;
+            }
+            let n = tokio::io::copy(&mut cr, &mut uw).await.unwrap_or(0);
+            let _ = uw.shutdown().await;
+            Ok(sent + n)
+        };
+        tokio::pin!(up, down);
+        let (mut up_n, mut down_n) = (None, None);
         let mut detail = rule.clone();
         let mut tick = tokio::time::interval(IDLE / 4);
         let (up, down) = loop {
+            if let (Some(u), Some(d)) = (up_n, down_n) {
+                break (u, d);
+            }
             tokio::select! {
-                r = &mut pump => break r.unwrap_or((0, 0)),
+                r = &mut up, if up_n.is_none() => match r {
+                    Ok(n) => up_n = Some(n),
+                    Err(reason) => {
+                        self.refused(&host, port, &reason, started);
+                        return;
+                    }
+                },
+                n = &mut down, if down_n.is_none() => down_n = Some(n),
                 changed = generation.changed() => {
                     if changed.is_err() || !self.still_allowed(&host, port) {
                         detail = format!("{rule}; closed: the policy no longer allows it");
-                        break (0, 0);
+                        break (up_n.unwrap_or(0), down_n.unwrap_or(0));
                     }
                 }
                 _ = tick.tick() => {
                     let last = Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
                     if started.elapsed().saturating_sub(last) >= IDLE {
                         detail = format!("{rule}; closed: idle for {} s", IDLE.as_secs());
-                        break (0, 0);
+                        break (up_n.unwrap_or(0), down_n.unwrap_or(0));
                     }
                 }
             }

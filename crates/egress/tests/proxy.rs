@@ -284,3 +284,89 @@ async fn a_policy_change_closes_what_it_no_longer_allows() {
         tokio::task::yield_now().await;
     }
 }
+
+/// A TLS ClientHello naming `sni`, as a real client sends it.
+fn client_hello(sni: &str) -> Vec<u8> {
+    use tokio_rustls::rustls;
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// In a tunnel to a name, a TLS client must ask for that name: another SNI (a different site
+/// behind the same address, or domain fronting) is cut off at once.
+#[tokio::test]
+async fn a_tunnel_carries_only_tls_for_its_own_name() {
+    let (dest, seen) = destination().await;
+    let mut hosts = BTreeMap::new();
+    hosts.insert("mirror.test".to_owned(), vec!["127.0.0.1".parse().unwrap()]);
+    let s = setup(
+        &format!("mirror.test:{}", dest.port()),
+        EgressConfig {
+            hosts,
+            private_allow: vec![loopback()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = dest.port();
+    // Another name: the tunnel opens (the proxy cannot know before), then closes without a
+    // byte of the ClientHello reaching the destination.
+    let (mut c, head) = send(&s, &format!("CONNECT mirror.test:{p} HTTP/1.1\r\n\r\n")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c.write_all(&client_hello("secret.example")).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest).await;
+    assert!(
+        !seen.lock().unwrap().contains(&0x16),
+        "the ClientHello reached the destination"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if s.events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| !e.allowed && e.detail.contains("does not match"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refusal event");
+        tokio::task::yield_now().await;
+    }
+    // The right name passes through, ClientHello and all (sent with the CONNECT here).
+    let mut req = format!("CONNECT mirror.test:{p} HTTP/1.1\r\n\r\n").into_bytes();
+    req.extend(client_hello("mirror.test"));
+    let mut c = UnixStream::connect(&s.sock).await.unwrap();
+    c.write_all(&req).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.lock().unwrap().starts_with(&[0x16]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ClientHello never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Not TLS at all (here: plain bytes) passes unchecked.
+    let (mut c, _) = send(&s, &format!("CONNECT mirror.test:{p} HTTP/1.1\r\n\r\n")).await;
+    c.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("SSH-2.0-test") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "plain bytes never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+}
