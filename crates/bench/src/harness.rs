@@ -95,7 +95,7 @@ const FULL: Scale = Scale {
 };
 
 /// The case names `--only` accepts.
-pub const CASES: [&str; 8] = [
+pub const CASES: [&str; 9] = [
     "fs",
     "sdk",
     "exec",
@@ -104,6 +104,7 @@ pub const CASES: [&str; 8] = [
     "density",
     "concurrency",
     "auth",
+    "egress",
 ];
 
 /// Which cases run.
@@ -219,6 +220,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
     let mut rows = rt.block_on(cases(scale, &only, &server, server_pid))?;
     if only.has("auth") {
         rt.block_on(auth_case(scale, &exe, &work, &cpu, &server, &mut rows))?;
+    }
+    if only.has("egress") {
+        rt.block_on(egress_case(scale, &exe, &work, &cpu, &mut rows))?;
     }
     drop(server);
     ensure!(

@@ -12,6 +12,9 @@ use crate::{ConnEvent, Decision, Proxy};
 const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Buffer of each direction of a tunnel.
+const COPY_BUF: usize = 256 << 10;
+
 /// A connection with no traffic either way for this long is closed.
 const IDLE: Duration = Duration::from_secs(300);
 
@@ -389,7 +392,9 @@ impl Proxy {
         let (mut cr, mut cw) = tokio::io::split(conn);
         let (mut ur, mut uw) = upstream.into_split();
         let down = async {
-            let n = tokio::io::copy(&mut ur, &mut cw).await.unwrap_or(0);
+            // Large reads: a download moves in few syscalls (copy's own buffer is 8 KiB).
+            let mut ur = tokio::io::BufReader::with_capacity(COPY_BUF, &mut ur);
+            let n = tokio::io::copy_buf(&mut ur, &mut cw).await.unwrap_or(0);
             let _ = cw.shutdown().await;
             n
         };
@@ -419,7 +424,8 @@ impl Proxy {
                 }
                 sent = first.len() as u64;
             }
-            let n = tokio::io::copy(&mut cr, &mut uw).await.unwrap_or(0);
+            let mut cr = tokio::io::BufReader::with_capacity(COPY_BUF, &mut cr);
+            let n = tokio::io::copy_buf(&mut cr, &mut uw).await.unwrap_or(0);
             let _ = uw.shutdown().await;
             Ok(sent + n)
         };

@@ -691,3 +691,136 @@ pub(super) async fn auth_case(
     );
     Ok(())
 }
+
+/// A static HTTP server on loopback for the egress case: `GET /<n>` answers `n` zero bytes.
+/// Plain threads, so it serves while the bench blocks on a native command.
+fn byte_server() -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head);
+                let n: usize = text
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.trim_start_matches('/').parse().ok())
+                    .unwrap_or(0);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                );
+                let zeros = vec![0u8; 1 << 20];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(zeros.len());
+                    if conn.write_all(&zeros[..k]).is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// The egress proxy's cost: a large download and a one-byte request (connection setup
+/// included) with curl from a sandbox whose only way out is its proxy, against curl on the
+/// host fetching the same from the same server directly, interleaved.
+pub(super) async fn egress_case(
+    scale: &Scale,
+    exe: &Path,
+    work: &Path,
+    cpu: &Option<usize>,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: egress proxy");
+    let port = byte_server()?;
+    let data = work.join("data-egress");
+    let server = start_server_with(
+        exe,
+        &data,
+        cpu,
+        "network:\n  private_allow: ['127.0.0.0/8']\n  hosts:\n    bench.test: ['127.0.0.1']\n",
+    )?;
+    let mut api = Api::connect(&server.grpc).await?;
+    let cb = api.codebase("egress").await?;
+    let allow = format!("bench.test:{port}");
+    let sb = api
+        .sandbox_with(
+            &cb,
+            &[("**", v1::Permission::Write, 0)],
+            &[("agentfense.egress", allow.as_str())],
+        )
+        .await?;
+    api.start(&sb).await?;
+    let big: usize = if scale.fs_iters > 3 {
+        100 << 20
+    } else {
+        32 << 20
+    };
+    let time = |host: &str, n: usize| {
+        format!("curl -sS -o /dev/null -w '%{{time_total}}' http://{host}:{port}/{n}")
+    };
+    let parse = |s: &str| -> anyhow::Result<f64> {
+        s.trim()
+            .parse::<f64>()
+            .with_context(|| format!("curl printed {s:?}"))
+    };
+    for (label, n, iters) in [
+        (
+            format!(
+                "download {} MiB over HTTP through the egress proxy",
+                big >> 20
+            ),
+            big,
+            scale.fs_iters.max(5),
+        ),
+        (
+            "1-byte HTTP request through the egress proxy (new connection)".to_owned(),
+            1,
+            scale.rtt_iters.min(100),
+        ),
+    ] {
+        let (mut ours, mut base) = (vec![], vec![]);
+        for _ in 0..iters {
+            base.push(parse(&native_out(&time("127.0.0.1", n), work)?)?);
+            ours.push(parse(&api.exec(&sb, &time("bench.test", n)).await?.stdout)?);
+        }
+        let (o, b) = (stats(&ours), stats(&base));
+        let (target, met) = if n == 1 {
+            ("<= +1 ms".to_owned(), o.median - b.median <= 0.001)
+        } else {
+            (
+                "throughput >= 0.9x (time <= 1.11x)".to_owned(),
+                o.median <= b.median / 0.9,
+            )
+        };
+        rows.push(Row {
+            case: label,
+            ours: o,
+            baseline_name: "curl on the host, direct".into(),
+            baseline: Some(b),
+            target,
+            met: Some(met),
+        });
+    }
+    api.destroy(&sb).await?;
+    drop(server);
+    ensure!(
+        mounts_under(&data) == 0,
+        "mounts left behind by the egress server"
+    );
+    Ok(())
+}
