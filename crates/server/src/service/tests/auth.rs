@@ -541,11 +541,10 @@ async fn credentials_and_scopes() {
     let (st, e) = rest.call(None, "GET", "/v1/codebases", "").await;
     assert_eq!(st, StatusCode::UNAUTHORIZED, "{e}");
     assert!(e["message"].as_str().unwrap().contains("Bearer"), "{e}");
-    for bad in [
-        "afk_123",
-        &format!("{}0", &writer[..writer.len() - 1]),
-        &expired,
-    ] {
+    // The right id with one secret digit changed (to another digit, whatever it was).
+    let last = if writer.ends_with('0') { '1' } else { '0' };
+    let tampered = format!("{}{last}", &writer[..writer.len() - 1]);
+    for bad in ["afk_123", &tampered, &expired] {
         let (st, e) = rest.call(Some(bad), "GET", "/v1/codebases", "").await;
         assert_eq!(st, StatusCode::UNAUTHORIZED, "{bad}: {e}");
     }
