@@ -420,6 +420,17 @@ impl EgressPolicy {
         self.entries.iter().find(|e| e.allows_name(&name, port))
     }
 
+    /// The first entry allowing the name `host` on some port, if any (what a resolver asks:
+    /// a name no entry allows is not resolved at all).
+    pub fn allows_name_on_any_port(&self, host: &str) -> Option<&EgressEntry> {
+        let name = normalize_name(host)?;
+        self.entries.iter().find(|e| match &e.target {
+            Target::Name(n) => *n == name,
+            Target::Subdomains(s) => is_subdomain(&name, s),
+            Target::Block(_) => false,
+        })
+    }
+
     /// The entry allowing the address `ip` on `port`, if any.
     pub fn allows_ip(&self, ip: IpAddr, port: u16) -> Option<&EgressEntry> {
         self.entries.iter().find(|e| e.allows_ip(ip, port))

@@ -131,12 +131,6 @@ fn v4_at(hi: u16, lo: u16) -> Ipv4Addr {
     Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
 }
 
-/// DNS lookups in progress at once, all sandboxes together (they run on the blocking thread
-/// pool the whole server shares).
-static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
-/// Longest a lookup may take.
-const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A decision on one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -178,29 +172,35 @@ impl Proxy {
                     return Decision::Deny(format!("{name}:{port} is not in the allow-list"));
                 };
                 let rule = e.source.clone();
-                let addrs = match self.cfg.hosts.get(&name) {
-                    Some(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
-                    None => {
-                        let Ok(_permit) = LOOKUPS.acquire().await else {
-                            return Decision::Deny("resolver unavailable".into());
-                        };
-                        // Fully qualified: no search domain of the host applies.
-                        let fqdn = format!("{name}.");
-                        let lookup = tokio::net::lookup_host((fqdn.as_str(), port));
-                        match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
-                            Ok(Ok(it)) => it.collect(),
-                            Ok(Err(e)) => {
-                                return Decision::Deny(format!("{name} does not resolve: {e}"));
-                            }
-                            Err(_) => {
-                                return Decision::Deny(format!("resolving {name} timed out"));
-                            }
-                        }
-                    }
+                let addrs = match self.resolve(&name).await {
+                    Ok(ips) => ips
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, port))
+                        .collect(),
+                    Err(reason) => return Decision::Deny(reason),
                 };
                 (rule, addrs)
             }
         };
+        let (allowed, refused) = self.reachable(candidates);
+        if allowed.is_empty() {
+            return Decision::Deny(
+                refused.unwrap_or_else(|| format!("{host} has no address to connect to")),
+            );
+        }
+        Decision::Allow {
+            addrs: allowed,
+            rule,
+        }
+    }
+
+    /// The addresses of `candidates` that may be reached, and why the last of the others may
+    /// not: the server's own listeners never, non-public addresses only when
+    /// `network.private_allow` covers them.
+    pub(crate) fn reachable(
+        &self,
+        candidates: impl IntoIterator<Item = SocketAddr>,
+    ) -> (Vec<SocketAddr>, Option<String>) {
         let mut allowed = Vec::new();
         let mut refused = None;
         for a in candidates {
@@ -214,27 +214,22 @@ impl Proxy {
                 refused = Some(format!("{a} is this server's own address"));
                 continue;
             }
-            if let Some(class) = classify(a.ip())
-                && !self.cfg.private_allow.iter().any(|c| c.contains(a.ip()))
-            {
-                refused = Some(format!(
-                    "{} is {} (network.private_allow)",
-                    a.ip(),
-                    class.as_str()
-                ));
+            if let Some(why) = self.non_public(a.ip()) {
+                refused = Some(why);
                 continue;
             }
             allowed.push(a);
         }
-        if allowed.is_empty() {
-            return Decision::Deny(
-                refused.unwrap_or_else(|| format!("{host} has no address to connect to")),
-            );
-        }
-        Decision::Allow {
-            addrs: allowed,
-            rule,
-        }
+        (allowed, refused)
+    }
+
+    /// Why `ip` may not be reached, when it is a non-public address `network.private_allow`
+    /// does not cover.
+    pub(crate) fn non_public(&self, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        let class = classify(ip)?;
+        (!self.cfg.private_allow.iter().any(|c| c.contains(ip)))
+            .then(|| format!("{ip} is {} (network.private_allow)", class.as_str()))
     }
 }
 

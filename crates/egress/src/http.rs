@@ -1,4 +1,5 @@
-//! The proxy's protocol side: HTTP `CONNECT` and absolute-form plain HTTP.
+//! The proxy's protocol side: HTTP `CONNECT`, absolute-form plain HTTP and SOCKS5, and the
+//! relay they share.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -6,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{ConnEvent, Decision, Proxy};
+use crate::{ConnEvent, Decision, Proxy, socks};
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -220,30 +221,142 @@ async fn connect(addrs: &[SocketAddr], timeout: Duration) -> std::io::Result<Tcp
     Err(last)
 }
 
+/// How the client asked: the protocol decides how success and refusal are said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// `CONNECT host:port`.
+    Connect,
+    /// A plain HTTP request in absolute form.
+    Http,
+    /// SOCKS5 `CONNECT`.
+    Socks,
+}
+
+impl Front {
+    fn protocol(self) -> &'static str {
+        match self {
+            Front::Connect => "connect",
+            Front::Http => "http",
+            Front::Socks => "socks5",
+        }
+    }
+}
+
+/// Why a connection fails, in the client protocol's terms.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// The client's request is malformed (400; SOCKS general failure).
+    BadRequest,
+    /// The policy refuses it (403; SOCKS "not allowed by ruleset").
+    Forbidden,
+    /// The destination could not be reached (502; SOCKS "connection refused").
+    Unreachable,
+}
+
+/// Says `reason` to the client in its protocol's terms.
+async fn fail<S: AsyncWrite + Unpin>(conn: &mut S, front: Front, why: Failure, reason: &str) {
+    let msg = match front {
+        Front::Socks => {
+            let code = match why {
+                Failure::BadRequest => 1,
+                Failure::Forbidden => 2,
+                Failure::Unreachable => 5,
+            };
+            socks::reply(code)
+        }
+        Front::Connect | Front::Http => response(
+            match why {
+                Failure::BadRequest => "400 Bad Request",
+                Failure::Forbidden => "403 Forbidden",
+                Failure::Unreachable => "502 Bad Gateway",
+            },
+            reason,
+        ),
+    };
+    let _ = conn.write_all(&msg).await;
+    let _ = conn.flush().await;
+}
+
+/// What the client asked for.
+struct Request {
+    front: Front,
+    host: String,
+    port: u16,
+    /// For plain HTTP: the rewritten request head to send first.
+    forward_head: Option<Vec<u8>>,
+    /// Client bytes already read past the request.
+    rest: Vec<u8>,
+}
+
 impl Proxy {
-    /// Serves one client connection.
+    /// Serves one client connection: HTTP (`CONNECT` or absolute form) or SOCKS5, told apart
+    /// by the first byte.
     pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: S) {
         let started = Instant::now();
         // Subscribed before anything is decided: a policy change from here on is seen.
-        let mut generation = self.generation.subscribe();
+        let generation = self.generation.subscribe();
         let activity = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut conn = Touch {
             inner: conn,
             last: activity.clone(),
             origin: started,
         };
-        let mut buf = Vec::with_capacity(4096);
-        let head_len =
-            match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn, &mut buf)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
-                _ => {
-                    let _ = conn
-                        .write_all(&response("400 Bad Request", "no complete request head"))
-                        .await;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HEAD_TIMEOUT, conn.read(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        let req = if first[0] == socks::VERSION {
+            match tokio::time::timeout(HEAD_TIMEOUT, socks::handshake(&mut conn)).await {
+                Ok(Ok((host, port))) => Request {
+                    front: Front::Socks,
+                    host,
+                    port,
+                    forward_head: None,
+                    rest: Vec::new(),
+                },
+                Ok(Err(socks::Refusal { code, reason })) => {
+                    if let Some(code) = code {
+                        let _ = conn.write_all(&socks::reply(code)).await;
+                    }
+                    tracing::debug!(%reason, "SOCKS5 request refused");
                     return;
                 }
-            };
+                Err(_) => return,
+            }
+        } else {
+            match self.http_request(&mut conn, first[0], started).await {
+                Some(r) => r,
+                None => return,
+            }
+        };
+        self.relay(conn, req, started, generation, activity).await;
+    }
+
+    /// Reads and checks an HTTP request whose first byte is `first`; `None` when it was
+    /// answered (refused) already.
+    async fn http_request<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut S,
+        first: u8,
+        started: Instant,
+    ) -> Option<Request> {
+        let mut buf = Vec::with_capacity(4096);
+        buf.push(first);
+        let head_len = match tokio::time::timeout(HEAD_TIMEOUT, read_head(conn, &mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            _ => {
+                fail(
+                    conn,
+                    Front::Http,
+                    Failure::BadRequest,
+                    "no complete request head",
+                )
+                .await;
+                return None;
+            }
+        };
         let mut headers = [httparse::EMPTY_HEADER; 96];
         let mut req = httparse::Request::new(&mut headers);
         let parsed = matches!(
@@ -251,94 +364,128 @@ impl Proxy {
             Ok(httparse::Status::Complete(_))
         );
         let (Some(method), Some(target), true) = (req.method, req.path, parsed) else {
-            let _ = conn
-                .write_all(&response("400 Bad Request", "malformed request"))
-                .await;
-            return;
+            fail(conn, Front::Http, Failure::BadRequest, "malformed request").await;
+            return None;
         };
         let method = method.to_owned();
         let target = target.to_owned();
-        let is_connect = method.eq_ignore_ascii_case("CONNECT");
-        let (host, port, forward_head) = if is_connect {
+        let rest = buf[head_len..].to_vec();
+        if method.eq_ignore_ascii_case("CONNECT") {
             let Some((host, port)) = split_authority(&target, None) else {
-                let _ = conn
-                    .write_all(&response("400 Bad Request", "CONNECT needs host:port"))
-                    .await;
-                return;
+                fail(
+                    conn,
+                    Front::Connect,
+                    Failure::BadRequest,
+                    "CONNECT needs host:port",
+                )
+                .await;
+                return None;
             };
-            (host, port, None)
-        } else {
-            let lower = target.to_ascii_lowercase();
-            let Some(rest) = lower.strip_prefix("http://").map(|_| &target[7..]) else {
-                let why = if lower.starts_with("https://") {
-                    "https:// goes through CONNECT (set HTTPS_PROXY)"
-                } else {
-                    "this is a proxy: send CONNECT host:port or an absolute http:// URL"
-                };
-                let _ = conn.write_all(&response("400 Bad Request", why)).await;
-                return;
-            };
-            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            let (auth, path) = rest.split_at(end);
-            let path = if path.is_empty() || path.starts_with('?') {
-                format!("/{path}")
+            return Some(Request {
+                front: Front::Connect,
+                host,
+                port,
+                forward_head: None,
+                rest,
+            });
+        }
+        let lower = target.to_ascii_lowercase();
+        let Some(after) = lower.strip_prefix("http://").map(|_| &target[7..]) else {
+            let why = if lower.starts_with("https://") {
+                "https:// goes through CONNECT (set HTTPS_PROXY)"
             } else {
-                path.to_owned()
+                "this is a proxy: send CONNECT host:port or an absolute http:// URL"
             };
-            let Some((host, port)) =
-                split_authority(auth.rsplit('@').next().unwrap_or(auth), Some(80))
-            else {
-                let _ = conn
-                    .write_all(&response("400 Bad Request", "bad host in the URL"))
-                    .await;
-                return;
-            };
-            // The Host header must name the same destination: a server behind one allowed
-            // address must not be asked for another of its sites.
-            let mut hosts = req
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("host"));
-            let host_header = hosts.next().and_then(|h| std::str::from_utf8(h.value).ok());
-            if hosts.next().is_some() {
-                let reason = "more than one Host header".to_owned();
-                self.refused(&host, port, &reason, started);
-                let _ = conn.write_all(&response("400 Bad Request", &reason)).await;
-                return;
-            }
-            if let Some(h) = host_header {
-                let same = split_authority(h.trim(), Some(80))
-                    .is_some_and(|(hh, hp)| hh.eq_ignore_ascii_case(&host) && hp == port);
-                if !same {
-                    let reason = format!("Host {h:?} does not match the URL's {host}:{port}");
-                    self.refused(&host, port, &reason, started);
-                    let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
-                    return;
-                }
-            }
-            let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
-            for h in req.headers.iter() {
-                if DROPPED.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
-                    continue;
-                }
-                head.extend_from_slice(h.name.as_bytes());
-                head.extend_from_slice(b": ");
-                head.extend_from_slice(h.value);
-                head.extend_from_slice(b"\r\n");
-            }
-            if host_header.is_none() {
-                head.extend_from_slice(format!("Host: {auth}\r\n").as_bytes());
-            }
-            // One request per connection: the next one is decided afresh.
-            head.extend_from_slice(b"Connection: close\r\n\r\n");
-            (host, port, Some(head))
+            fail(conn, Front::Http, Failure::BadRequest, why).await;
+            return None;
         };
+        let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        let (auth, path) = after.split_at(end);
+        let path = if path.is_empty() || path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_owned()
+        };
+        let Some((host, port)) = split_authority(auth.rsplit('@').next().unwrap_or(auth), Some(80))
+        else {
+            fail(
+                conn,
+                Front::Http,
+                Failure::BadRequest,
+                "bad host in the URL",
+            )
+            .await;
+            return None;
+        };
+        // The Host header must name the same destination: a server behind one allowed
+        // address must not be asked for another of its sites.
+        let mut hosts = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"));
+        let host_header = hosts.next().and_then(|h| std::str::from_utf8(h.value).ok());
+        if hosts.next().is_some() {
+            let reason = "more than one Host header";
+            self.refused(Front::Http, &host, port, reason, started);
+            fail(conn, Front::Http, Failure::BadRequest, reason).await;
+            return None;
+        }
+        if let Some(h) = host_header {
+            let same = split_authority(h.trim(), Some(80))
+                .is_some_and(|(hh, hp)| hh.eq_ignore_ascii_case(&host) && hp == port);
+            if !same {
+                let reason = format!("Host {h:?} does not match the URL's {host}:{port}");
+                self.refused(Front::Http, &host, port, &reason, started);
+                fail(conn, Front::Http, Failure::Forbidden, &reason).await;
+                return None;
+            }
+        }
+        let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+        for h in req.headers.iter() {
+            if DROPPED.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
+                continue;
+            }
+            head.extend_from_slice(h.name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(h.value);
+            head.extend_from_slice(b"\r\n");
+        }
+        if host_header.is_none() {
+            head.extend_from_slice(format!("Host: {auth}\r\n").as_bytes());
+        }
+        // One request per connection: the next one is decided afresh.
+        head.extend_from_slice(b"Connection: close\r\n\r\n");
+        Some(Request {
+            front: Front::Http,
+            host,
+            port,
+            forward_head: Some(head),
+            rest,
+        })
+    }
 
+    /// Decides, connects and relays one request until either side ends, the policy stops
+    /// allowing it or it idles out.
+    async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut conn: Touch<S>,
+        req: Request,
+        started: Instant,
+        mut generation: tokio::sync::watch::Receiver<u64>,
+        activity: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        let Request {
+            front,
+            host,
+            port,
+            forward_head,
+            rest,
+        } = req;
         let (addrs, rule) = match self.decide(&host, port).await {
             Decision::Allow { addrs, rule } => (addrs, rule),
             Decision::Deny(reason) => {
-                self.refused(&host, port, &reason, started);
-                let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+                self.refused(front, &host, port, &reason, started);
+                fail(&mut conn, front, Failure::Forbidden, &reason).await;
                 return;
             }
         };
@@ -346,8 +493,8 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("cannot connect to {host}:{port}: {e}");
-                self.refused(&host, port, &reason, started);
-                let _ = conn.write_all(&response("502 Bad Gateway", &reason)).await;
+                self.refused(front, &host, port, &reason, started);
+                fail(&mut conn, front, Failure::Unreachable, &reason).await;
                 return;
             }
         };
@@ -358,28 +505,28 @@ impl Proxy {
             && !self.cfg.private_allow.iter().any(|c| c.contains(peer.ip()))
         {
             let reason = format!("{} is an address of the proxy's own host", peer.ip());
-            self.refused(&host, port, &reason, started);
-            let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+            self.refused(front, &host, port, &reason, started);
+            fail(&mut conn, front, Failure::Forbidden, &reason).await;
             return;
         }
         if !self.still_allowed(&host, port) {
-            let reason = "the policy changed while connecting".to_owned();
-            self.refused(&host, port, &reason, started);
-            let _ = conn.write_all(&response("403 Forbidden", &reason)).await;
+            let reason = "the policy changed while connecting";
+            self.refused(front, &host, port, reason, started);
+            fail(&mut conn, front, Failure::Forbidden, reason).await;
             return;
         }
-        let rest = buf[head_len..].to_vec();
         // A tunnel to a name: the TLS server name its client asks for must be that name.
-        let sni_for = (is_connect && host.parse::<std::net::IpAddr>().is_err())
+        let sni_for = (front != Front::Http && host.parse::<std::net::IpAddr>().is_err())
             .then(|| agentfense_core::egress::normalize_name(&host))
             .flatten();
         let setup = async {
-            match &forward_head {
-                None => {
+            match (&forward_head, front) {
+                (Some(head), _) => upstream.write_all(head).await?,
+                (None, Front::Socks) => conn.write_all(&socks::reply(0)).await?,
+                (None, _) => {
                     conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                         .await?
                 }
-                Some(head) => upstream.write_all(head).await?,
             }
             if sni_for.is_none() {
                 upstream.write_all(&rest).await?;
@@ -441,7 +588,7 @@ impl Proxy {
                 r = &mut up, if up_n.is_none() => match r {
                     Ok(n) => up_n = Some(n),
                     Err(reason) => {
-                        self.refused(&host, port, &reason, started);
+                        self.refused(front, &host, port, &reason, started);
                         return;
                     }
                 },
@@ -462,6 +609,7 @@ impl Proxy {
             }
         };
         self.report(ConnEvent {
+            protocol: front.protocol(),
             host,
             port,
             allowed: true,
@@ -483,8 +631,9 @@ impl Proxy {
         }
     }
 
-    fn refused(&self, host: &str, port: u16, reason: &str, started: Instant) {
+    fn refused(&self, front: Front, host: &str, port: u16, reason: &str, started: Instant) {
         self.report(ConnEvent {
+            protocol: front.protocol(),
             host: host.to_owned(),
             port,
             allowed: false,

@@ -1,8 +1,9 @@
 //! The egress proxy: a sandbox's only way out of its network namespace.
 //!
 //! A sandbox has no route anywhere; its tools reach the network through this proxy (HTTP
-//! `CONNECT`, and plain HTTP in absolute form), which allows exactly the destinations of the
-//! sandbox's [`EgressPolicy`]:
+//! `CONNECT`, plain HTTP in absolute form, SOCKS5 with the name resolved here), which allows
+//! exactly the destinations of the sandbox's [`EgressPolicy`], and resolve names through its
+//! DNS server, which answers only allowed names and sends nothing else upstream:
 //!
 //! * a name must be allowed by a name entry, an IP literal by an address block;
 //! * the proxy resolves names itself, and refuses any destination address that is loopback,
@@ -18,7 +19,10 @@
 //! connections it no longer allows are closed.
 
 mod decide;
+mod dns;
 mod http;
+mod resolve;
+mod socks;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -26,6 +30,7 @@ use std::time::Duration;
 
 pub use agentfense_core::egress::{Cidr, EgressPolicy};
 pub use decide::{AddressClass, Decision, classify};
+pub use resolve::Upstream;
 
 /// What the proxy knows besides the policy.
 #[derive(Debug, Clone, Default)]
@@ -39,11 +44,16 @@ pub struct EgressConfig {
     pub refused: Vec<SocketAddr>,
     /// How long connecting to a destination may take.
     pub connect_timeout: Duration,
+    /// Where names not in `hosts` are resolved (`network.upstream_dns`; default: the
+    /// system's resolver).
+    pub upstream: Upstream,
 }
 
 /// One connection's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnEvent {
+    /// How the sandbox asked: `connect`, `http`, `socks5` or `dns`.
+    pub protocol: &'static str,
     /// The host as the client asked for it (a name or an address).
     pub host: String,
     /// The port.

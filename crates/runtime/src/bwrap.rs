@@ -294,6 +294,14 @@ pub fn etc_files(user: &SandboxUser, hostname: &str) -> Vec<(&'static str, Strin
             format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n"),
         ),
         ("hostname", format!("{hostname}\n")),
+        // The sandbox's own resolver: with an egress policy the server's DNS server listens
+        // there (inside the sandbox's network namespace) and answers only allowed names;
+        // without one nothing listens and lookups fail at once. The host network mode binds
+        // the host's file over this one.
+        (
+            "resolv.conf",
+            "nameserver 127.0.0.1\noptions timeout:2 attempts:2\n".to_owned(),
+        ),
         (
             "nsswitch.conf",
             "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n\
@@ -304,7 +312,7 @@ pub fn etc_files(user: &SandboxUser, hostname: &str) -> Vec<(&'static str, Strin
 }
 
 /// Writes the generated `/etc` into `dir` (created), with empty placeholders for
-/// [`HOST_ETC_ENTRIES`] and `resolv.conf`.
+/// [`HOST_ETC_ENTRIES`].
 pub fn write_etc(
     dir: &Path,
     user: &SandboxUser,
@@ -358,10 +366,7 @@ const ETC_LAYOUT_VERSION: &[u8] = b"etc-layout-1";
 
 /// The empty files and directories [`write_etc`] creates for host entries bound over them.
 fn etc_placeholders() -> impl Iterator<Item = (&'static str, bool)> {
-    HOST_ETC_ENTRIES
-        .iter()
-        .copied()
-        .chain([("resolv.conf", false)])
+    HOST_ETC_ENTRIES.iter().copied()
 }
 
 /// The generated `/etc` for `user` and `hostname` in `state_dir`, written on first use and then

@@ -185,6 +185,8 @@ pub enum AuditEvent {
     NetworkConnection {
         /// The sandbox.
         sandbox_id: String,
+        /// How it asked: `connect`, `http`, `socks5` or `dns` (a query to its resolver).
+        protocol: String,
         /// The host it asked for (name or address).
         host: String,
         /// The port.
@@ -193,6 +195,8 @@ pub enum AuditEvent {
         decision: String,
         /// The entry that allowed it, or why it was refused.
         detail: String,
+        /// Identical refusals folded into this line (1 for an allowed connection).
+        count: u64,
         /// Bytes sent.
         bytes_up: u64,
         /// Bytes received.

@@ -530,6 +530,9 @@ impl Config {
                 ));
             }
         }
+        self.network
+            .upstream_dns_addrs()
+            .map_err(|e| invalid("network.upstream_dns", e))?;
         if let Err(e) = agentfense_core::Policy::compile(self.policy.mandatory.clone()) {
             return Err(invalid("policy.mandatory", e.to_string()));
         }

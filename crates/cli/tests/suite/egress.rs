@@ -10,15 +10,76 @@ use std::time::{Duration, Instant};
 use super::server::{Server, privileged};
 use super::util::outcome;
 
-/// A test host: a network namespace with an HTTP server on `addr:8000`, reached from the
-/// host over a veth pair. Removed on drop.
+/// A test host: a network namespace with an HTTP server on `addr:8000` (a file and a
+/// package index) and a DNS server on `addr:53` that logs every query it gets, reached from
+/// the host over a veth pair. Removed on drop.
 struct TestHost {
     ns: String,
     veth: String,
     addr: String,
     subnet: String,
     http: Child,
+    dns: Child,
+    /// The DNS server's log: one `name type` line per query.
+    dns_log: std::path::PathBuf,
 }
+
+/// The test DNS server: answers A queries for `name=address` arguments, NXDOMAIN for
+/// everything else, and logs every query.
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+addr, log, ready = sys.argv[1], sys.argv[2], sys.argv[3]
+names = dict(a.split("=") for a in sys.argv[4:])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, 53))
+open(ready, "w").close()
+while True:
+    data, peer = s.recvfrom(4096)
+    i, labels = 12, []
+    while data[i]:
+        labels.append(data[i + 1:i + 1 + data[i]].decode("ascii", "replace"))
+        i += 1 + data[i]
+    qname, qtype = ".".join(labels).lower(), struct.unpack(">H", data[i + 1:i + 3])[0]
+    with open(log, "a") as f:
+        f.write(f"{qname} {qtype}\n")
+    ip = names.get(qname)
+    rr = b""
+    if ip and qtype == 1:
+        rr = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 30, 4) + socket.inet_aton(ip)
+    flags = 0x8180 if ip else 0x8183
+    head = data[:2] + struct.pack(">HHHHH", flags, 1, 1 if rr else 0, 0, 0)
+    s.sendto(head + data[12:i + 5] + rr, peer)
+"#;
+
+/// Inside the sandbox: raw DNS queries over UDP to its resolver (`rcode answers` for a TXT
+/// query of the allowed name, a TXT query of a subdomain, an A query of the allowed name),
+/// then a raw UDP datagram straight to the address in `argv[1]`.
+const DNS_QUERY: &str = r#"
+import socket, struct, sys
+def q(name, t):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    body = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    s.sendto(struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + body + struct.pack(">HH", t, 1), ("127.0.0.1", 53))
+    r = s.recv(4096)
+    return r[3] & 15, struct.unpack(">H", r[6:8])[0]
+print(*q("mirror.test", 16), *q("leak-abc.mirror.test", 16), *q("mirror.test", 1), end=" ")
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"raw", (sys.argv[1], 53))
+    print("sent")
+except OSError:
+    print("unreachable")
+"#;
+
+/// A wheel of a package `afdemo` 1.0 with one module, built in Python (a zip).
+const MAKE_WHEEL: &str = r#"
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    z.writestr("afdemo.py", "WHERE = 'the test index'\n")
+    z.writestr("afdemo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: afdemo\nVersion: 1.0\n")
+    z.writestr("afdemo-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr("afdemo-1.0.dist-info/RECORD", "")
+"#;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -54,8 +115,30 @@ impl TestHost {
         ip(&["-n", &ns, "link", "set", &peer, "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         let site = root.join("site");
-        std::fs::create_dir_all(&site).unwrap();
+        std::fs::create_dir_all(site.join("simple/afdemo")).unwrap();
         std::fs::write(site.join("ok.txt"), "reached the mirror\n").unwrap();
+        let wheel = "afdemo-1.0-py3-none-any.whl";
+        let made = Command::new("python3")
+            .args(["-c", MAKE_WHEEL])
+            .arg(site.join("simple/afdemo").join(wheel))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::fs::write(
+            site.join("simple/afdemo/index.html"),
+            format!("<html><body><a href=\"{wheel}\">{wheel}</a></body></html>\n"),
+        )
+        .unwrap();
+        let (dns_log, ready) = (root.join("dns.log"), root.join("dns.ready"));
+        let dns = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c", DNS_SERVER, &addr])
+            .arg(&dns_log)
+            .arg(&ready)
+            .arg(format!("mirror.test={addr}"))
+            .arg(format!("pypi.mirror.test={addr}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let http = Command::new("ip")
             .args([
                 "netns",
@@ -80,20 +163,29 @@ impl TestHost {
             subnet: format!("10.231.{net}.0/24"),
             addr,
             http,
+            dns,
+            dns_log,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect((host.addr.as_str(), 8000)).is_err() {
+        while std::net::TcpStream::connect((host.addr.as_str(), 8000)).is_err() || !ready.exists() {
             assert!(Instant::now() < deadline, "the test host never listened");
             std::thread::sleep(Duration::from_millis(50));
         }
         host
     }
+
+    /// The queries the test DNS server got.
+    fn dns_queries(&self) -> String {
+        std::fs::read_to_string(&self.dns_log).unwrap_or_default()
+    }
 }
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        let _ = self.http.kill();
-        let _ = self.http.wait();
+        for c in [&mut self.http, &mut self.dns] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
@@ -138,7 +230,7 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
     let mut server = Server::start_with(
         &data,
         &format!(
-            "network:\n  private_allow: ['{}']\n  hosts:\n    mirror.test: ['{}']\n    other.test: ['{}']\n",
+            "network:\n  private_allow: ['{}']\n  upstream_dns: ['{}']\n  hosts:\n    other.test: ['{}']\n",
             host.subnet, host.addr, host.addr
         ),
     );
@@ -200,8 +292,66 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
         host.addr
     ));
     assert_ne!(code, 0, "a direct connection got through");
-    let (code, _, _) = run("getent hosts mirror.test || getent hosts pypi.org");
-    assert_ne!(code, 0, "names resolve inside the sandbox");
+
+    // The sandbox's resolver answers the allowed name (through the proxy's resolver, which
+    // asked the test DNS server)...
+    let (code, out, err) = run("getent hosts mirror.test");
+    assert!(code == 0 && out.contains(&host.addr), "{out}{err}");
+    // ... and nothing else: other names, a random subdomain of the allowed one, a name the
+    // DNS server knows but the policy does not, other query types, raw UDP out.
+    for name in [
+        "pypi.mirror.test",
+        "x7f3a9c1.mirror.test",
+        "c2VjcmV0.exfil.test",
+        "other.test",
+        "pypi.org",
+    ] {
+        let (code, out, _) = run(&format!("getent hosts {name}"));
+        assert_ne!(code, 0, "{name} resolved in the sandbox: {out}");
+    }
+    let (code, out, err) = run(&format!(
+        "python3 -c '{DNS_QUERY}' {addr}",
+        addr = host.addr
+    ));
+    assert_eq!(
+        (code, out.trim()),
+        (0, "0 0 3 0 0 1 unreachable"),
+        "TXT of the allowed name: empty; TXT of a subdomain: NXDOMAIN; A: one answer; raw \
+         UDP to the DNS server: no route\n{err}"
+    );
+    let queries = host.dns_queries();
+    assert!(
+        !queries.is_empty(),
+        "the proxy never asked the test DNS server"
+    );
+    for q in queries.lines() {
+        assert!(
+            q == "mirror.test 1" || q == "mirror.test 28",
+            "the test DNS server was asked {q:?}; all queries:\n{queries}"
+        );
+    }
+
+    // SOCKS5 with the name resolved by the proxy: the allowed host, nothing else.
+    let (code, out, err) = run(
+        "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:3128 http://mirror.test:8000/ok.txt",
+    );
+    assert_eq!((code, out.as_str()), (0, "reached the mirror\n"), "{err}");
+    let (code, _, err) = run(
+        "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:3128 http://other.test:8000/ok.txt",
+    );
+    assert_ne!(code, 0, "SOCKS5 to another name got through: {err}");
+    // Resolved in the sandbox, the address is an IP literal, which no name entry allows.
+    let (code, _, err) =
+        run("curl -sS --max-time 10 --socks5 127.0.0.1:3128 http://mirror.test:8000/ok.txt");
+    assert_ne!(code, 0, "SOCKS5 to an address got through: {err}");
+
+    // pip installs from an index on the allowed host, through the proxy.
+    let (code, out, err) = run(
+        "python3 -m pip install -q --no-cache-dir --disable-pip-version-check \
+         --index-url http://mirror.test:8000/simple/ --trusted-host mirror.test \
+         --target /tmp/pkgs afdemo && PYTHONPATH=/tmp/pkgs python3 -c 'import afdemo; print(afdemo.WHERE)'",
+    );
+    assert_eq!((code, out.trim()), (0, "the test index"), "{err}");
 
     // The policy can be replaced at run time (REST): allow nothing, then the mirror again.
     let put = |egress: &str| {
@@ -264,6 +414,17 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
     assert!(
         net.iter()
             .any(|e| e["host"] == "other.test" && e["decision"] == "refused"),
+        "{net:?}"
+    );
+    assert!(
+        net.iter().any(|e| e["host"] == "c2VjcmV0.exfil.test"
+            && e["protocol"] == "dns"
+            && e["decision"] == "refused"),
+        "{net:?}"
+    );
+    assert!(
+        net.iter()
+            .any(|e| e["protocol"] == "socks5" && e["host"] == "other.test"),
         "{net:?}"
     );
     drop(host);

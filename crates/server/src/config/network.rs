@@ -19,6 +19,30 @@ pub struct NetworkConfig {
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
     /// Address blocks the proxy may reach although they are private or local.
     pub private_allow: Vec<String>,
+    /// DNS servers (`IP` or `IP:port`, port 53 by default) the proxy resolves allowed names
+    /// with; empty = the system's resolver. Only names a sandbox's policy allows are ever
+    /// sent to them.
+    pub upstream_dns: Vec<String>,
+}
+
+impl NetworkConfig {
+    /// `network.upstream_dns` as socket addresses; the entry that is not one, as an error.
+    pub fn upstream_dns_addrs(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        self.upstream_dns
+            .iter()
+            .map(|s| {
+                let t = s.trim();
+                t.parse::<std::net::SocketAddr>()
+                    .or_else(|_| {
+                        t.parse::<IpAddr>()
+                            .map(|ip| std::net::SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| {
+                        format!("{s:?} is not an address (e.g. 10.0.0.2 or 10.0.0.2:5353)")
+                    })
+            })
+            .collect()
+    }
 }
 
 /// The built-in `registries` preset.
@@ -52,6 +76,7 @@ impl Default for NetworkConfig {
             ceiling: None,
             hosts: BTreeMap::new(),
             private_allow: Vec::new(),
+            upstream_dns: Vec::new(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use agentfense_core::egress::{EgressPolicy, Target, parse_entry};
-use agentfense_egress::{ConnEvent, EgressConfig, Proxy};
+use agentfense_egress::{ConnEvent, EgressConfig, Proxy, Upstream};
 
 use super::Service;
 use crate::audit::{Actor, AuditEvent};
@@ -35,21 +35,173 @@ pub fn proxy_env() -> Vec<(String, String)> {
     v
 }
 
-/// A running sandbox's proxy; stops serving when dropped.
+/// A running sandbox's proxy and DNS server; stop serving when dropped.
 pub(crate) struct Egress {
     pub(crate) proxy: Arc<Proxy>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    trail: Arc<Trail>,
 }
 
 impl Drop for Egress {
     fn drop(&mut self) {
         // Stop accepting, and end every open connection of the sandbox.
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         self.proxy.shutdown();
+        self.trail.flush();
     }
 }
 
-/// Connection events written per sandbox and second; past it they are counted and one line
+/// Identical refusals (same protocol, host and port) closer together than this are folded
+/// into one `network_connection` line with a `count`, like filesystem denials.
+const AGGREGATION_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most distinct refusals tracked for aggregation at once.
+const MAX_TRACKED: usize = 1024;
+
+/// A sandbox's connection events on their way to the audit trail: refusals aggregated, and
+/// at most [`EVENTS_PER_SECOND`] lines a second (past it, one line per second says how many
+/// were not written one by one).
+struct Trail {
+    audit: crate::audit::Audit,
+    actor: Actor,
+    sandbox_id: String,
+    state: std::sync::Mutex<TrailState>,
+}
+
+#[derive(Default)]
+struct TrailState {
+    /// Start of the current second, lines written in it, events not written.
+    second: Option<std::time::Instant>,
+    written: u32,
+    unwritten: u64,
+    /// Refusals seen: when one was last written, how many since, the last reason.
+    recent:
+        std::collections::HashMap<(&'static str, String, u16), (std::time::Instant, u64, String)>,
+}
+
+impl Trail {
+    fn event(&self, ev: ConnEvent) {
+        let now = std::time::Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut count = 1;
+        if !ev.allowed {
+            let key = (ev.protocol, ev.host.clone(), ev.port);
+            match st.recent.get_mut(&key) {
+                Some(seen) if now.duration_since(seen.0) < AGGREGATION_WINDOW => {
+                    seen.1 += 1;
+                    seen.2 = ev.detail;
+                    return;
+                }
+                Some(seen) => {
+                    count += std::mem::take(&mut seen.1);
+                    seen.0 = now;
+                }
+                None => {
+                    if st.recent.len() >= MAX_TRACKED {
+                        let drained: Vec<_> = st.recent.drain().collect();
+                        drop(st);
+                        for ((protocol, host, port), (_, n, detail)) in drained {
+                            self.refusals(protocol, host, port, detail, n);
+                        }
+                        st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    }
+                    st.recent.insert(key, (now, 0, String::new()));
+                }
+            }
+        }
+        let unwritten = match st.second {
+            Some(t) if now.duration_since(t) < std::time::Duration::from_secs(1) => 0,
+            _ => {
+                st.second = Some(now);
+                st.written = 0;
+                std::mem::take(&mut st.unwritten)
+            }
+        };
+        st.written += 1;
+        if st.written > EVENTS_PER_SECOND {
+            st.unwritten += count;
+            return;
+        }
+        drop(st);
+        if unwritten > 0 {
+            self.write(
+                "*",
+                "not_recorded",
+                String::new(),
+                0,
+                format!(
+                    "{unwritten} connections in the second before were not recorded one by one \
+                     (more than {EVENTS_PER_SECOND} lines a second)"
+                ),
+                unwritten,
+                (0, 0, 0),
+            );
+        }
+        let bytes = (
+            ev.bytes_up,
+            ev.bytes_down,
+            u64::try_from(ev.duration.as_millis()).unwrap_or(u64::MAX),
+        );
+        let decision = if ev.allowed { "allowed" } else { "refused" };
+        self.write(
+            ev.protocol,
+            decision,
+            ev.host,
+            ev.port,
+            ev.detail,
+            count,
+            bytes,
+        );
+    }
+
+    /// Writes the refusals still folded into the table (the sandbox is going away).
+    fn flush(&self) {
+        let drained: Vec<_> = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.recent.drain().collect()
+        };
+        for ((protocol, host, port), (_, n, detail)) in drained {
+            self.refusals(protocol, host, port, detail, n);
+        }
+    }
+
+    fn refusals(&self, protocol: &str, host: String, port: u16, detail: String, n: u64) {
+        if n > 0 {
+            self.write(protocol, "refused", host, port, detail, n, (0, 0, 0));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        protocol: &str,
+        decision: &str,
+        host: String,
+        port: u16,
+        detail: String,
+        count: u64,
+        (bytes_up, bytes_down, duration_ms): (u64, u64, u64),
+    ) {
+        self.audit.record_as(
+            self.actor.clone(),
+            AuditEvent::NetworkConnection {
+                sandbox_id: self.sandbox_id.clone(),
+                protocol: protocol.to_owned(),
+                host: clip(host),
+                port,
+                decision: decision.to_owned(),
+                detail: clip(detail),
+                count,
+                bytes_up,
+                bytes_down,
+                duration_ms,
+            },
+        );
+    }
+}
+
+/// Connection lines written per sandbox and second; past it events are counted and one line
 /// per second says how many were not written one by one (a flood of refusals cannot flood
 /// the trail or push other events out).
 const EVENTS_PER_SECOND: u32 = 50;
@@ -90,7 +242,7 @@ impl Service {
         Ok(Some(policy))
     }
 
-    fn egress_config(&self) -> EgressConfig {
+    fn egress_config(&self) -> Result<EgressConfig, ServiceError> {
         let net = &self.settings.config.network;
         let private_allow = net
             .private_allow
@@ -102,12 +254,17 @@ impl Service {
             .collect();
         let mut refused = vec![self.settings.grpc_addr];
         refused.extend(self.settings.http_addr);
-        EgressConfig {
+        let upstream = net
+            .upstream_dns_addrs()
+            .map_err(|e| ServiceError::internal("network.upstream_dns", e))?;
+        Ok(EgressConfig {
             private_allow,
             hosts: net.hosts.clone(),
             refused,
             connect_timeout: std::time::Duration::from_secs(10),
-        }
+            // One resolver per sandbox: no sandbox learns from another's cache.
+            upstream: Upstream::servers(&upstream),
+        })
     }
 
     /// Replaces a sandbox's egress policy (`PUT /v1/sandboxes/{id}/egress`): checked like the
@@ -164,74 +321,51 @@ impl Service {
     ) -> Result<Egress, ServiceError> {
         // A socket belongs to the namespace it was made in: make the listener on a thread
         // that enters the sandbox's namespace and then ends (never a pooled thread).
-        let listener = std::thread::spawn(move || -> std::io::Result<std::net::TcpListener> {
+        type Sockets = (
+            std::net::TcpListener,
+            std::net::UdpSocket,
+            std::net::TcpListener,
+        );
+        let sockets = std::thread::spawn(move || -> std::io::Result<Sockets> {
             rustix::thread::move_into_link_name_space(
                 std::os::fd::AsFd::as_fd(&netns),
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )?;
-            let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+            let proxy = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))?;
+            // The sandbox's resolver (`nameserver 127.0.0.1` in its /etc/resolv.conf).
+            let dns_udp = std::net::UdpSocket::bind(("127.0.0.1", 53))?;
+            let dns_tcp = std::net::TcpListener::bind(("127.0.0.1", 53))?;
+            proxy.set_nonblocking(true)?;
+            dns_udp.set_nonblocking(true)?;
+            dns_tcp.set_nonblocking(true)?;
+            Ok((proxy, dns_udp, dns_tcp))
         })
         .join()
         .map_err(|_| ServiceError::internal("egress proxy", "listener thread panicked"))?
-        .map_err(|e| ServiceError::internal("egress proxy listener in the sandbox", e))?;
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|e| ServiceError::internal("egress proxy listener", e))?;
-        let audit = self.audit.clone();
-        let actor = Actor::tenant(tenant);
-        let sid = sandbox_id.to_owned();
-        let window = std::sync::Mutex::new((std::time::Instant::now(), 0u32, 0u64));
-        let proxy = Proxy::new(policy, self.egress_config(), move |ev: ConnEvent| {
-            let suppressed = {
-                let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
-                let mut dropped = 0;
-                if w.0.elapsed() >= std::time::Duration::from_secs(1) {
-                    dropped = w.2;
-                    *w = (std::time::Instant::now(), 0, 0);
-                }
-                w.1 += 1;
-                if w.1 > EVENTS_PER_SECOND {
-                    w.2 += 1;
-                    None
-                } else {
-                    Some(dropped)
-                }
-            };
-            let Some(dropped) = suppressed else { return };
-            if dropped > 0 {
-                audit.record_as(
-                    actor.clone(),
-                    AuditEvent::NetworkConnection {
-                        sandbox_id: sid.clone(),
-                        host: "*".into(),
-                        port: 0,
-                        decision: "not_recorded".into(),
-                        detail: format!(
-                            "{dropped} connections in the second before were not recorded one by \
-                             one (more than {EVENTS_PER_SECOND} a second)"
-                        ),
-                        bytes_up: 0,
-                        bytes_down: 0,
-                        duration_ms: 0,
-                    },
-                );
-            }
-            audit.record_as(
-                actor.clone(),
-                AuditEvent::NetworkConnection {
-                    sandbox_id: sid.clone(),
-                    host: clip(ev.host),
-                    port: ev.port,
-                    decision: if ev.allowed { "allowed" } else { "refused" }.to_owned(),
-                    detail: clip(ev.detail),
-                    bytes_up: ev.bytes_up,
-                    bytes_down: ev.bytes_down,
-                    duration_ms: ev.duration.as_millis() as u64,
-                },
-            );
+        .map_err(|e| ServiceError::internal("egress proxy listeners in the sandbox", e))?;
+        let tokio_err = |e| ServiceError::internal("egress proxy listener", e);
+        let listener = tokio::net::TcpListener::from_std(sockets.0).map_err(tokio_err)?;
+        let dns_udp = tokio::net::UdpSocket::from_std(sockets.1).map_err(tokio_err)?;
+        let dns_tcp = tokio::net::TcpListener::from_std(sockets.2).map_err(tokio_err)?;
+        let trail = Arc::new(Trail {
+            audit: self.audit.clone(),
+            actor: Actor::tenant(tenant),
+            sandbox_id: sandbox_id.to_owned(),
+            state: std::sync::Mutex::default(),
         });
-        let task = tokio::spawn(proxy.clone().serve_tcp(listener));
-        Ok(Egress { proxy, task })
+        let sink = trail.clone();
+        let proxy = Proxy::new(policy, self.egress_config()?, move |ev: ConnEvent| {
+            sink.event(ev)
+        });
+        let tasks = vec![
+            tokio::spawn(proxy.clone().serve_tcp(listener)),
+            tokio::spawn(proxy.clone().serve_dns_udp(dns_udp)),
+            tokio::spawn(proxy.clone().serve_dns_tcp(dns_tcp)),
+        ];
+        Ok(Egress {
+            proxy,
+            tasks,
+            trail,
+        })
     }
 }
