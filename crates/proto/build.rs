@@ -11,8 +11,14 @@ use std::fs;
 use std::path::PathBuf;
 
 /// The wire protocol's files. Their names are part of the wire contract: the SDK's descriptors
-/// import `common.proto` by this exact name.
-const PROTOS: [&str; 3] = ["common.proto", "codebase.proto", "sandbox.proto"];
+/// import `common.proto` by this exact name. `agentfense.proto` is our own API (package
+/// `agentfense.v1`), next to it.
+const PROTOS: [&str; 4] = [
+    "common.proto",
+    "codebase.proto",
+    "sandbox.proto",
+    "agentfense.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agentfense_proto::agentfense_v1::{self as x, extensions_client::ExtensionsClient};
 use agentfense_proto::convert::rules_to_wire;
 use agentfense_proto::v1::{
     self, codebase_service_client::CodebaseServiceClient,
@@ -155,6 +156,32 @@ pub enum SandboxCmd {
         #[arg(long)]
         codebase: Option<String>,
     },
+    /// Replace a running or stopped sandbox's egress allow-list (it must have been created
+    /// with the label agentfense.egress); connections the new list does not allow are closed.
+    ///
+    /// Example: agentfense sandbox egress sb_0123456789abcdef ''   (lock down: nothing)
+    Egress {
+        /// Sandbox id.
+        id: String,
+        /// Comma-separated entries, as in the label (`pypi.org, preset:registries`); empty
+        /// allows nothing.
+        egress: String,
+    },
+    /// Write a sandbox's pending changes into its codebase (sandboxes labelled
+    /// agentfense.publish=manual).
+    Publish {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Mint a token that may only run commands and sessions in this sandbox (printed alone on
+    /// stdout, shown once).
+    Token {
+        /// Sandbox id.
+        id: String,
+        /// How long it lives (`1h`, `30m`); default: until the sandbox expires, at most a week.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
 }
 
 /// `agentfense exec SANDBOX -- COMMAND...`
@@ -218,6 +245,7 @@ pub enum SessionCmd {
 struct Clients {
     cb: CodebaseServiceClient<Authed>,
     sb: SandboxServiceClient<Authed>,
+    x: ExtensionsClient<Authed>,
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
@@ -245,7 +273,9 @@ async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
     Ok(Clients {
         cb: CodebaseServiceClient::with_interceptor(channel.clone(), key.clone())
             .max_decoding_message_size(4 << 20),
-        sb: SandboxServiceClient::with_interceptor(channel, key).max_decoding_message_size(4 << 20),
+        sb: SandboxServiceClient::with_interceptor(channel.clone(), key.clone())
+            .max_decoding_message_size(4 << 20),
+        x: ExtensionsClient::with_interceptor(channel, key),
     })
 }
 
@@ -558,6 +588,62 @@ pub(crate) fn sandbox(
                         .map_err(status)?
                         .into_inner();
                 print_sandbox(out, json, &s)?;
+            }
+            SandboxCmd::Egress { id, egress } => {
+                c.x.set_sandbox_egress(x::SetSandboxEgressRequest {
+                    sandbox_id: id.clone(),
+                    egress: egress.clone(),
+                })
+                .await
+                .map_err(status)?;
+                if json {
+                    let v = serde_json::json!({ "sandbox_id": id, "egress": egress });
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(out, "{id}: egress set to {egress:?}")?;
+                }
+            }
+            SandboxCmd::Publish { id } => {
+                let r =
+                    c.x.publish_sandbox(x::PublishSandboxRequest { sandbox_id: id })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                if json {
+                    let v = serde_json::json!({
+                        "written": r.written, "deleted": r.deleted, "conflicts": r.conflicts,
+                    });
+                    writeln!(out, "{v}")?;
+                } else {
+                    for p in &r.written {
+                        writeln!(out, "written  {p}")?;
+                    }
+                    for p in &r.deleted {
+                        writeln!(out, "deleted  {p}")?;
+                    }
+                    for p in &r.conflicts {
+                        writeln!(out, "conflict {p} (changed in the codebase meanwhile)")?;
+                    }
+                }
+            }
+            SandboxCmd::Token { id, ttl } => {
+                let ttl = ttl.map(|d| agentfense_proto::pbjson_types::Duration {
+                    seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+                });
+                let t =
+                    c.x.create_sandbox_token(x::CreateSandboxTokenRequest {
+                        sandbox_id: id,
+                        ttl,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                writeln!(out, "{}", t.token)?;
+                eprintln!(
+                    "token id {} (revoke with `agentfense keys revoke`)",
+                    t.token_id
+                );
             }
             SandboxCmd::Rm { id } => {
                 c.sb.destroy_sandbox(v1::DestroySandboxRequest {

@@ -25,6 +25,21 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/sandbox.v1.serde.rs"));
 }
 
+/// Generated code for protobuf package `agentfense.v1`: our own API next to `sandbox.v1`
+/// (client in [`agentfense_v1::extensions_client`], server trait in
+/// [`agentfense_v1::extensions_server`]).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::broken_intra_doc_links,
+    rustdoc::invalid_html_tags,
+    rustdoc::bare_urls
+)]
+pub mod agentfense_v1 {
+    include!(concat!(env!("OUT_DIR"), "/agentfense.v1.rs"));
+}
+
 /// The well-known types used by [`v1`] (`Timestamp`, `Duration`), with protojson serde impls.
 pub use pbjson_types;
 

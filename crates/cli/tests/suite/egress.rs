@@ -369,6 +369,15 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
     assert_eq!(put("*.com"), "400", "checked like the label");
     assert_eq!(put("mirror.test:8000"), "200");
     assert_eq!(status("http://mirror.test:8000/ok.txt"), "200");
+    // The same over gRPC (agentfense.v1.Extensions), from the CLI: lock down, then reopen.
+    let (code, _, err) = cli(&server, &["sandbox", "egress", &sb, ""]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(status("http://mirror.test:8000/ok.txt"), "403");
+    let (code, _, err) = cli(&server, &["sandbox", "egress", &sb, "*.co.uk"]);
+    assert!(code != 0 && err.contains("public suffix"), "{err}");
+    let (code, _, err) = cli(&server, &["sandbox", "egress", &sb, "mirror.test:8000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(status("http://mirror.test:8000/ok.txt"), "200");
 
     // A sandbox without the label has no network at all.
     let (_, plain, _) = cli(&server, &["sandbox", "create", &cb, "--start"]);

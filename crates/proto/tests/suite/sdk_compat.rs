@@ -280,6 +280,7 @@ fn descriptor_set_is_self_contained() {
     assert_eq!(
         names,
         vec![
+            "agentfense.proto",
             "codebase.proto",
             "common.proto",
             "google/api/annotations.proto",

@@ -2,10 +2,12 @@
 //! `tonic::Status` in one place (`From<ServiceError>`).
 
 mod codebase;
+mod extensions;
 mod sandbox;
 pub(crate) mod wire;
 
 pub use codebase::CodebaseApi;
+pub use extensions::ExtensionsApi;
 pub use sandbox::{EXIT_CODE_TRAILER, SandboxApi};
 
 /// gRPC's default message limit, which the Python SDK also uses on receive.
@@ -13,7 +15,8 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 /// Chunk size of streamed downloads (the SDK's upload chunk size too).
 pub const CHUNK: usize = 64 << 10;
 
-/// The sandbox.v1 services (codebases and sandboxes) on one service handle, behind the gate
+/// The sandbox.v1 services (codebases and sandboxes) and our `agentfense.v1.Extensions` on one
+/// service handle, behind the gate
 /// ([`crate::auth::AuthLayer`]), as routes that `serve` listens with and that tests drive in
 /// process. Services added to the result afterwards (health) are not gated.
 pub fn routes(
@@ -28,9 +31,14 @@ pub fn routes(
             .max_encoding_message_size(MAX_MESSAGE),
     )
     .add_service(
-        SandboxServiceServer::new(SandboxApi(service))
+        SandboxServiceServer::new(SandboxApi(service.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
+    )
+    .add_service(
+        agentfense_proto::agentfense_v1::extensions_server::ExtensionsServer::new(ExtensionsApi(
+            service,
+        )),
     );
     tonic::service::Routes::from(
         routes
