@@ -37,9 +37,15 @@ pub struct LocalArgs {
     /// Environment variable `KEY=VALUE` inside the sandbox (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Give the sandbox the host's network (default: none).
-    #[arg(long)]
+    /// Give the sandbox the host's network, bypassing every network control (default: none).
+    /// Prefer --egress.
+    #[arg(long, conflicts_with = "egress")]
     pub network: bool,
+    /// Let the sandbox reach this destination through an egress proxy of its own (repeatable;
+    /// `pypi.org`, `*.pythonhosted.org`, `host:port`, `10.0.0.0/8:5432`,
+    /// `preset:registries`): its only way out, with a resolver that answers only these names.
+    #[arg(long = "egress", value_name = "ENTRY")]
+    pub egress: Vec<String>,
     /// How the filesystem serves opened files: `no-open` (the default: cheap opens, best for
     /// source trees) or `passthrough` (native read speed for large files, a round trip per
     /// open; needs Linux >= 6.9, else it falls back to daemon-served I/O).
@@ -178,8 +184,10 @@ pub(crate) struct LocalSandbox {
     events: std::sync::Mutex<tokio::sync::mpsc::Receiver<agentfense_runtime::RuntimeEvent>>,
     apply: bool,
     discard: bool,
-    /// The `--env` variables.
+    /// The `--env` variables (and, with `--egress`, the proxy's).
     pub env: BTreeMap<String, String>,
+    /// The `--egress` allow-list, if any.
+    egress: Option<agentfense_egress::EgressPolicy>,
 }
 
 impl LocalSandbox {
@@ -192,7 +200,18 @@ impl LocalSandbox {
             .canonicalize()
             .with_context(|| format!("cannot open project directory {}", args.dir.display()))?;
         anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
-        let env = kv(&args.env)?;
+        let mut env = kv(&args.env)?;
+        let egress = if args.egress.is_empty() {
+            None
+        } else {
+            let presets = agentfense_server::config::NetworkConfig::default().presets;
+            let p = agentfense_egress::EgressPolicy::parse(&args.egress.join(","), &presets)
+                .map_err(|e| anyhow::anyhow!("--egress: {e}"))?;
+            for (k, v) in agentfense_egress::proxy_env() {
+                env.entry(k).or_insert(v);
+            }
+            Some(p)
+        };
         let (base, tag) = work_dir(
             &args.data_dir.clone().unwrap_or_else(default_data_dir),
             &dir,
@@ -305,7 +324,6 @@ impl LocalSandbox {
         home_cfg.disk_bytes = limits.disk_bytes;
         home_cfg.disk_inodes = limits.disk_inodes;
         let home = agentfense_fs::mount(home_cfg).context("cannot mount the sandbox's home")?;
-        let mut env = env;
         for (k, v) in git_identity() {
             env.entry(k.to_owned()).or_insert(v);
         }
@@ -323,6 +341,7 @@ impl LocalSandbox {
             apply: args.apply,
             discard: args.discard,
             env,
+            egress,
         })
     }
 
@@ -361,6 +380,11 @@ impl LocalSandbox {
             if let Some(tmp) = runtime.scratch(id) {
                 self.mount.count_scratch(tmp, self.tmp_cap);
             }
+            // Serves until the command is done (dropped with this scope).
+            let _egress = match &self.egress {
+                Some(policy) => Some(serve_egress(runtime, id, policy.clone())?),
+                None => None,
+            };
             body(runtime, id).await
         };
         let stop = async {
@@ -565,6 +589,46 @@ const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 
 /// The first of SIGINT, SIGTERM and SIGHUP to arrive (never, for one that cannot be watched).
+/// Starts the egress proxy inside the running sandbox `id`; each refused destination is
+/// said once on stderr.
+fn serve_egress(
+    runtime: &BwrapRuntime,
+    id: &str,
+    policy: agentfense_egress::EgressPolicy,
+) -> anyhow::Result<agentfense_egress::Serving> {
+    let netns = runtime
+        .network_namespace(id)
+        .context("cannot find the sandbox's network namespace for --egress")?;
+    // The user is the operator here: an address block they allow may be private.
+    let private_allow = policy
+        .entries()
+        .iter()
+        .filter_map(|e| match e.target {
+            agentfense_core::egress::Target::Block(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let cfg = agentfense_egress::EgressConfig {
+        private_allow,
+        ..Default::default()
+    };
+    // Each refused destination once, and not without bound (random names).
+    let said = std::sync::Mutex::new(std::collections::HashSet::new());
+    let proxy =
+        agentfense_egress::Proxy::new(policy, cfg, move |ev: agentfense_egress::ConnEvent| {
+            let mut said = said.lock().unwrap_or_else(|p| p.into_inner());
+            if !ev.allowed && said.len() < 64 && said.insert((ev.host.clone(), ev.port)) {
+                eprintln!(
+                    "agentfense: egress refused {} {}:{}: {}",
+                    ev.protocol, ev.host, ev.port, ev.detail
+                );
+            }
+        });
+    proxy
+        .serve_sandbox(netns)
+        .context("cannot start the egress proxy in the sandbox")
+}
+
 async fn termination_signal() -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
     let watch = |kind: SignalKind| async move {

@@ -22,6 +22,7 @@ mod decide;
 mod dns;
 mod http;
 mod resolve;
+mod sandbox;
 mod socks;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use std::time::Duration;
 pub use agentfense_core::egress::{Cidr, EgressPolicy};
 pub use decide::{AddressClass, Decision, classify};
 pub use resolve::Upstream;
+pub use sandbox::{PROXY_PORT, Serving, proxy_env};
 
 /// What the proxy knows besides the policy.
 #[derive(Debug, Clone, Default)]

@@ -92,9 +92,16 @@ fn ip(args: &[&str]) {
 
 impl TestHost {
     fn start(root: &Path) -> TestHost {
+        // Unique per process and per test host in it (tests run in parallel).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = std::process::id();
-        let net = 16 + (id % 200);
-        let (ns, veth, peer) = (format!("aft{id}"), format!("afh{id}"), format!("afn{id}"));
+        let net = 16 + ((id + n * 101) % 200);
+        let (ns, veth, peer) = (
+            format!("aft{id}x{n}"),
+            format!("afh{id}x{n}"),
+            format!("afn{id}x{n}"),
+        );
         let (host_addr, addr) = (format!("10.231.{net}.1"), format!("10.231.{net}.2"));
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         let _ = Command::new("ip").args(["link", "del", &veth]).output();
@@ -436,5 +443,65 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
             .any(|e| e["protocol"] == "socks5" && e["host"] == "other.test"),
         "{net:?}"
     );
+    drop(host);
+}
+
+/// `agentfense run --egress`: a local run gets its own proxy and resolver too; an address
+/// block the user names may be private (they are the operator), everything else is refused
+/// and said once on stderr.
+#[test]
+fn a_local_run_reaches_only_its_egress_entries() {
+    if !privileged("a_local_run_reaches_only_its_egress_entries") {
+        return;
+    }
+    if !agentfense_testsupport::require(
+        "a_local_run_reaches_only_its_egress_entries",
+        agentfense_testsupport::which("curl")
+            .is_none()
+            .then(|| "curl is not installed".to_owned()),
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let host = TestHost::start(tmp.path());
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("README.md"), "hi\n").unwrap();
+    let run = |egress: &[&str], cmd: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_agentfense"));
+        c.arg("run").arg("--data-dir").arg(tmp.path().join("data"));
+        for e in egress {
+            c.args(["--egress", e]);
+        }
+        outcome(c.arg(&project).args(["--", cmd]).output().unwrap())
+    };
+    let block = format!("{}:8000", host.subnet);
+    let (code, out, err) = run(
+        &[&block],
+        &format!("curl -sS --max-time 10 http://{}:8000/ok.txt", host.addr),
+    );
+    assert_eq!((code, out.as_str()), (0, "reached the mirror\n"), "{err}");
+    let (code, out, err) = run(
+        &[&block],
+        &format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' --max-time 10 http://{}:8001/; \
+             getent hosts pypi.org || echo no-dns",
+            host.addr
+        ),
+    );
+    assert_eq!((code, out.trim()), (0, "403no-dns"), "{err}");
+    assert!(
+        err.contains(&format!("egress refused http {}:8001", host.addr)),
+        "{err}"
+    );
+    // Without --egress: no network at all.
+    let (code, _, _) = run(
+        &[],
+        &format!("curl -sS --max-time 5 http://{}:8000/ok.txt", host.addr),
+    );
+    assert_ne!(code, 0);
+    // A bad entry is refused before anything runs.
+    let (code, _, err) = run(&["*.com"], "true");
+    assert!(code != 0 && err.contains("public suffix"), "{err}");
     drop(host);
 }

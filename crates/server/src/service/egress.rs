@@ -17,38 +17,18 @@ use crate::error::ServiceError;
 /// 10.0.0.0/8:5432`); absent = no network at all.
 pub const LABEL_EGRESS: &str = "agentfense.egress";
 
-/// Where the proxy listens inside a sandbox (`HTTP_PROXY=http://127.0.0.1:3128`).
-pub const PROXY_PORT: u16 = 3128;
-
-/// The proxy environment commands get in a sandbox with an egress policy (request values
-/// win).
-pub fn proxy_env() -> Vec<(String, String)> {
-    let url = format!("http://127.0.0.1:{PROXY_PORT}");
-    let mut v = Vec::new();
-    for k in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
-        v.push((k.to_owned(), url.clone()));
-        v.push((k.to_ascii_lowercase(), url.clone()));
-    }
-    let no = "localhost,127.0.0.1,::1".to_owned();
-    v.push(("NO_PROXY".to_owned(), no.clone()));
-    v.push(("no_proxy".to_owned(), no));
-    v
-}
+pub use agentfense_egress::{PROXY_PORT, proxy_env};
 
 /// A running sandbox's proxy and DNS server; stop serving when dropped.
 pub(crate) struct Egress {
-    pub(crate) proxy: Arc<Proxy>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) serving: agentfense_egress::Serving,
     trail: Arc<Trail>,
 }
 
 impl Drop for Egress {
     fn drop(&mut self) {
-        // Stop accepting, and end every open connection of the sandbox.
-        for t in &self.tasks {
-            t.abort();
-        }
-        self.proxy.shutdown();
+        // Stopping (the proxy ends every open connection of the sandbox) comes with
+        // `serving`; what aggregation still holds is written now.
         self.trail.flush();
     }
 }
@@ -299,7 +279,7 @@ impl Service {
         if let Some(live) = self.engine.live(&id)
             && let Some(e) = &live.egress
         {
-            e.proxy.set_policy(policy);
+            e.serving.proxy.set_policy(policy);
         }
         self.audit.record_as(
             caller.actor(),
@@ -321,32 +301,6 @@ impl Service {
     ) -> Result<Egress, ServiceError> {
         // A socket belongs to the namespace it was made in: make the listener on a thread
         // that enters the sandbox's namespace and then ends (never a pooled thread).
-        type Sockets = (
-            std::net::TcpListener,
-            std::net::UdpSocket,
-            std::net::TcpListener,
-        );
-        let sockets = std::thread::spawn(move || -> std::io::Result<Sockets> {
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&netns),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )?;
-            let proxy = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))?;
-            // The sandbox's resolver (`nameserver 127.0.0.1` in its /etc/resolv.conf).
-            let dns_udp = std::net::UdpSocket::bind(("127.0.0.1", 53))?;
-            let dns_tcp = std::net::TcpListener::bind(("127.0.0.1", 53))?;
-            proxy.set_nonblocking(true)?;
-            dns_udp.set_nonblocking(true)?;
-            dns_tcp.set_nonblocking(true)?;
-            Ok((proxy, dns_udp, dns_tcp))
-        })
-        .join()
-        .map_err(|_| ServiceError::internal("egress proxy", "listener thread panicked"))?
-        .map_err(|e| ServiceError::internal("egress proxy listeners in the sandbox", e))?;
-        let tokio_err = |e| ServiceError::internal("egress proxy listener", e);
-        let listener = tokio::net::TcpListener::from_std(sockets.0).map_err(tokio_err)?;
-        let dns_udp = tokio::net::UdpSocket::from_std(sockets.1).map_err(tokio_err)?;
-        let dns_tcp = tokio::net::TcpListener::from_std(sockets.2).map_err(tokio_err)?;
         let trail = Arc::new(Trail {
             audit: self.audit.clone(),
             actor: Actor::tenant(tenant),
@@ -357,15 +311,9 @@ impl Service {
         let proxy = Proxy::new(policy, self.egress_config()?, move |ev: ConnEvent| {
             sink.event(ev)
         });
-        let tasks = vec![
-            tokio::spawn(proxy.clone().serve_tcp(listener)),
-            tokio::spawn(proxy.clone().serve_dns_udp(dns_udp)),
-            tokio::spawn(proxy.clone().serve_dns_tcp(dns_tcp)),
-        ];
-        Ok(Egress {
-            proxy,
-            tasks,
-            trail,
-        })
+        let serving = proxy
+            .serve_sandbox(netns)
+            .map_err(|e| ServiceError::internal("egress proxy listeners in the sandbox", e))?;
+        Ok(Egress { serving, trail })
     }
 }
