@@ -129,6 +129,12 @@ pub enum SandboxCmd {
         /// Process limit.
         #[arg(long)]
         pids: Option<i64>,
+        /// Runtime: `bwrap` or `docker` (default: the server's).
+        #[arg(long, value_parser = ["bwrap", "docker"])]
+        runtime: Option<String>,
+        /// Docker image (docker runtime; default: the server's `runtime.docker.default_image`).
+        #[arg(long)]
+        image: Option<String>,
     },
     /// Start a sandbox.
     Start {
@@ -530,6 +536,8 @@ pub(crate) fn sandbox(
                 labels,
                 memory_mib,
                 pids,
+                runtime,
+                image,
             } => {
                 let rules = policy.rules()?;
                 let resources =
@@ -543,7 +551,12 @@ pub(crate) fn sandbox(
                         codebase_id: codebase,
                         permissions: rules_to_wire(&rules),
                         labels: kv(&labels, "--label")?,
-                        runtime: v1::RuntimeType::Bwrap as i32,
+                        runtime: match runtime.as_deref() {
+                            Some("bwrap") => v1::RuntimeType::Bwrap,
+                            Some("docker") => v1::RuntimeType::Docker,
+                            _ => v1::RuntimeType::Unspecified,
+                        } as i32,
+                        image: image.unwrap_or_default(),
                         resources,
                         ..Default::default()
                     })

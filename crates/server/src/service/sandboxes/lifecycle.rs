@@ -43,12 +43,6 @@ impl Service {
                     super::super::egress::LABEL_EGRESS
                 )));
             }
-            if kind != RuntimeKind::Bwrap {
-                return Err(ServiceError::FailedPrecondition(format!(
-                    "label {} needs the bwrap runtime for now",
-                    super::super::egress::LABEL_EGRESS
-                )));
-            }
         }
         let rt_cfg = &self.settings.config.runtime;
         let mut resources = req.resources;
@@ -358,7 +352,7 @@ impl Service {
                     .map(Some),
                 None => Err(ServiceError::FailedPrecondition(format!(
                     "sandbox {sid}: the runtime cannot give its network namespace for the \
-                     egress proxy"
+                     egress proxy (a Docker daemon on another machine cannot have one)"
                 ))),
             },
             Err(e) => Err(e),
