@@ -35,14 +35,12 @@ impl Service {
             )));
         }
         check_labels(&req.labels, self.settings.config.runtime.allow_network)?;
-        if self.egress_policy(&req.labels)?.is_some() {
-            if req.labels.contains_key(LABEL_NETWORK) {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "labels {LABEL_NETWORK} and {} exclude each other: the egress policy is the \
-                     sandbox's only way out",
-                    super::super::egress::LABEL_EGRESS
-                )));
-            }
+        if self.egress_policy(&req.labels)?.is_some() && req.labels.contains_key(LABEL_NETWORK) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "labels {LABEL_NETWORK} and {} exclude each other: the egress policy is the \
+                 sandbox's only way out",
+                super::super::egress::LABEL_EGRESS
+            )));
         }
         let rt_cfg = &self.settings.config.runtime;
         let mut resources = req.resources;
