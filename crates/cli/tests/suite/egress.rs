@@ -293,6 +293,20 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
         assert!(out.contains("X-AgentFense-Deny"), "{url}: {out}");
     }
     assert_eq!(status("http://mirror.test:8000/ok.txt"), "200");
+    // The Host header must name the URL's host (another site behind the allowed address).
+    let (_, out, _) = run(
+        "curl -s -o /dev/null -w '%{http_code}' --max-time 10 -H 'Host: other.test:8000' \
+         http://mirror.test:8000/ok.txt",
+    );
+    assert_eq!(out, "403", "Host mismatch");
+    // In a tunnel to the allowed name, TLS must ask for that name: curl sends CONNECT
+    // mirror.test:8000 and a ClientHello for other.test, and the tunnel closes before the
+    // destination sees a byte.
+    let (code, _, err) = run(
+        "curl -sS -p --max-time 10 --connect-to other.test:8000:mirror.test:8000 \
+         https://other.test:8000/ok.txt",
+    );
+    assert_ne!(code, 0, "SNI mismatch got through: {err}");
     // Around the proxy there is no way out: no route, no resolver.
     let (code, _, _) = run(&format!(
         "curl -s --noproxy '*' --max-time 5 http://{}:8000/ok.txt",
@@ -441,6 +455,12 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
     assert!(
         net.iter()
             .any(|e| e["protocol"] == "socks5" && e["host"] == "other.test"),
+        "{net:?}"
+    );
+    assert!(
+        net.iter().any(|e| e["host"] == "mirror.test"
+            && e["decision"] == "refused"
+            && e["detail"].as_str().is_some_and(|d| d.contains("TLS server name"))),
         "{net:?}"
     );
     drop(host);
