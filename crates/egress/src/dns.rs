@@ -255,6 +255,33 @@ mod tests {
         assert_eq!(ev[0].host, "leak.mirror.test");
     }
 
+    proptest::proptest! {
+        /// Any bytes, and any single-byte corruption of a real query, get an answer or
+        /// nothing: never a panic, never an upstream lookup (the policy allows no name
+        /// that needs one here: both are static).
+        #[test]
+        fn any_message_is_answered_without_panicking(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            at in 0usize..64,
+            byte in proptest::num::u8::ANY,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let p = proxy(Arc::default());
+                let _ = p.answer(&bytes, true).await;
+                let mut m = Message::new();
+                m.add_query(Query::query(Name::from_ascii("mirror.test.").unwrap(), RecordType::A));
+                let mut q = m.to_vec().unwrap();
+                let i = at % q.len();
+                q[i] = byte;
+                if let Some(r) = p.answer(&q, false).await {
+                    proptest::prop_assert!(Message::from_vec(&r).is_ok());
+                }
+                Ok(())
+            })?;
+        }
+    }
+
     #[tokio::test]
     async fn malformed_queries_get_formerr_or_nothing() {
         let p = proxy(Arc::default());

@@ -85,7 +85,13 @@ pub struct Proxy {
     slots: Arc<tokio::sync::Semaphore>,
     /// Set by [`Proxy::shutdown`]: every connection ends.
     closed: std::sync::atomic::AtomicBool,
+    /// This sandbox's lookups in progress: one sandbox cannot take every slot of the
+    /// server-wide limit (slow names would stall everyone's resolution).
+    lookups: tokio::sync::Semaphore,
 }
+
+/// DNS lookups one sandbox may have in progress at once (all sandboxes together: 32).
+pub const LOOKUPS_PER_SANDBOX: usize = 8;
 
 /// Connections one sandbox's proxy serves at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -114,6 +120,7 @@ impl Proxy {
             generation: tokio::sync::watch::Sender::new(0),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             closed: std::sync::atomic::AtomicBool::new(false),
+            lookups: tokio::sync::Semaphore::new(LOOKUPS_PER_SANDBOX),
         })
     }
 

@@ -107,7 +107,12 @@ impl Proxy {
     pub(crate) async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, String> {
         match self.cfg.hosts.get(name) {
             Some(ips) => Ok(ips.clone()),
-            None => self.cfg.upstream.lookup(name).await,
+            None => {
+                let Ok(_mine) = self.lookups.acquire().await else {
+                    return Err("resolver unavailable".into());
+                };
+                self.cfg.upstream.lookup(name).await
+            }
         }
     }
 }

@@ -460,7 +460,9 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
     assert!(
         net.iter().any(|e| e["host"] == "mirror.test"
             && e["decision"] == "refused"
-            && e["detail"].as_str().is_some_and(|d| d.contains("TLS server name"))),
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("TLS server name"))),
         "{net:?}"
     );
     drop(host);
