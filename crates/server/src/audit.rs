@@ -354,6 +354,23 @@ impl Audit {
         }
     }
 
+    /// Records `event` on the bulk queue without ever blocking (for events a sandbox can
+    /// cause in numbers from async code, like its network connections): if that queue is
+    /// full it is counted and reported like any loss, and the server's own events are
+    /// never pushed out.
+    pub fn record_bulk(&self, actor: Actor, event: AuditEvent) {
+        let Some(tx) = &self.bulk_tx else { return };
+        match tx.try_send((SystemTime::now(), actor, event)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::warn!("audit writer has stopped; event lost");
+            }
+        }
+    }
+
     /// Records `event` without ever blocking: if the queue is full it is counted, and an
     /// `audit_events_dropped` line reports the count.
     pub fn record(&self, event: AuditEvent) {

@@ -39,148 +39,6 @@ const AGGREGATION_WINDOW: std::time::Duration = std::time::Duration::from_secs(1
 /// Most distinct refusals tracked for aggregation at once.
 const MAX_TRACKED: usize = 1024;
 
-/// A sandbox's connection events on their way to the audit trail: refusals aggregated, and
-/// at most [`EVENTS_PER_SECOND`] lines a second (past it, one line per second says how many
-/// were not written one by one).
-struct Trail {
-    audit: crate::audit::Audit,
-    actor: Actor,
-    sandbox_id: String,
-    state: std::sync::Mutex<TrailState>,
-}
-
-#[derive(Default)]
-struct TrailState {
-    /// Start of the current second, lines written in it, events not written.
-    second: Option<std::time::Instant>,
-    written: u32,
-    unwritten: u64,
-    /// Refusals seen: when one was last written, how many since, the last reason.
-    recent:
-        std::collections::HashMap<(&'static str, String, u16), (std::time::Instant, u64, String)>,
-}
-
-impl Trail {
-    fn event(&self, ev: ConnEvent) {
-        let now = std::time::Instant::now();
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut count = 1;
-        if !ev.allowed {
-            let key = (ev.protocol, ev.host.clone(), ev.port);
-            match st.recent.get_mut(&key) {
-                Some(seen) if now.duration_since(seen.0) < AGGREGATION_WINDOW => {
-                    seen.1 += 1;
-                    seen.2 = ev.detail;
-                    return;
-                }
-                Some(seen) => {
-                    count += std::mem::take(&mut seen.1);
-                    seen.0 = now;
-                }
-                None => {
-                    if st.recent.len() >= MAX_TRACKED {
-                        let drained: Vec<_> = st.recent.drain().collect();
-                        drop(st);
-                        for ((protocol, host, port), (_, n, detail)) in drained {
-                            self.refusals(protocol, host, port, detail, n);
-                        }
-                        st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    }
-                    st.recent.insert(key, (now, 0, String::new()));
-                }
-            }
-        }
-        let unwritten = match st.second {
-            Some(t) if now.duration_since(t) < std::time::Duration::from_secs(1) => 0,
-            _ => {
-                st.second = Some(now);
-                st.written = 0;
-                std::mem::take(&mut st.unwritten)
-            }
-        };
-        st.written += 1;
-        if st.written > EVENTS_PER_SECOND {
-            st.unwritten += count;
-            return;
-        }
-        drop(st);
-        if unwritten > 0 {
-            self.write(
-                "*",
-                "not_recorded",
-                String::new(),
-                0,
-                format!(
-                    "{unwritten} connections in the second before were not recorded one by one \
-                     (more than {EVENTS_PER_SECOND} lines a second)"
-                ),
-                unwritten,
-                (0, 0, 0),
-            );
-        }
-        let bytes = (
-            ev.bytes_up,
-            ev.bytes_down,
-            u64::try_from(ev.duration.as_millis()).unwrap_or(u64::MAX),
-        );
-        let decision = if ev.allowed { "allowed" } else { "refused" };
-        self.write(
-            ev.protocol,
-            decision,
-            ev.host,
-            ev.port,
-            ev.detail,
-            count,
-            bytes,
-        );
-    }
-
-    /// Writes the refusals still folded into the table (the sandbox is going away).
-    fn flush(&self) {
-        let drained: Vec<_> = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.recent.drain().collect()
-        };
-        for ((protocol, host, port), (_, n, detail)) in drained {
-            self.refusals(protocol, host, port, detail, n);
-        }
-    }
-
-    fn refusals(&self, protocol: &str, host: String, port: u16, detail: String, n: u64) {
-        if n > 0 {
-            self.write(protocol, "refused", host, port, detail, n, (0, 0, 0));
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn write(
-        &self,
-        protocol: &str,
-        decision: &str,
-        host: String,
-        port: u16,
-        detail: String,
-        count: u64,
-        (bytes_up, bytes_down, duration_ms): (u64, u64, u64),
-    ) {
-        self.audit.record_as(
-            self.actor.clone(),
-            AuditEvent::NetworkConnection {
-                sandbox_id: self.sandbox_id.clone(),
-                protocol: protocol.to_owned(),
-                host: clip(host),
-                port,
-                decision: decision.to_owned(),
-                detail: clip(detail),
-                count,
-                bytes_up,
-                bytes_down,
-                duration_ms,
-            },
-        );
-    }
-}
-
 /// Connection lines written per sandbox and second; past it events are counted and one line
 /// per second says how many were not written one by one (a flood of refusals cannot flood
 /// the trail or push other events out).
@@ -198,6 +56,218 @@ fn clip(mut s: String) -> String {
         s.push('…');
     }
     s
+}
+
+/// A sandbox's connection events on their way to the audit trail: identical refusals
+/// aggregated, and at most [`EVENTS_PER_SECOND`] lines a second whatever their origin (past
+/// it, counts only: one `not_recorded` line says how many were not written one by one).
+/// Lines go to the trail's bulk queue, never blocking and never pushing out the server's own
+/// events.
+struct Trail {
+    audit: crate::audit::Audit,
+    actor: Actor,
+    sandbox_id: String,
+    state: std::sync::Mutex<TrailState>,
+}
+
+/// A refusal being aggregated: when it was last written, how many since, the last reason.
+struct Folded {
+    last_written: std::time::Instant,
+    count: u64,
+    detail: String,
+}
+
+type RefusalKey = (&'static str, String, u16);
+
+#[derive(Default)]
+struct TrailState {
+    /// Start of the current second and lines written in it.
+    second: Option<std::time::Instant>,
+    written: u32,
+    /// Events not written one by one since the last `not_recorded` line.
+    unwritten: u64,
+    recent: std::collections::HashMap<RefusalKey, Folded>,
+}
+
+/// One audit line to write.
+struct Pending {
+    protocol: &'static str,
+    decision: &'static str,
+    host: String,
+    port: u16,
+    detail: String,
+    count: u64,
+    bytes: (u64, u64, u64),
+}
+
+impl TrailState {
+    /// Takes `line` out of this second's budget: `Some` to write it, `None` when the budget
+    /// is spent (its count goes to `unwritten`). A new second first yields the
+    /// `not_recorded` line for the one before, if anything went unwritten.
+    fn budget(&mut self, now: std::time::Instant, line: Pending, out: &mut Vec<Pending>) {
+        if self
+            .second
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
+            self.second = Some(now);
+            self.written = 0;
+            let n = std::mem::take(&mut self.unwritten);
+            if n > 0 {
+                self.written += 1;
+                out.push(not_recorded(n));
+            }
+        }
+        if self.written >= EVENTS_PER_SECOND {
+            self.unwritten += line.count;
+            return;
+        }
+        self.written += 1;
+        out.push(line);
+    }
+
+    /// Makes room in the aggregation table: entries older than the window leave it (their
+    /// folded counts become lines, through the budget).
+    fn evict_stale(&mut self, now: std::time::Instant, out: &mut Vec<Pending>) {
+        let stale: Vec<RefusalKey> = self
+            .recent
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_written) >= AGGREGATION_WINDOW)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(f) = self.recent.remove(&k) {
+                if f.count > 0 {
+                    self.budget(now, refusal(k, f), out);
+                }
+            }
+        }
+    }
+}
+
+fn refusal((protocol, host, port): RefusalKey, f: Folded) -> Pending {
+    Pending {
+        protocol,
+        decision: "refused",
+        host,
+        port,
+        detail: f.detail,
+        count: f.count,
+        bytes: (0, 0, 0),
+    }
+}
+
+fn not_recorded(n: u64) -> Pending {
+    Pending {
+        protocol: "*",
+        decision: "not_recorded",
+        host: String::new(),
+        port: 0,
+        detail: format!(
+            "{n} connection events were not recorded one by one (more than \
+             {EVENTS_PER_SECOND} lines a second)"
+        ),
+        count: n,
+        bytes: (0, 0, 0),
+    }
+}
+
+impl Trail {
+    fn event(&self, ev: ConnEvent) {
+        let now = std::time::Instant::now();
+        let mut out = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut count = 1;
+            if !ev.allowed {
+                let key = (ev.protocol, ev.host.clone(), ev.port);
+                match st.recent.get_mut(&key) {
+                    Some(f) if now.duration_since(f.last_written) < AGGREGATION_WINDOW => {
+                        f.count += 1;
+                        f.detail.clone_from(&ev.detail);
+                        return;
+                    }
+                    Some(f) => {
+                        count += std::mem::take(&mut f.count);
+                        f.last_written = now;
+                    }
+                    None => {
+                        if st.recent.len() >= MAX_TRACKED {
+                            st.evict_stale(now, &mut out);
+                        }
+                        if st.recent.len() < MAX_TRACKED {
+                            st.recent.insert(
+                                key,
+                                Folded {
+                                    last_written: now,
+                                    count: 0,
+                                    detail: String::new(),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            let line = Pending {
+                protocol: ev.protocol,
+                decision: if ev.allowed { "allowed" } else { "refused" },
+                host: ev.host,
+                port: ev.port,
+                detail: ev.detail,
+                count,
+                bytes: (
+                    ev.bytes_up,
+                    ev.bytes_down,
+                    u64::try_from(ev.duration.as_millis()).unwrap_or(u64::MAX),
+                ),
+            };
+            st.budget(now, line, &mut out);
+        }
+        for line in out {
+            self.write(line);
+        }
+    }
+
+    /// Writes what aggregation still holds (the sandbox is going away), within the budget,
+    /// and the count of what was not written one by one.
+    fn flush(&self) {
+        let mut out = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            let drained: Vec<_> = st.recent.drain().collect();
+            for (k, f) in drained {
+                if f.count > 0 {
+                    st.budget(now, refusal(k, f), &mut out);
+                }
+            }
+            let n = std::mem::take(&mut st.unwritten);
+            if n > 0 {
+                out.push(not_recorded(n));
+            }
+        }
+        for line in out {
+            self.write(line);
+        }
+    }
+
+    fn write(&self, p: Pending) {
+        let (bytes_up, bytes_down, duration_ms) = p.bytes;
+        self.audit.record_bulk(
+            self.actor.clone(),
+            AuditEvent::NetworkConnection {
+                sandbox_id: self.sandbox_id.clone(),
+                protocol: p.protocol.to_owned(),
+                host: clip(p.host),
+                port: p.port,
+                decision: p.decision.to_owned(),
+                detail: clip(p.detail),
+                count: p.count,
+                bytes_up,
+                bytes_down,
+                duration_ms,
+            },
+        );
+    }
 }
 
 impl Service {
@@ -315,5 +385,61 @@ impl Service {
             .serve_sandbox(netns)
             .map_err(|e| ServiceError::internal("egress proxy listeners in the sandbox", e))?;
         Ok(Egress { serving, trail })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sandbox sending every random name twice (the second folds into the table, which
+    /// fills) gets no more lines than the per-second budget allows, and every event is
+    /// accounted for in some line's count.
+    #[test]
+    fn a_refusal_flood_stays_within_the_budget_and_loses_no_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (audit, writer) = crate::audit::Audit::open(&path).unwrap();
+        let trail = Trail {
+            audit,
+            actor: Actor::tenant("t"),
+            sandbox_id: "sb_flood".into(),
+            state: std::sync::Mutex::default(),
+        };
+        let started = std::time::Instant::now();
+        let n = 5000u64;
+        for i in 0..n {
+            for _ in 0..2 {
+                trail.event(ConnEvent {
+                    protocol: "dns",
+                    host: format!("{i:x}.example"),
+                    port: 53,
+                    allowed: false,
+                    detail: "not in the allow-list".into(),
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    duration: std::time::Duration::ZERO,
+                });
+            }
+        }
+        trail.flush();
+        let seconds = started.elapsed().as_secs() + 1;
+        drop(trail);
+        writer.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["event"] == "network_connection")
+            .collect();
+        // Each second's budget, plus the flush's own budget and its summary line.
+        let most = (seconds + 1) * u64::from(EVENTS_PER_SECOND) + 2;
+        assert!(
+            lines.len() as u64 <= most,
+            "{} lines in {seconds} s",
+            lines.len()
+        );
+        let counted: u64 = lines.iter().map(|v| v["count"].as_u64().unwrap()).sum();
+        assert_eq!(counted, 2 * n, "every refusal is in some line's count");
     }
 }
