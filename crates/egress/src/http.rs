@@ -14,7 +14,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Buffer of each direction of a tunnel.
-const COPY_BUF: usize = 256 << 10;
+const COPY_BUF: usize = 64 << 10;
 
 /// A connection with no traffic either way for this long is closed.
 const IDLE: Duration = Duration::from_secs(300);
@@ -81,8 +81,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touch<S> {
 /// What a tunnel's first client bytes are.
 #[derive(Debug, PartialEq, Eq)]
 enum Hello {
-    /// Not TLS (a server-first protocol, SSH, plain HTTP): nothing to check.
+    /// Neither TLS nor HTTP (SSH, a server-first protocol): nothing to check.
     NotTls,
+    /// A plain HTTP request line: its `Host` header picks the site behind the address, and
+    /// later requests on the connection could pick others, so it must come as an
+    /// absolute-form request (checked), not through a tunnel.
+    Http,
     /// TLS, not all of the ClientHello yet.
     Incomplete,
     /// A ClientHello, with its server name if it has one.
@@ -91,12 +95,63 @@ enum Hello {
     Bad,
 }
 
+/// Whether `buf` (from the tunnel's first byte) starts with an HTTP request line
+/// (`METHOD target HTTP/x`); `None` while it cannot tell yet.
+fn http_request_line(buf: &[u8]) -> Option<bool> {
+    // Servers skip empty lines before a request, and some take methods in any case.
+    let start = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    if start == buf.len() {
+        return if buf.len() < MAX_HEAD {
+            None
+        } else {
+            Some(false)
+        };
+    }
+    let buf = &buf[start..];
+    let token = buf.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    match buf.get(token) {
+        None if token < 16 => return None,
+        Some(b' ') if (1..=16).contains(&token) => {}
+        _ => return Some(false),
+    }
+    match buf.iter().position(|b| *b == b'\n') {
+        Some(end) => {
+            let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+            Some(line.len() > 9 && line[line.len() - 9..].starts_with(b" HTTP/"))
+        }
+        None if buf.len() < MAX_HEAD => None,
+        None => Some(false),
+    }
+}
+
+/// Whether `buf` holds whole TLS records only (a ClientHello is worth parsing only then:
+/// re-parsing at every byte of a slow sender would cost quadratic time).
+fn whole_records(buf: &[u8]) -> bool {
+    let mut i = 0;
+    while i + 5 <= buf.len() {
+        i += 5 + usize::from(u16::from_be_bytes([buf[i + 3], buf[i + 4]]));
+    }
+    i == buf.len()
+}
+
 /// Inspects the start of a tunnel (`buf` from its first byte).
 fn inspect(buf: &[u8]) -> Hello {
     match buf.first() {
         None => return Hello::Incomplete,
         Some(0x16) => {}
-        Some(_) => return Hello::NotTls,
+        Some(_) => {
+            return match http_request_line(buf) {
+                None => Hello::Incomplete,
+                Some(true) => Hello::Http,
+                Some(false) => Hello::NotTls,
+            };
+        }
+    }
+    if !whole_records(buf) {
+        return Hello::Incomplete;
     }
     let mut acceptor = tokio_rustls::rustls::server::Acceptor::default();
     let mut rd: &[u8] = buf;
@@ -551,6 +606,13 @@ impl Proxy {
                 let (first, seen) = first_client_bytes(&mut cr, rest).await;
                 match seen {
                     Hello::NotTls => {}
+                    Hello::Http => {
+                        return Err(format!(
+                            "plain HTTP through a tunnel to {name} (its Host header is not \
+                             checked there): send it as an absolute-form request \
+                             (HTTP_PROXY), or use HTTPS"
+                        ));
+                    }
                     Hello::Name(Some(sni)) if sni.eq_ignore_ascii_case(name) => {}
                     Hello::Name(Some(sni)) => {
                         return Err(format!(
@@ -671,6 +733,40 @@ mod tests {
         );
         assert_eq!(split_authority("h:0", None), None);
         assert_eq!(split_authority(":80", None), None);
+    }
+
+    #[test]
+    fn http_inside_a_tunnel_is_recognised() {
+        assert_eq!(
+            http_request_line(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Some(true)
+        );
+        assert_eq!(http_request_line(b"\r\n\r\nget /x HTTP/1.0\n"), Some(true));
+        assert_eq!(
+            http_request_line(b"PRI * HTTP/2.0\r\n"),
+            Some(true),
+            "h2c preface"
+        );
+        assert_eq!(http_request_line(b"GE"), None);
+        assert_eq!(http_request_line(b"GET /long/path"), None);
+        assert_eq!(http_request_line(b"\r\n"), None);
+        assert_eq!(http_request_line(b"SSH-2.0-OpenSSH\r\n"), Some(false));
+        assert_eq!(
+            http_request_line(b"EHLO mail.example\r\n"),
+            Some(false),
+            "SMTP"
+        );
+        assert_eq!(http_request_line(b"\x00\x01"), Some(false));
+        assert_eq!(inspect(b"GET / HTTP/1.1\r\n"), Hello::Http);
+        assert_eq!(inspect(b"SSH-2.0-x\r\n"), Hello::NotTls);
+    }
+
+    #[test]
+    fn tls_records_are_parsed_only_when_whole() {
+        assert!(!whole_records(&[0x16, 3, 1, 0, 10, 1, 2]));
+        assert!(whole_records(&[0x16, 3, 1, 0, 2, 1, 2]));
+        assert!(!whole_records(&[0x16, 3, 1]));
+        assert_eq!(inspect(&[0x16, 3, 1, 0x40, 0]), Hello::Incomplete);
     }
 
     #[test]

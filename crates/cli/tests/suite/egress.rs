@@ -272,9 +272,18 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
         "python3 -c \"import urllib.request as u; print(u.urlopen('http://mirror.test:8000/ok.txt', timeout=10).read().decode().strip())\"",
     );
     assert_eq!((code, out.trim()), (0, "reached the mirror"), "{err}");
-    // CONNECT to the allowed host:port works too.
-    let (code, out, err) = run("curl -sS -p --max-time 10 http://mirror.test:8000/ok.txt");
-    assert_eq!((code, out.as_str()), (0, "reached the mirror\n"), "{err}");
+    // CONNECT to the allowed host:port carries any protocol but plain HTTP, whose Host
+    // header would pick another site behind the address unchecked: that must come as an
+    // absolute-form request.
+    let (code, out, err) = run(
+        "python3 -c \"import socket; s=socket.create_connection(('127.0.0.1', 3128)); \
+         s.sendall(b'CONNECT mirror.test:8000 HTTP/1.1\\r\\n\\r\\n'); \
+         print(s.recv(100).split(b' ')[1].decode()); s.sendall(b'SSH-2.0-test\\r\\n'); \
+         print(b'400' in s.recv(1000))\"",
+    );
+    assert_eq!((code, out.as_str()), (0, "200\nTrue\n"), "{err}");
+    let (code, _, err) = run("curl -sS -p --max-time 10 http://mirror.test:8000/ok.txt");
+    assert_ne!(code, 0, "plain HTTP went through a tunnel: {err}");
 
     // Refused at once, with the reason: another name (same address), the IP literal, the
     // metadata address, the host's loopback and the server's own API port.
@@ -353,10 +362,18 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
     }
 
     // SOCKS5 with the name resolved by the proxy: the allowed host, nothing else.
+    // (A non-HTTP payload: plain HTTP goes as an absolute-form request, as for CONNECT.)
     let (code, out, err) = run(
+        "python3 -c \"import socket; s=socket.create_connection(('127.0.0.1', 3128)); \
+         s.sendall(b'\\x05\\x01\\x00'); s.recv(2); n=b'mirror.test'; \
+         s.sendall(b'\\x05\\x01\\x00\\x03'+bytes([len(n)])+n+(8000).to_bytes(2,'big')); \
+         print(s.recv(10)[1]); s.sendall(b'SSH-2.0-test\\r\\n'); print(b'400' in s.recv(1000))\"",
+    );
+    assert_eq!((code, out.as_str()), (0, "0\nTrue\n"), "{err}");
+    let (code, _, err) = run(
         "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:3128 http://mirror.test:8000/ok.txt",
     );
-    assert_eq!((code, out.as_str()), (0, "reached the mirror\n"), "{err}");
+    assert_ne!(code, 0, "plain HTTP went through a SOCKS tunnel: {err}");
     let (code, _, err) = run(
         "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:3128 http://other.test:8000/ok.txt",
     );
@@ -463,6 +480,14 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
             && e["detail"]
                 .as_str()
                 .is_some_and(|d| d.contains("TLS server name"))),
+        "{net:?}"
+    );
+    assert!(
+        net.iter().any(|e| e["host"] == "mirror.test"
+            && e["decision"] == "refused"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("plain HTTP through a tunnel"))),
         "{net:?}"
     );
     drop(host);
