@@ -135,10 +135,10 @@ impl TrailState {
             .map(|(k, _)| k.clone())
             .collect();
         for k in stale {
-            if let Some(f) = self.recent.remove(&k) {
-                if f.count > 0 {
-                    self.budget(now, refusal(k, f), out);
-                }
+            if let Some(f) = self.recent.remove(&k)
+                && f.count > 0
+            {
+                self.budget(now, refusal(k, f), out);
             }
         }
     }
