@@ -599,7 +599,9 @@ fn serve_egress(
     let netns = runtime
         .network_namespace(id)
         .context("cannot find the sandbox's network namespace for --egress")?;
-    // The user is the operator here: an address block they allow may be private.
+    // The user is the operator here: an address block they allow inside private space (a
+    // database on the LAN) is reachable; loopback, link-local, metadata and the host's own
+    // addresses never are implicitly, and a wide block (`0.0.0.0/0`) exempts nothing.
     let private_allow = policy
         .entries()
         .iter()
@@ -607,9 +609,27 @@ fn serve_egress(
             agentfense_core::egress::Target::Block(b) => Some(b),
             _ => None,
         })
+        .filter(|b| {
+            use agentfense_egress::AddressClass::{Private, Shared};
+            let (first, last) = b.bounds();
+            let private = |ip| matches!(agentfense_egress::classify(ip), Some(Private | Shared));
+            let metadata = [
+                "169.254.169.254",
+                "100.100.100.200",
+                "168.63.129.16",
+                "fd00:ec2::254",
+            ];
+            private(first)
+                && private(last)
+                && !metadata
+                    .iter()
+                    .filter_map(|m| m.parse().ok())
+                    .any(|m| b.contains(m))
+        })
         .collect();
     let cfg = agentfense_egress::EgressConfig {
         private_allow,
+        upstream: agentfense_egress::Upstream::system(),
         ..Default::default()
     };
     // Each refused destination once, and not without bound (random names).

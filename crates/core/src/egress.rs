@@ -117,6 +117,21 @@ impl Cidr {
     pub fn covers(&self, other: &Cidr) -> bool {
         other.prefix >= self.prefix && self.contains(other.addr)
     }
+
+    /// The first and the last address of the block.
+    pub fn bounds(&self) -> (IpAddr, IpAddr) {
+        let last = match self.addr {
+            IpAddr::V4(a) => {
+                let host = u32::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) | host).into())
+            }
+            IpAddr::V6(a) => {
+                let host = u128::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) | host).into())
+            }
+        };
+        (self.addr, last)
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -462,6 +477,20 @@ mod tests {
         EgressPolicy::parse(s, &BTreeMap::new())
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn block_bounds() {
+        let b = |s: &str, p| Cidr::new(s.parse().unwrap(), p).unwrap().bounds();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(b("10.1.2.3", 8), (ip("10.0.0.0"), ip("10.255.255.255")));
+        assert_eq!(b("0.0.0.0", 0), (ip("0.0.0.0"), ip("255.255.255.255")));
+        assert_eq!(b("192.168.1.7", 32), (ip("192.168.1.7"), ip("192.168.1.7")));
+        assert_eq!(
+            b("fd00::1", 8),
+            (ip("fd00::"), ip("fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"))
+        );
+        assert_eq!(b("::", 0).1, ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"));
     }
 
     #[test]

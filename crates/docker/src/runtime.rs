@@ -78,6 +78,35 @@ pub(crate) struct Container {
     netns: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
+/// The network namespace of process `pid` if it is in container `id`.
+fn container_netns(pid: u32, id: &str) -> Option<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = rustix::fs::open(
+        format!("/proc/{pid}"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let cgroup = rustix::fs::openat(
+        &dir,
+        "cgroup",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let text = std::io::read_to_string(std::fs::File::from(cgroup)).ok()?;
+    if id.is_empty() || !text.lines().any(|l| l.contains(id)) {
+        return None;
+    }
+    rustix::fs::openat(
+        &dir,
+        "ns/net",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+}
+
 impl Container {
     /// Compares the cgroup counters with the last seen values; reports and returns increases.
     pub(crate) fn check_limits(&self, command: &str, session_id: Option<&str>) -> Vec<LimitKind> {
@@ -477,19 +506,13 @@ impl DockerRuntime {
         .ok()
         .map(Arc::new);
         // Opened through the container's first process, checked to be this container's (a
-        // pid is only a number: the daemon may be remote, or the process gone and reused).
-        let netns = (spec::network_mode(&self.cfg, spec.network) == "none"
-            && crate::kill::in_container(pid, &id))
-        .then(|| {
-            rustix::fs::open(
-                format!("/proc/{pid}/ns/net"),
-                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .ok()
-        })
-        .flatten()
-        .map(Arc::new);
+        // pid is only a number: the daemon may be remote, or the process gone and the number
+        // reused). Both reads go through one handle on that process's /proc directory, which
+        // stays that process's whatever happens to the number.
+        let netns = (spec::network_mode(&self.cfg, spec.network) == "none")
+            .then(|| container_netns(pid, &id))
+            .flatten()
+            .map(Arc::new);
         Ok(Container {
             sandbox_id: sandbox_id.to_owned(),
             id,

@@ -88,9 +88,16 @@ pub struct Proxy {
     /// This sandbox's lookups in progress: one sandbox cannot take every slot of the
     /// server-wide limit (slow names would stall everyone's resolution).
     lookups: tokio::sync::Semaphore,
+    /// Lookups started in the current second (start, count): at most
+    /// [`LOOKUPS_PER_SECOND`], so that random names under an allowed wildcard cannot load
+    /// the upstream resolver on the whole server's behalf.
+    lookup_rate: std::sync::Mutex<(std::time::Instant, u32)>,
 }
 
-/// DNS lookups one sandbox may have in progress at once (all sandboxes together: 32).
+/// DNS lookups one sandbox may start per second (cached answers included).
+pub const LOOKUPS_PER_SECOND: u32 = 100;
+
+/// DNS lookups one sandbox may have in progress at once (all sandboxes together: 128).
 pub const LOOKUPS_PER_SANDBOX: usize = 8;
 
 /// Connections one sandbox's proxy serves at once.
@@ -121,6 +128,7 @@ impl Proxy {
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             closed: std::sync::atomic::AtomicBool::new(false),
             lookups: tokio::sync::Semaphore::new(LOOKUPS_PER_SANDBOX),
+            lookup_rate: std::sync::Mutex::new((std::time::Instant::now(), 0)),
         })
     }
 

@@ -15,13 +15,16 @@ use hickory_resolver::proto::xfer::Protocol;
 
 use crate::Proxy;
 
-/// DNS lookups in progress at once, all sandboxes together.
-static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+/// DNS lookups in progress at once, all sandboxes together (asynchronous: a slow one holds
+/// a slot, no thread).
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(128);
 /// Longest a lookup may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where names are resolved: the system's resolver (`getaddrinfo`, with its hosts file and
-/// `resolv.conf`), or these DNS servers. Cheap to clone; one is shared by every sandbox.
+/// Where names are resolved: the system's configuration (`/etc/resolv.conf`, `/etc/hosts`)
+/// or these DNS servers, by an asynchronous resolver with a cache (positive and negative
+/// answers, for their TTLs). `Default` falls back to `getaddrinfo` (a blocking thread per
+/// lookup) and is what a system without a readable `resolv.conf` gets.
 #[derive(Clone, Default)]
 pub struct Upstream(Option<Arc<hickory_resolver::TokioResolver>>);
 
@@ -36,9 +39,21 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// The system's resolver.
+    /// The system's resolver configuration.
     pub fn system() -> Upstream {
-        Upstream(None)
+        match hickory_resolver::Resolver::builder_tokio() {
+            Ok(mut b) => {
+                let o = b.options_mut();
+                o.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+                o.cache_size = 1024;
+                o.timeout = o.timeout.min(Duration::from_secs(4));
+                Upstream(Some(Arc::new(b.build())))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the system's resolver configuration; egress names resolve with getaddrinfo");
+                Upstream(None)
+            }
+        }
     }
 
     /// These DNS servers (UDP, then TCP for truncated answers), nothing else: no hosts file,
@@ -108,6 +123,19 @@ impl Proxy {
         match self.cfg.hosts.get(name) {
             Some(ips) => Ok(ips.clone()),
             None => {
+                {
+                    let mut r = self.lookup_rate.lock().unwrap_or_else(|p| p.into_inner());
+                    if r.0.elapsed() >= Duration::from_secs(1) {
+                        *r = (std::time::Instant::now(), 0);
+                    }
+                    r.1 += 1;
+                    if r.1 > crate::LOOKUPS_PER_SECOND {
+                        return Err(format!(
+                            "more than {} DNS lookups a second in this sandbox",
+                            crate::LOOKUPS_PER_SECOND
+                        ));
+                    }
+                }
                 let Ok(_mine) = self.lookups.acquire().await else {
                     return Err("resolver unavailable".into());
                 };

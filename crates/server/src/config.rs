@@ -530,6 +530,14 @@ impl Config {
                 ));
             }
         }
+        for name in self.network.hosts.keys() {
+            if agentfense_core::egress::normalize_name(name).is_none() {
+                return Err(invalid(
+                    "network.hosts",
+                    format!("{name:?} is not a host name"),
+                ));
+            }
+        }
         self.network
             .upstream_dns_addrs()
             .map_err(|e| invalid("network.upstream_dns", e))?;

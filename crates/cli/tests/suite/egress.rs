@@ -541,6 +541,16 @@ fn a_local_run_reaches_only_its_egress_entries() {
         err.contains(&format!("egress refused http {}:8001", host.addr)),
         "{err}"
     );
+    // A wide block is no blanket exemption: the private test host stays refused under
+    // 0.0.0.0/0, as do loopback and metadata addresses.
+    let (code, out, err) = run(
+        &["0.0.0.0/0:8000"],
+        &format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' --max-time 10 http://{}:8000/ok.txt",
+            host.addr
+        ),
+    );
+    assert_eq!((code, out.trim()), (0, "403"), "{err}");
     // Without --egress: no network at all.
     let (code, _, _) = run(
         &[],

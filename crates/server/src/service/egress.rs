@@ -309,7 +309,13 @@ impl Service {
             .map_err(|e| ServiceError::internal("network.upstream_dns", e))?;
         Ok(EgressConfig {
             private_allow,
-            hosts: net.hosts.clone(),
+            // Keys as the proxy looks names up (lower case, no trailing dot); invalid keys
+            // were refused with the configuration.
+            hosts: net
+                .hosts
+                .iter()
+                .filter_map(|(k, v)| Some((agentfense_core::egress::normalize_name(k)?, v.clone())))
+                .collect(),
             refused,
             connect_timeout: std::time::Duration::from_secs(10),
             // One resolver per sandbox: no sandbox learns from another's cache.
