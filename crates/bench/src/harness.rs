@@ -52,6 +52,9 @@ const NOTES: &str = r#"
   the relocated read-only data of the `agentfense` executable it runs as), ~0.2 MiB for bwrap
   and ~0.3 MiB in the server (FUSE threads, whose 16 MiB request buffers stay unpopulated but
   for a few pages, and the mount's own state).
+* **After a pause**: the row "after 65 s idle" sleeps before each pair (longer than the 60 s
+  kernel cache lifetime mounts had before `sandbox.cache_ttl`, default 1 h; changes made
+  through the server are invalidated explicitly, so the caches need not expire).
 * **Egress proxy**: a download from a host behind a 1 Gbit/s link (a network namespace whose
   veth is shaped with `tc tbf`) runs at the link's speed through the proxy, as directly. From
   loopback there is no link to wait for and the proxy is a second TCP hop on the same CPUs
@@ -73,6 +76,8 @@ struct Scale {
     density: usize,
     concurrency: usize,
     exec_per_task: usize,
+    /// Idle time before each run of the "after a pause" rows (0: not run).
+    pause: std::time::Duration,
 }
 
 const QUICK: Scale = Scale {
@@ -86,6 +91,7 @@ const QUICK: Scale = Scale {
     density: 10,
     concurrency: 20,
     exec_per_task: 5,
+    pause: std::time::Duration::ZERO,
 };
 
 const FULL: Scale = Scale {
@@ -99,11 +105,14 @@ const FULL: Scale = Scale {
     density: 50,
     concurrency: 100,
     exec_per_task: 20,
+    // Longer than the kernel cache lifetime of the mounts before `sandbox.cache_ttl` (60 s).
+    pause: std::time::Duration::from_secs(65),
 };
 
 /// The case names `--only` accepts.
-pub const CASES: [&str; 9] = [
+pub const CASES: [&str; 10] = [
     "fs",
+    "pause",
     "sdk",
     "exec",
     "session",

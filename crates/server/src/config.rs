@@ -309,6 +309,13 @@ pub struct SandboxConfig {
     /// How often expired sandboxes are destroyed.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
+    /// How long the kernel may keep a sandbox's names and attributes without asking its
+    /// filesystem again (default 1 h). Every change the server makes (this sandbox's writes,
+    /// another's publish, an upload, a rules change) is invalidated at once whatever this
+    /// is; only a change made to `<data_dir>/codebases` behind the server's back waits for
+    /// it. A longer value means no slow first pass after an agent's pause.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for SandboxConfig {
@@ -317,6 +324,7 @@ impl Default for SandboxConfig {
             default_expiration: Duration::from_secs(24 * 3600),
             max_per_user: 10,
             cleanup_interval: Duration::from_secs(300),
+            cache_ttl: Duration::from_secs(3600),
         }
     }
 }

@@ -10,7 +10,7 @@ pub(super) async fn cases(
 ) -> anyhow::Result<Vec<Row>> {
     let mut api = Api::connect(&server.grpc).await?;
     let mut rows = Vec::new();
-    if only.has("fs") || only.has("exec") || only.has("session") {
+    if only.has("fs") || only.has("pause") || only.has("exec") || only.has("session") {
         running_cases(scale, only, &mut api, server, &mut rows).await?;
     }
     if only.has("sdk")
@@ -62,6 +62,9 @@ pub(super) struct FsCase<'a> {
     /// Run before each timed run on both sides, not timed (shell variables it sets are seen
     /// by `cmd`).
     pub(super) setup: String,
+    /// Idle time before each timed pair (what an agent thinking between commands does to
+    /// the caches), and how many pairs then (each costs the pause).
+    pub(super) pause: Option<(std::time::Duration, usize)>,
 }
 
 impl<'a> FsCase<'a> {
@@ -82,6 +85,7 @@ impl<'a> FsCase<'a> {
             max_ratio,
             target,
             setup: ":".to_owned(),
+            pause: None,
         }
     }
 }
@@ -128,7 +132,8 @@ pub(super) async fn running_cases(
     // Filesystem cases: one codebase with generated data, one full-access sandbox.
     let cb = api.codebase("bench-fs").await?;
     let dir = server.data.join("codebases").join(&cb);
-    if only.has("fs") {
+    let fs_data = only.has("fs") || only.has("pause");
+    if fs_data {
         eprintln!("generating data ...");
         gen_big(&dir.join("big.bin"), scale.big_mib)?;
         gen_tree(&dir.join("meta"), scale.meta_files, |i| format!("{i}\n"))?;
@@ -157,7 +162,7 @@ pub(super) async fn running_cases(
     api.start(&sb_write).await?;
     // The same rules in the other I/O mode, for its trade-off: native reads of large files
     // against a round trip per open.
-    let sb_passthrough = if only.has("fs") {
+    let sb_passthrough = if fs_data {
         let id = api
             .sandbox_with(&cb, &read_rules, &[(LABEL_IO, "passthrough")])
             .await?;
@@ -225,6 +230,20 @@ pub(super) async fn running_cases(
                     Some(1.5),
                     "<= 1.5x native",
                 ),
+                FsCase {
+                    pause: Some((scale.pause, 3)),
+                    ..FsCase::new(
+                        format!(
+                            "find + stat ({} files) after {} s idle, read rule",
+                            scale.meta_files,
+                            scale.pause.as_secs()
+                        ),
+                        "find meta -type f -printf '%s\\n' | wc -l > /dev/null",
+                        &sb,
+                        Some(1.2),
+                        "<= 1.2x native",
+                    )
+                },
                 FsCase::new(
                     format!("grep -r ({} files), read rule", scale.src_files),
                     grep,
@@ -296,8 +315,16 @@ pub(super) async fn running_cases(
         max_ratio,
         target,
         setup,
+        pause,
     } in fs_cases
     {
+        if pause.is_some_and(|(p, _)| p.is_zero()) {
+            // --quick: no time for pauses.
+            continue;
+        }
+        if !only.has(if pause.is_some() { "pause" } else { "fs" }) {
+            continue;
+        }
         let native_dir = native_dir.unwrap_or(&dir);
         eprintln!("case: {label}");
         // Warm both caches first.
@@ -319,7 +346,11 @@ pub(super) async fn running_cases(
                 .parse()?;
             Ok(ns / 1e9)
         };
-        for _ in 0..scale.fs_iters {
+        for _ in 0..pause.map_or(scale.fs_iters, |(_, n)| n) {
+            if let Some((idle, _)) = pause {
+                // The scenario itself (an agent thinking), not a synchronisation.
+                tokio::time::sleep(idle).await;
+            }
             base.push(parse(&native_out(&timed, native_dir)?)?);
             let r = api.exec(sandbox, &timed).await?;
             ours.push(parse(&r.stdout)?);

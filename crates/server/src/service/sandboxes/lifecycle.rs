@@ -311,6 +311,10 @@ impl Service {
         }
         let mut cfg = FsConfig::new(rec.id.to_string(), lower, delta, mountpoint, policy);
         cfg.mounts = self.engine.mounts.clone();
+        // The server sees (and invalidates) every change it makes: the kernel may keep what
+        // it learned across an agent's pauses.
+        cfg.entry_ttl = self.settings.config.sandbox.cache_ttl;
+        cfg.attr_ttl = self.settings.config.sandbox.cache_ttl;
         // Files appear owned by the sandbox user, so that tools like git do not refuse a
         // repository owned by someone else. Access is decided by the rules, not by owners.
         cfg.owner = Some(runtime.sandbox_owner(&sid).unwrap_or(SANDBOX_OWNER));
