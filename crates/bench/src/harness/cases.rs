@@ -145,6 +145,22 @@ pub(super) async fn running_cases(
         gen_tree(&dir.join("src"), scale.src_files, source)?;
         let repo = dir.join("repo");
         gen_tree(&repo, scale.repo_files, source)?;
+        // Files older than the index: neither side sees them racily clean (git would re-hash
+        // every file it cannot tell apart from the index's own second, on every status).
+        let aged = Command::new("find")
+            .arg(&repo)
+            .args([
+                "-type",
+                "f",
+                "-exec",
+                "touch",
+                "-d",
+                "1 hour ago",
+                "{}",
+                "+",
+            ])
+            .status()?;
+        anyhow::ensure!(aged.success(), "aging the git fixture failed");
         git(&repo, &["init", "-q"])?;
         git(&repo, &["add", "-A"])?;
         git(&repo, &["commit", "-q", "-m", "bench"])?;
