@@ -625,6 +625,7 @@ pub(crate) fn sandbox(
                 if json {
                     let v = serde_json::json!({
                         "written": r.written, "deleted": r.deleted, "conflicts": r.conflicts,
+                        "failed": r.failed,
                     });
                     writeln!(out, "{v}")?;
                 } else {
@@ -636,6 +637,9 @@ pub(crate) fn sandbox(
                     }
                     for p in &r.conflicts {
                         writeln!(out, "conflict {p} (changed in the codebase meanwhile)")?;
+                    }
+                    for p in &r.failed {
+                        writeln!(out, "failed   {p} (still pending in the sandbox)")?;
                     }
                 }
             }

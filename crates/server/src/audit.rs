@@ -204,6 +204,14 @@ pub enum AuditEvent {
         /// How long it lasted, ms.
         duration_ms: u64,
     },
+    /// Writing a command's changes into the codebase (automatic publish) failed: they stay
+    /// in the sandbox, and the command's caller got an error saying so.
+    PublishFailed {
+        /// The sandbox.
+        sandbox_id: String,
+        /// What failed.
+        error: String,
+    },
     /// A sandbox's egress policy was replaced.
     EgressChanged {
         /// The sandbox.

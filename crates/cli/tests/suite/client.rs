@@ -150,3 +150,74 @@ fn a_request_longer_than_the_request_timeout_is_cut() {
         "{out}"
     );
 }
+
+/// A command's changes that cannot be written into the codebase (automatic publish) make the
+/// exec fail, saying so, and are audited; they stay in the sandbox and are written by the next
+/// publish that can. (Before, the exec returned OK and the user believed they were in.)
+#[test]
+fn a_failed_publish_is_reported_not_swallowed() {
+    let test = "a_failed_publish_is_reported_not_swallowed";
+    if !privileged(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::start(&data);
+    let (code, cb, err) = cli(&server, &["codebase", "create", "pub"]);
+    assert_eq!(code, 0, "{err}");
+    let cb = cb.trim().to_owned();
+    let (code, sb, err) = cli(
+        &server,
+        &[
+            "sandbox",
+            "create",
+            &cb,
+            "--start",
+            "--preset",
+            "full-access",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let sb = sb.trim().to_owned();
+    // An immutable codebase directory: even root cannot create files in it.
+    let dir = data.join("codebases").join(&cb);
+    let immutable = Command::new("chattr").arg("+i").arg(&dir).status();
+    if !agentfense_testsupport::require(
+        test,
+        (!immutable.is_ok_and(|s| s.success())).then(|| {
+            format!(
+                "chattr +i on {} (a filesystem with attributes)",
+                dir.display()
+            )
+        }),
+    ) {
+        return;
+    }
+    let (code, _, err) = cli(&server, &["exec", &sb, "--", "echo x > new.txt"]);
+    let _ = Command::new("chattr").arg("-i").arg(&dir).status();
+    assert_ne!(code, 0, "the exec claimed success: {err}");
+    assert!(
+        err.contains("writing its changes to the codebase failed") && err.contains("exit code 0"),
+        "{err}"
+    );
+    assert!(!dir.join("new.txt").exists());
+    // The change is still in the sandbox, and the next command's publish writes it.
+    let (code, out, err) = cli(
+        &server,
+        &["exec", &sb, "--", "cat new.txt; echo y > other.txt"],
+    );
+    assert_eq!((code, out.as_str()), (0, "x\n"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("new.txt")).unwrap(), "x\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("other.txt")).unwrap(),
+        "y\n"
+    );
+    server.stop();
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"publish_failed\"") && l.contains(&sb)),
+        "{audit}"
+    );
+}

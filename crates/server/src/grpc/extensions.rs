@@ -35,6 +35,11 @@ impl Extensions for ExtensionsApi {
                     .map(|c| c.path.clone())
                     .collect::<Vec<_>>(),
             ),
+            failed: report
+                .failed
+                .iter()
+                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .collect(),
         }))
     }
 

@@ -257,6 +257,11 @@ fn sandbox_routes() -> Router<RestState> {
                         "written": paths(&report.written),
                         "deleted": paths(&report.deleted),
                         "conflicts": conflicts,
+                        "failed": report
+                            .failed
+                            .iter()
+                            .map(|(p, why)| format!("{}: {why}", p.display()))
+                            .collect::<Vec<_>>(),
                     }))
                     .into_response(),
                 )

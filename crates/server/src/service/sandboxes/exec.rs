@@ -61,15 +61,60 @@ impl Service {
     /// After a command: publishes what it changed (automatic mode), on a blocking thread.
     /// Most commands change nothing, and manual-publish sandboxes publish only on request:
     /// both skip the thread hop (a measurable share of a ~2 ms exec round trip).
-    pub(super) async fn after_command(self: &Arc<Self>, live: &Arc<Live>) {
+    ///
+    /// A publish that fails is audited (`publish_failed`) and returned: the caller must not
+    /// believe the command's changes reached the codebase (they stay in the sandbox's delta,
+    /// and its view is unchanged). `exit_code` is the command's, for the message.
+    pub(super) async fn after_command(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        actor: &Actor,
+        exit_code: Option<i32>,
+    ) -> Result<(), ServiceError> {
         if live.mount.publish_mode() == PublishMode::Explicit || live.mount.surely_clean() {
-            return;
+            return Ok(());
         }
-        let (this, live) = (self.clone(), live.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            this.publish_counted(live.id.as_str(), &live.codebase_id, &live, false)
+        let (this, l) = (self.clone(), live.clone());
+        let failed = match tokio::task::spawn_blocking(move || {
+            this.publish_counted(l.id.as_str(), &l.codebase_id, &l, false)
         })
-        .await;
+        .await
+        {
+            Ok(Ok(Some(report))) if !report.failed.is_empty() => {
+                // Some paths could not be written: as much a failure for the caller.
+                let n = report.failed.len();
+                let (path, why) = &report.failed[0];
+                ServiceError::internal(
+                    "publishing",
+                    format!(
+                        "{n} path(s) could not be written, the first {}: {why}",
+                        path.display()
+                    ),
+                )
+            }
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(e) => ServiceError::internal("publishing", e),
+        };
+        self.audit.record_as(
+            actor.clone(),
+            AuditEvent::PublishFailed {
+                sandbox_id: live.id.to_string(),
+                error: crate::error::chain(&failed),
+            },
+        );
+        let ran = match exit_code {
+            Some(code) => format!("the command ran (exit code {code})"),
+            None => "the command ended".to_owned(),
+        };
+        Err(ServiceError::internal(
+            format!(
+                "publishing: {ran} but writing its changes to the codebase failed; they stay \
+                 in sandbox {} only",
+                live.id
+            ),
+            failed,
+        ))
     }
 
     /// Publishes (`explicit`: whatever the mode; else only in automatic mode) and adjusts the
@@ -168,7 +213,9 @@ impl Service {
         let timeout = req.timeout.unwrap_or_default();
         let started = std::time::Instant::now();
         let res = live.runtime.exec(id.as_str(), req).await;
-        self.after_command(&live).await;
+        let published = self
+            .after_command(&live, &actor, res.as_ref().ok().map(|r| r.exit_code))
+            .await;
         match res {
             Ok(r) => {
                 self.audit_command(
@@ -178,6 +225,7 @@ impl Service {
                     &command,
                     (r.exit_code, r.duration, false),
                 );
+                published?;
                 Ok(ExecOutcome {
                     stdout: r.stdout,
                     stderr: r.stderr,
@@ -238,6 +286,7 @@ impl Service {
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let mut outcome: Option<(i32, Duration, bool)> = None;
+            let mut published = false;
             while let Some(ev) = stream.next().await {
                 let item = match ev {
                     Ok(ExecEvent::Stdout(s)) => StreamItem::Stdout(s),
@@ -247,9 +296,14 @@ impl Service {
                         duration,
                     }) => {
                         outcome = Some((exit_code, duration, false));
-                        StreamItem::Exit {
-                            exit_code,
-                            duration,
+                        // Published before the end is said, so that a failure can be.
+                        published = true;
+                        match this.after_command(&live, &actor, Some(exit_code)).await {
+                            Ok(()) => StreamItem::Exit {
+                                exit_code,
+                                duration,
+                            },
+                            Err(e) => StreamItem::Error(e),
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
@@ -276,7 +330,10 @@ impl Service {
                 }
             }
             drop(stream);
-            this.after_command(&live).await;
+            if !published {
+                // A timeout or a client gone: the failure, if any, is audited.
+                let _ = this.after_command(&live, &actor, None).await;
+            }
             if let Some((code, d, timed_out)) = outcome {
                 let sess = session.as_ref();
                 this.audit_command(&actor, &live.id, sess, &command, (code, d, timed_out));

@@ -131,7 +131,9 @@ impl Service {
             .runtime
             .session_exec(live.id.as_str(), sid.as_str(), &command, Some(timeout))
             .await;
-        self.after_command(&live).await;
+        let published = self
+            .after_command(&live, &actor, res.as_ref().ok().map(|r| r.exit_code))
+            .await;
         match res {
             Ok(r) => {
                 self.audit_command(
@@ -141,6 +143,7 @@ impl Service {
                     &command,
                     (r.exit_code, r.duration, false),
                 );
+                published?;
                 Ok(ExecOutcome {
                     stdout: r.stdout,
                     stderr: r.stderr,
