@@ -348,30 +348,32 @@ fn runs_on_one_directory_at_the_same_time_are_independent() {
         .args([
             dir,
             "--",
-            "until [ -e go ]; do sleep 0.05; done; echo first > output/first.txt; echo first",
+            ": > output/first-started; until [ -e go ]; do sleep 0.05; done; \
+             echo first > output/first.txt; echo first",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // It holds slot 1 once its lock is taken.
-    let lock = loop {
-        if let Some(p) = std::fs::read_dir(data.path().join("local"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .map(|e| e.unwrap().path().join("lock"))
-            && let Ok(f) = std::fs::File::open(&p)
-            && matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
-        {
-            break p;
-        }
+    // It holds a slot once its command runs: the file that command writes first shows up in
+    // the slot's delta. (Probing the slot's lock instead took a shared lock that could make
+    // the first run's own claim fail and move it to slot 2.)
+    fn find(dir: &std::path::Path, name: &str) -> bool {
+        std::fs::read_dir(dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name() == name
+                    || (e.file_type().is_ok_and(|t| t.is_dir()) && find(&e.path(), name))
+            })
+        })
+    }
+    while !find(&data.path().join("local"), "first-started") {
         if let Some(status) = first.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut err).unwrap();
             panic!("the first run ended before the second started: {status}: {err}");
         }
         std::thread::yield_now();
-    };
+    }
     let (code, out, err) = run(
         data.path(),
         &[dir, "--", "echo second > output/second.txt; echo second"],
@@ -393,7 +395,7 @@ fn runs_on_one_directory_at_the_same_time_are_independent() {
         out.contains("first.txt") && !out.contains("second.txt"),
         "{out}"
     );
-    assert!(lock.exists());
+    assert!(find(&data.path().join("local"), "lock"));
 }
 
 /// Issue 16, finding 3: the project moved to `/workspace`, so a venv made on the host (its
