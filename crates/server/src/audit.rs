@@ -367,16 +367,7 @@ impl Audit {
     /// full it is counted and reported like any loss, and the server's own events are
     /// never pushed out.
     pub fn record_bulk(&self, actor: Actor, event: AuditEvent) {
-        let Some(tx) = &self.bulk_tx else { return };
-        match tx.try_send((SystemTime::now(), actor, event)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::warn!("audit writer has stopped; event lost");
-            }
-        }
+        self.try_record(self.bulk_tx.as_ref(), actor, event);
     }
 
     /// Records `event` without ever blocking: if the queue is full it is counted, and an
@@ -387,7 +378,12 @@ impl Audit {
 
     /// [`Audit::record`] with the actor that caused the event.
     pub fn record_as(&self, actor: Actor, event: AuditEvent) {
-        let Some(tx) = &self.tx else { return };
+        self.try_record(self.tx.as_ref(), actor, event);
+    }
+
+    /// Queues on `tx` without blocking; a full queue counts the event as dropped.
+    fn try_record(&self, tx: Option<&Sender<Queued>>, actor: Actor, event: AuditEvent) {
+        let Some(tx) = tx else { return };
         match tx.try_send((SystemTime::now(), actor, event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {

@@ -458,38 +458,27 @@ fn a_sandbox_reaches_its_allow_list_and_nothing_else() {
             && e["bytes_down"].as_u64() > Some(0)),
         "{net:?}"
     );
-    assert!(
-        net.iter()
-            .any(|e| e["host"] == "other.test" && e["decision"] == "refused"),
-        "{net:?}"
-    );
-    assert!(
-        net.iter().any(|e| e["host"] == "c2VjcmV0.exfil.test"
-            && e["protocol"] == "dns"
-            && e["decision"] == "refused"),
-        "{net:?}"
-    );
-    assert!(
-        net.iter()
-            .any(|e| e["protocol"] == "socks5" && e["host"] == "other.test"),
-        "{net:?}"
-    );
-    assert!(
-        net.iter().any(|e| e["host"] == "mirror.test"
-            && e["decision"] == "refused"
-            && e["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains("TLS server name"))),
-        "{net:?}"
-    );
-    assert!(
-        net.iter().any(|e| e["host"] == "mirror.test"
-            && e["decision"] == "refused"
-            && e["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains("plain HTTP through a tunnel"))),
-        "{net:?}"
-    );
+    // Refusals of `host` (over `protocol`, whose reason contains `why`, when given).
+    let refused = |host: &str, protocol: Option<&str>, why: &str| {
+        net.iter().any(|e| {
+            e["host"] == host
+                && e["decision"] == "refused"
+                && protocol.is_none_or(|p| e["protocol"] == p)
+                && e["detail"].as_str().is_some_and(|d| d.contains(why))
+        })
+    };
+    for (host, protocol, why) in [
+        ("other.test", None, ""),
+        ("c2VjcmV0.exfil.test", Some("dns"), ""),
+        ("other.test", Some("socks5"), ""),
+        ("mirror.test", None, "TLS server name"),
+        ("mirror.test", None, "plain HTTP through a tunnel"),
+    ] {
+        assert!(
+            refused(host, protocol, why),
+            "{host} {protocol:?} {why:?}: {net:?}"
+        );
+    }
     drop(host);
 }
 
