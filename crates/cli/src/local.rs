@@ -609,23 +609,7 @@ fn serve_egress(
             agentfense_core::egress::Target::Block(b) => Some(b),
             _ => None,
         })
-        .filter(|b| {
-            use agentfense_egress::AddressClass::{Private, Shared};
-            let (first, last) = b.bounds();
-            let private = |ip| matches!(agentfense_egress::classify(ip), Some(Private | Shared));
-            let metadata = [
-                "169.254.169.254",
-                "100.100.100.200",
-                "168.63.129.16",
-                "fd00:ec2::254",
-            ];
-            private(first)
-                && private(last)
-                && !metadata
-                    .iter()
-                    .filter_map(|m| m.parse().ok())
-                    .any(|m| b.contains(m))
-        })
+        .filter(agentfense_egress::wholly_private)
         .collect();
     let cfg = agentfense_egress::EgressConfig {
         private_allow,

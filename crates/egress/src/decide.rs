@@ -50,81 +50,88 @@ pub fn classify(ip: IpAddr) -> Option<AddressClass> {
     }
 }
 
+/// Cloud metadata services: AWS/GCP/Azure IMDS (and AWS's IPv6 one), Alibaba's, Azure's
+/// WireServer.
+pub const METADATA: [IpAddr; 4] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
+
+/// Whether every address of `block` is private or shared (a LAN, a VPC), and none of them a
+/// metadata service: what a user who names the block may reach without `private_allow`.
+pub fn wholly_private(block: &agentfense_core::egress::Cidr) -> bool {
+    let private = |ip| {
+        matches!(
+            classify(ip),
+            Some(AddressClass::Private | AddressClass::Shared)
+        )
+    };
+    let (first, last) = block.bounds();
+    private(first) && private(last) && !METADATA.iter().any(|m| block.contains(*m))
+}
+
 fn classify_v4(ip: Ipv4Addr) -> Option<AddressClass> {
     let [a, b, c, _] = ip.octets();
-    Some(
-        // AWS/GCP/Azure IMDS, Alibaba's, Azure's WireServer.
-        if [
-            Ipv4Addr::new(169, 254, 169, 254),
-            Ipv4Addr::new(100, 100, 100, 200),
-            Ipv4Addr::new(168, 63, 129, 16),
-        ]
-        .contains(&ip)
-        {
-            AddressClass::Metadata
-        } else if ip.is_loopback() {
-            AddressClass::Loopback
-        } else if ip.is_private() {
-            AddressClass::Private
-        } else if ip.is_link_local() {
-            AddressClass::LinkLocal
-        } else if ip.is_multicast() || ip.is_broadcast() {
-            AddressClass::Multicast
-        } else if a == 0 {
-            AddressClass::Unspecified
-        } else if a == 100 && (64..128).contains(&b) {
-            AddressClass::Shared
-        } else if (a == 192 && b == 0 && c == 0)
-            || (a == 198 && (b == 18 || b == 19))
-            || a >= 240
-            || ip.is_documentation()
-        {
-            AddressClass::Reserved
-        } else {
-            return None;
-        },
-    )
+    Some(if METADATA.contains(&IpAddr::V4(ip)) {
+        AddressClass::Metadata
+    } else if ip.is_loopback() {
+        AddressClass::Loopback
+    } else if ip.is_private() {
+        AddressClass::Private
+    } else if ip.is_link_local() {
+        AddressClass::LinkLocal
+    } else if ip.is_multicast() || ip.is_broadcast() {
+        AddressClass::Multicast
+    } else if a == 0 {
+        AddressClass::Unspecified
+    } else if a == 100 && (64..128).contains(&b) {
+        AddressClass::Shared
+    } else if (a == 192 && b == 0 && c == 0)
+        || (a == 198 && (b == 18 || b == 19))
+        || a >= 240
+        || ip.is_documentation()
+    {
+        AddressClass::Reserved
+    } else {
+        return None;
+    })
 }
 
 fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {
     let s = ip.segments();
-    Some(
-        if ip
-            == "fd00:ec2::254"
-                .parse::<Ipv6Addr>()
-                .unwrap_or(Ipv6Addr::LOCALHOST)
-        {
-            AddressClass::Metadata
-        } else if ip.is_loopback() {
-            AddressClass::Loopback
-        } else if ip.is_unspecified() {
-            AddressClass::Unspecified
-        } else if ip.is_multicast() {
-            AddressClass::Multicast
-        } else if s[0] & 0xfe00 == 0xfc00 {
-            AddressClass::Private
-        } else if s[0] & 0xffc0 == 0xfe80 {
-            AddressClass::LinkLocal
-        } else if s[0] == 0x2001 && s[1] == 0x0db8 {
-            AddressClass::Reserved
-        } else if s[0] & 0xffc0 == 0xfec0 {
-            // Deprecated site-local: private in effect.
-            AddressClass::Private
-        } else if (s[0] == 0x64 && s[1] == 0xff9b) || s[..6] == [0; 6] {
-            // NAT64 (well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48) and IPv4-compatible
-            // (::a.b.c.d): the embedded IPv4 address (the last 32 bits) decides.
-            return classify_v4(v4_at(s[6], s[7]));
-        } else if s[0] == 0x2002 {
-            // 6to4: the IPv4 address in bits 16-48.
-            return classify_v4(v4_at(s[1], s[2]));
-        } else if s[0] == 0x2001 && s[1] == 0 {
-            // Teredo: the server's IPv4 address in bits 32-64; the client's, obfuscated, in
-            // the last 32. Either non-public makes the whole address suspect.
-            return classify_v4(v4_at(s[2], s[3])).or_else(|| classify_v4(v4_at(!s[6], !s[7])));
-        } else {
-            return None;
-        },
-    )
+    Some(if METADATA.contains(&IpAddr::V6(ip)) {
+        AddressClass::Metadata
+    } else if ip.is_loopback() {
+        AddressClass::Loopback
+    } else if ip.is_unspecified() {
+        AddressClass::Unspecified
+    } else if ip.is_multicast() {
+        AddressClass::Multicast
+    } else if s[0] & 0xfe00 == 0xfc00 {
+        AddressClass::Private
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        AddressClass::LinkLocal
+    } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+        AddressClass::Reserved
+    } else if s[0] & 0xffc0 == 0xfec0 {
+        // Deprecated site-local: private in effect.
+        AddressClass::Private
+    } else if (s[0] == 0x64 && s[1] == 0xff9b) || s[..6] == [0; 6] {
+        // NAT64 (well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48) and IPv4-compatible
+        // (::a.b.c.d): the embedded IPv4 address (the last 32 bits) decides.
+        return classify_v4(v4_at(s[6], s[7]));
+    } else if s[0] == 0x2002 {
+        // 6to4: the IPv4 address in bits 16-48.
+        return classify_v4(v4_at(s[1], s[2]));
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        // Teredo: the server's IPv4 address in bits 32-64; the client's, obfuscated, in
+        // the last 32. Either non-public makes the whole address suspect.
+        return classify_v4(v4_at(s[2], s[3])).or_else(|| classify_v4(v4_at(!s[6], !s[7])));
+    } else {
+        return None;
+    })
 }
 
 fn v4_at(hi: u16, lo: u16) -> Ipv4Addr {
@@ -286,5 +293,19 @@ mod tests {
         assert_eq!(c("2002:9765:df::1"), None, "6to4 of a public address");
         assert_eq!(c("151.101.0.223"), None);
         assert_eq!(c("2a04:4e42::223"), None);
+    }
+
+    #[test]
+    fn wholly_private_blocks() {
+        let w = |s: &str, p| wholly_private(&crate::Cidr::new(s.parse().unwrap(), p).unwrap());
+        assert!(w("10.0.0.0", 8));
+        assert!(w("192.168.1.0", 24));
+        assert!(w("fd12::", 16));
+        assert!(!w("0.0.0.0", 0), "the internet");
+        assert!(!w("127.0.0.0", 8), "loopback");
+        assert!(!w("169.254.0.0", 16), "link-local and IMDS");
+        assert!(!w("100.64.0.0", 10), "holds 100.100.100.200");
+        assert!(!w("fd00::", 8), "holds fd00:ec2::254");
+        assert!(!w("10.0.0.0", 7), "runs into public space");
     }
 }

@@ -30,7 +30,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub use agentfense_core::egress::{Cidr, EgressPolicy};
-pub use decide::{AddressClass, Decision, classify};
+pub use decide::{AddressClass, Decision, METADATA, classify, wholly_private};
 pub use resolve::Upstream;
 pub use sandbox::{PROXY_PORT, Serving, proxy_env};
 
