@@ -111,10 +111,13 @@ fn http_request_line(buf: &[u8]) -> Option<bool> {
         };
     }
     let buf = &buf[start..];
-    let token = buf.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    // A method is any token (RFC 9110 `tchar`s), whatever its length: a server may take
+    // methods it does not know.
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let token = buf.iter().take_while(|b| tchar(b)).count();
     match buf.get(token) {
-        None if token < 16 => return None,
-        Some(b' ') if (1..=16).contains(&token) => {}
+        None if start + buf.len() < MAX_HEAD => return None,
+        Some(b' ') if token > 0 => {}
         _ => return Some(false),
     }
     match buf.iter().position(|b| *b == b'\n') {
@@ -757,6 +760,12 @@ mod tests {
             "SMTP"
         );
         assert_eq!(http_request_line(b"\x00\x01"), Some(false));
+        assert_eq!(
+            http_request_line(b"VERYLONGCUSTOMMETHODNAME / HTTP/1.1\r\n"),
+            Some(true),
+            "an unknown method is still HTTP"
+        );
+        assert_eq!(http_request_line(b"M-SEARCH * HTTP/1.1\r\n"), Some(true));
         assert_eq!(inspect(b"GET / HTTP/1.1\r\n"), Hello::Http);
         assert_eq!(inspect(b"SSH-2.0-x\r\n"), Hello::NotTls);
     }
