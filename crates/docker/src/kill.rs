@@ -12,9 +12,14 @@ use rustix::process::{Pid, Signal};
 
 /// Whether host `pid` belongs to the container `container_id` (its cgroup path names it).
 pub fn in_container(pid: u32, container_id: &str) -> bool {
-    !container_id.is_empty()
-        && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .is_ok_and(|c| c.lines().any(|l| l.contains(container_id)))
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|c| cgroup_in_container(&c, container_id))
+}
+
+/// Whether a process whose `/proc/<pid>/cgroup` reads `cgroup` is in container
+/// `container_id`.
+pub fn cgroup_in_container(cgroup: &str, container_id: &str) -> bool {
+    !container_id.is_empty() && cgroup.lines().any(|l| l.contains(container_id))
 }
 
 /// Sends `signal` to the process group led by `leader` and, for SIGKILL, to every descendant of

@@ -95,7 +95,7 @@ fn container_netns(pid: u32, id: &str) -> Option<std::os::fd::OwnedFd> {
     )
     .ok()?;
     let text = std::io::read_to_string(std::fs::File::from(cgroup)).ok()?;
-    if id.is_empty() || !text.lines().any(|l| l.contains(id)) {
+    if !crate::kill::cgroup_in_container(&text, id) {
         return None;
     }
     rustix::fs::openat(

@@ -243,6 +243,7 @@ pub fn seccomp_profile() -> String {
 
 /// The container's configuration.
 pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
+    let network = network_mode(p.cfg, p.spec.network);
     let home_opts = match p.user.ids {
         Some((uid, gid)) => format!("rw,nosuid,nodev,size=64m,uid={uid},gid={gid},mode=0700"),
         None => "rw,nosuid,nodev,size=64m,mode=1777".to_owned(),
@@ -273,11 +274,11 @@ pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
                 "rw,nosuid,nodev,exec,size=64m,mode=0755".to_owned(),
             ),
         ])),
-        network_mode: Some(network_mode(p.cfg, p.spec.network)),
         // Without a network the only resolver is the sandbox's own (the server's DNS server
         // in the container's namespace when it has an egress policy; else nothing listens
         // and lookups fail at once), never the host's.
-        dns: (network_mode(p.cfg, p.spec.network) == "none").then(|| vec!["127.0.0.1".into()]),
+        dns: (network == "none").then(|| vec!["127.0.0.1".into()]),
+        network_mode: Some(network),
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec![
             "no-new-privileges".into(),
