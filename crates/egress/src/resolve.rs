@@ -31,9 +31,9 @@ pub struct Upstream(Option<Arc<hickory_resolver::TokioResolver>>);
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() {
-            "Upstream(servers)"
+            "Upstream(async resolver)"
         } else {
-            "Upstream(system)"
+            "Upstream(getaddrinfo)"
         })
     }
 }
