@@ -302,6 +302,7 @@ impl Delta {
             )
             .map_err(|e| FsError::io("open layer root", p, e.into()))
         };
+        checkpoint::finish_interrupted_restore(delta_dir)?;
         for sub in ["upper", "work"] {
             let p = delta_dir.join(sub);
             std::fs::create_dir_all(&p).map_err(|e| FsError::io("create delta dir", &p, e))?;
@@ -335,6 +336,7 @@ impl Delta {
             .usage
             .set_upper(footprint_below(&delta_dir.join("upper")));
         delta.usage.load_published(delta_dir);
+        delta.measure_checkpoints();
         delta.compact(&mut delta.lock())?;
         remove_stale_temps(&delta_dir.join("work"));
         Ok(delta)
@@ -582,13 +584,20 @@ impl Delta {
     }
 }
 
+mod checkpoint;
 mod files;
 mod journal;
 mod ops;
 mod publish;
+mod review;
 mod spelling;
 mod xattr;
 
+pub use checkpoint::{CheckpointInfo, valid_checkpoint_id};
+pub use review::{
+    ApplyConflict, ApplyRefusal, ChangeSet, ChangeStatus, PathChange, Selection, View, compare,
+    diff, hex_digest, parse_digest,
+};
 pub use xattr::{USER_XATTR_PREFIX, XattrWrite};
 
 pub(crate) use files::error_chain;

@@ -60,15 +60,17 @@ mod host;
 mod modes;
 mod mount;
 pub mod quota;
+pub mod review;
 
 pub use audit::{AGGREGATION_WINDOW, AuditEvent, CHANNEL_CAPACITY};
 pub use delta::{
-    Attr, Change, ChangeKind, Conflict, Delta, EntryKind, Layer, Origin, PublishFilter,
-    PublishReport, link_escapes,
+    ApplyConflict, ApplyRefusal, Attr, Change, ChangeKind, ChangeSet, ChangeStatus, CheckpointInfo,
+    Conflict, Delta, EntryKind, Layer, Origin, PathChange, PublishFilter, PublishReport, Selection,
+    View, compare, diff, hex_digest, link_escapes, parse_digest, valid_checkpoint_id,
 };
 pub use error::FsError;
 pub use mount::{
     DEFAULT_MAX_OPEN_FILES, DEFAULT_TTL, FS_NAME, FsConfig, IoMode, MountHandle, MountStats,
-    Mounts, PublishMode, cleanup_stale_mounts, detach, mount, publish_unmounted,
+    Mounts, PublishMode, apply_unmounted, cleanup_stale_mounts, detach, mount, publish_unmounted,
     tune_allocator_for_fuse,
 };

@@ -1,5 +1,6 @@
 //! Mounting: the public entry point used by the server.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -11,7 +12,9 @@ use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionAC
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, Auditor};
-use crate::delta::{Delta, EntryKind, PublishFilter, PublishReport};
+use crate::delta::{
+    ApplyRefusal, CheckpointInfo, Delta, EntryKind, PublishFilter, PublishReport, Selection,
+};
 use crate::error::FsError;
 use crate::fuse::content::ContentVerdicts;
 use crate::fuse::{FsOptions, PolicyFs, Shared};
@@ -454,27 +457,7 @@ impl MountHandle {
             shared.invalidate_io(&report.written);
             report
         };
-        for c in &report.conflicts {
-            warn!(path = %c.path.display(), "publish conflict: codebase changed since copy-up");
-            shared.audit.conflict(c.clone());
-        }
-        for (p, why) in &report.failed {
-            warn!(path = %p.display(), reason = %why, "publish failed for path");
-        }
-        for (p, target) in &report.refused {
-            warn!(path = %p.display(), target = %target, "symlink leaving the project not published");
-            shared.audit.refused(p, target);
-        }
-        let changed: Vec<PathBuf> = report
-            .written
-            .iter()
-            .chain(&report.deleted)
-            .cloned()
-            .collect();
-        if !changed.is_empty() {
-            self.mounts.notify(&self.lower, &changed, Some(self.id));
-        }
-        shared.audit.flush();
+        self.after_publish(&report);
         Ok(report)
     }
 
@@ -506,6 +489,110 @@ impl MountHandle {
     /// The pending changes with their kind (added / modified / deleted), for review.
     pub fn changes(&self) -> Vec<crate::Change> {
         self.shared.delta.changes()
+    }
+
+    /// The delta under this mount, for reading what changed ([`Delta::review`], checkpoints,
+    /// comparisons). Changes go through the methods below, which keep the kernel's caches
+    /// right.
+    pub fn delta(&self) -> &Delta {
+        &self.shared.delta
+    }
+
+    /// Applies the selected pending changes to the codebase, all or nothing: every path is
+    /// checked first (writable under the current rules, the codebase unchanged under it, the
+    /// `expected` bases), and nothing is written when one fails ([`Delta::apply`]).
+    pub fn apply(
+        &self,
+        select: &Selection,
+        expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+    ) -> Result<PublishReport, ApplyRefusal> {
+        let (policy, _) = self.shared.policy();
+        let shared = &self.shared;
+        let report = {
+            let _gate = shared.write_gate.write().unwrap_or_else(|p| p.into_inner());
+            let report = shared.delta.apply(
+                select,
+                expected,
+                &|p, k| writable(&shared.delta, &shared.contents, &policy, p, k),
+                &|p| shared.busy(p),
+            )?;
+            shared.invalidate_io(&report.written);
+            report
+        };
+        self.after_publish(&report);
+        Ok(report)
+    }
+
+    /// Drops the selected changes from the delta; the mount shows the codebase there at once.
+    pub fn discard(&self, select: &Selection) -> Result<Vec<PathBuf>, FsError> {
+        let paths = {
+            let _gate = self
+                .shared
+                .write_gate
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            self.shared.delta.discard(select)?
+        };
+        self.refresh(&paths);
+        Ok(paths)
+    }
+
+    /// Saves the delta as a checkpoint ([`Delta::checkpoint`]); writes wait meanwhile.
+    pub fn checkpoint(&self, label: &str) -> Result<CheckpointInfo, FsError> {
+        let _gate = self
+            .shared
+            .write_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        self.shared.delta.checkpoint(label)
+    }
+
+    /// Brings the delta back to checkpoint `id`; the mount shows it at once.
+    pub fn restore_checkpoint(&self, id: &str) -> Result<Vec<PathBuf>, FsError> {
+        let paths = {
+            let _gate = self
+                .shared
+                .write_gate
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            self.shared.delta.restore_checkpoint(id)?
+        };
+        self.refresh(&paths);
+        Ok(paths)
+    }
+
+    /// After the delta changed under the mount at `paths`: drops what the kernel and the
+    /// daemon cached of them.
+    fn refresh(&self, paths: &[PathBuf]) {
+        if let Some(session) = &self.session {
+            invalidate(&self.shared, &session.notifier(), paths, true);
+        }
+    }
+
+    /// Reports a publish's conflicts and refusals and tells the codebase's other mounts.
+    fn after_publish(&self, report: &PublishReport) {
+        let shared = &self.shared;
+        for c in &report.conflicts {
+            warn!(path = %c.path.display(), "publish conflict: codebase changed since copy-up");
+            shared.audit.conflict(c.clone());
+        }
+        for (p, why) in &report.failed {
+            warn!(path = %p.display(), reason = %why, "publish failed for path");
+        }
+        for (p, target) in &report.refused {
+            warn!(path = %p.display(), target = %target, "symlink leaving the project not published");
+            shared.audit.refused(p, target);
+        }
+        let changed: Vec<PathBuf> = report
+            .written
+            .iter()
+            .chain(&report.deleted)
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            self.mounts.notify(&self.lower, &changed, Some(self.id));
+        }
+        shared.audit.flush();
     }
 
     /// Replaces the rules on the live mount and drops the kernel's cached names so that the
@@ -605,6 +692,35 @@ pub fn publish_unmounted(
         .collect();
     if !changed.is_empty() {
         mounts.notify(&lower_key(lower), &changed, None);
+    }
+    Ok(report)
+}
+
+/// Applies a delta that is not mounted (a stopped sandbox), like [`MountHandle::apply`]:
+/// all or nothing, only paths `policy` lets the sandbox write; live mounts of the codebase are
+/// told.
+pub fn apply_unmounted(
+    delta: &Delta,
+    policy: &Policy,
+    mounts: &Mounts,
+    select: &Selection,
+    expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+) -> Result<PublishReport, ApplyRefusal> {
+    let contents = Mutex::new(ContentVerdicts::default());
+    let report = delta.apply(
+        select,
+        expected,
+        &|p, k| writable(delta, &contents, policy, p, k),
+        &|_| false,
+    )?;
+    let changed: Vec<PathBuf> = report
+        .written
+        .iter()
+        .chain(&report.deleted)
+        .cloned()
+        .collect();
+    if !changed.is_empty() {
+        mounts.notify(&lower_key(delta.lower_path()), &changed, None);
     }
     Ok(report)
 }

@@ -43,6 +43,9 @@ pub struct DiskUsage {
     /// The delta's metadata journal (whiteouts, changed paths), which grows with churn.
     journal_bytes: AtomicI64,
     snapshot_bytes: AtomicI64,
+    /// The checkpoints' copies of the delta.
+    checkpoint_bytes: AtomicI64,
+    checkpoint_inodes: AtomicI64,
     /// Detached files still charged, and a condition signalled when one is let go of.
     detached: (Mutex<usize>, Condvar),
     published: Mutex<(i64, i64)>,
@@ -67,6 +70,8 @@ impl Default for DiskUsage {
             detached_bytes: AtomicI64::new(0),
             journal_bytes: AtomicI64::new(0),
             snapshot_bytes: AtomicI64::new(0),
+            checkpoint_bytes: AtomicI64::new(0),
+            checkpoint_inodes: AtomicI64::new(0),
             detached: (Mutex::new(0), Condvar::new()),
             published: Mutex::new((0, 0)),
             max_bytes: AtomicU64::new(0),
@@ -108,9 +113,13 @@ impl DiskUsage {
         let bytes = self.upper_bytes.load(Ordering::Relaxed)
             + self.detached_bytes.load(Ordering::Relaxed)
             + self.journal_bytes.load(Ordering::Relaxed)
+            + self.checkpoint_bytes.load(Ordering::Relaxed)
             + published.0
             + scratch_b;
-        let inodes = self.upper_inodes.load(Ordering::Relaxed) + published.1 + scratch_i;
+        let inodes = self.upper_inodes.load(Ordering::Relaxed)
+            + self.checkpoint_inodes.load(Ordering::Relaxed)
+            + published.1
+            + scratch_i;
         (clamp(bytes), clamp(inodes))
     }
 
@@ -162,6 +171,7 @@ impl DiskUsage {
         self.upper_bytes.load(Ordering::Relaxed)
             + self.detached_bytes.load(Ordering::Relaxed)
             + self.journal_bytes.load(Ordering::Relaxed)
+            + self.checkpoint_bytes.load(Ordering::Relaxed)
             + published
     }
 
@@ -294,6 +304,12 @@ impl DiskUsage {
     }
 
     /// Sets the upper layer's footprint to a fresh measurement.
+    /// Sets what the checkpoints take (measured).
+    pub(crate) fn set_checkpoints(&self, (bytes, inodes): (i64, i64)) {
+        self.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+        self.checkpoint_inodes.store(inodes, Ordering::Relaxed);
+    }
+
     pub(crate) fn set_upper(&self, (bytes, inodes): (i64, i64)) {
         self.upper_bytes.store(bytes, Ordering::Relaxed);
         self.upper_inodes.store(inodes, Ordering::Relaxed);

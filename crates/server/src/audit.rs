@@ -219,6 +219,50 @@ pub enum AuditEvent {
         /// The new `agentfense.egress` value.
         egress: String,
     },
+    /// Selected pending changes of a sandbox were written into its codebase.
+    ChangesApplied {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The paths written or deleted in the codebase (at most 100 listed).
+        paths: Vec<String>,
+        /// How many were written.
+        written: usize,
+        /// How many were deleted.
+        deleted: usize,
+        /// How many could not be written (they stay pending).
+        failed: usize,
+    },
+    /// Selected pending changes were dropped from a sandbox.
+    ChangesDiscarded {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The paths dropped (at most 100 listed).
+        paths: Vec<String>,
+        /// How many.
+        count: usize,
+    },
+    /// A checkpoint of a sandbox's changes was taken.
+    CheckpointCreated {
+        /// The sandbox.
+        sandbox_id: String,
+        /// Its id.
+        checkpoint_id: String,
+        /// Its label.
+        label: String,
+        /// How many changed paths it holds.
+        count: usize,
+    },
+    /// A sandbox was brought back to a checkpoint.
+    CheckpointRestored {
+        /// The sandbox.
+        sandbox_id: String,
+        /// The checkpoint.
+        checkpoint_id: String,
+        /// The paths whose state it may have changed (at most 100 listed).
+        paths: Vec<String>,
+        /// How many.
+        count: usize,
+    },
     /// A token bound to one sandbox was minted.
     SandboxTokenCreated {
         /// The sandbox.

@@ -316,6 +316,30 @@ pub struct SandboxConfig {
     /// it. A longer value means no slow first pass after an agent's pause.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
+    /// Retention of checkpoints (`sandbox.checkpoints.*`).
+    pub checkpoints: CheckpointConfig,
+}
+
+/// `sandbox.checkpoints.*`: how many checkpoints of its changes a sandbox keeps, and for how
+/// long. Applied whenever one is taken or listed; the oldest go first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Most checkpoints per sandbox (default 20; 0 = no limit).
+    pub keep: usize,
+    /// Checkpoints older than this are deleted (default 7 days; 0 = kept until the sandbox
+    /// is destroyed).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            keep: 20,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 impl Default for SandboxConfig {
@@ -325,6 +349,7 @@ impl Default for SandboxConfig {
             max_per_user: 10,
             cleanup_interval: Duration::from_secs(300),
             cache_ttl: Duration::from_secs(3600),
+            checkpoints: CheckpointConfig::default(),
         }
     }
 }

@@ -199,6 +199,27 @@ pub const REQUIREMENTS: &[(&str, Requirement)] = {
             token_ok(Exec),
         ),
         (ext::PUBLISH, need(SandboxesWrite)),
+        // Review: a sandbox token (the agent) may see its changes and checkpoint or roll
+        // back its own work, never apply it to the codebase nor delete a reviewer's
+        // checkpoints.
+        ("/agentfense.v1.Review/ListChanges", token_ok(SandboxesRead)),
+        ("/agentfense.v1.Review/GetDiff", token_ok(SandboxesRead)),
+        ("/agentfense.v1.Review/ApplyChanges", need(SandboxesWrite)),
+        ("/agentfense.v1.Review/DiscardChanges", token_ok(Exec)),
+        ("/agentfense.v1.Review/CreateCheckpoint", token_ok(Exec)),
+        (
+            "/agentfense.v1.Review/ListCheckpoints",
+            token_ok(SandboxesRead),
+        ),
+        ("/agentfense.v1.Review/RestoreCheckpoint", token_ok(Exec)),
+        (
+            "/agentfense.v1.Review/DeleteCheckpoint",
+            need(SandboxesWrite),
+        ),
+        (
+            "/agentfense.v1.Review/DiffCheckpoints",
+            token_ok(SandboxesRead),
+        ),
         (ext::MINT_TOKEN, need(SandboxesWrite)),
         (ext::SET_EGRESS, need(SandboxesWrite)),
     ]

@@ -3,11 +3,13 @@
 
 mod codebase;
 mod extensions;
+pub(crate) mod review;
 mod sandbox;
 pub(crate) mod wire;
 
 pub use codebase::CodebaseApi;
 pub use extensions::ExtensionsApi;
+pub use review::ReviewApi;
 pub use sandbox::{EXIT_CODE_TRAILER, SandboxApi};
 
 /// gRPC's default message limit, which the Python SDK also uses on receive.
@@ -37,8 +39,12 @@ pub fn routes(
     )
     .add_service(
         agentfense_proto::agentfense_v1::extensions_server::ExtensionsServer::new(ExtensionsApi(
-            service,
+            service.clone(),
         )),
+    )
+    .add_service(
+        agentfense_proto::agentfense_v1::review_server::ReviewServer::new(ReviewApi(service))
+            .max_encoding_message_size(MAX_MESSAGE * 16),
     );
     tonic::service::Routes::from(
         routes

@@ -118,6 +118,51 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/sandboxes/{sandbox_id}/publish", ext::PUBLISH),
     ("POST", "/v1/sandboxes/{sandbox_id}/tokens", ext::MINT_TOKEN),
     ("PUT", "/v1/sandboxes/{sandbox_id}/egress", ext::SET_EGRESS),
+    (
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/changes",
+        "/agentfense.v1.Review/ListChanges",
+    ),
+    (
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/diff",
+        "/agentfense.v1.Review/GetDiff",
+    ),
+    (
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/changes:apply",
+        "/agentfense.v1.Review/ApplyChanges",
+    ),
+    (
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/changes:discard",
+        "/agentfense.v1.Review/DiscardChanges",
+    ),
+    (
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/checkpoints",
+        "/agentfense.v1.Review/ListCheckpoints",
+    ),
+    (
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/checkpoints",
+        "/agentfense.v1.Review/CreateCheckpoint",
+    ),
+    (
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/checkpoints/{checkpoint_id}",
+        "/agentfense.v1.Review/RestoreCheckpoint",
+    ),
+    (
+        "DELETE",
+        "/v1/sandboxes/{sandbox_id}/checkpoints/{checkpoint_id}",
+        "/agentfense.v1.Review/DeleteCheckpoint",
+    ),
+    (
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/checkpoints/{checkpoint_id}/diff",
+        "/agentfense.v1.Review/DiffCheckpoints",
+    ),
 ];
 
 fn refuse(status: StatusCode, code: tonic::Code, msg: String) -> Response {

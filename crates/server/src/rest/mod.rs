@@ -25,8 +25,10 @@ use crate::auth::Caller;
 use crate::grpc::{CodebaseApi, SandboxApi};
 
 mod guard;
+mod review;
 
 pub use guard::{Guard, RestPeer};
+pub use review::TRUNCATED_HEADER;
 
 /// What the REST handlers need.
 #[derive(Clone, Debug)]
@@ -370,6 +372,7 @@ pub fn router(state: RestState, guard: std::sync::Arc<Guard>) -> Router {
             ),
         )
         .merge(sandbox_routes())
+        .merge(review::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             guard.clone(),
             guard::authenticate,

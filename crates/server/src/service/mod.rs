@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 pub use codebases::UploadSink;
 pub use sandboxes::{
-    CreateSandbox, Engine, ExecOutcome, ExecParams, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH,
-    StreamItem,
+    CreateSandbox, DEFAULT_CHANGES_LIMIT, DEFAULT_DIFF_BYTES, Engine, ExecOutcome, ExecParams,
+    LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH, StateRef, StreamItem,
 };
 pub use tokens::MintedToken;
 

@@ -7,7 +7,12 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use agentfense_fs::{AuditEvent, FsConfig, FsError, MountHandle, PublishMode, PublishReport};
+use std::collections::BTreeMap;
+
+use agentfense_fs::{
+    ApplyRefusal, AuditEvent, CheckpointInfo, Delta, FsConfig, FsError, MountHandle, PublishMode,
+    PublishReport, Selection,
+};
 
 /// Makes sandbox filesystems.
 pub trait Mounter: Send + Sync {
@@ -36,6 +41,39 @@ pub trait Mounted: Send + Sync + std::fmt::Debug {
     fn count_scratch(&self, tmp: OwnedFd, cap: u64);
     /// Unmounts (blocking).
     fn unmount(self: Box<Self>) -> Result<(), FsError>;
+
+    /// The delta under the mount, for review; `None` when the mount has none of its own to
+    /// show (a test's fake), and then review opens the delta directory.
+    fn delta(&self) -> Option<&Delta> {
+        None
+    }
+    /// Applies selected pending changes, all or nothing ([`MountHandle::apply`]).
+    fn apply(
+        &self,
+        _select: &Selection,
+        _expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+    ) -> Result<PublishReport, ApplyRefusal> {
+        Err(ApplyRefusal::Fs(unsupported("apply")))
+    }
+    /// Drops selected changes ([`MountHandle::discard`]).
+    fn discard(&self, _select: &Selection) -> Result<Vec<PathBuf>, FsError> {
+        Err(unsupported("discard"))
+    }
+    /// Takes a checkpoint ([`MountHandle::checkpoint`]).
+    fn checkpoint(&self, _label: &str) -> Result<CheckpointInfo, FsError> {
+        Err(unsupported("checkpoint"))
+    }
+    /// Restores a checkpoint ([`MountHandle::restore_checkpoint`]).
+    fn restore_checkpoint(&self, _id: &str) -> Result<Vec<PathBuf>, FsError> {
+        Err(unsupported("restore"))
+    }
+}
+
+fn unsupported(op: &'static str) -> FsError {
+    FsError::NotSupported {
+        op,
+        path: PathBuf::new(),
+    }
 }
 
 /// The real filesystem: [`agentfense_fs::mount`].
@@ -76,5 +114,24 @@ impl Mounted for MountHandle {
     }
     fn unmount(self: Box<Self>) -> Result<(), FsError> {
         MountHandle::unmount(*self)
+    }
+    fn delta(&self) -> Option<&Delta> {
+        Some(MountHandle::delta(self))
+    }
+    fn apply(
+        &self,
+        select: &Selection,
+        expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+    ) -> Result<PublishReport, ApplyRefusal> {
+        MountHandle::apply(self, select, expected)
+    }
+    fn discard(&self, select: &Selection) -> Result<Vec<PathBuf>, FsError> {
+        MountHandle::discard(self, select)
+    }
+    fn checkpoint(&self, label: &str) -> Result<CheckpointInfo, FsError> {
+        MountHandle::checkpoint(self, label)
+    }
+    fn restore_checkpoint(&self, id: &str) -> Result<Vec<PathBuf>, FsError> {
+        MountHandle::restore_checkpoint(self, id)
     }
 }

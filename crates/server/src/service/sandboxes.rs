@@ -36,6 +36,8 @@ pub(crate) struct Live {
     tenant: String,
     /// Its egress proxy, when it has an egress policy.
     pub(crate) egress: Option<super::egress::Egress>,
+    /// A checkpoint before each command (`agentfense.checkpoint=auto`).
+    auto_checkpoint: bool,
 }
 
 impl Live {
@@ -267,7 +269,9 @@ impl Service {
 mod exec;
 mod labels;
 mod lifecycle;
+mod review;
 mod sessions;
 
-pub use labels::{LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH};
+pub use labels::{LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH};
 use labels::{check_labels, disk_label, io_mode};
+pub use review::{DEFAULT_CHANGES_LIMIT, DEFAULT_DIFF_BYTES, StateRef};

@@ -210,6 +210,7 @@ impl Service {
         let req = self.runtime_request(p, &live)?;
         let _slot = self.exec_slot(&live)?;
         let actor = caller.actor();
+        self.before_command(&live, &actor, &command).await;
         let timeout = req.timeout.unwrap_or_default();
         let started = std::time::Instant::now();
         let res = live.runtime.exec(id.as_str(), req).await;
@@ -260,6 +261,7 @@ impl Service {
         let command = p.command.clone();
         let req = self.runtime_request(p, &live)?;
         let slot = self.exec_slot(&live)?;
+        self.before_command(&live, &caller.actor(), &command).await;
         let timeout = req.timeout.unwrap_or_default();
         let stream = live
             .runtime

@@ -21,6 +21,11 @@ pub const LABEL_DISK_BYTES: &str = "agentfense.disk_bytes";
 /// files hold); commands start there. `/workspace` stays.
 pub const LABEL_WORKSPACE_PATH: &str = "agentfense.workspace_path";
 
+/// Label: `agentfense.checkpoint=auto` takes a checkpoint of the sandbox's changes before each
+/// command (labelled `auto: <command>`), so that any command can be undone; `off` (the
+/// default) takes none.
+pub const LABEL_CHECKPOINT: &str = "agentfense.checkpoint";
+
 /// Checks the labels that configure a sandbox ([`LABEL_NETWORK`], [`LABEL_PUBLISH`],
 /// [`LABEL_IO`]) at create, so that a bad value is INVALID_ARGUMENT then rather than a failed
 /// start later. Other labels are the user's own and pass through.
@@ -51,6 +56,14 @@ pub(super) fn check_labels(
             )));
         }
     }
+    match labels.get(LABEL_CHECKPOINT).map(String::as_str) {
+        None | Some("auto") | Some("off") => {}
+        Some(other) => {
+            return Err(ServiceError::InvalidArgument(format!(
+                "label {LABEL_CHECKPOINT}={other:?}: expected auto or off"
+            )));
+        }
+    }
     if let Some(v) = labels.get(LABEL_IO) {
         v.parse::<IoMode>()
             .map_err(|e| ServiceError::InvalidArgument(format!("label {LABEL_IO}: {e}")))?;
@@ -68,6 +81,7 @@ pub(super) fn check_labels(
         LABEL_IO,
         LABEL_DISK_BYTES,
         LABEL_WORKSPACE_PATH,
+        LABEL_CHECKPOINT,
         super::super::egress::LABEL_EGRESS,
     ];
     if let Some(k) = labels

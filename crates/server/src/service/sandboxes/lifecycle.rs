@@ -393,6 +393,8 @@ impl Service {
                     codebase_id: rec.codebase_id.clone(),
                     tenant: rec.tenant.clone(),
                     egress,
+                    auto_checkpoint: rec.labels.get(labels::LABEL_CHECKPOINT).map(String::as_str)
+                        == Some("auto"),
                 }),
             );
         Ok(())

@@ -125,6 +125,7 @@ impl Service {
         let (sid, live) = self.session_call(caller, session_id, &command).await?;
         let _slot = self.exec_slot(&live)?;
         let actor = caller.actor();
+        self.before_command(&live, &actor, &command).await;
         let timeout = self.effective_timeout(timeout);
         let started = std::time::Instant::now();
         let res = live
@@ -174,6 +175,7 @@ impl Service {
     ) -> Result<mpsc::Receiver<StreamItem>, ServiceError> {
         let (sid, live) = self.session_call(caller, session_id, &command).await?;
         let slot = self.exec_slot(&live)?;
+        self.before_command(&live, &caller.actor(), &command).await;
         let timeout = self.effective_timeout(timeout);
         let stream = match live
             .runtime
