@@ -111,7 +111,7 @@ const FULL: Scale = Scale {
 };
 
 /// The case names `--only` accepts.
-pub const CASES: [&str; 10] = [
+pub const CASES: [&str; 11] = [
     "fs",
     "pause",
     "sdk",
@@ -122,6 +122,7 @@ pub const CASES: [&str; 10] = [
     "concurrency",
     "auth",
     "egress",
+    "review",
 ];
 
 /// Which cases run.

@@ -42,7 +42,7 @@ pub struct Opts {
     #[arg(long, default_value = "0")]
     pub cpu: String,
     /// Run only these cases (comma-separated): fs, pause, sdk, exec, session, start, density,
-    /// concurrency, auth, egress. Default: all of them.
+    /// concurrency, auth, egress, review. Default: all of them.
     #[arg(long, value_name = "CASES", value_delimiter = ',')]
     pub only: Vec<String>,
 }

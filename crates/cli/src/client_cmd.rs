@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentfense_proto::agentfense_v1::{self as x, extensions_client::ExtensionsClient};
+use agentfense_proto::agentfense_v1::{
+    self as x, extensions_client::ExtensionsClient, review_client::ReviewClient,
+};
 use agentfense_proto::convert::rules_to_wire;
 use agentfense_proto::v1::{
     self, codebase_service_client::CodebaseServiceClient,
@@ -23,7 +25,7 @@ type Authed = InterceptedService<Channel, ApiKey>;
 
 /// Adds the API key to each call.
 #[derive(Clone)]
-struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub(crate) struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for ApiKey {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -248,13 +250,15 @@ pub enum SessionCmd {
     },
 }
 
-struct Clients {
+pub(crate) struct Clients {
     cb: CodebaseServiceClient<Authed>,
     sb: SandboxServiceClient<Authed>,
     x: ExtensionsClient<Authed>,
+    /// `agentfense.v1.Review`.
+    pub(crate) rv: ReviewClient<Authed>,
 }
 
-async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
+pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
     let url = if conn.endpoint.contains("://") || conn.endpoint.starts_with("unix:") {
         conn.endpoint.clone()
     } else {
@@ -281,11 +285,12 @@ async fn connect(conn: &Conn) -> anyhow::Result<Clients> {
             .max_decoding_message_size(4 << 20),
         sb: SandboxServiceClient::with_interceptor(channel.clone(), key.clone())
             .max_decoding_message_size(4 << 20),
-        x: ExtensionsClient::with_interceptor(channel, key),
+        x: ExtensionsClient::with_interceptor(channel.clone(), key.clone()),
+        rv: ReviewClient::with_interceptor(channel, key).max_decoding_message_size(256 << 20),
     })
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 
@@ -307,7 +312,7 @@ fn timeout(secs: Option<f64>) -> anyhow::Result<Option<agentfense_proto::pbjson_
     }
 }
 
-fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> anyhow::Result<()> {
     writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
@@ -355,7 +360,7 @@ where
     }
 }
 
-fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -15,6 +15,7 @@ mod keys_cmd;
 mod local;
 pub mod policy_args;
 mod policy_cmd;
+mod review_cmd;
 mod run_cmd;
 pub mod scan_cmd;
 mod serve_cmd;
@@ -116,6 +117,30 @@ pub enum Command {
         #[command(flatten)]
         conn: client_cmd::Conn,
     },
+    /// What a sandbox changed against its codebase, path by path (a server sandbox, or the
+    /// changes `agentfense run` kept for a directory).
+    ///
+    /// Example: agentfense changes sb_0123456789abcdef --path 'src/**'
+    Changes(review_cmd::ChangesArgs),
+    /// A git-compatible diff of a sandbox's changes (or between checkpoints): `git apply`
+    /// takes it.
+    ///
+    /// Example: agentfense diff ./project | git -C ./copy apply
+    Diff(review_cmd::DiffArgs),
+    /// Write a sandbox's changes (all, or those --path selects) into its codebase: all or
+    /// nothing, refused when the codebase changed under one of them since.
+    ///
+    /// Example: agentfense apply sb_0123456789abcdef --path 'src/**'
+    Apply(review_cmd::ApplyArgs),
+    /// Drop a sandbox's changes (all, or those --path selects): it sees the codebase there
+    /// again.
+    Discard(review_cmd::Target),
+    /// Checkpoints of a sandbox's changes: create, ls, restore, rm.
+    Checkpoint {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: review_cmd::CheckpointCmd,
+    },
     /// Persistent shells in a sandbox on a server.
     Session {
         /// What to do.
@@ -181,6 +206,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),
         Command::Exec { args, conn } => client_cmd::exec(args, conn, out),
         Command::Session { cmd, conn } => client_cmd::session(cmd, conn, out),
+        Command::Changes(a) => review_cmd::changes(a, out),
+        Command::Diff(a) => review_cmd::diff(a, out),
+        Command::Apply(a) => review_cmd::apply(a, out),
+        Command::Discard(t) => review_cmd::discard(t, out),
+        Command::Checkpoint { cmd } => review_cmd::checkpoint(cmd, out),
     }
 }
 

@@ -153,6 +153,52 @@ fn claim_slot(base: &Path) -> anyhow::Result<Slot> {
     anyhow::bail!("{MAX_SLOTS} runs on this directory are already going: wait for one to finish")
 }
 
+/// The delta `agentfense run` keeps for `dir` (slot 1, where consecutive runs build), held
+/// with the slot's lock so that no run changes it meanwhile. `None` when nothing is kept.
+pub(crate) struct KeptDelta {
+    /// The project directory (canonical).
+    pub dir: PathBuf,
+    /// Its delta directory.
+    pub delta: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// Finds and locks the kept delta of `dir` (see [`KeptDelta`]).
+pub(crate) fn kept_delta(dir: &Path, data_dir: Option<&Path>) -> anyhow::Result<Option<KeptDelta>> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot open project directory {}", dir.display()))?;
+    anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+    let data = data_dir.map_or_else(default_data_dir, Path::to_path_buf);
+    let (work, _) = work_dir(&data, &dir);
+    let delta = work.join("delta");
+    if !delta.join("upper").is_dir() {
+        return Ok(None);
+    }
+    let lock_path = work.join("lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "a run on {} is going on and may still change its delta: try again when it ends",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()));
+        }
+    }
+    Ok(Some(KeptDelta {
+        dir,
+        delta,
+        _lock: lock,
+    }))
+}
+
 fn kv(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     list.iter()
         .map(|s| {

@@ -336,6 +336,7 @@ impl Delta {
             .usage
             .set_upper(footprint_below(&delta_dir.join("upper")));
         delta.usage.load_published(delta_dir);
+        delta.remove_stale_checkpoints();
         delta.measure_checkpoints();
         delta.compact(&mut delta.lock())?;
         remove_stale_temps(&delta_dir.join("work"));
@@ -604,5 +605,7 @@ pub(crate) use files::error_chain;
 use files::*;
 pub use files::{STAGE_PREFIX, is_stage_name, link_escapes};
 use journal::*;
+#[cfg(test)]
+mod review_tests;
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,9 @@ pub(super) async fn cases(
     if only.has("density") || only.has("concurrency") {
         density_cases(scale, only, &mut api, server, server_pid, &mut rows).await?;
     }
+    if only.has("review") {
+        review_case(scale, &mut api, server, &mut rows).await?;
+    }
     ensure!(
         mounts_under(&server.data) == 0,
         "mounts left behind after destroying every sandbox"
@@ -1001,5 +1004,112 @@ pub(super) async fn egress_case(
         mounts_under(&data) == 0,
         "mounts left behind by the egress server"
     );
+    Ok(())
+}
+
+/// Files the review case changes.
+const REVIEW_FILES: usize = 10_000;
+
+/// Listing and diffing an agent's changes to 10,000 files through the API (a manual-publish
+/// sandbox), against `git status` and `git diff` over the same change natively.
+pub(super) async fn review_case(
+    scale: &Scale,
+    api: &mut Api,
+    server: &Server,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    use agentfense_proto::agentfense_v1 as x;
+    eprintln!("case: changes and diff of {REVIEW_FILES} modified files");
+    let cb = api.codebase("review").await?;
+    // The base, written where the server keeps the codebase before any sandbox mounts it.
+    let base = server.data.join("codebases").join(&cb);
+    let native_dir = server.data.with_file_name("review-native");
+    let _ = std::fs::remove_dir_all(&native_dir);
+    for root in [&base, &native_dir] {
+        for i in 0..REVIEW_FILES {
+            let dir = root.join(format!("tree/d{}", i / 100));
+            std::fs::create_dir_all(&dir)?;
+            let body: String = (0..20).map(|l| format!("line {l} of file {i}\n")).collect();
+            std::fs::write(dir.join(format!("f{i}.txt")), body)?;
+        }
+    }
+    native_out(
+        "git init -q && git add -A && git -c user.name=b -c user.email=b@b commit -qm base",
+        &native_dir,
+    )?;
+    let change = "find tree -type f -exec sh -c 'for f; do echo changed >> \"$f\"; done' _ {} +";
+    native_out(change, &native_dir)?;
+    let sb = api
+        .sandbox_with(
+            &cb,
+            &[("**", v1::Permission::Write, 0)],
+            &[("agentfense.publish", "manual")],
+        )
+        .await?;
+    api.start(&sb).await?;
+    api.exec(&sb, change).await?;
+    let (mut list, mut list_base, mut diff, mut diff_base) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..scale.fs_iters.max(3) {
+        let t = Instant::now();
+        let r = api
+            .rv
+            .list_changes(x::ListChangesRequest {
+                sandbox_id: sb.clone(),
+                paths: vec![],
+                limit: REVIEW_FILES as i32,
+            })
+            .await?
+            .into_inner();
+        list.push(t.elapsed().as_secs_f64());
+        ensure!(
+            r.changes.len() == REVIEW_FILES && !r.truncated,
+            "{} changes listed, expected {REVIEW_FILES}",
+            r.changes.len()
+        );
+        list_base.push(native("git status --porcelain >/dev/null", &native_dir)?);
+        let t = Instant::now();
+        let d = api
+            .rv
+            .get_diff(x::GetDiffRequest {
+                sandbox_id: sb.clone(),
+                paths: vec![],
+                max_bytes: 0,
+            })
+            .await?
+            .into_inner();
+        diff.push(t.elapsed().as_secs_f64());
+        ensure!(
+            d.files as usize == REVIEW_FILES && !d.truncated,
+            "{} files in the diff, expected {REVIEW_FILES}",
+            d.files
+        );
+        diff_base.push(native("git diff >/dev/null", &native_dir)?);
+    }
+    for (case, ours, base, bname) in [
+        (
+            "changes of 10,000 modified files (API, with sha256 of both sides)",
+            &list,
+            &list_base,
+            "git status --porcelain natively",
+        ),
+        (
+            "git-compatible diff of 10,000 modified files (API)",
+            &diff,
+            &diff_base,
+            "git diff natively",
+        ),
+    ] {
+        let o = stats(ours);
+        rows.push(Row {
+            case: case.into(),
+            ours: o,
+            baseline_name: bname.into(),
+            baseline: Some(stats(base)),
+            target: "< 1 s".into(),
+            met: Some(o.median < 1.0),
+        });
+    }
+    api.destroy(&sb).await?;
+    let _ = std::fs::remove_dir_all(&native_dir);
     Ok(())
 }

@@ -114,6 +114,8 @@ type Authed = tonic::service::interceptor::InterceptedService<Channel, Key>;
 pub(super) struct Api {
     pub(super) cb: CodebaseServiceClient<Authed>,
     pub(super) sb: SandboxServiceClient<Authed>,
+    /// `agentfense.v1.Review`.
+    pub(super) rv: agentfense_proto::agentfense_v1::review_client::ReviewClient<Authed>,
 }
 
 impl Api {
@@ -132,7 +134,12 @@ impl Api {
         });
         Ok(Api {
             cb: CodebaseServiceClient::with_interceptor(ch.clone(), key.clone()),
-            sb: SandboxServiceClient::with_interceptor(ch, key).max_decoding_message_size(4 << 20),
+            sb: SandboxServiceClient::with_interceptor(ch.clone(), key.clone())
+                .max_decoding_message_size(4 << 20),
+            rv: agentfense_proto::agentfense_v1::review_client::ReviewClient::with_interceptor(
+                ch, key,
+            )
+            .max_decoding_message_size(256 << 20),
         })
     }
 

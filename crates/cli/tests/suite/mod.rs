@@ -4,6 +4,7 @@ mod egress;
 mod interop;
 mod policy;
 mod restart;
+mod review;
 mod run;
 mod scan;
 mod server;

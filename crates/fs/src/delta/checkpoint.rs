@@ -194,15 +194,23 @@ fn restore_files(delta_dir: &Path, id: &str) -> io::Result<Vec<u8>> {
 pub(super) fn finish_interrupted_restore(delta_dir: &Path) -> Result<(), FsError> {
     let marker = delta_dir.join(RESTORING);
     let id = match std::fs::read_to_string(&marker) {
-        Ok(id) => id,
+        Ok(id) => id.trim().to_owned(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(FsError::io("read restore marker", &marker, e)),
     };
-    if valid_checkpoint_id(&id) && delta_dir.join(CHECKPOINTS).join(&id).is_dir() {
-        tracing::warn!(delta = %delta_dir.display(), checkpoint = %id, "finishing an interrupted restore");
-        restore_files(delta_dir, &id)
-            .map_err(|e| FsError::io("finish interrupted restore", delta_dir, e))?;
+    // A half-restored delta must not be used as if it were whole.
+    if !valid_checkpoint_id(&id) || !delta_dir.join(CHECKPOINTS).join(&id).is_dir() {
+        return Err(FsError::io(
+            "finish an interrupted restore",
+            &marker,
+            io::Error::other(format!(
+                "checkpoint {id:?} is gone: the delta is half restored; discard it"
+            )),
+        ));
     }
+    tracing::warn!(delta = %delta_dir.display(), checkpoint = %id, "finishing an interrupted restore");
+    restore_files(delta_dir, &id)
+        .map_err(|e| FsError::io("finish interrupted restore", delta_dir, e))?;
     std::fs::remove_file(&marker).map_err(|e| FsError::io("remove restore marker", &marker, e))
 }
 
@@ -219,6 +227,19 @@ impl Delta {
             });
         }
         Ok(dir)
+    }
+
+    /// Removes what a crash left of checkpoints being built or deleted (dot names).
+    pub(super) fn remove_stale_checkpoints(&self) {
+        let Ok(entries) = std::fs::read_dir(self.checkpoints_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with('.') && e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// Counts the checkpoints' copies against the disk quota.
@@ -369,6 +390,9 @@ impl Delta {
         let mut restored = Meta::replay(&String::from_utf8_lossy(&text), &self.meta_path)?;
         restored.log = None;
         *meta = restored;
+        // Changes the checkpoint holds that were applied since are the codebase's now.
+        self.settle_applied(&mut meta);
+        self.prune_upper(&meta, Path::new(""));
         self.compact(&mut meta)?;
         let marker = self.dir.join(RESTORING);
         std::fs::remove_file(&marker)

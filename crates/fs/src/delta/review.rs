@@ -104,14 +104,18 @@ impl Selection {
         let mut b = globset::GlobSetBuilder::new();
         for g in globs {
             let raw = g.as_ref().trim_start_matches("./").trim_end_matches('/');
-            let glob = globset::GlobBuilder::new(raw)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map_err(|e| FsError::InvalidName {
-                    name: format!("{}: {e}", g.as_ref()),
-                })?;
-            b.add(glob);
+            // `src/**` takes `src` itself too (its mode, its deletion).
+            let dir = raw.strip_suffix("/**").filter(|d| !d.is_empty());
+            for pat in std::iter::once(raw).chain(dir) {
+                let glob = globset::GlobBuilder::new(pat)
+                    .literal_separator(true)
+                    .backslash_escape(true)
+                    .build()
+                    .map_err(|e| FsError::InvalidName {
+                        name: format!("{}: {e}", g.as_ref()),
+                    })?;
+                b.add(glob);
+            }
         }
         let set = b.build().map_err(|e| FsError::InvalidName {
             name: e.to_string(),
@@ -327,12 +331,14 @@ pub fn compare(
         let Some(mut c) = compare_path(from, to, &p)? else {
             continue;
         };
-        if let Some(d) = base_of
-            && c.kind != EntryKind::Dir
-        {
+        if let Some(d) = base_of {
             let meta = d.lock();
-            let now = host::lstat(d.lower.as_fd(), &p).ok();
-            c.base_moved = d.conflict(&meta, &p, now.as_ref()).is_some();
+            c.base_moved = if c.old_kind == Some(EntryKind::Dir) {
+                c.status == ChangeStatus::Deleted && d.gained_below(&meta, &p).is_some()
+            } else {
+                let now = host::lstat(d.lower.as_fd(), &p).ok();
+                d.conflict(&meta, &p, now.as_ref()).is_some()
+            };
         }
         out.total += 1;
         if c.status != ChangeStatus::Deleted {
@@ -448,6 +454,20 @@ fn compare_path(from: View<'_>, to: View<'_>, rel: &Path) -> Result<Option<PathC
     }))
 }
 
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Whether `rel` or one of its proper ancestors is in `set`.
 fn under_any(set: &LogSet, rel: &Path, proper: bool) -> Option<PathBuf> {
     rel.ancestors()
@@ -458,6 +478,106 @@ fn under_any(set: &LogSet, rel: &Path, proper: bool) -> Option<PathBuf> {
 }
 
 impl Delta {
+    /// A codebase entry below directory `rel` (deleted in this sandbox) that this sandbox
+    /// never deleted: the codebase gained it since, and applying the deletion would fail on
+    /// it (or, worse, delete what this sandbox never saw).
+    fn gained_below(&self, meta: &Meta, rel: &Path) -> Option<PathBuf> {
+        let entries = host::list(self.lower.as_fd(), rel).ok()?;
+        for (n, k) in entries {
+            let child = rel.join(OsStr::from_bytes(&n));
+            if !meta.whiteouts.contains(&child) {
+                return Some(child);
+            }
+            if k == Kind::Dir
+                && let Some(c) = self.gained_below(meta, &child)
+            {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Whether the merged view of `rel` is the codebase's version exactly (same type, mode
+    /// and content, or both absent): a change already in the codebase.
+    fn same_as_base_locked(&self, meta: &Meta, rel: &Path) -> bool {
+        let merged = match self.lookup_locked(meta, rel) {
+            Ok(m) => m,
+            Err(_) => return false,
+        };
+        let base = host::lstat(self.lower.as_fd(), rel).ok();
+        match (merged, base) {
+            (None, None) => true,
+            (Some(m), Some(_)) if m.layer == Layer::Lower => true,
+            (Some(m), Some(b)) => {
+                let b = Attr::from_stat(Layer::Lower, &b);
+                if m.kind != b.kind || (m.kind != EntryKind::Symlink && m.perm != b.perm) {
+                    return false;
+                }
+                match m.kind {
+                    EntryKind::Symlink => {
+                        host::readlink(self.upper.as_fd(), rel).ok()
+                            == host::readlink(self.lower.as_fd(), rel).ok()
+                    }
+                    EntryKind::File => m.size == b.size && self.same_bytes(rel),
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the upper and lower copies of file `rel` hold the same bytes.
+    fn same_bytes(&self, rel: &Path) -> bool {
+        let open =
+            |root: BorrowedFd<'_>| host::open_file(root, rel, OFlags::RDONLY).map(File::from);
+        let (Ok(mut a), Ok(mut b)) = (open(self.upper.as_fd()), open(self.lower.as_fd())) else {
+            return false;
+        };
+        let (mut x, mut y) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+        loop {
+            let n = match read_full(&mut a, &mut x) {
+                Ok(n) => n,
+                Err(_) => return false,
+            };
+            let m = match read_full(&mut b, &mut y) {
+                Ok(m) => m,
+                Err(_) => return false,
+            };
+            if n != m || x[..n] != y[..m] {
+                return false;
+            }
+            if n == 0 {
+                return true;
+            }
+        }
+    }
+
+    /// Forgets pending files, symlinks and deletions that the codebase already holds (after
+    /// a restore brought back changes that were applied since the checkpoint): their upper
+    /// copies and stale copy-up origins would otherwise make every apply a conflict.
+    pub(super) fn settle_applied(&self, meta: &mut Meta) {
+        let settled: Vec<PathBuf> = meta
+            .dirty
+            .iter()
+            .filter(|p| {
+                let dir = host::lstat(self.upper.as_fd(), p)
+                    .is_ok_and(|st| Kind::from_mode(st.st_mode) == Kind::Dir);
+                !dir && self.same_as_base_locked(meta, p)
+            })
+            .cloned()
+            .collect();
+        for p in settled {
+            if meta.lower_visible(&p) && !meta.whiteouts.contains(&p) {
+                self.drop_upper(&p);
+            }
+            if host::lstat(self.lower.as_fd(), &p).is_err() {
+                meta.whiteouts.remove(&p);
+            }
+            meta.origins.remove(&p);
+            meta.dirty.remove(&p);
+        }
+    }
+
     /// The pending changes against the codebase (see [`compare`]).
     pub fn review(&self, select: &Selection, limit: usize) -> Result<ChangeSet, FsError> {
         compare(View::Base(self), View::Merged(self), select, limit)
@@ -564,9 +684,36 @@ impl Delta {
                 refused.push(p.clone());
                 continue;
             }
+            if kind == EntryKind::Symlink
+                && upper.is_some()
+                && let Ok(target) = host::readlink(self.upper.as_fd(), p)
+                && link_escapes(p, &target)
+            {
+                conflicts.push(ApplyConflict {
+                    path: p.clone(),
+                    reason: format!(
+                        "a symlink to {} leaves the project and is never applied",
+                        String::from_utf8_lossy(&target)
+                    ),
+                });
+                continue;
+            }
             let lower_kind = lower
                 .as_ref()
                 .map(|st| EntryKind::from(Kind::from_mode(st.st_mode)));
+            if lower_kind == Some(EntryKind::Dir)
+                && upper.is_none()
+                && let Some(extra) = self.gained_below(&meta, p)
+            {
+                conflicts.push(ApplyConflict {
+                    path: p.clone(),
+                    reason: format!(
+                        "deleted in the sandbox, but the codebase gained {} in it since",
+                        extra.display()
+                    ),
+                });
+                continue;
+            }
             if lower_kind != Some(EntryKind::Dir)
                 && let Some(c) = self.conflict(&meta, p, lower.as_ref())
             {

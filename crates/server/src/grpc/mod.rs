@@ -3,7 +3,7 @@
 
 mod codebase;
 mod extensions;
-pub(crate) mod review;
+pub mod review;
 mod sandbox;
 pub(crate) mod wire;
 

@@ -16,7 +16,7 @@ use crate::service::StateRef;
 pub struct ReviewApi(pub Arc<Service>);
 
 /// The wire name of an object type.
-pub(crate) fn kind_name(k: EntryKind) -> &'static str {
+pub fn kind_name(k: EntryKind) -> &'static str {
     match k {
         EntryKind::Dir => "directory",
         EntryKind::File => "file",
@@ -27,7 +27,8 @@ pub(crate) fn kind_name(k: EntryKind) -> &'static str {
     }
 }
 
-pub(crate) fn path_change(c: &PathChange) -> x::PathChange {
+/// The wire form of a change.
+pub fn path_change(c: &PathChange) -> x::PathChange {
     x::PathChange {
         path: c.path.display().to_string(),
         status: c.status.as_str().to_owned(),
@@ -47,7 +48,8 @@ fn changes(set: &ChangeSet) -> Vec<x::PathChange> {
     set.changes.iter().map(path_change).collect()
 }
 
-pub(crate) fn checkpoint(c: &CheckpointInfo) -> x::Checkpoint {
+/// The wire form of a checkpoint.
+pub fn checkpoint(c: &CheckpointInfo) -> x::Checkpoint {
     x::Checkpoint {
         id: c.id.clone(),
         label: c.label.clone(),

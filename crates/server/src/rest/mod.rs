@@ -28,7 +28,7 @@ mod guard;
 mod review;
 
 pub use guard::{Guard, RestPeer};
-pub use review::TRUNCATED_HEADER;
+pub use review::{TRUNCATED_HEADER, change_json, checkpoint_json};
 
 /// What the REST handlers need.
 #[derive(Clone, Debug)]

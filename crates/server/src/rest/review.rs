@@ -65,7 +65,8 @@ fn body<T: for<'de> Deserialize<'de> + Default>(b: &[u8]) -> Result<T, RestError
     serde_json::from_slice(b).map_err(|e| bad_request(format!("body: {e}")))
 }
 
-pub(crate) fn change_json(c: &x::PathChange) -> Value {
+/// A change in the REST API's JSON (protojson's camelCase).
+pub fn change_json(c: &x::PathChange) -> Value {
     json!({
         "path": c.path,
         "status": c.status,
@@ -81,7 +82,8 @@ pub(crate) fn change_json(c: &x::PathChange) -> Value {
     })
 }
 
-fn checkpoint_json(c: &x::Checkpoint) -> Value {
+/// A checkpoint in the REST API's JSON.
+pub fn checkpoint_json(c: &x::Checkpoint) -> Value {
     json!({
         "id": c.id,
         "label": c.label,

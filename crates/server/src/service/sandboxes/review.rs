@@ -95,8 +95,8 @@ fn refusal(r: ApplyRefusal) -> ServiceError {
     };
     match r {
         ApplyRefusal::Conflicts(c) => ServiceError::FailedPrecondition(format!(
-            "nothing applied: {} path(s) changed in the codebase since the sandbox (or the \
-             review) saw them: {}",
+            "nothing applied: {} path(s) cannot be applied as they are (the codebase changed \
+             since the sandbox or the review saw them, or a symlink leaves the project): {}",
             c.len(),
             join(
                 c.into_iter()
@@ -261,7 +261,7 @@ impl Service {
                     ))
                 })?),
             };
-            want.insert(PathBuf::from(rel.as_str()), digest);
+            want.insert(PathBuf::from(rel.relative()), digest);
         }
         let actor = caller.actor();
         self.with_delta(caller, sandbox_id, move |this, rec, a| {
