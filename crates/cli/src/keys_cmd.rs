@@ -97,19 +97,23 @@ pub enum TenantsCmd {
     },
 }
 
-fn open(state: &StateArgs) -> anyhow::Result<(Store, PathBuf)> {
+/// The server's settings as `agentfense serve` would resolve them from `state`.
+pub(crate) fn settings(state: &StateArgs) -> anyhow::Result<agentfense_server::config::Settings> {
     let config = match &state.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let settings = config.resolve(
+    Ok(config.resolve(
         Overrides {
             data_dir: state.data_dir.clone(),
             ..Overrides::default()
         },
         &crate::serve_cmd::default_data_dir(),
-    )?;
-    let paths = settings.paths;
+    )?)
+}
+
+fn open(state: &StateArgs) -> anyhow::Result<(Store, PathBuf)> {
+    let paths = settings(state)?.paths;
     if !paths.data_dir.is_dir() {
         anyhow::bail!(
             "{} is not a server data directory (start the server once, or pass --data-dir)",

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
 mod client_cmd;
 mod host_tree;
 mod keys_cmd;
@@ -88,6 +89,11 @@ pub enum Command {
     /// Example: agentfense tenants block team-a --reason "leaked key"
     #[command(subcommand)]
     Tenants(keys_cmd::TenantsCmd),
+    /// The server's audit trail: query it (`--sandbox`, `--tenant`, `--event`, `--since`,
+    /// `--follow`), or `verify` its hash chain. Reads the data directory.
+    ///
+    /// Example: agentfense audit --sandbox sb_0123456789abcdef --event permission_denied --since 1h
+    Audit(audit_cmd::AuditArgs),
     /// Manage codebases on a server.
     Codebase {
         /// What to do.
@@ -201,6 +207,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Shell(args) => shell_cmd::run(args),
         Command::Scan(args) => scan_cmd::run(args, out),
         Command::Keys(cmd) => keys_cmd::keys(cmd, out),
+        Command::Audit(a) => audit_cmd::run(a, out),
         Command::Tenants(cmd) => keys_cmd::tenants(cmd, out),
         Command::Codebase { cmd, conn } => client_cmd::codebase(cmd, conn, out),
         Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),

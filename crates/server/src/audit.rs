@@ -6,11 +6,13 @@
 //! if the queue is ever full the event is counted and an `audit_events_dropped` line says how
 //! many were lost. The file is opened in append mode with mode 0600.
 
+mod trail;
+
+pub use trail::{GENESIS, TrailOptions, Verification, files, rotated_files, verify};
+use trail::Trail;
+
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -304,7 +306,6 @@ impl Actor {
 
 #[derive(Serialize)]
 struct Line<'a> {
-    timestamp: String,
     #[serde(flatten)]
     actor: &'a Actor,
     #[serde(flatten)]
@@ -347,21 +348,18 @@ pub struct AuditWriter {
 impl Audit {
     /// Opens (appending) `path` and starts the writer thread.
     pub fn open(path: &Path) -> Result<(Audit, AuditWriter), AuditError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| AuditError {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| AuditError {
-                path: path.to_owned(),
-                source,
-            })?;
+        Audit::open_with(path, TrailOptions::default())
+    }
+
+    /// Like [`Audit::open`], with the trail's rotation and retention.
+    pub fn open_with(
+        path: &Path,
+        opts: TrailOptions,
+    ) -> Result<(Audit, AuditWriter), AuditError> {
+        let trail = Trail::open(path, opts).map_err(|source| AuditError {
+            path: path.to_owned(),
+            source,
+        })?;
         let (tx, rx) = bounded(QUEUE);
         let (bulk_tx, bulk_rx) = bounded(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -369,7 +367,7 @@ impl Audit {
         let p = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(rx, bulk_rx, BufWriter::new(file), d, p))
+            .spawn(move || write_loop(rx, bulk_rx, trail, d, p))
             .map_err(|source| AuditError {
                 path: path.to_owned(),
                 source,
@@ -453,26 +451,13 @@ impl AuditWriter {
 fn write_loop(
     rx: Receiver<Queued>,
     bulk_rx: Receiver<Queued>,
-    mut out: BufWriter<std::fs::File>,
+    mut out: Trail,
     dropped: Arc<AtomicU64>,
     path: PathBuf,
 ) {
-    let write = |out: &mut BufWriter<std::fs::File>,
-                 at: SystemTime,
-                 actor: &Actor,
-                 ev: &AuditEvent| {
-        let line = Line {
-            timestamp: humantime::format_rfc3339_millis(at).to_string(),
-            actor,
-            event: ev,
-        };
-        match serde_json::to_string(&line) {
-            Ok(s) => {
-                if let Err(e) = writeln!(out, "{s}") {
-                    tracing::error!(path = %path.display(), error = %e, "cannot write audit log");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode audit event"),
+    let write = |out: &mut Trail, at: SystemTime, actor: &Actor, ev: &AuditEvent| {
+        if let Err(e) = out.append(at, &Line { actor, event: ev }) {
+            tracing::error!(path = %path.display(), error = %e, "cannot write audit log");
         }
     };
     let never = crossbeam_channel::never::<Queued>();
@@ -489,6 +474,8 @@ fn write_loop(
                 Ok((at, actor, ev)) => write(&mut out, at, &actor, &ev),
                 Err(_) => bulk_open = false,
             },
+            // Idle: what was written a second ago gets its fdatasync now.
+            default(std::time::Duration::from_secs(1)) => {}
         }
         // Drain what is queued (the server's own events first, the bulk in slices between
         // them), then flush once: lines reach the kernel (and survive a kill -9 of the
@@ -522,11 +509,11 @@ fn write_loop(
                 },
             );
         }
-        if let Err(e) = out.flush() {
+        if let Err(e) = out.flush(false) {
             tracing::error!(path = %path.display(), error = %e, "cannot flush audit log");
         }
     }
-    let _ = out.flush();
+    let _ = out.flush(true);
 }
 
 impl Drop for AuditWriter {

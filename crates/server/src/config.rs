@@ -364,6 +364,13 @@ pub struct LoggingConfig {
     pub format: LogFormat,
     /// Audit trail, JSON lines (default `<data_dir>/audit.jsonl`).
     pub audit_path: Option<PathBuf>,
+    /// Rotated audit files older than this are deleted (default 90 days; 0 = kept forever).
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
+    /// The audit file is rotated past this many bytes (default 100 MiB; 0 = never by size).
+    pub audit_rotate_bytes: u64,
+    /// The audit file is rotated at the first record of each UTC day (default true).
+    pub audit_rotate_daily: bool,
 }
 
 impl Default for LoggingConfig {
@@ -372,6 +379,20 @@ impl Default for LoggingConfig {
             level: "info".into(),
             format: LogFormat::Text,
             audit_path: None,
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
+            audit_rotate_bytes: 100 << 20,
+            audit_rotate_daily: true,
+        }
+    }
+}
+
+impl LoggingConfig {
+    /// The audit trail's rotation and retention.
+    pub fn trail_options(&self) -> crate::audit::TrailOptions {
+        crate::audit::TrailOptions {
+            rotate_bytes: self.audit_rotate_bytes,
+            daily: self.audit_rotate_daily,
+            retention: (!self.audit_retention.is_zero()).then_some(self.audit_retention),
         }
     }
 }

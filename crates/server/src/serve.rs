@@ -110,7 +110,8 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     }
     let store = Arc::new(Store::open(&paths.db)?);
     let files = CodebaseFiles::open(&paths.codebases)?;
-    let (audit, audit_writer) = Audit::open(&paths.audit)?;
+    let (audit, audit_writer) =
+        Audit::open_with(&paths.audit, settings.config.logging.trail_options())?;
 
     let grpc = TcpListener::bind(settings.grpc_addr)
         .await
