@@ -84,10 +84,18 @@ impl Filter {
             return false;
         };
         let field = |k: &str| v.get(k).and_then(|x| x.as_str());
-        if self.sandbox.as_deref().is_some_and(|s| field("sandbox_id") != Some(s)) {
+        if self
+            .sandbox
+            .as_deref()
+            .is_some_and(|s| field("sandbox_id") != Some(s))
+        {
             return false;
         }
-        if self.tenant.as_deref().is_some_and(|t| field("tenant") != Some(t)) {
+        if self
+            .tenant
+            .as_deref()
+            .is_some_and(|t| field("tenant") != Some(t))
+        {
             return false;
         }
         if !self.events.is_empty()

@@ -153,6 +153,20 @@ fn claim_slot(base: &Path) -> anyhow::Result<Slot> {
     anyhow::bail!("{MAX_SLOTS} runs on this directory are already going: wait for one to finish")
 }
 
+/// File in a slot naming the rules of its last run: a later `agentfense apply` of the kept
+/// changes judges each path by them, as `run --apply` would have.
+const RULES_FILE: &str = "rules.json";
+
+fn save_rules(work: &Path, policy: &agentfense_core::Policy) -> anyhow::Result<()> {
+    let v = serde_json::json!({
+        "rules": policy.client_rules(),
+        "floor": policy.floor(),
+    });
+    let p = work.join(RULES_FILE);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("cannot write {}", p.display()))
+}
+
 /// The delta `agentfense run` keeps for `dir` (slot 1, where consecutive runs build), held
 /// with the slot's lock so that no run changes it meanwhile. `None` when nothing is kept.
 pub(crate) struct KeptDelta {
@@ -160,6 +174,8 @@ pub(crate) struct KeptDelta {
     pub dir: PathBuf,
     /// Its delta directory.
     pub delta: PathBuf,
+    /// The rules of the run that last used it.
+    pub policy: Option<agentfense_core::Policy>,
     _lock: std::fs::File,
 }
 
@@ -192,9 +208,26 @@ pub(crate) fn kept_delta(dir: &Path, data_dir: Option<&Path>) -> anyhow::Result<
             return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()));
         }
     }
+    let policy = match std::fs::read(work.join(RULES_FILE)) {
+        Ok(bytes) => {
+            #[derive(serde::Deserialize)]
+            struct Saved {
+                rules: Vec<agentfense_core::PermissionRule>,
+                floor: Vec<agentfense_core::PermissionRule>,
+            }
+            let saved: Saved = serde_json::from_slice(&bytes)
+                .with_context(|| format!("cannot read {}", work.join(RULES_FILE).display()))?;
+            Some(agentfense_core::Policy::compile_with_floor(
+                saved.rules,
+                saved.floor,
+            )?)
+        }
+        Err(_) => None,
+    };
     Ok(Some(KeptDelta {
         dir,
         delta,
+        policy,
         _lock: lock,
     }))
 }
@@ -264,6 +297,7 @@ impl LocalSandbox {
         );
         let slot = claim_slot(&base)?;
         let work = slot.work.clone();
+        save_rules(&work, &policy)?;
         let id = format!("sb_local_{tag:08x}_{}", slot.number);
         let (delta, mnt, state) = (work.join("delta"), work.join("mnt"), work.join("runtime"));
         // $HOME: a delta of its own over an empty base, kept in the slot across runs.

@@ -95,6 +95,11 @@ pub struct ApplyArgs {
     /// `absent`: it must not exist) (repeatable).
     #[arg(long = "expect", value_name = "PATH=SHA256")]
     expect: Vec<String>,
+    /// Apply only if the sandbox's own version of PATH still has this SHA-256 (the `sha256`
+    /// `changes` showed; `absent` for a deletion): what is applied is what was reviewed
+    /// (repeatable).
+    #[arg(long = "expect-content", value_name = "PATH=SHA256")]
+    expect_content: Vec<String>,
 }
 
 /// `agentfense checkpoint ...`
@@ -147,6 +152,9 @@ fn text_change(c: &x::PathChange) -> String {
     }
     if c.base_moved {
         extra.push("the codebase changed since: apply refuses it".into());
+    }
+    if c.hidden {
+        extra.push("the codebase's side is hidden by the rules".into());
     }
     let extra = if extra.is_empty() {
         String::new()
@@ -328,13 +336,17 @@ fn strings(v: &[PathBuf]) -> Vec<String> {
 /// `agentfense apply`
 pub(crate) fn apply(a: ApplyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let t = &a.target;
-    let mut expected = BTreeMap::new();
-    for e in &a.expect {
-        let (p, sha) = e
-            .rsplit_once('=')
-            .with_context(|| format!("--expect {e:?} is not PATH=SHA256"))?;
-        expected.insert(p.to_owned(), sha.to_owned());
-    }
+    let pairs = |list: &[String], flag: &str| -> anyhow::Result<BTreeMap<String, String>> {
+        list.iter()
+            .map(|e| {
+                e.rsplit_once('=')
+                    .map(|(p, sha)| (p.to_owned(), sha.to_owned()))
+                    .with_context(|| format!("{flag} {e:?} is not PATH=SHA256"))
+            })
+            .collect()
+    };
+    let expected = pairs(&a.expect, "--expect")?;
+    let content = pairs(&a.expect_content, "--expect-content")?;
     let (written, deleted, failed) = match t.sandbox() {
         Some(sb) => block_on(async {
             let mut c = connect(&t.conn).await?;
@@ -343,6 +355,7 @@ pub(crate) fn apply(a: ApplyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
                     sandbox_id: sb.to_owned(),
                     paths: t.paths.clone(),
                     expected: expected.into_iter().collect(),
+                    expected_content: content.into_iter().collect(),
                 })
                 .await
                 .map_err(status)?
@@ -350,39 +363,56 @@ pub(crate) fn apply(a: ApplyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
             anyhow::Ok((r.written, r.deleted, r.failed))
         })??,
         None => {
-            let (_kept, d) = t.local()?;
-            let mut want = BTreeMap::new();
-            for (p, sha) in expected {
-                let digest = match sha.as_str() {
-                    "" | "absent" => None,
-                    s => Some(agentfense_fs::parse_digest(s).with_context(|| {
-                        format!("--expect {p}={s}: not a SHA-256 in hex (or \"absent\")")
-                    })?),
-                };
-                want.insert(PathBuf::from(p), digest);
-            }
-            // The project is the user's own: the rules were enforced when the sandbox wrote.
-            let r = d
-                .apply(&t.selection()?, &want, &|_, _| true, &|_| false)
-                .map_err(|r| match r {
-                    ApplyRefusal::Conflicts(c) => anyhow::anyhow!(
-                        "nothing applied: {} path(s) changed in {} since the sandbox saw them: {}",
-                        c.len(),
-                        d.lower_path().display(),
-                        c.iter()
-                            .map(|c| format!("{}: {}", c.path.display(), c.reason))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ),
-                    ApplyRefusal::NotPending(p) => anyhow::anyhow!(
-                        "--expect names path(s) with no selected change: {}",
-                        strings(&p).join(", ")
-                    ),
-                    ApplyRefusal::NotWritable(p) => {
-                        anyhow::anyhow!("not writable: {}", strings(&p).join(", "))
-                    }
-                    ApplyRefusal::Fs(e) => anyhow::Error::new(e).context("cannot apply"),
-                })?;
+            let (kept, d) = t.local()?;
+            let digests = |m: BTreeMap<String, String>, flag: &str| {
+                m.into_iter()
+                    .map(|(p, sha)| {
+                        let digest = match sha.as_str() {
+                            "" | "absent" => None,
+                            s => Some(agentfense_fs::parse_digest(s).with_context(|| {
+                                format!("{flag} {p}={s}: not a SHA-256 in hex (or \"absent\")")
+                            })?),
+                        };
+                        anyhow::Ok((PathBuf::from(p), digest))
+                    })
+                    .collect::<anyhow::Result<BTreeMap<_, _>>>()
+            };
+            let want = digests(expected, "--expect")?;
+            let seen = digests(content, "--expect-content")?;
+            // Each path is judged by the rules of the run that kept the changes, as
+            // `run --apply` would have judged it.
+            let policy = kept.policy.clone().context(
+                "the rules these changes were made under are not recorded (kept by an older \
+                 version): run again, or use agentfense run --apply",
+            )?;
+            let r = agentfense_fs::apply_unmounted(
+                &d,
+                &policy,
+                &agentfense_fs::Mounts::new(),
+                &t.selection()?,
+                &want,
+                &seen,
+            )
+            .map_err(|r| match r {
+                ApplyRefusal::Conflicts(c) => anyhow::anyhow!(
+                    "nothing applied: {} path(s) in {} cannot be applied as they are: {}",
+                    c.len(),
+                    d.lower_path().display(),
+                    c.iter()
+                        .map(|c| format!("{}: {}", c.path.display(), c.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                ApplyRefusal::NotPending(p) => anyhow::anyhow!(
+                    "--expect names path(s) with no selected change: {}",
+                    strings(&p).join(", ")
+                ),
+                ApplyRefusal::NotWritable(p) => anyhow::anyhow!(
+                    "nothing applied: the run's rules do not let the sandbox write {}",
+                    strings(&p).join(", ")
+                ),
+                ApplyRefusal::Fs(e) => anyhow::Error::new(e).context("cannot apply"),
+            })?;
             (
                 strings(&r.written),
                 strings(&r.deleted),

@@ -288,6 +288,8 @@ pub struct Delta {
     dir: PathBuf,
     /// Which lower directories fold letter case (lower entries resolve only as stored).
     spellings: spelling::Spellings,
+    /// Serialises checkpoint creation, deletion, retention and restore.
+    checkpoints_lock: Mutex<()>,
 }
 
 impl Delta {
@@ -331,6 +333,7 @@ impl Delta {
             usage: DiskUsage::default(),
             dir: delta_dir.to_path_buf(),
             spellings: spelling::Spellings::default(),
+            checkpoints_lock: Mutex::new(()),
         };
         delta
             .usage
@@ -596,8 +599,8 @@ mod xattr;
 
 pub use checkpoint::{CheckpointInfo, valid_checkpoint_id};
 pub use review::{
-    ApplyConflict, ApplyRefusal, ChangeSet, ChangeStatus, PathChange, Selection, View, compare,
-    diff, hex_digest, parse_digest,
+    ApplyConflict, ApplyRefusal, ChangeSet, ChangeStatus, DIFF_FILE_MAX, PathChange, Reveal,
+    Selection, View, compare, diff, hex_digest, parse_digest,
 };
 pub use xattr::{USER_XATTR_PREFIX, XattrWrite};
 

@@ -65,12 +65,13 @@ pub mod review;
 pub use audit::{AGGREGATION_WINDOW, AuditEvent, CHANNEL_CAPACITY};
 pub use delta::{
     ApplyConflict, ApplyRefusal, Attr, Change, ChangeKind, ChangeSet, ChangeStatus, CheckpointInfo,
-    Conflict, Delta, EntryKind, Layer, Origin, PathChange, PublishFilter, PublishReport, Selection,
-    View, compare, diff, hex_digest, link_escapes, parse_digest, valid_checkpoint_id,
+    Conflict, DIFF_FILE_MAX, Delta, EntryKind, Layer, Origin, PathChange, PublishFilter,
+    PublishReport, Reveal, Selection, View, compare, diff, hex_digest, link_escapes, parse_digest,
+    valid_checkpoint_id,
 };
 pub use error::FsError;
 pub use mount::{
     DEFAULT_MAX_OPEN_FILES, DEFAULT_TTL, FS_NAME, FsConfig, IoMode, MountHandle, MountStats,
-    Mounts, PublishMode, apply_unmounted, cleanup_stale_mounts, detach, mount, publish_unmounted,
-    tune_allocator_for_fuse,
+    Mounts, PublishMode, apply_unmounted, cleanup_stale_mounts, codebase_reader, detach, mount,
+    publish_unmounted, tune_allocator_for_fuse,
 };

@@ -505,14 +505,16 @@ impl MountHandle {
         &self,
         select: &Selection,
         expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        content: &BTreeMap<PathBuf, Option<[u8; 32]>>,
     ) -> Result<PublishReport, ApplyRefusal> {
         let (policy, _) = self.shared.policy();
         let shared = &self.shared;
         let report = {
             let _gate = shared.write_gate.write().unwrap_or_else(|p| p.into_inner());
-            let report = shared.delta.apply(
+            let report = shared.delta.apply_pinned(
                 select,
                 expected,
+                content,
                 &|p, k| writable(&shared.delta, &shared.contents, &policy, p, k),
                 &|p| shared.busy(p),
             )?;
@@ -537,14 +539,14 @@ impl MountHandle {
         Ok(paths)
     }
 
-    /// Saves the delta as a checkpoint ([`Delta::checkpoint`]); writes wait meanwhile.
-    pub fn checkpoint(&self, label: &str) -> Result<CheckpointInfo, FsError> {
+    /// Saves the delta as a checkpoint ([`Delta::checkpoint_as`]); writes wait meanwhile.
+    pub fn checkpoint(&self, label: &str, by_agent: bool) -> Result<CheckpointInfo, FsError> {
         let _gate = self
             .shared
             .write_gate
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        self.shared.delta.checkpoint(label)
+        self.shared.delta.checkpoint_as(label, by_agent)
     }
 
     /// Brings the delta back to checkpoint `id`; the mount shows it at once.
@@ -696,6 +698,60 @@ pub fn publish_unmounted(
     Ok(report)
 }
 
+/// Whether the rules let the sandbox read the codebase's own entry at `rel` (every directory on
+/// the way visible, the entry at least `read`, content conditions judged on the codebase's
+/// file): what a caller acting for the sandbox (its token) may be shown of the codebase in a
+/// review ([`Selection::revealing`]). Fails closed: a file that cannot be judged is hidden.
+pub fn codebase_reader(lower: &Path, policy: Policy) -> Result<crate::Reveal, FsError> {
+    let root = rustix::fs::open(
+        lower,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| FsError::io("open codebase", lower, e.into()))?;
+    Ok(Arc::new(move |rel: &Path| {
+        let mut cur = policy.cursor_root();
+        let names: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            cur = policy.cursor_child(&cur, name);
+            if i + 1 < names.len()
+                && policy.decide_with(&cur, NodeKind::Dir, &mut |_| true).level == Level::None
+            {
+                return false;
+            }
+        }
+        let mut holds = |c: agentfense_core::Content| lower_holds(&root, rel, c);
+        policy.decide_with(&cur, NodeKind::File, &mut holds).level >= Level::Read
+    }))
+}
+
+/// Whether the codebase's file `rel` holds `content` (a missing or special file holds
+/// nothing; one that cannot be read, or is too large to scan, holds it: fail closed).
+fn lower_holds(root: &std::os::fd::OwnedFd, rel: &Path, content: agentfense_core::Content) -> bool {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let file = match crate::host::open_file(root.as_fd(), rel, rustix::fs::OFlags::RDONLY) {
+        Ok(f) => std::fs::File::from(f),
+        Err(e) => {
+            return !(e.kind() == std::io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EOPNOTSUPP)));
+        }
+    };
+    let mut data = Vec::new();
+    if file
+        .take(agentfense_core::MAX_SCANNED + 1)
+        .read_to_end(&mut data)
+        .is_err()
+        || data.len() as u64 > agentfense_core::MAX_SCANNED
+    {
+        return true;
+    }
+    content.holds(&data)
+}
+
 /// Applies a delta that is not mounted (a stopped sandbox), like [`MountHandle::apply`]:
 /// all or nothing, only paths `policy` lets the sandbox write; live mounts of the codebase are
 /// told.
@@ -705,11 +761,13 @@ pub fn apply_unmounted(
     mounts: &Mounts,
     select: &Selection,
     expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+    content: &BTreeMap<PathBuf, Option<[u8; 32]>>,
 ) -> Result<PublishReport, ApplyRefusal> {
     let contents = Mutex::new(ContentVerdicts::default());
-    let report = delta.apply(
+    let report = delta.apply_pinned(
         select,
         expected,
+        content,
         &|p, k| writable(delta, &contents, policy, p, k),
         &|_| false,
     )?;

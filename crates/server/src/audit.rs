@@ -8,8 +8,8 @@
 
 mod trail;
 
-pub use trail::{GENESIS, TrailOptions, Verification, files, rotated_files, verify};
 use trail::Trail;
+pub use trail::{GENESIS, TrailOptions, Verification, files, rotated_files, verify};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use std::collections::BTreeMap;
@@ -352,10 +352,7 @@ impl Audit {
     }
 
     /// Like [`Audit::open`], with the trail's rotation and retention.
-    pub fn open_with(
-        path: &Path,
-        opts: TrailOptions,
-    ) -> Result<(Audit, AuditWriter), AuditError> {
+    pub fn open_with(path: &Path, opts: TrailOptions) -> Result<(Audit, AuditWriter), AuditError> {
         let trail = Trail::open(path, opts).map_err(|source| AuditError {
             path: path.to_owned(),
             source,

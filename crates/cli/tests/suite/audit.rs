@@ -53,7 +53,14 @@ fn audit_trail_rotates_chains_and_answers_queries() {
     assert_eq!(code, 0, "{err}");
     let (code, sb, err) = cli(
         &server,
-        &["sandbox", "create", cb.trim(), "--start", "--preset", "agent-safe"],
+        &[
+            "sandbox",
+            "create",
+            cb.trim(),
+            "--start",
+            "--preset",
+            "agent-safe",
+        ],
     );
     assert_eq!(code, 0, "{err}");
     let sb = sb.trim().to_owned();
@@ -77,7 +84,14 @@ fn audit_trail_rotates_chains_and_answers_queries() {
     assert_eq!((code, out.as_str()), (0, ""), "{err}");
     // --follow prints what exists, then what comes.
     let mut follow = Command::new(env!("CARGO_BIN_EXE_agentfense"))
-        .args(["audit", "--follow", "--event", "command_executed", "--sandbox", &sb])
+        .args([
+            "audit",
+            "--follow",
+            "--event",
+            "command_executed",
+            "--sandbox",
+            &sb,
+        ])
         .arg("--data-dir")
         .arg(&data)
         .stdout(Stdio::piped())
@@ -147,6 +161,9 @@ fn json_logs_are_one_object_per_line() {
     for l in lines {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}"));
-        assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{l}");
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{l}"
+        );
     }
 }

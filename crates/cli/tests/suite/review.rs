@@ -1214,3 +1214,139 @@ fn review_commands_on_a_local_directory() {
         "{out}"
     );
 }
+
+/// The attack: the agent writes a placeholder where the operator later puts a private key in
+/// the codebase. Its token may list and diff its changes, but never see the key the rules
+/// hide (no digest, no diff); the operator's key sees the change whole.
+#[test]
+fn a_sandbox_token_is_never_shown_codebase_secrets() {
+    let test = "a_sandbox_token_is_never_shown_codebase_secrets";
+    if !ready(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::start_with(&data, AUTH);
+    let key = create_key(&data, "team");
+    let (_, sb, dir) = sandbox_on(&server, Some(&key), &[("README", "hi\n")], &[MANUAL]);
+    let (code, token, err) = cli(&server, Some(&key), &["sandbox", "token", &sb]);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim().to_owned();
+    exec(
+        &server,
+        Some(&token),
+        &sb,
+        "mkdir tls && echo placeholder > tls/site.pem",
+    );
+    let secret = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCTOPSECRET\n-----END PRIVATE KEY-----\n";
+    std::fs::create_dir_all(dir.join("tls")).unwrap();
+    std::fs::write(dir.join("tls/site.pem"), secret).unwrap();
+    let secret_sha = sha256(secret.as_bytes());
+    let r = http(
+        &server,
+        "GET",
+        &format!("/v1/sandboxes/{sb}/changes"),
+        None,
+        Some(&token),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains(&secret_sha), "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let pem = change(v["changes"].as_array().unwrap(), "tls/site.pem");
+    assert_eq!(
+        (pem["hidden"].as_bool(), pem["baseSha256"].as_str()),
+        (Some(true), Some(""))
+    );
+    for route in ["diff", "checkpoints"] {
+        if route == "checkpoints" {
+            let r = http(
+                &server,
+                "POST",
+                &format!("/v1/sandboxes/{sb}/checkpoints"),
+                Some(&json!({"label": "t"})),
+                Some(&token),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            let r = http(
+                &server,
+                "GET",
+                &format!("/v1/sandboxes/{sb}/checkpoints/cp-1/diff?to=base&format=json"),
+                None,
+                Some(&token),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert!(
+                !r.body.contains("TOPSECRET") && !r.body.contains(&secret_sha),
+                "{}",
+                r.body
+            );
+            continue;
+        }
+        let r = http(
+            &server,
+            "GET",
+            &format!("/v1/sandboxes/{sb}/{route}"),
+            None,
+            Some(&token),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(!r.body.contains("TOPSECRET"), "{}", r.body);
+    }
+    // The operator (an API key) reviews the whole change.
+    let r = http(
+        &server,
+        "GET",
+        &format!("/v1/sandboxes/{sb}/diff"),
+        None,
+        Some(&key),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("TOPSECRET"), "{}", r.body);
+    server.stop();
+}
+
+/// `agentfense apply` of a local directory judges each path by the run's rules, as
+/// `run --apply` does: a private key the agent wrote (the floor never lets a sandbox write
+/// key material) is refused, and nothing else is written with it.
+#[test]
+fn local_apply_keeps_the_runs_rules() {
+    let test = "local_apply_keeps_the_runs_rules";
+    if !ready(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    write_tree(&project, &[("a.txt", "one\n")]);
+    let data = tmp.path().join("data");
+    let (data_s, project_s) = (data.to_str().unwrap(), project.to_str().unwrap());
+    let run = |args: &[&str]| {
+        outcome(
+            Command::new(env!("CARGO_BIN_EXE_agentfense"))
+                .args(args)
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap(),
+        )
+    };
+    let (code, _, err) = run(&[
+        "run",
+        "--preset",
+        "full-access",
+        "--data-dir",
+        data_s,
+        project_s,
+        "--",
+        "printf -- '-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----\\n' > k.pem; echo ok > ok.txt",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["apply", project_s, "--data-dir", data_s]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("nothing applied") && err.contains("k.pem"),
+        "{err}"
+    );
+    assert!(!project.join("k.pem").exists() && !project.join("ok.txt").exists());
+    let (code, out, err) = run(&["apply", project_s, "--data-dir", data_s, "--path", "ok.txt"]);
+    assert_eq!((code, out.trim()), (0, "written  ok.txt"), "{err}");
+    assert!(!project.join("k.pem").exists());
+}

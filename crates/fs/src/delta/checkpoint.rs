@@ -32,6 +32,14 @@ pub struct CheckpointInfo {
     pub paths: usize,
     /// What its copy takes on disk.
     pub bytes: u64,
+    /// Taken for the agent (its sandbox token, or automatically before a command) rather
+    /// than by a reviewer: retention counts the two apart, so the agent's checkpoints never
+    /// push a reviewer's out.
+    pub by_agent: bool,
+}
+
+fn lock_cp(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether `id` has the shape of a checkpoint id (never a path).
@@ -47,11 +55,12 @@ fn ns(t: SystemTime) -> u128 {
 impl CheckpointInfo {
     fn encode(&self) -> String {
         format!(
-            "label {}\ncreated {}\npaths {}\nbytes {}\n",
+            "label {}\ncreated {}\npaths {}\nbytes {}\nagent {}\n",
             hex(self.label.as_bytes()),
             ns(self.created),
             self.paths,
-            self.bytes
+            self.bytes,
+            u8::from(self.by_agent)
         )
     }
 
@@ -62,6 +71,7 @@ impl CheckpointInfo {
             created: UNIX_EPOCH,
             paths: 0,
             bytes: 0,
+            by_agent: false,
         };
         for l in text.lines() {
             let (k, v) = l.split_once(' ')?;
@@ -77,6 +87,7 @@ impl CheckpointInfo {
                 }
                 "paths" => info.paths = v.parse().ok()?,
                 "bytes" => info.bytes = v.parse().ok()?,
+                "agent" => info.by_agent = v == "1",
                 _ => {}
             }
         }
@@ -131,12 +142,67 @@ fn copy_dir(
                 .mode(0o600)
                 .open(&to)?;
             if rustix::fs::ioctl_ficlone(&d, &s).is_err() {
-                io::copy(&mut &s, &mut d)?;
+                copy_sparse(&s, &mut d, m.len())?;
             }
             super::xattr::copy_user(s.as_fd(), d.as_fd());
             finish(&d, &m)?;
             if m.nlink() > 1 {
                 links.insert((m.dev(), m.ino()), to);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes of `s` into the empty `d`, holes as holes: a sparse file the agent made
+/// takes no more room in a checkpoint (or a restored delta) than in the sandbox, where the
+/// quota measured it.
+fn copy_sparse(s: &File, d: &mut File, len: u64) -> io::Result<()> {
+    use rustix::fs::SeekFrom;
+    let mut off = 0u64;
+    while off < len {
+        let data = match rustix::fs::seek(s, SeekFrom::Data(off)) {
+            Ok(p) => p,
+            // No data past `off`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            // No SEEK_DATA here: everything is data.
+            Err(rustix::io::Errno::INVAL) if off == 0 => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = match rustix::fs::seek(s, SeekFrom::Hole(data)) {
+            Ok(p) => p.min(len),
+            Err(_) => len,
+        };
+        copy_range(s, d, data, hole)?;
+        off = hole.max(data + 1);
+    }
+    d.set_len(len)
+}
+
+/// Copies bytes `[from, to)` of `s` to the same offsets of `d`.
+fn copy_range(s: &File, d: &File, from: u64, to: u64) -> io::Result<()> {
+    let (mut i, mut o) = (from, from);
+    while i < to {
+        let want = usize::try_from(to - i).unwrap_or(usize::MAX).min(1 << 30);
+        match rustix::fs::copy_file_range(s, Some(&mut i), d, Some(&mut o), want) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // Across file systems on older kernels: by hand.
+            Err(_) => {
+                let mut buf = vec![0u8; 256 << 10];
+                while i < to {
+                    let n = usize::try_from(to - i).unwrap_or(buf.len()).min(buf.len());
+                    let got = rustix::io::pread(s, &mut buf[..n], i)?;
+                    if got == 0 {
+                        return Ok(());
+                    }
+                    let mut done = 0;
+                    while done < got {
+                        done += rustix::io::pwrite(d, &buf[done..got], o + done as u64)?;
+                    }
+                    i += got as u64;
+                    o += got as u64;
+                }
             }
         }
     }
@@ -178,7 +244,10 @@ fn restore_files(delta_dir: &Path, id: &str) -> io::Result<Vec<u8>> {
     let cp = delta_dir.join(CHECKPOINTS).join(id);
     let meta = std::fs::read(cp.join("meta"))?;
     let marker = delta_dir.join(RESTORING);
-    std::fs::write(&marker, id)?;
+    let tmp_marker = delta_dir.join("restoring.tmp");
+    std::fs::write(&tmp_marker, id)?;
+    File::open(&tmp_marker)?.sync_all()?;
+    std::fs::rename(&tmp_marker, &marker)?;
     File::open(delta_dir)?.sync_all()?;
     let upper = delta_dir.join("upper");
     clear_dir(&upper)?;
@@ -248,9 +317,15 @@ impl Delta {
             .set_checkpoints(footprint_below(&self.checkpoints_dir()));
     }
 
-    /// Saves the delta's present state as a checkpoint. Fails with `NoSpace` when its copy
-    /// would not fit in the disk quota.
+    /// Saves the delta's present state as a checkpoint (a reviewer's). Fails with `NoSpace`
+    /// when its copy would not fit in the disk quota.
     pub fn checkpoint(&self, label: &str) -> Result<CheckpointInfo, FsError> {
+        self.checkpoint_as(label, false)
+    }
+
+    /// Like [`Delta::checkpoint`], saying whether it is taken for the agent.
+    pub fn checkpoint_as(&self, label: &str, by_agent: bool) -> Result<CheckpointInfo, FsError> {
+        let _cp = lock_cp(&self.checkpoints_lock);
         let root = self.checkpoints_dir();
         std::fs::create_dir_all(&root).map_err(|e| FsError::io("create checkpoints", &root, e))?;
         let meta = self.lock();
@@ -282,6 +357,7 @@ impl Delta {
                 created: SystemTime::now(),
                 paths: meta.dirty.iter().count(),
                 bytes: u64::try_from(footprint_below(&tmp).0).unwrap_or(0),
+                by_agent,
             };
             std::fs::write(tmp.join("info"), info.encode())?;
             std::fs::rename(&tmp, root.join(&id))?;
@@ -298,6 +374,11 @@ impl Delta {
 
     /// The checkpoints, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<CheckpointInfo>, FsError> {
+        let _cp = lock_cp(&self.checkpoints_lock);
+        self.list_checkpoints()
+    }
+
+    fn list_checkpoints(&self) -> Result<Vec<CheckpointInfo>, FsError> {
         let root = self.checkpoints_dir();
         let entries = match std::fs::read_dir(&root) {
             Ok(e) => e,
@@ -328,6 +409,11 @@ impl Delta {
 
     /// Deletes checkpoint `id`.
     pub fn delete_checkpoint(&self, id: &str) -> Result<(), FsError> {
+        let _cp = lock_cp(&self.checkpoints_lock);
+        self.remove_checkpoint(id)
+    }
+
+    fn remove_checkpoint(&self, id: &str) -> Result<(), FsError> {
         let dir = self.checkpoint_dir(id)?;
         // Renamed away first: a crash mid-removal never leaves half a checkpoint listed.
         let gone = self.checkpoints_dir().join(format!(".{id}"));
@@ -337,27 +423,31 @@ impl Delta {
         r.map_err(|e| FsError::io("delete checkpoint", &gone, e))
     }
 
-    /// Keeps at most `keep` checkpoints (0: no limit) and none older than `ttl` (if set);
-    /// returns the ids deleted.
+    /// Keeps at most `keep` reviewer checkpoints and `keep` agent ones (0: no limit; the two
+    /// are counted apart) and none older than `ttl` (if set); returns the ids deleted.
     pub fn prune_checkpoints(
         &self,
         keep: usize,
         ttl: Option<Duration>,
     ) -> Result<Vec<String>, FsError> {
-        let all = self.checkpoints()?;
+        let _cp = lock_cp(&self.checkpoints_lock);
+        let all = self.list_checkpoints()?;
         let now = SystemTime::now();
-        let excess = if keep == 0 {
-            0
-        } else {
-            all.len().saturating_sub(keep)
-        };
         let mut gone = Vec::new();
-        for (i, cp) in all.iter().enumerate() {
-            let expired =
-                ttl.is_some_and(|t| now.duration_since(cp.created).is_ok_and(|age| age > t));
-            if i < excess || expired {
-                self.delete_checkpoint(&cp.id)?;
-                gone.push(cp.id.clone());
+        for agent in [false, true] {
+            let class: Vec<&CheckpointInfo> = all.iter().filter(|c| c.by_agent == agent).collect();
+            let excess = if keep == 0 {
+                0
+            } else {
+                class.len().saturating_sub(keep)
+            };
+            for (i, cp) in class.iter().enumerate() {
+                let expired =
+                    ttl.is_some_and(|t| now.duration_since(cp.created).is_ok_and(|age| age > t));
+                if i < excess || expired {
+                    self.remove_checkpoint(&cp.id)?;
+                    gone.push(cp.id.clone());
+                }
             }
         }
         Ok(gone)
@@ -372,6 +462,7 @@ impl Delta {
     /// Brings the delta back to checkpoint `id`: changes made since are gone, changes the
     /// checkpoint held are back. Returns the paths whose view may have changed.
     pub fn restore_checkpoint(&self, id: &str) -> Result<Vec<PathBuf>, FsError> {
+        let _cp = lock_cp(&self.checkpoints_lock);
         self.checkpoint_dir(id)?;
         let cp = self.open_checkpoint(id)?;
         let theirs = View::Merged(&cp).changed_paths();

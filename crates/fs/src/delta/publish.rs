@@ -6,7 +6,7 @@ use super::*;
 impl Delta {
     /// Whether `rel` names an existing codebase entry only through a case-folding directory
     /// (stored as another spelling, or below one).
-    fn stored_under_another_spelling(&self, rel: &Path) -> bool {
+    pub(super) fn stored_under_another_spelling(&self, rel: &Path) -> bool {
         host::lstat(self.lower.as_fd(), rel).is_ok_and(|st| {
             !self
                 .spellings
@@ -64,6 +64,15 @@ impl Delta {
     /// Applies the changes made since the last publish to the codebase (see the module docs).
     pub fn publish(&self, filter: &PublishFilter<'_>) -> Result<PublishReport, FsError> {
         let mut meta = self.lock();
+        self.publish_locked(&mut meta, filter)
+    }
+
+    /// [`Delta::publish`] with the delta's lock held by the caller.
+    pub(super) fn publish_locked(
+        &self,
+        meta: &mut Meta,
+        filter: &PublishFilter<'_>,
+    ) -> Result<PublishReport, FsError> {
         let mut report = PublishReport::default();
         // Most commands change nothing: no tree walk and no journal rewrite for them (this runs
         // after every command, before its result is returned).
@@ -94,7 +103,7 @@ impl Delta {
                 report.skipped.push(p);
                 continue;
             }
-            match self.publish_delete(&meta, &p) {
+            match self.publish_delete(meta, &p) {
                 Ok(conflict) => {
                     report.conflicts.extend(conflict);
                     report.deleted.push(p.clone());
@@ -160,9 +169,9 @@ impl Delta {
                 .flatten();
             let put = match linked {
                 Some(first) => self
-                    .publish_link(&meta, first, &p)
-                    .or_else(|_| self.publish_put(&meta, &p, &st)),
-                None => self.publish_put(&meta, &p, &st),
+                    .publish_link(meta, first, &p)
+                    .or_else(|_| self.publish_put(meta, &p, &st)),
+                None => self.publish_put(meta, &p, &st),
             };
             if put.is_ok() && kind != EntryKind::Dir && st.st_nlink > 1 {
                 links
@@ -198,7 +207,7 @@ impl Delta {
                 Err(e) => report.failed.push((p.clone(), error_chain(&e))),
             }
         }
-        self.prune_upper(&meta, Path::new(""));
+        self.prune_upper(meta, Path::new(""));
         let lower_after = self.lower_footprint(&dirty);
         self.usage.add_published(
             &self.dir,
@@ -209,7 +218,7 @@ impl Delta {
         // it afresh rather than following each removal.
         self.usage
             .set_upper(footprint_below(&self.dir.join("upper")));
-        self.compact(&mut meta)?;
+        self.compact(meta)?;
         Ok(report)
     }
 

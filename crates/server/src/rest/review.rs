@@ -79,6 +79,8 @@ pub fn change_json(c: &x::PathChange) -> Value {
         "baseSha256": c.base_sha256,
         "binary": c.binary,
         "baseMoved": c.base_moved,
+        "hidden": c.hidden,
+        "oldSize": c.old_size,
     })
 }
 
@@ -97,6 +99,7 @@ pub fn checkpoint_json(c: &x::Checkpoint) -> Value {
         }),
         "paths": c.paths,
         "bytes": c.bytes,
+        "byAgent": c.by_agent,
     })
 }
 
@@ -123,6 +126,8 @@ struct ApplyBody {
     paths: Vec<String>,
     #[serde(default)]
     expected: std::collections::BTreeMap<String, String>,
+    #[serde(default, alias = "expected_content", rename = "expectedContent")]
+    expected_content: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -204,6 +209,7 @@ pub(super) fn routes() -> Router<RestState> {
                             sandbox_id: id,
                             paths: b.paths,
                             expected: b.expected.into_iter().collect(),
+                            expected_content: b.expected_content.into_iter().collect(),
                         },
                         c,
                     ))

@@ -52,6 +52,7 @@ pub trait Mounted: Send + Sync + std::fmt::Debug {
         &self,
         _select: &Selection,
         _expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        _content: &BTreeMap<PathBuf, Option<[u8; 32]>>,
     ) -> Result<PublishReport, ApplyRefusal> {
         Err(ApplyRefusal::Fs(unsupported("apply")))
     }
@@ -60,7 +61,7 @@ pub trait Mounted: Send + Sync + std::fmt::Debug {
         Err(unsupported("discard"))
     }
     /// Takes a checkpoint ([`MountHandle::checkpoint`]).
-    fn checkpoint(&self, _label: &str) -> Result<CheckpointInfo, FsError> {
+    fn checkpoint(&self, _label: &str, _by_agent: bool) -> Result<CheckpointInfo, FsError> {
         Err(unsupported("checkpoint"))
     }
     /// Restores a checkpoint ([`MountHandle::restore_checkpoint`]).
@@ -122,14 +123,15 @@ impl Mounted for MountHandle {
         &self,
         select: &Selection,
         expected: &BTreeMap<PathBuf, Option<[u8; 32]>>,
+        content: &BTreeMap<PathBuf, Option<[u8; 32]>>,
     ) -> Result<PublishReport, ApplyRefusal> {
-        MountHandle::apply(self, select, expected)
+        MountHandle::apply(self, select, expected, content)
     }
     fn discard(&self, select: &Selection) -> Result<Vec<PathBuf>, FsError> {
         MountHandle::discard(self, select)
     }
-    fn checkpoint(&self, label: &str) -> Result<CheckpointInfo, FsError> {
-        MountHandle::checkpoint(self, label)
+    fn checkpoint(&self, label: &str, by_agent: bool) -> Result<CheckpointInfo, FsError> {
+        MountHandle::checkpoint(self, label, by_agent)
     }
     fn restore_checkpoint(&self, id: &str) -> Result<Vec<PathBuf>, FsError> {
         MountHandle::restore_checkpoint(self, id)

@@ -20,6 +20,8 @@ use super::*;
 pub const DEFAULT_CHANGES_LIMIT: usize = 10_000;
 /// Most bytes of a diff unless the caller asks for fewer.
 pub const DEFAULT_DIFF_BYTES: usize = 64 << 20;
+/// The most bytes of a diff a caller may ask for.
+pub const MAX_DIFF_BYTES: usize = 256 << 20;
 /// How many paths an audit event lists.
 const AUDITED_PATHS: usize = 100;
 
@@ -74,6 +76,39 @@ fn selection(paths: &[String]) -> Result<Selection, ServiceError> {
         FsError::InvalidName { name } => ServiceError::InvalidArgument(format!("path glob {name}")),
         e => ServiceError::internal("path globs", e),
     })
+}
+
+/// `select`, showing a caller acting for the sandbox (its token) only the codebase content
+/// the sandbox's rules let it read: the base of a file it replaced may have become a secret.
+fn for_caller(select: Selection, agent: bool, a: &Access<'_>) -> Result<Selection, ServiceError> {
+    if !agent {
+        return Ok(select);
+    }
+    let reveal = agentfense_fs::codebase_reader(a.delta.lower_path(), a.policy.clone())
+        .map_err(|e| ServiceError::internal("judging what the sandbox may read", e))?;
+    Ok(select.revealing(reveal))
+}
+
+/// Parses `path -> sha256` pairs (`absent` or empty: the path has no such version).
+fn digests(
+    pairs: BTreeMap<String, String>,
+    field: &str,
+) -> Result<BTreeMap<PathBuf, Option<[u8; 32]>>, ServiceError> {
+    let mut out = BTreeMap::new();
+    for (p, sha) in pairs {
+        let rel = SandboxPath::parse(&p)
+            .map_err(|e| ServiceError::InvalidArgument(format!("{field} path {p:?}: {e}")))?;
+        let digest = match sha.as_str() {
+            "" | "absent" => None,
+            s => Some(parse_digest(s).ok_or_else(|| {
+                ServiceError::InvalidArgument(format!(
+                    "{field}[{p:?}] = {s:?}: not a SHA-256 in hex (or \"absent\")"
+                ))
+            })?),
+        };
+        out.insert(PathBuf::from(rel.relative()), digest);
+    }
+    Ok(out)
 }
 
 fn listed(paths: impl IntoIterator<Item = PathBuf>) -> Vec<String> {
@@ -186,7 +221,9 @@ impl Service {
         } else {
             limit
         };
+        let agent = caller.sandbox.is_some();
         self.with_delta(caller, sandbox_id, move |_, _, a| {
+            let select = for_caller(select, agent, &a)?;
             a.delta
                 .review(&select, limit)
                 .map_err(|e| fs_error("listing changes", e))
@@ -210,11 +247,13 @@ impl Service {
             max_bytes: if max_bytes == 0 {
                 DEFAULT_DIFF_BYTES
             } else {
-                max_bytes
+                max_bytes.min(MAX_DIFF_BYTES)
             },
             ..PatchOptions::default()
         };
+        let agent = caller.sandbox.is_some();
         self.with_delta(caller, sandbox_id, move |_, _, a| {
+            let select = for_caller(select, agent, &a)?;
             let open = |s: &StateRef| match s {
                 StateRef::Checkpoint(id) => a
                     .delta
@@ -240,41 +279,33 @@ impl Service {
         .await
     }
 
-    /// Writes the selected pending changes into the codebase, all or nothing.
+    /// Writes the selected pending changes into the codebase, all or nothing. `expected`:
+    /// path -> the codebase version's SHA-256 the reviewer saw; `content`: path -> the
+    /// sandbox version's (`absent` or empty: none).
     pub async fn apply_changes(
         self: &Arc<Self>,
         caller: &Caller,
         sandbox_id: &str,
         paths: Vec<String>,
         expected: BTreeMap<String, String>,
+        content: BTreeMap<String, String>,
     ) -> Result<PublishReport, ServiceError> {
         let select = selection(&paths)?;
-        let mut want = BTreeMap::new();
-        for (p, sha) in expected {
-            let rel = SandboxPath::parse(&p)
-                .map_err(|e| ServiceError::InvalidArgument(format!("expected path {p:?}: {e}")))?;
-            let digest = match sha.as_str() {
-                "" | "absent" => None,
-                s => Some(parse_digest(s).ok_or_else(|| {
-                    ServiceError::InvalidArgument(format!(
-                        "expected[{p:?}] = {s:?}: not a SHA-256 in hex (or \"absent\")"
-                    ))
-                })?),
-            };
-            want.insert(PathBuf::from(rel.relative()), digest);
-        }
+        let want = digests(expected, "expected")?;
+        let seen = digests(content, "expected_content")?;
         let actor = caller.actor();
         self.with_delta(caller, sandbox_id, move |this, rec, a| {
             let pending: Vec<PathBuf> = a.delta.pending();
             let before = this.files.usage(&rec.codebase_id, &pending);
             let report = match a.mount {
-                Some(m) => m.apply(&select, &want),
+                Some(m) => m.apply(&select, &want, &seen),
                 None => agentfense_fs::apply_unmounted(
                     a.delta,
                     a.policy,
                     &this.engine.mounts,
                     &select,
                     &want,
+                    &seen,
                 ),
             }
             .map_err(refusal)?;
@@ -344,8 +375,10 @@ impl Service {
             ));
         }
         let actor = caller.actor();
+        // A sandbox token is the agent: its checkpoints are counted apart from a reviewer's.
+        let by_agent = caller.sandbox.is_some();
         self.with_delta(caller, sandbox_id, move |this, rec, a| {
-            this.checkpoint_now(rec.id.as_str(), a.delta, a.mount, &label, actor)
+            this.checkpoint_now(rec.id.as_str(), a.delta, a.mount, &label, by_agent, actor)
         })
         .await
     }
@@ -356,11 +389,12 @@ impl Service {
         delta: &Delta,
         mount: Option<&dyn Mounted>,
         label: &str,
+        by_agent: bool,
         actor: Actor,
     ) -> Result<CheckpointInfo, ServiceError> {
         let info = match mount {
-            Some(m) => m.checkpoint(label),
-            None => delta.checkpoint(label),
+            Some(m) => m.checkpoint(label, by_agent),
+            None => delta.checkpoint_as(label, by_agent),
         }
         .map_err(|e| fs_error("taking a checkpoint", e))?;
         self.prune_checkpoints(delta);
@@ -426,6 +460,7 @@ impl Service {
     ) -> Result<ChangeSet, ServiceError> {
         StateRef::parse(&checkpoint_id)?;
         let actor = caller.actor();
+        let agent = caller.sandbox.is_some();
         self.with_delta(caller, sandbox_id, move |this, rec, a| {
             let cp = a
                 .delta
@@ -434,7 +469,7 @@ impl Service {
             let changes = compare(
                 View::Merged(a.delta),
                 View::Merged(&cp),
-                &Selection::all(),
+                &for_caller(Selection::all(), agent, &a)?,
                 DEFAULT_CHANGES_LIMIT,
             )
             .map_err(|e| fs_error("comparing with the checkpoint", e))?;
@@ -490,7 +525,7 @@ impl Service {
             let Some(delta) = l.mount.delta() else {
                 return Ok(());
             };
-            this.checkpoint_now(l.id.as_str(), delta, Some(&*l.mount), &label, actor)
+            this.checkpoint_now(l.id.as_str(), delta, Some(&*l.mount), &label, true, actor)
                 .map(drop)
         })
         .await;
