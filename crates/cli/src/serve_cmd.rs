@@ -119,6 +119,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if let Some(a) = bound.http_addr() {
             println!("agentfense: REST listening on {scheme}://{a}");
         }
+        if let Some(a) = bound.metrics_addr() {
+            println!("agentfense: metrics on http://{a}/metrics");
+        }
         if let Some(p) = bound.unix_socket() {
             // unix:///path is also the endpoint to give the Python SDK.
             println!("agentfense: gRPC listening on unix://{}", p.display());

@@ -78,6 +78,13 @@ pub enum AuditEvent {
         /// Its id.
         sandbox_id: String,
     },
+    /// A sandbox could not start (it is in ERROR with the reason).
+    SandboxStartFailed {
+        /// Its id.
+        sandbox_id: String,
+        /// Why.
+        error: String,
+    },
     /// A sandbox stopped.
     SandboxStopped {
         /// Its id.
@@ -272,6 +279,24 @@ pub enum AuditEvent {
         /// The token's id (never the token).
         token_id: String,
     },
+    /// An alert rule fired (see `alerts.*`); the record's tenant is the one it concerns.
+    Alert {
+        /// The rule (`permission_denials`, `resource_limits`, `sandbox_creations`,
+        /// `long_sessions`, `failed_starts`, `egress_refusals`).
+        rule: String,
+        /// `low`, `medium` or `high`.
+        severity: String,
+        /// The sandbox it concerns, if one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sandbox_id: Option<String>,
+        /// The count that passed the threshold.
+        count: u64,
+        /// The counting window, seconds (rate rules).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        window_secs: Option<u64>,
+        /// What happened, in words.
+        detail: String,
+    },
     /// Events lost: a sandbox's filesystem events when their consumer stalled (with the
     /// sandbox), or any events when the writer's queue was full (without).
     AuditEventsDropped {
@@ -351,8 +376,23 @@ impl Audit {
         Audit::open_with(path, TrailOptions::default())
     }
 
-    /// Like [`Audit::open`], with the trail's rotation and retention.
+    /// Like [`Audit::open`], with the trail's rotation and retention (and no alerts).
     pub fn open_with(path: &Path, opts: TrailOptions) -> Result<(Audit, AuditWriter), AuditError> {
+        Audit::open_alerting(path, opts, None)
+    }
+
+    /// Like [`Audit::open_with`], with alert rules evaluated on every event written.
+    pub fn open_alerting(
+        path: &Path,
+        opts: TrailOptions,
+        alerts: Option<crate::alerts::AlertsConfig>,
+    ) -> Result<(Audit, AuditWriter), AuditError> {
+        let observer = Observer {
+            webhook: alerts
+                .as_ref()
+                .and_then(|a| crate::alerts::Webhook::start(&a.webhook_url)),
+            rules: alerts.map(crate::alerts::Rules::new),
+        };
         let trail = Trail::open(path, opts).map_err(|source| AuditError {
             path: path.to_owned(),
             source,
@@ -364,7 +404,7 @@ impl Audit {
         let p = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(rx, bulk_rx, trail, d, p))
+            .spawn(move || write_loop(rx, bulk_rx, trail, observer, d, p))
             .map_err(|source| AuditError {
                 path: path.to_owned(),
                 source,
@@ -449,12 +489,17 @@ fn write_loop(
     rx: Receiver<Queued>,
     bulk_rx: Receiver<Queued>,
     mut out: Trail,
+    mut observer: Observer,
     dropped: Arc<AtomicU64>,
     path: PathBuf,
 ) {
-    let write = |out: &mut Trail, at: SystemTime, actor: &Actor, ev: &AuditEvent| {
-        if let Err(e) = out.append(at, &Line { actor, event: ev }) {
-            tracing::error!(path = %path.display(), error = %e, "cannot write audit log");
+    let mut write = |out: &mut Trail, at: SystemTime, actor: &Actor, ev: &AuditEvent| {
+        let mut pending = vec![ev.clone()];
+        while let Some(ev) = pending.pop() {
+            if let Err(e) = out.append(at, &Line { actor, event: &ev }) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write audit log");
+            }
+            pending.extend(observer.observe(at, actor, &ev));
         }
     };
     let never = crossbeam_channel::never::<Queued>();
@@ -511,6 +556,75 @@ fn write_loop(
         }
     }
     let _ = out.flush(true);
+}
+
+/// What the writer does with each event besides writing it: metrics, alert rules, the webhook.
+struct Observer {
+    rules: Option<crate::alerts::Rules>,
+    webhook: Option<crate::alerts::Webhook>,
+}
+
+impl Observer {
+    /// Counts `ev` and returns the alerts it raises.
+    fn observe(&mut self, at: SystemTime, actor: &Actor, ev: &AuditEvent) -> Vec<AuditEvent> {
+        use crate::metrics::{AlertLabels, DecisionLabel, DenialLabels, KindLabel, metrics};
+        let m = metrics();
+        m.audit_events_total.inc();
+        match ev {
+            AuditEvent::PermissionDenied {
+                operation,
+                level,
+                count,
+                ..
+            } => {
+                m.fs_denials_total
+                    .get_or_create(&DenialLabels {
+                        operation: operation.clone(),
+                        level: level.clone(),
+                    })
+                    .inc_by((*count).max(1));
+            }
+            AuditEvent::ResourceLimitExceeded { limit, .. } => {
+                m.limit_hits_total
+                    .get_or_create(&KindLabel {
+                        kind: limit.clone(),
+                    })
+                    .inc();
+            }
+            AuditEvent::NetworkConnection {
+                decision, count, ..
+            } => {
+                m.egress_total
+                    .get_or_create(&DecisionLabel {
+                        decision: decision.clone(),
+                    })
+                    .inc_by((*count).max(1));
+            }
+            AuditEvent::AuditEventsDropped { count, .. } => {
+                m.audit_events_dropped_total.inc_by(*count);
+            }
+            AuditEvent::Alert { rule, severity, .. } => {
+                m.alerts_total
+                    .get_or_create(&AlertLabels {
+                        rule: rule.clone(),
+                        severity: severity.clone(),
+                    })
+                    .inc();
+                if let Some(hook) = &self.webhook
+                    && let Ok(mut v) = serde_json::to_value(Line { actor, event: ev })
+                {
+                    v["timestamp"] = humantime::format_rfc3339_millis(at).to_string().into();
+                    hook.send(v);
+                }
+                return Vec::new();
+            }
+            _ => {}
+        }
+        match &mut self.rules {
+            Some(r) => r.observe(at, actor, ev),
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Drop for AuditWriter {

@@ -83,6 +83,8 @@ pub struct Config {
     pub quotas: QuotaConfig,
     /// What sandboxes with an egress policy may reach.
     pub network: NetworkConfig,
+    /// Built-in alert rules and where alerts go.
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `policy.*`
@@ -131,6 +133,9 @@ pub struct ServerConfig {
     /// server accepts outlives its request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Where Prometheus metrics are served (`GET /metrics`), e.g. `127.0.0.1:9100`; empty (the
+    /// default) serves none. A loopback address only: metrics carry no authentication.
+    pub metrics_addr: String,
 }
 
 impl ServerConfig {
@@ -156,6 +161,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             tls: TlsConfig::default(),
             request_timeout: Duration::ZERO,
+            metrics_addr: String::new(),
         }
     }
 }

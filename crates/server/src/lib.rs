@@ -4,6 +4,7 @@
 //! The service layer ([`service`]) owns the logic; `grpc` and `rest` are thin adapters with one
 //! error mapping each. Binaries call [`config::Config::load`] and then the serve entry point.
 
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod files;
 pub mod grpc;
 pub mod host;
 pub mod ids;
+pub mod metrics;
 pub mod rest;
 pub mod serve;
 pub mod service;

@@ -64,6 +64,9 @@ pub enum ServeError {
     /// The REST server failed.
     #[error("REST server failed")]
     Http(#[source] std::io::Error),
+    /// `server.metrics_addr` is unusable.
+    #[error("{0}")]
+    Metrics(String),
     /// The unix socket could not be set up.
     #[error("cannot listen on unix socket {path}: {detail}")]
     Unix {
@@ -87,6 +90,7 @@ pub struct Bound {
     http: Option<TcpListener>,
     unix: Option<tokio::net::UnixListener>,
     tls: Option<crate::tls::Tls>,
+    metrics: Option<TcpListener>,
 }
 
 /// Opens the data directory, the metadata store, codebase storage and the audit log, and binds
@@ -110,8 +114,11 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     }
     let store = Arc::new(Store::open(&paths.db)?);
     let files = CodebaseFiles::open(&paths.codebases)?;
-    let (audit, audit_writer) =
-        Audit::open_with(&paths.audit, settings.config.logging.trail_options())?;
+    let (audit, audit_writer) = Audit::open_alerting(
+        &paths.audit,
+        settings.config.logging.trail_options(),
+        Some(settings.config.alerts.clone()),
+    )?;
 
     let grpc = TcpListener::bind(settings.grpc_addr)
         .await
@@ -131,6 +138,30 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
                 })?,
         ),
         None => None,
+    };
+    let metrics = match settings.config.server.metrics_addr.trim() {
+        "" => None,
+        a => {
+            let addr: SocketAddr = a.parse().map_err(|_| {
+                ServeError::Metrics(format!("server.metrics_addr {a:?} is not IP:PORT"))
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ServeError::Metrics(format!(
+                    "server.metrics_addr {addr} is not a loopback address: metrics carry no \
+                     authentication; listen on 127.0.0.1 and let the scraper reach it there \
+                     (or through a proxy that authenticates)"
+                )));
+            }
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        addr,
+                        what: "metrics",
+                        source,
+                    })?,
+            )
+        }
     };
     let tls = crate::tls::Tls::load(&settings.config.server.tls)
         .map_err(|e| ServeError::Auth(e.to_string()))?;
@@ -162,6 +193,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         http,
         unix,
         tls,
+        metrics,
     })
 }
 
@@ -346,6 +378,11 @@ impl Bound {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The bound metrics address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The unix socket's path, if the server listens on one.
     pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
         self.unix
@@ -373,6 +410,7 @@ impl Bound {
             http,
             unix,
             tls,
+            metrics,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -395,6 +433,27 @@ impl Bound {
                                 tracing::info!(count = n, "destroyed expired sandboxes");
                             }
                         }
+                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                    }
+                }
+            })
+        };
+
+        // Long-running sessions: no event marks them, so they are looked for.
+        let sessions = {
+            let svc = service.clone();
+            let rule = svc.settings().config.alerts.long_sessions.clone();
+            let every = (rule.after / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                if !rule.enabled {
+                    return;
+                }
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { svc.alert_long_sessions().await; }
                         _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
                     }
                 }
@@ -513,6 +572,17 @@ impl Bound {
             }
         });
 
+        let metrics_task = metrics.map(|listener| {
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(scrape))
+                .with_state(service.clone());
+            tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(wait(stop_rx.clone()))
+                    .into_future(),
+            )
+        });
+
         shutdown.await;
         tracing::info!("shutting down: no new requests accepted");
         let _ = stop_tx.send(true);
@@ -524,6 +594,10 @@ impl Bound {
         };
         let _ = reaper.await;
         let _ = blocks.await;
+        let _ = sessions.await;
+        if let Some(t) = metrics_task {
+            let _ = tokio::time::timeout(grace, t).await;
+        }
         if let Some(t) = unix_task {
             let _ = tokio::time::timeout(grace, t).await;
         }
@@ -545,5 +619,37 @@ impl Bound {
             return Err(ServeError::Http(e));
         }
         Ok(())
+    }
+}
+
+/// `GET /metrics`: gauges read at scrape time, then every metric in the text format.
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the classic text format.
+async fn scrape(
+    axum::extract::State(svc): axum::extract::State<Arc<Service>>,
+    headers: axum::http::HeaderMap,
+) -> impl axum::response::IntoResponse {
+    let s = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || s.observe_gauges()).await;
+    let open = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let m = crate::metrics::metrics();
+    if open {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.encode(),
+        )
+    } else {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            m.encode_prometheus(),
+        )
     }
 }

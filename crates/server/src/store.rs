@@ -582,6 +582,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Number of sandboxes in each status (`pending`, `running`, `stopped`, `error`).
+    pub fn count_sandboxes_by_status(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT status, COUNT(*) FROM sandboxes GROUP BY status")
+            .map_err(q("count sandboxes by status"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(q("count sandboxes by status"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(q("count sandboxes by status"))
+    }
+
     /// Number of sandboxes whose codebase belongs to `owner`.
     pub fn count_sandboxes_of_owner(&self, owner: &str) -> Result<u64, StoreError> {
         self.conn()
@@ -690,6 +705,43 @@ impl Store {
         .optional()
         .map_err(q("get session"))?
         .transpose()
+    }
+
+    /// Active sessions opened before `before`: (session, sandbox, tenant, created at).
+    pub fn sessions_open_since(
+        &self,
+        before: SystemTime,
+    ) -> Result<Vec<(String, String, String, SystemTime)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT s.id, s.sandbox_id, sb.tenant, s.created_at FROM sessions s
+                 JOIN sandboxes sb ON sb.id = s.sandbox_id
+                 WHERE s.status = 'active' AND s.created_at < ?1 ORDER BY s.seq",
+            )
+            .map_err(q("list old sessions"))?;
+        stmt.query_map([to_nanos(before)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(q("list old sessions"))?
+        .map(|row| {
+            row.map(|(id, sb, tenant, at)| {
+                (
+                    id,
+                    sb,
+                    tenant,
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_nanos(u64::try_from(at).unwrap_or(0)),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(q("list old sessions"))
     }
 
     /// Sessions of a sandbox, oldest first.

@@ -167,3 +167,257 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+/// A free loopback port (bound, then released for the server or a late receiver to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn records(data: &Path, event: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(data.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == event)
+        .collect()
+}
+
+/// Waits for `what` to hold (a cause, not a clock: the deadline only bounds a broken run).
+fn wait_for(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !probe() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Reads one HTTP request from `s` and answers 200; returns its body.
+fn take_request(mut s: std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head_end, len) = loop {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before a whole request");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (i + 4, len);
+        }
+    };
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned()
+}
+
+/// A denial storm in one sandbox raises exactly one alert (none for a quiet one), recorded in
+/// the trail, counted in `/metrics` (which promtool accepts) and delivered to a webhook that
+/// was down when it fired; a long session raises its own.
+#[test]
+fn alerts_reach_the_trail_the_metrics_and_a_late_webhook() {
+    let test = "alerts_reach_the_trail_the_metrics_and_a_late_webhook";
+    if !privileged(test) {
+        return;
+    }
+    let promtool = agentfense_testsupport::which("promtool");
+    if !agentfense_testsupport::require(
+        test,
+        promtool
+            .is_none()
+            .then(|| "promtool (Debian's prometheus package)".to_owned()),
+    ) {
+        return;
+    }
+    let (hook_port, metrics_port) = (free_port(), free_port());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config = format!(
+        "server:\n  metrics_addr: 127.0.0.1:{metrics_port}\n\
+         alerts:\n  webhook_url: http://127.0.0.1:{hook_port}/hook\n  \
+         long_sessions:\n    after: 1s\n    severity: low\n"
+    );
+    let mut server = Server::start_with(&data, &config);
+    let (code, cb, err) = cli(&server, &["codebase", "create", "watched"]);
+    assert_eq!(code, 0, "{err}");
+    let cb = cb.trim().to_owned();
+    // Distinct hidden files: each first lookup is a denial (the kernel then caches the
+    // answer, so repeating one name would not storm).
+    for i in 1..=20 {
+        std::fs::write(
+            data.join("codebases").join(&cb).join(format!(".env.{i}")),
+            "SECRET=1\n",
+        )
+        .unwrap();
+    }
+    let sandbox = || {
+        let (code, sb, err) = cli(
+            &server,
+            &[
+                "sandbox",
+                "create",
+                &cb,
+                "--start",
+                "--preset",
+                "agent-safe",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        sb.trim().to_owned()
+    };
+    let (loud, quiet) = (sandbox(), sandbox());
+    exec(
+        &server,
+        &loud,
+        "for i in $(seq 20); do cat .env.$i 2>/dev/null; done; true",
+    );
+    exec(&server, &quiet, "cat .env.1 2>/dev/null; true");
+    wait_for("a permission_denials alert", || {
+        !records(&data, "alert").is_empty()
+    });
+    // Nothing more comes for the storm: the last command's events are all in.
+    exec(&server, &loud, "true");
+    let alerts: Vec<_> = records(&data, "alert")
+        .into_iter()
+        .filter(|a| a["rule"] == "permission_denials")
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["sandbox_id"], loud.as_str());
+    assert_eq!(alerts[0]["severity"], "medium");
+    // The webhook receiver comes up only now; the alert is retried until it is taken.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", hook_port)).unwrap();
+    let (conn, _) = listener.accept().unwrap();
+    let body: serde_json::Value = serde_json::from_str(&take_request(conn)).unwrap();
+    assert_eq!(body["event"], "alert");
+    assert_eq!(body["rule"], "permission_denials");
+    assert_eq!(body["sandbox_id"], loud.as_str());
+    // A session open past `after`.
+    let (code, sess, err) = cli(&server, &["session", "create", &quiet]);
+    assert_eq!(code, 0, "{err}");
+    let sess = sess.trim().to_owned();
+    wait_for("a long_sessions alert", || {
+        records(&data, "alert").iter().any(|a| {
+            a["rule"] == "long_sessions" && a["detail"].as_str().is_some_and(|d| d.contains(&sess))
+        })
+    });
+    // Metrics: the alert, the commands, the denials; promtool accepts the page.
+    let page = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+        .output()
+        .unwrap();
+    assert!(page.status.success());
+    let text = String::from_utf8(page.stdout).unwrap();
+    assert!(
+        text.contains("agentfense_alerts_total{rule=\"permission_denials\",severity=\"medium\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentfense_exec_total{runtime=\"bwrap\",result=\"ok\"}"),
+        "{text}"
+    );
+    assert!(text.contains("agentfense_fs_denials_total{"), "{text}");
+    assert!(
+        text.contains("agentfense_sandboxes{state=\"running\"} 2"),
+        "{text}"
+    );
+    assert!(!text.contains(&loud), "a sandbox id in a label: {text}");
+    let mut check = Command::new(promtool.unwrap())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.stop();
+}
+
+/// The shipped Prometheus rules pass `promtool check rules`, and they and the Grafana
+/// dashboard use only metrics the server exports.
+#[test]
+fn shipped_monitoring_artifacts_are_valid() {
+    let test = "shipped_monitoring_artifacts_are_valid";
+    let promtool = agentfense_testsupport::which("promtool");
+    if !agentfense_testsupport::require(
+        test,
+        promtool
+            .is_none()
+            .then(|| "promtool (Debian's prometheus package)".to_owned()),
+    ) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let rules = root.join("deploy/prometheus/agentfense-rules.yml");
+    let out = Command::new(promtool.unwrap())
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let known: Vec<&str> = agentfense_server::metrics::metrics()
+        .names()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let dashboard =
+        std::fs::read_to_string(root.join("deploy/grafana/agentfense-dashboard.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let text = std::fs::read_to_string(&rules).unwrap() + &dashboard;
+    let mut used: Vec<String> = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("agentfense_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        used.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    assert!(used.len() > 10, "{used:?}");
+    for name in used {
+        let base = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            known.contains(&base) || known.contains(&name.as_str()),
+            "{name} is not a metric the server exports ({known:?})"
+        );
+    }
+}

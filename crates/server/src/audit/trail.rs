@@ -9,8 +9,8 @@
 //! trail elsewhere as it is written (a SIEM) is what anchors it.
 //!
 //! The current file is `audit.jsonl`; when it reaches the size limit, or at the first record of
-//! a new UTC day, it is renamed to `audit.jsonl.<UTC time>` (e.g.
-//! `audit.jsonl.20261207T133529.123Z`) and a new one is started, the chain running on across
+//! a new UTC day, it is renamed to `audit.jsonl.<UTC time>-<seq of its last record>` (e.g.
+//! `audit.jsonl.20261207T133529.123Z-000000001042`) and a new one is started, the chain running on across
 //! them. Rotated files older than the retention are deleted (then [`verify`] starts the chain
 //! at the oldest record left).
 //!
@@ -64,13 +64,14 @@ fn day(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()[..10].to_owned()
 }
 
-/// Rotated files of the trail at `path`, oldest first.
+/// Rotated files of the trail at `path`, oldest first: by the seq of their last record, which
+/// their name carries (`audit.jsonl.<UTC time>-<seq>`), never by a clock that may step back.
 pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Vec::new();
     };
     let prefix = format!("{}.", name.to_string_lossy());
-    let mut out: Vec<PathBuf> = std::fs::read_dir(if dir.as_os_str().is_empty() {
+    let mut out: Vec<(u64, String, PathBuf)> = std::fs::read_dir(if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
@@ -80,12 +81,18 @@ pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
     .flatten()
     .filter_map(|e| {
         let n = e.file_name().to_string_lossy().into_owned();
-        let stamp = n.strip_prefix(&prefix)?;
-        stamp_time(stamp).map(|_| dir.join(&n))
+        let suffix = n.strip_prefix(&prefix)?;
+        stamp_time(suffix)?;
+        let seq = suffix
+            .split('-')
+            .nth(1)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        Some((seq, suffix.to_owned(), dir.join(&n)))
     })
     .collect();
     out.sort();
-    out
+    out.into_iter().map(|(_, _, p)| p).collect()
 }
 
 /// Every file of the trail, oldest first (the current one last, if it exists).
@@ -97,7 +104,7 @@ pub fn files(path: &Path) -> Vec<PathBuf> {
     all
 }
 
-/// The rotation time a rotated file's name carries (`20261207T133529.123Z`, maybe `-n`).
+/// The rotation time a rotated file's name carries (`20261207T133529.123Z-<seq>`).
 fn stamp_time(stamp: &str) -> Option<SystemTime> {
     let s = stamp.split('-').next()?;
     if s.len() != 20 || !s.ends_with('Z') {
@@ -280,14 +287,12 @@ impl Trail {
     fn rotate(&mut self) -> io::Result<()> {
         self.flush(true)?;
         let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        let mut target = self
-            .path
-            .with_file_name(format!("{name}.{}", stamp(SystemTime::now())));
+        // The seq of its last record orders it among the others.
+        let base = format!("{name}.{}-{:012}", stamp(SystemTime::now()), self.seq);
+        let mut target = self.path.with_file_name(&base);
         let mut n = 1;
         while target.exists() {
-            target = self
-                .path
-                .with_file_name(format!("{name}.{}-{n}", stamp(SystemTime::now())));
+            target = self.path.with_file_name(format!("{base}-{n}"));
             n += 1;
         }
         std::fs::rename(&self.path, &target)?;

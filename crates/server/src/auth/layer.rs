@@ -79,13 +79,42 @@ where
         Box::pin(async move {
             let creds = grpc_credentials(&req);
             let method = req.uri().path().to_owned();
-            match gate.authorize(&creds, &method).await {
+            let resp = match gate.authorize(&creds, &method).await {
                 Ok(caller) => {
                     req.extensions_mut().insert(caller);
                     inner.call(req).await
                 }
                 Err(e) => Ok(tonic::Status::from(e).into_http::<RB>()),
+            };
+            if let Ok(r) = &resp {
+                // A unary error comes as a trailers-only response (the status in the
+                // headers); a success, or a stream, counts as OK when it starts.
+                let code = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from);
+                count_request("grpc", &method, code);
             }
+            resp
         })
     }
+}
+
+/// Counts one API request (methods nobody declared count as `unknown`: bounded labels).
+pub(crate) fn count_request(protocol: &str, method: &str, code: tonic::Code) {
+    let method = if super::requirement(method).is_some() {
+        method.trim_start_matches('/')
+    } else {
+        "unknown"
+    };
+    crate::metrics::metrics()
+        .requests_total
+        .get_or_create(&crate::metrics::RequestLabels {
+            protocol: protocol.to_owned(),
+            method: method.to_owned(),
+            code: crate::metrics::code_name(code).to_owned(),
+        })
+        .inc();
 }

@@ -16,6 +16,7 @@ use std::fmt;
 
 pub use gate::{AuthError, Credentials, Gate, Peer};
 pub use layer::AuthLayer;
+pub(crate) use layer::count_request;
 
 use crate::ids::SandboxId;
 

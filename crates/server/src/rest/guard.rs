@@ -335,13 +335,24 @@ pub async fn authenticate(State(g): State<Arc<Guard>>, mut req: Request, next: N
         peer: peer.0,
         cert_tenant: peer.1,
     };
-    match g.gate.authorize(&creds, method).await {
+    let resp = match g.gate.authorize(&creds, method).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
         Err(e) => RestError(tonic::Status::from(e)).into_response(),
-    }
+    };
+    let code =
+        resp.extensions()
+            .get::<tonic::Code>()
+            .copied()
+            .unwrap_or(if resp.status().is_success() {
+                tonic::Code::Ok
+            } else {
+                tonic::Code::Unknown
+            });
+    crate::auth::count_request("rest", method, code);
+    resp
 }
 
 #[cfg(test)]

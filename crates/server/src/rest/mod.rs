@@ -75,7 +75,9 @@ impl IntoResponse for RestError {
             "message": self.0.message(),
             "details": [],
         });
-        (http_status(self.0.code()), axum::Json(body)).into_response()
+        let mut r = (http_status(self.0.code()), axum::Json(body)).into_response();
+        r.extensions_mut().insert(self.0.code());
+        r
     }
 }
 

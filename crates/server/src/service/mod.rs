@@ -40,6 +40,8 @@ pub struct Service {
     pub(crate) engine: Engine,
     pub(crate) quota: quota::Counters,
     pub(crate) secret: crate::auth::keys::ServerSecret,
+    /// Sessions the long-session alert has fired for.
+    pub(crate) session_ages: crate::alerts::SessionAges,
 }
 
 impl Service {
@@ -58,6 +60,7 @@ impl Service {
             audit,
             engine,
             quota: quota::Counters::default(),
+            session_ages: crate::alerts::SessionAges::default(),
             secret: {
                 // Replaced by the data directory's secret (`with_secret`) in a real server.
                 let mut b = [0u8; 32];

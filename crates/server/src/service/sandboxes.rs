@@ -38,6 +38,8 @@ pub(crate) struct Live {
     pub(crate) egress: Option<super::egress::Egress>,
     /// A checkpoint before each command (`agentfense.checkpoint=auto`).
     auto_checkpoint: bool,
+    /// `bwrap` or `docker` (a metrics label).
+    runtime_kind: String,
 }
 
 impl Live {
@@ -227,6 +229,78 @@ impl Service {
             return Err(ServiceError::required("session_id"));
         }
         Ok(SessionId::parse(raw)?)
+    }
+
+    /// Raises a `long_sessions` alert for each active session older than the rule allows
+    /// (once per session).
+    pub async fn alert_long_sessions(self: &Arc<Self>) {
+        let rule = self.settings.config.alerts.long_sessions.clone();
+        let Some(before) = SystemTime::now().checked_sub(rule.after) else {
+            return;
+        };
+        let store = self.store.clone();
+        let old = match blocking(move || Ok(store.sessions_open_since(before)?)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "cannot look for long sessions");
+                return;
+            }
+        };
+        for (session, sandbox, tenant, created) in old {
+            if !self.session_ages.first_time(&session) {
+                continue;
+            }
+            let age = SystemTime::now()
+                .duration_since(created)
+                .unwrap_or_default();
+            self.audit.record_as(
+                Actor::tenant(&tenant),
+                AuditEvent::Alert {
+                    rule: crate::alerts::rule::LONG_SESSIONS.to_owned(),
+                    severity: rule.severity.as_str().to_owned(),
+                    sandbox_id: Some(sandbox),
+                    count: 1,
+                    window_secs: None,
+                    detail: format!(
+                        "session {session} open for {}",
+                        humantime::format_duration(Duration::from_secs(age.as_secs()))
+                    ),
+                },
+            );
+        }
+    }
+
+    /// Sets the gauges read at scrape time: sandboxes by state, bytes the running sandboxes'
+    /// changes take.
+    pub fn observe_gauges(&self) {
+        let m = crate::metrics::metrics();
+        if let Ok(counts) = self.store.count_sandboxes_by_status() {
+            for state in ["pending", "running", "stopped", "error"] {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == state)
+                    .map_or(0, |(_, n)| *n);
+                m.sandboxes
+                    .get_or_create(&crate::metrics::StateLabel {
+                        state: state.to_owned(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        let live: Vec<Arc<Live>> = self
+            .engine
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let bytes: u64 = live
+            .iter()
+            .filter_map(|l| l.mount.delta())
+            .map(|d| d.usage().used().0)
+            .sum();
+        m.delta_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     fn mount_dirs(&self, id: &SandboxId) -> (PathBuf, PathBuf) {

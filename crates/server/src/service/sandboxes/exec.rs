@@ -171,9 +171,13 @@ impl Service {
     }
 
     /// A slot for one more command of the sandbox's tenant (`quotas.concurrent_execs`).
-    pub(super) fn exec_slot(&self, live: &Live) -> Result<super::super::quota::Slot, ServiceError> {
+    pub(super) fn exec_slot(
+        &self,
+        live: &Live,
+    ) -> Result<(super::super::quota::Slot, crate::metrics::InFlight), ServiceError> {
         let quota = self.settings.config.quotas.of(&live.tenant);
-        self.quota.exec(&live.tenant, &quota)
+        let slot = self.quota.exec(&live.tenant, &quota)?;
+        Ok((slot, crate::metrics::InFlight::start()))
     }
 
     pub(super) fn audit_command(
@@ -184,6 +188,16 @@ impl Service {
         command: &str,
         (exit_code, duration, timed_out): (i32, Duration, bool),
     ) {
+        let runtime = self
+            .engine
+            .live(sandbox_id)
+            .map_or_else(|| "unknown".to_owned(), |l| l.runtime_kind.clone());
+        let result = match (timed_out, exit_code) {
+            (true, _) => "timeout",
+            (false, 0) => "ok",
+            _ => "nonzero",
+        };
+        crate::metrics::metrics().command(&runtime, result, duration.as_secs_f64());
         self.audit.record_as(
             actor.clone(),
             AuditEvent::CommandExecuted {
@@ -244,6 +258,11 @@ impl Service {
                         humantime::format_duration(timeout)
                     )));
                 }
+                crate::metrics::metrics().command(
+                    &live.runtime_kind,
+                    "error",
+                    started.elapsed().as_secs_f64(),
+                );
                 Err(runtime_error(e))
             }
         }
@@ -281,7 +300,7 @@ impl Service {
         command: String,
         timeout: Duration,
         session: Option<SessionId>,
-        (actor, slot): (Actor, super::super::quota::Slot),
+        (actor, slot): (Actor, (super::super::quota::Slot, crate::metrics::InFlight)),
     ) -> mpsc::Receiver<StreamItem> {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();

@@ -201,8 +201,15 @@ impl Service {
         } else {
             None
         };
+        let started = std::time::Instant::now();
         match self.bring_up(&rec).await {
             Ok(()) => {
+                crate::metrics::metrics()
+                    .sandbox_start_seconds
+                    .get_or_create(&crate::metrics::RuntimeLabel {
+                        runtime: rec.runtime.to_string(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
                 rec.status = SandboxStatus::Running;
                 rec.status_reason = None;
                 rec.started_at = Some(SystemTime::now());
@@ -225,6 +232,13 @@ impl Service {
                     other => other.to_string(),
                 };
                 tracing::error!(sandbox_id = %id, error = %reason, "start failed");
+                self.audit.record_as(
+                    caller.actor(),
+                    AuditEvent::SandboxStartFailed {
+                        sandbox_id: id.to_string(),
+                        error: reason.clone(),
+                    },
+                );
                 rec.status = SandboxStatus::Error;
                 rec.status_reason = Some(reason.clone());
                 self.save(&rec).await?;
@@ -395,6 +409,7 @@ impl Service {
                     egress,
                     auto_checkpoint: rec.labels.get(labels::LABEL_CHECKPOINT).map(String::as_str)
                         == Some("auto"),
+                    runtime_kind: rec.runtime.to_string(),
                 }),
             );
         Ok(())

@@ -161,7 +161,14 @@ impl Service {
                     humantime::format_duration(timeout)
                 )))
             }
-            Err(e) => Err(runtime_error(e)),
+            Err(e) => {
+                crate::metrics::metrics().command(
+                    &live.runtime_kind,
+                    "error",
+                    started.elapsed().as_secs_f64(),
+                );
+                Err(runtime_error(e))
+            }
         }
     }
 
