@@ -181,6 +181,11 @@ pub enum SandboxCmd {
         /// Sandbox id.
         id: String,
     },
+    /// A running sandbox's resource use: CPU time, memory, processes, disk, denials.
+    Metrics {
+        /// Sandbox id.
+        id: String,
+    },
     /// Mint a token that may only run commands and sessions in this sandbox (printed alone on
     /// stdout, shown once).
     Token {
@@ -666,6 +671,40 @@ pub(crate) fn sandbox(
                     "token id {} (revoke with `agentfense keys revoke`)",
                     t.token_id
                 );
+            }
+            SandboxCmd::Metrics { id } => {
+                let m =
+                    c.x.get_sandbox_metrics(x::GetSandboxMetricsRequest { sandbox_id: id })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                if json {
+                    print_json(
+                        out,
+                        &serde_json::json!({
+                            "sandbox_id": m.sandbox_id,
+                            "cpu_usec": m.cpu_usec,
+                            "memory_bytes": m.memory_bytes,
+                            "pids": m.pids,
+                            "disk_bytes": m.disk_bytes,
+                            "disk_entries": m.disk_entries,
+                            "denials": m.denials,
+                        }),
+                    )?;
+                } else {
+                    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+                    writeln!(
+                        out,
+                        "cpu {} ms  memory {} bytes  pids {}  disk {} bytes / {} entries  denials {}",
+                        m.cpu_usec
+                            .map_or("-".to_owned(), |u| (u / 1000).to_string()),
+                        opt(m.memory_bytes),
+                        opt(m.pids),
+                        m.disk_bytes,
+                        m.disk_entries,
+                        m.denials
+                    )?;
+                }
             }
             SandboxCmd::Rm { id } => {
                 c.sb.destroy_sandbox(v1::DestroySandboxRequest {

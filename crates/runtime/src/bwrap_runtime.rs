@@ -432,6 +432,12 @@ impl Runtime for BwrapRuntime {
         self.host_user(sandbox_id)
     }
 
+    fn usage(&self, sandbox_id: &str) -> Option<crate::cgroup::Usage> {
+        let entry = self.entry(sandbox_id).ok()?;
+        let e = entry.try_lock().ok()?;
+        e.env.as_ref()?.cgroup.as_ref().map(SandboxCgroup::usage)
+    }
+
     fn scratch(&self, sandbox_id: &str) -> Option<OwnedFd> {
         let fd = self.scratch.lock().ok()?.get(sandbox_id)?.clone();
         fd.try_clone().ok()

@@ -203,6 +203,22 @@ pub struct CgroupManager {
     layout: Arc<Layout>,
 }
 
+/// What a sandbox uses now, read from its cgroups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time used since it started, microseconds.
+    pub cpu_usec: u64,
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Processes (tasks) now.
+    pub pids: u64,
+}
+
+/// The first number in a cgroup file (`memory.current`, `pids.current`, ...), if readable.
+fn read_number(fs: &dyn CgroupFs, path: &Path) -> Option<u64> {
+    fs.read(path).ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// Counters that grow when a limit is hit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LimitCounters {
@@ -451,6 +467,31 @@ impl SandboxCgroup {
             .into_iter()
             .map(|d| d.join("cgroup.procs"))
             .collect()
+    }
+
+    /// What the sandbox uses now (cgroup v2 files, else their v1 counterparts; missing files
+    /// count as zero).
+    pub fn usage(&self) -> Usage {
+        let fs = &*self.fs;
+        let d = &self.dirs;
+        let first = |dir: &Option<PathBuf>, names: &[&str]| -> Option<u64> {
+            let dir = dir.as_ref().or(d.unified.as_ref())?;
+            names.iter().find_map(|n| read_number(fs, &dir.join(n)))
+        };
+        // cgroup v2 keeps `cpu.stat` in every directory, with or without the cpu controller.
+        let cpu_usec = [&d.cpu, &d.unified, &d.memory, &d.pids]
+            .into_iter()
+            .flatten()
+            .map(|dir| read_counter(fs, Some(dir.join("cpu.stat")), "usage_usec"))
+            .find(|v| *v > 0)
+            .or_else(|| first(&d.cpu, &["cpuacct.usage"]).map(|ns| ns / 1000))
+            .unwrap_or(0);
+        Usage {
+            cpu_usec,
+            memory_bytes: first(&d.memory, &["memory.current", "memory.usage_in_bytes"])
+                .unwrap_or(0),
+            pids: first(&d.pids, &["pids.current"]).unwrap_or(0),
+        }
     }
 
     /// Reads the limit-hit counters (missing files count as zero).

@@ -245,6 +245,12 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// What the sandbox uses now (CPU time, memory, processes); `None` when the runtime cannot
+    /// tell (no cgroups, not running).
+    fn usage(&self, _sandbox_id: &str) -> Option<crate::cgroup::Usage> {
+        None
+    }
+
     /// An `O_PATH` descriptor of the running sandbox's `/tmp` (the file system that also
     /// holds `$HOME`), so that what it holds can count against a disk quota (`fstatfs`).
     /// `None`: not running, or the runtime cannot say.

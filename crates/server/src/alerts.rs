@@ -570,6 +570,7 @@ mod tests {
             sandbox_id: "sb_x".into(),
             codebase_id: "cb".into(),
             owner_id: "o".into(),
+            user_id: "o".into(),
             rules: Vec::new(),
             runtime: "bwrap".into(),
             image: String::new(),

@@ -62,7 +62,10 @@ pub enum AuditEvent {
         codebase_id: String,
         /// The codebase's owner.
         owner_id: String,
-        /// Its rules, in request order.
+        /// The user it was created for (the codebase's owner: the security guide's name).
+        user_id: String,
+        /// Its rules, in request order (`permissions`, as on the wire).
+        #[serde(rename = "permissions")]
         rules: Vec<PermissionRule>,
         /// `bwrap` or `docker`.
         runtime: String,

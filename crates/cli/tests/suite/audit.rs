@@ -79,6 +79,28 @@ fn audit_trail_rotates_chains_and_answers_queries() {
     assert!(cmds.iter().all(|c| c["sandbox_id"] == sb.as_str()));
     let files = agentfense_server::audit::files(&data.join("audit.jsonl"));
     assert!(files.len() > 2, "no rotation: {files:?}");
+    // The same as OCSF events, for a SIEM.
+    let (code, out, err) = audit(
+        &data,
+        &[
+            "--sandbox",
+            &sb,
+            "--event",
+            "command_executed",
+            "--format",
+            "ocsf",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let ocsf: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ocsf.len(), 12, "{out}");
+    assert_eq!(ocsf[0]["class_uid"], 1007);
+    assert_eq!(ocsf[0]["metadata"]["product"]["name"], "AgentFense");
+    assert!(ocsf[0]["time"].as_u64().unwrap() > 0);
+    assert_eq!(ocsf[11]["unmapped"]["command"], "echo 11");
     // --since in the future: nothing.
     let (code, out, err) = audit(&data, &["--since", "2999-01-01T00:00:00Z"]);
     assert_eq!((code, out.as_str()), (0, ""), "{err}");
@@ -316,6 +338,14 @@ fn alerts_reach_the_trail_the_metrics_and_a_late_webhook() {
             a["rule"] == "long_sessions" && a["detail"].as_str().is_some_and(|d| d.contains(&sess))
         })
     });
+    // The loud sandbox's own view.
+    let (code, out, err) = cli(&server, &["sandbox", "metrics", &loud, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(m["denials"].as_u64().unwrap() >= 20, "{m}");
+    assert!(m["pids"].as_u64().unwrap() >= 1, "{m}");
+    assert!(m["memory_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["cpu_usec"].as_u64().unwrap() > 0, "{m}");
     // Metrics: the alert, the commands, the denials; promtool accepts the page.
     let page = Command::new("curl")
         .args(["-sf", &format!("http://127.0.0.1:{metrics_port}/metrics")])

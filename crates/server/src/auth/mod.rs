@@ -130,6 +130,8 @@ pub mod ext {
     pub const MINT_TOKEN: &str = "/agentfense.v1.Extensions/CreateSandboxToken";
     /// `PUT /v1/sandboxes/{id}/egress`.
     pub const SET_EGRESS: &str = "/agentfense.v1.Extensions/SetSandboxEgress";
+    /// `GET /v1/sandboxes/{id}/metrics`.
+    pub const SANDBOX_METRICS: &str = "/agentfense.v1.Extensions/GetSandboxMetrics";
 }
 
 /// Every method the server answers and what it needs. Keep in step with the protocol: a test
@@ -223,6 +225,7 @@ pub const REQUIREMENTS: &[(&str, Requirement)] = {
         ),
         (ext::MINT_TOKEN, need(SandboxesWrite)),
         (ext::SET_EGRESS, need(SandboxesWrite)),
+        (ext::SANDBOX_METRICS, token_ok(SandboxesRead)),
     ]
 };
 
@@ -350,11 +353,9 @@ mod tests {
             .map(|(m, _)| *m)
             .collect();
         // Sandbox calls, and review of the sandbox's own work (never applying it).
-        assert!(
-            token_methods
-                .iter()
-                .all(|m| m.contains("SandboxService") || m.starts_with("/agentfense.v1.Review/"))
-        );
+        assert!(token_methods.iter().all(|m| m.contains("SandboxService")
+            || m.starts_with("/agentfense.v1.Review/")
+            || *m == ext::SANDBOX_METRICS));
         for m in ["ApplyChanges", "DeleteCheckpoint"] {
             assert!(!token_methods.contains(&format!("/agentfense.v1.Review/{m}").as_str()));
         }

@@ -78,4 +78,24 @@ impl Extensions for ExtensionsApi {
             egress: r.egress,
         }))
     }
+
+    async fn get_sandbox_metrics(
+        &self,
+        req: Request<x::GetSandboxMetricsRequest>,
+    ) -> Result<Response<x::SandboxMetrics>, Status> {
+        let caller = crate::auth::caller_of(&req)?;
+        let m = self
+            .0
+            .sandbox_metrics(&caller, &req.get_ref().sandbox_id)
+            .await?;
+        Ok(Response::new(x::SandboxMetrics {
+            sandbox_id: m.sandbox_id,
+            cpu_usec: m.cpu_usec,
+            memory_bytes: m.memory_bytes,
+            pids: m.pids,
+            disk_bytes: m.disk_bytes,
+            disk_entries: m.disk_entries,
+            denials: m.denials,
+        }))
+    }
 }

@@ -120,6 +120,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("PUT", "/v1/sandboxes/{sandbox_id}/egress", ext::SET_EGRESS),
     (
         "GET",
+        "/v1/sandboxes/{sandbox_id}/metrics",
+        ext::SANDBOX_METRICS,
+    ),
+    (
+        "GET",
         "/v1/sandboxes/{sandbox_id}/changes",
         "/agentfense.v1.Review/ListChanges",
     ),

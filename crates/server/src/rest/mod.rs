@@ -271,6 +271,30 @@ fn sandbox_routes() -> Router<RestState> {
                 )
             }),
         )
+        // Our extension: a running sandbox's resource use.
+        .route(
+            "/v1/sandboxes/{sandbox_id}/metrics",
+            get(|State(s): S, Extension(c): E, Path(id): Id| async move {
+                let m = s
+                    .sandboxes
+                    .0
+                    .sandbox_metrics(&c, &id)
+                    .await
+                    .map_err(tonic::Status::from)?;
+                Ok::<_, RestError>(
+                    axum::Json(serde_json::json!({
+                        "sandboxId": m.sandbox_id,
+                        "cpuUsec": m.cpu_usec,
+                        "memoryBytes": m.memory_bytes,
+                        "pids": m.pids,
+                        "diskBytes": m.disk_bytes,
+                        "diskEntries": m.disk_entries,
+                        "denials": m.denials,
+                    }))
+                    .into_response(),
+                )
+            }),
+        )
         // Our extension: replace a sandbox's egress policy. Body: `{"egress": "entries"}`.
         .route(
             "/v1/sandboxes/{sandbox_id}/egress",

@@ -40,6 +40,8 @@ pub(crate) struct Live {
     auto_checkpoint: bool,
     /// `bwrap` or `docker` (a metrics label).
     runtime_kind: String,
+    /// Permission denials since it started.
+    denials: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Live {
@@ -99,6 +101,25 @@ impl std::fmt::Debug for Engine {
             .field("runtimes", &self.runtimes.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// A running sandbox's resource use ([`Service::sandbox_metrics`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SandboxMetrics {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// CPU time used since it started, microseconds (`None`: the runtime cannot tell).
+    pub cpu_usec: Option<u64>,
+    /// Memory in use, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Processes now.
+    pub pids: Option<u64>,
+    /// What it takes on disk against its quota: its changes, `/tmp`, `$HOME`, checkpoints.
+    pub disk_bytes: u64,
+    /// Entries (inodes) of the same.
+    pub disk_entries: u64,
+    /// Permission denials since it started.
+    pub denials: u64,
 }
 
 /// Parameters of one command.
@@ -268,6 +289,32 @@ impl Service {
                 },
             );
         }
+    }
+
+    /// A running sandbox's resource use: CPU time, memory, processes (from its cgroups), what
+    /// its changes take on disk (bytes, entries) and the permission denials since it started.
+    pub async fn sandbox_metrics(
+        self: &Arc<Self>,
+        caller: &Caller,
+        sandbox_id: &str,
+    ) -> Result<SandboxMetrics, ServiceError> {
+        let id = Service::sandbox_id(sandbox_id)?;
+        let live = self.running(caller, &id).await?;
+        let usage = live.runtime.usage(id.as_str());
+        let (disk_bytes, disk_entries) = live
+            .mount
+            .delta()
+            .map(|d| d.usage().used())
+            .unwrap_or((0, 0));
+        Ok(SandboxMetrics {
+            sandbox_id: id.to_string(),
+            cpu_usec: usage.map(|u| u.cpu_usec),
+            memory_bytes: usage.map(|u| u.memory_bytes),
+            pids: usage.map(|u| u.pids),
+            disk_bytes,
+            disk_entries,
+            denials: live.denials.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     /// Sets the gauges read at scrape time: sandboxes by state, bytes the running sandboxes'

@@ -121,6 +121,7 @@ impl Service {
                 sandbox_id: rec.id.to_string(),
                 codebase_id: rec.codebase_id.to_string(),
                 owner_id: rec.owner_id.clone(),
+                user_id: rec.owner_id.clone(),
                 rules: rec.rules.clone(),
                 runtime: rec.runtime.to_string(),
                 image: rec.image.clone(),
@@ -353,7 +354,7 @@ impl Service {
                 return Err(e);
             }
         };
-        self.spawn_fs_audit_bridge(&*mount, &rec.tenant);
+        let denials = self.spawn_fs_audit_bridge(&*mount, &rec.tenant);
         if let Err(e) = runtime.start(&sid).await.map_err(runtime_error) {
             let _ = runtime.destroy(&sid).await;
             let _ = tokio::task::spawn_blocking(move || mount.unmount()).await;
@@ -410,15 +411,23 @@ impl Service {
                     auto_checkpoint: rec.labels.get(labels::LABEL_CHECKPOINT).map(String::as_str)
                         == Some("auto"),
                     runtime_kind: rec.runtime.to_string(),
+                    denials,
                 }),
             );
         Ok(())
     }
 
-    pub(super) fn spawn_fs_audit_bridge(self: &Arc<Self>, mount: &dyn Mounted, tenant: &str) {
+    /// Forwards the mount's events to the audit trail; returns the count of its denials.
+    pub(super) fn spawn_fs_audit_bridge(
+        self: &Arc<Self>,
+        mount: &dyn Mounted,
+        tenant: &str,
+    ) -> Arc<std::sync::atomic::AtomicU64> {
         let rx = mount.events();
         let audit = self.audit.clone();
         let actor = Actor::tenant(tenant);
+        let denials = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = denials.clone();
         let _ = std::thread::Builder::new()
             .name("fs-audit".into())
             .spawn(move || {
@@ -426,9 +435,13 @@ impl Service {
                 // the writer's queue: a storm of denials slows down (see agentfense_fs::audit)
                 // instead of losing events.
                 for ev in rx {
+                    if let agentfense_fs::AuditEvent::Denied { count, .. } = &ev {
+                        counted.fetch_add((*count).max(1), std::sync::atomic::Ordering::Relaxed);
+                    }
                     audit.record_wait(actor.clone(), fs_event(ev));
                 }
             });
+        denials
     }
 
     /// StopSandbox: RUNNING → STOPPED. Kills everything inside, publishes what is pending in
