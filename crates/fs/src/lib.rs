@@ -53,6 +53,7 @@
 //! ```
 
 mod audit;
+pub mod counters;
 pub mod delta;
 mod error;
 mod fuse;

@@ -74,6 +74,13 @@ pub struct AlertLabels {
     pub severity: String,
 }
 
+/// `operation`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    /// The filesystem operation (lookup, read, write, ...).
+    pub operation: String,
+}
+
 /// `decision`
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabel {
@@ -103,6 +110,8 @@ pub struct Metrics {
     pub exec_seconds: Hist,
     /// Commands running now.
     pub commands_in_flight: Gauge<i64, AtomicI64>,
+    /// Filesystem operations served, by operation (brought up to date at each scrape).
+    pub fs_operations_total: Family<OperationLabel, Counter>,
     /// Filesystem denials, by operation and level.
     pub fs_denials_total: Family<DenialLabels, Counter>,
     /// Resource limits hit, by kind.
@@ -133,6 +142,7 @@ impl Metrics {
             exec_total: Family::default(),
             exec_seconds: Family::new_with_constructor(latency),
             commands_in_flight: Gauge::default(),
+            fs_operations_total: Family::default(),
             fs_denials_total: Family::default(),
             limit_hits_total: Family::default(),
             delta_bytes: Gauge::default(),
@@ -170,6 +180,12 @@ impl Metrics {
             "commands_in_flight",
             "Commands running now",
             m.commands_in_flight.clone()
+        );
+        reg!(
+            r,
+            "fs_operations",
+            "Filesystem operations served",
+            m.fs_operations_total.clone()
         );
         reg!(
             r,
@@ -222,6 +238,19 @@ impl Metrics {
     /// sample yet.
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Brings `fs_operations_total` up to the filesystem's own counts.
+    pub fn observe_fs_operations(&self) {
+        for (op, n) in agentfense_fs::counters::operation_counts() {
+            let c = self.fs_operations_total.get_or_create(&OperationLabel {
+                operation: op.to_owned(),
+            });
+            let seen = c.get();
+            if n > seen {
+                c.inc_by(n - seen);
+            }
+        }
     }
 
     /// The Prometheus text format (0.0.4), for scrapers that do not ask for OpenMetrics.

@@ -363,6 +363,10 @@ fn alerts_reach_the_trail_the_metrics_and_a_late_webhook() {
     );
     assert!(text.contains("agentfense_fs_denials_total{"), "{text}");
     assert!(
+        text.contains("agentfense_fs_operations_total{operation=\"lookup\"}"),
+        "{text}"
+    );
+    assert!(
         text.contains("agentfense_sandboxes{state=\"running\"} 2"),
         "{text}"
     );

@@ -73,6 +73,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::counters::count("lookup");
         match self.do_lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
             // A negative entry (node id 0): the kernel answers repeated probes of a missing
@@ -121,6 +122,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        crate::counters::count("getattr");
         match self.do_getattr(ino.0, fh) {
             Ok(a) => reply.attr(&self.opts.attr_ttl, &a),
             Err(e) => reply.error(errno(&e)),
@@ -145,6 +147,7 @@ impl Filesystem for PolicyFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        crate::counters::count("setattr");
         match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
             Ok(a) => reply.attr(&self.opts.attr_ttl, &a),
             Err(e) => reply.error(errno(&e)),
@@ -152,6 +155,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        crate::counters::count("readlink");
         match self.do_readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -168,6 +172,7 @@ impl Filesystem for PolicyFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        crate::counters::count("mknod");
         let made = match mode & libc::S_IFMT {
             libc::S_IFIFO | libc::S_IFSOCK => {
                 self.do_mknod((req.uid(), req.gid()), parent.0, name, mode, umask)
@@ -198,6 +203,7 @@ impl Filesystem for PolicyFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        crate::counters::count("mkdir");
         match self.do_mkdir((req.uid(), req.gid()), parent.0, name, mode, umask) {
             Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
             Err(e) => reply.error(errno(&e)),
@@ -205,6 +211,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::counters::count("unlink");
         match self.do_remove(parent.0, name, false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -212,6 +219,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::counters::count("rmdir");
         match self.do_remove(parent.0, name, true) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -226,6 +234,7 @@ impl Filesystem for PolicyFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        crate::counters::count("symlink");
         match self.do_symlink((req.uid(), req.gid()), parent.0, link_name, target) {
             Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
             Err(e) => reply.error(errno(&e)),
@@ -242,6 +251,7 @@ impl Filesystem for PolicyFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("rename");
         match self.do_rename(parent.0, name, newparent.0, newname, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -256,6 +266,7 @@ impl Filesystem for PolicyFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        crate::counters::count("link");
         match self.do_link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.opts.entry_ttl, &a, Generation(0)),
             Err(e) => reply.error(errno(&e)),
@@ -272,6 +283,7 @@ impl Filesystem for PolicyFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("fallocate");
         match self.do_fallocate(ino.0, fh, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -280,6 +292,7 @@ impl Filesystem for PolicyFs {
 
     /// No-open mode: ENOSYS, and the kernel stops sending OPEN for good (module docs).
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::counters::count("open");
         if self.opts.io_mode == IoMode::NoOpen {
             return reply.error(Errno::ENOSYS);
         }
@@ -303,6 +316,7 @@ impl Filesystem for PolicyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        crate::counters::count("read");
         match self.do_read(ino.0, fh, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
@@ -321,6 +335,7 @@ impl Filesystem for PolicyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        crate::counters::count("write");
         match self.do_write(ino.0, fh, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
@@ -336,6 +351,7 @@ impl Filesystem for PolicyFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("flush");
         reply.error(Errno::ENOSYS);
     }
 
@@ -349,6 +365,7 @@ impl Filesystem for PolicyFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("release");
         self.do_release(fh.0);
         reply.ok();
     }
@@ -361,6 +378,7 @@ impl Filesystem for PolicyFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("fsync");
         match self.do_fsync(ino.0, fh, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -370,6 +388,7 @@ impl Filesystem for PolicyFs {
     /// ENOSYS: no-opendir mode; listings are served by READDIR alone and the kernel caches
     /// them (invalidated on changes).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        crate::counters::count("opendir");
         reply.error(Errno::ENOSYS);
     }
 
@@ -381,6 +400,7 @@ impl Filesystem for PolicyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        crate::counters::count("readdir");
         let entries = match self.listing(ino.0, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(errno(&e)),
@@ -406,10 +426,12 @@ impl Filesystem for PolicyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("fsync");
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        crate::counters::count("statfs");
         match self.do_statfs() {
             Ok((blocks, bfree, files, ffree, frsize)) => {
                 reply.statfs(blocks, bfree, bfree, files, ffree, frsize, 255, frsize);
@@ -428,6 +450,7 @@ impl Filesystem for PolicyFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        crate::counters::count("xattr");
         match self.do_setxattr(ino.0, name, XattrWrite::Set(value, flags)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -435,6 +458,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        crate::counters::count("xattr");
         match self.do_getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -444,6 +468,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        crate::counters::count("xattr");
         match self.do_listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -453,6 +478,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::counters::count("xattr");
         match self.do_setxattr(ino.0, name, XattrWrite::Remove) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -460,6 +486,7 @@ impl Filesystem for PolicyFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        crate::counters::count("access");
         match self.do_access(ino.0, mask) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -476,6 +503,7 @@ impl Filesystem for PolicyFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        crate::counters::count("create");
         match self.do_create((req.uid(), req.gid()), parent.0, name, mode, umask, flags) {
             Ok((attr, file, write)) => {
                 self.finish_create(reply, self.opts.entry_ttl, attr, file, write);

@@ -348,6 +348,7 @@ impl Service {
             .map(|d| d.usage().used().0)
             .sum();
         m.delta_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        m.observe_fs_operations();
     }
 
     fn mount_dirs(&self, id: &SandboxId) -> (PathBuf, PathBuf) {
