@@ -101,6 +101,14 @@ fn audit_trail_rotates_chains_and_answers_queries() {
     assert_eq!(ocsf[0]["metadata"]["product"]["name"], "AgentFense");
     assert!(ocsf[0]["time"].as_u64().unwrap() > 0);
     assert_eq!(ocsf[11]["unmapped"]["command"], "echo 11");
+    // By tenant: every record of this server is the default tenant's (authentication off).
+    let (code, out, err) = audit(
+        &data,
+        &["--tenant", "default", "--event", "command_executed"],
+    );
+    assert_eq!((code, out.lines().count()), (0, 12), "{err}");
+    let (code, out, err) = audit(&data, &["--tenant", "someone-else"]);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
     // --since in the future: nothing.
     let (code, out, err) = audit(&data, &["--since", "2999-01-01T00:00:00Z"]);
     assert_eq!((code, out.as_str()), (0, ""), "{err}");
