@@ -367,13 +367,11 @@ pub(crate) fn apply(a: ApplyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
             let digests = |m: BTreeMap<String, String>, flag: &str| {
                 m.into_iter()
                     .map(|(p, sha)| {
-                        let digest = match sha.as_str() {
-                            "" | "absent" => None,
-                            s => Some(agentfense_fs::parse_digest(s).with_context(|| {
-                                format!("{flag} {p}={s}: not a SHA-256 in hex (or \"absent\")")
-                            })?),
-                        };
-                        anyhow::Ok((PathBuf::from(p), digest))
+                        let digest = agentfense_fs::parse_expectation(&sha).with_context(|| {
+                            format!("{flag} {p}={sha}: not a SHA-256 in hex (or \"absent\")")
+                        })?;
+                        let rel = p.trim_start_matches("./").trim_start_matches('/');
+                        anyhow::Ok((PathBuf::from(rel), digest))
                     })
                     .collect::<anyhow::Result<BTreeMap<_, _>>>()
             };

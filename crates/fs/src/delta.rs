@@ -600,7 +600,7 @@ mod xattr;
 pub use checkpoint::{CheckpointInfo, valid_checkpoint_id};
 pub use review::{
     ApplyConflict, ApplyRefusal, ChangeSet, ChangeStatus, DIFF_FILE_MAX, PathChange, Reveal,
-    Selection, View, compare, diff, hex_digest, parse_digest,
+    Selection, View, compare, diff, diff_of, hex_digest, parse_digest, parse_expectation,
 };
 pub use xattr::{USER_XATTR_PREFIX, XattrWrite};
 

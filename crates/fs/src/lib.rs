@@ -67,8 +67,8 @@ pub use audit::{AGGREGATION_WINDOW, AuditEvent, CHANNEL_CAPACITY};
 pub use delta::{
     ApplyConflict, ApplyRefusal, Attr, Change, ChangeKind, ChangeSet, ChangeStatus, CheckpointInfo,
     Conflict, DIFF_FILE_MAX, Delta, EntryKind, Layer, Origin, PathChange, PublishFilter,
-    PublishReport, Reveal, Selection, View, compare, diff, hex_digest, link_escapes, parse_digest,
-    valid_checkpoint_id,
+    PublishReport, Reveal, Selection, View, compare, diff, diff_of, hex_digest, link_escapes,
+    parse_digest, parse_expectation, valid_checkpoint_id,
 };
 pub use error::FsError;
 pub use mount::{

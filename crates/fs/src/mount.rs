@@ -527,40 +527,31 @@ impl MountHandle {
 
     /// Drops the selected changes from the delta; the mount shows the codebase there at once.
     pub fn discard(&self, select: &Selection) -> Result<Vec<PathBuf>, FsError> {
-        let paths = {
-            let _gate = self
-                .shared
-                .write_gate
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            self.shared.delta.discard(select)?
-        };
+        let paths = self.exclusive(|d| d.discard(select))?;
         self.refresh(&paths);
         Ok(paths)
     }
 
     /// Saves the delta as a checkpoint ([`Delta::checkpoint_as`]); writes wait meanwhile.
     pub fn checkpoint(&self, label: &str, by_agent: bool) -> Result<CheckpointInfo, FsError> {
+        self.exclusive(|d| d.checkpoint_as(label, by_agent))
+    }
+
+    /// Brings the delta back to checkpoint `id`; the mount shows it at once.
+    pub fn restore_checkpoint(&self, id: &str) -> Result<Vec<PathBuf>, FsError> {
+        let paths = self.exclusive(|d| d.restore_checkpoint(id))?;
+        self.refresh(&paths);
+        Ok(paths)
+    }
+
+    /// Runs `f` on the delta with writes through cached files held off (the write gate).
+    fn exclusive<T>(&self, f: impl FnOnce(&Delta) -> T) -> T {
         let _gate = self
             .shared
             .write_gate
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        self.shared.delta.checkpoint_as(label, by_agent)
-    }
-
-    /// Brings the delta back to checkpoint `id`; the mount shows it at once.
-    pub fn restore_checkpoint(&self, id: &str) -> Result<Vec<PathBuf>, FsError> {
-        let paths = {
-            let _gate = self
-                .shared
-                .write_gate
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            self.shared.delta.restore_checkpoint(id)?
-        };
-        self.refresh(&paths);
-        Ok(paths)
+        f(&self.shared.delta)
     }
 
     /// After the delta changed under the mount at `paths`: drops what the kernel and the

@@ -342,6 +342,15 @@ pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
     unhex(&s.to_ascii_lowercase())?.try_into().ok()
 }
 
+/// Parses what a reviewer expects a path to hold: a SHA-256 in hex, or `absent` (or empty)
+/// for no such version. `None`: neither.
+pub fn parse_expectation(s: &str) -> Option<Option<[u8; 32]>> {
+    match s {
+        "" | "absent" => Some(None),
+        s => parse_digest(s).map(Some),
+    }
+}
+
 /// Compares `from` with `to` over the paths either changed, keeping those `select` takes. At
 /// most `limit` changes other than deletions are listed (0: no limit); deletions always are.
 pub fn compare(
@@ -402,8 +411,19 @@ pub fn diff(
     select: &Selection,
     opts: &crate::review::patch::PatchOptions,
 ) -> Result<crate::review::patch::Patch, FsError> {
-    use crate::review::patch::{Blob, FileChange, GitMode, render};
     let set = compare(from, to, select, 0)?;
+    diff_of(from, to, &set, opts)
+}
+
+/// [`diff`] of changes already compared (`set`, from [`compare`] of the same two views with
+/// no limit): a caller that lists them too compares once.
+pub fn diff_of(
+    from: View<'_>,
+    to: View<'_>,
+    set: &ChangeSet,
+    opts: &crate::review::patch::PatchOptions,
+) -> Result<crate::review::patch::Patch, FsError> {
+    use crate::review::patch::{Blob, FileChange, GitMode, render};
     let blob = |v: View<'_>, rel: &Path, kind: Option<EntryKind>, mode: Option<u32>| match kind {
         Some(k @ (EntryKind::File | EntryKind::Symlink)) => v.bytes(rel, k).map(|bytes| {
             Some(Blob {

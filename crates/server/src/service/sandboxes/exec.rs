@@ -183,25 +183,21 @@ impl Service {
     pub(super) fn audit_command(
         &self,
         actor: &Actor,
-        sandbox_id: &SandboxId,
+        live: &Live,
         session: Option<&SessionId>,
         command: &str,
         (exit_code, duration, timed_out): (i32, Duration, bool),
     ) {
-        let runtime = self
-            .engine
-            .live(sandbox_id)
-            .map_or_else(|| "unknown".to_owned(), |l| l.runtime_kind.clone());
         let result = match (timed_out, exit_code) {
             (true, _) => "timeout",
             (false, 0) => "ok",
             _ => "nonzero",
         };
-        crate::metrics::metrics().command(&runtime, result, duration.as_secs_f64());
+        crate::metrics::metrics().command(&live.runtime_kind, result, duration.as_secs_f64());
         self.audit.record_as(
             actor.clone(),
             AuditEvent::CommandExecuted {
-                sandbox_id: sandbox_id.to_string(),
+                sandbox_id: live.id.to_string(),
                 session_id: session.map(|s| s.to_string()),
                 command: command.to_owned(),
                 exit_code,
@@ -235,7 +231,7 @@ impl Service {
             Ok(r) => {
                 self.audit_command(
                     &actor,
-                    &live.id,
+                    &live,
                     None,
                     &command,
                     (r.exit_code, r.duration, false),
@@ -252,7 +248,7 @@ impl Service {
                 let timed_out = e.kind() == ErrorKind::DeadlineExceeded;
                 if timed_out {
                     let d = started.elapsed();
-                    self.audit_command(&actor, &live.id, None, &command, (-1, d, true));
+                    self.audit_command(&actor, &live, None, &command, (-1, d, true));
                     return Err(ServiceError::DeadlineExceeded(format!(
                         "command timed out after {}",
                         humantime::format_duration(timeout)
@@ -357,7 +353,7 @@ impl Service {
             }
             if let Some((code, d, timed_out)) = outcome {
                 let sess = session.as_ref();
-                this.audit_command(&actor, &live.id, sess, &command, (code, d, timed_out));
+                this.audit_command(&actor, &live, sess, &command, (code, d, timed_out));
             }
             drop(slot);
         });

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use agentfense_fs::review::patch::{Patch, PatchOptions};
 use agentfense_fs::{
-    ApplyRefusal, ChangeSet, CheckpointInfo, Delta, FsError, Selection, View, compare, diff,
-    parse_digest,
+    ApplyRefusal, ChangeSet, CheckpointInfo, Delta, FsError, Selection, View, compare, diff_of,
+    parse_expectation,
 };
 
 use super::*;
@@ -98,14 +98,11 @@ fn digests(
     for (p, sha) in pairs {
         let rel = SandboxPath::parse(&p)
             .map_err(|e| ServiceError::InvalidArgument(format!("{field} path {p:?}: {e}")))?;
-        let digest = match sha.as_str() {
-            "" | "absent" => None,
-            s => Some(parse_digest(s).ok_or_else(|| {
-                ServiceError::InvalidArgument(format!(
-                    "{field}[{p:?}] = {s:?}: not a SHA-256 in hex (or \"absent\")"
-                ))
-            })?),
-        };
+        let digest = parse_expectation(&sha).ok_or_else(|| {
+            ServiceError::InvalidArgument(format!(
+                "{field}[{p:?}] = {sha:?}: not a SHA-256 in hex (or \"absent\")"
+            ))
+        })?;
         out.insert(PathBuf::from(rel.relative()), digest);
     }
     Ok(out)
@@ -271,9 +268,12 @@ impl Service {
                 }
             }
             let (va, vb) = (view(&from, &fa, a.delta), view(&to, &fb, a.delta));
-            let patch = diff(va, vb, &select, &opts).map_err(|e| fs_error("diff", e))?;
-            let changes =
-                compare(va, vb, &select, DEFAULT_CHANGES_LIMIT).map_err(|e| fs_error("diff", e))?;
+            let mut changes = compare(va, vb, &select, 0).map_err(|e| fs_error("diff", e))?;
+            let patch = diff_of(va, vb, &changes, &opts).map_err(|e| fs_error("diff", e))?;
+            if changes.changes.len() > DEFAULT_CHANGES_LIMIT {
+                changes.changes.truncate(DEFAULT_CHANGES_LIMIT);
+                changes.truncated = true;
+            }
             Ok((patch, changes))
         })
         .await

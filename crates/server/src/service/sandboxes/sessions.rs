@@ -139,7 +139,7 @@ impl Service {
             Ok(r) => {
                 self.audit_command(
                     &actor,
-                    &live.id,
+                    &live,
                     Some(&sid),
                     &command,
                     (r.exit_code, r.duration, false),
@@ -155,7 +155,7 @@ impl Service {
             Err(RuntimeError::SessionClosed { .. }) => Err(self.session_closed(sid).await),
             Err(e) if e.kind() == ErrorKind::DeadlineExceeded => {
                 let d = started.elapsed();
-                self.audit_command(&actor, &live.id, Some(&sid), &command, (-1, d, true));
+                self.audit_command(&actor, &live, Some(&sid), &command, (-1, d, true));
                 Err(ServiceError::DeadlineExceeded(format!(
                     "command timed out after {}; the session is still usable",
                     humantime::format_duration(timeout)
