@@ -257,7 +257,8 @@ pub enum SessionCmd {
 
 pub(crate) struct Clients {
     cb: CodebaseServiceClient<Authed>,
-    sb: SandboxServiceClient<Authed>,
+    /// `sandbox.v1.SandboxService`.
+    pub(crate) sb: SandboxServiceClient<Authed>,
     x: ExtensionsClient<Authed>,
     /// `agentfense.v1.Review`.
     pub(crate) rv: ReviewClient<Authed>,

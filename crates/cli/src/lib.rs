@@ -14,6 +14,7 @@ mod client_cmd;
 mod host_tree;
 mod keys_cmd;
 mod local;
+mod mcp_cmd;
 pub mod policy_args;
 mod policy_cmd;
 mod review_cmd;
@@ -54,6 +55,15 @@ pub enum Command {
     ///
     /// Example: sudo agentfense shell --preset agent-safe ./project
     Shell(shell_cmd::ShellArgs),
+    /// An MCP server on stdin/stdout: coding agents (Claude Code, Cursor, Codex) use a
+    /// sandbox as their shell and file tools.
+    ///
+    /// With --dir, a local sandbox over the project for the life of the MCP session (its
+    /// changes kept like `run` keeps them; needs root); with --sandbox, an existing sandbox on
+    /// a server. The agent cannot create sandboxes, change rules or widen the network.
+    ///
+    /// Example: sudo agentfense mcp --dir ./project --preset agent-safe
+    Mcp(mcp_cmd::McpArgs),
     /// Inspect and test permission rules before deploying them.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -173,9 +183,17 @@ where
             return ExitCode::from(code);
         }
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    match run(cli, &mut out) {
+    // `mcp` speaks its protocol on stdout from its own threads: holding the lock here would
+    // block every answer.
+    let (mut sink, mut locked);
+    let out: &mut dyn Write = if matches!(cli.command, Command::Mcp(_)) {
+        sink = std::io::sink();
+        &mut sink
+    } else {
+        locked = std::io::stdout().lock();
+        &mut locked
+    };
+    match run(cli, out) {
         Ok(code) => code,
         // The reader went away (`agentfense ... | head`): not an error worth a message.
         Err(e)
@@ -205,6 +223,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve_cmd::run(args),
         Command::Run(args) => run_cmd::run(args, out),
         Command::Shell(args) => shell_cmd::run(args),
+        Command::Mcp(args) => mcp_cmd::run(args),
         Command::Scan(args) => scan_cmd::run(args, out),
         Command::Keys(cmd) => keys_cmd::keys(cmd, out),
         Command::Audit(a) => audit_cmd::run(a, out),

@@ -80,9 +80,6 @@ pub struct LocalArgs {
     /// Where deltas of local runs are kept (default: the server's data directory).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// The project directory (read-only lower layer).
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
 }
 
 /// Where a directory's delta and mountpoint live: one folder per directory, named after it,
@@ -245,6 +242,8 @@ fn kv(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 /// A project directory with the policy filesystem mounted over it (unmounted on drop).
 pub(crate) struct LocalSandbox {
     dir: PathBuf,
+    /// The rules the mount enforces.
+    policy: agentfense_core::Policy,
     /// This run's slot of the directory (held until the run ends).
     slot: Slot,
     /// The sandbox id: unique per directory and slot, so that concurrent runs never share a
@@ -263,6 +262,8 @@ pub(crate) struct LocalSandbox {
     events: std::sync::Mutex<tokio::sync::mpsc::Receiver<agentfense_runtime::RuntimeEvent>>,
     apply: bool,
     discard: bool,
+    /// `--network`: the host's network.
+    network: bool,
     /// The `--env` variables (and, with `--egress`, the proxy's).
     pub env: BTreeMap<String, String>,
     /// The `--egress` allow-list, if any.
@@ -270,14 +271,14 @@ pub(crate) struct LocalSandbox {
 }
 
 impl LocalSandbox {
-    /// Checks the options and mounts the policy filesystem over `args.dir`. Commands may run
-    /// up to `max_timeout`.
-    pub fn mount(args: &LocalArgs, max_timeout: Duration) -> anyhow::Result<Self> {
+    /// Checks the options and mounts the policy filesystem over project directory `dir`.
+    /// Commands may run up to `max_timeout`.
+    pub fn mount(args: &LocalArgs, dir: &Path, max_timeout: Duration) -> anyhow::Result<Self> {
         let policy = args.policy.policy()?;
-        let dir = args
-            .dir
+        let project = dir;
+        let dir = project
             .canonicalize()
-            .with_context(|| format!("cannot open project directory {}", args.dir.display()))?;
+            .with_context(|| format!("cannot open project directory {}", project.display()))?;
         anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
         let mut env = kv(&args.env)?;
         let egress = if args.egress.is_empty() {
@@ -314,6 +315,10 @@ impl LocalSandbox {
                 _ => {}
             }
         }
+        // A run killed with SIGKILL in this slot leaves its mounts behind, dead (no live run
+        // holds them: the slot's lock is ours): unmount them before anything looks at their
+        // mountpoints, which fail with ENOTCONN or EEXIST until then.
+        let _ = agentfense_fs::cleanup_stale_mounts(&work);
         for d in [&delta, &mnt, &home_base, &home_mnt] {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
@@ -325,9 +330,6 @@ impl LocalSandbox {
                 .with_context(|| format!("cannot create {}", root.display()))?;
             std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
         }
-        // A crashed earlier run in this slot may have left its mount (no live run holds it:
-        // the slot's lock is ours).
-        let _ = agentfense_fs::cleanup_stale_mounts(&work);
 
         let mut rt_cfg = RuntimeConfig {
             allow_network: args.network,
@@ -378,7 +380,7 @@ impl LocalSandbox {
         let owner = runtime
             .host_user(&id)
             .unwrap_or(agentfense_runtime::SANDBOX_OWNER);
-        let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy);
+        let mut cfg = FsConfig::new("local", &dir, &delta, &mnt, policy.clone());
         cfg.publish_mode = PublishMode::Explicit;
         cfg.io_mode = args.io_mode;
         cfg.owner = Some(owner);
@@ -409,6 +411,7 @@ impl LocalSandbox {
         }
         Ok(LocalSandbox {
             dir,
+            policy,
             slot,
             id,
             delta,
@@ -420,9 +423,47 @@ impl LocalSandbox {
             events: std::sync::Mutex::new(events),
             apply: args.apply,
             discard: args.discard,
+            network: args.network,
             env,
             egress,
         })
+    }
+
+    /// The project directory (canonical).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The sandbox's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The runtime the sandbox runs in.
+    pub fn runtime(&self) -> &BwrapRuntime {
+        &self.runtime
+    }
+
+    /// The policy filesystem over the project.
+    pub fn mount_handle(&self) -> &MountHandle {
+        &self.mount
+    }
+
+    /// The rules the mount enforces.
+    pub fn policy(&self) -> &agentfense_core::Policy {
+        &self.policy
+    }
+
+    /// The network the sandbox has, as the MCP policy resource shows it.
+    pub fn network_json(&self) -> serde_json::Value {
+        match (&self.egress, self.network) {
+            (Some(p), _) => serde_json::json!({
+                "mode": "egress",
+                "allow": p.entries().iter().map(|e| e.source.as_str()).collect::<Vec<_>>(),
+            }),
+            (None, true) => serde_json::json!({"mode": "host"}),
+            (None, false) => serde_json::json!({"mode": "none"}),
+        }
     }
 
     /// Starts a bubblewrap sandbox over the mount, runs `body` with the runtime and the

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use agentfense_core::{Basis, Cursor, Decision, Level, NodeKind, Policy, SandboxPath, presets};
+use agentfense_core::{Cursor, Level, NodeKind, Policy, SandboxPath, presets};
 use anyhow::Context;
 use clap::Subcommand;
 use serde::Serialize;
@@ -86,7 +86,7 @@ pub(crate) fn run(cmd: PolicyCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                         path: path.as_str(),
                         kind: if kind == NodeKind::Dir { "dir" } else { "file" },
                         level: d.level,
-                        reason: describe(&policy, &d),
+                        reason: policy.explain(&d),
                         rule_index: d.rule().map(|r| r.index),
                     };
                     writeln!(out, "{}", serde_json::to_string(&line)?)?;
@@ -97,7 +97,7 @@ pub(crate) fn run(cmd: PolicyCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                         path.to_string()
                     };
                     let shown = crate::terminal::escape(&shown);
-                    writeln!(out, "{shown:<40} {:<5}  {}", d.level, describe(&policy, &d))?;
+                    writeln!(out, "{shown:<40} {:<5}  {}", d.level, policy.explain(&d))?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -152,46 +152,6 @@ struct ExplainJson<'a> {
     level: Level,
     reason: String,
     rule_index: Option<usize>,
-}
-
-/// One line saying why a decision was made, naming the rule.
-pub fn describe(policy: &Policy, d: &Decision) -> String {
-    let rule = |r: agentfense_core::RuleRef| {
-        let pr = policy.rule(r);
-        let only = pr
-            .content
-            .map(|c| format!(", only {}", c.describe()))
-            .unwrap_or_default();
-        if policy.is_floor(r) {
-            // Above every rule of the sandbox, whatever their priorities.
-            return format!(
-                "mandatory floor rule {:?} ({} {}{only}, policy.mandatory)",
-                pr.pattern, pr.pattern_type, pr.permission
-            );
-        }
-        format!(
-            "rule #{} {:?} ({} {}{only}, priority {})",
-            r.index, pr.pattern, pr.pattern_type, pr.permission, pr.priority
-        )
-    };
-    match d.basis {
-        Basis::Root { rule: Some(r) } => format!("sandbox root (always reachable); {}", rule(r)),
-        Basis::Root { rule: None } => "sandbox root (always reachable)".to_owned(),
-        Basis::Rule(r) => rule(r),
-        Basis::NoMatch => "no rule matches (default none)".to_owned(),
-        Basis::HiddenByAncestor { rule: r, depth } => {
-            format!(
-                "hidden: its level-{depth} ancestor is denied by {}",
-                rule(r)
-            )
-        }
-        Basis::Traversal { via } => {
-            format!(
-                "traversable directory, shown while something below it is visible: granted by {}",
-                rule(via)
-            )
-        }
-    }
 }
 
 fn kind_on_disk(root: &Path, path: &SandboxPath) -> anyhow::Result<NodeKind> {

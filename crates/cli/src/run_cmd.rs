@@ -17,9 +17,12 @@ use crate::local::{LocalArgs, LocalSandbox, exit_code};
 /// Options of `agentfense run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Sandbox and policy options, and the directory.
+    /// Sandbox and policy options.
     #[command(flatten)]
     pub local: LocalArgs,
+    /// The project directory (read-only lower layer).
+    #[arg(value_name = "DIR")]
+    pub dir: std::path::PathBuf,
     /// Timeout in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
@@ -35,7 +38,7 @@ pub(crate) fn run(args: RunArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
         "--timeout must be a positive number of seconds"
     );
     let timeout = Duration::from_secs_f64(args.timeout);
-    let local = LocalSandbox::mount(&args.local, timeout)?;
+    let local = LocalSandbox::mount(&args.local, &args.dir, timeout)?;
     let stdin = if std::io::stdin().is_terminal() {
         Vec::new()
     } else {

@@ -29,7 +29,7 @@ use crate::local::{LocalArgs, LocalSandbox, exit_code};
 /// Options of `agentfense shell`.
 #[derive(Debug, Args)]
 pub struct ShellArgs {
-    /// Sandbox and policy options, and the directory.
+    /// Sandbox and policy options.
     #[command(flatten)]
     pub local: LocalArgs,
     /// The shell to start, an absolute path inside the sandbox.
@@ -38,6 +38,9 @@ pub struct ShellArgs {
     /// Kill the shell after this many seconds (default: no limit).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// The project directory (read-only lower layer).
+    #[arg(value_name = "DIR")]
+    pub dir: std::path::PathBuf,
 }
 
 /// How the interactive part ended.
@@ -67,7 +70,11 @@ pub(crate) fn run(args: ShellArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let local = LocalSandbox::mount(&args.local, timeout.unwrap_or(Duration::from_secs(600)))?;
+    let local = LocalSandbox::mount(
+        &args.local,
+        &args.dir,
+        timeout.unwrap_or(Duration::from_secs(600)),
+    )?;
 
     let mut env = local.env.clone();
     let term = std::env::var("TERM")

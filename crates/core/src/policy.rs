@@ -367,6 +367,50 @@ impl Policy {
         &self.rules[r.index]
     }
 
+    /// One line saying why a decision was made, naming the rule (`policy explain`, and the
+    /// MCP server's denials).
+    pub fn explain(&self, d: &Decision) -> String {
+        let rule = |r: RuleRef| {
+            let pr = self.rule(r);
+            let only = pr
+                .content
+                .map(|c| format!(", only {}", c.describe()))
+                .unwrap_or_default();
+            if self.is_floor(r) {
+                // Above every rule of the sandbox, whatever their priorities.
+                return format!(
+                    "mandatory floor rule {:?} ({} {}{only}, policy.mandatory)",
+                    pr.pattern, pr.pattern_type, pr.permission
+                );
+            }
+            format!(
+                "rule #{} {:?} ({} {}{only}, priority {})",
+                r.index, pr.pattern, pr.pattern_type, pr.permission, pr.priority
+            )
+        };
+        match d.basis {
+            Basis::Root { rule: Some(r) } => {
+                format!("sandbox root (always reachable); {}", rule(r))
+            }
+            Basis::Root { rule: None } => "sandbox root (always reachable)".to_owned(),
+            Basis::Rule(r) => rule(r),
+            Basis::NoMatch => "no rule matches (default none)".to_owned(),
+            Basis::HiddenByAncestor { rule: r, depth } => {
+                format!(
+                    "hidden: its level-{depth} ancestor is denied by {}",
+                    rule(r)
+                )
+            }
+            Basis::Traversal { via } => {
+                format!(
+                    "traversable directory, shown while something below it is visible: \
+                     granted by {}",
+                    rule(via)
+                )
+            }
+        }
+    }
+
     /// The rules in decision order (first match wins).
     pub fn ordered(&self) -> impl Iterator<Item = (RuleRef, &PermissionRule)> {
         self.ordered

@@ -13,6 +13,7 @@ pub mod files;
 pub mod grpc;
 pub mod host;
 pub mod ids;
+pub mod mcp;
 pub mod metrics;
 pub mod rest;
 pub mod serve;

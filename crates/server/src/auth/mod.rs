@@ -132,6 +132,9 @@ pub mod ext {
     pub const SET_EGRESS: &str = "/agentfense.v1.Extensions/SetSandboxEgress";
     /// `GET /v1/sandboxes/{id}/metrics`.
     pub const SANDBOX_METRICS: &str = "/agentfense.v1.Extensions/GetSandboxMetrics";
+    /// `/mcp`: MCP over streamable HTTP, bound to one sandbox (its tools run commands and
+    /// review calls there, each checked again on its own).
+    pub const MCP: &str = "/agentfense.v1.Mcp/Session";
 }
 
 /// Every method the server answers and what it needs. Keep in step with the protocol: a test
@@ -226,6 +229,7 @@ pub const REQUIREMENTS: &[(&str, Requirement)] = {
         (ext::MINT_TOKEN, need(SandboxesWrite)),
         (ext::SET_EGRESS, need(SandboxesWrite)),
         (ext::SANDBOX_METRICS, token_ok(SandboxesRead)),
+        (ext::MCP, token_ok(Exec)),
     ]
 };
 
@@ -355,7 +359,8 @@ mod tests {
         // Sandbox calls, and review of the sandbox's own work (never applying it).
         assert!(token_methods.iter().all(|m| m.contains("SandboxService")
             || m.starts_with("/agentfense.v1.Review/")
-            || *m == ext::SANDBOX_METRICS));
+            || *m == ext::SANDBOX_METRICS
+            || *m == ext::MCP));
         for m in ["ApplyChanges", "DeleteCheckpoint"] {
             assert!(!token_methods.contains(&format!("/agentfense.v1.Review/{m}").as_str()));
         }

@@ -168,6 +168,9 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/v1/sandboxes/{sandbox_id}/checkpoints/{checkpoint_id}/diff",
         "/agentfense.v1.Review/DiffCheckpoints",
     ),
+    ("POST", "/mcp", ext::MCP),
+    ("GET", "/mcp", ext::MCP),
+    ("DELETE", "/mcp", ext::MCP),
 ];
 
 fn refuse(status: StatusCode, code: tonic::Code, msg: String) -> Response {

@@ -357,6 +357,38 @@ fn sandbox_routes() -> Router<RestState> {
         )
 }
 
+/// `/mcp`: MCP over streamable HTTP, each request bound to the one sandbox its credentials
+/// name (checked here, before the MCP layer, so that a request for no sandbox or for one the
+/// caller may not see is an HTTP error).
+fn mcp_route(state: &RestState) -> Router<RestState> {
+    let service = state.sandboxes.0.clone();
+    let mcp = agentfense_mcp::http_service(agentfense_mcp::Server::new(
+        std::sync::Arc::new(crate::mcp::ServerBinder(service.clone())),
+        agentfense_mcp::Toolbox::default(),
+    ));
+    Router::new()
+        .route_service("/mcp", mcp)
+        .route_layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let service = service.clone();
+                async move {
+                    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+                        return RestError(tonic::Status::unauthenticated("not authenticated"))
+                            .into_response();
+                    };
+                    let id = match crate::mcp::bound_sandbox(&caller, req.uri().query()) {
+                        Ok(id) => id,
+                        Err(e) => return bad_request(e).into_response(),
+                    };
+                    if let Err(e) = service.get_sandbox(&caller, &id).await {
+                        return RestError(tonic::Status::from(e)).into_response();
+                    }
+                    next.run(req).await
+                }
+            },
+        ))
+}
+
 /// The REST router: every `/v1` route behind the gate (`guard::authenticate`), the whole router behind
 /// the cross-site checks (Host, Origin, Content-Type).
 pub fn router(state: RestState, guard: std::sync::Arc<Guard>) -> Router {
@@ -399,6 +431,7 @@ pub fn router(state: RestState, guard: std::sync::Arc<Guard>) -> Router {
         )
         .merge(sandbox_routes())
         .merge(review::routes())
+        .merge(mcp_route(&state))
         .route_layer(axum::middleware::from_fn_with_state(
             guard.clone(),
             guard::authenticate,

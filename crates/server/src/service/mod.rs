@@ -15,7 +15,8 @@ use std::sync::Arc;
 pub use codebases::UploadSink;
 pub use sandboxes::{
     CreateSandbox, DEFAULT_CHANGES_LIMIT, DEFAULT_DIFF_BYTES, Engine, ExecOutcome, ExecParams,
-    LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH, SandboxMetrics, StateRef, StreamItem,
+    LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH, LABEL_WORKSPACE_PATH, SandboxMetrics,
+    StateRef, StreamItem,
 };
 pub use tokens::MintedToken;
 

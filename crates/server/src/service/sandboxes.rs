@@ -394,6 +394,6 @@ mod lifecycle;
 mod review;
 mod sessions;
 
-pub use labels::{LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH};
+pub use labels::{LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH, LABEL_WORKSPACE_PATH};
 use labels::{check_labels, disk_label, io_mode};
 pub use review::{DEFAULT_CHANGES_LIMIT, DEFAULT_DIFF_BYTES, StateRef};
