@@ -12,4 +12,4 @@ pub mod workspace;
 
 pub use adapter::{Binder, Fixed, POLICY_URI, Server, http_service, policy_json, serve_stdio};
 pub use tools::{ToolName, Toolbox};
-pub use workspace::{ExecCall, ExecReply, PolicyView, Workspace, WsError, WsFuture};
+pub use workspace::{Denial, ExecCall, ExecReply, PolicyView, Workspace, WsError, WsFuture};

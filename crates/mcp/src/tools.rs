@@ -15,7 +15,9 @@ use agentfense_core::{Level, NodeKind, SandboxPath};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::workspace::{ExecCall, ExecReply, PolicyView, TRUNCATION_MARKER, Workspace, WsError};
+use crate::workspace::{
+    Denial, ExecCall, ExecReply, PolicyView, TRUNCATION_MARKER, Workspace, WsError,
+};
 
 /// Every tool, in the order `tools/list` shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -637,6 +639,12 @@ async fn refusal(ws: &dyn Workspace, path: &str, want: Level, verb: &str, raw: &
         Some(sp) => {
             let d = view.policy.evaluate(&sp, NodeKind::File);
             if d.level < want {
+                ws.denied(&Denial {
+                    operation: "open",
+                    path: sp.as_str().to_owned(),
+                    level: d.level,
+                    rule: d.rule().map(|r| view.policy.describe(r)),
+                });
                 format!(
                     "cannot {verb} {path}: the sandbox's policy gives it `{}` ({})",
                     d.level,

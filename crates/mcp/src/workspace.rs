@@ -94,6 +94,23 @@ pub trait Workspace: Send + Sync {
     /// Brings the sandbox back to a checkpoint (or with `dry_run`, says what that would
     /// change).
     fn restore(&self, checkpoint: String, dry_run: bool) -> WsFuture<'_, serde_json::Value>;
+    /// A tool was refused by the policy. Refusals the kernel makes from a file's mode bits
+    /// (a write to a read-only file) never reach the policy filesystem's own audit, so the
+    /// workspace records them where it keeps an audit trail.
+    fn denied(&self, _denial: &Denial) {}
+}
+
+/// A refusal by the sandbox's policy, as a tool met it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The operation refused (`open`, `mkdir`, ...).
+    pub operation: &'static str,
+    /// The path inside the project (`/src/main.py`).
+    pub path: String,
+    /// The path's level.
+    pub level: agentfense_core::Level,
+    /// The deciding rule's pattern, if a rule decided.
+    pub rule: Option<String>,
 }
 
 /// The marker the runtime appends to a stream cut at its cap (see the runtime's

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use agentfense_core::Policy;
-use agentfense_mcp::{ExecCall, ExecReply, PolicyView, Workspace, WsError, WsFuture};
+use agentfense_mcp::{Denial, ExecCall, ExecReply, PolicyView, Workspace, WsError, WsFuture};
 use serde_json::{Value, json};
 
 use crate::auth::{Caller, Scope};
@@ -188,6 +188,20 @@ impl Workspace for SandboxWorkspace {
                 .map_err(to_ws)?;
             Ok(checkpoint_json(&checkpoint(&info)))
         })
+    }
+
+    fn denied(&self, d: &Denial) {
+        self.service.audit.record_as(
+            self.caller.actor(),
+            crate::audit::AuditEvent::PermissionDenied {
+                sandbox_id: self.sandbox_id.clone(),
+                operation: d.operation.to_owned(),
+                path: d.path.clone(),
+                level: d.level.to_string(),
+                rule: d.rule.clone(),
+                count: 1,
+            },
+        );
     }
 
     fn restore(&self, cp: String, dry_run: bool) -> WsFuture<'_, Value> {

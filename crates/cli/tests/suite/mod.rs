@@ -3,6 +3,7 @@ mod auth;
 mod client;
 mod egress;
 mod interop;
+mod mcp;
 mod policy;
 mod restart;
 mod review;

@@ -39,7 +39,7 @@ fn ready(test: &str) -> bool {
 }
 
 /// A client command against `server`, with `key` as `AGENTFENSE_API_KEY` when given.
-fn cli(server: &Server, key: Option<&str>, args: &[&str]) -> (i32, String, String) {
+pub(super) fn cli(server: &Server, key: Option<&str>, args: &[&str]) -> (i32, String, String) {
     // Options go before a `--`, after which everything is the command.
     let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
     let mut c = Command::new(env!("CARGO_BIN_EXE_agentfense"));
@@ -881,7 +881,7 @@ fn checkpoints_over_rest() {
 }
 
 /// `agentfense keys create` on the server's data directory; returns the key.
-fn create_key(data: &Path, tenant: &str) -> String {
+pub(super) fn create_key(data: &Path, tenant: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
         .args(["keys", "create", "--tenant", tenant, "--data-dir"])
         .arg(data)

@@ -13,6 +13,7 @@ use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::workspace::WsFuture;
 
 /// Runs commands with `/bin/sh` in `root`; answers canned stderr for paths named in
 /// `refuse` (as the policy filesystem would refuse them).
