@@ -187,9 +187,8 @@ fn agent_selection(sb: &LocalSandbox, paths: &[String]) -> Result<Selection, WsE
     Ok(select.revealing(reveal))
 }
 
-/// Checkpoints kept for local sandboxes (the server's defaults).
+/// Checkpoints of each kind kept for local sandboxes (the server's default).
 const CHECKPOINTS_KEEP: usize = 20;
-const CHECKPOINTS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Workspace for LocalWorkspace {
     fn exec(&self, call: ExecCall) -> WsFuture<'_, ExecReply> {
@@ -263,11 +262,18 @@ impl Workspace for LocalWorkspace {
 
     fn checkpoint(&self, label: String) -> WsFuture<'_, Value> {
         Box::pin(self.on_delta("taking a checkpoint", move |sb| {
+            if label.len() > 1024 || label.chars().any(char::is_control) {
+                return Err(WsError::InvalidArgument(
+                    "label: at most 1024 bytes, no control characters".into(),
+                ));
+            }
             let info = sb.mount_handle().checkpoint(&label, true).map_err(fs)?;
+            // The newest of each kind are kept; no age limit, which would also take the
+            // operator's own checkpoints of this directory.
             let _ = sb
                 .mount_handle()
                 .delta()
-                .prune_checkpoints(CHECKPOINTS_KEEP, Some(CHECKPOINTS_TTL));
+                .prune_checkpoints(CHECKPOINTS_KEEP, None);
             Ok(checkpoint_json(&checkpoint(&info)))
         }))
     }

@@ -555,19 +555,28 @@ fn check_path(tool: ToolName, path: &str) -> Result<(), Fail> {
 
 /// Runs one of the file scripts: `LC_ALL=C` (so that errors read the same everywhere) and
 /// the arguments in `AF_*` variables.
+///
+/// The command starts with a no-op line naming the tool and its arguments, shell-quoted, so
+/// that the audit trail's `command_executed` event (and an automatic checkpoint's label) says
+/// what the tool did; the script itself reads them only from the environment.
 async fn script(
     ws: &dyn Workspace,
+    tool: ToolName,
     body: &str,
     vars: &[(&str, &str)],
     stdin: String,
 ) -> Result<ExecReply, Fail> {
     let mut env = BTreeMap::new();
     env.insert("LC_ALL".to_owned(), "C".to_owned());
+    let mut command = format!(": agentfense-mcp {}", tool.as_str());
     for (k, v) in vars {
         env.insert((*k).to_owned(), (*v).to_owned());
+        let _ = write!(command, " {k}={}", sh_quote(v));
     }
+    command.push('\n');
+    command.push_str(body);
     ws.exec(ExecCall {
-        command: body.to_owned(),
+        command,
         stdin,
         env,
         workdir: String::new(),
@@ -575,6 +584,11 @@ async fn script(
     })
     .await
     .map_err(Fail::Ws)
+}
+
+/// `v` as one shell word: single-quoted, each `'` written as `'\''`.
+fn sh_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
 }
 
 /// A file tool's time limit (a search over a large tree is the slow one).
@@ -593,7 +607,11 @@ enum Errno {
 }
 
 fn errno_of(stderr: &str) -> Errno {
-    let has = |s: &str| stderr.contains(s);
+    // The reason is what follows the last `: ` of the last line (the path before it is the
+    // agent's own text, and could spell any reason).
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    let reason = last.rsplit(": ").next().unwrap_or("").trim();
+    let has = |s: &str| reason == s;
     if has("No such file or directory") || has("Directory nonexistent") {
         Errno::NotFound
     } else if has("Not a directory") {
@@ -759,6 +777,7 @@ async fn read_text(
     let to = lines.1.map_or_else(|| "$".to_owned(), |l| l.to_string());
     let r = script(
         ws,
+        tool,
         r#"if [ -d "$AF_P" ]; then printf '%s: Is a directory\n' "$AF_P" >&2; exit 1; fi
 exec sed -n "${AF_FROM},${AF_TO}p" -- "$AF_P""#,
         &[("AF_P", path), ("AF_FROM", &from), ("AF_TO", &to)],
@@ -828,9 +847,16 @@ fi
 if [ -e "$AF_P" ]; then echo existing; else echo new; fi
 exec tee -- "$AF_P" >/dev/null"#;
 
-async fn put(ws: &dyn Workspace, path: &str, content: String, mkdir: bool) -> Result<bool, Fail> {
+async fn put(
+    ws: &dyn Workspace,
+    tool: ToolName,
+    path: &str,
+    content: String,
+    mkdir: bool,
+) -> Result<bool, Fail> {
     let r = script(
         ws,
+        tool,
         WRITE_SCRIPT,
         &[("AF_P", path), ("AF_MKDIR", if mkdir { "1" } else { "" })],
         content,
@@ -846,7 +872,7 @@ async fn write_file(ws: &dyn Workspace, args: Result<WriteArgs, Fail>) -> Result
     let a = args?;
     check_path(ToolName::WriteFile, &a.path)?;
     let len = a.content.len();
-    let created = put(ws, &a.path, a.content, true).await?;
+    let created = put(ws, ToolName::WriteFile, &a.path, a.content, true).await?;
     Ok(Outcome::text(format!(
         "{} {} ({len} bytes)",
         if created { "created" } else { "wrote" },
@@ -892,7 +918,7 @@ async fn edit_file(ws: &dyn Workspace, args: Result<EditArgs, Fail>) -> Result<O
             ))));
         }
     };
-    put(ws, &a.path, new, false).await?;
+    put(ws, tool, &a.path, new, false).await?;
     Ok(Outcome::text(format!(
         "replaced {count} occurrence{} in {}",
         if count == 1 { "" } else { "s" },
@@ -917,7 +943,8 @@ fn glob(tool: ToolName, pattern: &str) -> Result<globset::GlobMatcher, Fail> {
 
 const LIST_SCRIPT: &str = r#"if [ ! -e "$AF_P" ]; then printf '%s: No such file or directory\n' "$AF_P" >&2; exit 1; fi
 if [ ! -d "$AF_P" ]; then printf '%s: Not a directory\n' "$AF_P" >&2; exit 1; fi
-cd -- "$AF_P" || { printf '%s: Permission denied\n' "$AF_P" >&2; exit 1; }
+case $AF_P in -*) AF_P=./$AF_P;; esac
+CDPATH= cd -P -- "$AF_P" || { printf '%s: Permission denied\n' "$AF_P" >&2; exit 1; }
 exec find . -mindepth 1 \( -name .git -prune \) -o \( -type d -exec printf '%s/\n' {} + \) -o -print"#;
 
 async fn list_files(ws: &dyn Workspace, args: Result<ListArgs, Fail>) -> Result<Outcome, Fail> {
@@ -933,7 +960,7 @@ async fn list_files(ws: &dyn Workspace, args: Result<ListArgs, Fail>) -> Result<
         None | Some("") | Some("**") => None,
         Some(p) => Some(glob(tool, p)?),
     };
-    let r = script(ws, LIST_SCRIPT, &[("AF_P", &path)], String::new()).await?;
+    let r = script(ws, tool, LIST_SCRIPT, &[("AF_P", &path)], String::new()).await?;
     if r.exit_code != 0 && r.stdout.is_empty() {
         return Err(failed(ws, &path, Level::View, "list", &r).await);
     }
@@ -989,6 +1016,7 @@ async fn search(ws: &dyn Workspace, args: Result<SearchArgs, Fail>) -> Result<Ou
     let matcher = a.glob.as_deref().map(|g| glob(tool, g)).transpose()?;
     let r = script(
         ws,
+        tool,
         SEARCH_SCRIPT,
         &[
             ("AF_P", &path),

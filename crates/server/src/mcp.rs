@@ -251,6 +251,11 @@ impl agentfense_mcp::Binder for ServerBinder {
             .cloned()
             .ok_or("the request was not authenticated")?;
         let id = bound_sandbox(&caller, parts.uri.query())?;
+        // Whatever the credential, the tools act as the agent of this one sandbox: the review
+        // calls then show only what the sandbox may read, and its checkpoints count as the
+        // agent's (an API key's `?sandbox=` must not give the agent a reviewer's view).
+        let mut caller = caller;
+        caller.sandbox = Some(crate::ids::SandboxId::parse(&id).map_err(|e| e.to_string())?);
         Ok(Arc::new(SandboxWorkspace::new(self.0.clone(), caller, id)))
     }
 }

@@ -481,3 +481,31 @@ fn errno_texts() {
     );
     assert_eq!(errno_of("weird"), Errno::Other);
 }
+
+#[test]
+fn the_audited_command_names_the_tool_and_its_arguments() {
+    let ws = Fake::new();
+    ws.file("a b'c", "x\n");
+    assert_eq!(ok(call(&ws, "read_file", json!({"path": "a b'c"}))), "x\n");
+    let calls = ws.calls.lock().unwrap();
+    assert!(
+        calls[0]
+            .command
+            .starts_with(": agentfense-mcp read_file AF_P='a b'\\''c' AF_FROM='1' AF_TO='$'\n"),
+        "{}",
+        calls[0].command
+    );
+}
+
+#[test]
+fn a_path_cannot_spell_its_own_refusal() {
+    // The agent's path comes before the reason: only the reason counts.
+    assert_eq!(
+        errno_of("tee: ro/Permission denied/xxxx: File name too long\n"),
+        Errno::Other
+    );
+    assert_eq!(
+        errno_of("sed: can't read x: Permission denied: No such file or directory"),
+        Errno::NotFound
+    );
+}
