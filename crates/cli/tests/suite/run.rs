@@ -204,6 +204,53 @@ fn a_killed_run_cleans_up_its_mount_and_processes() {
     assert!(err.contains("A output/k.txt"), "{err}");
 }
 
+/// SIGKILL cannot be caught: the run dies with its FUSE daemon, and its mounts stay behind,
+/// dead (ENOTCONN). The next run on the directory takes the same slot and must detach them
+/// before it touches their mountpoints (it failed with "cannot create .../mnt: File exists").
+#[test]
+fn a_run_after_a_sigkilled_one_takes_its_slot() {
+    use std::io::BufRead;
+    let Some((project, data)) = local("a_run_after_a_sigkilled_one_takes_its_slot") else {
+        return;
+    };
+    let dir = project.path().to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+        .args(["run", "--data-dir"])
+        .arg(data.path())
+        .args([
+            dir,
+            "--",
+            "echo kept > output/k.txt; echo started; exec sleep 4243",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    assert!(
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(data_dir),
+        "the killed run left no mount: the premise of this test does not hold"
+    );
+    let (code, out, err) = run(data.path(), &[dir, "--", "cat output/k.txt"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "kept\n", "the killed run's change is kept");
+    assert!(
+        !err.contains("slot 2"),
+        "it took the killed run's slot: {err}"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(data_dir), "a mount is left: {mounts}");
+}
+
 /// Under `development`, a venv can be made and used in the workspace: pip's vendored CA
 /// bundle (`certifi/cacert.pem`) is public, so the preset's key-material rules leave it alone,
 /// while a real private key in the project stays absent (issue 15).
