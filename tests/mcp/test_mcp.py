@@ -7,7 +7,8 @@ Run by `crates/cli/tests/suite/mcp.rs`, which prepares what each mode needs:
 * AGENTFENSE_BIN: the `agentfense` binary;
 * local: MCP_PROJECT (a project with `src/main.py`, `.env`, `output/`), MCP_DATA;
 * remote/http: AGENTFENSE_GRPC, AGENTFENSE_HTTP, MCP_SANDBOX (started, agent-safe preset,
-  same project), MCP_TOKEN (that sandbox's token), MCP_OTHER_SANDBOX (another one).
+  same project), MCP_TOKEN (that sandbox's token), MCP_OTHER_SANDBOX (another one), MCP_DATA
+  (the server's data directory).
 
 Every sandbox uses the agent-safe preset: `.env` hidden, source read-only, `output/` writable.
 """
@@ -235,8 +236,10 @@ def test_tools_flag_limits_the_list(mode):
 
 
 def mounts():
+    """This test's mounts: those under its data directory (other tests run meanwhile)."""
+    data = os.path.realpath(os.environ["MCP_DATA"]) + "/"
     with open("/proc/self/mountinfo") as f:
-        return sorted(line.split()[4] for line in f if "agentfense" in line)
+        return sorted(p for p in (line.split()[4] for line in f) if p.startswith(data))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -254,7 +257,7 @@ def test_no_leak_over_200_calls(mode):
                 await ok(s, "write_file", {"path": f"output/{mode}/leak.txt", "content": f"{i}\n"})
                 await ok(s, "read_file", {"path": f"output/{mode}/leak.txt"})
                 await ok(s, "search", {"pattern": "hello", "path": "src"})
-                await s.call_tool("exec", {"command": "sleep 0 & true"})
+                await ok(s, "exec", {"command": "true"})
             end = (await s.call_tool("exec", {"command": count})).structured_content["stdout"]
             assert start == end, f"processes in the sandbox: {start} before, {end} after"
             assert mounts() == during

@@ -130,6 +130,7 @@ fn mcp_bound_to_a_server_sandbox_over_stdio_and_http() {
             ("MCP_SANDBOX", &sb),
             ("MCP_OTHER_SANDBOX", &other),
             ("MCP_TOKEN", token.trim()),
+            ("MCP_DATA", data.to_str().unwrap()),
         ],
         || server.log_text(),
     );
