@@ -335,13 +335,7 @@ impl Workspace for RemoteWorkspace {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let marker = agentfense_mcp::workspace::TRUNCATION_MARKER;
-            Ok(ExecReply {
-                exit_code: r.exit_code,
-                truncated: r.stdout.contains(marker) || r.stderr.contains(marker),
-                stdout: r.stdout,
-                stderr: r.stderr,
-            })
+            Ok(ExecReply::marked(r.exit_code, r.stdout, r.stderr))
         })
     }
 
@@ -362,7 +356,7 @@ impl Workspace for RemoteWorkspace {
             let labels = s.labels.into_iter().collect();
             Ok(PolicyView {
                 sandbox_id: s.id,
-                roots: labels_root(&labels),
+                roots: agentfense_server::mcp::project_roots(&labels),
                 policy: Arc::new(policy),
                 network: agentfense_server::mcp::network_json(&labels),
             })
@@ -438,15 +432,4 @@ impl Workspace for RemoteWorkspace {
             }))
         })
     }
-}
-
-/// Where a server sandbox shows its project: its `agentfense.workspace_path` label's path,
-/// and `/workspace`.
-fn labels_root(labels: &std::collections::BTreeMap<String, String>) -> Vec<String> {
-    labels
-        .get(agentfense_server::service::LABEL_WORKSPACE_PATH)
-        .cloned()
-        .into_iter()
-        .chain(["/workspace".to_owned()])
-        .collect()
 }

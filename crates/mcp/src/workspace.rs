@@ -43,6 +43,19 @@ pub struct ExecReply {
     pub truncated: bool,
 }
 
+impl ExecReply {
+    /// A reply whose streams may end in the runtime's truncation marker (output that came
+    /// through the service or over the API carries no flag, only the marker).
+    pub fn marked(exit_code: i32, stdout: String, stderr: String) -> ExecReply {
+        ExecReply {
+            exit_code,
+            truncated: stdout.contains(TRUNCATION_MARKER) || stderr.contains(TRUNCATION_MARKER),
+            stdout,
+            stderr,
+        }
+    }
+}
+
 /// The sandbox's effective access, as the policy resource shows it and denials explain it.
 #[derive(Debug, Clone)]
 pub struct PolicyView {

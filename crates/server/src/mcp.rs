@@ -71,6 +71,17 @@ pub fn changes_json(set: &agentfense_fs::ChangeSet) -> Value {
     })
 }
 
+/// Where a server sandbox shows its project: at the path its `agentfense.workspace_path`
+/// label gives (where commands start), and at `/workspace`.
+pub fn project_roots(labels: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    labels
+        .get(LABEL_WORKSPACE_PATH)
+        .cloned()
+        .into_iter()
+        .chain([WORKSPACE.to_owned()])
+        .collect()
+}
+
 /// The network a sandbox's labels give it, as the policy resource shows it.
 pub fn network_json(labels: &std::collections::BTreeMap<String, String>) -> Value {
     if let Some(allow) = labels.get(LABEL_EGRESS).filter(|v| !v.trim().is_empty()) {
@@ -103,17 +114,7 @@ impl Workspace for SandboxWorkspace {
                 )
                 .await
                 .map_err(to_ws)?;
-            Ok(ExecReply {
-                exit_code: out.exit_code,
-                truncated: out
-                    .stdout
-                    .contains(agentfense_mcp::workspace::TRUNCATION_MARKER)
-                    || out
-                        .stderr
-                        .contains(agentfense_mcp::workspace::TRUNCATION_MARKER),
-                stdout: out.stdout,
-                stderr: out.stderr,
-            })
+            Ok(ExecReply::marked(out.exit_code, out.stdout, out.stderr))
         })
     }
 
@@ -130,15 +131,7 @@ impl Workspace for SandboxWorkspace {
                 .map_err(|e| WsError::Failed(format!("compiling the sandbox's rules: {e}")))?;
             Ok(PolicyView {
                 sandbox_id: rec.id.to_string(),
-                // Commands start at the project's own path when a label gives it one, and
-                // `/workspace` stays an alias.
-                roots: rec
-                    .labels
-                    .get(LABEL_WORKSPACE_PATH)
-                    .cloned()
-                    .into_iter()
-                    .chain([WORKSPACE.to_owned()])
-                    .collect(),
+                roots: project_roots(&rec.labels),
                 policy: Arc::new(policy),
                 network: network_json(&rec.labels),
             })

@@ -3,7 +3,6 @@
 //! filesystem's own refusals are covered by the CLI's tests, which drive `agentfense mcp`
 //! with the official Python MCP SDK.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -461,7 +460,6 @@ fn paths_map_into_the_project() {
     assert_eq!(rel("/home/me/project2/x"), None);
     assert_eq!(rel("/etc/passwd"), None);
     assert_eq!(rel("../outside"), None);
-    let _ = BTreeMap::<String, String>::new();
 }
 
 #[test]
