@@ -111,9 +111,11 @@ const FULL: Scale = Scale {
 };
 
 /// The case names `--only` accepts.
-pub const CASES: [&str; 11] = [
+pub const CASES: [&str; 13] = [
     "fs",
     "pause",
+    "cold",
+    "run",
     "sdk",
     "exec",
     "session",
@@ -236,6 +238,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
         .enable_all()
         .build()?;
     let mut rows = rt.block_on(cases(scale, &only, &server, server_pid))?;
+    if only.has("run") {
+        run_case(scale, &exe, &work, &mut rows)?;
+    }
     if only.has("auth") {
         rt.block_on(auth_case(scale, &exe, &work, &cpu, &server, &mut rows))?;
     }

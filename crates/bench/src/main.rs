@@ -41,8 +41,8 @@ pub struct Opts {
     /// `none` leaves placement to the scheduler.
     #[arg(long, default_value = "0")]
     pub cpu: String,
-    /// Run only these cases (comma-separated): fs, pause, sdk, exec, session, start, density,
-    /// concurrency, auth, egress, review. Default: all of them.
+    /// Run only these cases (comma-separated): fs, pause, cold, run, sdk, exec, session, start,
+    /// density, concurrency, auth, egress, review. Default: all of them.
     #[arg(long, value_name = "CASES", value_delimiter = ',')]
     pub only: Vec<String>,
 }

@@ -485,24 +485,38 @@ impl Delta {
     }
 
     fn list_locked(&self, meta: &Meta, rel: &Path) -> Result<Vec<(OsString, EntryKind)>, FsError> {
-        let mut out: BTreeMap<Vec<u8>, EntryKind> = BTreeMap::new();
-        match host::list(self.upper.as_fd(), rel) {
-            Ok(v) => out.extend(v.into_iter().map(|(n, k)| (n, k.into()))),
+        self.merged(meta, rel, host::list, |_, k| k.into())
+    }
+
+    /// The merged entries of directory `rel`, sorted by name: each layer's listing by `list`,
+    /// its entries turned into `T` by `entry`; the upper layer's win, whiteouts and
+    /// publishing's staging names are left out, and the lower layer only counts where it
+    /// shows through.
+    fn merged<E, T>(
+        &self,
+        meta: &Meta,
+        rel: &Path,
+        list: impl Fn(BorrowedFd<'_>, &Path) -> io::Result<Vec<(Vec<u8>, E)>>,
+        entry: impl Fn(Layer, E) -> T,
+    ) -> Result<Vec<(OsString, T)>, FsError> {
+        let mut out: BTreeMap<Vec<u8>, T> = BTreeMap::new();
+        match list(self.upper.as_fd(), rel) {
+            Ok(v) => out.extend(v.into_iter().map(|(n, e)| (n, entry(Layer::Upper, e)))),
             Err(e) if errno(&e) == libc::ENOENT => {}
             Err(e) if is_absent(&e) => return Err(FsError::NotDir { path: rel.into() }),
             Err(e) => return Err(FsError::io("list upper", rel, e)),
         }
         if meta.lower_visible(rel) && !meta.opaque.contains(rel) {
-            match host::list(self.lower.as_fd(), rel) {
+            match list(self.lower.as_fd(), rel) {
                 Ok(v) => {
-                    for (n, k) in v {
+                    for (n, e) in v {
                         if out.contains_key(&n)
                             || is_stage_name(&n)
                             || meta.whiteouts.contains(&rel.join(OsStr::from_bytes(&n)))
                         {
                             continue;
                         }
-                        out.insert(n, k.into());
+                        out.insert(n, entry(Layer::Lower, e));
                     }
                 }
                 Err(e) if is_absent(&e) => {}
@@ -511,8 +525,19 @@ impl Delta {
         }
         Ok(out
             .into_iter()
-            .map(|(n, k)| (OsString::from_vec(n), k))
+            .map(|(n, t)| (OsString::from_vec(n), t))
             .collect())
+    }
+
+    /// [`Delta::list`] with each entry's attributes, as [`Delta::lookup`] would give them,
+    /// read relative to the open directory (one host call per entry instead of a walk of
+    /// its whole path in each layer).
+    pub fn list_attrs(&self, rel: &Path) -> Result<Vec<(OsString, Attr)>, FsError> {
+        check_rel(rel)?;
+        let meta = self.lock();
+        self.merged(&meta, rel, host::list_stat, |layer, st| {
+            Attr::from_stat(layer, &st)
+        })
     }
 
     /// The merged entries of directory `rel`, sorted by name. Nothing is filtered by name

@@ -69,8 +69,8 @@ use agentfense_core::{Basis, Cursor, Decision, Level, NodeKind, Policy};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -108,7 +108,17 @@ pub(crate) struct PolicyFs {
 }
 
 /// The visible entries of a directory, `.` and `..` first.
-type Listing = Vec<(u64, FileType, OsString)>;
+type Listing = Vec<Listed>;
+
+/// One entry of a [`Listing`].
+struct Listed {
+    ino: u64,
+    kind: FileType,
+    name: OsString,
+    /// The attributes and level the entry had when listed (`None` for `.` and `..`), which a
+    /// READDIRPLUS reply carries.
+    shown: Option<(Attr, Level)>,
+}
 
 fn kind_of(k: EntryKind) -> NodeKind {
     if k == EntryKind::Dir {

@@ -178,6 +178,29 @@ pub(crate) fn list(root: BorrowedFd<'_>, rel: &Path) -> io::Result<Vec<(Vec<u8>,
     Ok(out)
 }
 
+/// The entries of directory `rel` below `root` with their `lstat` (taken relative to the open
+/// directory, one component each: nothing is followed), `.` and `..` left out. An entry
+/// removed between the listing and its `lstat` is left out too.
+pub(crate) fn list_stat(root: BorrowedFd<'_>, rel: &Path) -> io::Result<Vec<(Vec<u8>, Stat)>> {
+    let fd = open_dir_read(root, rel)?;
+    let dir_fd = fd.try_clone()?;
+    let mut dir = rustix::fs::Dir::new(fd)?;
+    let mut out = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        match rustix::fs::statat(&dir_fd, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => out.push((name.to_vec(), st)),
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
 /// Creates every missing directory of `rel` below `root`, one component at a time, giving new
 /// directories `mode_of(prefix)`. Returns the handle of the last one.
 pub(crate) fn mkdir_all(

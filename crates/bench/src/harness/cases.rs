@@ -10,7 +10,12 @@ pub(super) async fn cases(
 ) -> anyhow::Result<Vec<Row>> {
     let mut api = Api::connect(&server.grpc).await?;
     let mut rows = Vec::new();
-    if only.has("fs") || only.has("pause") || only.has("exec") || only.has("session") {
+    if only.has("fs")
+        || only.has("pause")
+        || only.has("cold")
+        || only.has("exec")
+        || only.has("session")
+    {
         running_cases(scale, only, &mut api, server, &mut rows).await?;
     }
     if only.has("sdk")
@@ -68,6 +73,11 @@ pub(super) struct FsCase<'a> {
     /// Idle time before each timed pair (what an agent thinking between commands does to
     /// the caches), and how many pairs then (each costs the pause).
     pub(super) pause: Option<(std::time::Duration, usize)>,
+    /// Run each timed command as the first one in a sandbox of its own, created and started
+    /// with these rules just before (not timed) and destroyed after: the first pass of an
+    /// agent on a fresh sandbox, every kernel cache of the mount cold (the host's own caches
+    /// are warm on both sides).
+    pub(super) fresh: Option<&'a [(&'a str, v1::Permission, i32)]>,
 }
 
 impl<'a> FsCase<'a> {
@@ -89,6 +99,7 @@ impl<'a> FsCase<'a> {
             target,
             setup: ":".to_owned(),
             pause: None,
+            fresh: None,
         }
     }
 }
@@ -135,7 +146,7 @@ pub(super) async fn running_cases(
     // Filesystem cases: one codebase with generated data, one full-access sandbox.
     let cb = api.codebase("bench-fs").await?;
     let dir = server.data.join("codebases").join(&cb);
-    let fs_data = only.has("fs") || only.has("pause");
+    let fs_data = only.has("fs") || only.has("pause") || only.has("cold");
     if fs_data {
         eprintln!("generating data ...");
         gen_big(&dir.join("big.bin"), scale.big_mib)?;
@@ -175,6 +186,7 @@ pub(super) async fn running_cases(
         ("**", v1::Permission::Read, 0),
         ("/out/**", v1::Permission::Write, 10),
     ];
+    let write_rules = [("**", v1::Permission::Write, 0)];
     let sb = api.sandbox_with(&cb, &read_rules, &[]).await?;
     api.start(&sb).await?;
     let sb_write = api.sandbox(&cb).await?;
@@ -201,6 +213,8 @@ pub(super) async fn running_cases(
     };
     let read = "cat big.bin > /dev/null";
     let grep = "grep -r needle_not_there src > /dev/null; true";
+    let find = "find meta -type f -printf '%s\\n' | wc -l > /dev/null";
+    let git_status = "git -C repo status --porcelain > /dev/null";
     let fs_cases = match &sb_passthrough {
         None => Vec::new(),
         Some(sb_passthrough) => {
@@ -244,7 +258,7 @@ pub(super) async fn running_cases(
                 ),
                 FsCase::new(
                     format!("find + stat ({} files), read rule", scale.meta_files),
-                    "find meta -type f -printf '%s\\n' | wc -l > /dev/null",
+                    find,
                     &sb,
                     Some(1.5),
                     "<= 1.5x native",
@@ -257,7 +271,7 @@ pub(super) async fn running_cases(
                             scale.meta_files,
                             scale.pause.as_secs()
                         ),
-                        "find meta -type f -printf '%s\\n' | wc -l > /dev/null",
+                        find,
                         &sb,
                         Some(1.2),
                         "<= 1.2x native",
@@ -317,11 +331,52 @@ pub(super) async fn running_cases(
                 },
                 FsCase::new(
                     format!("git status ({} files), write rule", scale.repo_files),
-                    "git -C repo status --porcelain > /dev/null",
+                    git_status,
                     &sb_write,
                     Some(2.0),
                     "<= 2x native",
                 ),
+                // The first pass in a fresh sandbox.
+                FsCase {
+                    fresh: Some(&read_rules),
+                    ..FsCase::new(
+                        format!("find + stat ({} files), fresh sandbox", scale.meta_files),
+                        find,
+                        &sb,
+                        Some(2.0),
+                        "<= 2x native",
+                    )
+                },
+                FsCase {
+                    fresh: Some(&read_rules),
+                    ..FsCase::new(
+                        format!("grep -r ({} files), fresh sandbox", scale.src_files),
+                        grep,
+                        &sb,
+                        Some(2.0),
+                        "<= 2x native",
+                    )
+                },
+                FsCase {
+                    fresh: Some(&write_rules),
+                    ..FsCase::new(
+                        format!("git status ({} files), fresh sandbox", scale.repo_files),
+                        git_status,
+                        &sb_write,
+                        Some(2.0),
+                        "<= 2x native",
+                    )
+                },
+                FsCase {
+                    fresh: Some(&read_rules),
+                    ..FsCase::new(
+                        format!("sequential read ({mib} MiB), fresh sandbox"),
+                        read,
+                        &sb,
+                        Some(2.0),
+                        ">= 0.5x native throughput",
+                    )
+                },
             ]
         }
     };
@@ -335,13 +390,19 @@ pub(super) async fn running_cases(
         target,
         setup,
         pause,
+        fresh,
     } in fs_cases
     {
         if pause.is_some_and(|(p, _)| p.is_zero()) {
             // --quick: no time for pauses.
             continue;
         }
-        if !only.has(if pause.is_some() { "pause" } else { "fs" }) {
+        let kind = match (pause, fresh) {
+            (Some(_), _) => "pause",
+            (None, Some(_)) => "cold",
+            (None, None) => "fs",
+        };
+        if !only.has(kind) {
             continue;
         }
         let native_dir = native_dir.unwrap_or(&dir);
@@ -371,8 +432,19 @@ pub(super) async fn running_cases(
                 tokio::time::sleep(idle).await;
             }
             base.push(parse(&native_out(&timed, native_dir)?)?);
-            let r = api.exec(sandbox, &timed).await?;
-            ours.push(parse(&r.stdout)?);
+            match fresh {
+                Some(rules) => {
+                    let id = api.sandbox_with(&cb, rules, &[]).await?;
+                    api.start(&id).await?;
+                    let r = api.exec(&id, &timed).await?;
+                    api.destroy(&id).await?;
+                    ours.push(parse(&r.stdout)?);
+                }
+                None => {
+                    let r = api.exec(sandbox, &timed).await?;
+                    ours.push(parse(&r.stdout)?);
+                }
+            }
         }
         rows.push(ratio_row(&label, &ours, baseline, &base, max_ratio, target));
     }
@@ -546,6 +618,54 @@ pub(super) async fn start_cases(
         target: "—".into(),
         met: None,
     });
+    Ok(())
+}
+
+/// The whole CLI for one command on a local directory (`agentfense run DIR -- true`: mount,
+/// environment, command, unmount), against a bubblewrap one-shot.
+pub(super) fn run_case(
+    scale: &Scale,
+    exe: &Path,
+    work: &Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("case: agentfense run -- true");
+    let project = work.join("run-project");
+    std::fs::create_dir_all(project.join("src"))?;
+    std::fs::write(project.join("src/main.py"), "print('hello')\n")?;
+    let data = work.join("run-data");
+    let (exe, project, data) = (
+        exe.to_string_lossy(),
+        project.to_string_lossy(),
+        data.to_string_lossy(),
+    );
+    let args = [
+        "run",
+        "--data-dir",
+        &data,
+        "--discard",
+        &project,
+        "--",
+        "true",
+    ];
+    // The first run makes the directory's state (slot, home); not timed.
+    spawn_time(&exe, &args)?;
+    let (mut ours, mut oneshot) = (vec![], vec![]);
+    for _ in 0..scale.first_iters {
+        oneshot.push(spawn_time("bwrap", BWRAP_ONESHOT)?);
+        ours.push(spawn_time(&exe, &args)?);
+    }
+    rows.push(ratio_row(
+        "`agentfense run DIR -- true` (whole CLI: mount, environment, command, unmount)",
+        &ours,
+        "bwrap one-shot",
+        &oneshot,
+        None,
+        "p50 <= 10 ms",
+    ));
+    if let Some(r) = rows.last_mut() {
+        r.met = Some(r.ours.median <= 0.010);
+    }
     Ok(())
 }
 

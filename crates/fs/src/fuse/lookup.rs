@@ -259,7 +259,18 @@ impl PolicyFs {
             }
             ino
         };
-        let mut fa = self.file_attr(ino, &attr, d.level);
+        self.shown_attr(ino, path, &attr, d.level)
+    }
+
+    /// The attributes node `ino` at `path` is shown with.
+    pub(super) fn shown_attr(
+        &self,
+        ino: u64,
+        path: &Path,
+        attr: &Attr,
+        level: Level,
+    ) -> Result<FileAttr, FsError> {
+        let mut fa = self.file_attr(ino, attr, level);
         if attr.kind == EntryKind::Dir {
             (fa.mtime, fa.ctime) = self.dir_times_shown(path, (attr.mtime, attr.ctime))?;
         }
@@ -288,23 +299,45 @@ impl PolicyFs {
         path: &Path,
     ) -> Result<Vec<(PathBuf, EntryKind, OsString)>, FsError> {
         let listing = self.shared.delta.list(path)?;
+        Ok(self
+            .shown_entries(path, listing, |k| *k)
+            .into_iter()
+            .map(|(child, name, kind, _)| (child, kind, name))
+            .collect())
+    }
+
+    /// Of the entries of directory `path` (each with its kind by `kind`), those the sandbox
+    /// can see: (path, name, entry, level).
+    pub(super) fn shown_entries<T>(
+        &self,
+        path: &Path,
+        entries: Vec<(OsString, T)>,
+        kind: impl Fn(&T) -> EntryKind,
+    ) -> Vec<(PathBuf, OsString, T, Level)> {
         let (policy, gen_) = self.shared.policy();
         let parent_cursor = self.cursor(&policy, gen_, path);
-        let mut shown = Vec::with_capacity(listing.len());
-        for (name, kind) in listing {
+        let mut shown = Vec::with_capacity(entries.len());
+        for (name, entry) in entries {
             let c = policy.cursor_child(&parent_cursor, &name.to_string_lossy());
             let child = path.join(&name);
-            if self.decide(&policy, &c, &child, kind).level != Level::None {
-                shown.push((child, kind, name));
+            let level = self.decide(&policy, &c, &child, kind(&entry)).level;
+            if level != Level::None {
+                shown.push((child, name, entry, level));
             }
         }
-        Ok(shown)
+        shown
     }
 
     pub(super) fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, FsError> {
         check_name(name).map_err(|_| FsError::NotFound { path: name.into() })?;
         let ppath = self.path_of(parent)?;
-        self.visible("lookup", &ppath)?;
+        // The parent is a directory the kernel holds: only whether the rules still let the
+        // sandbox see it is asked (a parent gone or replaced since fails the child's own
+        // lookup), which spares two host lookups per name.
+        let d = self.decision(&ppath, EntryKind::Dir);
+        if d.level == Level::None {
+            return Err(self.deny("lookup", &ppath, d));
+        }
         self.entry(&ppath.join(name), true)
     }
 

@@ -340,18 +340,29 @@ impl PolicyFs {
         if attr.kind != EntryKind::Dir {
             return Err(FsError::NotDir { path });
         }
-        let shown = self.visible_children(&path)?;
-        // The names the sandbox now knows: what the directory's times are judged against.
-        let names = dirtimes::fingerprint(shown.iter().map(|(_, _, n)| n.as_os_str()));
         let (_, gen_) = self.shared.policy();
+        let listed = self.shared.delta.list_attrs(&path)?;
+        let shown = self.shown_entries(&path, listed, |a| a.kind);
+        // The names the sandbox now knows: what the directory's times are judged against.
+        let names = dirtimes::fingerprint(shown.iter().map(|(_, n, _, _)| n.as_os_str()));
         lock(&self.dir_times).settle(&path, gen_, (attr.mtime, attr.ctime), names);
         let mut entries = Vec::with_capacity(shown.len() + 2);
-        entries.push((ino, FileType::Directory, OsString::from(".")));
-        entries.push((ino, FileType::Directory, OsString::from("..")));
+        for name in [".", ".."] {
+            entries.push(Listed {
+                ino,
+                kind: FileType::Directory,
+                name: OsString::from(name),
+                shown: None,
+            });
+        }
         let mut nodes = lock(&self.shared.nodes);
-        for (child, kind, name) in shown {
-            let child_ino = nodes.get_or_insert(&child);
-            entries.push((child_ino, file_type(kind), name));
+        for (child, name, attr, level) in shown {
+            entries.push(Listed {
+                ino: nodes.get_or_insert(&child),
+                kind: file_type(attr.kind),
+                name,
+                shown: Some((attr, level)),
+            });
         }
         drop(nodes);
         let entries = Arc::new(entries);
