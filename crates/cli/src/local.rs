@@ -274,6 +274,7 @@ impl LocalSandbox {
     /// Checks the options and mounts the policy filesystem over project directory `dir`.
     /// Commands may run up to `max_timeout`.
     pub fn mount(args: &LocalArgs, dir: &Path, max_timeout: Duration) -> anyhow::Result<Self> {
+        let identity = GitIdentity::start();
         let policy = args.policy.policy()?;
         let project = dir;
         let dir = project
@@ -406,7 +407,7 @@ impl LocalSandbox {
         home_cfg.disk_bytes = limits.disk_bytes;
         home_cfg.disk_inodes = limits.disk_inodes;
         let home = agentfense_fs::mount(home_cfg).context("cannot mount the sandbox's home")?;
-        for (k, v) in git_identity() {
+        for (k, v) in identity.vars() {
             env.entry(k.to_owned()).or_insert(v);
         }
         Ok(LocalSandbox {
@@ -649,37 +650,89 @@ impl LocalSandbox {
 }
 
 /// The invoking user's git identity (`user.name`, `user.email` only: never credentials or
-/// helpers), as the variables git reads, so that `git commit` works in the sandbox. Under
-/// sudo, the identity of the user who ran sudo.
-fn git_identity() -> Vec<(&'static str, String)> {
-    let home = std::env::var("SUDO_USER")
-        .ok()
-        .filter(|u| !u.is_empty() && u != "root")
-        .and_then(|u| {
-            let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-            passwd.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 5 && f[0] == u).then(|| f[5].to_owned())
-            })
-        });
-    let get = |key: &str| {
+/// helpers), asked of `git config` in one process started early, so that it runs while the
+/// sandbox is set up. Under sudo, the identity of the user who ran sudo.
+struct GitIdentity(Option<std::process::Child>);
+
+impl GitIdentity {
+    fn start() -> GitIdentity {
+        let home = std::env::var("SUDO_USER")
+            .ok()
+            .filter(|u| !u.is_empty() && u != "root")
+            .and_then(|u| {
+                let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+                passwd.lines().find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() > 5 && f[0] == u).then(|| f[5].to_owned())
+                })
+            });
         let mut cmd = std::process::Command::new("git");
-        cmd.args(["config", "--global", "--get", key])
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        cmd.args([
+            "config",
+            "--global",
+            "-z",
+            "--get-regexp",
+            r"^user\.(name|email)$",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
         if let Some(h) = &home {
             cmd.env("HOME", h).env_remove("XDG_CONFIG_HOME");
         }
-        let out = cmd.output().ok().filter(|o| o.status.success())?;
-        let v = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-        (!v.is_empty() && !v.chars().any(char::is_control)).then_some(v)
-    };
+        GitIdentity(cmd.spawn().ok())
+    }
+
+    /// The identity as the variables git reads (none where git or the setting is missing).
+    fn vars(mut self) -> Vec<(&'static str, String)> {
+        let Some(out) = self
+            .0
+            .take()
+            .and_then(|c| c.wait_with_output().ok())
+            .filter(|o| o.status.success())
+        else {
+            return Vec::new();
+        };
+        git_identity_vars(&out.stdout)
+    }
+}
+
+impl Drop for GitIdentity {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The variables for the output of `git config -z --get-regexp` (`key\nvalue\0` records; the
+/// last value of a key wins, as `git config --get` has it).
+fn git_identity_vars(out: &[u8]) -> Vec<(&'static str, String)> {
+    let (mut name, mut email) = (None, None);
+    for record in out.split(|&b| b == 0) {
+        let Some((key, value)) = std::str::from_utf8(record)
+            .ok()
+            .and_then(|r| r.split_once('\n'))
+        else {
+            continue;
+        };
+        let value = value.trim();
+        if value.is_empty() || value.chars().any(char::is_control) {
+            continue;
+        }
+        match key {
+            "user.name" => name = Some(value.to_owned()),
+            "user.email" => email = Some(value.to_owned()),
+            _ => {}
+        }
+    }
     let mut vars = Vec::new();
-    if let Some(name) = get("user.name") {
+    if let Some(name) = name {
         vars.push(("GIT_AUTHOR_NAME", name.clone()));
         vars.push(("GIT_COMMITTER_NAME", name));
     }
-    if let Some(email) = get("user.email") {
+    if let Some(email) = email {
         vars.push(("GIT_AUTHOR_EMAIL", email.clone()));
         vars.push(("GIT_COMMITTER_EMAIL", email));
     }
@@ -768,5 +821,32 @@ async fn termination_signal() -> i32 {
         () = watch(SignalKind::interrupt()) => SIGINT,
         () = watch(SignalKind::terminate()) => SIGTERM,
         () = watch(SignalKind::hangup()) => SIGHUP,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::git_identity_vars;
+
+    #[test]
+    fn git_identity_takes_the_last_value_of_each_key_and_nothing_else() {
+        let out = b"user.name\nOld Name\0user.email\na@example.org\0user.name\nAda Lovelace\0\
+user.signingkey\nABC\0";
+        assert_eq!(
+            git_identity_vars(out),
+            vec![
+                ("GIT_AUTHOR_NAME", "Ada Lovelace".to_owned()),
+                ("GIT_COMMITTER_NAME", "Ada Lovelace".to_owned()),
+                ("GIT_AUTHOR_EMAIL", "a@example.org".to_owned()),
+                ("GIT_COMMITTER_EMAIL", "a@example.org".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn git_identity_refuses_control_characters_and_empty_values() {
+        assert!(git_identity_vars(b"user.name\nbad\x1b[31m\0user.email\n \0").is_empty());
+        assert!(git_identity_vars(b"").is_empty());
+        assert!(git_identity_vars(b"garbage without newline\0").is_empty());
     }
 }

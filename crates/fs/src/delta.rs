@@ -413,6 +413,13 @@ impl Delta {
         &self.lower_path
     }
 
+    /// A handle on directory `rel` of the codebase itself (the lower layer), for reading
+    /// files the caller knows are the codebase's.
+    pub(crate) fn lower_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        check_rel(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        host::open_dir(self.lower.as_fd(), rel)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Meta> {
         // A panic while holding the lock leaves the metadata consistent enough to go on.
         self.meta.lock().unwrap_or_else(|p| p.into_inner())

@@ -41,6 +41,12 @@
 //! `create` keep a real handle (the kernel always sends CREATE). Cached pages are dropped when
 //! the rules change or another sandbox publishes the file.
 //!
+//! ## First pass
+//! A fresh mount has nothing cached. Listings are READDIRPLUS, so the kernel gets each
+//! directory's names with their attributes in one round trip (no LOOKUP per name), and the
+//! first READ in a directory has its small `read` files pushed into the page cache beside the
+//! reader ([`prefetch`]), so a first `grep -r` does not pay a round trip per file either.
+//!
 //! ## Passthrough mode
 //! [`IoMode::Passthrough`] trades the zero-message opens for native streaming speed. The
 //! kernel sends one OPEN per open(2) and the rules decide there, exactly as in the table
@@ -105,6 +111,8 @@ pub(crate) struct PolicyFs {
     passthrough: AtomicBool,
     /// Directory times as shown to the sandbox (moved only by changes it can see).
     dir_times: Mutex<dirtimes::DirTimes>,
+    /// Directories whose files were pushed, with the cache epoch of the push ([`prefetch`]).
+    prefetched: Mutex<HashMap<PathBuf, u64>>,
 }
 
 /// The visible entries of a directory, `.` and `..` first.
@@ -162,6 +170,7 @@ impl PolicyFs {
             pt: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
             dir_times: Mutex::new(dirtimes::DirTimes::default()),
+            prefetched: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -174,6 +183,7 @@ mod io;
 mod io_cache;
 mod lookup;
 mod namespace;
+pub(crate) mod prefetch;
 mod shared;
 mod shown;
 #[cfg(test)]

@@ -75,6 +75,22 @@ pub(crate) fn open_file(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> io::
     Ok(fd)
 }
 
+/// Opens regular file `name` in directory `dir` read-only (one component: nothing followed),
+/// refusing anything but a regular file as [`open_file`] does.
+pub(crate) fn open_file_in(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if Kind::from_mode(st.st_mode) != Kind::File {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    Ok(fd)
+}
+
 /// `lstat` of `rel` below `root`: a symlink as the last component is reported, not followed.
 pub(crate) fn lstat(root: BorrowedFd<'_>, rel: &Path) -> io::Result<Stat> {
     if rel.as_os_str().is_empty() {

@@ -114,6 +114,9 @@ fn lower_key(lower: &Path) -> PathBuf {
 /// cached for I/O on them are dropped too, and a path that no longer exists loses its node,
 /// keeping its host file if the kernel may still have it open.
 fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], changed: bool) {
+    // Before the kernel drops anything: a push of pages that raced with this change undoes
+    // itself (see `prefetch`).
+    shared.cache_epoch.fetch_add(1, Ordering::SeqCst);
     let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = if changed {
         paths
             .iter()
@@ -394,6 +397,7 @@ pub fn mount(config: FsConfig) -> Result<MountHandle, FsError> {
     info!(mountpoint = %config.mountpoint.display(), sandbox_id = %config.sandbox_id, "mounted");
     read_ahead(&config.mountpoint);
     forget_vanished(&shared, session.notifier());
+    crate::fuse::prefetch::start(&shared, session.notifier());
     let mounts = config.mounts;
     let id = mounts.register(lower.clone(), &shared, session.notifier());
     Ok(MountHandle {
@@ -416,14 +420,19 @@ const READ_AHEAD_KB: u32 = 4096;
 /// Raises the readahead of the mount at `mountpoint` (its backing device's, in sysfs) to
 /// [`READ_AHEAD_KB`]. Best effort: without it reads are only smaller.
 fn read_ahead(mountpoint: &Path) {
-    let Ok(st) = rustix::fs::stat(mountpoint) else {
+    // The device number only: from the kernel's cached attributes, without a round trip to
+    // the daemon (a plain stat would wait for the connection's INIT and a GETATTR).
+    let Ok(st) = rustix::fs::statx(
+        rustix::fs::CWD,
+        mountpoint,
+        rustix::fs::AtFlags::STATX_DONT_SYNC,
+        rustix::fs::StatxFlags::empty(),
+    ) else {
         return;
     };
-    let dev = st.st_dev;
     let knob = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
-        rustix::fs::major(dev),
-        rustix::fs::minor(dev)
+        st.stx_dev_major, st.stx_dev_minor
     );
     if let Err(e) = std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
         debug!(knob, error = %e, "cannot raise the mount's readahead");

@@ -324,7 +324,13 @@ impl Filesystem for PolicyFs {
     ) {
         crate::counters::count("read");
         match self.do_read(ino.0, fh, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                reply.data(&data);
+                // A command began reading a codebase file: its neighbours are likely next.
+                if offset == 0 && fh.0 == 0 {
+                    self.prefetch_siblings(ino.0);
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -23,6 +23,11 @@ pub(crate) struct Shared {
     /// Where to send the names of directories that vanished, for the kernel to forget (set
     /// by the mount once its session exists).
     pub(crate) vanished: OnceLock<Vanished>,
+    /// Moves whenever the kernel is told to drop cached pages for a change (a publish, an
+    /// upload, new rules), before it is told: see [`prefetch`].
+    pub(crate) cache_epoch: AtomicU64,
+    /// Where READs queue a directory's files for pushing (set by the mount, see [`prefetch`]).
+    pub(crate) prefetch: OnceLock<prefetch::Queue>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -45,6 +50,8 @@ impl Shared {
             contents: Mutex::new(content::ContentVerdicts::default()),
             shown: Mutex::new(ShownDirs::default()),
             vanished: OnceLock::new(),
+            cache_epoch: AtomicU64::new(0),
+            prefetch: OnceLock::new(),
         }
     }
 

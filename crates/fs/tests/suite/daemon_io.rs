@@ -1,6 +1,8 @@
 //! File I/O in no-open mode: served by inode from the daemon's cache of host files, with the
 //! rules checked on every READ and WRITE; the page cache serves repeated reads.
 
+use std::time::Duration;
+
 use pretty_assertions::assert_eq;
 
 use agentfense_core::{Level, PermissionRule};
@@ -145,4 +147,95 @@ fn another_sandboxs_publish_shows_on_the_next_read() {
     assert_eq!(a.ok("cat output/existing.txt"), "A\nB\n");
     a.h().publish().unwrap();
     assert_eq!(b.ok("cat output/existing.txt"), "A\nB\n");
+}
+
+/// Bytes of `rel` in the mount's page cache (`fincore`: mmap and mincore, no FUSE round trip).
+fn resident(m: &super::util::Mnt, rel: &str) -> u64 {
+    m.ok(&format!("fincore --bytes --noheadings --output RES {rel}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The first READ in a directory pushes its small `read` files into the page cache (so a first
+/// `grep -r` does not pay a round trip per file), and nothing else: a `view`, hidden, writable
+/// or large file never gets pages it was not asked for, so the rules still decide every read
+/// of them (root bypasses the mode bits that would refuse the open).
+#[test]
+fn first_read_pushes_only_the_directorys_small_read_files() {
+    require_fuse!("first_read_pushes_only_the_directorys_small_read_files");
+    let mut rules = vec![PermissionRule::glob("**", Level::Read, 0)];
+    rules.push(PermissionRule::glob("/mixed/plan.txt", Level::View, 10));
+    rules.push(PermissionRule::glob("/mixed/w.txt", Level::Write, 10));
+    rules.push(PermissionRule::glob("/mixed/s.txt", Level::None, 10));
+    let m = mount_with(
+        rules,
+        |lower| {
+            for (name, content) in [
+                ("a.txt", "first\n"),
+                ("b.txt", "second\n"),
+                ("c.txt", "third\n"),
+                ("plan.txt", "view only\n"),
+                ("w.txt", "old\n"),
+                ("s.txt", "hidden\n"),
+            ] {
+                super::util::write(lower, &format!("mixed/{name}"), content);
+            }
+            super::util::write(lower, "mixed/big.txt", &"x".repeat(200 << 10));
+        },
+        |_| {},
+    );
+    // The kernel learns the names (READDIRPLUS), then one file is read.
+    assert_eq!(
+        m.ok("ls mixed"),
+        "a.txt\nb.txt\nbig.txt\nc.txt\nplan.txt\nw.txt\n"
+    );
+    assert_eq!(m.ok("cat mixed/a.txt"), "first\n");
+    // The push runs beside the reader: wait for its effect (bounded), not for a time.
+    let pushed = (0..500).any(|_| {
+        let done = resident(&m, "mixed/b.txt") > 0 && resident(&m, "mixed/c.txt") > 0;
+        if !done {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done
+    });
+    assert!(pushed, "the directory's read files were never pushed");
+    for rel in ["mixed/plan.txt", "mixed/w.txt", "mixed/big.txt"] {
+        assert_eq!(resident(&m, rel), 0, "{rel} must not be pushed");
+    }
+    assert_eq!(m.ok("cat mixed/b.txt mixed/c.txt"), "second\nthird\n");
+    assert_eq!(m.py("open('mixed/plan.txt', 'rb').read(1)"), "EACCES");
+    assert_eq!(m.py("open('mixed/s.txt', 'rb').read(1)"), "ENOENT");
+    m.ok("printf 'new\\n' > mixed/w.txt");
+    assert_eq!(m.ok("cat mixed/w.txt"), "new\n");
+}
+
+/// A codebase file that changes through the server after its directory was pushed is read
+/// afresh: the change's invalidation drops pushed pages like any others.
+#[test]
+fn pushed_pages_follow_codebase_changes() {
+    require_fuse!("pushed_pages_follow_codebase_changes");
+    let m = mount_with(
+        vec![PermissionRule::glob("**", Level::Read, 0)],
+        |lower| {
+            super::util::write(lower, "d/a.txt", "a\n");
+            super::util::write(lower, "d/b.txt", "before\n");
+        },
+        |_| {},
+    );
+    m.ok("ls d > /dev/null");
+    assert_eq!(m.ok("cat d/a.txt"), "a\n");
+    let pushed = (0..500).any(|_| {
+        let done = resident(&m, "d/b.txt") > 0;
+        if !done {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done
+    });
+    assert!(pushed, "d/b.txt was never pushed");
+    super::util::write(&m.lower(), "d/b.txt", "after, longer\n");
+    m.h()
+        .mounts()
+        .codebase_changed(&m.lower(), &[std::path::PathBuf::from("d/b.txt")]);
+    assert_eq!(m.ok("cat d/b.txt"), "after, longer\n");
 }
