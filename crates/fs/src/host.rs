@@ -78,11 +78,12 @@ pub(crate) fn open_file(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> io::
 /// Opens regular file `name` in directory `dir` read-only (one component: nothing followed),
 /// refusing anything but a regular file as [`open_file`] does.
 pub(crate) fn open_file_in(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
-    let fd = rustix::fs::openat(
+    let fd = rustix::fs::openat2(
         dir,
         name,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
         Mode::empty(),
+        RESOLVE,
     )?;
     let st = rustix::fs::fstat(&fd)?;
     if Kind::from_mode(st.st_mode) != Kind::File {

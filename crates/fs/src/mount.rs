@@ -116,7 +116,10 @@ fn lower_key(lower: &Path) -> PathBuf {
 fn invalidate(shared: &Shared, notifier: &Notifier, paths: &[PathBuf], changed: bool) {
     // Before the kernel drops anything: a push of pages that raced with this change undoes
     // itself (see `prefetch`).
-    shared.cache_epoch.fetch_add(1, Ordering::SeqCst);
+    {
+        let _gate = shared.push_gate.write().unwrap_or_else(|p| p.into_inner());
+        shared.cache_epoch.fetch_add(1, Ordering::SeqCst);
+    }
     let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = if changed {
         paths
             .iter()

@@ -477,14 +477,32 @@ impl Filesystem for PolicyFs {
                 continue;
             };
             let path = parent.join(&e.name);
-            // An entry whose node changed since the listing was made (removed or replaced)
-            // is left out, as a READDIR begun a moment later would have.
-            if lock(&self.shared.nodes).by_path.get(&path) != Some(&e.ino) {
-                continue;
-            }
-            let Ok(fa) = self.shown_attr(e.ino, &path, attr, *level) else {
+            // A listing read on from an earlier request may be out of date (the caller
+            // chooses when to go on): its entries are judged and read again, and one the
+            // rules now hide is left out.
+            let shown = if offset == 0 {
+                Some((*attr, *level))
+            } else {
+                self.current(&path)
+            };
+            let Some((attr, level)) = shown else {
                 continue;
             };
+            let Ok(fa) = self.shown_attr(e.ino, &path, &attr, level) else {
+                continue;
+            };
+            // Counted before the entry goes in (a FORGET could otherwise drop the node in
+            // between), and only while the path still has this node (removed or replaced
+            // entries are left out, as a READDIR begun a moment later would have).
+            {
+                let mut nodes = lock(&self.shared.nodes);
+                if nodes.by_path.get(&path) != Some(&e.ino) {
+                    continue;
+                }
+                if let Some(n) = nodes.by_ino.get_mut(&e.ino) {
+                    n.lookups += 1;
+                }
+            }
             if reply.add(
                 INodeNo(e.ino),
                 next,
@@ -493,10 +511,11 @@ impl Filesystem for PolicyFs {
                 &fa,
                 Generation(0),
             ) {
+                // Not sent after all.
+                if let Some(n) = lock(&self.shared.nodes).by_ino.get_mut(&e.ino) {
+                    n.lookups = n.lookups.saturating_sub(1);
+                }
                 break;
-            }
-            if let Some(n) = lock(&self.shared.nodes).by_ino.get_mut(&e.ino) {
-                n.lookups += 1;
             }
         }
         reply.ok();

@@ -262,6 +262,14 @@ impl PolicyFs {
         self.shown_attr(ino, path, &attr, d.level)
     }
 
+    /// The attributes and level of `path` now, `None` if it is gone or hidden (nothing
+    /// audited: this is a listing, not an access).
+    pub(super) fn current(&self, path: &Path) -> Option<(Attr, Level)> {
+        let attr = self.shared.delta.lookup(path).ok()??;
+        let level = self.decision(path, attr.kind).level;
+        (level != Level::None).then_some((attr, level))
+    }
+
     /// The attributes node `ino` at `path` is shown with.
     pub(super) fn shown_attr(
         &self,

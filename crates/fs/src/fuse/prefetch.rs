@@ -12,10 +12,13 @@
 //! What may be pushed: regular files of the codebase (the lower layer) whose level is exactly
 //! `read`. Never a `view` or hidden file (its content must not reach the kernel), and never a
 //! file this sandbox may write: a write of it could race with the push and leave stale pages.
-//! Files that change through the server (publishes, uploads, rule changes) bump
-//! [`Shared::cache_epoch`] before the kernel is told to drop their pages; the pusher checks
-//! the epoch after each store and drops what it stored if it moved, so a push never outlives
-//! the change it raced with.
+//! A file is pushed only in the version the rules judged (size, modification and change
+//! times checked before and after it is read), so an edit or replacement since, including
+//! one that a content condition would refuse, is left to READ. Changes made through the
+//! server (publishes, uploads, rule changes) move [`Shared::cache_epoch`] under
+//! [`Shared::push_gate`] before the kernel is told to drop pages; a store holds the gate from
+//! its epoch check to its end, so it either lands before that invalidation (which drops it)
+//! or sees the new epoch and stops.
 //!
 //! The stores run on a thread of their own: a store waits for the page locks of the inode,
 //! which a READ in flight holds until it is answered, so a FUSE worker must never store.
@@ -30,11 +33,29 @@ pub(crate) const DIR_MAX: u64 = 8 << 20;
 /// Directories remembered as pushed before the memory is cleared.
 const REMEMBERED_MAX: usize = 1 << 16;
 
-/// One directory's files to push: (node, name), in the epoch they were chosen in.
+/// One directory's files to push, in the epoch they were chosen in.
 pub(crate) struct Job {
     epoch: u64,
     dir: PathBuf,
-    files: Vec<(u64, OsString)>,
+    files: Vec<Chosen>,
+}
+
+/// A file chosen for pushing: its node, name, and the version the rules judged.
+struct Chosen {
+    ino: u64,
+    name: OsString,
+    version: Version,
+}
+
+/// What tells one version of a file from another: size, modification and change times. A
+/// file edited or replaced since it was judged differs in its change time at least.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Version(u64, SystemTime, SystemTime);
+
+impl Version {
+    fn of(a: &Attr) -> Version {
+        Version(a.size, a.mtime, a.ctime)
+    }
 }
 
 /// Where the FUSE workers send jobs (set by the mount once its session exists).
@@ -71,7 +92,7 @@ impl PolicyFs {
             return;
         };
         let mut budget = DIR_MAX;
-        let candidates: Vec<(PathBuf, OsString, u64)> = self
+        let candidates: Vec<(PathBuf, OsString, Attr)> = self
             .shown_entries(dir, listed, |a| a.kind)
             .into_iter()
             .filter(|(_, _, a, level)| {
@@ -81,23 +102,27 @@ impl PolicyFs {
                     && a.size > 0
                     && a.size <= FILE_MAX
             })
-            .map(|(child, name, a, _)| (child, name, a.size))
+            .map(|(child, name, a, _)| (child, name, a))
             .collect();
-        let mut files: Vec<(u64, OsString)> = {
+        let mut files: Vec<Chosen> = {
             let nodes = lock(&self.shared.nodes);
             candidates
                 .into_iter()
-                .filter_map(|(child, name, size)| {
+                .filter_map(|(child, name, a)| {
                     let &node = nodes.by_path.get(&child)?;
                     // Only inodes the kernel holds can take pages.
                     let known = nodes.by_ino.get(&node).is_some_and(|n| n.lookups > 0);
-                    (node != ino && known).then_some((node, name, size))
+                    (node != ino && known).then_some((node, name, a))
                 })
-                .take_while(|(_, _, size)| {
-                    budget = budget.saturating_sub(*size);
+                .take_while(|(_, _, a)| {
+                    budget = budget.saturating_sub(a.size);
                     budget > 0
                 })
-                .map(|(node, name, _)| (node, name))
+                .map(|(node, name, a)| Chosen {
+                    ino: node,
+                    name,
+                    version: Version::of(&a),
+                })
                 .collect()
         };
         // Listing order is the order a reader walks the directory in: pushing from its end
@@ -137,31 +162,42 @@ fn push(shared: &Shared, notifier: &fuser::Notifier, job: Job) {
     let Ok(dir) = shared.delta.lower_dir(&job.dir) else {
         return;
     };
+    let version = |file: &File| {
+        rustix::fs::fstat(file)
+            .ok()
+            .map(|st| Version::of(&crate::delta::attr_of_stat(&st)))
+    };
     let mut buf = Vec::with_capacity(FILE_MAX as usize + 1);
-    for (ino, name) in job.files {
+    for f in job.files {
         if shared.cache_epoch.load(Ordering::SeqCst) != job.epoch {
             return;
         }
         // The sandbox cannot write these files (only `read` ones are chosen), so the
         // codebase's copy is the one it sees.
-        let Ok(fd) = crate::host::open_file_in(dir.as_fd(), &name) else {
+        let Ok(fd) = crate::host::open_file_in(dir.as_fd(), &f.name) else {
             continue;
         };
         let file = File::from(fd);
+        // Only the version the rules judged (a content condition is judged per version): a
+        // file edited or replaced since is left to READ, which judges it again.
+        if version(&file) != Some(f.version) {
+            continue;
+        }
         buf.clear();
         use std::io::Read;
         if (&file).take(FILE_MAX + 1).read_to_end(&mut buf).is_err()
             || buf.is_empty()
             || buf.len() as u64 > FILE_MAX
+            || version(&file) != Some(f.version)
         {
             continue;
         }
-        // Best effort: ENOENT when the kernel forgot the inode meanwhile.
-        let _ = notifier.store(INodeNo(ino), 0, &buf);
+        let _gate = shared.push_gate.read().unwrap_or_else(|p| p.into_inner());
         if shared.cache_epoch.load(Ordering::SeqCst) != job.epoch {
-            // Something changed while this was read: what was stored may be older than it.
-            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+            // Something changed since the files were chosen (rules, the codebase).
             return;
         }
+        // Best effort: ENOENT when the kernel forgot the inode meanwhile.
+        let _ = notifier.store(INodeNo(f.ino), 0, &buf);
     }
 }

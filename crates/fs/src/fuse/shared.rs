@@ -26,6 +26,10 @@ pub(crate) struct Shared {
     /// Moves whenever the kernel is told to drop cached pages for a change (a publish, an
     /// upload, new rules), before it is told: see [`prefetch`].
     pub(crate) cache_epoch: AtomicU64,
+    /// Held (shared) by the pusher from its epoch check to the end of its store, and
+    /// (exclusive) to move [`Shared::cache_epoch`]: no store lands after a change's
+    /// invalidation began unless it saw the new epoch.
+    pub(crate) push_gate: RwLock<()>,
     /// Where READs queue a directory's files for pushing (set by the mount, see [`prefetch`]).
     pub(crate) prefetch: OnceLock<prefetch::Queue>,
 }
@@ -51,6 +55,7 @@ impl Shared {
             shown: Mutex::new(ShownDirs::default()),
             vanished: OnceLock::new(),
             cache_epoch: AtomicU64::new(0),
+            push_gate: RwLock::new(()),
             prefetch: OnceLock::new(),
         }
     }
