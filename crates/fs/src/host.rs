@@ -13,7 +13,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -169,36 +169,39 @@ impl Kind {
 
 /// Lists the directory at `rel` below `root`: `(name, kind)` for every entry but `.`/`..`.
 pub(crate) fn list(root: BorrowedFd<'_>, rel: &Path) -> io::Result<Vec<(Vec<u8>, Kind)>> {
-    let fd = open_dir_read(root, rel)?;
-    let dir_fd = fd.try_clone()?;
-    let mut dir = rustix::fs::Dir::new(fd)?;
-    let mut out = Vec::new();
-    while let Some(entry) = dir.read() {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
-            continue;
-        }
-        let kind = match Kind::from_file_type(entry.file_type()) {
+    each_entry(root, rel, |dir, name, file_type| {
+        Ok(Some(match Kind::from_file_type(file_type) {
             Some(k) => k,
             None => {
-                let st = rustix::fs::statat(
-                    &dir_fd,
-                    OsStr::from_bytes(name),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
+                let st =
+                    rustix::fs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW)?;
                 Kind::from_mode(st.st_mode)
             }
-        };
-        out.push((name.to_vec(), kind));
-    }
-    Ok(out)
+        }))
+    })
 }
 
 /// The entries of directory `rel` below `root` with their `lstat` (taken relative to the open
 /// directory, one component each: nothing is followed), `.` and `..` left out. An entry
 /// removed between the listing and its `lstat` is left out too.
 pub(crate) fn list_stat(root: BorrowedFd<'_>, rel: &Path) -> io::Result<Vec<(Vec<u8>, Stat)>> {
+    each_entry(root, rel, |dir, name, _| {
+        match rustix::fs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+/// Reads directory `rel` below `root` and keeps, for each entry but `.` and `..`, what `f`
+/// makes of it (given the open directory, the name and the entry's type); `None` leaves the
+/// entry out.
+fn each_entry<T>(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    mut f: impl FnMut(BorrowedFd<'_>, &[u8], rustix::fs::FileType) -> io::Result<Option<T>>,
+) -> io::Result<Vec<(Vec<u8>, T)>> {
     let fd = open_dir_read(root, rel)?;
     let dir_fd = fd.try_clone()?;
     let mut dir = rustix::fs::Dir::new(fd)?;
@@ -209,10 +212,8 @@ pub(crate) fn list_stat(root: BorrowedFd<'_>, rel: &Path) -> io::Result<Vec<(Vec
         if name == b"." || name == b".." {
             continue;
         }
-        match rustix::fs::statat(&dir_fd, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => out.push((name.to_vec(), st)),
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
+        if let Some(t) = f(dir_fd.as_fd(), name, entry.file_type())? {
+            out.push((name.to_vec(), t));
         }
     }
     Ok(out)

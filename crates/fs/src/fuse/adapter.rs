@@ -413,15 +413,10 @@ impl Filesystem for PolicyFs {
         mut reply: ReplyDirectory,
     ) {
         crate::counters::count("readdir");
-        let entries = match self.listing(ino.0, offset) {
+        let (entries, start) = match self.listing_at(ino.0, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(errno(&e)),
         };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        if start >= entries.len() {
-            // The end of this listing: the next READDIR at offset 0 starts a new one.
-            lock(&self.listings).remove(&ino.0);
-        }
         for (i, e) in entries.iter().enumerate().skip(start) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
                 break;
@@ -443,14 +438,10 @@ impl Filesystem for PolicyFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         crate::counters::count("readdir");
-        let entries = match self.listing(ino.0, offset) {
+        let (entries, start) = match self.listing_at(ino.0, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(errno(&e)),
         };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        if start >= entries.len() {
-            lock(&self.listings).remove(&ino.0);
-        }
         let parent = match self.path_of(ino.0) {
             Ok(p) => p,
             Err(e) => return reply.error(errno(&e)),

@@ -327,6 +327,21 @@ impl PolicyFs {
         self.shared.delta.readlink(&path)
     }
 
+    /// [`Self::listing`] and the index of its first entry at `offset`; reaching the end of
+    /// it forgets it (the next listing at offset 0 starts a new one).
+    pub(super) fn listing_at(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<(Arc<Listing>, usize), FsError> {
+        let entries = self.listing(ino, offset)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        if start >= entries.len() {
+            lock(&self.listings).remove(&ino);
+        }
+        Ok((entries, start))
+    }
+
     /// The listing of directory `ino` for a READDIR at `offset`: built afresh at offset 0
     /// (a new listing), else the one being read.
     pub(super) fn listing(&self, ino: u64, offset: u64) -> Result<Arc<Listing>, FsError> {
