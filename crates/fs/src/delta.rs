@@ -356,11 +356,7 @@ impl Delta {
     /// grow it) and stay charged while any name is left, so that linking and unlinking a
     /// second name can neither charge them twice nor give them back early.
     fn footprint(&self, rel: &Path) -> (i64, i64) {
-        match host::lstat(self.upper.as_fd(), rel) {
-            Ok(st) if st.st_nlink > 1 && Kind::from_mode(st.st_mode) != Kind::Dir => (0, 1),
-            Ok(st) => (allocated(u64::try_from(st.st_blocks).unwrap_or(0)), 1),
-            Err(_) => (0, 0),
-        }
+        host::lstat(self.upper.as_fd(), rel).map_or((0, 0), |st| footprint_of(&st))
     }
 
     /// Runs `f`, charging the change of the upper footprint of `rels` to the quota (each
@@ -585,6 +581,13 @@ impl Delta {
             r => r,
         }
         .map(File::from)
+    }
+
+    /// Opens regular file `rel` of this sandbox's layer read-write as it is (no copy-up, no
+    /// bookkeeping): for keeping a file the caller knows is there open across its removal.
+    pub(crate) fn open_upper(&self, rel: &Path) -> io::Result<File> {
+        check_rel(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        host::open_file(self.upper.as_fd(), rel, OFlags::RDWR).map(File::from)
     }
 
     /// Reads the target of symlink `rel`.

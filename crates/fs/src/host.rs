@@ -226,6 +226,12 @@ pub(crate) fn mkdir_all(
     rel: &Path,
     mut mode_of: impl FnMut(&Path) -> u32,
 ) -> io::Result<OwnedFd> {
+    // Usually the whole path exists already (every write after the first in a directory):
+    // one resolution instead of a mkdir, an open and a mode lookup per component.
+    match open_dir(root, rel) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        r => return r,
+    }
     let mut cur = open_dir(root, Path::new(""))?;
     let mut prefix = std::path::PathBuf::new();
     for comp in rel.components() {

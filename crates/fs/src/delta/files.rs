@@ -135,14 +135,6 @@ pub(super) fn to_timespec(t: SystemTime) -> Timespec {
     }
 }
 
-pub(super) fn chown_fd(fd: &OwnedFd, uid: u32, gid: u32) {
-    let _ = rustix::fs::fchown(
-        fd,
-        Some(rustix::fs::Uid::from_raw(uid)),
-        Some(rustix::fs::Gid::from_raw(gid)),
-    );
-}
-
 /// Opens `rel` (of kind `kind`) in `root` so that its metadata can be changed.
 pub(super) fn open_any(
     root: BorrowedFd<'_>,
@@ -242,6 +234,15 @@ pub(super) fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io
 }
 
 /// The directory `rel` is in (`""`, the root, for a top-level name).
+/// What an upper entry with status `st` counts for in the disk quota, see `Delta::footprint`.
+pub(super) fn footprint_of(st: &Stat) -> (i64, i64) {
+    if st.st_nlink > 1 && Kind::from_mode(st.st_mode) != Kind::Dir {
+        (0, 1)
+    } else {
+        (allocated(u64::try_from(st.st_blocks).unwrap_or(0)), 1)
+    }
+}
+
 pub(super) fn parent_of(rel: &Path) -> &Path {
     rel.parent().unwrap_or(Path::new(""))
 }

@@ -215,16 +215,20 @@ impl Delta {
         self.save(meta)
     }
 
-    pub(super) fn prepare_new(
-        &self,
-        meta: &Meta,
-        rel: &Path,
-    ) -> Result<(OwnedFd, PathBuf), FsError> {
+    /// The directory a new entry `rel` goes into, in this sandbox's layer (made if needed),
+    /// once `rel` is known not to exist and its parent to be a directory in the merged view;
+    /// and whether that directory was already in this layer.
+    pub(super) fn prepare_new(&self, meta: &Meta, rel: &Path) -> Result<(OwnedFd, bool), FsError> {
         refuse_stage_name(rel)?;
         if self.lookup_locked(meta, rel)?.is_some() {
             return Err(FsError::Exists { path: rel.into() });
         }
         let (parent, _) = host::split(rel).map_err(|e| FsError::io("create", rel, e))?;
+        // Usually the directory is in this layer already, which makes it the merged view's
+        // directory (this layer wins): one resolution instead of a lookup in each layer.
+        if let Ok(pdir) = host::open_dir(self.upper.as_fd(), parent) {
+            return Ok((pdir, true));
+        }
         match self.lookup_locked(meta, parent)? {
             Some(a) if a.kind == EntryKind::Dir => {}
             Some(_) => {
@@ -238,84 +242,94 @@ impl Delta {
                 });
             }
         }
-        Ok((self.upper_dir(parent)?, parent.to_path_buf()))
+        Ok((self.upper_dir(parent)?, false))
+    }
+
+    /// Makes new entry `rel` (which must not exist) with `make(its directory, its name)` in
+    /// this sandbox's layer, gives it to `owner` when one is set, records it, and charges it
+    /// and its directory's growth to the disk quota. Returns what `make` gave and the new
+    /// entry's attributes.
+    fn new_entry<T>(
+        &self,
+        op: &'static str,
+        rel: &Path,
+        owner: Option<(u32, u32)>,
+        make: impl FnOnce(&OwnedFd, &OsStr) -> rustix::io::Result<T>,
+    ) -> Result<(T, Attr), FsError> {
+        check_rel(rel)?;
+        self.usage.check_room(0, 1)?;
+        let (_, name) = host::split(rel).map_err(|e| FsError::io(op, rel, e))?;
+        let mut meta = self.lock();
+        let (pdir, existed) = self.prepare_new(&meta, rel)?;
+        let dir_size =
+            |pdir: &OwnedFd| rustix::fs::fstat(pdir).map_or((0, 0), |st| footprint_of(&st));
+        let dir_before = if existed { dir_size(&pdir) } else { (0, 0) };
+        let made = make(&pdir, name).map_err(|e| FsError::io(op, rel, e.into()))?;
+        chown_new(&pdir, name, owner);
+        let st = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| FsError::io(op, rel, e.into()))?;
+        let (dir_after, entry) = (dir_size(&pdir), footprint_of(&st));
+        self.usage.charge(
+            dir_after.0 - dir_before.0 + entry.0,
+            dir_after.1 - dir_before.1 + entry.1,
+        );
+        self.note_created(&mut meta, rel)?;
+        Ok((made, Attr::from_stat(Layer::Upper, &st)))
     }
 
     /// Creates regular file `rel` (which must not exist) with `mode`, owned by `owner` when
     /// given, and opens it read-write.
-    pub(super) fn create_file_raw(
+    pub fn create_file(
         &self,
         rel: &Path,
         mode: u32,
         owner: Option<(u32, u32)>,
-    ) -> Result<File, FsError> {
-        check_rel(rel)?;
-        let mut meta = self.lock();
-        let (pdir, _) = self.prepare_new(&meta, rel)?;
-        let (_, name) = host::split(rel).map_err(|e| FsError::io("create", rel, e))?;
-        let fd = rustix::fs::openat(
-            &pdir,
-            name,
-            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(agent_mode(mode, EntryKind::File)),
-        )
-        .map_err(|e| FsError::io("create file", rel, e.into()))?;
-        // The umask already applied; set the exact bits the kernel asked for.
-        let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(agent_mode(mode, EntryKind::File)));
-        if let Some((u, g)) = owner {
-            chown_fd(&fd, u, g);
-        }
-        self.note_created(&mut meta, rel)?;
-        Ok(File::from(fd))
+    ) -> Result<(File, Attr), FsError> {
+        let mode = Mode::from_raw_mode(agent_mode(mode, EntryKind::File));
+        let (fd, attr) = self.new_entry("create file", rel, owner, |pdir, name| {
+            let fd = rustix::fs::openat(
+                pdir,
+                name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                mode,
+            )?;
+            // The umask already applied; set the exact bits the kernel asked for.
+            let _ = rustix::fs::fchmod(&fd, mode);
+            Ok(fd)
+        })?;
+        Ok((File::from(fd), attr))
     }
 
     /// Creates directory `rel`.
-    pub(super) fn mkdir_raw(
-        &self,
-        rel: &Path,
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> Result<(), FsError> {
-        check_rel(rel)?;
-        let mut meta = self.lock();
-        let (pdir, _) = self.prepare_new(&meta, rel)?;
-        let (_, name) = host::split(rel).map_err(|e| FsError::io("mkdir", rel, e))?;
-        rustix::fs::mkdirat(
-            &pdir,
-            name,
-            Mode::from_raw_mode(agent_mode(mode, EntryKind::Dir)),
-        )
-        .map_err(|e| FsError::io("mkdir", rel, e.into()))?;
-        chown_new(&pdir, name, owner);
-        self.note_created(&mut meta, rel)
+    pub fn mkdir(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<Attr, FsError> {
+        let mode = Mode::from_raw_mode(agent_mode(mode, EntryKind::Dir));
+        let ((), attr) = self.new_entry("mkdir", rel, owner, |pdir, name| {
+            rustix::fs::mkdirat(pdir, name, mode)
+        })?;
+        Ok(attr)
     }
 
     /// Creates symlink `rel` pointing at `target` (stored verbatim, never resolved here).
-    pub(super) fn symlink_raw(
+    pub fn symlink(
         &self,
         rel: &Path,
         target: &Path,
         owner: Option<(u32, u32)>,
-    ) -> Result<(), FsError> {
-        check_rel(rel)?;
-        let mut meta = self.lock();
-        let (pdir, _) = self.prepare_new(&meta, rel)?;
-        let (_, name) = host::split(rel).map_err(|e| FsError::io("symlink", rel, e))?;
-        rustix::fs::symlinkat(target, &pdir, name)
-            .map_err(|e| FsError::io("symlink", rel, e.into()))?;
-        chown_new(&pdir, name, owner);
-        self.note_created(&mut meta, rel)
+    ) -> Result<Attr, FsError> {
+        let ((), attr) = self.new_entry("symlink", rel, owner, |pdir, name| {
+            rustix::fs::symlinkat(target, pdir, name)
+        })?;
+        Ok(attr)
     }
 
     /// Makes fifo or socket node `rel` (which must not exist).
-    pub(super) fn mknod_raw(
+    pub fn mknod(
         &self,
         rel: &Path,
         kind: EntryKind,
         mode: u32,
         owner: Option<(u32, u32)>,
-    ) -> Result<(), FsError> {
-        check_rel(rel)?;
+    ) -> Result<Attr, FsError> {
         let file_type = match kind {
             EntryKind::Fifo => rustix::fs::FileType::Fifo,
             EntryKind::Socket => rustix::fs::FileType::Socket,
@@ -326,13 +340,11 @@ impl Delta {
                 });
             }
         };
-        let mut meta = self.lock();
-        let (pdir, _) = self.prepare_new(&meta, rel)?;
-        let (_, name) = host::split(rel).map_err(|e| FsError::io("mknod", rel, e))?;
-        rustix::fs::mknodat(&pdir, name, file_type, Mode::from_raw_mode(mode & 0o777), 0)
-            .map_err(|e| FsError::io("mknod", rel, e.into()))?;
-        chown_new(&pdir, name, owner);
-        self.note_created(&mut meta, rel)
+        let mode = Mode::from_raw_mode(mode & 0o777);
+        let ((), attr) = self.new_entry("mknod", rel, owner, |pdir, name| {
+            rustix::fs::mknodat(pdir, name, file_type, mode, 0)
+        })?;
+        Ok(attr)
     }
 
     /// Makes `to` (which must not exist) a hard link to the file or symlink `from`, both in
@@ -368,20 +380,31 @@ impl Delta {
     }
 
     /// Removes `rel` (already checked to exist and to be of the right type, and to be empty
-    /// when a directory).
+    /// when a directory). Returns the change of the upper layer's footprint (bytes, entries):
+    /// the entry's and its directory's, read around the removal.
     pub(super) fn remove_locked(
         &self,
         meta: &mut Meta,
         rel: &Path,
         attr: &Attr,
-    ) -> Result<(), FsError> {
+    ) -> Result<(i64, i64), FsError> {
         let lower = self.lower_entry(meta, rel);
+        let mut freed = (0, 0);
         if attr.layer == Layer::Upper {
             let (parent, name) = host::split(rel).map_err(|e| FsError::io("remove", rel, e))?;
             let pdir = host::open_dir(self.upper.as_fd(), parent)
                 .map_err(|e| FsError::io("open upper directory", parent, e))?;
+            let dir_size = || rustix::fs::fstat(&pdir).map_or((0, 0), |st| footprint_of(&st));
+            let dir_before = dir_size();
+            let entry = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_or((0, 0), |st| footprint_of(&st));
             host::remove_at(pdir.as_fd(), name, attr.kind == EntryKind::Dir)
                 .map_err(|e| FsError::io("remove", rel, e))?;
+            let dir_after = dir_size();
+            freed = (
+                dir_after.0 - dir_before.0 - entry.0,
+                dir_after.1 - dir_before.1 - entry.1,
+            );
         }
         meta.opaque.remove(rel);
         if let Some(st) = lower {
@@ -391,11 +414,12 @@ impl Delta {
             meta.origins.remove(rel);
         }
         meta.dirty.insert(rel.to_path_buf());
-        self.save(meta)
+        self.save(meta)?;
+        Ok(freed)
     }
 
     /// Deletes non-directory `rel`.
-    pub(super) fn unlink_raw(&self, rel: &Path) -> Result<(), FsError> {
+    pub(super) fn unlink_raw(&self, rel: &Path) -> Result<(i64, i64), FsError> {
         check_rel(rel)?;
         let mut meta = self.lock();
         let attr = self
@@ -409,7 +433,7 @@ impl Delta {
 
     /// Deletes directory `rel`, which must be empty in the merged view. Entries the rules
     /// hide count: a directory holding only hidden files is not empty, and nothing is deleted.
-    pub(super) fn rmdir_raw(&self, rel: &Path) -> Result<(), FsError> {
+    pub(super) fn rmdir_raw(&self, rel: &Path) -> Result<(i64, i64), FsError> {
         check_rel(rel)?;
         if rel.as_os_str().is_empty() {
             return Err(FsError::NotPermitted {
@@ -515,6 +539,7 @@ impl Delta {
                 }
                 _ => {}
             }
+            // The caller's accounting reads the footprint around the whole rename.
             self.remove_locked(&mut meta, to, &dst)?;
         }
         let from_lower = self.lower_entry(&meta, from);
@@ -625,12 +650,16 @@ impl Delta {
 
     /// `unlink_raw`, charged to the disk quota.
     pub fn unlink(&self, rel: &Path) -> Result<(), FsError> {
-        self.accounted(&[rel, parent_of(rel)], || self.unlink_raw(rel))
+        let (bytes, entries) = self.unlink_raw(rel)?;
+        self.usage.charge(bytes, entries);
+        Ok(())
     }
 
     /// `rmdir_raw`, charged to the disk quota.
     pub fn rmdir(&self, rel: &Path) -> Result<(), FsError> {
-        self.accounted(&[rel, parent_of(rel)], || self.rmdir_raw(rel))
+        let (bytes, entries) = self.rmdir_raw(rel)?;
+        self.usage.charge(bytes, entries);
+        Ok(())
     }
 
     /// `rename_raw`, charged to the disk quota.
@@ -650,33 +679,6 @@ impl Delta {
         self.accounted(&[rel], || self.truncate_raw(rel, size))
     }
 
-    /// `create_file_raw`, charged to the disk quota.
-    pub fn create_file(
-        &self,
-        rel: &Path,
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> Result<File, FsError> {
-        self.usage.check_room(0, 1)?;
-        self.accounted(&[rel, parent_of(rel)], || {
-            self.create_file_raw(rel, mode, owner)
-        })
-    }
-
-    /// `mknod_raw`, charged to the disk quota.
-    pub fn mknod(
-        &self,
-        rel: &Path,
-        kind: EntryKind,
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> Result<(), FsError> {
-        self.usage.check_room(0, 1)?;
-        self.accounted(&[rel, parent_of(rel)], || {
-            self.mknod_raw(rel, kind, mode, owner)
-        })
-    }
-
     /// `link_raw`, charged to the disk quota: the copy-up of a codebase file, the new entry
     /// and its directory (the file's blocks stay charged once, see `Delta::footprint`).
     pub fn link(&self, from: &Path, to: &Path) -> Result<(), FsError> {
@@ -685,25 +687,6 @@ impl Delta {
         self.accounted(&[parent_of(to)], || self.link_raw(from, to))?;
         self.usage.charge(0, 1);
         Ok(())
-    }
-
-    /// `mkdir_raw`, charged to the disk quota.
-    pub fn mkdir(&self, rel: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), FsError> {
-        self.usage.check_room(0, 1)?;
-        self.accounted(&[rel, parent_of(rel)], || self.mkdir_raw(rel, mode, owner))
-    }
-
-    /// `symlink_raw`, charged to the disk quota.
-    pub fn symlink(
-        &self,
-        rel: &Path,
-        target: &Path,
-        owner: Option<(u32, u32)>,
-    ) -> Result<(), FsError> {
-        self.usage.check_room(0, 1)?;
-        self.accounted(&[rel, parent_of(rel)], || {
-            self.symlink_raw(rel, target, owner)
-        })
     }
 
     /// `set_times_raw`, charged to the disk quota.

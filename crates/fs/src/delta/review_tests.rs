@@ -101,7 +101,7 @@ fn fx() -> (Fx, Delta) {
 fn put(d: &Delta, rel: &str, bytes: &[u8]) {
     let mut f = match d.lookup(p(rel)).unwrap() {
         Some(_) => d.open_write(p(rel), true).unwrap(),
-        None => d.create_file(p(rel), 0o644, None).unwrap(),
+        None => d.create_file(p(rel), 0o644, None).unwrap().0,
     };
     f.write_all(bytes).unwrap();
 }
@@ -324,10 +324,12 @@ fn make_changes(d: &Delta) {
         None,
     )
     .unwrap()
+    .0
     .write_all(b"not utf-8\n")
     .unwrap();
     d.create_file(p("new.sh"), 0o755, None)
         .unwrap()
+        .0
         .write_all(b"#!/bin/sh\necho new\n")
         .unwrap();
     // Deletions: files, an empty file, a whole directory tree.

@@ -49,7 +49,7 @@ fn read(d: &Delta, rel: &str) -> String {
 fn write(d: &Delta, rel: &str, text: &str) {
     let mut f = match d.lookup(p(rel)).unwrap() {
         Some(_) => d.open_write(p(rel), true).unwrap(),
-        None => d.create_file(p(rel), 0o644, None).unwrap(),
+        None => d.create_file(p(rel), 0o644, None).unwrap().0,
     };
     f.write_all(text.as_bytes()).unwrap();
 }
@@ -636,7 +636,7 @@ mod model {
                     Op::Write(p, c) => {
                         let r = match f.d.lookup(Path::new(p)) {
                             Ok(Some(_)) => f.d.open_write(Path::new(p), true),
-                            Ok(None) => f.d.create_file(Path::new(p), 0o644, None),
+                            Ok(None) => f.d.create_file(Path::new(p), 0o644, None).map(|(f, _)| f),
                             Err(e) => Err(e),
                         };
                         r.and_then(|mut file| {

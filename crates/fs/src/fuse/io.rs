@@ -114,7 +114,7 @@ impl PolicyFs {
         }
         let delta = &self.shared.delta;
         lock(&self.shared.io).pin(ino, || match attr.layer {
-            Layer::Upper => delta.open_write(path, false).ok().map(|f| (f, true)),
+            Layer::Upper => delta.open_upper(path).ok().map(|f| (f, true)),
             Layer::Lower => delta.open_read(path).ok().map(|(f, _)| (f, false)),
         });
         Ok(Some((ino, attr.layer == Layer::Upper)))

@@ -178,6 +178,16 @@ impl PolicyFs {
         Ok(())
     }
 
+    /// Refuses `op` in directory `path` (one the kernel knows) if the rules hide it. Whether
+    /// it still exists is left to the delta, which finds out under its lock anyway.
+    pub(super) fn dir_shown(&self, op: &'static str, path: &Path) -> Result<(), FsError> {
+        let d = self.decision(path, EntryKind::Dir);
+        if d.level == Level::None {
+            return Err(self.deny(op, path, d));
+        }
+        Ok(())
+    }
+
     /// For a new entry: the parent must be a visible directory and the new path writable.
     /// An existing hidden entry is reported exactly like a missing one in a denied place.
     pub(super) fn check_new(
@@ -189,23 +199,46 @@ impl PolicyFs {
     ) -> Result<PathBuf, FsError> {
         check_name(name)?;
         let ppath = self.path_of(parent)?;
-        self.visible(op, &ppath)?;
+        self.dir_shown(op, &ppath)?;
         let path = ppath.join(name);
+        let d = self.decision(&path, kind);
+        if d.level >= Level::Write {
+            // Whether something is there already is the delta's to find out when it makes
+            // the entry; `made_or_hidden` keeps a hidden one hidden.
+            return Ok(path);
+        }
         match self.shared.delta.lookup(&path)? {
-            Some(a) => {
-                let d = self.decision(&path, a.kind);
-                if d.level == Level::None {
-                    return Err(self.deny_new(op, &path, d));
-                }
-                Err(FsError::Exists { path })
-            }
-            None => {
-                let d = self.decision(&path, kind);
-                if d.level < Level::Write {
-                    return Err(self.deny_new(op, &path, d));
-                }
-                Ok(path)
-            }
+            Some(a) => Err(self.exists_or_hidden(op, path, a.kind)),
+            None => Err(self.deny_new(op, &path, d)),
+        }
+    }
+
+    /// The error for new entry `path` when an entry of `kind` is there already: it exists,
+    /// unless the rules hide it, which makes this a denial like any other in a place the
+    /// rules hide.
+    fn exists_or_hidden(&self, op: &'static str, path: PathBuf, kind: EntryKind) -> FsError {
+        let d = self.decision(&path, kind);
+        if d.level == Level::None {
+            return self.deny_new(op, &path, d);
+        }
+        FsError::Exists { path }
+    }
+
+    /// `r`, the result of making new entry `path` (passed by [`PolicyFs::check_new`]), with
+    /// an entry found there already judged by [`PolicyFs::exists_or_hidden`].
+    pub(super) fn made_or_hidden<T>(
+        &self,
+        op: &'static str,
+        path: &Path,
+        r: Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        match r {
+            Err(FsError::Exists { .. }) => match self.shared.delta.lookup(path)? {
+                Some(a) => Err(self.exists_or_hidden(op, path.to_path_buf(), a.kind)),
+                // Gone again meanwhile: it was there, and nothing new was made.
+                None => Err(FsError::Exists { path: path.into() }),
+            },
+            r => r,
         }
     }
 
@@ -251,15 +284,30 @@ impl PolicyFs {
 
     pub(super) fn entry(&self, path: &Path, count_lookup: bool) -> Result<FileAttr, FsError> {
         let (attr, d) = self.visible("lookup", path)?;
+        if count_lookup {
+            return self.counted_entry(path, &attr, d.level);
+        }
+        let ino = lock(&self.shared.nodes).get_or_insert(path);
+        self.shown_attr(ino, path, &attr, d.level)
+    }
+
+    /// The entry of visible `path` (attributes `attr`, level `level`) handed to the kernel,
+    /// which counts it as one more lookup of its node.
+    pub(super) fn counted_entry(
+        &self,
+        path: &Path,
+        attr: &Attr,
+        level: Level,
+    ) -> Result<FileAttr, FsError> {
         let ino = {
             let mut nodes = lock(&self.shared.nodes);
             let ino = nodes.get_or_insert(path);
-            if count_lookup && let Some(n) = nodes.by_ino.get_mut(&ino) {
+            if let Some(n) = nodes.by_ino.get_mut(&ino) {
                 n.lookups += 1;
             }
             ino
         };
-        self.shown_attr(ino, path, &attr, d.level)
+        self.shown_attr(ino, path, attr, level)
     }
 
     /// The attributes and level of `path` now, `None` if it is gone or hidden (nothing

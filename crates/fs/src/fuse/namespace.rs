@@ -3,10 +3,21 @@
 use super::*;
 
 impl PolicyFs {
-    /// The entry of `path`, just made through this mount (its directory's times move).
-    fn made(&self, path: &Path) -> Result<FileAttr, FsError> {
+    /// The entry of `path` that `r` made through this mount with attributes `attr` (its
+    /// directory's times move), counted as a kernel lookup.
+    fn made(
+        &self,
+        op: &'static str,
+        path: &Path,
+        r: Result<Attr, FsError>,
+    ) -> Result<FileAttr, FsError> {
+        let attr = &self.made_or_hidden(op, path, r)?;
         lock(&self.dir_times).changed(path, true);
-        self.entry(path, true)
+        let d = self.decision(path, attr.kind);
+        if d.level == Level::None {
+            return Err(self.deny("lookup", path, d));
+        }
+        self.counted_entry(path, attr, d.level)
     }
 
     /// Who a new host file should belong to: the creating process, unless every file is
@@ -35,11 +46,14 @@ impl PolicyFs {
         }
         let path = self.check_new("create", parent, name, EntryKind::File)?;
         self.check_open_files()?;
-        let file =
+        let (file, attr) = self.made_or_hidden(
+            "create",
+            &path,
             self.shared
                 .delta
-                .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
-        let attr = self.made(&path)?;
+                .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner)),
+        )?;
+        let attr = self.made("create", &path, Ok(attr))?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, file, write))
     }
@@ -60,10 +74,11 @@ impl PolicyFs {
             EntryKind::Socket
         };
         let path = self.check_new("mknod", parent, name, kind)?;
-        self.shared
-            .delta
-            .mknod(&path, kind, mode & !umask & 0o7777, self.host_owner(owner))?;
-        self.made(&path)
+        let r =
+            self.shared
+                .delta
+                .mknod(&path, kind, mode & !umask & 0o7777, self.host_owner(owner));
+        self.made("mknod", &path, r)
     }
 
     pub(super) fn do_mkdir(
@@ -75,10 +90,11 @@ impl PolicyFs {
         umask: u32,
     ) -> Result<FileAttr, FsError> {
         let path = self.check_new("mkdir", parent, name, EntryKind::Dir)?;
-        self.shared
+        let r = self
+            .shared
             .delta
-            .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner))?;
-        self.made(&path)
+            .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner));
+        self.made("mkdir", &path, r)
     }
 
     pub(super) fn do_symlink(
@@ -89,16 +105,17 @@ impl PolicyFs {
         target: &Path,
     ) -> Result<FileAttr, FsError> {
         let path = self.check_new("symlink", parent, name, EntryKind::Symlink)?;
-        self.shared
+        let r = self
+            .shared
             .delta
-            .symlink(&path, target, self.host_owner(owner))?;
-        self.made(&path)
+            .symlink(&path, target, self.host_owner(owner));
+        self.made("symlink", &path, r)
     }
 
     pub(super) fn do_remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<(), FsError> {
         check_name(name)?;
         let ppath = self.path_of(parent)?;
-        self.visible("lookup", &ppath)?;
+        self.dir_shown("lookup", &ppath)?;
         let path = ppath.join(name);
         let op = if dir { "rmdir" } else { "unlink" };
         let (attr, d) = self.visible(op, &path)?;
@@ -233,8 +250,10 @@ impl PolicyFs {
             });
         }
         let path = self.check_new("link", newparent, newname, EntryKind::File)?;
-        self.shared.delta.link(&src, &path)?;
-        self.made(&path)
+        let r = self.shared.delta.link(&src, &path);
+        self.made_or_hidden("link", &path, r)?;
+        lock(&self.dir_times).changed(&path, true);
+        self.entry(&path, true)
     }
 
     #[allow(clippy::too_many_arguments)]
