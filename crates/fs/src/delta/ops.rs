@@ -598,38 +598,42 @@ impl Delta {
         self.mark_dirty(&mut meta, rel)
     }
 
-    /// utimes: copies up and sets the times (`None` leaves one unchanged).
-    pub(super) fn set_times_raw(
-        &self,
-        rel: &Path,
-        atime: Option<SystemTime>,
-        mtime: Option<SystemTime>,
-    ) -> Result<(), FsError> {
-        check_rel(rel)?;
-        self.stage_copy_up(rel);
-        let mut meta = self.lock();
-        self.copy_up_locked(&mut meta, rel)?;
-        let ts = |t: Option<SystemTime>| match t {
-            Some(t) => to_timespec(t),
-            None => Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_OMIT,
-            },
-        };
-        let times = Timestamps {
-            last_access: ts(atime),
-            last_modification: ts(mtime),
-        };
+    /// Sets the times of `rel` in this sandbox's layer if it is there already (which makes
+    /// it the merged view's entry), under the lock. `Ok(false)`: not there, nothing done.
+    fn set_times_in_upper(&self, rel: &Path, times: &Timestamps) -> Result<bool, FsError> {
         let (parent, name) = if rel.as_os_str().is_empty() {
             (Path::new(""), OsStr::new("."))
         } else {
             host::split(rel).map_err(|e| FsError::io("utimes", rel, e))?
         };
-        let pdir = host::open_dir(self.upper.as_fd(), parent)
-            .map_err(|e| FsError::io("open upper directory", parent, e))?;
-        rustix::fs::utimensat(&pdir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| FsError::io("utimes", rel, e.into()))?;
-        self.mark_dirty(&mut meta, rel)
+        let mut meta = self.lock();
+        let pdir = match host::open_dir(self.upper.as_fd(), parent) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
+            Err(e) => return Err(FsError::io("open upper directory", parent, e)),
+        };
+        match rustix::fs::utimensat(&pdir, name, times, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(FsError::io("utimes", rel, e.into())),
+        }
+        self.mark_dirty(&mut meta, rel)?;
+        Ok(true)
+    }
+
+    /// Sets the times of `rel`, copying it up first if it is the codebase's.
+    pub(super) fn set_times_raw(&self, rel: &Path, times: &Timestamps) -> Result<(), FsError> {
+        self.stage_copy_up(rel);
+        {
+            let mut meta = self.lock();
+            self.copy_up_locked(&mut meta, rel)?;
+        }
+        // In this layer now, unless removed meanwhile.
+        if self.set_times_in_upper(rel, times)? {
+            Ok(())
+        } else {
+            Err(FsError::NotFound { path: rel.into() })
+        }
     }
 
     /// truncate: copies up and sets the size.
@@ -689,13 +693,29 @@ impl Delta {
         Ok(())
     }
 
-    /// `set_times_raw`, charged to the disk quota.
+    /// Sets the access and modification times of `rel` (`None`: left as they are). Times
+    /// take no room: only a copy-up is charged to the disk quota.
     pub fn set_times(
         &self,
         rel: &Path,
         atime: Option<SystemTime>,
         mtime: Option<SystemTime>,
     ) -> Result<(), FsError> {
-        self.accounted(&[rel], || self.set_times_raw(rel, atime, mtime))
+        check_rel(rel)?;
+        let ts = |t: Option<SystemTime>| match t {
+            Some(t) => to_timespec(t),
+            None => Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+        };
+        let times = Timestamps {
+            last_access: ts(atime),
+            last_modification: ts(mtime),
+        };
+        if self.set_times_in_upper(rel, &times)? {
+            return Ok(());
+        }
+        self.accounted(&[rel], || self.set_times_raw(rel, &times))
     }
 }

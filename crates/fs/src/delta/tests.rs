@@ -1055,3 +1055,47 @@ fn link_targets_are_judged_from_where_the_link_is() {
         );
     }
 }
+
+#[test]
+fn times_copy_up_a_codebase_file_once_and_are_charged_only_for_that() {
+    let f = fx();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let upper_entries = |f: &Fx| f.d.usage().used().1;
+    let before = upper_entries(&f);
+    f.d.set_times(p("src/deep/b.rs"), None, Some(t)).unwrap();
+    let up = f.delta_dir.join("upper/src/deep/b.rs");
+    assert_eq!(std::fs::metadata(&up).unwrap().modified().unwrap(), t);
+    assert_eq!(std::fs::read_to_string(&up).unwrap(), "fn b() {}\n");
+    assert_ne!(
+        std::fs::metadata(f.lower.join("src/deep/b.rs"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        t,
+        "the codebase is untouched"
+    );
+    // The copy and the two directories made above it.
+    let copied = upper_entries(&f);
+    assert!(copied > before, "{copied} > {before}");
+    assert_eq!(f.d.pending(), [PathBuf::from("src/deep/b.rs")]);
+    // Once in this layer, times change in place and take no room.
+    let t2 = t + Duration::from_secs(5);
+    f.d.set_times(p("src/deep/b.rs"), Some(t2), Some(t2))
+        .unwrap();
+    assert_eq!(std::fs::metadata(&up).unwrap().modified().unwrap(), t2);
+    assert_eq!(upper_entries(&f), copied);
+    // A directory of this layer, and the root.
+    f.d.set_times(p("src"), None, Some(t)).unwrap();
+    assert_eq!(
+        std::fs::metadata(f.delta_dir.join("upper/src"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        t
+    );
+    f.d.set_times(p(""), None, Some(t)).unwrap();
+    assert!(matches!(
+        f.d.set_times(p("src/missing"), None, Some(t)),
+        Err(FsError::NotFound { .. })
+    ));
+}
