@@ -359,31 +359,38 @@ impl Delta {
         host::lstat(self.upper.as_fd(), rel).map_or((0, 0), |st| footprint_of(&st))
     }
 
-    /// Runs `f`, charging the change of the upper footprint of `rels` to the quota (each
-    /// path once). Creations and removals name the parent directory too: a directory grows
-    /// with its entries (and ext4's never shrinks), and what `rmdir` gives back must have been
-    /// charged.
+    /// Runs `f`, charging the change of the upper footprint of `rels` and of the directories
+    /// `dirs` to the quota (each path once). Changes that add or remove a name name its
+    /// directory too: a directory grows with its entries (and ext4's never shrinks), and what
+    /// `rmdir` gives back must have been charged. A directory in `dirs` that `f` made was
+    /// charged as it was made ([`Delta::upper_dir`]), so only one that was there before is
+    /// measured again.
     fn accounted<T>(
         &self,
         rels: &[&Path],
+        dirs: &[&Path],
         f: impl FnOnce() -> Result<T, FsError>,
     ) -> Result<T, FsError> {
-        let mut paths: Vec<&Path> = Vec::with_capacity(rels.len());
-        for r in rels {
-            if !paths.contains(r) {
-                paths.push(r);
+        let mut paths: Vec<(&Path, bool)> = Vec::with_capacity(rels.len() + dirs.len());
+        for (list, is_dir) in [(rels, false), (dirs, true)] {
+            for r in list {
+                if !paths.iter().any(|(p, _)| p == r) {
+                    paths.push((r, is_dir));
+                }
             }
         }
-        let sum = |d: &Self| {
-            paths
-                .iter()
-                .map(|r| d.footprint(r))
-                .fold((0, 0), |(b, i), (b2, i2)| (b + b2, i + i2))
-        };
-        let before = sum(self);
+        let before: Vec<(i64, i64)> = paths.iter().map(|(r, _)| self.footprint(r)).collect();
         let r = f();
-        let after = sum(self);
-        self.usage.charge(after.0 - before.0, after.1 - before.1);
+        let (mut bytes, mut entries) = (0, 0);
+        for ((rel, is_dir), was) in paths.iter().zip(before) {
+            if *is_dir && was == (0, 0) {
+                continue;
+            }
+            let now = self.footprint(rel);
+            bytes += now.0 - was.0;
+            entries += now.1 - was.1;
+        }
+        self.usage.charge(bytes, entries);
         r
     }
 
@@ -608,12 +615,20 @@ impl Delta {
     }
 
     /// Creates the upper directories of `rel` (which must exist in the merged view), giving
-    /// them the modes of their lower counterparts.
+    /// them the modes of their lower counterparts, and charges each one made to the quota
+    /// (removing it gives as much back).
     fn upper_dir(&self, rel: &Path) -> Result<OwnedFd, FsError> {
         let lower = self.lower.as_fd();
-        host::mkdir_all(self.upper.as_fd(), rel, |prefix| {
-            host::lstat(lower, prefix).map_or(0o755, |st| st.st_mode & 0o7777)
-        })
+        host::mkdir_all(
+            self.upper.as_fd(),
+            rel,
+            |prefix| host::lstat(lower, prefix).map_or(0o755, |st| st.st_mode & 0o7777),
+            |dir| {
+                let (bytes, entries) =
+                    rustix::fs::fstat(dir).map_or((0, 1), |st| footprint_of(&st));
+                self.usage.charge(bytes, entries);
+            },
+        )
         .map_err(|e| FsError::io("create upper directory", rel, e))
     }
 

@@ -220,11 +220,13 @@ fn each_entry<T>(
 }
 
 /// Creates every missing directory of `rel` below `root`, one component at a time, giving new
-/// directories `mode_of(prefix)`. Returns the handle of the last one.
+/// directories `mode_of(prefix)` and handing each one made to `made`. Returns the handle of
+/// the last one.
 pub(crate) fn mkdir_all(
     root: BorrowedFd<'_>,
     rel: &Path,
     mut mode_of: impl FnMut(&Path) -> u32,
+    mut made: impl FnMut(BorrowedFd<'_>),
 ) -> io::Result<OwnedFd> {
     // Usually the whole path exists already (every write after the first in a directory):
     // one resolution instead of a mkdir, an open and a mode lookup per component.
@@ -237,11 +239,12 @@ pub(crate) fn mkdir_all(
     for comp in rel.components() {
         let name = comp.as_os_str();
         prefix.push(name);
-        match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(mode_of(&prefix) & 0o7777)) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
+        let new =
+            match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(mode_of(&prefix) & 0o7777)) {
+                Ok(()) => true,
+                Err(rustix::io::Errno::EXIST) => false,
+                Err(e) => return Err(e.into()),
+            };
         let next = rustix::fs::openat2(
             &cur,
             name,
@@ -249,6 +252,9 @@ pub(crate) fn mkdir_all(
             Mode::empty(),
             RESOLVE,
         )?;
+        if new {
+            made(next.as_fd());
+        }
         cur = next;
     }
     Ok(cur)

@@ -233,7 +233,6 @@ pub(super) fn copy_contents(src: Option<OwnedFd>, dst: OwnedFd, st: &Stat) -> io
     Ok(())
 }
 
-/// The directory `rel` is in (`""`, the root, for a top-level name).
 /// What an upper entry with status `st` counts for in the disk quota, see `Delta::footprint`.
 pub(super) fn footprint_of(st: &Stat) -> (i64, i64) {
     if st.st_nlink > 1 && Kind::from_mode(st.st_mode) != Kind::Dir {
@@ -243,6 +242,7 @@ pub(super) fn footprint_of(st: &Stat) -> (i64, i64) {
     }
 }
 
+/// The directory `rel` is in (`""`, the root, for a top-level name).
 pub(super) fn parent_of(rel: &Path) -> &Path {
     rel.parent().unwrap_or(Path::new(""))
 }

@@ -215,10 +215,10 @@ impl Delta {
         self.save(meta)
     }
 
-    /// The directory a new entry `rel` goes into, in this sandbox's layer (made if needed),
-    /// once `rel` is known not to exist and its parent to be a directory in the merged view;
-    /// and whether that directory was already in this layer.
-    pub(super) fn prepare_new(&self, meta: &Meta, rel: &Path) -> Result<(OwnedFd, bool), FsError> {
+    /// The directory a new entry `rel` goes into, in this sandbox's layer (made and charged
+    /// if needed), once `rel` is known not to exist and its parent to be a directory in the
+    /// merged view.
+    pub(super) fn prepare_new(&self, meta: &Meta, rel: &Path) -> Result<OwnedFd, FsError> {
         refuse_stage_name(rel)?;
         if self.lookup_locked(meta, rel)?.is_some() {
             return Err(FsError::Exists { path: rel.into() });
@@ -227,7 +227,7 @@ impl Delta {
         // Usually the directory is in this layer already, which makes it the merged view's
         // directory (this layer wins): one resolution instead of a lookup in each layer.
         if let Ok(pdir) = host::open_dir(self.upper.as_fd(), parent) {
-            return Ok((pdir, true));
+            return Ok(pdir);
         }
         match self.lookup_locked(meta, parent)? {
             Some(a) if a.kind == EntryKind::Dir => {}
@@ -242,7 +242,7 @@ impl Delta {
                 });
             }
         }
-        Ok((self.upper_dir(parent)?, false))
+        self.upper_dir(parent)
     }
 
     /// Makes new entry `rel` (which must not exist) with `make(its directory, its name)` in
@@ -260,20 +260,21 @@ impl Delta {
         self.usage.check_room(0, 1)?;
         let (_, name) = host::split(rel).map_err(|e| FsError::io(op, rel, e))?;
         let mut meta = self.lock();
-        let (pdir, existed) = self.prepare_new(&meta, rel)?;
-        let dir_size =
-            |pdir: &OwnedFd| rustix::fs::fstat(pdir).map_or((0, 0), |st| footprint_of(&st));
-        let dir_before = if existed { dir_size(&pdir) } else { (0, 0) };
+        let pdir = self.prepare_new(&meta, rel)?;
+        let dir_size = || rustix::fs::fstat(&pdir).map_or((0, 0), |st| footprint_of(&st));
+        let dir_before = dir_size();
         let made = make(&pdir, name).map_err(|e| FsError::io(op, rel, e.into()))?;
         chown_new(&pdir, name, owner);
-        let st = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| FsError::io(op, rel, e.into()))?;
-        let (dir_after, entry) = (dir_size(&pdir), footprint_of(&st));
+        // Made: from here on it is charged and recorded whatever else fails.
+        let st = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW);
+        let entry = st.as_ref().map_or((0, 1), footprint_of);
+        let dir_after = dir_size();
         self.usage.charge(
             dir_after.0 - dir_before.0 + entry.0,
             dir_after.1 - dir_before.1 + entry.1,
         );
         self.note_created(&mut meta, rel)?;
+        let st = st.map_err(|e| FsError::io(op, rel, e.into()))?;
         Ok((made, Attr::from_stat(Layer::Upper, &st)))
     }
 
@@ -361,7 +362,7 @@ impl Delta {
                 path: from.into(),
             });
         }
-        let (pdir, _) = self.prepare_new(&meta, to)?;
+        let pdir = self.prepare_new(&meta, to)?;
         let (fparent, fname) = host::split(from).map_err(|e| FsError::io("link", from, e))?;
         let (_, tname) = host::split(to).map_err(|e| FsError::io("link", to, e))?;
         let fdir = self.upper_dir(fparent)?;
@@ -644,12 +645,12 @@ impl Delta {
 
     /// `copy_up_raw`, charged to the disk quota.
     pub fn copy_up(&self, rel: &Path) -> Result<EntryKind, FsError> {
-        self.accounted(&[rel], || self.copy_up_raw(rel))
+        self.accounted(&[rel], &[], || self.copy_up_raw(rel))
     }
 
     /// `open_write_raw`, charged to the disk quota.
     pub fn open_write(&self, rel: &Path, truncate: bool) -> Result<File, FsError> {
-        self.accounted(&[rel], || self.open_write_raw(rel, truncate))
+        self.accounted(&[rel], &[], || self.open_write_raw(rel, truncate))
     }
 
     /// `unlink_raw`, charged to the disk quota.
@@ -668,27 +669,33 @@ impl Delta {
 
     /// `rename_raw`, charged to the disk quota.
     pub fn rename(&self, from: &Path, to: &Path) -> Result<(), FsError> {
-        self.accounted(&[from, to, parent_of(from), parent_of(to)], || {
+        self.accounted(&[from, to], &[parent_of(from), parent_of(to)], || {
             self.rename_raw(from, to)
         })
     }
 
     /// `set_mode_raw`, charged to the disk quota.
     pub fn set_mode(&self, rel: &Path, mode: u32) -> Result<(), FsError> {
-        self.accounted(&[rel], || self.set_mode_raw(rel, mode))
+        self.accounted(&[rel], &[], || self.set_mode_raw(rel, mode))
     }
 
     /// `truncate_raw`, charged to the disk quota.
     pub fn truncate(&self, rel: &Path, size: u64) -> Result<(), FsError> {
-        self.accounted(&[rel], || self.truncate_raw(rel, size))
+        self.accounted(&[rel], &[], || self.truncate_raw(rel, size))
     }
 
     /// `link_raw`, charged to the disk quota: the copy-up of a codebase file, the new entry
     /// and its directory (the file's blocks stay charged once, see `Delta::footprint`).
     pub fn link(&self, from: &Path, to: &Path) -> Result<(), FsError> {
         self.usage.check_room(0, 1)?;
-        self.accounted(&[from], || self.copy_up_raw(from))?;
-        self.accounted(&[parent_of(to)], || self.link_raw(from, to))?;
+        // A name in the way is found before the copy-up, which would otherwise be left behind
+        // (charged, and shown as a change) by a link that fails.
+        check_rel(to)?;
+        if self.lookup_locked(&self.lock(), to)?.is_some() {
+            return Err(FsError::Exists { path: to.into() });
+        }
+        self.accounted(&[from], &[], || self.copy_up_raw(from))?;
+        self.accounted(&[], &[parent_of(to)], || self.link_raw(from, to))?;
         self.usage.charge(0, 1);
         Ok(())
     }
@@ -716,6 +723,6 @@ impl Delta {
         if self.set_times_in_upper(rel, &times)? {
             return Ok(());
         }
-        self.accounted(&[rel], || self.set_times_raw(rel, &times))
+        self.accounted(&[rel], &[], || self.set_times_raw(rel, &times))
     }
 }

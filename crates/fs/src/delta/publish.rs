@@ -334,9 +334,12 @@ impl Delta {
         let fdir = host::open_dir(self.lower.as_fd(), fparent)
             .map_err(|e| FsError::io("publish link", rel, e))?;
         let upper = self.upper.as_fd();
-        let pdir = host::mkdir_all(self.lower.as_fd(), parent, |prefix| {
-            host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777)
-        })
+        let pdir = host::mkdir_all(
+            self.lower.as_fd(),
+            parent,
+            |prefix| host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777),
+            |_| {},
+        )
         .map_err(|e| FsError::io("create codebase directory", parent, e))?;
         let current = match rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(s) => Some(s),
@@ -368,9 +371,12 @@ impl Delta {
         let kind = Kind::from_mode(st.st_mode);
         let (parent, name) = host::split(rel).map_err(|e| FsError::io("publish", rel, e))?;
         let upper = self.upper.as_fd();
-        let pdir = host::mkdir_all(self.lower.as_fd(), parent, |prefix| {
-            host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777)
-        })
+        let pdir = host::mkdir_all(
+            self.lower.as_fd(),
+            parent,
+            |prefix| host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777),
+            |_| {},
+        )
         .map_err(|e| FsError::io("create codebase directory", parent, e))?;
         let io = |op: &'static str| move |e: rustix::io::Errno| FsError::io(op, rel, e.into());
         let current = match rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW) {

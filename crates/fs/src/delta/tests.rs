@@ -1076,7 +1076,7 @@ fn times_copy_up_a_codebase_file_once_and_are_charged_only_for_that() {
     );
     // The copy and the two directories made above it.
     let copied = upper_entries(&f);
-    assert!(copied > before, "{copied} > {before}");
+    assert_eq!(copied, before + 3);
     assert_eq!(f.d.pending(), [PathBuf::from("src/deep/b.rs")]);
     // Once in this layer, times change in place and take no room.
     let t2 = t + Duration::from_secs(5);
@@ -1098,4 +1098,25 @@ fn times_copy_up_a_codebase_file_once_and_are_charged_only_for_that() {
         f.d.set_times(p("src/missing"), None, Some(t)),
         Err(FsError::NotFound { .. })
     ));
+}
+
+#[test]
+fn directories_made_for_a_copy_up_are_charged_and_given_back_once() {
+    let f = fx();
+    let entries = |f: &Fx| f.d.usage().used().1;
+    let start = entries(&f);
+    // Copies src/deep/b.rs up, which makes src and src/deep in this layer.
+    f.d.copy_up(p("src/deep/b.rs")).unwrap();
+    assert_eq!(entries(&f), start + 3);
+    f.d.unlink(p("src/deep/b.rs")).unwrap();
+    f.d.rmdir(p("src/deep")).unwrap();
+    // Only src is left in this layer (it still shows the codebase's a.rs).
+    assert_eq!(entries(&f), start + 1);
+    // A name made in a directory that is only in the codebase makes that directory too.
+    f.d.create_file(p("src/deep2/new.rs"), 0o644, None).unwrap_err();
+    std::fs::create_dir(f.lower.join("lowdir")).unwrap();
+    f.d.create_file(p("lowdir/new.rs"), 0o644, None).unwrap();
+    assert_eq!(entries(&f), start + 3);
+    f.d.unlink(p("lowdir/new.rs")).unwrap();
+    assert_eq!(entries(&f), start + 2);
 }

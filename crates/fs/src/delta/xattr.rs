@@ -117,7 +117,7 @@ impl Delta {
             self.usage
                 .check_room(u64::try_from(v.len() + name.len()).unwrap_or(u64::MAX), 0)?;
         }
-        self.accounted(&[rel], || self.xattr_write_raw(rel, name, what))
+        self.accounted(&[rel], &[], || self.xattr_write_raw(rel, name, what))
     }
 
     fn xattr_write_raw(
