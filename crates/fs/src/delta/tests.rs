@@ -1113,7 +1113,8 @@ fn directories_made_for_a_copy_up_are_charged_and_given_back_once() {
     // Only src is left in this layer (it still shows the codebase's a.rs).
     assert_eq!(entries(&f), start + 1);
     // A name made in a directory that is only in the codebase makes that directory too.
-    f.d.create_file(p("src/deep2/new.rs"), 0o644, None).unwrap_err();
+    f.d.create_file(p("src/deep2/new.rs"), 0o644, None)
+        .unwrap_err();
     std::fs::create_dir(f.lower.join("lowdir")).unwrap();
     f.d.create_file(p("lowdir/new.rs"), 0o644, None).unwrap();
     assert_eq!(entries(&f), start + 3);
