@@ -3,15 +3,9 @@
 use super::*;
 
 impl PolicyFs {
-    /// The entry of `path` that `r` made through this mount with attributes `attr` (its
+    /// The entry of `path`, just made through this mount with attributes `attr` (its
     /// directory's times move), counted as a kernel lookup.
-    fn made(
-        &self,
-        op: &'static str,
-        path: &Path,
-        r: Result<Attr, FsError>,
-    ) -> Result<FileAttr, FsError> {
-        let attr = &self.made_or_hidden(op, path, r)?;
+    fn made(&self, path: &Path, attr: &Attr) -> Result<FileAttr, FsError> {
         lock(&self.dir_times).changed(path, true);
         let d = self.decision(path, attr.kind);
         if d.level == Level::None {
@@ -46,14 +40,12 @@ impl PolicyFs {
         }
         let path = self.check_new("create", parent, name, EntryKind::File)?;
         self.check_open_files()?;
-        let (file, attr) = self.made_or_hidden(
-            "create",
-            &path,
+        let r =
             self.shared
                 .delta
-                .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner)),
-        )?;
-        let attr = self.made("create", &path, Ok(attr))?;
+                .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner));
+        let (file, attr) = self.made_or_hidden("create", &path, r)?;
+        let attr = self.made(&path, &attr)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, file, write))
     }
@@ -78,7 +70,8 @@ impl PolicyFs {
             self.shared
                 .delta
                 .mknod(&path, kind, mode & !umask & 0o7777, self.host_owner(owner));
-        self.made("mknod", &path, r)
+        let attr = self.made_or_hidden("mknod", &path, r)?;
+        self.made(&path, &attr)
     }
 
     pub(super) fn do_mkdir(
@@ -94,7 +87,8 @@ impl PolicyFs {
             .shared
             .delta
             .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner));
-        self.made("mkdir", &path, r)
+        let attr = self.made_or_hidden("mkdir", &path, r)?;
+        self.made(&path, &attr)
     }
 
     pub(super) fn do_symlink(
@@ -109,7 +103,8 @@ impl PolicyFs {
             .shared
             .delta
             .symlink(&path, target, self.host_owner(owner));
-        self.made("symlink", &path, r)
+        let attr = self.made_or_hidden("symlink", &path, r)?;
+        self.made(&path, &attr)
     }
 
     pub(super) fn do_remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<(), FsError> {

@@ -2,7 +2,9 @@
 
 use pretty_assertions::assert_eq;
 
-use super::util::{require_fuse, standard};
+use agentfense_core::{Content, Level, PermissionRule};
+
+use super::util::{mount_with, require_fuse, standard};
 
 #[test]
 fn directory_rename_with_hidden_entries_is_exdev_and_mv_cannot_move_them() {
@@ -89,6 +91,43 @@ fn creating_over_a_hidden_path_looks_like_a_denied_missing_path() {
     assert_eq!(
         std::fs::read_to_string(m.lower().join("output/.env")).unwrap(),
         "OUTPUT_SECRET=1\n"
+    );
+}
+
+/// A file hidden by its content (a private key) is hidden as a file only: the rules let a
+/// directory, symlink or fifo of that name be made. The file in the way must still not show
+/// (no EEXIST), whichever kind of entry is made over it.
+#[test]
+fn a_file_hidden_by_content_stays_hidden_under_names_of_other_kinds() {
+    require_fuse!("a_file_hidden_by_content_stays_hidden_under_names_of_other_kinds");
+    let key = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    let m = mount_with(
+        vec![
+            PermissionRule::glob("**", Level::Write, 0),
+            PermissionRule::glob("**/*.pem", Level::None, 50).when_content(Content::PrivateKey),
+        ],
+        |lower| {
+            std::fs::create_dir_all(lower.join("out")).unwrap();
+            std::fs::write(lower.join("out/server.pem"), key).unwrap();
+        },
+        |_| {},
+    );
+    assert_eq!(m.ok("ls -A out"), "");
+    for made in [
+        "os.mkdir('out/server.pem')",
+        "os.symlink('x', 'out/server.pem')",
+        "os.mkfifo('out/server.pem')",
+        "os.open('out/server.pem', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)",
+        "open('out/server.pem', 'w')",
+    ] {
+        assert_eq!(m.py(made), "EACCES", "{made}");
+    }
+    // The same calls on a free name succeed.
+    assert_eq!(m.py("os.mkdir('out/free.pem')"), "ok");
+    assert_eq!(m.ok("ls -A out").trim(), "free.pem");
+    assert_eq!(
+        std::fs::read_to_string(m.lower().join("out/server.pem")).unwrap(),
+        key
     );
 }
 
