@@ -290,6 +290,11 @@ pub struct Delta {
     spellings: spelling::Spellings,
     /// Serialises checkpoint creation, deletion, retention and restore.
     checkpoints_lock: Mutex<()>,
+    /// Held shared by every change the quota measures around ([`Delta::accounted`]) and
+    /// exclusively by removals and renames, whose refunds are what is on disk when they
+    /// run: a name removed (or moved away) between a copy-up and the measure after it would
+    /// otherwise be refunded without ever having been charged.
+    accounting: std::sync::RwLock<()>,
 }
 
 impl Delta {
@@ -334,6 +339,7 @@ impl Delta {
             dir: delta_dir.to_path_buf(),
             spellings: spelling::Spellings::default(),
             checkpoints_lock: Mutex::new(()),
+            accounting: std::sync::RwLock::new(()),
         };
         delta
             .usage
@@ -366,6 +372,23 @@ impl Delta {
     /// charged as it was made ([`Delta::upper_dir`]), so only one that was there before is
     /// measured again.
     fn accounted<T>(
+        &self,
+        rels: &[&Path],
+        dirs: &[&Path],
+        f: impl FnOnce() -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        let _measuring = self.accounting.read().unwrap_or_else(|p| p.into_inner());
+        self.measured(rels, dirs, f)
+    }
+
+    /// Runs `f` with no change the quota measures around in flight (see `accounting`).
+    fn removing<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _alone = self.accounting.write().unwrap_or_else(|p| p.into_inner());
+        f()
+    }
+
+    /// [`Delta::accounted`] without taking `accounting` (the caller holds it).
+    fn measured<T>(
         &self,
         rels: &[&Path],
         dirs: &[&Path],

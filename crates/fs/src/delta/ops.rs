@@ -655,22 +655,24 @@ impl Delta {
 
     /// `unlink_raw`, charged to the disk quota.
     pub fn unlink(&self, rel: &Path) -> Result<(), FsError> {
-        let (bytes, entries) = self.unlink_raw(rel)?;
+        let (bytes, entries) = self.removing(|| self.unlink_raw(rel))?;
         self.usage.charge(bytes, entries);
         Ok(())
     }
 
     /// `rmdir_raw`, charged to the disk quota.
     pub fn rmdir(&self, rel: &Path) -> Result<(), FsError> {
-        let (bytes, entries) = self.rmdir_raw(rel)?;
+        let (bytes, entries) = self.removing(|| self.rmdir_raw(rel))?;
         self.usage.charge(bytes, entries);
         Ok(())
     }
 
     /// `rename_raw`, charged to the disk quota.
     pub fn rename(&self, from: &Path, to: &Path) -> Result<(), FsError> {
-        self.accounted(&[from, to], &[parent_of(from), parent_of(to)], || {
-            self.rename_raw(from, to)
+        self.removing(|| {
+            self.measured(&[from, to], &[parent_of(from), parent_of(to)], || {
+                self.rename_raw(from, to)
+            })
         })
     }
 

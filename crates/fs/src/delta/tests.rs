@@ -1121,3 +1121,45 @@ fn directories_made_for_a_copy_up_are_charged_and_given_back_once() {
     f.d.unlink(p("lowdir/new.rs")).unwrap();
     assert_eq!(entries(&f), start + 2);
 }
+
+/// An agent that removes a file the moment its copy-up lands (a second thread watching for
+/// it) must not win back space it was never charged for: the copy-up's charge is measured
+/// after the copy, the removal's refund under the lock.
+#[test]
+fn racing_a_removal_against_a_copy_up_never_drives_the_quota_below_the_disk() {
+    let f = fx();
+    let n = 200;
+    let body = vec![7u8; 64 << 10];
+    for i in 0..n {
+        std::fs::write(f.lower.join(format!("src/f{i}")), &body).unwrap();
+    }
+    let upper_src = f.delta_dir.join("upper/src");
+    std::thread::scope(|s| {
+        let d = &f.d;
+        let upper_src = &upper_src;
+        s.spawn(move || {
+            for i in 0..n {
+                let up = upper_src.join(format!("f{i}"));
+                while !up.exists() {
+                    std::hint::spin_loop();
+                }
+                d.unlink(&PathBuf::from(format!("src/f{i}"))).unwrap();
+            }
+        });
+        for i in 0..n {
+            drop(
+                d.open_write(&PathBuf::from(format!("src/f{i}")), false)
+                    .unwrap(),
+            );
+        }
+    });
+    let on_disk = crate::quota::footprint_below(&f.delta_dir.join("upper"));
+    let (bytes, _) = f.d.usage().used();
+    let journal = f.d.usage().journal().0;
+    assert!(
+        bytes as i64 - journal >= on_disk.0,
+        "charged {} B (journal {journal} B aside) for {} B on disk",
+        bytes as i64 - journal,
+        on_disk.0
+    );
+}
