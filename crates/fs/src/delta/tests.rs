@@ -1134,18 +1134,31 @@ fn racing_a_removal_against_a_copy_up_never_drives_the_quota_below_the_disk() {
         std::fs::write(f.lower.join(format!("src/f{i}")), &body).unwrap();
     }
     let upper_src = f.delta_dir.join("upper/src");
+    // Set when the copying side stops, also by a panic, so that the watcher never waits
+    // for a copy that will not come.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let d = &f.d;
-        let upper_src = &upper_src;
+        let (upper_src, done) = (&upper_src, &done);
         s.spawn(move || {
             for i in 0..n {
                 let up = upper_src.join(format!("f{i}"));
                 while !up.exists() {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
                     std::hint::spin_loop();
                 }
                 d.unlink(&PathBuf::from(format!("src/f{i}"))).unwrap();
             }
         });
+        let _done = Done(done);
         for i in 0..n {
             drop(
                 d.open_write(&PathBuf::from(format!("src/f{i}")), false)
