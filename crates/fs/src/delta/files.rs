@@ -242,6 +242,11 @@ pub(super) fn footprint_of(st: &Stat) -> (i64, i64) {
     }
 }
 
+/// [`footprint_of`] the open entry `fd`, (0, 0) if it cannot be read.
+pub(super) fn fd_footprint(fd: &OwnedFd) -> (i64, i64) {
+    rustix::fs::fstat(fd).map_or((0, 0), |st| footprint_of(&st))
+}
+
 /// The directory `rel` is in (`""`, the root, for a top-level name).
 pub(super) fn parent_of(rel: &Path) -> &Path {
     rel.parent().unwrap_or(Path::new(""))

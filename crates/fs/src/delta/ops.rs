@@ -261,14 +261,13 @@ impl Delta {
         let (_, name) = host::split(rel).map_err(|e| FsError::io(op, rel, e))?;
         let mut meta = self.lock();
         let pdir = self.prepare_new(&meta, rel)?;
-        let dir_size = || rustix::fs::fstat(&pdir).map_or((0, 0), |st| footprint_of(&st));
-        let dir_before = dir_size();
+        let dir_before = fd_footprint(&pdir);
         let made = make(&pdir, name).map_err(|e| FsError::io(op, rel, e.into()))?;
         chown_new(&pdir, name, owner);
         // Made: from here on it is charged and recorded whatever else fails.
         let st = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW);
         let entry = st.as_ref().map_or((0, 1), footprint_of);
-        let dir_after = dir_size();
+        let dir_after = fd_footprint(&pdir);
         self.usage.charge(
             dir_after.0 - dir_before.0 + entry.0,
             dir_after.1 - dir_before.1 + entry.1,
@@ -395,13 +394,12 @@ impl Delta {
             let (parent, name) = host::split(rel).map_err(|e| FsError::io("remove", rel, e))?;
             let pdir = host::open_dir(self.upper.as_fd(), parent)
                 .map_err(|e| FsError::io("open upper directory", parent, e))?;
-            let dir_size = || rustix::fs::fstat(&pdir).map_or((0, 0), |st| footprint_of(&st));
-            let dir_before = dir_size();
+            let dir_before = fd_footprint(&pdir);
             let entry = rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW)
                 .map_or((0, 0), |st| footprint_of(&st));
             host::remove_at(pdir.as_fd(), name, attr.kind == EntryKind::Dir)
                 .map_err(|e| FsError::io("remove", rel, e))?;
-            let dir_after = dir_size();
+            let dir_after = fd_footprint(&pdir);
             freed = (
                 dir_after.0 - dir_before.0 - entry.0,
                 dir_after.1 - dir_before.1 - entry.1,

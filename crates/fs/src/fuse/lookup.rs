@@ -190,13 +190,14 @@ impl PolicyFs {
 
     /// For a new entry: the parent must be a visible directory and the new path writable.
     /// An existing hidden entry is reported exactly like a missing one in a denied place.
+    /// Returns the path and the level the rules give it.
     pub(super) fn check_new(
         &self,
         op: &'static str,
         parent: u64,
         name: &OsStr,
         kind: EntryKind,
-    ) -> Result<PathBuf, FsError> {
+    ) -> Result<(PathBuf, Level), FsError> {
         check_name(name)?;
         let ppath = self.path_of(parent)?;
         self.dir_shown(op, &ppath)?;
@@ -205,7 +206,7 @@ impl PolicyFs {
         if d.level >= Level::Write {
             // Whether something is there already is the delta's to find out when it makes
             // the entry; `made_or_hidden` keeps a hidden one hidden.
-            return Ok(path);
+            return Ok((path, d.level));
         }
         match self.shared.delta.lookup(&path)? {
             Some(a) => Err(self.exists_or_hidden(op, path, a.kind)),

@@ -3,15 +3,12 @@
 use super::*;
 
 impl PolicyFs {
-    /// The entry of `path`, just made through this mount with attributes `attr` (its
-    /// directory's times move), counted as a kernel lookup.
-    fn made(&self, path: &Path, attr: &Attr) -> Result<FileAttr, FsError> {
+    /// The entry of `path`, just made through this mount with attributes `attr` at the
+    /// `level` [`PolicyFs::check_new`] found (its directory's times move), counted as a
+    /// kernel lookup.
+    fn made(&self, path: &Path, attr: &Attr, level: Level) -> Result<FileAttr, FsError> {
         lock(&self.dir_times).changed(path, true);
-        let d = self.decision(path, attr.kind);
-        if d.level == Level::None {
-            return Err(self.deny("lookup", path, d));
-        }
-        self.counted_entry(path, attr, d.level)
+        self.counted_entry(path, attr, level)
     }
 
     /// Who a new host file should belong to: the creating process, unless every file is
@@ -32,20 +29,20 @@ impl PolicyFs {
         flags: i32,
     ) -> Result<(FileAttr, File, bool), FsError> {
         if mode & libc::S_IFMT != 0 && mode & libc::S_IFMT != libc::S_IFREG {
-            let path = self.check_new("mknod", parent, name, EntryKind::Other)?;
+            let (path, _) = self.check_new("mknod", parent, name, EntryKind::Other)?;
             return Err(FsError::NotSupported {
                 op: "special files",
                 path,
             });
         }
-        let path = self.check_new("create", parent, name, EntryKind::File)?;
+        let (path, level) = self.check_new("create", parent, name, EntryKind::File)?;
         self.check_open_files()?;
         let r =
             self.shared
                 .delta
                 .create_file(&path, mode & !umask & 0o7777, self.host_owner(owner));
         let (file, attr) = self.made_or_hidden("create", &path, r)?;
-        let attr = self.made(&path, &attr)?;
+        let attr = self.made(&path, &attr, level)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, file, write))
     }
@@ -65,13 +62,13 @@ impl PolicyFs {
         } else {
             EntryKind::Socket
         };
-        let path = self.check_new("mknod", parent, name, kind)?;
+        let (path, level) = self.check_new("mknod", parent, name, kind)?;
         let r =
             self.shared
                 .delta
                 .mknod(&path, kind, mode & !umask & 0o7777, self.host_owner(owner));
         let attr = self.made_or_hidden("mknod", &path, r)?;
-        self.made(&path, &attr)
+        self.made(&path, &attr, level)
     }
 
     pub(super) fn do_mkdir(
@@ -82,13 +79,13 @@ impl PolicyFs {
         mode: u32,
         umask: u32,
     ) -> Result<FileAttr, FsError> {
-        let path = self.check_new("mkdir", parent, name, EntryKind::Dir)?;
+        let (path, level) = self.check_new("mkdir", parent, name, EntryKind::Dir)?;
         let r = self
             .shared
             .delta
             .mkdir(&path, mode & !umask & 0o7777, self.host_owner(owner));
         let attr = self.made_or_hidden("mkdir", &path, r)?;
-        self.made(&path, &attr)
+        self.made(&path, &attr, level)
     }
 
     pub(super) fn do_symlink(
@@ -98,13 +95,13 @@ impl PolicyFs {
         name: &OsStr,
         target: &Path,
     ) -> Result<FileAttr, FsError> {
-        let path = self.check_new("symlink", parent, name, EntryKind::Symlink)?;
+        let (path, level) = self.check_new("symlink", parent, name, EntryKind::Symlink)?;
         let r = self
             .shared
             .delta
             .symlink(&path, target, self.host_owner(owner));
         let attr = self.made_or_hidden("symlink", &path, r)?;
-        self.made(&path, &attr)
+        self.made(&path, &attr, level)
     }
 
     pub(super) fn do_remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<(), FsError> {
@@ -244,7 +241,7 @@ impl PolicyFs {
                 path: src,
             });
         }
-        let path = self.check_new("link", newparent, newname, EntryKind::File)?;
+        let (path, _) = self.check_new("link", newparent, newname, EntryKind::File)?;
         let r = self.shared.delta.link(&src, &path);
         self.made_or_hidden("link", &path, r)?;
         lock(&self.dir_times).changed(&path, true);

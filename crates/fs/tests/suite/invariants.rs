@@ -4,7 +4,7 @@ use pretty_assertions::assert_eq;
 
 use agentfense_core::{Content, Level, PermissionRule};
 
-use super::util::{mount_with, require_fuse, standard};
+use super::util::{mount_with, require_fuse, standard, write};
 
 #[test]
 fn directory_rename_with_hidden_entries_is_exdev_and_mv_cannot_move_them() {
@@ -106,10 +106,7 @@ fn a_file_hidden_by_content_stays_hidden_under_names_of_other_kinds() {
             PermissionRule::glob("**", Level::Write, 0),
             PermissionRule::glob("**/*.pem", Level::None, 50).when_content(Content::PrivateKey),
         ],
-        |lower| {
-            std::fs::create_dir_all(lower.join("out")).unwrap();
-            std::fs::write(lower.join("out/server.pem"), key).unwrap();
-        },
+        |lower| write(lower, "out/server.pem", key),
         |_| {},
     );
     assert_eq!(m.ok("ls -A out"), "");
