@@ -319,6 +319,19 @@ impl Delta {
         Ok(conflict)
     }
 
+    /// Codebase directory `parent` for a published entry, made (with the modes of this
+    /// sandbox's directories) where missing.
+    fn codebase_dir(&self, parent: &Path) -> Result<OwnedFd, FsError> {
+        let upper = self.upper.as_fd();
+        host::mkdir_all(
+            self.lower.as_fd(),
+            parent,
+            |prefix| host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777),
+            |_| {},
+        )
+        .map_err(|e| FsError::io("create codebase directory", parent, e))
+    }
+
     /// Publishes `rel` as another name of the codebase file `first` (just published from the
     /// same file of this sandbox): linked under a staging name, then renamed over `rel`.
     fn publish_link(
@@ -333,14 +346,7 @@ impl Delta {
         let (parent, name) = host::split(rel).map_err(|e| FsError::io("publish link", rel, e))?;
         let fdir = host::open_dir(self.lower.as_fd(), fparent)
             .map_err(|e| FsError::io("publish link", rel, e))?;
-        let upper = self.upper.as_fd();
-        let pdir = host::mkdir_all(
-            self.lower.as_fd(),
-            parent,
-            |prefix| host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777),
-            |_| {},
-        )
-        .map_err(|e| FsError::io("create codebase directory", parent, e))?;
+        let pdir = self.codebase_dir(parent)?;
         let current = match rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(s) => Some(s),
             Err(rustix::io::Errno::NOENT) => None,
@@ -371,13 +377,7 @@ impl Delta {
         let kind = Kind::from_mode(st.st_mode);
         let (parent, name) = host::split(rel).map_err(|e| FsError::io("publish", rel, e))?;
         let upper = self.upper.as_fd();
-        let pdir = host::mkdir_all(
-            self.lower.as_fd(),
-            parent,
-            |prefix| host::lstat(upper, prefix).map_or(0o755, |st| st.st_mode & 0o7777),
-            |_| {},
-        )
-        .map_err(|e| FsError::io("create codebase directory", parent, e))?;
+        let pdir = self.codebase_dir(parent)?;
         let io = |op: &'static str| move |e: rustix::io::Errno| FsError::io(op, rel, e.into());
         let current = match rustix::fs::statat(&pdir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(s) => Some(s),
