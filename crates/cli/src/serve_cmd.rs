@@ -106,6 +106,10 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "http"
         };
         let data_dir = settings.paths.data_dir.clone();
+        // Handlers first: a SIGTERM during startup (or right after the banner, which a
+        // supervisor may take as "ready") is a clean shutdown, never the default death that
+        // leaves mounts behind.
+        let shutdown = shutdown_signal();
         let bound = agentfense_server::serve::bind(settings).await?;
         if !auth {
             tracing::info!(
@@ -127,26 +131,31 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             println!("agentfense: gRPC listening on unix://{}", p.display());
         }
         println!("agentfense: data in {}", data_dir.display());
-        bound.run(shutdown_signal()).await?;
+        bound.run(shutdown).await?;
         tracing::info!("stopped");
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes at the first signal
+/// (including one that arrived before it was first polled).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers we can only run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers we can only run until killed.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
