@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 use agentfense_server::auth::Scope;
 use agentfense_server::auth::keys::{KeyKind, ServerSecret, generate};
 use agentfense_server::config::{Config, Overrides};
+use std::sync::Arc;
+
 use agentfense_server::store::{KeyRecord, Store};
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -112,16 +114,18 @@ pub(crate) fn settings(state: &StateArgs) -> anyhow::Result<agentfense_server::c
     )?)
 }
 
-fn open(state: &StateArgs) -> anyhow::Result<(Store, PathBuf)> {
-    let paths = settings(state)?.paths;
-    if !paths.data_dir.is_dir() {
+fn open(state: &StateArgs) -> anyhow::Result<(Arc<dyn Store>, PathBuf)> {
+    let settings = settings(state)?;
+    let data_dir = settings.paths.data_dir.clone();
+    if !data_dir.is_dir() {
         anyhow::bail!(
             "{} is not a server data directory (start the server once, or pass --data-dir)",
-            paths.data_dir.display()
+            data_dir.display()
         );
     }
-    let store = Store::open(&paths.db)?;
-    Ok((store, paths.data_dir))
+    // The server's own choice of database: its SQLite file or `storage.database_url`.
+    let store = agentfense_server::store::open(&settings)?;
+    Ok((store, data_dir))
 }
 
 fn time(t: Option<SystemTime>) -> String {

@@ -177,8 +177,12 @@ pub struct StorageConfig {
     pub codebase_path: Option<PathBuf>,
     /// FUSE mount points and per-sandbox deltas (default `<data_dir>/mounts`).
     pub mount_path: Option<PathBuf>,
-    /// SQLite database (default `<data_dir>/agentfense.db`).
+    /// SQLite database (default `<data_dir>/agentfense.db`), used unless `database_url` is
+    /// set.
     pub db_path: Option<PathBuf>,
+    /// PostgreSQL for the metadata instead of the SQLite file
+    /// (`postgres://user:password@host:5432/dbname`).
+    pub database_url: Option<String>,
     /// Largest accepted uploaded file, bytes (default 1 GiB).
     pub max_upload_bytes: u64,
 }
@@ -190,6 +194,7 @@ impl Default for StorageConfig {
             codebase_path: None,
             mount_path: None,
             db_path: None,
+            database_url: None,
             max_upload_bytes: 1 << 30,
         }
     }
@@ -639,6 +644,10 @@ impl Config {
                 "runtime.output_limit_bytes",
                 "must be between 1 and 1572864 (1.5 MiB), so that a result fits a 4 MiB gRPC message",
             ));
+        }
+        if let Some(url) = &self.storage.database_url {
+            crate::store::check_url(url)
+                .map_err(|e| invalid("storage.database_url", e.to_string()))?;
         }
         if self.sandbox.cleanup_interval.is_zero() {
             return Err(invalid(

@@ -19,7 +19,6 @@ use crate::grpc::{CodebaseApi, SandboxApi};
 use crate::host::bwrap_runtime;
 use crate::rest::{RestState, router};
 use crate::service::{Engine, Service};
-use crate::store::Store;
 
 /// Startup failed; each variant says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +35,18 @@ pub enum ServeError {
     /// The metadata store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Another server uses the metadata database.
+    #[error(
+        "another AgentFense server (not {holder}) is using this metadata database; a server runs \
+         every sandbox it records, so each server needs its own database (or wait {ttl:?} after \
+         it stopped uncleanly)"
+    )]
+    DatabaseInUse {
+        /// Who we are.
+        holder: String,
+        /// How long a dead server's claim lasts.
+        ttl: Duration,
+    },
     /// Codebase storage could not be opened.
     #[error(transparent)]
     Files(#[from] crate::files::FilesError),
@@ -84,6 +95,7 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct Bound {
     service: Arc<Service>,
+    claim: Claim,
     gate: Arc<Gate>,
     audit_writer: AuditWriter,
     grpc: TcpListener,
@@ -112,7 +124,19 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
             source,
         })?;
     }
-    let store = Arc::new(Store::open(&paths.db)?);
+    // Opening may connect to PostgreSQL, whose client must not run on an async worker.
+    let store = {
+        let settings = settings.clone();
+        tokio::task::spawn_blocking(move || crate::store::open(&settings))
+            .await
+            .map_err(|e| {
+                ServeError::Store(crate::store::StoreError::Open {
+                    target: "metadata database".into(),
+                    source: Box::new(e),
+                })
+            })??
+    };
+    let claim = Claim::take(store.clone(), &paths).await?;
     let files = CodebaseFiles::open(&paths.codebases)?;
     let (audit, audit_writer) = Audit::open_alerting(
         &paths.audit,
@@ -187,6 +211,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     let service = Arc::new(Service::new(settings, store, files, audit, engine).with_secret(secret));
     Ok(Bound {
         service,
+        claim,
         gate,
         audit_writer,
         grpc,
@@ -195,6 +220,79 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         tls,
         metrics,
     })
+}
+
+/// This server's claim on the metadata database (the `server` lease): a server runs every
+/// sandbox its database records (it restarts them at startup, reaps them, enforces blocks),
+/// so two servers on one database would run each other's sandboxes. The claim is renewed
+/// while the server runs and released on a clean stop. Its holder is the host and the data
+/// directory, so the same server restarting after a crash takes it back at once, while a
+/// server elsewhere is refused until the claim has expired.
+#[derive(Debug, Clone)]
+struct Claim {
+    store: Arc<dyn crate::store::Store>,
+    holder: String,
+}
+
+impl Claim {
+    const NAME: &'static str = "server";
+    const TTL: Duration = Duration::from_secs(60);
+    const RENEW_EVERY: Duration = Duration::from_secs(15);
+
+    async fn take(
+        store: Arc<dyn crate::store::Store>,
+        paths: &crate::config::Paths,
+    ) -> Result<Claim, ServeError> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let claim = Claim {
+            store,
+            holder: format!("{}:{}", host.trim(), paths.data_dir.display()),
+        };
+        if claim.try_take().await? {
+            Ok(claim)
+        } else {
+            Err(ServeError::DatabaseInUse {
+                holder: claim.holder,
+                ttl: Claim::TTL,
+            })
+        }
+    }
+
+    async fn try_take(&self) -> Result<bool, ServeError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.store.try_lease(
+                Claim::NAME,
+                &this.holder,
+                Claim::TTL,
+                std::time::SystemTime::now(),
+            )
+        })
+        .await
+        .map_err(|e| ServeError::Host(format!("claiming the metadata database: {e}")))?
+        .map_err(ServeError::Store)
+    }
+
+    /// Renews the claim; losing it (this server stalled past the TTL and another took the
+    /// database) is logged as an error on every renewal until it is back.
+    async fn renew(&self) {
+        match self.try_take().await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!(
+                holder = %self.holder,
+                "another server has claimed this metadata database: both now run the sandboxes it records; stop one of them"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the claim on the metadata database"),
+        }
+    }
+
+    async fn release(&self) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            this.store.release_lease(Claim::NAME, &this.holder)
+        })
+        .await;
+    }
 }
 
 /// Binds the API's unix socket: a stale socket file is replaced (a live server on it is
@@ -404,6 +502,7 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let Bound {
             service,
+            claim,
             gate,
             audit_writer,
             grpc,
@@ -418,6 +517,20 @@ impl Bound {
         };
 
         service.recover().await;
+        let renew = {
+            let mut stop = stop_rx.clone();
+            let claim = claim.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Claim::RENEW_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => claim.renew().await,
+                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                    }
+                }
+            })
+        };
         let reaper = {
             let svc = service.clone();
             let every = svc.settings().config.sandbox.cleanup_interval;
@@ -593,6 +706,7 @@ impl Bound {
             None => None,
         };
         let _ = reaper.await;
+        let _ = renew.await;
         let _ = blocks.await;
         let _ = sessions.await;
         if let Some(t) = metrics_task {
@@ -608,6 +722,7 @@ impl Bound {
         // records failed authentications).
         drop(service);
         drop(gate);
+        claim.release().await;
         // Flush the audit trail last, after every request that could record an event.
         tokio::task::spawn_blocking(move || audit_writer.close())
             .await

@@ -1,113 +1,53 @@
-//! Durable metadata in SQLite: codebases, sandboxes (rules, labels, limits, status,
-//! timestamps) and sessions.
+//! Durable metadata: codebases, sandboxes (rules, labels, limits, status, timestamps),
+//! sessions, API keys and tenants, behind one [`Store`] trait with two backends: SQLite (the
+//! embedded default, [`SqliteStore`]) and PostgreSQL (`storage.database_url`, [`PgStore`]).
 //!
-//! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] is append-only (never
-//! edit or remove a step). Migrations run in one exclusive transaction at open. SQLite calls
-//! block: async callers go through `spawn_blocking`.
+//! Both backends keep the same rows with the same meaning; `tests.rs` is one conformance
+//! suite run against each. Each has its own append-only migration list. Store calls block:
+//! async callers go through `spawn_blocking` (the PostgreSQL client must never be called on
+//! an async worker thread).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentfense_core::{PermissionRule, ResourceLimits, RuntimeKind, SandboxStatus, SessionStatus};
-use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::config::Settings;
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
-/// Ordered, append-only schema migrations; step `i` moves `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[
-    // 1: initial schema. `seq` gives a stable insertion order for pagination tokens.
-    "CREATE TABLE codebases (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        owner_id TEXT NOT NULL,
-        size INTEGER NOT NULL DEFAULT 0,
-        file_count INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
-    CREATE INDEX codebases_by_owner ON codebases(owner_id, seq);
-    CREATE TABLE sandboxes (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        codebase_id TEXT NOT NULL REFERENCES codebases(id),
-        owner_id TEXT NOT NULL,
-        rules TEXT NOT NULL,
-        status TEXT NOT NULL,
-        status_reason TEXT,
-        labels TEXT NOT NULL,
-        runtime TEXT NOT NULL,
-        image TEXT NOT NULL,
-        resources TEXT,
-        created_at INTEGER NOT NULL,
-        started_at INTEGER,
-        stopped_at INTEGER,
-        expires_at INTEGER
-    );
-    CREATE INDEX sandboxes_by_codebase ON sandboxes(codebase_id, seq);
-    CREATE INDEX sandboxes_by_owner ON sandboxes(owner_id);
-    CREATE TABLE sessions (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
-        shell TEXT NOT NULL,
-        env TEXT NOT NULL,
-        status TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        closed_at INTEGER
-    );
-    CREATE INDEX sessions_by_sandbox ON sessions(sandbox_id, seq);",
-    // 2: tenants and API keys. Rows made before authentication existed belong to the
-    // `default` tenant (the one every caller has while auth.enabled is false).
-    "ALTER TABLE codebases ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
-    CREATE INDEX codebases_by_tenant ON codebases(tenant, seq);
-    ALTER TABLE sandboxes ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
-    CREATE INDEX sandboxes_by_tenant ON sandboxes(tenant, seq);
-    CREATE TABLE tenants (
-        name TEXT PRIMARY KEY,
-        created_at INTEGER NOT NULL,
-        blocked_at INTEGER,
-        block_reason TEXT,
-        block_enforced_at INTEGER
-    );
-    CREATE TABLE api_keys (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        hash BLOB NOT NULL,
-        sandbox_id TEXT,
-        parent_id TEXT,
-        created_at INTEGER NOT NULL,
-        expires_at INTEGER,
-        last_used_at INTEGER,
-        revoked_at INTEGER
-    );
-    CREATE INDEX api_keys_by_sandbox ON api_keys(sandbox_id);
-    CREATE TABLE sandbox_creations (tenant TEXT NOT NULL, at INTEGER NOT NULL);
-    CREATE INDEX sandbox_creations_by_tenant ON sandbox_creations(tenant, at);",
-];
+mod auth;
+mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+pub use auth::{KeyLookup, KeyRecord, LimitHit, TenantRecord, TenantUsage};
+pub use postgres::{PgStore, check_url};
+pub use sqlite::{MIGRATIONS, SqliteStore};
+
+/// Why a backend call failed, as the backend reported it.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A metadata operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened or created.
-    #[error("cannot open metadata database {path}")]
+    /// The database could not be opened, created or reached.
+    #[error("cannot open metadata database {target}")]
     Open {
-        /// The database file.
-        path: PathBuf,
+        /// The database file, or the URL without its password.
+        target: String,
         /// Why.
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
     /// The database's schema is newer than this binary knows.
     #[error(
-        "metadata database {path} has schema version {found}; this server knows up to {known}: upgrade the server"
+        "metadata database {target} has schema version {found}; this server knows up to {known}: upgrade the server"
     )]
     TooNew {
-        /// The database file.
-        path: PathBuf,
+        /// The database file, or the URL without its password.
+        target: String,
         /// Its version.
         found: i64,
         /// Ours.
@@ -120,7 +60,7 @@ pub enum StoreError {
         version: usize,
         /// Why.
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
     /// A query failed.
     #[error("metadata query failed: {op}")]
@@ -129,8 +69,11 @@ pub enum StoreError {
         op: &'static str,
         /// Why.
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
+    /// `storage.database_url` names a database this server cannot use.
+    #[error("{0}")]
+    BadUrl(String),
     /// A stored value could not be decoded (corruption or a bug).
     #[error("stored {what} for {id} is corrupt: {detail}")]
     Corrupt {
@@ -238,10 +181,173 @@ pub struct Page<T> {
     pub next_token: String,
 }
 
-/// The metadata store.
-#[derive(Debug)]
-pub struct Store {
-    conn: Mutex<Connection>,
+/// The metadata store. Every method is one atomic change or one consistent read.
+pub trait Store: Send + Sync + fmt::Debug {
+    // ---- codebases ---------------------------------------------------------------------
+
+    /// Inserts a new codebase.
+    fn insert_codebase(&self, c: &CodebaseRecord) -> Result<(), StoreError>;
+    /// The codebase with this id.
+    fn get_codebase(&self, id: &CodebaseId) -> Result<Option<CodebaseRecord>, StoreError>;
+    /// Codebases in creation order, optionally of one tenant and one owner; `after` is a
+    /// page token.
+    fn list_codebases(
+        &self,
+        tenant: Option<&str>,
+        owner: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Page<CodebaseRecord>, StoreError>;
+    /// Adds deltas to a codebase's size and file count (never below 0) and sets `updated_at`.
+    fn adjust_codebase_stats(
+        &self,
+        id: &CodebaseId,
+        size_delta: i64,
+        count_delta: i64,
+        now: SystemTime,
+    ) -> Result<(), StoreError>;
+    /// Deletes a codebase row; false if there was none. Fails while sandboxes use it.
+    fn delete_codebase(&self, id: &CodebaseId) -> Result<bool, StoreError>;
+
+    // ---- sandboxes ---------------------------------------------------------------------
+
+    /// Inserts a new sandbox (no limits: see [`Store::insert_sandbox_limited`]).
+    fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError>;
+    /// Inserts a new sandbox within its owner's (`max_per_owner`), its tenant's
+    /// (`max_per_tenant`) and the tenant's hourly creation (`per_hour`) limits, 0 meaning
+    /// none, and counts the creation; inserts nothing when a limit is reached. Atomic:
+    /// concurrent creates (from any process sharing the database) cannot slip past a limit
+    /// together.
+    fn insert_sandbox_limited(
+        &self,
+        s: &SandboxRecord,
+        max_per_owner: u32,
+        max_per_tenant: u32,
+        per_hour: u32,
+        now: SystemTime,
+    ) -> Result<Result<(), LimitHit>, StoreError>;
+    /// Writes every mutable field of a sandbox (status, reason, timestamps, expiry).
+    fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError>;
+    /// Replaces a sandbox's labels.
+    fn update_labels(
+        &self,
+        id: &SandboxId,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError>;
+    /// The sandbox with this id.
+    fn get_sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError>;
+    /// Sandboxes in creation order, optionally of one codebase, one tenant, or just one.
+    fn list_sandboxes(
+        &self,
+        filter: SandboxFilter<'_>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Page<SandboxRecord>, StoreError>;
+    /// Every sandbox (for startup recovery and the reaper), in creation order.
+    fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.list_sandboxes(SandboxFilter::default(), after, 500)?;
+            out.extend(page.items);
+            match page.next_token.parse() {
+                Ok(next) => after = next,
+                Err(_) => return Ok(out),
+            }
+        }
+    }
+    /// Number of sandboxes in each status (`pending`, `running`, `stopped`, `error`).
+    fn count_sandboxes_by_status(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Number of sandboxes whose codebase belongs to `owner`.
+    fn count_sandboxes_of_owner(&self, owner: &str) -> Result<u64, StoreError>;
+    /// Ids of the sandboxes on a codebase, oldest first.
+    fn sandboxes_of_codebase(&self, id: &CodebaseId) -> Result<Vec<String>, StoreError>;
+    /// Deletes a sandbox and its sessions; false if there was none.
+    fn delete_sandbox(&self, id: &SandboxId) -> Result<bool, StoreError>;
+
+    // ---- sessions ----------------------------------------------------------------------
+
+    /// Inserts a new session.
+    fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError>;
+    /// Marks a session closed at `when` (keeps the first close time).
+    fn close_session(&self, id: &SessionId, when: SystemTime) -> Result<(), StoreError>;
+    /// Marks every session of a sandbox closed (its shells are gone).
+    fn close_sessions_of(&self, sandbox: &SandboxId, when: SystemTime) -> Result<(), StoreError>;
+    /// Deletes a session; false if there was none.
+    fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError>;
+    /// The session with this id.
+    fn get_session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError>;
+    /// Active sessions opened before `before`: (session, sandbox, tenant, created at), oldest
+    /// first.
+    fn sessions_open_since(
+        &self,
+        before: SystemTime,
+    ) -> Result<Vec<(String, String, String, SystemTime)>, StoreError>;
+    /// Sessions of a sandbox, oldest first.
+    fn list_sessions(&self, sandbox: &SandboxId) -> Result<Vec<SessionRecord>, StoreError>;
+
+    // ---- keys and tenants --------------------------------------------------------------
+
+    /// Stores a new key (and makes its tenant known).
+    fn insert_key(&self, k: &KeyRecord, hash: &[u8]) -> Result<(), StoreError>;
+    /// The key with this id, as of `now`: its record, stored hash, whether its tenant is
+    /// blocked and whether the key that minted it (for tokens) still works.
+    fn key(&self, id: &str, now: SystemTime) -> Result<Option<KeyLookup>, StoreError>;
+    /// The ids of every key and token (the gate answers unknown ids without a query).
+    fn key_ids(&self) -> Result<Vec<String>, StoreError>;
+    /// How many tokens exist for a sandbox.
+    fn count_tokens_of(&self, sandbox_id: &str) -> Result<u64, StoreError>;
+    /// Running sandboxes of blocked tenants, with the tenant.
+    fn running_of_blocked(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Every key and token, oldest first.
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Revokes a key; false if there is no such key (revoking twice keeps the first time).
+    fn revoke_key(&self, id: &str, now: SystemTime) -> Result<bool, StoreError>;
+    /// Records a successful use.
+    fn touch_key(&self, id: &str, now: SystemTime) -> Result<(), StoreError>;
+    /// Deletes the tokens minted for a sandbox (it is gone, so are they).
+    fn delete_tokens_of(&self, sandbox_id: &str) -> Result<(), StoreError>;
+    /// Blocks a tenant (known or not): its keys stop working, and the server stops its
+    /// sandboxes ([`Store::blocks_to_enforce`]). False if it already was.
+    fn block_tenant(&self, name: &str, reason: &str, now: SystemTime) -> Result<bool, StoreError>;
+    /// Lifts a block; false if the tenant was not blocked.
+    fn unblock_tenant(&self, name: &str) -> Result<bool, StoreError>;
+    /// Whether a tenant is blocked.
+    fn tenant_blocked(&self, name: &str) -> Result<bool, StoreError>;
+    /// Known tenants, by name.
+    fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError>;
+    /// Blocked tenants whose block the server has not acted on yet, with the reason.
+    fn blocks_to_enforce(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Notes that a block was acted on.
+    fn block_enforced(&self, name: &str, now: SystemTime) -> Result<(), StoreError>;
+    /// What a tenant holds now.
+    fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError>;
+
+    // ---- leases ------------------------------------------------------------------------
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl`; true if `holder`
+    /// holds it now. A lease held by someone else is taken only once it has expired, so
+    /// among processes sharing the database at most one holds a lease at any time (work
+    /// that must run once, like the expiry reaper, runs under one).
+    fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<bool, StoreError>;
+    /// Gives a lease up if `holder` holds it (a clean shutdown frees it at once).
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+}
+
+/// Opens the store the configuration names: PostgreSQL when `storage.database_url` is set,
+/// else the SQLite file at `storage.db_path`. Blocks (connects, migrates): call it off the
+/// async workers.
+pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match &settings.config.storage.database_url {
+        Some(url) => Ok(std::sync::Arc::new(PgStore::connect(url)?)),
+        None => Ok(std::sync::Arc::new(SqliteStore::open(&settings.paths.db)?)),
+    }
 }
 
 fn to_nanos(t: SystemTime) -> i64 {
@@ -253,8 +359,14 @@ fn from_nanos(n: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
 }
 
-fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { op, source }
+/// Maps a backend error to [`StoreError::Query`] naming `op`.
+fn q<E: std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
+) -> impl FnOnce(E) -> StoreError {
+    move |source| StoreError::Query {
+        op,
+        source: Box::new(source),
+    }
 }
 
 fn status_str(s: SandboxStatus) -> &'static str {
@@ -266,502 +378,6 @@ fn status_str(s: SandboxStatus) -> &'static str {
     }
 }
 
-impl Store {
-    /// Opens (creating if needed) the database at `path` and migrates it.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(open_err)?;
-        Store::init(conn, path)
-    }
-
-    /// An in-memory database, for tests.
-    pub fn open_in_memory() -> Result<Store, StoreError> {
-        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
-            path: ":memory:".into(),
-            source,
-        })?;
-        Store::init(conn, Path::new(":memory:"))
-    }
-
-    fn init(mut conn: Connection, path: &Path) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(open_err)?;
-        // WAL: readers never block the writer; synchronous=NORMAL is durable across process
-        // crashes (kill -9), which is what we promise; a power cut may lose the last commit.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(open_err)?;
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
-            .map_err(open_err)?;
-        let version: i64 = tx
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(open_err)?;
-        if version as usize > MIGRATIONS.len() || version < 0 {
-            return Err(StoreError::TooNew {
-                path: path.to_owned(),
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
-        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(step)
-                .and_then(|()| tx.pragma_update(None, "user_version", (i + 1) as i64))
-                .map_err(|source| StoreError::Migrate {
-                    version: i + 1,
-                    source,
-                })?;
-        }
-        tx.commit().map_err(open_err)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
-    }
-
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (statements are
-        // atomic), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    // ---- codebases ---------------------------------------------------------------------
-
-    /// Inserts a new codebase.
-    pub fn insert_codebase(&self, c: &CodebaseRecord) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO codebases (id, name, owner_id, size, file_count, created_at, updated_at,
-                 tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    c.id.as_str(),
-                    c.name,
-                    c.owner_id,
-                    c.size,
-                    c.file_count,
-                    to_nanos(c.created_at),
-                    to_nanos(c.updated_at),
-                    c.tenant,
-                ],
-            )
-            .map_err(q("insert codebase"))?;
-        Ok(())
-    }
-
-    fn codebase_row(r: &Row<'_>) -> rusqlite::Result<(String, CodebaseRecord)> {
-        let id: String = r.get(0)?;
-        Ok((
-            id.clone(),
-            CodebaseRecord {
-                id: CodebaseId::parse(&id).unwrap_or_else(|_| CodebaseId::generate()),
-                name: r.get(1)?,
-                owner_id: r.get(2)?,
-                size: r.get(3)?,
-                file_count: r.get(4)?,
-                created_at: from_nanos(r.get(5)?),
-                updated_at: from_nanos(r.get(6)?),
-                tenant: r.get(7)?,
-            },
-        ))
-    }
-
-    fn check_codebase(pair: (String, CodebaseRecord)) -> Result<CodebaseRecord, StoreError> {
-        if pair.0 == pair.1.id.as_str() {
-            Ok(pair.1)
-        } else {
-            Err(StoreError::Corrupt {
-                what: "codebase id",
-                id: pair.0,
-                detail: "not of the form cb_<16 hex>".into(),
-            })
-        }
-    }
-
-    /// The codebase with this id.
-    pub fn get_codebase(&self, id: &CodebaseId) -> Result<Option<CodebaseRecord>, StoreError> {
-        self.conn()
-            .query_row(
-                "SELECT id, name, owner_id, size, file_count, created_at, updated_at, tenant
-                 FROM codebases WHERE id = ?1",
-                [id.as_str()],
-                Store::codebase_row,
-            )
-            .optional()
-            .map_err(q("get codebase"))?
-            .map(Store::check_codebase)
-            .transpose()
-    }
-
-    /// Codebases in creation order, optionally of one tenant and one owner; `after` is a
-    /// page token.
-    pub fn list_codebases(
-        &self,
-        tenant: Option<&str>,
-        owner: Option<&str>,
-        after: i64,
-        limit: usize,
-    ) -> Result<Page<CodebaseRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, name, owner_id, size, file_count, created_at, updated_at, tenant, seq
-                 FROM codebases WHERE seq > ?1 AND (?2 IS NULL OR owner_id = ?2)
-                 AND (?4 IS NULL OR tenant = ?4)
-                 ORDER BY seq LIMIT ?3",
-            )
-            .map_err(q("list codebases"))?;
-        let rows = stmt
-            .query_map(params![after, owner, (limit + 1) as i64, tenant], |r| {
-                Ok((Store::codebase_row(r)?, r.get::<_, i64>(8)?))
-            })
-            .map_err(q("list codebases"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(q("list codebases"))?;
-        paginate(rows, limit, Store::check_codebase)
-    }
-
-    /// Adds deltas to a codebase's size and file count and sets `updated_at`.
-    pub fn adjust_codebase_stats(
-        &self,
-        id: &CodebaseId,
-        size_delta: i64,
-        count_delta: i64,
-        now: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE codebases SET size = MAX(0, size + ?2), file_count = MAX(0, file_count + ?3),
-                 updated_at = ?4 WHERE id = ?1",
-                params![id.as_str(), size_delta, count_delta, to_nanos(now)],
-            )
-            .map_err(q("update codebase stats"))?;
-        Ok(())
-    }
-
-    /// Deletes a codebase row; false if there was none.
-    pub fn delete_codebase(&self, id: &CodebaseId) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM codebases WHERE id = ?1", [id.as_str()])
-            .map_err(q("delete codebase"))?;
-        Ok(n > 0)
-    }
-
-    // ---- sandboxes ---------------------------------------------------------------------
-
-    /// Inserts a new sandbox (no limits: see [`Store::insert_sandbox_limited`]).
-    pub fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(q("insert sandbox"))?;
-        insert_sandbox_row(&tx, s)?;
-        tx.commit().map_err(q("insert sandbox"))
-    }
-
-    /// Writes every mutable field of a sandbox (status, reason, timestamps, expiry).
-    pub fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE sandboxes SET status = ?2, status_reason = ?3, started_at = ?4,
-                 stopped_at = ?5, expires_at = ?6 WHERE id = ?1",
-                params![
-                    s.id.as_str(),
-                    status_str(s.status),
-                    s.status_reason,
-                    s.started_at.map(to_nanos),
-                    s.stopped_at.map(to_nanos),
-                    s.expires_at.map(to_nanos),
-                ],
-            )
-            .map_err(q("update sandbox"))?;
-        Ok(())
-    }
-
-    /// Replaces a sandbox's labels.
-    pub fn update_labels(
-        &self,
-        id: &SandboxId,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), StoreError> {
-        let encoded = serde_json::to_string(labels).map_err(|e| StoreError::Corrupt {
-            what: "sandbox labels",
-            id: id.to_string(),
-            detail: e.to_string(),
-        })?;
-        self.conn()
-            .execute(
-                "UPDATE sandboxes SET labels = ?2 WHERE id = ?1",
-                params![id.as_str(), encoded],
-            )
-            .map_err(q("update labels"))?;
-        Ok(())
-    }
-
-    const SANDBOX_COLS: &'static str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, seq, tenant";
-
-    /// The sandbox with this id.
-    pub fn get_sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT {} FROM sandboxes WHERE id = ?1",
-            Store::SANDBOX_COLS
-        );
-        let raw = conn
-            .query_row(&sql, [id.as_str()], RawSandbox::from_row)
-            .optional()
-            .map_err(q("get sandbox"))?;
-        raw.map(RawSandbox::decode).transpose()
-    }
-
-    /// Sandboxes in creation order, optionally of one codebase, one tenant, or just one.
-    pub fn list_sandboxes(
-        &self,
-        filter: SandboxFilter<'_>,
-        after: i64,
-        limit: usize,
-    ) -> Result<Page<SandboxRecord>, StoreError> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT {} FROM sandboxes WHERE seq > ?1 AND (?2 IS NULL OR codebase_id = ?2)
-             AND (?4 IS NULL OR tenant = ?4) AND (?5 IS NULL OR id = ?5)
-             ORDER BY seq LIMIT ?3",
-            Store::SANDBOX_COLS
-        );
-        let mut stmt = conn.prepare_cached(&sql).map_err(q("list sandboxes"))?;
-        let rows = stmt
-            .query_map(
-                params![
-                    after,
-                    filter.codebase.map(|c| c.as_str()),
-                    (limit + 1) as i64,
-                    filter.tenant,
-                    filter.id.map(|c| c.as_str()),
-                ],
-                |r| Ok((RawSandbox::from_row(r)?, r.get::<_, i64>(14)?)),
-            )
-            .map_err(q("list sandboxes"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(q("list sandboxes"))?;
-        paginate(rows, limit, RawSandbox::decode)
-    }
-
-    /// Every sandbox (for startup recovery and the reaper).
-    pub fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut after = 0;
-        loop {
-            let conn = self.conn();
-            let sql = format!(
-                "SELECT {} FROM sandboxes WHERE seq > ?1 ORDER BY seq LIMIT 500",
-                Store::SANDBOX_COLS
-            );
-            let mut stmt = conn.prepare_cached(&sql).map_err(q("list sandboxes"))?;
-            let rows = stmt
-                .query_map([after], |r| {
-                    Ok((RawSandbox::from_row(r)?, r.get::<_, i64>(14)?))
-                })
-                .map_err(q("list sandboxes"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(q("list sandboxes"))?;
-            let Some(last) = rows.last().map(|r| r.1) else {
-                break;
-            };
-            after = last;
-            for (raw, _) in rows {
-                out.push(raw.decode()?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Number of sandboxes in each status (`pending`, `running`, `stopped`, `error`).
-    pub fn count_sandboxes_by_status(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT status, COUNT(*) FROM sandboxes GROUP BY status")
-            .map_err(q("count sandboxes by status"))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(q("count sandboxes by status"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(q("count sandboxes by status"))
-    }
-
-    /// Number of sandboxes whose codebase belongs to `owner`.
-    pub fn count_sandboxes_of_owner(&self, owner: &str) -> Result<u64, StoreError> {
-        self.conn()
-            .query_row(
-                "SELECT COUNT(*) FROM sandboxes WHERE owner_id = ?1",
-                [owner],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(q("count sandboxes"))
-    }
-
-    /// Ids of the sandboxes on a codebase.
-    pub fn sandboxes_of_codebase(&self, id: &CodebaseId) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT id FROM sandboxes WHERE codebase_id = ?1 ORDER BY seq")
-            .map_err(q("sandboxes of codebase"))?;
-        stmt.query_map([id.as_str()], |r| r.get(0))
-            .map_err(q("sandboxes of codebase"))?
-            .collect::<Result<Vec<String>, _>>()
-            .map_err(q("sandboxes of codebase"))
-    }
-
-    /// Deletes a sandbox and its sessions; false if there was none.
-    pub fn delete_sandbox(&self, id: &SandboxId) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM sandboxes WHERE id = ?1", [id.as_str()])
-            .map_err(q("delete sandbox"))?;
-        Ok(n > 0)
-    }
-
-    // ---- sessions ----------------------------------------------------------------------
-
-    /// Inserts a new session.
-    pub fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
-        let env = serde_json::to_string(&s.env).map_err(|e| StoreError::Corrupt {
-            what: "session env",
-            id: s.id.to_string(),
-            detail: e.to_string(),
-        })?;
-        self.conn()
-            .execute(
-                "INSERT INTO sessions (id, sandbox_id, shell, env, status, created_at, closed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    s.id.as_str(),
-                    s.sandbox_id.as_str(),
-                    s.shell,
-                    env,
-                    session_status_str(s.status),
-                    to_nanos(s.created_at),
-                    s.closed_at.map(to_nanos)
-                ],
-            )
-            .map_err(q("insert session"))?;
-        Ok(())
-    }
-
-    /// Marks a session closed at `when` (no-op if it already is).
-    pub fn close_session(&self, id: &SessionId, when: SystemTime) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE sessions SET status = 'closed', closed_at = COALESCE(closed_at, ?2)
-                 WHERE id = ?1",
-                params![id.as_str(), to_nanos(when)],
-            )
-            .map_err(q("close session"))?;
-        Ok(())
-    }
-
-    /// Marks every active session of a sandbox closed (its shells are gone).
-    pub fn close_sessions_of(
-        &self,
-        sandbox: &SandboxId,
-        when: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE sessions SET status = 'closed', closed_at = COALESCE(closed_at, ?2)
-                 WHERE sandbox_id = ?1",
-                params![sandbox.as_str(), to_nanos(when)],
-            )
-            .map_err(q("close sessions"))?;
-        Ok(())
-    }
-
-    /// Deletes a session; false if there was none.
-    pub fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM sessions WHERE id = ?1", [id.as_str()])
-            .map_err(q("delete session"))?;
-        Ok(n > 0)
-    }
-
-    /// The session with this id.
-    pub fn get_session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(
-            "SELECT id, sandbox_id, shell, env, status, created_at, closed_at FROM sessions WHERE id = ?1",
-            [id.as_str()],
-            session_row,
-        )
-        .optional()
-        .map_err(q("get session"))?
-        .transpose()
-    }
-
-    /// Active sessions opened before `before`: (session, sandbox, tenant, created at).
-    pub fn sessions_open_since(
-        &self,
-        before: SystemTime,
-    ) -> Result<Vec<(String, String, String, SystemTime)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT s.id, s.sandbox_id, sb.tenant, s.created_at FROM sessions s
-                 JOIN sandboxes sb ON sb.id = s.sandbox_id
-                 WHERE s.status = 'active' AND s.created_at < ?1 ORDER BY s.seq",
-            )
-            .map_err(q("list old sessions"))?;
-        stmt.query_map([to_nanos(before)], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })
-        .map_err(q("list old sessions"))?
-        .map(|row| {
-            row.map(|(id, sb, tenant, at)| {
-                (
-                    id,
-                    sb,
-                    tenant,
-                    std::time::UNIX_EPOCH
-                        + std::time::Duration::from_nanos(u64::try_from(at).unwrap_or(0)),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(q("list old sessions"))
-    }
-
-    /// Sessions of a sandbox, oldest first.
-    pub fn list_sessions(&self, sandbox: &SandboxId) -> Result<Vec<SessionRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, sandbox_id, shell, env, status, created_at, closed_at FROM sessions
-                 WHERE sandbox_id = ?1 ORDER BY seq",
-            )
-            .map_err(q("list sessions"))?;
-        let rows = stmt
-            .query_map([sandbox.as_str()], session_row)
-            .map_err(q("list sessions"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(q("list sessions"))?;
-        rows.into_iter().collect()
-    }
-}
-
 fn session_status_str(s: SessionStatus) -> &'static str {
     match s {
         SessionStatus::Active => "active",
@@ -769,35 +385,73 @@ fn session_status_str(s: SessionStatus) -> &'static str {
     }
 }
 
-fn session_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRecord, StoreError>> {
-    let id: String = r.get(0)?;
-    let sandbox: String = r.get(1)?;
-    let env: String = r.get(3)?;
-    let status: String = r.get(4)?;
-    let shell: String = r.get(2)?;
-    let created: i64 = r.get(5)?;
-    let closed: Option<i64> = r.get(6)?;
-    let corrupt = |what: &'static str, detail: String| StoreError::Corrupt {
-        what,
-        id: id.clone(),
-        detail,
-    };
-    Ok((|| {
+/// A session row as stored, decoded by [`RawSession::decode`].
+struct RawSession {
+    id: String,
+    sandbox_id: String,
+    shell: String,
+    env: String,
+    status: String,
+    created_at: i64,
+    closed_at: Option<i64>,
+}
+
+impl RawSession {
+    fn decode(self) -> Result<SessionRecord, StoreError> {
+        let id = self.id;
+        let corrupt = |what: &'static str, detail: String| StoreError::Corrupt {
+            what,
+            id: id.clone(),
+            detail,
+        };
         Ok(SessionRecord {
             id: SessionId::parse(&id).map_err(|e| corrupt("session id", e.to_string()))?,
-            sandbox_id: SandboxId::parse(&sandbox)
+            sandbox_id: SandboxId::parse(&self.sandbox_id)
                 .map_err(|e| corrupt("session sandbox id", e.to_string()))?,
-            shell,
-            env: serde_json::from_str(&env).map_err(|e| corrupt("session env", e.to_string()))?,
-            status: match status.as_str() {
+            shell: self.shell,
+            env: serde_json::from_str(&self.env)
+                .map_err(|e| corrupt("session env", e.to_string()))?,
+            status: match self.status.as_str() {
                 "active" => SessionStatus::Active,
                 "closed" => SessionStatus::Closed,
                 other => return Err(corrupt("session status", other.to_owned())),
             },
-            created_at: from_nanos(created),
-            closed_at: closed.map(from_nanos),
+            created_at: from_nanos(self.created_at),
+            closed_at: self.closed_at.map(from_nanos),
         })
-    })())
+    }
+}
+
+/// A codebase row as stored, decoded by [`RawCodebase::decode`].
+struct RawCodebase {
+    id: String,
+    name: String,
+    owner_id: String,
+    size: i64,
+    file_count: i64,
+    created_at: i64,
+    updated_at: i64,
+    tenant: String,
+}
+
+impl RawCodebase {
+    fn decode(self) -> Result<CodebaseRecord, StoreError> {
+        let id = CodebaseId::parse(&self.id).map_err(|e| StoreError::Corrupt {
+            what: "codebase id",
+            id: self.id.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(CodebaseRecord {
+            id,
+            name: self.name,
+            owner_id: self.owner_id,
+            tenant: self.tenant,
+            size: self.size,
+            file_count: self.file_count,
+            created_at: from_nanos(self.created_at),
+            updated_at: from_nanos(self.updated_at),
+        })
+    }
 }
 
 fn paginate<R, T>(
@@ -818,24 +472,77 @@ fn paginate<R, T>(
     Ok(Page { items, next_token })
 }
 
-type EncodedSandbox = (String, String, Option<String>);
+/// The columns of a codebase row, in the order the backends read them.
+const CODEBASE_COLS: &str = "id, name, owner_id, size, file_count, created_at, updated_at, tenant";
+/// The columns of a sandbox row, in the order the backends read them.
+const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, tenant";
+/// The columns of a session row, in the order the backends read them.
+const SESSION_COLS: &str = "id, sandbox_id, shell, env, status, created_at, closed_at";
+
+/// Takes or renews a lease: (name, holder, expires at, now). One statement, the same in
+/// both dialects: a row held by another holder changes only once expired.
+const LEASE_SQL: &str = "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3)
+    ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE leases.holder = excluded.holder OR leases.expires_at <= $4";
+
+/// The first creation limit `s` would exceed, 0 meaning no limit; `count(sql, value)` runs
+/// one count query (`$1` = value) inside the caller's locked transaction. Both dialects
+/// bind `$1` positionally.
+fn limit_hit(
+    s: &SandboxRecord,
+    (max_per_owner, max_per_tenant, per_hour): (u32, u32, u32),
+    mut count: impl FnMut(&'static str, &str) -> Result<u64, StoreError>,
+) -> Result<Option<LimitHit>, StoreError> {
+    let over = |limit: u32, n: u64| limit > 0 && n >= u64::from(limit);
+    let recent = count(
+        "SELECT COUNT(*) FROM sandbox_creations WHERE tenant = $1",
+        &s.tenant,
+    )?;
+    if over(per_hour, recent) {
+        return Ok(Some(LimitHit::PerHour(recent)));
+    }
+    let tenant_has = count(
+        "SELECT COUNT(*) FROM sandboxes WHERE tenant = $1",
+        &s.tenant,
+    )?;
+    if over(max_per_tenant, tenant_has) {
+        return Ok(Some(LimitHit::Tenant(tenant_has)));
+    }
+    let owner_has = count(
+        "SELECT COUNT(*) FROM sandboxes WHERE owner_id = $1",
+        &s.owner_id,
+    )?;
+    if over(max_per_owner, owner_has) {
+        return Ok(Some(LimitHit::Owner(owner_has)));
+    }
+    Ok(None)
+}
+
+/// A value stored as JSON text.
+fn to_json<T: serde::Serialize + ?Sized>(
+    what: &'static str,
+    id: &str,
+    v: &T,
+) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt {
+        what,
+        id: id.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+type EncodedSandbox = (String, String, String);
 
 fn encode_sandbox(s: &SandboxRecord) -> Result<EncodedSandbox, StoreError> {
-    let err = |what: &'static str| {
-        let id = s.id.to_string();
-        move |e: serde_json::Error| StoreError::Corrupt {
-            what,
-            id,
-            detail: e.to_string(),
-        }
-    };
+    let id = s.id.as_str();
     Ok((
-        serde_json::to_string(&s.rules).map_err(err("sandbox rules"))?,
-        serde_json::to_string(&s.labels).map_err(err("sandbox labels"))?,
-        Some(serde_json::to_string(&s.resources).map_err(err("sandbox resources"))?),
+        to_json("sandbox rules", id, &s.rules)?,
+        to_json("sandbox labels", id, &s.labels)?,
+        to_json("sandbox resources", id, &s.resources)?,
     ))
 }
 
+/// A sandbox row as stored, decoded by [`RawSandbox::decode`].
 struct RawSandbox {
     id: String,
     codebase_id: String,
@@ -855,26 +562,6 @@ struct RawSandbox {
 }
 
 impl RawSandbox {
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
-        Ok(RawSandbox {
-            id: r.get(0)?,
-            codebase_id: r.get(1)?,
-            owner_id: r.get(2)?,
-            rules: r.get(3)?,
-            status: r.get(4)?,
-            status_reason: r.get(5)?,
-            labels: r.get(6)?,
-            runtime: r.get(7)?,
-            image: r.get(8)?,
-            resources: r.get(9)?,
-            created_at: r.get(10)?,
-            started_at: r.get(11)?,
-            stopped_at: r.get(12)?,
-            expires_at: r.get(13)?,
-            tenant: r.get(15)?,
-        })
-    }
-
     fn decode(self) -> Result<SandboxRecord, StoreError> {
         let id = self.id.clone();
         let corrupt = |what: &'static str, detail: String| StoreError::Corrupt {
@@ -916,39 +603,4 @@ impl RawSandbox {
             expires_at: self.expires_at.map(from_nanos),
         })
     }
-}
-
-mod auth;
-#[cfg(test)]
-mod tests;
-
-pub use auth::{KeyLookup, KeyRecord, LimitHit, TenantRecord, TenantUsage};
-
-/// Inserts a sandbox row (inside a caller's transaction).
-fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Result<(), StoreError> {
-    let (rules, labels, resources) = encode_sandbox(s)?;
-    tx.execute(
-        "INSERT INTO sandboxes (id, codebase_id, owner_id, rules, status, status_reason,
-         labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at,
-         tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        params![
-            s.id.as_str(),
-            s.codebase_id.as_str(),
-            s.owner_id,
-            rules,
-            status_str(s.status),
-            s.status_reason,
-            labels,
-            s.runtime.as_str(),
-            s.image,
-            resources,
-            to_nanos(s.created_at),
-            s.started_at.map(to_nanos),
-            s.stopped_at.map(to_nanos),
-            s.expires_at.map(to_nanos),
-            s.tenant,
-        ],
-    )
-    .map_err(q("insert sandbox"))?;
-    Ok(())
 }

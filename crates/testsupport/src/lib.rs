@@ -5,6 +5,8 @@
 //! on stderr) and returns without asserting anything; under CI (`CI` set) it fails instead,
 //! because CI must run every test. A skipped test never passes silently.
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 
 /// `true` when the test may run (`missing` is `None`); otherwise prints `SKIPPED` and returns

@@ -62,3 +62,62 @@ fn restart_after_sigterm_loses_nothing() {
         restart_keeps_everything(false);
     }
 }
+
+/// The same flow with the metadata in PostgreSQL (`storage.database_url`): a crash and a
+/// restart of the same server lose nothing, and it takes its claim on the database back at
+/// once; a second server on the same database is refused with a message saying why.
+#[test]
+fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
+    let test = "postgres_metadata_survives_a_crash_and_a_second_server_is_refused";
+    if !privileged(test) {
+        return;
+    }
+    let Some(pg) = agentfense_testsupport::postgres::Postgres::start(test) else {
+        return;
+    };
+    let config = format!("storage:\n  database_url: \"{}\"\n", pg.database());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::start_with(&data, &config);
+    let Some(ids) = script(&["setup", &server.grpc]) else {
+        return;
+    };
+    // Nothing went to the SQLite file: the metadata is in PostgreSQL.
+    assert!(!data.join("agentfense.db").exists());
+
+    // Another server (another data directory) on the same database.
+    let other = tmp.path().join("other");
+    let config_file = other.with_extension("yaml");
+    std::fs::write(&config_file, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--data-dir")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second server started: {err}");
+    assert!(err.contains("another AgentFense server"), "{err}");
+
+    server.kill9();
+    let mut server = Server::start_with(&data, &config);
+    let verified = script(&["verify", &server.grpc, ids.trim()]);
+    assert_eq!(
+        verified.as_deref().map(str::trim),
+        Some("ok"),
+        "log:\n{}",
+        server.log_text()
+    );
+    // A clean stop (which closes the pool) exits cleanly and frees the claim at once.
+    server.stop();
+    let mut other = Server::start_with(&other, &config);
+    other.stop();
+}

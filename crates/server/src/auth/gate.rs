@@ -121,7 +121,7 @@ fn bound<K, V>(map: &mut HashMap<K, V>, fresh: impl Fn(&V) -> bool) {
 /// Authenticates and authorizes calls. Cheap to share.
 #[derive(Debug)]
 pub struct Gate {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     secret: ServerSecret,
     config: AuthConfig,
     /// uid → tenant, resolved from `auth.unix_users` at start.
@@ -171,7 +171,7 @@ fn uid_of(name: &str) -> Option<u32> {
 impl Gate {
     /// A gate over the key store.
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         secret: ServerSecret,
         config: AuthConfig,
         audit: Audit,

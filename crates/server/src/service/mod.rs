@@ -35,7 +35,7 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Debug)]
 pub struct Service {
     pub(crate) settings: Settings,
-    pub(crate) store: Arc<Store>,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) files: CodebaseFiles,
     pub(crate) audit: Audit,
     pub(crate) engine: Engine,
@@ -49,7 +49,7 @@ impl Service {
     /// Assembles the service from its parts.
     pub fn new(
         settings: Settings,
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         files: CodebaseFiles,
         audit: Audit,
         engine: Engine,

@@ -1,6 +1,10 @@
-//! The metadata store against an in-memory SQLite: records, quotas, pagination, migrations.
+//! One conformance suite for every metadata backend: each case takes a `&dyn Store` and
+//! runs against an in-memory SQLite and against a real PostgreSQL (a throwaway cluster per
+//! test, see `agentfense_testsupport::postgres`). Then what is particular to each backend:
+//! migrations, and limits that must hold across processes.
 use super::*;
 use agentfense_core::Level;
+use agentfense_testsupport::postgres::Postgres;
 use pretty_assertions::assert_eq;
 
 fn t(secs: u64) -> SystemTime {
@@ -44,15 +48,15 @@ fn sandbox(cb: &CodebaseRecord) -> SandboxRecord {
 }
 
 #[test]
-fn migrations_are_idempotent_and_versioned() {
+fn sqlite_migrations_are_idempotent_and_versioned() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
     let cb = codebase("u");
     {
-        let s = Store::open(&path).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
         s.insert_codebase(&cb).unwrap();
     }
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     assert_eq!(s.get_codebase(&cb.id).unwrap(), Some(cb));
     let v: i64 = s
         .conn()
@@ -61,18 +65,16 @@ fn migrations_are_idempotent_and_versioned() {
     assert_eq!(v as usize, MIGRATIONS.len());
     drop(s);
     // A database from a newer server is refused, not silently used.
-    let c = Connection::open(&path).unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
     assert!(matches!(
-        Store::open(&path),
+        SqliteStore::open(&path),
         Err(StoreError::TooNew { found: 99, .. })
     ));
 }
 
-#[test]
-fn codebase_pagination_is_real_and_filters_by_owner() {
-    let s = Store::open_in_memory().unwrap();
+fn codebase_pagination_is_real_and_filters_by_owner(s: &dyn Store) {
     let mut ids = vec![];
     for i in 0..5 {
         let c = codebase(if i % 2 == 0 { "even" } else { "odd" });
@@ -110,9 +112,7 @@ fn codebase_pagination_is_real_and_filters_by_owner() {
     );
 }
 
-#[test]
-fn stats_are_incremental() {
-    let s = Store::open_in_memory().unwrap();
+fn stats_are_incremental(s: &dyn Store) {
     let c = codebase("u");
     s.insert_codebase(&c).unwrap();
     s.adjust_codebase_stats(&c.id, 100, 1, t(5)).unwrap();
@@ -123,9 +123,7 @@ fn stats_are_incremental() {
     assert!(!s.delete_codebase(&c.id).unwrap());
 }
 
-#[test]
-fn sandboxes_round_trip_and_update() {
-    let s = Store::open_in_memory().unwrap();
+fn sandboxes_round_trip_and_update(s: &dyn Store) {
     let c = codebase("owner");
     s.insert_codebase(&c).unwrap();
     let mut sb = sandbox(&c);
@@ -194,9 +192,7 @@ fn sandboxes_round_trip_and_update() {
     assert!(s.delete_codebase(&c.id).unwrap());
 }
 
-#[test]
-fn sessions_round_trip_close_and_cascade() {
-    let s = Store::open_in_memory().unwrap();
+fn sessions_round_trip_close_and_cascade(s: &dyn Store) {
     let c = codebase("o");
     s.insert_codebase(&c).unwrap();
     let sb = sandbox(&c);
@@ -223,9 +219,7 @@ fn sessions_round_trip_close_and_cascade() {
     assert_eq!(s.get_session(&sess.id).unwrap(), None);
 }
 
-#[test]
-fn keys_tenants_and_hourly_creations() {
-    let s = Store::open_in_memory().unwrap();
+fn keys_tenants_and_hourly_creations(s: &dyn Store) {
     let k = crate::store::KeyRecord {
         id: "key_0123456789ab".into(),
         tenant: "a".into(),
@@ -304,4 +298,158 @@ fn keys_tenants_and_hourly_creations() {
     let u = s.tenant_usage("t-u").unwrap();
     assert_eq!((u.sandboxes, u.running, u.codebase_bytes), (2, 1, 1000));
     s.delete_tokens_of("sb_x").unwrap();
+}
+
+fn leases_go_to_one_holder_until_they_expire(s: &dyn Store) {
+    let ttl = Duration::from_secs(30);
+    assert!(s.try_lease("reaper", "a", ttl, t(100)).unwrap());
+    assert!(
+        !s.try_lease("reaper", "b", ttl, t(110)).unwrap(),
+        "a holds it"
+    );
+    // Renewing moves the expiry: b still cannot take it where the first term ended.
+    assert!(s.try_lease("reaper", "a", ttl, t(120)).unwrap());
+    assert!(!s.try_lease("reaper", "b", ttl, t(131)).unwrap());
+    // Expired: b takes it, and a no longer holds it.
+    assert!(s.try_lease("reaper", "b", ttl, t(150)).unwrap());
+    assert!(!s.try_lease("reaper", "a", ttl, t(151)).unwrap());
+    // Other names are independent; releasing frees at once, and only for the holder.
+    assert!(s.try_lease("orphans", "a", ttl, t(151)).unwrap());
+    s.release_lease("reaper", "a").unwrap();
+    assert!(!s.try_lease("reaper", "a", ttl, t(152)).unwrap());
+    s.release_lease("reaper", "b").unwrap();
+    assert!(s.try_lease("reaper", "a", ttl, t(152)).unwrap());
+}
+
+fn corrupt_and_missing_rows_are_errors_not_panics(s: &dyn Store) {
+    // Reads of what is not there are `None` or empty, never errors.
+    assert_eq!(s.get_codebase(&CodebaseId::generate()).unwrap(), None);
+    assert_eq!(s.get_sandbox(&SandboxId::generate()).unwrap(), None);
+    assert_eq!(s.get_session(&SessionId::generate()).unwrap(), None);
+    assert!(s.list_sessions(&SandboxId::generate()).unwrap().is_empty());
+    assert_eq!(s.tenant_usage("nobody").unwrap(), TenantUsage::default());
+    assert!(!s.tenant_blocked("nobody").unwrap());
+    // A sandbox on a codebase that does not exist is refused by the database.
+    assert!(s.insert_sandbox(&sandbox(&codebase("ghost"))).is_err());
+    // A session of a sandbox that does not exist too.
+    let orphan = SessionRecord {
+        id: SessionId::generate(),
+        sandbox_id: SandboxId::generate(),
+        shell: "/bin/sh".into(),
+        env: BTreeMap::new(),
+        status: SessionStatus::Active,
+        created_at: t(1),
+        closed_at: None,
+    };
+    assert!(s.insert_session(&orphan).is_err());
+    assert!(s.sessions_open_since(t(1_000)).unwrap().is_empty());
+}
+
+/// Every conformance case, once per backend.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $case() {
+                    super::$case(&super::SqliteStore::open_in_memory().unwrap());
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $case() {
+                    let name = concat!("store::tests::postgres::", stringify!($case));
+                    let Some(pg) = super::Postgres::start(name) else {
+                        return;
+                    };
+                    super::$case(&super::PgStore::connect(&pg.database()).unwrap());
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    codebase_pagination_is_real_and_filters_by_owner,
+    stats_are_incremental,
+    sandboxes_round_trip_and_update,
+    sessions_round_trip_close_and_cascade,
+    keys_tenants_and_hourly_creations,
+    leases_go_to_one_holder_until_they_expire,
+    corrupt_and_missing_rows_are_errors_not_panics,
+);
+
+#[test]
+fn postgres_migrates_once_refuses_a_newer_schema_and_names_no_password() {
+    let Some(pg) = Postgres::start("store::tests::postgres_migrates_once") else {
+        return;
+    };
+    let url = pg.database();
+    let cb = codebase("u");
+    // Replicas starting together: every one migrates or finds the schema migrated.
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| PgStore::connect(&url).map(drop)))
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+    });
+    PgStore::connect(&url)
+        .unwrap()
+        .insert_codebase(&cb)
+        .unwrap();
+    let s = PgStore::connect(&url).unwrap();
+    assert_eq!(s.get_codebase(&cb.id).unwrap(), Some(cb));
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let v: i32 = c
+        .query_one("SELECT version FROM agentfense_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(v as usize, super::postgres::MIGRATIONS.len());
+    // A database from a newer server is refused, not silently used.
+    c.execute("UPDATE agentfense_schema SET version = 99", &[])
+        .unwrap();
+    assert!(matches!(
+        PgStore::connect(&url),
+        Err(StoreError::TooNew { found: 99, .. })
+    ));
+    // An unreachable server: the error names it, never the password.
+    let err = PgStore::connect("postgres://u:s3cret@%2Fnonexistent/db").unwrap_err();
+    let shown = format!("{err}");
+    assert!(shown.contains("postgres://u@"), "{shown}");
+    assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+}
+
+#[test]
+fn postgres_limits_hold_across_processes_sharing_the_database() {
+    let Some(pg) = Postgres::start("store::tests::postgres_limits_hold") else {
+        return;
+    };
+    let url = pg.database();
+    // Two API replicas, each with its own pool, creating for one tenant at once.
+    let a = PgStore::connect(&url).unwrap();
+    let b = PgStore::connect(&url).unwrap();
+    let c = codebase("owner");
+    a.insert_codebase(&c).unwrap();
+    let made = std::sync::atomic::AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for store in [&a, &b, &a, &b, &a, &b, &a, &b] {
+            let (c, made) = (&c, &made);
+            scope.spawn(move || {
+                for _ in 0..5 {
+                    let r = store
+                        .insert_sandbox_limited(&sandbox(c), 0, 7, 0, t(1_000))
+                        .unwrap();
+                    if r.is_ok() {
+                        made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(made.into_inner(), 7);
+    assert_eq!(b.tenant_usage("t-owner").unwrap().sandboxes, 7);
 }

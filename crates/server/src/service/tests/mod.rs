@@ -2,6 +2,31 @@
 //! restart recovery, reaping and quotas, with a fake runtime and a fake filesystem
 //! ([`fakes`]). Milliseconds each; the real runtime and filesystem have their own suites.
 
+/// Defines a test twice, as `<name>::sqlite` and `<name>::postgres`: the service over each
+/// metadata backend (a throwaway PostgreSQL cluster for the second; see [`OnPostgres`]).
+/// PostgreSQL's client panics when called on an async worker, so this also proves that every
+/// store call the service makes runs on a blocking thread.
+macro_rules! on_both_stores {
+    ($(#[$meta:meta])* async fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test]
+            async fn sqlite() $body
+
+            #[tokio::test]
+            async fn postgres() {
+                let Some(_on) = crate::service::tests::OnPostgres::start(module_path!()) else {
+                    return;
+                };
+                $body
+            }
+        }
+    };
+}
+
 mod auth;
 mod fakes;
 
@@ -18,27 +43,74 @@ use crate::audit::{Audit, AuditWriter};
 use crate::config::{Config, Overrides};
 use crate::error::ServiceError;
 use crate::files::CodebaseFiles;
-use crate::store::Store;
+use crate::store::{PgStore, SqliteStore, Store};
+use agentfense_testsupport::postgres::Postgres;
 use fakes::{FakeMounter, FakeRuntime};
+
+thread_local! {
+    /// The cluster `Fixture::new` makes its database in, while an [`OnPostgres`] lives on
+    /// this (the test's) thread.
+    static POSTGRES: std::cell::RefCell<Option<Arc<Postgres>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, fixtures made on this thread keep their metadata in a new database of a
+/// throwaway PostgreSQL cluster instead of an in-memory SQLite.
+struct OnPostgres;
+
+impl OnPostgres {
+    fn start(test: &str) -> Option<OnPostgres> {
+        let pg = Arc::new(Postgres::start(test)?);
+        POSTGRES.with(|p| *p.borrow_mut() = Some(pg));
+        Some(OnPostgres)
+    }
+}
+
+impl Drop for OnPostgres {
+    fn drop(&mut self) {
+        POSTGRES.with(|p| p.borrow_mut().take());
+    }
+}
 
 /// A service over a temporary data directory, an in-memory store, and the fakes.
 struct Fixture {
     svc: Arc<Service>,
     rt: Arc<FakeRuntime>,
     fs: Arc<FakeMounter>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     dir: tempfile::TempDir,
     _writer: AuditWriter,
+    /// The cluster holding `store`, if it is PostgreSQL: kept up as long as the fixture.
+    pg: Option<Arc<Postgres>>,
 }
 
 impl Fixture {
     fn new(config_yaml: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open_in_memory().unwrap());
-        Fixture::with(config_yaml, dir, store)
+        let pg = POSTGRES.with(|p| p.borrow().clone());
+        let store: Arc<dyn Store> = match &pg {
+            // Connecting blocks: off the test's runtime thread.
+            Some(pg) => {
+                let url = pg.database();
+                let connect = || PgStore::connect(&url).unwrap();
+                Arc::new(std::thread::scope(|s| s.spawn(connect).join().unwrap()))
+            }
+            None => Arc::new(SqliteStore::open_in_memory().unwrap()),
+        };
+        Fixture::with(config_yaml, dir, store, pg)
     }
 
-    fn with(config_yaml: &str, dir: tempfile::TempDir, store: Arc<Store>) -> Fixture {
+    /// Runs `f` on the store from a plain thread, as the service's blocking threads do.
+    fn db<T: Send>(&self, f: impl FnOnce(&dyn Store) -> T + Send) -> T {
+        let store = self.store.clone();
+        std::thread::scope(|s| s.spawn(move || f(&*store)).join().unwrap())
+    }
+
+    fn with(
+        config_yaml: &str,
+        dir: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        pg: Option<Arc<Postgres>>,
+    ) -> Fixture {
         let settings = Config::from_yaml(config_yaml, Path::new("test.yaml"))
             .unwrap()
             .resolve(
@@ -64,6 +136,7 @@ impl Fixture {
             store,
             dir,
             _writer: writer,
+            pg,
         }
     }
 
@@ -97,8 +170,8 @@ impl Fixture {
 
     /// The same data directory and store, as a restarted server sees them.
     fn restart(self) -> Fixture {
-        let Fixture { dir, store, .. } = self;
-        Fixture::with("", dir, store)
+        let Fixture { dir, store, pg, .. } = self;
+        Fixture::with("", dir, store, pg)
     }
 
     async fn sandbox(&self, owner: &str, labels: &[(&str, &str)]) -> String {
@@ -175,389 +248,399 @@ fn is_precondition(e: &ServiceError) -> bool {
     matches!(e, ServiceError::FailedPrecondition(_))
 }
 
-#[tokio::test]
-async fn create_start_exec_stop_start_destroy() {
-    let f = Fixture::new("");
-    let id = f.sandbox("alice", &[]).await;
-    assert_eq!(f.status(&id).await, SandboxStatus::Pending);
-    assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
+on_both_stores! {
+    async fn create_start_exec_stop_start_destroy() {
+        let f = Fixture::new("");
+        let id = f.sandbox("alice", &[]).await;
+        assert_eq!(f.status(&id).await, SandboxStatus::Pending);
+        assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
 
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert_eq!(f.status(&id).await, SandboxStatus::Running);
-    assert_eq!(f.fs.live(), vec![id.clone()]);
-    assert_eq!(f.rt.state(&id), Some(true));
-    // Starting a running sandbox is refused.
-    assert!(is_precondition(
-        &f.svc
+        f.svc
             .start_sandbox(&crate::auth::Caller::local(), &id)
             .await
-            .unwrap_err()
-    ));
+            .unwrap();
+        assert_eq!(f.status(&id).await, SandboxStatus::Running);
+        assert_eq!(f.fs.live(), vec![id.clone()]);
+        assert_eq!(f.rt.state(&id), Some(true));
+        // Starting a running sandbox is refused.
+        assert!(is_precondition(
+            &f.svc
+                .start_sandbox(&crate::auth::Caller::local(), &id)
+                .await
+                .unwrap_err()
+        ));
 
-    // A command runs and its writes are published after it (publish-after-each mode).
-    assert_eq!(f.exec(&id, "ls").await.unwrap(), "ran: ls");
-    assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
+        // A command runs and its writes are published after it (publish-after-each mode).
+        assert_eq!(f.exec(&id, "ls").await.unwrap(), "ran: ls");
+        assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
 
-    f.svc
-        .stop_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert_eq!(f.status(&id).await, SandboxStatus::Stopped);
-    assert!(f.fs.live().is_empty(), "stop unmounts");
-    assert_eq!(f.rt.state(&id), Some(false));
-    assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
-
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert_eq!(f.status(&id).await, SandboxStatus::Running);
-    assert_eq!(f.rt.count("start", &id), 2);
-
-    f.svc
-        .destroy_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert!(is_not_found(
-        &f.svc
-            .get_sandbox(&crate::auth::Caller::local(), &id)
+        f.svc
+            .stop_sandbox(&crate::auth::Caller::local(), &id)
             .await
-            .unwrap_err()
-    ));
-    assert!(f.fs.live().is_empty());
-    assert_eq!(f.rt.state(&id), None);
-    // Destroying again, or anything on the id, is NOT_FOUND.
-    assert!(is_not_found(
-        &f.svc
+            .unwrap();
+        assert_eq!(f.status(&id).await, SandboxStatus::Stopped);
+        assert!(f.fs.live().is_empty(), "stop unmounts");
+        assert_eq!(f.rt.state(&id), Some(false));
+        assert!(is_precondition(&f.exec(&id, "ls").await.unwrap_err()));
+
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap();
+        assert_eq!(f.status(&id).await, SandboxStatus::Running);
+        assert_eq!(f.rt.count("start", &id), 2);
+
+        f.svc
             .destroy_sandbox(&crate::auth::Caller::local(), &id)
             .await
-            .unwrap_err()
-    ));
-    assert!(is_not_found(
-        &f.svc
+            .unwrap();
+        assert!(is_not_found(
+            &f.svc
+                .get_sandbox(&crate::auth::Caller::local(), &id)
+                .await
+                .unwrap_err()
+        ));
+        assert!(f.fs.live().is_empty());
+        assert_eq!(f.rt.state(&id), None);
+        // Destroying again, or anything on the id, is NOT_FOUND.
+        assert!(is_not_found(
+            &f.svc
+                .destroy_sandbox(&crate::auth::Caller::local(), &id)
+                .await
+                .unwrap_err()
+        ));
+        assert!(is_not_found(
+            &f.svc
+                .start_sandbox(&crate::auth::Caller::local(), &id)
+                .await
+                .unwrap_err()
+        ));
+    }
+}
+
+on_both_stores! {
+    async fn manual_publish_publishes_only_when_asked() {
+        let f = Fixture::new("");
+        let id = f
+            .sandbox("alice", &[(crate::service::LABEL_PUBLISH, "manual")])
+            .await;
+        f.svc
             .start_sandbox(&crate::auth::Caller::local(), &id)
             .await
-            .unwrap_err()
-    ));
-}
-
-#[tokio::test]
-async fn manual_publish_publishes_only_when_asked() {
-    let f = Fixture::new("");
-    let id = f
-        .sandbox("alice", &[(super::LABEL_PUBLISH, "manual")])
-        .await;
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    f.exec(&id, "make").await.unwrap();
-    assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 0);
-    f.svc
-        .publish(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test]
-async fn a_failed_start_is_an_error_state_and_leaves_nothing_running() {
-    let f = Fixture::new("");
-    let id = f.sandbox("alice", &[]).await;
-    f.rt.fail_start.store(true, Ordering::SeqCst);
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap_err();
-    let rec = f
-        .svc
-        .get_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert_eq!(rec.status, SandboxStatus::Error);
-    assert!(
-        rec.status_reason.as_deref().unwrap_or("").contains("fake"),
-        "{rec:?}"
-    );
-    assert!(f.fs.live().is_empty(), "the mount is undone");
-    assert_eq!(f.rt.state(&id), None, "the runtime's sandbox is destroyed");
-    // ERROR → RUNNING once the cause is gone.
-    f.rt.fail_start.store(false, Ordering::SeqCst);
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap();
-    assert_eq!(f.status(&id).await, SandboxStatus::Running);
-}
-
-#[tokio::test]
-async fn a_failed_mount_starts_nothing() {
-    let f = Fixture::new("");
-    let id = f.sandbox("alice", &[]).await;
-    f.fs.fail.store(true, Ordering::SeqCst);
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &id)
-        .await
-        .unwrap_err();
-    assert_eq!(f.status(&id).await, SandboxStatus::Error);
-    assert_eq!(f.rt.count("start", &id), 0);
-    assert_eq!(f.rt.state(&id), None);
-}
-
-#[tokio::test]
-async fn a_restart_brings_running_sandboxes_back_and_leaves_stopped_ones() {
-    let f = Fixture::new("");
-    let running = f.sandbox("alice", &[]).await;
-    let stopped = f.sandbox("alice", &[]).await;
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &running)
-        .await
-        .unwrap();
-    // A server that died with a sandbox running: the store still says RUNNING.
-    let f = f.restart();
-    assert!(f.fs.live().is_empty());
-    f.svc.recover().await;
-    assert_eq!(f.fs.live(), vec![running.clone()]);
-    assert_eq!(f.status(&running).await, SandboxStatus::Running);
-    assert_eq!(f.status(&stopped).await, SandboxStatus::Pending);
-    assert_eq!(f.exec(&running, "pwd").await.unwrap(), "ran: pwd");
-}
-
-#[tokio::test]
-async fn expired_sandboxes_are_reaped_and_others_kept() {
-    let f = Fixture::new("");
-    let keep = f.sandbox("alice", &[]).await;
-    let cb = f
-        .svc
-        .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
-        .await
-        .unwrap();
-    let gone = f
-        .svc
-        .create_sandbox(
-            &crate::auth::Caller::local(),
-            CreateSandbox {
-                expires_in: Some(Duration::from_nanos(1)),
-                ..create(&cb.id.to_string(), vec![])
-            },
-        )
-        .await
-        .unwrap()
-        .id
-        .to_string();
-    f.svc
-        .start_sandbox(&crate::auth::Caller::local(), &gone)
-        .await
-        .unwrap();
-    assert_eq!(f.svc.reap_expired().await, 1);
-    assert!(is_not_found(
-        &f.svc
-            .get_sandbox(&crate::auth::Caller::local(), &gone)
+            .unwrap();
+        f.exec(&id, "make").await.unwrap();
+        assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 0);
+        f.svc
+            .publish(&crate::auth::Caller::local(), &id)
             .await
-            .unwrap_err()
-    ));
-    assert_eq!(f.rt.state(&gone), None);
-    assert!(f.fs.live().is_empty());
-    assert_eq!(f.status(&keep).await, SandboxStatus::Pending);
+            .unwrap();
+        assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
+    }
 }
 
-#[tokio::test]
-async fn the_per_owner_quota_counts_live_sandboxes() {
-    let f = Fixture::new("sandbox:\n  max_per_user: 1\n");
-    let first = f.sandbox("alice", &[]).await;
-    let cb = f
-        .svc
-        .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
-        .await
-        .unwrap();
-    let req = || create(&cb.id.to_string(), vec![]);
-    let e = f
-        .svc
-        .create_sandbox(&crate::auth::Caller::local(), req())
-        .await
-        .unwrap_err();
-    assert!(matches!(e, ServiceError::ResourceExhausted(_)), "{e:?}");
-    // Another owner is not affected; destroying frees the slot.
-    f.sandbox("bob", &[]).await;
-    f.svc
-        .destroy_sandbox(&crate::auth::Caller::local(), &first)
-        .await
-        .unwrap();
-    f.svc
-        .create_sandbox(&crate::auth::Caller::local(), req())
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn requests_name_what_is_wrong() {
-    let f = Fixture::new("");
-    // Unknown ids of any shape are NOT_FOUND; a missing one is INVALID_ARGUMENT.
-    for id in ["sb_nope", "nope", "sb_0123456789abcdef", "../x"] {
-        let e = f
-            .svc
-            .get_sandbox(&crate::auth::Caller::local(), id)
+on_both_stores! {
+    async fn a_failed_start_is_an_error_state_and_leaves_nothing_running() {
+        let f = Fixture::new("");
+        let id = f.sandbox("alice", &[]).await;
+        f.rt.fail_start.store(true, Ordering::SeqCst);
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &id)
             .await
             .unwrap_err();
-        assert!(is_not_found(&e), "{id:?}: {e:?}");
+        let rec = f
+            .svc
+            .get_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap();
+        assert_eq!(rec.status, SandboxStatus::Error);
+        assert!(
+            rec.status_reason.as_deref().unwrap_or("").contains("fake"),
+            "{rec:?}"
+        );
+        assert!(f.fs.live().is_empty(), "the mount is undone");
+        assert_eq!(f.rt.state(&id), None, "the runtime's sandbox is destroyed");
+        // ERROR → RUNNING once the cause is gone.
+        f.rt.fail_start.store(false, Ordering::SeqCst);
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap();
+        assert_eq!(f.status(&id).await, SandboxStatus::Running);
     }
-    let e = f
-        .svc
-        .get_sandbox(&crate::auth::Caller::local(), "")
-        .await
-        .unwrap_err();
-    assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
-    // A runtime the server lacks is FAILED_PRECONDITION naming what it has.
-    let cb = f
-        .svc
-        .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
-        .await
-        .unwrap();
-    let e = f
-        .svc
-        .create_sandbox(
-            &crate::auth::Caller::local(),
-            CreateSandbox {
-                runtime: Some(RuntimeKind::Docker),
-                ..create(&cb.id.to_string(), vec![])
-            },
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, ServiceError::FailedPrecondition(m) if m.contains("available: bwrap")),
-        "{e:?}"
-    );
-    // A bad pattern is INVALID_ARGUMENT at create, not a failed start later.
-    let e = f
-        .svc
-        .create_sandbox(
-            &crate::auth::Caller::local(),
-            create(
-                &cb.id.to_string(),
-                vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
-            ),
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
 }
 
-/// The REST router, driven in process over the same fakes: create, start, exec, errors.
-#[tokio::test]
-async fn the_rest_router_drives_the_lifecycle_in_process() {
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-
-    let f = Fixture::new("");
-    let app = f.rest();
-    let call = |method: &str, uri: String, body: &str| {
-        let app = app.clone();
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("host", "localhost:8080")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap();
-        async move {
-            let resp = app.oneshot(req).await.unwrap();
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            (status, json)
-        }
-    };
-    let (st, cb) = call(
-        "POST",
-        "/v1/codebases".into(),
-        r#"{"name": "p", "ownerId": "alice"}"#,
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{cb}");
-    let body = format!(
-        r#"{{"codebaseId": "{}", "permissions": [{{"pattern": "**/*", "permission": "PERMISSION_READ"}}]}}"#,
-        cb["id"].as_str().unwrap()
-    );
-    let (st, sb) = call("POST", "/v1/sandboxes".into(), &body).await;
-    assert_eq!(st, StatusCode::OK, "{sb}");
-    let id = sb["id"].as_str().unwrap().to_owned();
-    let (st, _) = call("POST", format!("/v1/sandboxes/{id}/start"), "").await;
-    assert_eq!(st, StatusCode::OK);
-    let (st, out) = call(
-        "POST",
-        format!("/v1/sandboxes/{id}/exec"),
-        r#"{"command": "ls"}"#,
-    )
-    .await;
-    assert_eq!(
-        (st, out["stdout"].as_str()),
-        (StatusCode::OK, Some("ran: ls"))
-    );
-    let (st, err) = call("GET", "/v1/sandboxes/sb_nope".into(), "").await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "{err}");
-    let (st, err) = call("POST", "/v1/sandboxes".into(), "{").await;
-    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
-    assert!(
-        err["message"].as_str().unwrap().contains("not valid JSON"),
-        "{err}"
-    );
+on_both_stores! {
+    async fn a_failed_mount_starts_nothing() {
+        let f = Fixture::new("");
+        let id = f.sandbox("alice", &[]).await;
+        f.fs.fail.store(true, Ordering::SeqCst);
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &id)
+            .await
+            .unwrap_err();
+        assert_eq!(f.status(&id).await, SandboxStatus::Error);
+        assert_eq!(f.rt.count("start", &id), 0);
+        assert_eq!(f.rt.state(&id), None);
+    }
 }
 
-/// The gRPC routes, driven in process: a framed request in, a status out.
-#[tokio::test]
-async fn the_grpc_routes_answer_in_process() {
-    use axum::http::Request;
-    use http_body_util::BodyExt;
-    use prost::Message;
-    use tower::ServiceExt;
-
-    let f = Fixture::new("");
-    let id = f.sandbox("alice", &[]).await;
-    let routes = crate::grpc::routes(f.svc.clone(), f.gate());
-    let frame = |msg: &agentfense_proto::v1::GetSandboxRequest| {
-        let body = msg.encode_to_vec();
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
-        framed.extend_from_slice(&body);
-        framed
-    };
-    let get = |sandbox_id: String| {
-        let routes = routes.clone();
-        let req = Request::builder()
-            .method("POST")
-            .uri("/sandbox.v1.SandboxService/GetSandbox")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(tonic::body::Body::new(http_body_util::Full::new(
-                axum::body::Bytes::from(frame(&agentfense_proto::v1::GetSandboxRequest {
-                    sandbox_id,
-                })),
-            )))
+on_both_stores! {
+    async fn a_restart_brings_running_sandboxes_back_and_leaves_stopped_ones() {
+        let f = Fixture::new("");
+        let running = f.sandbox("alice", &[]).await;
+        let stopped = f.sandbox("alice", &[]).await;
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &running)
+            .await
             .unwrap();
-        async move {
-            let resp = routes.oneshot(req).await.unwrap();
-            let headers = resp.headers().clone();
-            let collected = resp.into_body().collect().await.unwrap();
-            let trailers = collected.trailers().cloned().unwrap_or_default();
-            let status = headers
-                .get("grpc-status")
-                .or_else(|| trailers.get("grpc-status"))
-                .map(|v| v.to_str().unwrap().to_owned());
-            let bytes = collected.to_bytes();
-            let msg = (bytes.len() > 5)
-                .then(|| agentfense_proto::v1::Sandbox::decode(&bytes[5..]).unwrap());
-            (status, msg)
+        // A server that died with a sandbox running: the store still says RUNNING.
+        let f = f.restart();
+        assert!(f.fs.live().is_empty());
+        f.svc.recover().await;
+        assert_eq!(f.fs.live(), vec![running.clone()]);
+        assert_eq!(f.status(&running).await, SandboxStatus::Running);
+        assert_eq!(f.status(&stopped).await, SandboxStatus::Pending);
+        assert_eq!(f.exec(&running, "pwd").await.unwrap(), "ran: pwd");
+    }
+}
+
+on_both_stores! {
+    async fn expired_sandboxes_are_reaped_and_others_kept() {
+        let f = Fixture::new("");
+        let keep = f.sandbox("alice", &[]).await;
+        let cb = f
+            .svc
+            .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
+            .await
+            .unwrap();
+        let gone = f
+            .svc
+            .create_sandbox(
+                &crate::auth::Caller::local(),
+                CreateSandbox {
+                    expires_in: Some(Duration::from_nanos(1)),
+                    ..create(&cb.id.to_string(), vec![])
+                },
+            )
+            .await
+            .unwrap()
+            .id
+            .to_string();
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &gone)
+            .await
+            .unwrap();
+        assert_eq!(f.svc.reap_expired().await, 1);
+        assert!(is_not_found(
+            &f.svc
+                .get_sandbox(&crate::auth::Caller::local(), &gone)
+                .await
+                .unwrap_err()
+        ));
+        assert_eq!(f.rt.state(&gone), None);
+        assert!(f.fs.live().is_empty());
+        assert_eq!(f.status(&keep).await, SandboxStatus::Pending);
+    }
+}
+
+on_both_stores! {
+    async fn the_per_owner_quota_counts_live_sandboxes() {
+        let f = Fixture::new("sandbox:\n  max_per_user: 1\n");
+        let first = f.sandbox("alice", &[]).await;
+        let cb = f
+            .svc
+            .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
+            .await
+            .unwrap();
+        let req = || create(&cb.id.to_string(), vec![]);
+        let e = f
+            .svc
+            .create_sandbox(&crate::auth::Caller::local(), req())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ServiceError::ResourceExhausted(_)), "{e:?}");
+        // Another owner is not affected; destroying frees the slot.
+        f.sandbox("bob", &[]).await;
+        f.svc
+            .destroy_sandbox(&crate::auth::Caller::local(), &first)
+            .await
+            .unwrap();
+        f.svc
+            .create_sandbox(&crate::auth::Caller::local(), req())
+            .await
+            .unwrap();
+    }
+}
+
+on_both_stores! {
+    async fn requests_name_what_is_wrong() {
+        let f = Fixture::new("");
+        // Unknown ids of any shape are NOT_FOUND; a missing one is INVALID_ARGUMENT.
+        for id in ["sb_nope", "nope", "sb_0123456789abcdef", "../x"] {
+            let e = f
+                .svc
+                .get_sandbox(&crate::auth::Caller::local(), id)
+                .await
+                .unwrap_err();
+            assert!(is_not_found(&e), "{id:?}: {e:?}");
         }
-    };
-    let (status, msg) = get(id.clone()).await;
-    assert_eq!(status.as_deref(), Some("0"));
-    assert_eq!(msg.unwrap().id, id);
-    let (status, _) = get("sb_nope".into()).await;
-    assert_eq!(status.as_deref(), Some("5"), "NOT_FOUND");
+        let e = f
+            .svc
+            .get_sandbox(&crate::auth::Caller::local(), "")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
+        // A runtime the server lacks is FAILED_PRECONDITION naming what it has.
+        let cb = f
+            .svc
+            .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
+            .await
+            .unwrap();
+        let e = f
+            .svc
+            .create_sandbox(
+                &crate::auth::Caller::local(),
+                CreateSandbox {
+                    runtime: Some(RuntimeKind::Docker),
+                    ..create(&cb.id.to_string(), vec![])
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ServiceError::FailedPrecondition(m) if m.contains("available: bwrap")),
+            "{e:?}"
+        );
+        // A bad pattern is INVALID_ARGUMENT at create, not a failed start later.
+        let e = f
+            .svc
+            .create_sandbox(
+                &crate::auth::Caller::local(),
+                create(
+                    &cb.id.to_string(),
+                    vec![PermissionRule::glob("a/**.md", Level::Read, 0)],
+                ),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e:?}");
+    }
+}
+
+on_both_stores! {
+    /// The REST router, driven in process over the same fakes: create, start, exec, errors.
+    async fn the_rest_router_drives_the_lifecycle_in_process() {
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode};
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let f = Fixture::new("");
+        let app = f.rest();
+        let call = |method: &str, uri: String, body: &str| {
+            let app = app.clone();
+            let req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("host", "localhost:8080")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_owned()))
+                .unwrap();
+            async move {
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                (status, json)
+            }
+        };
+        let (st, cb) = call(
+            "POST",
+            "/v1/codebases".into(),
+            r#"{"name": "p", "ownerId": "alice"}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{cb}");
+        let body = format!(
+            r#"{{"codebaseId": "{}", "permissions": [{{"pattern": "**/*", "permission": "PERMISSION_READ"}}]}}"#,
+            cb["id"].as_str().unwrap()
+        );
+        let (st, sb) = call("POST", "/v1/sandboxes".into(), &body).await;
+        assert_eq!(st, StatusCode::OK, "{sb}");
+        let id = sb["id"].as_str().unwrap().to_owned();
+        let (st, _) = call("POST", format!("/v1/sandboxes/{id}/start"), "").await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, out) = call(
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            r#"{"command": "ls"}"#,
+        )
+        .await;
+        assert_eq!(
+            (st, out["stdout"].as_str()),
+            (StatusCode::OK, Some("ran: ls"))
+        );
+        let (st, err) = call("GET", "/v1/sandboxes/sb_nope".into(), "").await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{err}");
+        let (st, err) = call("POST", "/v1/sandboxes".into(), "{").await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+        assert!(
+            err["message"].as_str().unwrap().contains("not valid JSON"),
+            "{err}"
+        );
+    }
+}
+
+on_both_stores! {
+    /// The gRPC routes, driven in process: a framed request in, a status out.
+    async fn the_grpc_routes_answer_in_process() {
+        use axum::http::Request;
+        use http_body_util::BodyExt;
+        use prost::Message;
+        use tower::ServiceExt;
+
+        let f = Fixture::new("");
+        let id = f.sandbox("alice", &[]).await;
+        let routes = crate::grpc::routes(f.svc.clone(), f.gate());
+        let frame = |msg: &agentfense_proto::v1::GetSandboxRequest| {
+            let body = msg.encode_to_vec();
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+            framed.extend_from_slice(&body);
+            framed
+        };
+        let get = |sandbox_id: String| {
+            let routes = routes.clone();
+            let req = Request::builder()
+                .method("POST")
+                .uri("/sandbox.v1.SandboxService/GetSandbox")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(tonic::body::Body::new(http_body_util::Full::new(
+                    axum::body::Bytes::from(frame(&agentfense_proto::v1::GetSandboxRequest {
+                        sandbox_id,
+                    })),
+                )))
+                .unwrap();
+            async move {
+                let resp = routes.oneshot(req).await.unwrap();
+                let headers = resp.headers().clone();
+                let collected = resp.into_body().collect().await.unwrap();
+                let trailers = collected.trailers().cloned().unwrap_or_default();
+                let status = headers
+                    .get("grpc-status")
+                    .or_else(|| trailers.get("grpc-status"))
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let bytes = collected.to_bytes();
+                let msg = (bytes.len() > 5)
+                    .then(|| agentfense_proto::v1::Sandbox::decode(&bytes[5..]).unwrap());
+                (status, msg)
+            }
+        };
+        let (status, msg) = get(id.clone()).await;
+        assert_eq!(status.as_deref(), Some("0"));
+        assert_eq!(msg.unwrap().id, id);
+        let (status, _) = get("sb_nope".into()).await;
+        assert_eq!(status.as_deref(), Some("5"), "NOT_FOUND");
+    }
 }

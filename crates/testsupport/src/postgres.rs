@@ -1,0 +1,166 @@
+//! A throwaway PostgreSQL cluster for one test: `initdb` into a temporary directory, a server
+//! listening on a Unix socket there only (no TCP port at all), stopped and deleted on drop.
+//!
+//! Needs Debian's `postgresql` package (`/usr/lib/postgresql/<version>/bin`). PostgreSQL
+//! refuses to run as root, so as root the cluster runs as the `postgres` user the package
+//! creates; otherwise as the calling user.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A running cluster; dropping it stops the server and deletes its files.
+#[derive(Debug)]
+pub struct Postgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    uid: Option<(u32, u32)>,
+    databases: std::sync::atomic::AtomicU32,
+}
+
+/// The newest installed server's binary directory.
+fn bin_dir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+/// The `postgres` user's uid and gid, from `/etc/passwd`.
+fn postgres_user() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[0] == "postgres")
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+/// What is missing to start a cluster here, if anything.
+pub fn missing() -> Option<String> {
+    if bin_dir().is_none() {
+        return Some("PostgreSQL server binaries (apt-get install postgresql)".into());
+    }
+    if rustix::process::geteuid().is_root() && postgres_user().is_none() {
+        return Some("a `postgres` user to run the server as (apt-get install postgresql)".into());
+    }
+    None
+}
+
+impl Postgres {
+    /// Starts a cluster, or `None` when the test must skip ([`crate::require`] decides,
+    /// failing under CI).
+    pub fn start(test: &str) -> Option<Postgres> {
+        if !crate::require(test, missing()) {
+            return None;
+        }
+        let bin = bin_dir()?;
+        let uid = rustix::process::geteuid()
+            .is_root()
+            .then(postgres_user)
+            .flatten();
+        let dir = std::env::temp_dir().join(format!(
+            "agentfense-pg-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        if let Some((u, g)) = uid {
+            std::os::unix::fs::chown(&dir, Some(u), Some(g))
+                .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
+        }
+        let pg = Postgres {
+            bin,
+            dir,
+            uid,
+            databases: std::sync::atomic::AtomicU32::new(0),
+        };
+        let data = pg.dir.join("data");
+        pg.run("initdb", |c| {
+            c.arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
+        });
+        // `-w` waits until the server accepts connections: no polling here.
+        let options = format!(
+            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off",
+            pg.dir.display()
+        );
+        pg.run("pg_ctl", |c| {
+            c.arg("-D")
+                .arg(&data)
+                .args(["-w", "-l"])
+                .arg(pg.dir.join("log"))
+                .args(["-o", &options, "start"]);
+        });
+        Some(pg)
+    }
+
+    fn run(&self, program: &str, args: impl FnOnce(&mut Command)) {
+        let mut c = Command::new(self.bin.join(program));
+        args(&mut c);
+        c.current_dir(&self.dir);
+        if let Some((u, g)) = self.uid {
+            c.uid(u).gid(g).env("HOME", &self.dir);
+        }
+        let out = c
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+
+    /// The socket directory (the URL's host).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates a new, empty database and returns its URL (user `postgres`, no password,
+    /// over the Unix socket).
+    pub fn database(&self) -> String {
+        let n = self
+            .databases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("test{n}");
+        let host = self.dir.display().to_string().replace('/', "%2F");
+        self.run("createdb", |c| {
+            c.arg("-h").arg(&self.dir).args(["-U", "postgres", &name]);
+        });
+        format!("postgresql://postgres@{host}/{name}")
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let mut c = Command::new(self.bin.join("pg_ctl"));
+        c.arg("-D")
+            .arg(&data)
+            .args(["-w", "-m", "immediate", "stop"]);
+        if let Some((u, g)) = self.uid {
+            c.uid(u).gid(g);
+        }
+        let _ = c.output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
