@@ -183,6 +183,9 @@ pub struct StorageConfig {
     /// PostgreSQL for the metadata instead of the SQLite file
     /// (`postgres://user:password@host:5432/dbname`).
     pub database_url: Option<String>,
+    /// PEM certificates of the CAs trusted for PostgreSQL's server certificate (default: the
+    /// public web roots). TLS is negotiated as the URL's `sslmode` says.
+    pub database_ca_file: Option<PathBuf>,
     /// Largest accepted uploaded file, bytes (default 1 GiB).
     pub max_upload_bytes: u64,
 }
@@ -195,6 +198,7 @@ impl Default for StorageConfig {
             mount_path: None,
             db_path: None,
             database_url: None,
+            database_ca_file: None,
             max_upload_bytes: 1 << 30,
         }
     }
@@ -486,6 +490,7 @@ impl Config {
             &mut cfg.storage.codebase_path,
             &mut cfg.storage.mount_path,
             &mut cfg.storage.db_path,
+            &mut cfg.storage.database_ca_file,
             &mut cfg.logging.audit_path,
         ]
         .into_iter()
@@ -648,6 +653,11 @@ impl Config {
         if let Some(url) = &self.storage.database_url {
             crate::store::check_url(url)
                 .map_err(|e| invalid("storage.database_url", e.to_string()))?;
+        } else if self.storage.database_ca_file.is_some() {
+            return Err(invalid(
+                "storage.database_ca_file",
+                "needs storage.database_url (it is for PostgreSQL's certificate)",
+            ));
         }
         if self.sandbox.cleanup_interval.is_zero() {
             return Err(invalid(
@@ -818,6 +828,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.grpc_addr"), "{e}");
+        // The metadata database: a URL this server can use, never echoing its password.
+        for url in ["mysql://u:pw@h/db", "postgres://u:pw@h:notaport/db"] {
+            let e = resolve(&format!("storage:\n  database_url: \"{url}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("storage.database_url"), "{e}");
+            assert!(!e.contains("pw"), "{e}");
+        }
+        let e = resolve("storage:\n  database_ca_file: ca.pem\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.database_ca_file"), "{e}");
+        let ok = resolve("storage:\n  database_url: postgres://u@%2Frun%2Fpostgresql/db\n");
+        assert!(ok.is_ok(), "{ok:?}");
         let e = resolve("runtime:\n  default_resources:\n    pids_limit: -1\n")
             .unwrap_err()
             .to_string();

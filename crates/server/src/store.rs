@@ -345,7 +345,10 @@ pub trait Store: Send + Sync + fmt::Debug {
 /// async workers.
 pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     match &settings.config.storage.database_url {
-        Some(url) => Ok(std::sync::Arc::new(PgStore::connect(url)?)),
+        Some(url) => Ok(std::sync::Arc::new(PgStore::connect(
+            url,
+            settings.config.storage.database_ca_file.as_deref(),
+        )?)),
         None => Ok(std::sync::Arc::new(SqliteStore::open(&settings.paths.db)?)),
     }
 }

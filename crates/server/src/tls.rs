@@ -57,7 +57,17 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The crypto of every TLS endpoint of the server (API listeners, PostgreSQL): ring, not
+/// aws-lc-rs: no C toolchain beyond cc and a fraction of the build time. rustls deprecates it
+/// only for lacking post-quantum key exchange (X25519MLKEM768); revisit when that matters to
+/// deployments.
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Every PEM certificate in `path` (at least one).
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
@@ -88,11 +98,7 @@ impl Tls {
                 key.display()
             ))
         })?;
-        // ring, not aws-lc-rs: no C toolchain beyond cc and a fraction of the build time. rustls
-        // deprecates it only for lacking post-quantum key exchange (X25519MLKEM768); revisit
-        // when that matters to deployments.
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crypto_provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError(e.to_string()))?;

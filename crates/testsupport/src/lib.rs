@@ -91,3 +91,40 @@ pub fn python_modules(python: &str, modules: &[&str]) -> Option<String> {
 pub fn exists(path: &Path, what: &str) -> Option<String> {
     (!path.exists()).then(|| format!("{what} at {}", path.display()))
 }
+
+/// A private CA (`ca.pem`, `ca.key`), a server certificate for localhost/127.0.0.1
+/// (`srv.pem`, `srv.key`) and a client certificate whose common name is `client_cn`
+/// (`cli.pem`, `cli.key`), made in `dir` with the openssl CLI.
+pub fn pki(dir: &Path, client_cn: &str) {
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-ec", script])
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run sh: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca \
+        -keyout ca.key -out ca.pem 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > srv.ext
+        openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout srv.key -out srv.csr 2>/dev/null
+        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile srv.ext -out srv.pem 2>/dev/null
+        printf 'extendedKeyUsage=clientAuth\\n' > cli.ext");
+    sh(&format!(
+        "openssl req -newkey rsa:2048 -nodes -subj /CN={client_cn} -keyout cli.key -out cli.csr 2>/dev/null
+         openssl x509 -req -in cli.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile cli.ext -out cli.pem 2>/dev/null"
+    ));
+}
+
+/// The openssl CLI (for [`pki`]).
+pub fn openssl() -> Option<String> {
+    which("openssl")
+        .is_none()
+        .then(|| "the openssl CLI (apt-get install openssl)".to_owned())
+}

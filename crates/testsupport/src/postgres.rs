@@ -1,5 +1,6 @@
 //! A throwaway PostgreSQL cluster for one test: `initdb` into a temporary directory, a server
-//! listening on a Unix socket there only (no TCP port at all), stopped and deleted on drop.
+//! listening on a Unix socket there (and, with TLS, on a loopback port that accepts TLS
+//! connections only), stopped and deleted on drop.
 //!
 //! Needs Debian's `postgresql` package (`/usr/lib/postgresql/<version>/bin`). PostgreSQL
 //! refuses to run as root, so as root the cluster runs as the `postgres` user the package
@@ -16,6 +17,8 @@ pub struct Postgres {
     dir: PathBuf,
     uid: Option<(u32, u32)>,
     databases: std::sync::atomic::AtomicU32,
+    /// The loopback port, when started with TLS.
+    port: Option<u16>,
 }
 
 /// The newest installed server's binary directory.
@@ -58,6 +61,17 @@ impl Postgres {
     /// Starts a cluster, or `None` when the test must skip ([`crate::require`] decides,
     /// failing under CI).
     pub fn start(test: &str) -> Option<Postgres> {
+        Postgres::start_with(test, None)
+    }
+
+    /// Like [`Postgres::start`], also listening on a loopback port with TLS (`cert` and
+    /// `key`, PEM) where `pg_hba.conf` accepts TLS connections only: a client that connects
+    /// over it spoke TLS.
+    pub fn start_tls(test: &str, cert: &Path, key: &Path) -> Option<Postgres> {
+        Postgres::start_with(test, Some((cert, key)))
+    }
+
+    fn start_with(test: &str, tls: Option<(&Path, &Path)>) -> Option<Postgres> {
         if !crate::require(test, missing()) {
             return None;
         }
@@ -77,11 +91,20 @@ impl Postgres {
             std::os::unix::fs::chown(&dir, Some(u), Some(g))
                 .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
         }
+        let port = tls.map(|_| {
+            // A free loopback port (another process could take it before the server does;
+            // then the start fails loudly).
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+        });
         let pg = Postgres {
             bin,
             dir,
             uid,
             databases: std::sync::atomic::AtomicU32::new(0),
+            port,
         };
         let data = pg.dir.join("data");
         pg.run("initdb", |c| {
@@ -94,11 +117,42 @@ impl Postgres {
                 "--no-sync",
             ]);
         });
-        // `-w` waits until the server accepts connections: no polling here.
-        let options = format!(
-            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off",
+        let mut options = format!(
+            "-k {} -c fsync=off -c synchronous_commit=off",
             pg.dir.display()
         );
+        match (tls, port) {
+            (Some((cert, key)), Some(port)) => {
+                // The server reads its key as its own user, and only from a private file.
+                for (from, to) in [(cert, "server.pem"), (key, "server.key")] {
+                    let to = pg.dir.join(to);
+                    std::fs::copy(from, &to)
+                        .unwrap_or_else(|e| panic!("cannot copy {}: {e}", from.display()));
+                    std::fs::set_permissions(
+                        &to,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                    .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", to.display()));
+                    if let Some((u, g)) = uid {
+                        std::os::unix::fs::chown(&to, Some(u), Some(g))
+                            .unwrap_or_else(|e| panic!("cannot chown {}: {e}", to.display()));
+                    }
+                }
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+                     host all all 127.0.0.1/32 reject\n",
+                )
+                .unwrap_or_else(|e| panic!("cannot write pg_hba.conf: {e}"));
+                options.push_str(&format!(
+                    " -c listen_addresses=127.0.0.1 -p {port} -c ssl=on \
+                     -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key",
+                    pg.dir.display()
+                ));
+            }
+            _ => options.push_str(" -c listen_addresses=''"),
+        }
+        // `-w` waits until the server accepts connections: no polling here.
         pg.run("pg_ctl", |c| {
             c.arg("-D")
                 .arg(&data)
@@ -136,15 +190,36 @@ impl Postgres {
     /// Creates a new, empty database and returns its URL (user `postgres`, no password,
     /// over the Unix socket).
     pub fn database(&self) -> String {
+        let name = self.create_database();
+        let host = self.dir.display().to_string().replace('/', "%2F");
+        format!("postgresql://postgres@{host}{}/{name}", self.port_part())
+    }
+
+    /// Creates a new, empty database and returns its URL over the loopback TLS port
+    /// (without `sslmode`; started with [`Postgres::start_tls`]).
+    pub fn tls_database(&self) -> String {
+        let name = self.create_database();
+        format!("postgresql://postgres@127.0.0.1{}/{name}", self.port_part())
+    }
+
+    fn port_part(&self) -> String {
+        self.port.map(|p| format!(":{p}")).unwrap_or_default()
+    }
+
+    fn create_database(&self) -> String {
         let n = self
             .databases
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("test{n}");
-        let host = self.dir.display().to_string().replace('/', "%2F");
+        let mut args = vec!["-U".to_owned(), "postgres".to_owned()];
+        if let Some(p) = self.port {
+            args.extend(["-p".to_owned(), p.to_string()]);
+        }
+        args.push(name.clone());
         self.run("createdb", |c| {
-            c.arg("-h").arg(&self.dir).args(["-U", "postgres", &name]);
+            c.arg("-h").arg(&self.dir).args(&args);
         });
-        format!("postgresql://postgres@{host}/{name}")
+        name
     }
 }
 

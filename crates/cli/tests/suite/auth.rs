@@ -386,35 +386,6 @@ print(len(c.list_codebases()))
     server.stop();
 }
 
-/// A private CA, a server certificate for localhost/127.0.0.1 and a client certificate whose
-/// common name is `tenant`, made with the openssl CLI; returns the directory.
-fn pki(dir: &Path, tenant: &str) {
-    let sh = |script: &str| {
-        let out = Command::new("sh")
-            .args(["-ec", script])
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca \
-        -keyout ca.key -out ca.pem 2>/dev/null
-        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > srv.ext
-        openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout srv.key -out srv.csr 2>/dev/null
-        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-            -extfile srv.ext -out srv.pem 2>/dev/null
-        printf 'extendedKeyUsage=clientAuth\\n' > cli.ext");
-    sh(&format!(
-        "openssl req -newkey rsa:2048 -nodes -subj /CN={tenant} -keyout cli.key -out cli.csr 2>/dev/null
-         openssl x509 -req -in cli.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-             -extfile cli.ext -out cli.pem 2>/dev/null"
-    ));
-}
-
 /// TLS on both listeners: the published SDK with `secure=True` and a private CA
 /// (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH) plus the key recipe; a client certificate (mTLS) is its
 /// subject's tenant over gRPC and REST; plaintext is refused.
@@ -423,16 +394,16 @@ fn tls_and_client_certificates() {
     if !sdk("tls_and_client_certificates") {
         return;
     }
-    let openssl = agentfense_testsupport::which("openssl")
-        .is_none()
-        .then(|| "openssl is not installed".to_owned());
-    if !agentfense_testsupport::require("tls_and_client_certificates", openssl) {
+    if !agentfense_testsupport::require(
+        "tls_and_client_certificates",
+        agentfense_testsupport::openssl(),
+    ) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let pki_dir = tmp.path().join("pki");
     std::fs::create_dir(&pki_dir).unwrap();
-    pki(&pki_dir, "team-cert");
+    agentfense_testsupport::pki(&pki_dir, "team-cert");
     let p = |f: &str| pki_dir.join(f).display().to_string();
     let data = tmp.path().join("data");
     let mut server = Server::start_with(

@@ -10,19 +10,27 @@
 //! The client is the synchronous `postgres` crate behind an r2d2 pool: like rusqlite, it is
 //! called from blocking threads only (it runs its own small runtime per connection, which
 //! panics on an async worker).
+//!
+//! TLS follows the URL's `sslmode` (`disable`, `prefer`, the default, or `require`; never
+//! used on a Unix socket), and whenever it is used the server's certificate is verified,
+//! name included, against `storage.database_ca_file` or else the public web roots: a
+//! certificate that does not verify fails the connection, it never falls back to plaintext.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use postgres::Row;
 use postgres::types::ToSql;
-use postgres::{NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
 
 use super::auth::{KEY_COLS, RawKey};
 use super::{
-    CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LEASE_SQL, LimitHit, Page, RawCodebase,
-    RawSandbox, RawSession, SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord,
+    BackendError, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LEASE_SQL, LimitHit, Page,
+    RawCodebase, RawSandbox, RawSession, SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord,
     SessionRecord, Store, StoreError, TenantRecord, TenantUsage, encode_sandbox, from_nanos,
     limit_hit, paginate, q, session_status_str, status_str, to_json, to_nanos,
 };
@@ -110,8 +118,55 @@ const CREATION_LOCK: i64 = 0x4146_6e63_0002;
 /// Connections kept per process; store calls come from tokio's blocking pool.
 const POOL_SIZE: u32 = 8;
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
-type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+/// A pooled connection, whichever the pool.
+type Conn = Box<dyn std::ops::DerefMut<Target = postgres::Client>>;
+
+/// The connection pool: plain for Unix sockets (where PostgreSQL has no TLS, and the rustls
+/// connector cannot even be made: it needs a host name), TLS-capable for TCP hosts.
+enum Pool {
+    Socket(r2d2::Pool<PostgresConnectionManager<postgres::NoTls>>),
+    Tcp(r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>),
+}
+
+impl Pool {
+    /// Connects once (so that a failure says why at once: the pool would only say that it
+    /// timed out, after retrying for the whole timeout), then builds the pool.
+    fn open(config: postgres::Config, ca_file: Option<&Path>) -> Result<Pool, BackendError> {
+        fn build<T>(
+            config: postgres::Config,
+            tls: T,
+        ) -> Result<r2d2::Pool<PostgresConnectionManager<T>>, BackendError>
+        where
+            T: postgres::tls::MakeTlsConnect<postgres::Socket> + Clone + Send + Sync + 'static,
+            T::Stream: Send,
+            T::TlsConnect: Send,
+            <T::TlsConnect as postgres::tls::TlsConnect<postgres::Socket>>::Future: Send,
+        {
+            drop(config.connect(tls.clone())?);
+            Ok(r2d2::Pool::builder()
+                .max_size(POOL_SIZE)
+                .min_idle(Some(1))
+                .connection_timeout(Duration::from_secs(10))
+                .build(PostgresConnectionManager::new(config, tls))?)
+        }
+        let unix_only = config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, postgres::config::Host::Unix(_)));
+        Ok(if unix_only {
+            Pool::Socket(build(config, postgres::NoTls)?)
+        } else {
+            Pool::Tcp(build(config, tls(ca_file)?)?)
+        })
+    }
+
+    fn get(&self) -> Result<Conn, r2d2::Error> {
+        Ok(match self {
+            Pool::Socket(p) => Box::new(p.get()?),
+            Pool::Tcp(p) => Box::new(p.get()?),
+        })
+    }
+}
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// The PostgreSQL store: a small connection pool.
@@ -171,27 +226,64 @@ fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// The TLS connector: rustls verifying the server against the CAs in `ca_file`, or else
+/// the public web roots.
+fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = crate::tls::read_certs(path)
+                .map_err(|e| StoreError::BadUrl(format!("storage.database_ca_file: {e}")))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    StoreError::BadUrl(format!(
+                        "storage.database_ca_file: {} holds an unusable CA certificate: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::BadUrl(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
 impl PgStore {
-    /// Connects to `url`, checks the schema version and migrates. Fails (naming the server,
-    /// never the password) when the database cannot be reached within 10 s.
-    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+    /// Connects to `url` (TLS verified against `ca_file`'s CAs, else the public web roots),
+    /// checks the schema version and migrates. Fails (naming the server, never the
+    /// password) when the database cannot be reached within 10 s. The password may come from
+    /// `PGPASSWORD` instead of the URL, as with libpq (for secrets passed as environment).
+    pub fn connect(url: &str, ca_file: Option<&Path>) -> Result<PgStore, StoreError> {
         let target = check_url(url)?;
         let mut config =
             postgres::Config::from_str(url).map_err(|e| StoreError::BadUrl(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
+        if config.get_password().is_none()
+            && let Some(p) = std::env::var_os("PGPASSWORD")
+        {
+            config.password(p.as_encoded_bytes());
+        }
         config.application_name("agentfense");
-        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
-            target: target.clone(),
-            source: e,
-        };
-        let pool = r2d2::Pool::builder()
-            .max_size(POOL_SIZE)
-            .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(10))
-            .build(PostgresConnectionManager::new(config, NoTls))
-            .map_err(|e| open_err(Box::new(e)))?;
+        if ca_file.is_some() {
+            // Checked (and its errors reported) even where only a socket is used.
+            tls(ca_file)?;
+        }
+        let pool = Pool::open(config, ca_file).map_err(|source| {
+            match source.downcast::<StoreError>() {
+                Ok(e) => *e,
+                Err(source) => StoreError::Open {
+                    target: target.clone(),
+                    source,
+                },
+            }
+        })?;
         let store = PgStore {
             pool: Some(pool),
             target,

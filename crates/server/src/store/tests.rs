@@ -364,7 +364,7 @@ macro_rules! conformance {
                     let Some(pg) = super::Postgres::start(name) else {
                         return;
                     };
-                    super::$case(&super::PgStore::connect(&pg.database()).unwrap());
+                    super::$case(&super::PgStore::connect(&pg.database(), None).unwrap());
                 }
             )*
         }
@@ -391,17 +391,17 @@ fn postgres_migrates_once_refuses_a_newer_schema_and_names_no_password() {
     // Replicas starting together: every one migrates or finds the schema migrated.
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..4)
-            .map(|_| scope.spawn(|| PgStore::connect(&url).map(drop)))
+            .map(|_| scope.spawn(|| PgStore::connect(&url, None).map(drop)))
             .collect();
         for h in handles {
             h.join().unwrap().unwrap();
         }
     });
-    PgStore::connect(&url)
+    PgStore::connect(&url, None)
         .unwrap()
         .insert_codebase(&cb)
         .unwrap();
-    let s = PgStore::connect(&url).unwrap();
+    let s = PgStore::connect(&url, None).unwrap();
     assert_eq!(s.get_codebase(&cb.id).unwrap(), Some(cb));
     let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
     let v: i32 = c
@@ -413,11 +413,11 @@ fn postgres_migrates_once_refuses_a_newer_schema_and_names_no_password() {
     c.execute("UPDATE agentfense_schema SET version = 99", &[])
         .unwrap();
     assert!(matches!(
-        PgStore::connect(&url),
+        PgStore::connect(&url, None),
         Err(StoreError::TooNew { found: 99, .. })
     ));
     // An unreachable server: the error names it, never the password.
-    let err = PgStore::connect("postgres://u:s3cret@%2Fnonexistent/db").unwrap_err();
+    let err = PgStore::connect("postgres://u:s3cret@%2Fnonexistent/db", None).unwrap_err();
     let shown = format!("{err}");
     assert!(shown.contains("postgres://u@"), "{shown}");
     assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
@@ -430,8 +430,8 @@ fn postgres_limits_hold_across_processes_sharing_the_database() {
     };
     let url = pg.database();
     // Two API replicas, each with its own pool, creating for one tenant at once.
-    let a = PgStore::connect(&url).unwrap();
-    let b = PgStore::connect(&url).unwrap();
+    let a = PgStore::connect(&url, None).unwrap();
+    let b = PgStore::connect(&url, None).unwrap();
     let c = codebase("owner");
     a.insert_codebase(&c).unwrap();
     let made = std::sync::atomic::AtomicU32::new(0);
@@ -452,4 +452,57 @@ fn postgres_limits_hold_across_processes_sharing_the_database() {
     });
     assert_eq!(made.into_inner(), 7);
     assert_eq!(b.tenant_usage("t-owner").unwrap().sandboxes, 7);
+}
+
+#[test]
+fn postgres_over_tls_verifies_the_server_and_never_falls_back() {
+    let test = "store::tests::postgres_over_tls";
+    if !agentfense_testsupport::require(test, agentfense_testsupport::openssl()) {
+        return;
+    }
+    let pki = tempfile::tempdir().unwrap();
+    agentfense_testsupport::pki(pki.path(), "unused");
+    let Some(pg) = Postgres::start_tls(
+        test,
+        &pki.path().join("srv.pem"),
+        &pki.path().join("srv.key"),
+    ) else {
+        return;
+    };
+    let ca = pki.path().join("ca.pem");
+    let url = pg.tls_database();
+    // The server accepts TLS only on this port: a store that works spoke TLS, and verified
+    // the server against the private CA (name included: the certificate is for 127.0.0.1).
+    let s = PgStore::connect(&format!("{url}?sslmode=require"), Some(&ca)).unwrap();
+    let cb = codebase("tls");
+    s.insert_codebase(&cb).unwrap();
+    assert_eq!(s.get_codebase(&cb.id).unwrap(), Some(cb));
+    // The default, `prefer`, also uses TLS where the server offers it, verified the same way.
+    PgStore::connect(&url, Some(&ca)).unwrap();
+    // A server the trusted CAs did not sign (the public web roots here) is refused, under
+    // `prefer` too: no silent fallback to plaintext.
+    for mode in ["?sslmode=require", ""] {
+        let err = PgStore::connect(&format!("{url}{mode}"), None).unwrap_err();
+        let chain = format!("{:?}", anyhow_chain(&err));
+        assert!(chain.contains("certificate"), "{mode}: {chain}");
+    }
+    // Plaintext to this port is refused by the server: the successes above were TLS.
+    assert!(PgStore::connect(&format!("{url}?sslmode=disable"), Some(&ca)).is_err());
+    // A CA file that is not one is a clear error naming the key.
+    let bogus = pki.path().join("srv.key");
+    let err = PgStore::connect(&url, Some(&bogus))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("storage.database_ca_file"), "{err}");
+}
+
+/// Every message of an error's source chain.
+fn anyhow_chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut out = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out
 }

@@ -91,7 +91,7 @@ impl Fixture {
             // Connecting blocks: off the test's runtime thread.
             Some(pg) => {
                 let url = pg.database();
-                let connect = || PgStore::connect(&url).unwrap();
+                let connect = || PgStore::connect(&url, None).unwrap();
                 Arc::new(std::thread::scope(|s| s.spawn(connect).join().unwrap()))
             }
             None => Arc::new(SqliteStore::open_in_memory().unwrap()),
