@@ -170,7 +170,7 @@ impl ServerSecret {
 
     fn mac(&self) -> Hmac<Sha256> {
         // HMAC takes keys of any length: this cannot fail.
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
+        <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
     }
 
     /// The stored form of a credential.
