@@ -182,7 +182,7 @@ pub struct StorageConfig {
     pub db_path: Option<PathBuf>,
     /// PostgreSQL for the metadata instead of the SQLite file
     /// (`postgres://user:password@host:5432/dbname`).
-    pub database_url: Option<String>,
+    pub database_url: Option<DatabaseUrl>,
     /// PEM certificates of the CAs trusted for PostgreSQL's server certificate (default: the
     /// public web roots). TLS is negotiated as the URL's `sslmode` says.
     pub database_ca_file: Option<PathBuf>,
@@ -200,6 +200,20 @@ impl Default for StorageConfig {
             database_url: None,
             database_ca_file: None,
             max_upload_bytes: 1 << 30,
+        }
+    }
+}
+
+/// `storage.database_url`: kept as written, shown without its password.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match crate::store::check_url(&self.0) {
+            Ok(shown) => write!(f, "{shown:?}"),
+            Err(_) => f.write_str("\"<not a PostgreSQL URL>\""),
         }
     }
 }
@@ -651,7 +665,7 @@ impl Config {
             ));
         }
         if let Some(url) = &self.storage.database_url {
-            crate::store::check_url(url)
+            crate::store::check_url(&url.0)
                 .map_err(|e| invalid("storage.database_url", e.to_string()))?;
         } else if self.storage.database_ca_file.is_some() {
             return Err(invalid(
@@ -840,8 +854,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("storage.database_ca_file"), "{e}");
-        let ok = resolve("storage:\n  database_url: postgres://u@%2Frun%2Fpostgresql/db\n");
-        assert!(ok.is_ok(), "{ok:?}");
+        let ok = resolve("storage:\n  database_url: postgres://u:pw@%2Frun%2Fpostgresql/db\n");
+        // Settings are logged in debug output: never the password.
+        let shown = format!("{ok:?}");
+        assert!(
+            shown.contains("postgres://u@/run/postgresql:5432/db"),
+            "{shown}"
+        );
+        assert!(!shown.contains("pw"), "{shown}");
         let e = resolve("runtime:\n  default_resources:\n    pids_limit: -1\n")
             .unwrap_err()
             .to_string();

@@ -47,6 +47,13 @@ pub enum ServeError {
         /// How long a dead server's claim lasts.
         ttl: Duration,
     },
+    /// The claim on the metadata database was lost while serving (another server took it,
+    /// or it could not be renewed in time): the server stopped, as it must.
+    #[error(
+        "stopped: this server lost its claim on the metadata database (another server took it, or \
+         the database was unreachable for too long); its sandboxes were stopped, not destroyed"
+    )]
+    ClaimLost,
     /// Codebase storage could not be opened.
     #[error(transparent)]
     Files(#[from] crate::files::FilesError),
@@ -95,7 +102,7 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct Bound {
     service: Arc<Service>,
-    claim: Claim,
+    claim: Kept,
     gate: Arc<Gate>,
     audit_writer: AuditWriter,
     grpc: TcpListener,
@@ -225,74 +232,155 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
 /// This server's claim on the metadata database (the `server` lease): a server runs every
 /// sandbox its database records (it restarts them at startup, reaps them, enforces blocks),
 /// so two servers on one database would run each other's sandboxes. The claim is renewed
-/// while the server runs and released on a clean stop. Its holder is the host and the data
-/// directory, so the same server restarting after a crash takes it back at once, while a
-/// server elsewhere is refused until the claim has expired.
+/// from the moment it is taken until shutdown has finished, and released after a clean stop.
+/// Its holder is the host name and an instance id kept in the data directory: the same server
+/// restarting after a crash takes it back at once, while any other is refused until the
+/// claim has expired (by the database's clock). A server that cannot renew it in time, or
+/// finds it taken, stops: it can no longer know that it is the only one.
 #[derive(Debug, Clone)]
 struct Claim {
     store: Arc<dyn crate::store::Store>,
     holder: String,
 }
 
+/// A claim being kept: the renewing task, how to stop it, and whether it was lost.
+#[derive(Debug)]
+struct Kept {
+    claim: Claim,
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    lost: tokio::sync::watch::Receiver<bool>,
+}
+
 impl Claim {
     const NAME: &'static str = "server";
     const TTL: Duration = Duration::from_secs(60);
-    const RENEW_EVERY: Duration = Duration::from_secs(15);
+    const RENEW_EVERY: Duration = Duration::from_secs(10);
 
+    /// Takes the claim and keeps renewing it.
     async fn take(
         store: Arc<dyn crate::store::Store>,
         paths: &crate::config::Paths,
-    ) -> Result<Claim, ServeError> {
+    ) -> Result<Kept, ServeError> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let instance = instance_id(&paths.data_dir).map_err(|source| ServeError::DataDir {
+            path: paths.data_dir.join(INSTANCE_FILE),
+            source,
+        })?;
         let claim = Claim {
             store,
-            holder: format!("{}:{}", host.trim(), paths.data_dir.display()),
+            holder: format!("{}/{instance}", host.trim()),
         };
-        if claim.try_take().await? {
-            Ok(claim)
-        } else {
-            Err(ServeError::DatabaseInUse {
+        if !claim.try_take().await? {
+            return Err(ServeError::DatabaseInUse {
                 holder: claim.holder,
                 ttl: Claim::TTL,
-            })
+            });
         }
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let renewing = claim.clone();
+        let task = tokio::spawn(async move {
+            let mut last = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval(Claim::RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.wait_for(|v| *v) => return,
+                }
+                match renewing.try_take().await {
+                    Ok(true) => last = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        tracing::error!(holder = %renewing.holder, "another server has claimed this metadata database: stopping");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the claim on the metadata database");
+                        // Past this, another server may take the claim: stop first.
+                        if last.elapsed() >= Claim::TTL - Claim::RENEW_EVERY {
+                            tracing::error!(
+                                "the claim on the metadata database could not be renewed in time: stopping"
+                            );
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Kept {
+            claim,
+            task,
+            stop,
+            lost,
+        })
     }
 
     async fn try_take(&self) -> Result<bool, ServeError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            this.store.try_lease(
-                Claim::NAME,
-                &this.holder,
-                Claim::TTL,
-                std::time::SystemTime::now(),
-            )
+            this.store.try_lease(Claim::NAME, &this.holder, Claim::TTL)
         })
         .await
         .map_err(|e| ServeError::Host(format!("claiming the metadata database: {e}")))?
         .map_err(ServeError::Store)
     }
+}
 
-    /// Renews the claim; losing it (this server stalled past the TTL and another took the
-    /// database) is logged as an error on every renewal until it is back.
-    async fn renew(&self) {
-        match self.try_take().await {
-            Ok(true) => {}
-            Ok(false) => tracing::error!(
-                holder = %self.holder,
-                "another server has claimed this metadata database: both now run the sandboxes it records; stop one of them"
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot renew the claim on the metadata database"),
-        }
+impl Drop for Kept {
+    /// A claim dropped without [`Kept::release`] (startup failed after taking it) stops being
+    /// renewed; it expires, or this server takes it back when it starts again.
+    fn drop(&mut self) {
+        self.task.abort();
     }
+}
 
-    async fn release(&self) {
-        let this = self.clone();
+impl Kept {
+    /// Stops renewing; gives the claim up unless it was lost.
+    async fn release(mut self) {
+        let _ = self.stop.send(true);
+        let _ = (&mut self.task).await;
+        if *self.lost.borrow() {
+            return;
+        }
+        let claim = self.claim.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            this.store.release_lease(Claim::NAME, &this.holder)
+            claim.store.release_lease(Claim::NAME, &claim.holder)
         })
         .await;
     }
+}
+
+/// The file in the data directory naming this server instance (for its database claim).
+const INSTANCE_FILE: &str = "instance-id";
+
+/// This data directory's instance id: made (random) at its first start, then kept.
+fn instance_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(INSTANCE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(std::io::Error::other)?;
+    let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let tmp = data_dir.join(format!(".{INSTANCE_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
 }
 
 /// Binds the API's unix socket: a stale socket file is replaced (a live server on it is
@@ -517,20 +605,6 @@ impl Bound {
         };
 
         service.recover().await;
-        let renew = {
-            let mut stop = stop_rx.clone();
-            let claim = claim.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Claim::RENEW_EVERY);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => claim.renew().await,
-                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
-                    }
-                }
-            })
-        };
         let reaper = {
             let svc = service.clone();
             let every = svc.settings().config.sandbox.cleanup_interval;
@@ -696,7 +770,12 @@ impl Bound {
             )
         });
 
-        shutdown.await;
+        let mut lost = claim.lost.clone();
+        let claim_lost = tokio::select! {
+            _ = shutdown => false,
+            // A renewing task that died without a word also means the claim is not kept.
+            _ = lost.wait_for(|v| *v) => true,
+        };
         tracing::info!("shutting down: no new requests accepted");
         let _ = stop_tx.send(true);
         let grace = Duration::from_secs(10);
@@ -706,7 +785,6 @@ impl Bound {
             None => None,
         };
         let _ = reaper.await;
-        let _ = renew.await;
         let _ = blocks.await;
         let _ = sessions.await;
         if let Some(t) = metrics_task {
@@ -727,6 +805,9 @@ impl Bound {
         tokio::task::spawn_blocking(move || audit_writer.close())
             .await
             .ok();
+        if claim_lost {
+            return Err(ServeError::ClaimLost);
+        }
         if let Ok(Ok(Err(e))) = grpc_res {
             return Err(ServeError::Grpc(e));
         }

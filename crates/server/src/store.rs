@@ -325,17 +325,11 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     // ---- leases ------------------------------------------------------------------------
 
-    /// Takes or renews the lease `name` for `holder` until `now + ttl`; true if `holder`
-    /// holds it now. A lease held by someone else is taken only once it has expired, so
-    /// among processes sharing the database at most one holds a lease at any time (work
-    /// that must run once, like the expiry reaper, runs under one).
-    fn try_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-        now: SystemTime,
-    ) -> Result<bool, StoreError>;
+    /// Takes or renews the lease `name` for `holder` for `ttl` from now, by the database's
+    /// clock; true if `holder` holds it now. A lease held by someone else is taken only once
+    /// it has expired, so among processes sharing the database at most one holds a lease at
+    /// any time (work that must run once runs under one).
+    fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
     /// Gives a lease up if `holder` holds it (a clean shutdown frees it at once).
     fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 }
@@ -346,7 +340,7 @@ pub trait Store: Send + Sync + fmt::Debug {
 pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     match &settings.config.storage.database_url {
         Some(url) => Ok(std::sync::Arc::new(PgStore::connect(
-            url,
+            &url.0,
             settings.config.storage.database_ca_file.as_deref(),
         )?)),
         None => Ok(std::sync::Arc::new(SqliteStore::open(&settings.paths.db)?)),
@@ -482,11 +476,23 @@ const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_rea
 /// The columns of a session row, in the order the backends read them.
 const SESSION_COLS: &str = "id, sandbox_id, shell, env, status, created_at, closed_at";
 
-/// Takes or renews a lease: (name, holder, expires at, now). One statement, the same in
-/// both dialects: a row held by another holder changes only once expired.
-const LEASE_SQL: &str = "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3)
-    ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-    WHERE leases.holder = excluded.holder OR leases.expires_at <= $4";
+/// Takes or renews a lease: ($1 name, $2 holder, $3 TTL in nanoseconds), timed by the
+/// database's clock `now` (an SQL expression in nanoseconds since the epoch), so that hosts
+/// whose clocks disagree still agree on when a lease expires. A row held by another holder
+/// changes only once expired.
+fn lease_sql(now: &str) -> String {
+    format!(
+        "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, {now} + $3)
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+         expires_at = excluded.expires_at
+         WHERE leases.holder = excluded.holder OR leases.expires_at <= {now}"
+    )
+}
+
+/// A TTL in nanoseconds, as stored.
+fn ttl_nanos(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX / 2)
+}
 
 /// The first creation limit `s` would exceed, 0 meaning no limit; `count(sql, value)` runs
 /// one count query (`$1` = value) inside the caller's locked transaction. Both dialects

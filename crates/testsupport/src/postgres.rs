@@ -57,21 +57,35 @@ pub fn missing() -> Option<String> {
     None
 }
 
+/// How a cluster listens besides its Unix socket.
+#[derive(Clone, Copy)]
+enum Tcp<'a> {
+    None,
+    Plain,
+    /// TLS only, with this certificate and key.
+    Tls(&'a Path, &'a Path),
+}
+
 impl Postgres {
     /// Starts a cluster, or `None` when the test must skip ([`crate::require`] decides,
     /// failing under CI).
     pub fn start(test: &str) -> Option<Postgres> {
-        Postgres::start_with(test, None)
+        Postgres::start_with(test, Tcp::None)
     }
 
     /// Like [`Postgres::start`], also listening on a loopback port with TLS (`cert` and
     /// `key`, PEM) where `pg_hba.conf` accepts TLS connections only: a client that connects
     /// over it spoke TLS.
     pub fn start_tls(test: &str, cert: &Path, key: &Path) -> Option<Postgres> {
-        Postgres::start_with(test, Some((cert, key)))
+        Postgres::start_with(test, Tcp::Tls(cert, key))
     }
 
-    fn start_with(test: &str, tls: Option<(&Path, &Path)>) -> Option<Postgres> {
+    /// Like [`Postgres::start`], also listening on a loopback port without TLS.
+    pub fn start_plain_tcp(test: &str) -> Option<Postgres> {
+        Postgres::start_with(test, Tcp::Plain)
+    }
+
+    fn start_with(test: &str, tcp: Tcp<'_>) -> Option<Postgres> {
         if !crate::require(test, missing()) {
             return None;
         }
@@ -91,7 +105,7 @@ impl Postgres {
             std::os::unix::fs::chown(&dir, Some(u), Some(g))
                 .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
         }
-        let port = tls.map(|_| {
+        let port = (!matches!(tcp, Tcp::None)).then(|| {
             // A free loopback port (another process could take it before the server does;
             // then the start fails loudly).
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -121,8 +135,13 @@ impl Postgres {
             "-k {} -c fsync=off -c synchronous_commit=off",
             pg.dir.display()
         );
-        match (tls, port) {
-            (Some((cert, key)), Some(port)) => {
+        match (tcp, port) {
+            (Tcp::Plain, Some(port)) => {
+                options.push_str(&format!(
+                    " -c listen_addresses=127.0.0.1 -p {port} -c ssl=off"
+                ));
+            }
+            (Tcp::Tls(cert, key), Some(port)) => {
                 // The server reads its key as its own user, and only from a private file.
                 for (from, to) in [(cert, "server.pem"), (key, "server.key")] {
                     let to = pg.dir.join(to);
@@ -195,11 +214,18 @@ impl Postgres {
         format!("postgresql://postgres@{host}{}/{name}", self.port_part())
     }
 
-    /// Creates a new, empty database and returns its URL over the loopback TLS port
-    /// (without `sslmode`; started with [`Postgres::start_tls`]).
+    /// Creates a new, empty database and returns its URL over the loopback port (without
+    /// `sslmode`; started with [`Postgres::start_tls`] or [`Postgres::start_plain_tcp`]).
     pub fn tls_database(&self) -> String {
         let name = self.create_database();
         format!("postgresql://postgres@127.0.0.1{}/{name}", self.port_part())
+    }
+
+    /// Runs `sql` with `psql` on the database at `url` (one of this cluster's).
+    pub fn psql(&self, url: &str, sql: &str) {
+        self.run("psql", |c| {
+            c.args(["-v", "ON_ERROR_STOP=1", "-X", "-q", url, "-c", sql]);
+        });
     }
 
     fn port_part(&self) -> String {

@@ -75,7 +75,8 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     let Some(pg) = agentfense_testsupport::postgres::Postgres::start(test) else {
         return;
     };
-    let config = format!("storage:\n  database_url: \"{}\"\n", pg.database());
+    let url = pg.database();
+    let config = format!("storage:\n  database_url: \"{url}\"\n");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let mut server = Server::start_with(&data, &config);
@@ -119,5 +120,32 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     // A clean stop (which closes the pool) exits cleanly and frees the claim at once.
     server.stop();
     let mut other = Server::start_with(&other, &config);
-    other.stop();
+
+    // Its claim taken from under it (a server elsewhere that found it expired): it stops at
+    // its next renewal, cleanly (no mounts left) but with an error, and says why.
+    pg.psql(
+        &url,
+        "UPDATE leases SET holder = 'elsewhere/0', expires_at = 9223372036854775807 \
+         WHERE name = 'server'",
+    );
+    let mut child = other.child.take().unwrap();
+    // It renews every 10 s; a server that never notices fails here, not by hanging.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "server kept running without its claim; log:\n{}",
+                other.log_text()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let log = other.log_text();
+    assert!(!status.success(), "{status}; log:\n{log}");
+    assert!(log.contains("lost its claim"), "{log}");
+    assert_eq!(other.mounts(), Vec::<String>::new());
 }

@@ -11,10 +11,17 @@
 //! called from blocking threads only (it runs its own small runtime per connection, which
 //! panics on an async worker).
 //!
-//! TLS follows the URL's `sslmode` (`disable`, `prefer`, the default, or `require`; never
-//! used on a Unix socket), and whenever it is used the server's certificate is verified,
-//! name included, against `storage.database_ca_file` or else the public web roots: a
-//! certificate that does not verify fails the connection, it never falls back to plaintext.
+//! TLS: PostgreSQL has none on a Unix socket; over TCP it is required unless the URL says
+//! `sslmode=disable` (libpq's default, `prefer`, would continue in plaintext when the
+//! server, or anyone in the path, answers that it has no TLS, so here it means `require`).
+//! The server's certificate is always verified, name included, against
+//! `storage.database_ca_file` or else the public web roots.
+//!
+//! Every transaction runs at READ COMMITTED whatever the database's default: the advisory
+//! locks that serialise migrations, creations and codebase inserts rely on each statement
+//! seeing what the previous lock holder committed. TCP connections have keepalives and a
+//! user timeout, and every statement a timeout, so a vanished database fails calls instead of
+//! hanging the threads that make them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,10 +36,11 @@ use tokio_rustls::rustls;
 
 use super::auth::{KEY_COLS, RawKey};
 use super::{
-    BackendError, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LEASE_SQL, LimitHit, Page,
-    RawCodebase, RawSandbox, RawSession, SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord,
+    BackendError, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, Page, RawCodebase,
+    RawSandbox, RawSession, SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord,
     SessionRecord, Store, StoreError, TenantRecord, TenantUsage, encode_sandbox, from_nanos,
-    limit_hit, paginate, q, session_status_str, status_str, to_json, to_nanos,
+    lease_sql, limit_hit, paginate, q, session_status_str, status_str, to_json, to_nanos,
+    ttl_nanos,
 };
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
@@ -111,9 +119,11 @@ pub const MIGRATIONS: &[&str] = &["CREATE TABLE codebases (
         expires_at BIGINT NOT NULL
     );"];
 
-/// Advisory lock keys (`pg_advisory_xact_lock`): migrations, sandbox creation.
+/// Advisory lock keys (`pg_advisory_xact_lock`): migrations, sandbox creation (and with it
+/// the order of sandbox rows), codebase creation (the order of codebase rows).
 const MIGRATION_LOCK: i64 = 0x4146_6e63_0001;
 const CREATION_LOCK: i64 = 0x4146_6e63_0002;
+const CODEBASE_LOCK: i64 = 0x4146_6e63_0003;
 
 /// Connections kept per process; store calls come from tokio's blocking pool.
 const POOL_SIZE: u32 = 8;
@@ -149,10 +159,7 @@ impl Pool {
                 .connection_timeout(Duration::from_secs(10))
                 .build(PostgresConnectionManager::new(config, tls))?)
         }
-        let unix_only = config
-            .get_hosts()
-            .iter()
-            .all(|h| matches!(h, postgres::config::Host::Unix(_)));
+        let unix_only = unix_only(&config);
         Ok(if unix_only {
             Pool::Socket(build(config, postgres::NoTls)?)
         } else {
@@ -226,6 +233,23 @@ fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// Whether every way `config` names to reach the server is a Unix socket.
+fn unix_only(config: &postgres::Config) -> bool {
+    !config.get_hosts().is_empty()
+        && config.get_hostaddrs().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, postgres::config::Host::Unix(_)))
+}
+
+/// A transaction at READ COMMITTED (see the module docs).
+fn begin(conn: &mut postgres::Client) -> Result<postgres::Transaction<'_>, postgres::Error> {
+    conn.build_transaction()
+        .isolation_level(postgres::IsolationLevel::ReadCommitted)
+        .start()
+}
+
 /// The TLS connector: rustls verifying the server against the CAs in `ca_file`, or else
 /// the public web roots.
 fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
@@ -271,6 +295,19 @@ impl PgStore {
             config.password(p.as_encoded_bytes());
         }
         config.application_name("agentfense");
+        if !unix_only(&config) {
+            if config.get_ssl_mode() == postgres::config::SslMode::Prefer {
+                config.ssl_mode(postgres::config::SslMode::Require);
+            }
+            config.keepalives(true);
+            config.keepalives_idle(Duration::from_secs(30));
+            if config.get_tcp_user_timeout().is_none() {
+                config.tcp_user_timeout(Duration::from_secs(30));
+            }
+        }
+        if config.get_options().is_none() {
+            config.options("-c statement_timeout=60s -c idle_in_transaction_session_timeout=60s");
+        }
         if ca_file.is_some() {
             // Checked (and its errors reported) even where only a socket is used.
             tls(ca_file)?;
@@ -298,7 +335,7 @@ impl PgStore {
             target: self.target.clone(),
             source: Box::new(e),
         };
-        let mut tx = conn.transaction().map_err(open_err)?;
+        let mut tx = begin(&mut conn).map_err(open_err)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .map_err(open_err)?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS agentfense_schema (version INTEGER NOT NULL)")
@@ -504,8 +541,14 @@ impl Store for PgStore {
     // ---- codebases ---------------------------------------------------------------------
 
     fn insert_codebase(&self, c: &CodebaseRecord) -> Result<(), StoreError> {
-        self.exec(
-            "insert codebase",
+        let op = "insert codebase";
+        let mut conn = self.conn()?;
+        let mut tx = begin(&mut conn).map_err(q(op))?;
+        // Inserts in commit order = identity order, so that a listing's `seq > token` never
+        // skips a codebase committed after a later one.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CODEBASE_LOCK])
+            .map_err(q(op))?;
+        tx.execute(
             &format!(
                 "INSERT INTO codebases ({CODEBASE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             ),
@@ -520,7 +563,8 @@ impl Store for PgStore {
                 &c.tenant,
             ],
         )
-        .map(drop)
+        .map_err(q(op))?;
+        tx.commit().map_err(q(op))
     }
 
     fn get_codebase(&self, id: &CodebaseId) -> Result<Option<CodebaseRecord>, StoreError> {
@@ -587,7 +631,7 @@ impl Store for PgStore {
 
     fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(q("insert sandbox"))?;
+        let mut tx = begin(&mut conn).map_err(q("insert sandbox"))?;
         insert_sandbox_row(&mut tx, s)?;
         tx.commit().map_err(q("insert sandbox"))
     }
@@ -603,7 +647,7 @@ impl Store for PgStore {
         let op = "create sandbox";
         let hour_ago = to_nanos(now.checked_sub(Duration::from_secs(3600)).unwrap_or(now));
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(q(op))?;
+        let mut tx = begin(&mut conn).map_err(q(op))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CREATION_LOCK])
             .map_err(q(op))?;
         tx.execute(
@@ -842,7 +886,7 @@ impl Store for PgStore {
     fn insert_key(&self, k: &KeyRecord, hash: &[u8]) -> Result<(), StoreError> {
         let op = "insert key";
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(q(op))?;
+        let mut tx = begin(&mut conn).map_err(q(op))?;
         tx.execute(
             "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&k.tenant, &to_nanos(k.created_at)],
@@ -925,7 +969,7 @@ impl Store for PgStore {
         let op = "list keys";
         let rows = self.rows(
             op,
-            &format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id"),
+            &format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id COLLATE \"C\""),
             &[],
         )?;
         decode(op, rows, key_row)
@@ -961,7 +1005,7 @@ impl Store for PgStore {
     fn block_tenant(&self, name: &str, reason: &str, now: SystemTime) -> Result<bool, StoreError> {
         let op = "block tenant";
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(q(op))?;
+        let mut tx = begin(&mut conn).map_err(q(op))?;
         tx.execute(
             "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&name, &to_nanos(now)],
@@ -1004,7 +1048,7 @@ impl Store for PgStore {
         let op = "list tenants";
         let rows = self.rows(
             op,
-            "SELECT name, created_at, blocked_at, block_reason FROM tenants ORDER BY name",
+            "SELECT name, created_at, blocked_at, block_reason FROM tenants ORDER BY name COLLATE \"C\"",
             &[],
         )?;
         decode(op, rows, |r| {
@@ -1022,7 +1066,8 @@ impl Store for PgStore {
         let rows = self.rows(
             op,
             "SELECT name, COALESCE(block_reason, '') FROM tenants
-             WHERE blocked_at IS NOT NULL AND block_enforced_at IS NULL ORDER BY name",
+             WHERE blocked_at IS NOT NULL AND block_enforced_at IS NULL
+             ORDER BY name COLLATE \"C\"",
             &[],
         )?;
         string_pairs(op, rows)
@@ -1066,18 +1111,9 @@ impl Store for PgStore {
 
     // ---- leases ------------------------------------------------------------------------
 
-    fn try_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-        now: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let n = self.exec(
-            "take lease",
-            LEASE_SQL,
-            &[&name, &holder, &to_nanos(now + ttl), &to_nanos(now)],
-        )?;
+    fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let sql = lease_sql("(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT");
+        let n = self.exec("take lease", &sql, &[&name, &holder, &ttl_nanos(ttl)])?;
         Ok(n > 0)
     }
 

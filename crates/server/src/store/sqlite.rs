@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::LEASE_SQL;
 use super::auth::{KEY_COLS, RawKey};
 use super::{
     CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, Page, RawCodebase, RawSandbox,
@@ -18,6 +17,7 @@ use super::{
     StoreError, TenantRecord, TenantUsage, encode_sandbox, from_nanos, limit_hit, paginate, q,
     session_status_str, status_str, to_json, to_nanos,
 };
+use super::{lease_sql, ttl_nanos};
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
 /// Ordered, append-only schema migrations; step `i` moves `user_version` from `i` to `i + 1`.
@@ -574,7 +574,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare_cached(
                 "SELECT s.id, s.tenant FROM sandboxes s JOIN tenants t ON t.name = s.tenant
-                 WHERE t.blocked_at IS NOT NULL AND s.status = 'running'",
+                 WHERE t.blocked_at IS NOT NULL AND s.status = 'running' ORDER BY s.seq",
             )
             .map_err(q("running of blocked"))?;
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -688,7 +688,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare_cached(
                 "SELECT name, COALESCE(block_reason, '') FROM tenants
-                 WHERE blocked_at IS NOT NULL AND block_enforced_at IS NULL",
+                 WHERE blocked_at IS NOT NULL AND block_enforced_at IS NULL ORDER BY name",
             )
             .map_err(q("pending blocks"))?;
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -770,19 +770,12 @@ impl Store for SqliteStore {
 
     // ---- leases ------------------------------------------------------------------------
 
-    fn try_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-        now: SystemTime,
-    ) -> Result<bool, StoreError> {
+    fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        // The clock of the only host that can open this file.
+        let sql = lease_sql("CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)");
         let n = self
             .conn()
-            .execute(
-                LEASE_SQL,
-                params![name, holder, to_nanos(now + ttl), to_nanos(now)],
-            )
+            .execute(&sql, params![name, holder, ttl_nanos(ttl)])
             .map_err(q("take lease"))?;
         Ok(n > 0)
     }

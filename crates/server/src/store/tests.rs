@@ -301,24 +301,22 @@ fn keys_tenants_and_hourly_creations(s: &dyn Store) {
 }
 
 fn leases_go_to_one_holder_until_they_expire(s: &dyn Store) {
-    let ttl = Duration::from_secs(30);
-    assert!(s.try_lease("reaper", "a", ttl, t(100)).unwrap());
-    assert!(
-        !s.try_lease("reaper", "b", ttl, t(110)).unwrap(),
-        "a holds it"
-    );
-    // Renewing moves the expiry: b still cannot take it where the first term ended.
-    assert!(s.try_lease("reaper", "a", ttl, t(120)).unwrap());
-    assert!(!s.try_lease("reaper", "b", ttl, t(131)).unwrap());
-    // Expired: b takes it, and a no longer holds it.
-    assert!(s.try_lease("reaper", "b", ttl, t(150)).unwrap());
-    assert!(!s.try_lease("reaper", "a", ttl, t(151)).unwrap());
+    // Leases are timed by the database's clock: "held" is an hour, "expired" a TTL of 0.
+    let hour = Duration::from_secs(3600);
+    let gone = Duration::ZERO;
+    assert!(s.try_lease("reaper", "a", hour).unwrap());
+    assert!(!s.try_lease("reaper", "b", hour).unwrap(), "a holds it");
+    assert!(s.try_lease("reaper", "a", hour).unwrap(), "a renews it");
+    // a renews with no time left: expired, b takes it, and a no longer holds it.
+    assert!(s.try_lease("reaper", "a", gone).unwrap());
+    assert!(s.try_lease("reaper", "b", hour).unwrap());
+    assert!(!s.try_lease("reaper", "a", hour).unwrap());
     // Other names are independent; releasing frees at once, and only for the holder.
-    assert!(s.try_lease("orphans", "a", ttl, t(151)).unwrap());
+    assert!(s.try_lease("orphans", "a", hour).unwrap());
     s.release_lease("reaper", "a").unwrap();
-    assert!(!s.try_lease("reaper", "a", ttl, t(152)).unwrap());
+    assert!(!s.try_lease("reaper", "a", hour).unwrap());
     s.release_lease("reaper", "b").unwrap();
-    assert!(s.try_lease("reaper", "a", ttl, t(152)).unwrap());
+    assert!(s.try_lease("reaper", "a", hour).unwrap());
 }
 
 fn corrupt_and_missing_rows_are_errors_not_panics(s: &dyn Store) {
@@ -429,6 +427,16 @@ fn postgres_limits_hold_across_processes_sharing_the_database() {
         return;
     };
     let url = pg.database();
+    // Under a stricter default isolation a transaction's snapshot predates the lock it then
+    // waits for: the store must not depend on the database's default.
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation \
+             = ''repeatable read''', current_database()); END $$",
+        )
+        .unwrap();
+    drop(admin);
     // Two API replicas, each with its own pool, creating for one tenant at once.
     let a = PgStore::connect(&url, None).unwrap();
     let b = PgStore::connect(&url, None).unwrap();
@@ -488,6 +496,15 @@ fn postgres_over_tls_verifies_the_server_and_never_falls_back() {
     }
     // Plaintext to this port is refused by the server: the successes above were TLS.
     assert!(PgStore::connect(&format!("{url}?sslmode=disable"), Some(&ca)).is_err());
+    // The name is checked too: the same server and CA, reached as another name (`hostaddr`
+    // connects to 127.0.0.1 while TLS expects `db.example`), is refused.
+    let other_name = format!(
+        "{}?hostaddr=127.0.0.1",
+        url.replace("127.0.0.1", "db.example")
+    );
+    let err = PgStore::connect(&other_name, Some(&ca)).unwrap_err();
+    let chain = anyhow_chain(&err).join(": ");
+    assert!(chain.contains("certificate"), "{chain}");
     // A CA file that is not one is a clear error naming the key.
     let bogus = pki.path().join("srv.key");
     let err = PgStore::connect(&url, Some(&bogus))
@@ -505,4 +522,23 @@ fn anyhow_chain(e: &dyn std::error::Error) -> Vec<String> {
         cur = s.source();
     }
     out
+}
+
+#[test]
+fn postgres_over_tcp_never_continues_in_plaintext_unless_told_to() {
+    let test = "store::tests::postgres_over_tcp_never_continues_in_plaintext";
+    // A server on a loopback port without TLS: what `prefer` would silently talk to, or
+    // what an attacker in the path answers ("no TLS here").
+    let Some(pg) = Postgres::start_plain_tcp(test) else {
+        return;
+    };
+    let url = pg.tls_database();
+    for mode in ["", "?sslmode=prefer", "?sslmode=require"] {
+        let err = PgStore::connect(&format!("{url}{mode}"), None).unwrap_err();
+        let chain = anyhow_chain(&err).join(": ");
+        assert!(chain.to_lowercase().contains("tls"), "{mode:?}: {chain}");
+    }
+    // Plaintext only when the URL asks for it.
+    let s = PgStore::connect(&format!("{url}?sslmode=disable"), None).unwrap();
+    assert!(s.list_tenants().unwrap().is_empty());
 }

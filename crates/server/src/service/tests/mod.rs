@@ -4,8 +4,9 @@
 
 /// Defines a test twice, as `<name>::sqlite` and `<name>::postgres`: the service over each
 /// metadata backend (a throwaway PostgreSQL cluster for the second; see [`OnPostgres`]).
-/// PostgreSQL's client panics when called on an async worker, so this also proves that every
-/// store call the service makes runs on a blocking thread.
+/// PostgreSQL's client panics when called on an async worker, so this also checks that the
+/// store calls these tests reach run on blocking threads (a panic inside a detached task, such
+/// as the gate's `touch_key`, would go unseen: those calls were checked by reading).
 macro_rules! on_both_stores {
     ($(#[$meta:meta])* async fn $name:ident() $body:block) => {
         $(#[$meta])*
