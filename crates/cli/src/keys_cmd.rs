@@ -114,7 +114,7 @@ pub(crate) fn settings(state: &StateArgs) -> anyhow::Result<agentfense_server::c
     )?)
 }
 
-fn open(state: &StateArgs) -> anyhow::Result<(Arc<dyn Store>, PathBuf)> {
+pub(crate) fn open(state: &StateArgs) -> anyhow::Result<(Arc<dyn Store>, PathBuf)> {
     let settings = settings(state)?;
     let data_dir = settings.paths.data_dir.clone();
     if !data_dir.is_dir() {
@@ -128,7 +128,7 @@ fn open(state: &StateArgs) -> anyhow::Result<(Arc<dyn Store>, PathBuf)> {
     Ok((store, data_dir))
 }
 
-fn time(t: Option<SystemTime>) -> String {
+pub(crate) fn time(t: Option<SystemTime>) -> String {
     t.map_or_else(
         || "-".to_owned(),
         |t| humantime::format_rfc3339_seconds(t).to_string(),

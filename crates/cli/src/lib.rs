@@ -15,6 +15,7 @@ mod host_tree;
 mod keys_cmd;
 mod local;
 mod mcp_cmd;
+mod nodes_cmd;
 pub mod policy_args;
 mod policy_cmd;
 mod review_cmd;
@@ -99,6 +100,12 @@ pub enum Command {
     /// Example: agentfense tenants block team-a --reason "leaked key"
     #[command(subcommand)]
     Tenants(keys_cmd::TenantsCmd),
+    /// The machines that run sandboxes: list them (capacity, heartbeat, sandboxes), drain
+    /// one before maintenance (no new sandboxes there), undrain it.
+    ///
+    /// Example: agentfense nodes drain worker-1
+    #[command(subcommand)]
+    Nodes(nodes_cmd::NodesCmd),
     /// The server's audit trail: query it (`--sandbox`, `--tenant`, `--event`, `--since`,
     /// `--follow`), or `verify` its hash chain. Reads the data directory.
     ///
@@ -228,6 +235,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Keys(cmd) => keys_cmd::keys(cmd, out),
         Command::Audit(a) => audit_cmd::run(a, out),
         Command::Tenants(cmd) => keys_cmd::tenants(cmd, out),
+        Command::Nodes(cmd) => nodes_cmd::run(cmd, out),
         Command::Codebase { cmd, conn } => client_cmd::codebase(cmd, conn, out),
         Command::Sandbox { cmd, conn } => client_cmd::sandbox(cmd, conn, out),
         Command::Exec { args, conn } => client_cmd::exec(args, conn, out),

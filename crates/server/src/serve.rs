@@ -215,7 +215,11 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
         .map_err(ServeError::Auth)?,
     );
     let engine = build_engine(&settings, &audit).await?;
-    let service = Arc::new(Service::new(settings, store, files, audit, engine).with_secret(secret));
+    let service = Arc::new(
+        Service::new(settings, store, files, audit, engine)
+            .with_secret(secret)
+            .with_node(claim.claim.node.id.clone()),
+    );
     Ok(Bound {
         service,
         claim,
@@ -241,6 +245,9 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
 struct Claim {
     store: Arc<dyn crate::store::Store>,
     holder: String,
+    /// This server as a node: registered with the claim, its heartbeat sent with each
+    /// renewal.
+    node: crate::store::NodeRecord,
 }
 
 /// A claim being kept: the renewing task, how to stop it, and whether it was lost.
@@ -267,15 +274,37 @@ impl Claim {
             path: paths.data_dir.join(INSTANCE_FILE),
             source,
         })?;
+        let now = std::time::SystemTime::now();
         let claim = Claim {
             store,
             holder: format!("{}/{instance}", host.trim()),
+            node: crate::store::NodeRecord {
+                id: if host.trim().is_empty() {
+                    "local".to_owned()
+                } else {
+                    host.trim().to_owned()
+                },
+                boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                    .map(|b| b.trim().to_owned())
+                    .unwrap_or_default(),
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                memory_bytes: memory_total(),
+                draining: false,
+                registered_at: now,
+                heartbeat_at: now,
+            },
         };
         if !claim.try_take().await? {
             return Err(ServeError::DatabaseInUse {
                 holder: claim.holder,
                 ttl: Claim::TTL,
             });
+        }
+        {
+            let (store, node) = (claim.store.clone(), claim.node.clone());
+            tokio::task::spawn_blocking(move || store.register_node(&node))
+                .await
+                .map_err(|e| ServeError::Host(format!("registering this node: {e}")))??;
         }
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
@@ -290,7 +319,10 @@ impl Claim {
                     _ = stopped.wait_for(|v| *v) => return,
                 }
                 match renewing.try_take().await {
-                    Ok(true) => last = tokio::time::Instant::now(),
+                    Ok(true) => {
+                        last = tokio::time::Instant::now();
+                        renewing.heartbeat().await;
+                    }
                     Ok(false) => {
                         tracing::error!(holder = %renewing.holder, "another server has claimed this metadata database: stopping");
                         let _ = lost_tx.send(true);
@@ -335,6 +367,36 @@ impl Drop for Kept {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+impl Claim {
+    /// Records that this node is alive (for `agentfense nodes list`).
+    async fn heartbeat(&self) {
+        let this = self.clone();
+        let beat = tokio::task::spawn_blocking(move || {
+            this.store.heartbeat_node(
+                &this.node.id,
+                &this.node.boot_id,
+                std::time::SystemTime::now(),
+            )
+        })
+        .await;
+        if !matches!(beat, Ok(Ok(true))) {
+            tracing::warn!(node = %self.node.id, "cannot record this node's heartbeat");
+        }
+    }
+}
+
+/// Total memory of this machine, bytes (0 if unknown).
+fn memory_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 impl Kept {

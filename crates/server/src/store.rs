@@ -140,6 +140,8 @@ pub struct SandboxRecord {
     pub stopped_at: Option<SystemTime>,
     /// When the reaper destroys it.
     pub expires_at: Option<SystemTime>,
+    /// The node that holds its delta and runs it (empty: recorded before nodes existed).
+    pub node: String,
 }
 
 /// A session's metadata.
@@ -159,6 +161,25 @@ pub struct SessionRecord {
     pub created_at: SystemTime,
     /// When it closed.
     pub closed_at: Option<SystemTime>,
+}
+
+/// A machine that runs sandboxes, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Its name (the host name by default).
+    pub id: String,
+    /// The kernel's boot id when it registered: a node that rebooted is a new boot.
+    pub boot_id: String,
+    /// CPUs it has.
+    pub cpus: u32,
+    /// Memory it has, bytes.
+    pub memory_bytes: u64,
+    /// New sandboxes are not placed on it (`agentfense nodes drain`).
+    pub draining: bool,
+    /// When its current boot registered.
+    pub registered_at: SystemTime,
+    /// Its last heartbeat.
+    pub heartbeat_at: SystemTime,
 }
 
 /// Which sandboxes a listing returns (every field narrows it; the default is all).
@@ -323,6 +344,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// What a tenant holds now.
     fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError>;
 
+    // ---- nodes -------------------------------------------------------------------------
+
+    /// Records a node starting (a new boot): its boot id, capacity and first heartbeat. Keeps
+    /// whether it is draining.
+    fn register_node(&self, n: &NodeRecord) -> Result<(), StoreError>;
+    /// Records that node `id`, in boot `boot_id`, is alive at `now`; false if the store
+    /// knows another boot of it (or none), which must then stop acting as that node.
+    fn heartbeat_node(&self, id: &str, boot_id: &str, now: SystemTime) -> Result<bool, StoreError>;
+    /// The node with this id.
+    fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Every node, by id.
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Drains a node (no new sandboxes) or lifts it; false if there is no such node.
+    fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError>;
+    /// Sets the node of a sandbox (a server adopting a sandbox recorded before nodes existed,
+    /// or whose delta it holds).
+    fn set_sandbox_node(&self, id: &SandboxId, node: &str) -> Result<(), StoreError>;
+
     // ---- leases ------------------------------------------------------------------------
 
     /// Takes or renews the lease `name` for `holder` for `ttl` from now, by the database's
@@ -472,7 +511,15 @@ fn paginate<R, T>(
 /// The columns of a codebase row, in the order the backends read them.
 const CODEBASE_COLS: &str = "id, name, owner_id, size, file_count, created_at, updated_at, tenant";
 /// The columns of a sandbox row, in the order the backends read them.
-const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, tenant";
+const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, tenant, node";
+/// The columns of a node row, in the order the backends read them.
+const NODE_COLS: &str = "id, boot_id, cpus, memory_bytes, draining, registered_at, heartbeat_at";
+/// Registers a node: (id, boot id, cpus, memory, now). The same in both dialects.
+const REGISTER_NODE_SQL: &str = "INSERT INTO nodes (id, boot_id, cpus, memory_bytes, draining,
+    registered_at, heartbeat_at) VALUES ($1, $2, $3, $4, FALSE, $5, $5)
+    ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, cpus = excluded.cpus,
+    memory_bytes = excluded.memory_bytes, registered_at = excluded.registered_at,
+    heartbeat_at = excluded.heartbeat_at";
 /// The columns of a session row, in the order the backends read them.
 const SESSION_COLS: &str = "id, sandbox_id, shell, env, status, created_at, closed_at";
 
@@ -568,6 +615,7 @@ struct RawSandbox {
     stopped_at: Option<i64>,
     expires_at: Option<i64>,
     tenant: String,
+    node: String,
 }
 
 impl RawSandbox {
@@ -610,6 +658,32 @@ impl RawSandbox {
             started_at: self.started_at.map(from_nanos),
             stopped_at: self.stopped_at.map(from_nanos),
             expires_at: self.expires_at.map(from_nanos),
+            node: self.node,
         })
+    }
+}
+
+/// A node row as stored, decoded by [`RawNode::decode`].
+struct RawNode {
+    id: String,
+    boot_id: String,
+    cpus: i64,
+    memory_bytes: i64,
+    draining: bool,
+    registered_at: i64,
+    heartbeat_at: i64,
+}
+
+impl RawNode {
+    fn decode(self) -> NodeRecord {
+        NodeRecord {
+            id: self.id,
+            boot_id: self.boot_id,
+            cpus: u32::try_from(self.cpus).unwrap_or(0),
+            memory_bytes: u64::try_from(self.memory_bytes).unwrap_or(0),
+            draining: self.draining,
+            registered_at: from_nanos(self.registered_at),
+            heartbeat_at: from_nanos(self.heartbeat_at),
+        }
     }
 }

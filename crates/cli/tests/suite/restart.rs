@@ -85,6 +85,30 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     };
     // Nothing went to the SQLite file: the metadata is in PostgreSQL.
     assert!(!data.join("agentfense.db").exists());
+    // The server registered itself as a node holding the setup's three sandboxes; drain and
+    // undrain show in the listing.
+    let cfg = data.with_extension("yaml");
+    let nodes = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+            .arg("nodes")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: serde_json::Value = serde_json::from_str(&nodes(&["list", "--json"])).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(listed[0]["id"], host.trim(), "{listed}");
+    assert_eq!(listed[0]["sandboxes"], 3, "{listed}");
+    assert_eq!(listed[0]["draining"], false, "{listed}");
+    nodes(&["drain", host.trim()]);
+    assert!(nodes(&["list"]).contains("draining"));
+    nodes(&["undrain", host.trim()]);
 
     // Another server (another data directory) on the same database.
     let other = tmp.path().join("other");

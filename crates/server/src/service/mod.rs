@@ -43,6 +43,8 @@ pub struct Service {
     pub(crate) secret: crate::auth::keys::ServerSecret,
     /// Sessions the long-session alert has fired for.
     pub(crate) session_ages: crate::alerts::SessionAges,
+    /// The node this service runs sandboxes on (see [`Service::with_node`]).
+    pub(crate) node: String,
 }
 
 impl Service {
@@ -68,7 +70,15 @@ impl Service {
                 let _ = getrandom::fill(&mut b);
                 crate::auth::keys::ServerSecret::fixed(b)
             },
+            node: "local".to_owned(),
         }
+    }
+
+    /// Runs sandboxes as node `id` (the host name in a real server): new sandboxes are placed
+    /// on it, and at startup it runs only its own.
+    pub fn with_node(mut self, id: String) -> Self {
+        self.node = id;
+        self
     }
 
     /// Uses `secret` to hash the sandbox tokens this service mints.

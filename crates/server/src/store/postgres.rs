@@ -36,17 +36,19 @@ use tokio_rustls::rustls;
 
 use super::auth::{KEY_COLS, RawKey};
 use super::{
-    BackendError, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, Page, RawCodebase,
-    RawSandbox, RawSession, SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord,
-    SessionRecord, Store, StoreError, TenantRecord, TenantUsage, encode_sandbox, from_nanos,
-    lease_sql, limit_hit, paginate, q, session_status_str, status_str, to_json, to_nanos,
-    ttl_nanos,
+    BackendError, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, NODE_COLS,
+    NodeRecord, Page, REGISTER_NODE_SQL, RawCodebase, RawNode, RawSandbox, RawSession,
+    SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord, SessionRecord, Store, StoreError,
+    TenantRecord, TenantUsage, encode_sandbox, from_nanos, lease_sql, limit_hit, paginate, q,
+    session_status_str, status_str, to_json, to_nanos, ttl_nanos,
 };
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
 /// Ordered, append-only schema migrations; step `i` moves the recorded version from `i` to
 /// `i + 1`. Step 1 is the whole schema SQLite reached in its steps 1-3.
-pub const MIGRATIONS: &[&str] = &["CREATE TABLE codebases (
+pub const MIGRATIONS: &[&str] = &[
+    // 1: everything SQLite reached in its steps 1-3.
+    "CREATE TABLE codebases (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
         name TEXT NOT NULL,
@@ -117,7 +119,19 @@ pub const MIGRATIONS: &[&str] = &["CREATE TABLE codebases (
         name TEXT PRIMARY KEY,
         holder TEXT NOT NULL,
         expires_at BIGINT NOT NULL
-    );"];
+    );",
+    // 2: nodes, and the node each sandbox lives on ('' for sandboxes made before nodes).
+    "CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        boot_id TEXT NOT NULL,
+        cpus BIGINT NOT NULL,
+        memory_bytes BIGINT NOT NULL,
+        draining BOOLEAN NOT NULL DEFAULT FALSE,
+        registered_at BIGINT NOT NULL,
+        heartbeat_at BIGINT NOT NULL
+    );
+    ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
+];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`): migrations, sandbox creation (and with it
 /// the order of sandbox rows), codebase creation (the order of codebase rows).
@@ -456,6 +470,19 @@ fn sandbox_row(r: &Row) -> Result<RawSandbox, postgres::Error> {
         stopped_at: r.try_get(12)?,
         expires_at: r.try_get(13)?,
         tenant: r.try_get(14)?,
+        node: r.try_get(15)?,
+    })
+}
+
+fn node_row(r: &Row) -> Result<RawNode, postgres::Error> {
+    Ok(RawNode {
+        id: r.try_get(0)?,
+        boot_id: r.try_get(1)?,
+        cpus: r.try_get(2)?,
+        memory_bytes: r.try_get(3)?,
+        draining: r.try_get(4)?,
+        registered_at: r.try_get(5)?,
+        heartbeat_at: r.try_get(6)?,
     })
 }
 
@@ -505,7 +532,7 @@ fn insert_sandbox_row(
     tx.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-             $10, $11, $12, $13, $14, $15)"
+             $10, $11, $12, $13, $14, $15, $16)"
         ),
         &[
             &s.id.as_str(),
@@ -523,6 +550,7 @@ fn insert_sandbox_row(
             &s.stopped_at.map(to_nanos),
             &s.expires_at.map(to_nanos),
             &s.tenant,
+            &s.node,
         ],
     )
     .map_err(q("insert sandbox"))?;
@@ -741,7 +769,7 @@ impl Store for PgStore {
             ],
         )?;
         paginate(
-            with_seq(op, rows, 15, sandbox_row)?,
+            with_seq(op, rows, 16, sandbox_row)?,
             limit,
             RawSandbox::decode,
         )
@@ -1107,6 +1135,74 @@ impl Store for PgStore {
             running: get(1)?,
             codebase_bytes: get(2)?,
         })
+    }
+
+    // ---- nodes -------------------------------------------------------------------------
+
+    fn register_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        self.exec(
+            "register node",
+            REGISTER_NODE_SQL,
+            &[
+                &n.id,
+                &n.boot_id,
+                &i64::from(n.cpus),
+                &i64::try_from(n.memory_bytes).unwrap_or(i64::MAX),
+                &to_nanos(n.registered_at),
+            ],
+        )
+        .map(drop)
+    }
+
+    fn heartbeat_node(&self, id: &str, boot_id: &str, now: SystemTime) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "node heartbeat",
+            "UPDATE nodes SET heartbeat_at = $3 WHERE id = $1 AND boot_id = $2",
+            &[&id, &boot_id, &to_nanos(now)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let op = "get node";
+        self.row(
+            op,
+            &format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"),
+            &[&id],
+        )?
+        .map(|r| node_row(&r).map(RawNode::decode).map_err(q(op)))
+        .transpose()
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let op = "list nodes";
+        let rows = self.rows(
+            op,
+            &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id COLLATE \"C\""),
+            &[],
+        )?;
+        Ok(decode(op, rows, node_row)?
+            .into_iter()
+            .map(RawNode::decode)
+            .collect())
+    }
+
+    fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "drain node",
+            "UPDATE nodes SET draining = $2 WHERE id = $1",
+            &[&id, &draining],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn set_sandbox_node(&self, id: &SandboxId, node: &str) -> Result<(), StoreError> {
+        self.exec(
+            "set sandbox node",
+            "UPDATE sandboxes SET node = $2 WHERE id = $1",
+            &[&id.as_str(), &node],
+        )
+        .map(drop)
     }
 
     // ---- leases ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use super::{
     StoreError, TenantRecord, TenantUsage, encode_sandbox, from_nanos, limit_hit, paginate, q,
     session_status_str, status_str, to_json, to_nanos,
 };
-use super::{lease_sql, ttl_nanos};
+use super::{NODE_COLS, NodeRecord, REGISTER_NODE_SQL, RawNode, lease_sql, ttl_nanos};
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
 /// Ordered, append-only schema migrations; step `i` moves `user_version` from `i` to `i + 1`.
@@ -98,6 +98,17 @@ pub const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         expires_at INTEGER NOT NULL
     );",
+    // 4: nodes, and the node each sandbox lives on ('' for sandboxes made before nodes).
+    "CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        boot_id TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        draining BOOLEAN NOT NULL DEFAULT FALSE,
+        registered_at INTEGER NOT NULL,
+        heartbeat_at INTEGER NOT NULL
+    );
+    ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The SQLite store: one connection behind a mutex (SQLite serialises writers anyway).
@@ -333,7 +344,7 @@ impl Store for SqliteStore {
                     filter.tenant,
                     filter.id.map(|c| c.as_str()),
                 ],
-                |r| Ok((sandbox_row(r)?, r.get::<_, i64>(15)?)),
+                |r| Ok((sandbox_row(r)?, r.get::<_, i64>(16)?)),
             )
             .map_err(q("list sandboxes"))?
             .collect::<Result<Vec<_>, _>>()
@@ -768,6 +779,80 @@ impl Store for SqliteStore {
         Ok(Ok(()))
     }
 
+    // ---- nodes -------------------------------------------------------------------------
+
+    fn register_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                REGISTER_NODE_SQL,
+                params![
+                    n.id,
+                    n.boot_id,
+                    i64::from(n.cpus),
+                    i64::try_from(n.memory_bytes).unwrap_or(i64::MAX),
+                    to_nanos(n.registered_at)
+                ],
+            )
+            .map_err(q("register node"))?;
+        Ok(())
+    }
+
+    fn heartbeat_node(&self, id: &str, boot_id: &str, now: SystemTime) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE nodes SET heartbeat_at = ?3 WHERE id = ?1 AND boot_id = ?2",
+                params![id, boot_id, to_nanos(now)],
+            )
+            .map_err(q("node heartbeat"))?;
+        Ok(n > 0)
+    }
+
+    fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"),
+                [id],
+                node_row,
+            )
+            .optional()
+            .map_err(q("get node"))
+            .map(|n| n.map(RawNode::decode))
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))
+            .map_err(q("list nodes"))?;
+        stmt.query_map([], node_row)
+            .map_err(q("list nodes"))?
+            .map(|r| r.map(RawNode::decode))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(q("list nodes"))
+    }
+
+    fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE nodes SET draining = ?2 WHERE id = ?1",
+                params![id, draining],
+            )
+            .map_err(q("drain node"))?;
+        Ok(n > 0)
+    }
+
+    fn set_sandbox_node(&self, id: &SandboxId, node: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE sandboxes SET node = ?2 WHERE id = ?1",
+                params![id.as_str(), node],
+            )
+            .map_err(q("set sandbox node"))?;
+        Ok(())
+    }
+
     // ---- leases ------------------------------------------------------------------------
 
     fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -821,6 +906,19 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
         stopped_at: r.get(12)?,
         expires_at: r.get(13)?,
         tenant: r.get(14)?,
+        node: r.get(15)?,
+    })
+}
+
+fn node_row(r: &Row<'_>) -> rusqlite::Result<RawNode> {
+    Ok(RawNode {
+        id: r.get(0)?,
+        boot_id: r.get(1)?,
+        cpus: r.get(2)?,
+        memory_bytes: r.get(3)?,
+        draining: r.get(4)?,
+        registered_at: r.get(5)?,
+        heartbeat_at: r.get(6)?,
     })
 }
 
@@ -857,7 +955,7 @@ fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Resu
     tx.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
-             ?10, ?11, ?12, ?13, ?14, ?15)"
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
         ),
         params![
             s.id.as_str(),
@@ -875,6 +973,7 @@ fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Resu
             s.stopped_at.map(to_nanos),
             s.expires_at.map(to_nanos),
             s.tenant,
+            s.node,
         ],
     )
     .map_err(q("insert sandbox"))?;

@@ -44,6 +44,7 @@ fn sandbox(cb: &CodebaseRecord) -> SandboxRecord {
         started_at: None,
         stopped_at: None,
         expires_at: Some(t(100)),
+        node: "n1".into(),
     }
 }
 
@@ -343,6 +344,56 @@ fn corrupt_and_missing_rows_are_errors_not_panics(s: &dyn Store) {
     assert!(s.sessions_open_since(t(1_000)).unwrap().is_empty());
 }
 
+fn nodes_register_beat_drain_and_own_sandboxes(s: &dyn Store) {
+    let node = NodeRecord {
+        id: "worker-1".into(),
+        boot_id: "boot-a".into(),
+        cpus: 8,
+        memory_bytes: 32 << 30,
+        draining: false,
+        registered_at: t(1),
+        heartbeat_at: t(1),
+    };
+    s.register_node(&node).unwrap();
+    assert_eq!(s.get_node("worker-1").unwrap(), Some(node.clone()));
+    assert!(s.heartbeat_node("worker-1", "boot-a", t(5)).unwrap());
+    // A stale boot's heartbeat is refused: the node rebooted and is someone new.
+    assert!(!s.heartbeat_node("worker-1", "boot-old", t(6)).unwrap());
+    assert!(!s.heartbeat_node("nobody", "boot-a", t(6)).unwrap());
+    assert_eq!(s.get_node("worker-1").unwrap().unwrap().heartbeat_at, t(5));
+    // Draining survives a re-registration (a restart), undraining lifts it.
+    assert!(s.set_node_draining("worker-1", true).unwrap());
+    let again = NodeRecord {
+        boot_id: "boot-b".into(),
+        registered_at: t(10),
+        heartbeat_at: t(10),
+        ..node.clone()
+    };
+    s.register_node(&again).unwrap();
+    let got = s.get_node("worker-1").unwrap().unwrap();
+    assert_eq!(
+        (got.boot_id.as_str(), got.draining, got.heartbeat_at),
+        ("boot-b", true, t(10))
+    );
+    assert!(!s.set_node_draining("nobody", true).unwrap());
+    assert!(s.set_node_draining("worker-1", false).unwrap());
+    s.register_node(&NodeRecord {
+        id: "worker-0".into(),
+        ..node.clone()
+    })
+    .unwrap();
+    let ids: Vec<String> = s.list_nodes().unwrap().into_iter().map(|n| n.id).collect();
+    assert_eq!(ids, ["worker-0", "worker-1"]);
+    // Sandboxes carry their node, and can be moved to another.
+    let c = codebase("n");
+    s.insert_codebase(&c).unwrap();
+    let sb = sandbox(&c);
+    s.insert_sandbox(&sb).unwrap();
+    assert_eq!(s.get_sandbox(&sb.id).unwrap().unwrap().node, "n1");
+    s.set_sandbox_node(&sb.id, "worker-1").unwrap();
+    assert_eq!(s.all_sandboxes().unwrap()[0].node, "worker-1");
+}
+
 /// Every conformance case, once per backend.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
@@ -377,6 +428,7 @@ conformance!(
     keys_tenants_and_hourly_creations,
     leases_go_to_one_holder_until_they_expire,
     corrupt_and_missing_rows_are_errors_not_panics,
+    nodes_register_beat_drain_and_own_sandboxes,
 );
 
 #[test]

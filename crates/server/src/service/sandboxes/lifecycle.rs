@@ -84,10 +84,18 @@ impl Service {
             started_at: None,
             stopped_at: None,
             expires_at: now.checked_add(expires_in),
+            node: self.node.clone(),
         };
         let store = self.store.clone();
         let r = rec.clone();
         blocking(move || {
+            if store.get_node(&r.node)?.is_some_and(|n| n.draining) {
+                return Err(ServiceError::Unavailable(format!(
+                    "node {} is draining: it takes no new sandboxes (`agentfense nodes \
+                     undrain {}` to lift it)",
+                    r.node, r.node
+                )));
+            }
             let hit = store.insert_sandbox_limited(
                 &r,
                 max,
@@ -646,6 +654,9 @@ impl Service {
             let store = self.store.clone();
             let id = rec.id.clone();
             let _ = blocking(move || Ok(store.close_sessions_of(&id, SystemTime::now())?)).await;
+            if rec.node != self.node && !self.adopt(&mut rec).await {
+                continue;
+            }
             if rec.status != SandboxStatus::Running {
                 continue;
             }
@@ -672,6 +683,39 @@ impl Service {
             }
             let _ = self.save(&rec).await;
         }
+    }
+
+    /// A sandbox recorded on another node (or on none: made before nodes existed): this
+    /// server takes it over when nothing is lost by it, that is when its delta is here (a
+    /// data directory moved to a new host) or it never ran (no delta anywhere); otherwise its
+    /// unpublished changes are on that other machine, so it is marked ERROR saying so, never
+    /// started here with an empty delta. True when it is now this node's.
+    async fn adopt(self: &Arc<Self>, rec: &mut SandboxRecord) -> bool {
+        let (_, delta) = self.mount_dirs(&rec.id);
+        let never_ran = rec.started_at.is_none();
+        if rec.node.is_empty() || delta.is_dir() || never_ran {
+            let store = self.store.clone();
+            let (id, node) = (rec.id.clone(), self.node.clone());
+            if blocking(move || Ok(store.set_sandbox_node(&id, &node)?))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            rec.node = self.node.clone();
+            return true;
+        }
+        if rec.status != SandboxStatus::Error {
+            rec.status = SandboxStatus::Error;
+            rec.status_reason = Some(format!(
+                "its node {} is not this server (node {}): its unpublished changes are on that \
+                 machine; published work is in the codebase. Destroy it and create a new one",
+                rec.node, self.node
+            ));
+            tracing::warn!(sandbox_id = %rec.id, node = %rec.node, "sandbox of another node marked ERROR");
+            let _ = self.save(rec).await;
+        }
+        false
     }
 
     /// At shutdown: stop every running sandbox's processes and unmount, keeping their

@@ -645,3 +645,94 @@ on_both_stores! {
         assert_eq!(status.as_deref(), Some("5"), "NOT_FOUND");
     }
 }
+
+on_both_stores! {
+    /// `agentfense nodes drain`: no new sandboxes on the node, with a message saying why and
+    /// how to lift it; its sandboxes keep working; undraining lets creations in again.
+    async fn a_draining_node_takes_no_new_sandboxes() {
+        let f = Fixture::new("");
+        let node = crate::store::NodeRecord {
+            id: "local".into(),
+            boot_id: "b".into(),
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            draining: false,
+            registered_at: std::time::SystemTime::now(),
+            heartbeat_at: std::time::SystemTime::now(),
+        };
+        f.db(move |s| s.register_node(&node)).unwrap();
+        let running = f.sandbox("alice", &[]).await;
+        f.svc
+            .start_sandbox(&crate::auth::Caller::local(), &running)
+            .await
+            .unwrap();
+        assert!(f.db(|s| s.set_node_draining("local", true)).unwrap());
+        let cb = f
+            .svc
+            .create_codebase(&crate::auth::Caller::local(), "p".into(), "alice".into())
+            .await
+            .unwrap();
+        let err = f
+            .svc
+            .create_sandbox(&crate::auth::Caller::local(), create(&cb.id.to_string(), vec![]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ServiceError::Unavailable(m) if m.contains("draining") && m.contains("undrain")),
+            "{err:?}"
+        );
+        assert_eq!(f.exec(&running, "pwd").await.unwrap(), "ran: pwd");
+        assert!(f.db(|s| s.set_node_draining("local", false)).unwrap());
+        f.svc
+            .create_sandbox(&crate::auth::Caller::local(), create(&cb.id.to_string(), vec![]))
+            .await
+            .unwrap();
+    }
+}
+
+on_both_stores! {
+    /// At startup a server runs only its own node's sandboxes. One recorded on another node
+    /// whose delta is not here is ERROR with the reason (never started with an empty delta);
+    /// one that never ran, one made before nodes existed, and one whose delta is here (a data
+    /// directory moved to this host) are taken over.
+    async fn sandboxes_of_another_node_are_errors_unless_nothing_is_lost() {
+        let f = Fixture::new("");
+        let mut ids = vec![];
+        for _ in 0..4 {
+            ids.push(f.sandbox("alice", &[]).await);
+        }
+        let [lost, moved, legacy, unrun] = [&ids[0], &ids[1], &ids[2], &ids[3]];
+        for id in [lost, moved, legacy] {
+            f.svc
+                .start_sandbox(&crate::auth::Caller::local(), id)
+                .await
+                .unwrap();
+        }
+        let sid = |id: &str| crate::ids::SandboxId::parse(id).unwrap();
+        for (id, node) in [(lost, "elsewhere"), (moved, "elsewhere"), (legacy, ""), (unrun, "elsewhere")] {
+            let (id, node) = (sid(id), node.to_owned());
+            f.db(move |s| s.set_sandbox_node(&id, &node)).unwrap();
+        }
+        std::fs::create_dir_all(f.dir.path().join("mounts/delta").join(moved.as_str())).unwrap();
+        let f = f.restart();
+        f.svc.recover().await;
+        let rec = f
+            .svc
+            .get_sandbox(&crate::auth::Caller::local(), lost)
+            .await
+            .unwrap();
+        assert_eq!(rec.status, SandboxStatus::Error);
+        let reason = rec.status_reason.unwrap_or_default();
+        assert!(reason.contains("elsewhere") && reason.contains("unpublished"), "{reason}");
+        let mut live = f.fs.live();
+        live.sort();
+        let mut want = vec![moved.clone(), legacy.clone()];
+        want.sort();
+        assert_eq!(live, want, "only sandboxes whose changes are here run");
+        for id in [moved, legacy, unrun] {
+            let id = sid(id);
+            let node = f.db(move |s| s.get_sandbox(&id)).unwrap().unwrap().node;
+            assert_eq!(node, "local");
+        }
+    }
+}

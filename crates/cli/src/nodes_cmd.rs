@@ -1,0 +1,114 @@
+//! `agentfense nodes`: the machines that run sandboxes, as the metadata store knows them, and
+//! draining one (no new sandboxes) before maintenance. Works on the server's data directory
+//! and configuration, like `agentfense keys`, whether or not the server runs.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::Subcommand;
+
+use crate::keys_cmd::{StateArgs, open, time};
+
+/// `agentfense nodes ...`
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// List nodes: capacity, last heartbeat, whether draining, sandboxes on each.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where the server keeps its state.
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Stop placing new sandboxes on a node (creating one there is refused with UNAVAILABLE);
+    /// its sandboxes keep running. For maintenance: drain, wait, then stop it.
+    Drain {
+        /// The node, as `nodes list` shows it.
+        node: String,
+        /// Where the server keeps its state.
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Let a drained node take new sandboxes again.
+    Undrain {
+        /// The node.
+        node: String,
+        /// Where the server keeps its state.
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+/// Runs `agentfense nodes`.
+pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NodesCmd::List { json, state } => {
+            let (store, _) = open(&state)?;
+            let nodes = store.list_nodes()?;
+            let mut on: std::collections::BTreeMap<String, usize> = Default::default();
+            for s in store.all_sandboxes()? {
+                *on.entry(s.node).or_default() += 1;
+            }
+            let now = SystemTime::now();
+            let age = |t: SystemTime| now.duration_since(t).map_or(0, |d| d.as_secs());
+            if json {
+                let v: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                            "id": n.id,
+                            "boot_id": n.boot_id,
+                            "cpus": n.cpus,
+                            "memory_bytes": n.memory_bytes,
+                            "draining": n.draining,
+                            "registered": time(Some(n.registered_at)),
+                            "heartbeat": time(Some(n.heartbeat_at)),
+                            "heartbeat_age_seconds": age(n.heartbeat_at),
+                            "sandboxes": on.get(&n.id).copied().unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<24}  {:>4}  {:>9}  {:<20}  {:>9}  {:>9}  STATE",
+                    "NODE", "CPUS", "MEMORY", "HEARTBEAT", "AGE", "SANDBOXES"
+                )?;
+                for n in &nodes {
+                    writeln!(
+                        out,
+                        "{:<24}  {:>4}  {:>8}M  {:<20}  {:>8}s  {:>9}  {}",
+                        n.id,
+                        n.cpus,
+                        n.memory_bytes >> 20,
+                        time(Some(n.heartbeat_at)),
+                        age(n.heartbeat_at),
+                        on.get(&n.id).copied().unwrap_or(0),
+                        if n.draining { "draining" } else { "ready" }
+                    )?;
+                }
+            }
+        }
+        NodesCmd::Drain { node, state } => {
+            let (store, _) = open(&state)?;
+            if !store.set_node_draining(&node, true)? {
+                anyhow::bail!("no node {node:?} (see `agentfense nodes list`)");
+            }
+            eprintln!(
+                "agentfense: node {node:?} is draining: new sandboxes are refused there; its \
+                 sandboxes keep running"
+            );
+        }
+        NodesCmd::Undrain { node, state } => {
+            let (store, _) = open(&state)?;
+            if !store.set_node_draining(&node, false)? {
+                anyhow::bail!("no node {node:?} (see `agentfense nodes list`)");
+            }
+            eprintln!("agentfense: node {node:?} takes new sandboxes again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
