@@ -27,6 +27,17 @@ fn script(args: &[&str]) -> Option<String> {
     Some(String::from_utf8(out.stdout).unwrap())
 }
 
+/// The second step of restart_check.py passes against `server`.
+fn verify(server: &Server, ids: &str) {
+    let verified = script(&["verify", &server.grpc, ids.trim()]);
+    assert_eq!(
+        verified.as_deref().map(str::trim),
+        Some("ok"),
+        "log:\n{}",
+        server.log_text()
+    );
+}
+
 fn restart_keeps_everything(crash: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
@@ -40,13 +51,7 @@ fn restart_keeps_everything(crash: bool) {
         server.stop();
     }
     let server = Server::start(&data);
-    let verified = script(&["verify", &server.grpc, ids.trim()]);
-    assert_eq!(
-        verified.as_deref().map(str::trim),
-        Some("ok"),
-        "log:\n{}",
-        server.log_text()
-    );
+    verify(&server, &ids);
 }
 
 #[test]
@@ -98,7 +103,11 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
             .arg(&cfg)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let listed: serde_json::Value = serde_json::from_str(&nodes(&["list", "--json"])).unwrap();
@@ -114,33 +123,14 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     let other = tmp.path().join("other");
     let config_file = other.with_extension("yaml");
     std::fs::write(&config_file, &config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(&config_file)
-        .arg("--data-dir")
-        .arg(&other)
-        .output()
-        .unwrap();
+    let out = Server::command(&other, &config_file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "second server started: {err}");
     assert!(err.contains("another AgentFense server"), "{err}");
 
     server.kill9();
     let mut server = Server::start_with(&data, &config);
-    let verified = script(&["verify", &server.grpc, ids.trim()]);
-    assert_eq!(
-        verified.as_deref().map(str::trim),
-        Some("ok"),
-        "log:\n{}",
-        server.log_text()
-    );
+    verify(&server, &ids);
     // A clean stop (which closes the pool) exits cleanly and frees the claim at once.
     server.stop();
     let mut other = Server::start_with(&other, &config);

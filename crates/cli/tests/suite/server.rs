@@ -29,6 +29,24 @@ impl Server {
         Server::start_with(data_dir, "")
     }
 
+    /// `agentfense serve` on ephemeral loopback ports with `data_dir` and the config file
+    /// `config`, not yet started.
+    pub fn command(data_dir: &Path, config: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_agentfense"));
+        c.args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data_dir);
+        c
+    }
+
     /// Like [`Server::start`], with extra YAML configuration.
     pub fn start_with(data_dir: &Path, config_yaml: &str) -> Server {
         let log = data_dir.with_extension("log");
@@ -39,18 +57,7 @@ impl Server {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentfense"))
-            .args([
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(data_dir)
+        let mut child = Server::command(data_dir, &config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log_file)
