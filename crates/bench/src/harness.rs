@@ -232,7 +232,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<String> {
     std::fs::create_dir_all(&work)?;
     let work = work.canonicalize()?;
 
-    let server = start_server(&exe, &work.join("data"), &cpu)?;
+    let metadata = match &opts.database_url {
+        Some(url) => format!("storage:\n  database_url: {url:?}\n"),
+        None => String::new(),
+    };
+    let server = start_server_with(&exe, &work.join("data"), &cpu, &metadata)?;
     let server_pid = server.child.id();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -45,6 +45,10 @@ pub struct Opts {
     /// density, concurrency, auth, egress, review. Default: all of them.
     #[arg(long, value_name = "CASES", value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Keep the main server's metadata in this PostgreSQL (`storage.database_url`) instead of
+    /// SQLite, e.g. to compare `--only start,exec` runs of each.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 fn main() -> ExitCode {

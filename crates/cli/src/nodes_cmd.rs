@@ -25,7 +25,7 @@ pub enum NodesCmd {
     /// Stop placing new sandboxes on a node (creating one there is refused with UNAVAILABLE);
     /// its sandboxes keep running. For maintenance: drain, wait, then stop it.
     Drain {
-        /// The node, as `nodes list` shows it.
+        /// The node id, as `nodes list` shows it.
         node: String,
         /// Where the server keeps its state.
         #[command(flatten)]
@@ -59,6 +59,7 @@ pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                     .map(|n| {
                         serde_json::json!({
                             "id": n.id,
+                            "host": n.host,
                             "boot_id": n.boot_id,
                             "cpus": n.cpus,
                             "memory_bytes": n.memory_bytes,
@@ -74,14 +75,15 @@ pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             } else {
                 writeln!(
                     out,
-                    "{:<24}  {:>4}  {:>9}  {:<20}  {:>9}  {:>9}  STATE",
-                    "NODE", "CPUS", "MEMORY", "HEARTBEAT", "AGE", "SANDBOXES"
+                    "{:<32}  {:<20}  {:>4}  {:>9}  {:<20}  {:>9}  {:>9}  STATE",
+                    "NODE", "HOST", "CPUS", "MEMORY", "HEARTBEAT", "AGE", "SANDBOXES"
                 )?;
                 for n in &nodes {
                     writeln!(
                         out,
-                        "{:<24}  {:>4}  {:>8}M  {:<20}  {:>8}s  {:>9}  {}",
+                        "{:<32}  {:<20}  {:>4}  {:>8}M  {:<20}  {:>8}s  {:>9}  {}",
                         n.id,
+                        n.host,
                         n.cpus,
                         n.memory_bytes >> 20,
                         time(Some(n.heartbeat_at)),

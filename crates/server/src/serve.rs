@@ -277,13 +277,10 @@ impl Claim {
         let now = std::time::SystemTime::now();
         let claim = Claim {
             store,
-            holder: format!("{}/{instance}", host.trim()),
+            holder: instance.clone(),
             node: crate::store::NodeRecord {
-                id: if host.trim().is_empty() {
-                    "local".to_owned()
-                } else {
-                    host.trim().to_owned()
-                },
+                id: instance,
+                host: host.trim().to_owned(),
                 boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                     .map(|b| b.trim().to_owned())
                     .unwrap_or_default(),
@@ -310,35 +307,44 @@ impl Claim {
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let renewing = claim.clone();
         let task = tokio::spawn(async move {
+            // When the last renewal that succeeded was sent: the database stamped its expiry
+            // at or after this instant, so the claim is ours until at least this + TTL.
             let mut last = tokio::time::Instant::now();
             let mut tick = tokio::time::interval(Claim::RENEW_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    biased;
                     _ = stopped.wait_for(|v| *v) => return,
+                    _ = tick.tick() => {}
                 }
-                match renewing.try_take().await {
-                    Ok(true) => {
-                        last = tokio::time::Instant::now();
+                let sent = tokio::time::Instant::now();
+                let renewed = tokio::time::timeout(Claim::RENEW_EVERY, renewing.try_take()).await;
+                match renewed {
+                    Ok(Ok(true)) => {
+                        last = sent;
                         renewing.heartbeat().await;
                     }
-                    Ok(false) => {
+                    Ok(Ok(false)) => {
                         tracing::error!(holder = %renewing.holder, "another server has claimed this metadata database: stopping");
                         let _ = lost_tx.send(true);
                         return;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot renew the claim on the metadata database");
-                        // Past this, another server may take the claim: stop first.
-                        if last.elapsed() >= Claim::TTL - Claim::RENEW_EVERY {
-                            tracing::error!(
-                                "the claim on the metadata database could not be renewed in time: stopping"
-                            );
-                            let _ = lost_tx.send(true);
-                            return;
-                        }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot renew the claim on the metadata database")
                     }
+                    Err(_) => {
+                        tracing::warn!("renewing the claim on the metadata database timed out")
+                    }
+                }
+                // Half the TTL without a renewal: stop while the claim is surely still ours,
+                // leaving the other half for the sandboxes to be stopped.
+                if last.elapsed() >= Claim::TTL / 2 {
+                    tracing::error!(
+                        "the claim on the metadata database could not be renewed in time: stopping"
+                    );
+                    let _ = lost_tx.send(true);
+                    return;
                 }
             }
         });
@@ -676,13 +682,14 @@ impl Bound {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
+                        biased;
+                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
                         _ = tick.tick() => {
                             let n = svc.reap_expired().await;
                             if n > 0 {
                                 tracing::info!(count = n, "destroyed expired sandboxes");
                             }
                         }
-                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
                     }
                 }
             })
@@ -702,8 +709,9 @@ impl Bound {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => { svc.alert_long_sessions().await; }
+                        biased;
                         _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                        _ = tick.tick() => { svc.alert_long_sessions().await; }
                     }
                 }
             })
@@ -719,8 +727,9 @@ impl Bound {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => { svc.enforce_blocks().await; }
+                        biased;
                         _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                        _ = tick.tick() => { svc.enforce_blocks().await; }
                     }
                 }
             })
@@ -840,6 +849,11 @@ impl Bound {
         };
         tracing::info!("shutting down: no new requests accepted");
         let _ = stop_tx.send(true);
+        if claim_lost {
+            // Another server may run these sandboxes any moment now: stop them before
+            // waiting for requests in flight.
+            service.shutdown().await;
+        }
         let grace = Duration::from_secs(10);
         let grpc_res = tokio::time::timeout(grace, grpc_task).await;
         let http_res = match http_task {

@@ -166,8 +166,11 @@ pub struct SessionRecord {
 /// A machine that runs sandboxes, as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
-    /// Its name (the host name by default).
+    /// Its id: the instance id of its data directory (stable when the host is renamed or the
+    /// directory moves to another host; distinct for two directories on one host).
     pub id: String,
+    /// Its host name when it last registered (for people).
+    pub host: String,
     /// The kernel's boot id when it registered: a node that rebooted is a new boot.
     pub boot_id: String,
     /// CPUs it has.
@@ -513,13 +516,18 @@ const CODEBASE_COLS: &str = "id, name, owner_id, size, file_count, created_at, u
 /// The columns of a sandbox row, in the order the backends read them.
 const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, tenant, node";
 /// The columns of a node row, in the order the backends read them.
-const NODE_COLS: &str = "id, boot_id, cpus, memory_bytes, draining, registered_at, heartbeat_at";
-/// Registers a node: (id, boot id, cpus, memory, now). The same in both dialects.
+const NODE_COLS: &str =
+    "id, boot_id, cpus, memory_bytes, draining, registered_at, heartbeat_at, host";
+/// Registers a node: (id, boot id, cpus, memory, now, host). The same in both dialects.
+///
+/// SQLite reads `$N` as a named parameter numbered by first appearance, which `params![]`
+/// binds by position: in SQL shared by both dialects the placeholders must first appear in
+/// ascending order, as here and in [`lease_sql`].
 const REGISTER_NODE_SQL: &str = "INSERT INTO nodes (id, boot_id, cpus, memory_bytes, draining,
-    registered_at, heartbeat_at) VALUES ($1, $2, $3, $4, FALSE, $5, $5)
+    registered_at, heartbeat_at, host) VALUES ($1, $2, $3, $4, FALSE, $5, $5, $6)
     ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, cpus = excluded.cpus,
     memory_bytes = excluded.memory_bytes, registered_at = excluded.registered_at,
-    heartbeat_at = excluded.heartbeat_at";
+    heartbeat_at = excluded.heartbeat_at, host = excluded.host";
 /// The columns of a session row, in the order the backends read them.
 const SESSION_COLS: &str = "id, sandbox_id, shell, env, status, created_at, closed_at";
 
@@ -672,12 +680,14 @@ struct RawNode {
     draining: bool,
     registered_at: i64,
     heartbeat_at: i64,
+    host: String,
 }
 
 impl RawNode {
     fn decode(self) -> NodeRecord {
         NodeRecord {
             id: self.id,
+            host: self.host,
             boot_id: self.boot_id,
             cpus: u32::try_from(self.cpus).unwrap_or(0),
             memory_bytes: u64::try_from(self.memory_bytes).unwrap_or(0),

@@ -221,6 +221,16 @@ impl Postgres {
         format!("postgresql://postgres@127.0.0.1{}/{name}", self.port_part())
     }
 
+    /// Stops the server now (`immediate`: as if the database host vanished); the files stay
+    /// until drop.
+    pub fn stop(&self) {
+        self.run("pg_ctl", |c| {
+            c.arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-w", "-m", "immediate", "stop"]);
+        });
+    }
+
     /// Runs `sql` with `psql` on the database at `url` (one of this cluster's).
     pub fn psql(&self, url: &str, sql: &str) {
         self.run("psql", |c| {

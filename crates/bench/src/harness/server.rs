@@ -35,11 +35,7 @@ pub(super) fn pinned(cpu: &Option<usize>, program: &str) -> Command {
     }
 }
 
-pub(super) fn start_server(exe: &Path, data: &Path, cpu: &Option<usize>) -> anyhow::Result<Server> {
-    start_server_with(exe, data, cpu, "")
-}
-
-/// [`start_server`] with more configuration.
+/// Starts `agentfense serve` on `data`, with `extra` YAML configuration.
 pub(super) fn start_server_with(
     exe: &Path,
     data: &Path,

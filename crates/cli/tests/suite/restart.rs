@@ -112,12 +112,14 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     };
     let listed: serde_json::Value = serde_json::from_str(&nodes(&["list", "--json"])).unwrap();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    assert_eq!(listed[0]["id"], host.trim(), "{listed}");
+    let instance = std::fs::read_to_string(data.join("instance-id")).unwrap();
+    assert_eq!(listed[0]["id"], instance.trim(), "{listed}");
+    assert_eq!(listed[0]["host"], host.trim(), "{listed}");
     assert_eq!(listed[0]["sandboxes"], 3, "{listed}");
     assert_eq!(listed[0]["draining"], false, "{listed}");
-    nodes(&["drain", host.trim()]);
+    nodes(&["drain", instance.trim()]);
     assert!(nodes(&["list"]).contains("draining"));
-    nodes(&["undrain", host.trim()]);
+    nodes(&["undrain", instance.trim()]);
 
     // Another server (another data directory) on the same database.
     let other = tmp.path().join("other");
@@ -135,8 +137,13 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     server.stop();
     let mut other = Server::start_with(&other, &config);
 
-    // Its claim taken from under it (a server elsewhere that found it expired): it stops at
-    // its next renewal, cleanly (no mounts left) but with an error, and says why.
+    // Its claim taken from under it (a server elsewhere that found it expired), with
+    // sandboxes running: it stops at its next renewal, cleanly (no mounts left) but with an
+    // error, and says why.
+    let Some(_ids) = script(&["setup", &other.grpc]) else {
+        return;
+    };
+    assert!(!other.mounts().is_empty());
     pg.psql(
         &url,
         "UPDATE leases SET holder = 'elsewhere/0', expires_at = 9223372036854775807 \
@@ -162,4 +169,47 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
     assert!(!status.success(), "{status}; log:\n{log}");
     assert!(log.contains("lost its claim"), "{log}");
     assert_eq!(other.mounts(), Vec::<String>::new());
+}
+
+/// The database becomes unreachable under a PostgreSQL-backed server with sandboxes running:
+/// it cannot renew its claim, so it must stop before another server could take the claim
+/// (half the claim's lifetime), tearing its sandboxes down without the database, and exit
+/// with an error (a supervisor restarts it, to wait for the claim like any other server).
+#[test]
+fn an_unreachable_database_stops_the_server_cleanly() {
+    let test = "an_unreachable_database_stops_the_server_cleanly";
+    if !privileged(test) {
+        return;
+    }
+    let Some(pg) = agentfense_testsupport::postgres::Postgres::start(test) else {
+        return;
+    };
+    let config = format!("storage:\n  database_url: \"{}\"\n", pg.database());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with(&tmp.path().join("data"), &config);
+    let Some(_ids) = script(&["setup", &server.grpc]) else {
+        return;
+    };
+    assert!(!server.mounts().is_empty());
+    pg.stop();
+    let mut child = server.child.take().unwrap();
+    // Renewals fail from now on; the server gives up 30 s after the last one that worked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "server kept running without its database; log:\n{}",
+                server.log_text()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let log = server.log_text();
+    assert!(!status.success(), "{status}; log:\n{log}");
+    assert!(log.contains("lost its claim"), "{log}");
+    assert_eq!(server.mounts(), Vec::<String>::new(), "{log}");
 }

@@ -131,6 +131,8 @@ pub const MIGRATIONS: &[&str] = &[
         heartbeat_at BIGINT NOT NULL
     );
     ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
+    // 3: a node's host name, shown beside its id (the data directory's instance id).
+    "ALTER TABLE nodes ADD COLUMN host TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`): migrations, sandbox creation (and with it
@@ -483,6 +485,7 @@ fn node_row(r: &Row) -> Result<RawNode, postgres::Error> {
         draining: r.try_get(4)?,
         registered_at: r.try_get(5)?,
         heartbeat_at: r.try_get(6)?,
+        host: r.try_get(7)?,
     })
 }
 
@@ -1149,6 +1152,7 @@ impl Store for PgStore {
                 &i64::from(n.cpus),
                 &i64::try_from(n.memory_bytes).unwrap_or(i64::MAX),
                 &to_nanos(n.registered_at),
+                &n.host,
             ],
         )
         .map(drop)

@@ -109,6 +109,8 @@ pub const MIGRATIONS: &[&str] = &[
         heartbeat_at INTEGER NOT NULL
     );
     ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
+    // 5: a node's host name, shown beside its id (the data directory's instance id).
+    "ALTER TABLE nodes ADD COLUMN host TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The SQLite store: one connection behind a mutex (SQLite serialises writers anyway).
@@ -790,7 +792,8 @@ impl Store for SqliteStore {
                     n.boot_id,
                     i64::from(n.cpus),
                     i64::try_from(n.memory_bytes).unwrap_or(i64::MAX),
-                    to_nanos(n.registered_at)
+                    to_nanos(n.registered_at),
+                    n.host
                 ],
             )
             .map_err(q("register node"))?;
@@ -919,6 +922,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<RawNode> {
         draining: r.get(4)?,
         registered_at: r.get(5)?,
         heartbeat_at: r.get(6)?,
+        host: r.get(7)?,
     })
 }
 

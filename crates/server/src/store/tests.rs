@@ -347,6 +347,7 @@ fn corrupt_and_missing_rows_are_errors_not_panics(s: &dyn Store) {
 fn nodes_register_beat_drain_and_own_sandboxes(s: &dyn Store) {
     let node = NodeRecord {
         id: "worker-1".into(),
+        host: "host-1".into(),
         boot_id: "boot-a".into(),
         cpus: 8,
         memory_bytes: 32 << 30,
@@ -365,6 +366,7 @@ fn nodes_register_beat_drain_and_own_sandboxes(s: &dyn Store) {
     assert!(s.set_node_draining("worker-1", true).unwrap());
     let again = NodeRecord {
         boot_id: "boot-b".into(),
+        host: "renamed".into(),
         registered_at: t(10),
         heartbeat_at: t(10),
         ..node.clone()
@@ -372,8 +374,13 @@ fn nodes_register_beat_drain_and_own_sandboxes(s: &dyn Store) {
     s.register_node(&again).unwrap();
     let got = s.get_node("worker-1").unwrap().unwrap();
     assert_eq!(
-        (got.boot_id.as_str(), got.draining, got.heartbeat_at),
-        ("boot-b", true, t(10))
+        (
+            got.boot_id.as_str(),
+            got.host.as_str(),
+            got.draining,
+            got.heartbeat_at
+        ),
+        ("boot-b", "renamed", true, t(10))
     );
     assert!(!s.set_node_draining("nobody", true).unwrap());
     assert!(s.set_node_draining("worker-1", false).unwrap());

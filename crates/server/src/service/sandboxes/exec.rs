@@ -21,6 +21,7 @@ impl Service {
             return Ok(live);
         }
         let rec = self.sandbox_for(caller, id).await?;
+        self.own(&rec)?;
         Err(ServiceError::FailedPrecondition(format!(
             "sandbox {id} is not running (status {}); start it first",
             status_name(rec.status)

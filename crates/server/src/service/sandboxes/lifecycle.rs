@@ -189,6 +189,7 @@ impl Service {
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let mut rec = self.sandbox(&id).await?;
+        self.own(&rec)?;
         if rec.status == SandboxStatus::Running {
             return Err(ServiceError::FailedPrecondition(format!(
                 "sandbox {id} is already running"
@@ -464,6 +465,7 @@ impl Service {
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let mut rec = self.sandbox(&id).await?;
+        self.own(&rec)?;
         if rec.status != SandboxStatus::Running {
             return Err(ServiceError::FailedPrecondition(format!(
                 "sandbox {id} is not running (status {})",
@@ -685,41 +687,59 @@ impl Service {
         }
     }
 
-    /// A sandbox recorded on another node (or on none: made before nodes existed): this
-    /// server takes it over when nothing is lost by it, that is when its delta is here (a
-    /// data directory moved to a new host) or it never ran (no delta anywhere); otherwise its
-    /// unpublished changes are on that other machine, so it is marked ERROR saying so, never
-    /// started here with an empty delta. True when it is now this node's.
+    /// A sandbox recorded before nodes existed (no node): this server takes it over when
+    /// nothing is lost by it, that is when its delta is in this data directory or it never
+    /// ran (no delta anywhere). A sandbox of another node is left alone (its record
+    /// untouched): its changes are on that node's disk, and [`Service::own`] refuses to
+    /// start or review it here. True when it is this node's.
     async fn adopt(self: &Arc<Self>, rec: &mut SandboxRecord) -> bool {
-        let (_, delta) = self.mount_dirs(&rec.id);
-        let never_ran = rec.started_at.is_none();
-        if rec.node.is_empty() || delta.is_dir() || never_ran {
-            let store = self.store.clone();
-            let (id, node) = (rec.id.clone(), self.node.clone());
-            if blocking(move || Ok(store.set_sandbox_node(&id, &node)?))
-                .await
-                .is_err()
-            {
-                return false;
-            }
-            rec.node = self.node.clone();
+        if rec.node == self.node {
             return true;
         }
-        if rec.status != SandboxStatus::Error {
-            rec.status = SandboxStatus::Error;
-            rec.status_reason = Some(format!(
-                "its node {} is not this server (node {}): its unpublished changes are on that \
-                 machine; published work is in the codebase. Destroy it and create a new one",
-                rec.node, self.node
-            ));
-            tracing::warn!(sandbox_id = %rec.id, node = %rec.node, "sandbox of another node marked ERROR");
-            let _ = self.save(rec).await;
+        let (_, delta) = self.mount_dirs(&rec.id);
+        if !rec.node.is_empty() || !(delta.is_dir() || rec.started_at.is_none()) {
+            tracing::info!(sandbox_id = %rec.id, node = %rec.node, "not this node's sandbox: left alone");
+            return false;
         }
-        false
+        let store = self.store.clone();
+        let (id, node) = (rec.id.clone(), self.node.clone());
+        if blocking(move || Ok(store.set_sandbox_node(&id, &node)?))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rec.node = self.node.clone();
+        true
+    }
+
+    /// FAILED_PRECONDITION unless `rec` is this node's: a sandbox whose delta is on another
+    /// machine must never run, or be reviewed, here with an empty one.
+    pub(super) fn own(&self, rec: &SandboxRecord) -> Result<(), ServiceError> {
+        if rec.node == self.node {
+            return Ok(());
+        }
+        Err(ServiceError::FailedPrecondition(if rec.node.is_empty() {
+            format!(
+                "sandbox {} was made before nodes existed and its changes are not in this \
+                 server's data directory; destroy it and create a new one",
+                rec.id
+            )
+        } else {
+            format!(
+                "sandbox {} lives on node {} (this server is node {}): its unpublished changes \
+                 are on that machine, published work is in the codebase; use that server, or \
+                 destroy it and create a new one",
+                rec.id, rec.node, self.node
+            )
+        }))
     }
 
     /// At shutdown: stop every running sandbox's processes and unmount, keeping their
-    /// status RUNNING in the store so the next start brings them back.
+    /// status RUNNING in the store so the next start brings them back. Works from the live
+    /// resources alone, never the store: it must finish when the database is unreachable
+    /// (a server that lost its claim stops exactly then). Nothing is published here: the
+    /// deltas are kept, and the next command after the restart publishes what is pending.
     pub async fn shutdown(self: &Arc<Self>) {
         let ids: Vec<SandboxId> = self
             .engine
@@ -730,9 +750,27 @@ impl Service {
             .cloned()
             .collect();
         for id in ids {
-            if let Ok(rec) = self.sandbox(&id).await {
-                self.tear_down(&rec, false).await;
+            let Some(live) = self.engine.take_live(&id) else {
+                continue;
+            };
+            let sid = id.to_string();
+            match live.runtime.stop(&sid).await {
+                Ok(())
+                | Err(RuntimeError::SandboxNotFound { .. })
+                | Err(RuntimeError::NotRunning { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %sid, error = %chain(&e), "runtime stop failed")
+                }
             }
+            let _ = tokio::task::spawn_blocking(move || match Arc::try_unwrap(live) {
+                Ok(live) => {
+                    if let Err(e) = live.mount.unmount() {
+                        tracing::warn!(sandbox_id = %sid, error = %chain(&e), "unmount failed");
+                    }
+                }
+                Err(_) => tracing::debug!(sandbox_id = %sid, "mount still in use; unmounting on last release"),
+            })
+            .await;
         }
     }
 }

@@ -168,6 +168,7 @@ impl Service {
         let lock = self.engine.lock(&id);
         let _g = lock.lock().await;
         let rec = self.sandbox(&id).await?;
+        self.own(&rec)?;
         let live = self.engine.live(&id);
         let floor = self.settings.config.policy.mandatory.clone();
         let policy = Policy::compile_with_floor(rec.rules.clone(), floor)

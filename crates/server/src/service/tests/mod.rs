@@ -653,6 +653,7 @@ on_both_stores! {
         let f = Fixture::new("");
         let node = crate::store::NodeRecord {
             id: "local".into(),
+            host: "h".into(),
             boot_id: "b".into(),
             cpus: 2,
             memory_bytes: 1 << 30,
@@ -691,48 +692,77 @@ on_both_stores! {
 }
 
 on_both_stores! {
-    /// At startup a server runs only its own node's sandboxes. One recorded on another node
-    /// whose delta is not here is ERROR with the reason (never started with an empty delta);
-    /// one that never ran, one made before nodes existed, and one whose delta is here (a data
-    /// directory moved to this host) are taken over.
-    async fn sandboxes_of_another_node_are_errors_unless_nothing_is_lost() {
+    /// At startup a server runs only its own node's sandboxes. One of another node is left
+    /// alone (its record untouched), and starting, running or reviewing it here is refused
+    /// saying where it lives: never run with an empty delta. One made before nodes existed
+    /// is taken over when nothing is lost (its delta is here, or it never ran), else refused
+    /// the same way.
+    async fn sandboxes_of_another_node_are_never_run_here() {
         let f = Fixture::new("");
         let mut ids = vec![];
-        for _ in 0..4 {
+        for _ in 0..5 {
             ids.push(f.sandbox("alice", &[]).await);
         }
-        let [lost, moved, legacy, unrun] = [&ids[0], &ids[1], &ids[2], &ids[3]];
-        for id in [lost, moved, legacy] {
+        let [foreign, foreign_unrun, legacy_here, legacy_gone, legacy_unrun] =
+            [&ids[0], &ids[1], &ids[2], &ids[3], &ids[4]];
+        for id in [foreign, legacy_here, legacy_gone] {
             f.svc
                 .start_sandbox(&crate::auth::Caller::local(), id)
                 .await
                 .unwrap();
         }
         let sid = |id: &str| crate::ids::SandboxId::parse(id).unwrap();
-        for (id, node) in [(lost, "elsewhere"), (moved, "elsewhere"), (legacy, ""), (unrun, "elsewhere")] {
+        for (id, node) in [
+            (foreign, "elsewhere"),
+            (foreign_unrun, "elsewhere"),
+            (legacy_here, ""),
+            (legacy_gone, ""),
+            (legacy_unrun, ""),
+        ] {
             let (id, node) = (sid(id), node.to_owned());
             f.db(move |s| s.set_sandbox_node(&id, &node)).unwrap();
         }
-        std::fs::create_dir_all(f.dir.path().join("mounts/delta").join(moved.as_str())).unwrap();
+        // The fake mounter makes no directories: the delta that is here is made by hand.
+        std::fs::create_dir_all(f.dir.path().join("mounts/delta").join(legacy_here.as_str()))
+            .unwrap();
         let f = f.restart();
         f.svc.recover().await;
-        let rec = f
-            .svc
-            .get_sandbox(&crate::auth::Caller::local(), lost)
-            .await
-            .unwrap();
-        assert_eq!(rec.status, SandboxStatus::Error);
-        let reason = rec.status_reason.unwrap_or_default();
-        assert!(reason.contains("elsewhere") && reason.contains("unpublished"), "{reason}");
-        let mut live = f.fs.live();
-        live.sort();
-        let mut want = vec![moved.clone(), legacy.clone()];
-        want.sort();
-        assert_eq!(live, want, "only sandboxes whose changes are here run");
-        for id in [moved, legacy, unrun] {
+        assert_eq!(f.fs.live(), vec![legacy_here.clone()], "only what is here runs");
+        let node_of = |id: &str| {
             let id = sid(id);
-            let node = f.db(move |s| s.get_sandbox(&id)).unwrap().unwrap().node;
-            assert_eq!(node, "local");
+            f.db(move |s| s.get_sandbox(&id)).unwrap().unwrap().node
+        };
+        assert_eq!(node_of(foreign), "elsewhere");
+        assert_eq!(f.status(foreign).await, SandboxStatus::Running, "record untouched");
+        assert_eq!(node_of(foreign_unrun), "elsewhere");
+        assert_eq!(node_of(legacy_here), "local");
+        assert_eq!(node_of(legacy_unrun), "local");
+        assert_eq!(node_of(legacy_gone), "");
+        let caller = crate::auth::Caller::local();
+        for (id, says) in [
+            (foreign, "lives on node elsewhere"),
+            (foreign_unrun, "lives on node elsewhere"),
+            (legacy_gone, "made before nodes"),
+        ] {
+            let err = f.svc.stop_sandbox(&caller, id).await.unwrap_err();
+            assert!(
+                matches!(&err, ServiceError::FailedPrecondition(m) if m.contains(says)),
+                "{id}: {err:?}"
+            );
+            let err = f.svc.start_sandbox(&caller, id).await.unwrap_err();
+            assert!(
+                matches!(&err, ServiceError::FailedPrecondition(m) if m.contains(says)),
+                "{id}: {err:?}"
+            );
+            let err = f.exec(id, "true").await.unwrap_err();
+            assert!(
+                matches!(&err, ServiceError::FailedPrecondition(m) if m.contains(says)),
+                "{id}: {err:?}"
+            );
         }
+        // What is this node's works; another node's can still be destroyed.
+        f.svc.start_sandbox(&caller, legacy_unrun).await.unwrap();
+        f.svc.destroy_sandbox(&caller, foreign).await.unwrap();
+        assert_eq!(f.exec(legacy_here, "pwd").await.unwrap(), "ran: pwd");
     }
 }
