@@ -338,8 +338,10 @@ impl Claim {
                     }
                 }
                 // Half the TTL without a renewal: stop while the claim is surely still ours,
-                // leaving the other half for the sandboxes to be stopped.
-                if last.elapsed() >= Claim::TTL / 2 {
+                // leaving the other half for the sandboxes to be stopped. (Only where another
+                // machine could take it: an SQLite file this process cannot write, another
+                // cannot either.)
+                if renewing.store.shared() && last.elapsed() >= Claim::TTL / 2 {
                     tracing::error!(
                         "the claim on the metadata database could not be renewed in time: stopping"
                     );

@@ -374,6 +374,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
     /// Gives a lease up if `holder` holds it (a clean shutdown frees it at once).
     fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Whether other machines can reach this database, and so could take a lease this
+    /// process fails to renew. A local file cannot be written by anyone else when this
+    /// process cannot write it (a full disk): failures to renew are then no reason to stop.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Opens the store the configuration names: PostgreSQL when `storage.database_url` is set,

@@ -1225,4 +1225,8 @@ impl Store for PgStore {
         )
         .map(drop)
     }
+
+    fn shared(&self) -> bool {
+        true
+    }
 }
