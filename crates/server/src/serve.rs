@@ -367,17 +367,7 @@ impl Claim {
         .map_err(|e| ServeError::Host(format!("claiming the metadata database: {e}")))?
         .map_err(ServeError::Store)
     }
-}
 
-impl Drop for Kept {
-    /// A claim dropped without [`Kept::release`] (startup failed after taking it) stops being
-    /// renewed; it expires, or this server takes it back when it starts again.
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Claim {
     /// Records that this node is alive (for `agentfense nodes list`).
     async fn heartbeat(&self) {
         let this = self.clone();
@@ -392,6 +382,14 @@ impl Claim {
         if !matches!(beat, Ok(Ok(true))) {
             tracing::warn!(node = %self.node.id, "cannot record this node's heartbeat");
         }
+    }
+}
+
+impl Drop for Kept {
+    /// A claim dropped without [`Kept::release`] (startup failed after taking it) stops being
+    /// renewed; it expires, or this server takes it back when it starts again.
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -156,8 +156,9 @@ enum Pool {
 
 impl Pool {
     /// Connects once (so that a failure says why at once: the pool would only say that it
-    /// timed out, after retrying for the whole timeout), then builds the pool.
-    fn open(config: postgres::Config, ca_file: Option<&Path>) -> Result<Pool, BackendError> {
+    /// timed out, after retrying for the whole timeout), then builds the pool; `tls` is used
+    /// unless every host is a Unix socket.
+    fn open(config: postgres::Config, tls: MakeRustlsConnect) -> Result<Pool, BackendError> {
         fn build<T>(
             config: postgres::Config,
             tls: T,
@@ -175,11 +176,10 @@ impl Pool {
                 .connection_timeout(Duration::from_secs(10))
                 .build(PostgresConnectionManager::new(config, tls))?)
         }
-        let unix_only = unix_only(&config);
-        Ok(if unix_only {
+        Ok(if unix_only(&config) {
             Pool::Socket(build(config, postgres::NoTls)?)
         } else {
-            Pool::Tcp(build(config, tls(ca_file)?)?)
+            Pool::Tcp(build(config, tls)?)
         })
     }
 
@@ -220,6 +220,11 @@ impl std::fmt::Debug for PgStore {
 
 /// Checks a `storage.database_url` and returns it without its password, for messages.
 pub fn check_url(url: &str) -> Result<String, StoreError> {
+    parse_url(url).map(|(_, shown)| shown)
+}
+
+/// A `storage.database_url`'s connection settings, and the URL without its password.
+fn parse_url(url: &str) -> Result<(postgres::Config, String), StoreError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(StoreError::BadUrl(
             "must start with postgres:// or postgresql:// (leave it unset for the embedded SQLite file)"
@@ -227,7 +232,8 @@ pub fn check_url(url: &str) -> Result<String, StoreError> {
         ));
     }
     let config = postgres::Config::from_str(url).map_err(|e| StoreError::BadUrl(e.to_string()))?;
-    Ok(describe(&config))
+    let shown = describe(&config);
+    Ok((config, shown))
 }
 
 /// `postgres://user@host:port/db`, never the password.
@@ -299,9 +305,7 @@ impl PgStore {
     /// password) when the database cannot be reached within 10 s. The password may come from
     /// `PGPASSWORD` instead of the URL, as with libpq (for secrets passed as environment).
     pub fn connect(url: &str, ca_file: Option<&Path>) -> Result<PgStore, StoreError> {
-        let target = check_url(url)?;
-        let mut config =
-            postgres::Config::from_str(url).map_err(|e| StoreError::BadUrl(e.to_string()))?;
+        let (mut config, target) = parse_url(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -324,18 +328,11 @@ impl PgStore {
         if config.get_options().is_none() {
             config.options("-c statement_timeout=60s -c idle_in_transaction_session_timeout=60s");
         }
-        if ca_file.is_some() {
-            // Checked (and its errors reported) even where only a socket is used.
-            tls(ca_file)?;
-        }
-        let pool = Pool::open(config, ca_file).map_err(|source| {
-            match source.downcast::<StoreError>() {
-                Ok(e) => *e,
-                Err(source) => StoreError::Open {
-                    target: target.clone(),
-                    source,
-                },
-            }
+        // Made (and a bad CA file reported) even where only a socket is used.
+        let tls = tls(ca_file)?;
+        let pool = Pool::open(config, tls).map_err(|source| StoreError::Open {
+            target: target.clone(),
+            source,
         })?;
         let store = PgStore {
             pool: Some(pool),

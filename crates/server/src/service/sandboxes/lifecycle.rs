@@ -496,19 +496,7 @@ impl Service {
             .map(|l| l.runtime.clone())
             .or_else(|| self.engine.runtimes.get(&rec.runtime).cloned());
         if let Some(rt) = &runtime {
-            let res = if destroy {
-                rt.destroy(&sid).await
-            } else {
-                rt.stop(&sid).await
-            };
-            match res {
-                Ok(())
-                | Err(RuntimeError::SandboxNotFound { .. })
-                | Err(RuntimeError::NotRunning { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(sandbox_id = %sid, error = %chain(&e), "runtime stop failed")
-                }
-            }
+            stop_runtime(rt.as_ref(), &sid, destroy).await;
         }
         let now = SystemTime::now();
         let store = self.store.clone();
@@ -520,15 +508,7 @@ impl Service {
             let sid2 = sid.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let _ = this.publish_counted(&sid2, &cb, &live, false);
-                match Arc::try_unwrap(live) {
-                    Ok(live) => {
-                        if let Err(e) = live.mount.unmount() {
-                            tracing::warn!(sandbox_id = %sid2, error = %chain(&e), "unmount failed");
-                        }
-                    }
-                    // An in-flight request still holds it: the last holder's drop unmounts.
-                    Err(_) => tracing::debug!(sandbox_id = %sid2, "mount still in use; unmounting on last release"),
-                }
+                unmount(live, &sid2);
             })
             .await;
         }
@@ -656,7 +636,7 @@ impl Service {
             let store = self.store.clone();
             let id = rec.id.clone();
             let _ = blocking(move || Ok(store.close_sessions_of(&id, SystemTime::now())?)).await;
-            if rec.node != self.node && !self.adopt(&mut rec).await {
+            if !self.adopt(&mut rec).await {
                 continue;
             }
             if rec.status != SandboxStatus::Running {
@@ -687,7 +667,8 @@ impl Service {
         }
     }
 
-    /// A sandbox recorded before nodes existed (no node): this server takes it over when
+    /// Whether `rec` is this node's, after taking it over where that loses nothing. A
+    /// sandbox recorded before nodes existed (no node): this server takes it over when
     /// nothing is lost by it, that is when its delta is in this data directory or it never
     /// ran (no delta anywhere). A sandbox of another node is left alone (its record
     /// untouched): its changes are on that node's disk, and [`Service::own`] refuses to
@@ -754,23 +735,38 @@ impl Service {
                 continue;
             };
             let sid = id.to_string();
-            match live.runtime.stop(&sid).await {
-                Ok(())
-                | Err(RuntimeError::SandboxNotFound { .. })
-                | Err(RuntimeError::NotRunning { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(sandbox_id = %sid, error = %chain(&e), "runtime stop failed")
-                }
+            stop_runtime(live.runtime.as_ref(), &sid, false).await;
+            let _ = tokio::task::spawn_blocking(move || unmount(live, &sid)).await;
+        }
+    }
+}
+
+/// Stops (or destroys) a sandbox's processes; one already gone is no error.
+async fn stop_runtime(rt: &dyn Runtime, sid: &str, destroy: bool) {
+    let res = if destroy {
+        rt.destroy(sid).await
+    } else {
+        rt.stop(sid).await
+    };
+    match res {
+        Ok(())
+        | Err(RuntimeError::SandboxNotFound { .. })
+        | Err(RuntimeError::NotRunning { .. }) => {}
+        Err(e) => tracing::warn!(sandbox_id = %sid, error = %chain(&e), "runtime stop failed"),
+    }
+}
+
+/// Unmounts a sandbox's filesystem (blocking), unless a request in flight still holds it:
+/// then the last holder's drop unmounts.
+fn unmount(live: Arc<Live>, sid: &str) {
+    match Arc::try_unwrap(live) {
+        Ok(live) => {
+            if let Err(e) = live.mount.unmount() {
+                tracing::warn!(sandbox_id = %sid, error = %chain(&e), "unmount failed");
             }
-            let _ = tokio::task::spawn_blocking(move || match Arc::try_unwrap(live) {
-                Ok(live) => {
-                    if let Err(e) = live.mount.unmount() {
-                        tracing::warn!(sandbox_id = %sid, error = %chain(&e), "unmount failed");
-                    }
-                }
-                Err(_) => tracing::debug!(sandbox_id = %sid, "mount still in use; unmounting on last release"),
-            })
-            .await;
+        }
+        Err(_) => {
+            tracing::debug!(sandbox_id = %sid, "mount still in use; unmounting on last release")
         }
     }
 }
