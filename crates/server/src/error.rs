@@ -80,9 +80,8 @@ impl From<FilesError> for ServiceError {
             FilesError::WrongKind { .. }
             | FilesError::SizeMismatch { .. }
             | FilesError::TooLarge { .. } => ServiceError::InvalidArgument(e.to_string()),
-            FilesError::NoCodebaseDir(_) | FilesError::Io { .. } => {
-                ServiceError::internal("codebase files", e)
-            }
+            FilesError::NoCodebaseDir(_) => ServiceError::FailedPrecondition(e.to_string()),
+            FilesError::Io { .. } => ServiceError::internal("codebase files", e),
         }
     }
 }

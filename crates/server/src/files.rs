@@ -28,8 +28,13 @@ const BENEATH: ResolveFlags = ResolveFlags::BENEATH
 /// A file-storage operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
-    /// The codebase's directory is missing.
-    #[error("codebase {0} has no file directory")]
+    /// The codebase's directory is missing: its files are not in this server's codebase
+    /// storage (another server's local disk, or removed behind the server's back).
+    #[error(
+        "codebase {0} has no files in this server's codebase storage (storage.codebase_path): \
+         servers sharing a metadata database must share that directory too, or the codebase's \
+         files stay with the server that stored them"
+    )]
     NoCodebaseDir(String),
     /// The path does not exist (or goes through a symlink, which is treated as absent).
     #[error("file not found: {0}")]
