@@ -2,6 +2,7 @@
 
     restart_check.py setup ENDPOINT   -> prints the ids as JSON
     restart_check.py verify ENDPOINT IDS_JSON
+    restart_check.py lost|forget ENDPOINT IDS_JSON   (after their node was declared lost)
 
 Between the steps the server is killed (SIGKILL or SIGTERM) and started again on the same data
 directory. Nothing may be lost: codebases, sandboxes (running ones come back running), published
@@ -58,8 +59,33 @@ def verify(endpoint, ids):
     print("ok")
 
 
+def lost(endpoint, ids, forget):
+    """The setup's sandboxes after their node was declared lost: in ERROR, refusing to run
+    with the reason, published work intact; with `forget`, destroyed along with the codebase."""
+    c = SandboxClient(endpoint=endpoint)
+    listed = {s.id: s for s in c.list_sandboxes(codebase_id=ids["cb"])}
+    sandboxes = (ids["running"], ids["private"], ids["stopped"])
+    for sid in sandboxes:
+        assert "ERROR" in str(listed[sid].status).upper(), listed[sid]
+        try:
+            c.exec(sid, "true")
+        except Exception as e:  # the SDK's error for FAILED_PRECONDITION
+            assert "lost with its node" in str(e), e
+        else:
+            raise AssertionError(f"{sid} ran a command after its node was lost")
+    assert c.download_file(ids["cb"], "out.txt") == b"published\n"
+    assert "private.txt" not in [f.path for f in c.list_files(ids["cb"], recursive=True)]
+    if forget:
+        for sid in sandboxes:
+            c.destroy_sandbox(sid)
+        c.delete_codebase(ids["cb"])
+    print("ok")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "setup":
         setup(sys.argv[2])
+    elif sys.argv[1] in ("lost", "forget"):
+        lost(sys.argv[2], json.loads(sys.argv[3]), sys.argv[1] == "forget")
     else:
         verify(sys.argv[2], json.loads(sys.argv[3]))

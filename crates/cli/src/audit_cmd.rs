@@ -291,6 +291,7 @@ fn ocsf(rec: &serde_json::Value) -> serde_json::Value {
         ("alert", Some("medium")) => 3,
         ("alert", _) => 2,
         ("permission_denied" | "authentication_failed" | "resource_limit_exceeded", _) => 3,
+        ("node_lost" | "sandbox_lost", _) => 4,
         _ => 1,
     };
     let status_id = match event {

@@ -13,7 +13,8 @@ use crate::keys_cmd::{StateArgs, open, time};
 /// `agentfense nodes ...`
 #[derive(Debug, Subcommand)]
 pub enum NodesCmd {
-    /// List nodes: capacity, last heartbeat, whether draining, sandboxes on each.
+    /// List nodes: capacity, last heartbeat, state (ready, draining, or lost: no heartbeat
+    /// for `nodes.lost_after`), sandboxes on each (not counting those lost with it).
     List {
         /// Print JSON.
         #[arg(long)]
@@ -49,8 +50,15 @@ pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             let nodes = store.list_nodes()?;
             let mut on: std::collections::BTreeMap<String, usize> = Default::default();
             for s in store.all_sandboxes()? {
-                *on.entry(s.node).or_default() += 1;
+                if s.lost_at.is_none() {
+                    *on.entry(s.node).or_default() += 1;
+                }
             }
+            let state = |n: &agentfense_server::store::NodeRecord| match (n.lost_at, n.draining) {
+                (Some(_), _) => "lost",
+                (None, true) => "draining",
+                (None, false) => "ready",
+            };
             let now = SystemTime::now();
             let age = |t: SystemTime| now.duration_since(t).map_or(0, |d| d.as_secs());
             if json {
@@ -67,6 +75,8 @@ pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                             "registered": time(Some(n.registered_at)),
                             "heartbeat": time(Some(n.heartbeat_at)),
                             "heartbeat_age_seconds": age(n.heartbeat_at),
+                            "state": state(n),
+                            "lost": n.lost_at.map(|t| time(Some(t))),
                             "sandboxes": on.get(&n.id).copied().unwrap_or(0),
                         })
                     })
@@ -89,7 +99,7 @@ pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                         time(Some(n.heartbeat_at)),
                         age(n.heartbeat_at),
                         on.get(&n.id).copied().unwrap_or(0),
-                        if n.draining { "draining" } else { "ready" }
+                        state(n)
                     )?;
                 }
             }

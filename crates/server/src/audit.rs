@@ -96,6 +96,27 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A node sent no heartbeat for `nodes.lost_after` and was declared lost, with what ran
+    /// there (the server's own event; each sandbox also gets a `sandbox_lost`).
+    NodeLost {
+        /// The node.
+        node: String,
+        /// Its host name.
+        host: String,
+        /// Its last heartbeat (RFC 3339).
+        last_heartbeat: String,
+        /// Sandboxes lost with it.
+        sandboxes: usize,
+        /// Sandboxes that had never started there, moved to this server's node.
+        moved: usize,
+    },
+    /// A sandbox was lost with its node: it is in ERROR, its unpublished changes are gone.
+    SandboxLost {
+        /// Its id.
+        sandbox_id: String,
+        /// The node.
+        node: String,
+    },
     /// A sandbox was destroyed on request.
     SandboxDestroyed {
         /// Its id.

@@ -85,6 +85,33 @@ pub struct Config {
     pub network: NetworkConfig,
     /// Built-in alert rules and where alerts go.
     pub alerts: crate::alerts::AlertsConfig,
+    /// Nodes sharing the metadata database.
+    pub nodes: NodesConfig,
+}
+
+/// `nodes.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// A node that sends no heartbeat for this long is lost (default 5 min, at least 1 min):
+    /// its sandboxes go to ERROR with the reason, their unpublished changes are gone, and
+    /// the node stops what it still runs of them if it comes back. Heartbeats go every 10 s.
+    #[serde(with = "humantime_serde")]
+    pub lost_after: Duration,
+}
+
+impl NodesConfig {
+    /// The shortest `lost_after`: several missed heartbeats, and longer than a claim lasts
+    /// (60 s), so a node is never declared lost while its claim could still be valid.
+    pub const MIN_LOST_AFTER: Duration = Duration::from_secs(60);
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            lost_after: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `policy.*`
@@ -671,6 +698,17 @@ impl Config {
             return Err(invalid(
                 "storage.database_ca_file",
                 "needs storage.database_url (it is for PostgreSQL's certificate)",
+            ));
+        }
+        if self.nodes.lost_after < NodesConfig::MIN_LOST_AFTER {
+            return Err(invalid(
+                "nodes.lost_after",
+                format!(
+                    "{} is shorter than {}: a node must miss several heartbeats (every 10 s) \
+                     and outlive its 60 s claim before it is declared lost",
+                    humantime::format_duration(self.nodes.lost_after),
+                    humantime::format_duration(NodesConfig::MIN_LOST_AFTER)
+                ),
             ));
         }
         if self.sandbox.cleanup_interval.is_zero() {

@@ -130,6 +130,8 @@ pub struct Metrics {
     pub alert_webhook_failures_total: Counter,
     /// Egress connections and lookups, by decision.
     pub egress_total: Family<DecisionLabel, Counter>,
+    /// Nodes this server declared lost.
+    pub nodes_lost_total: Counter,
 }
 
 impl Metrics {
@@ -152,6 +154,7 @@ impl Metrics {
             alerts_total: Family::default(),
             alert_webhook_failures_total: Counter::default(),
             egress_total: Family::default(),
+            nodes_lost_total: Counter::default(),
         };
         let r = &mut m.registry;
         let names = &mut m.names;
@@ -206,6 +209,12 @@ impl Metrics {
             m.delta_bytes.clone()
         );
         reg!(r, "requests", "API requests", m.requests_total.clone());
+        reg!(
+            r,
+            "nodes_lost",
+            "Nodes declared lost (no heartbeat for nodes.lost_after)",
+            m.nodes_lost_total.clone()
+        );
         reg!(
             r,
             "audit_events_dropped",

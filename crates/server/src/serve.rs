@@ -54,6 +54,18 @@ pub enum ServeError {
          the database was unreachable for too long); its sandboxes were stopped, not destroyed"
     )]
     ClaimLost,
+    /// This server's node was declared lost by another server while it was away (paused,
+    /// or cut off from the database for longer than `nodes.lost_after`).
+    #[error(
+        "stopped: this server's node was declared lost at {at} (another server saw no heartbeat \
+         from it for nodes.lost_after): its sandboxes are in ERROR and what still ran of them \
+         here was stopped; their unpublished changes are discarded at the next start, which \
+         serves as a fresh node"
+    )]
+    NodeLost {
+        /// When (RFC 3339).
+        at: String,
+    },
     /// Codebase storage could not be opened.
     #[error(transparent)]
     Files(#[from] crate::files::FilesError),
@@ -218,7 +230,8 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     let service = Arc::new(
         Service::new(settings, store, files, audit, engine)
             .with_secret(secret)
-            .with_node(claim.claim.node.id.clone()),
+            .with_node(claim.claim.node.id.clone())
+            .with_fence(claim.fence.clone()),
     );
     Ok(Bound {
         service,
@@ -256,7 +269,29 @@ struct Kept {
     claim: Claim,
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
-    lost: tokio::sync::watch::Receiver<bool>,
+    lost: tokio::sync::watch::Receiver<Option<Loss>>,
+    /// Closed when the claim is lost, and on its age: publishes check it.
+    fence: Arc<crate::service::Fence>,
+}
+
+/// Why a kept claim ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Another server took it, or it could not be renewed in time.
+    Claim,
+    /// This node was declared lost (at that time).
+    Node(std::time::SystemTime),
+}
+
+impl Loss {
+    fn error(self) -> ServeError {
+        match self {
+            Loss::Claim => ServeError::ClaimLost,
+            Loss::Node(at) => ServeError::NodeLost {
+                at: humantime::format_rfc3339_seconds(at).to_string(),
+            },
+        }
+    }
 }
 
 impl Claim {
@@ -289,6 +324,7 @@ impl Claim {
                 draining: false,
                 registered_at: now,
                 heartbeat_at: now,
+                lost_at: None,
             },
         };
         if !claim.try_take().await? {
@@ -304,8 +340,18 @@ impl Claim {
                 .map_err(|e| ServeError::Host(format!("registering this node: {e}")))??;
         }
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (lost_tx, lost) = tokio::sync::watch::channel(None);
+        // Half the TTL without a renewal: the server stops (below), and publishes stop first.
+        let fence = Arc::new(crate::service::Fence::new(
+            claim.store.shared().then_some(Claim::TTL / 2),
+        ));
         let renewing = claim.clone();
+        let fenced = fence.clone();
+        let lose = move |why: Loss| {
+            fenced.close();
+            let _ = lost_tx.send(Some(why));
+        };
+        let fenced = fence.clone();
         let task = tokio::spawn(async move {
             // When the last renewal that succeeded was sent: the database stamped its expiry
             // at or after this instant, so the claim is ours until at least this + TTL.
@@ -323,11 +369,16 @@ impl Claim {
                 match renewed {
                     Ok(Ok(true)) => {
                         last = sent;
-                        renewing.heartbeat().await;
+                        if let Some(at) = renewing.heartbeat().await {
+                            tracing::error!(node = %renewing.node.id, "this node was declared lost by another server while it was away: stopping its sandboxes");
+                            lose(Loss::Node(at));
+                            return;
+                        }
+                        fenced.renewed(sent.into_std());
                     }
                     Ok(Ok(false)) => {
                         tracing::error!(holder = %renewing.holder, "another server has claimed this metadata database: stopping");
-                        let _ = lost_tx.send(true);
+                        lose(Loss::Claim);
                         return;
                     }
                     Ok(Err(e)) => {
@@ -345,7 +396,7 @@ impl Claim {
                     tracing::error!(
                         "the claim on the metadata database could not be renewed in time: stopping"
                     );
-                    let _ = lost_tx.send(true);
+                    lose(Loss::Claim);
                     return;
                 }
             }
@@ -355,6 +406,7 @@ impl Claim {
             task,
             stop,
             lost,
+            fence,
         })
     }
 
@@ -368,19 +420,21 @@ impl Claim {
         .map_err(ServeError::Store)
     }
 
-    /// Records that this node is alive (for `agentfense nodes list`).
-    async fn heartbeat(&self) {
+    /// Records that this node is alive (for `agentfense nodes list`, and so that no other
+    /// server declares it lost); when it was declared lost, if it was.
+    async fn heartbeat(&self) -> Option<std::time::SystemTime> {
         let this = self.clone();
         let beat = tokio::task::spawn_blocking(move || {
-            this.store.heartbeat_node(
-                &this.node.id,
-                &this.node.boot_id,
-                std::time::SystemTime::now(),
-            )
+            this.store.heartbeat_node(&this.node.id, &this.node.boot_id)
         })
         .await;
-        if !matches!(beat, Ok(Ok(true))) {
-            tracing::warn!(node = %self.node.id, "cannot record this node's heartbeat");
+        match beat {
+            Ok(Ok(crate::store::Beat::Alive)) => None,
+            Ok(Ok(crate::store::Beat::Lost(at))) => Some(at),
+            _ => {
+                tracing::warn!(node = %self.node.id, "cannot record this node's heartbeat");
+                None
+            }
         }
     }
 }
@@ -410,7 +464,7 @@ impl Kept {
     async fn release(mut self) {
         let _ = self.stop.send(true);
         let _ = (&mut self.task).await;
-        if *self.lost.borrow() {
+        if self.lost.borrow().is_some() {
             return;
         }
         let claim = self.claim.clone();
@@ -672,6 +726,8 @@ impl Bound {
             let _ = rx.wait_for(|v| *v).await;
         };
 
+        // Sandboxes of nodes long gone show ERROR from the start.
+        service.mark_lost_nodes().await;
         service.recover().await;
         let reaper = {
             let svc = service.clone();
@@ -730,6 +786,25 @@ impl Bound {
                         biased;
                         _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
                         _ = tick.tick() => { svc.enforce_blocks().await; }
+                    }
+                }
+            })
+        };
+
+        // Other nodes sharing the database: one silent for nodes.lost_after is declared lost
+        // (checked as often as heartbeats are sent).
+        let lost_nodes = {
+            let svc = service.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Claim::RENEW_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                        _ = tick.tick() => { svc.mark_lost_nodes().await; }
                     }
                 }
             })
@@ -843,13 +918,13 @@ impl Bound {
 
         let mut lost = claim.lost.clone();
         let claim_lost = tokio::select! {
-            _ = shutdown => false,
+            _ = shutdown => None,
             // A renewing task that died without a word also means the claim is not kept.
-            _ = lost.wait_for(|v| *v) => true,
+            r = lost.wait_for(|v| v.is_some()) => Some(r.ok().and_then(|v| *v).unwrap_or(Loss::Claim)),
         };
         tracing::info!("shutting down: no new requests accepted");
         let _ = stop_tx.send(true);
-        if claim_lost {
+        if claim_lost.is_some() {
             // Another server may run these sandboxes any moment now: stop them before
             // waiting for requests in flight.
             service.shutdown().await;
@@ -862,6 +937,7 @@ impl Bound {
         };
         let _ = reaper.await;
         let _ = blocks.await;
+        let _ = lost_nodes.await;
         let _ = sessions.await;
         if let Some(t) = metrics_task {
             let _ = tokio::time::timeout(grace, t).await;
@@ -881,8 +957,8 @@ impl Bound {
         tokio::task::spawn_blocking(move || audit_writer.close())
             .await
             .ok();
-        if claim_lost {
-            return Err(ServeError::ClaimLost);
+        if let Some(loss) = claim_lost {
+            return Err(loss.error());
         }
         if let Ok(Ok(Err(e))) = grpc_res {
             return Err(ServeError::Grpc(e));

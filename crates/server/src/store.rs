@@ -74,6 +74,16 @@ pub enum StoreError {
     /// `storage.database_url` names a database this server cannot use.
     #[error("{0}")]
     BadUrl(String),
+    /// A change to a sandbox was refused because its record moved on without this process:
+    /// it was declared lost with its node, or placed on another node meanwhile. The writer
+    /// is stale (a paused or partitioned server) and must not act on the sandbox.
+    #[error("sandbox {id}: {why}")]
+    Fenced {
+        /// The sandbox.
+        id: String,
+        /// What happened to it.
+        why: String,
+    },
     /// A stored value could not be decoded (corruption or a bug).
     #[error("stored {what} for {id} is corrupt: {detail}")]
     Corrupt {
@@ -142,6 +152,9 @@ pub struct SandboxRecord {
     pub expires_at: Option<SystemTime>,
     /// The node that holds its delta and runs it (empty: recorded before nodes existed).
     pub node: String,
+    /// When it was declared lost with its node ([`Store::mark_lost_nodes`]): its changes
+    /// were on that node and are gone; it can only be destroyed.
+    pub lost_at: Option<SystemTime>,
 }
 
 /// A session's metadata.
@@ -181,8 +194,55 @@ pub struct NodeRecord {
     pub draining: bool,
     /// When its current boot registered.
     pub registered_at: SystemTime,
+    /// Its last heartbeat, by the database's clock.
+    pub heartbeat_at: SystemTime,
+    /// When it was declared lost (no heartbeat for longer than `nodes.lost_after`); cleared
+    /// when it registers again.
+    pub lost_at: Option<SystemTime>,
+}
+
+/// What a node's heartbeat found ([`Store::heartbeat_node`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Recorded: the node is alive.
+    Alive,
+    /// The store knows another boot of this node (or none): it must stop acting as it.
+    Superseded,
+    /// The node was declared lost at this time: its sandboxes are in ERROR, and it must
+    /// stop what it still runs of them.
+    Lost(SystemTime),
+}
+
+/// A node [`Store::mark_lost_nodes`] declared lost, and what that did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostNode {
+    /// The node.
+    pub id: String,
+    /// Its host name.
+    pub host: String,
     /// Its last heartbeat.
     pub heartbeat_at: SystemTime,
+    /// When it was declared lost (the database's clock).
+    pub lost_at: SystemTime,
+    /// Its sandboxes now in ERROR, with their tenants.
+    pub sandboxes: Vec<(SandboxId, String)>,
+    /// Sandboxes that had never started there, moved to the keeper (nothing of them was lost).
+    pub moved: Vec<SandboxId>,
+}
+
+/// Why a lost node's sandbox is in ERROR (its `status_reason`).
+fn lost_reason(node: &str, host: &str, heartbeat_at: SystemTime) -> String {
+    let host = if host.is_empty() {
+        String::new()
+    } else {
+        format!(" on host {host}")
+    };
+    format!(
+        "lost with its node {node}{host}, which sent no heartbeat after {}: changes not \
+         published are gone with that node, published work is in the codebase; destroy this \
+         sandbox and create a new one",
+        humantime::format_rfc3339_seconds(heartbeat_at)
+    )
 }
 
 /// Which sandboxes a listing returns (every field narrows it; the default is all).
@@ -352,9 +412,20 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Records a node starting (a new boot): its boot id, capacity and first heartbeat. Keeps
     /// whether it is draining.
     fn register_node(&self, n: &NodeRecord) -> Result<(), StoreError>;
-    /// Records that node `id`, in boot `boot_id`, is alive at `now`; false if the store
-    /// knows another boot of it (or none), which must then stop acting as that node.
-    fn heartbeat_node(&self, id: &str, boot_id: &str, now: SystemTime) -> Result<bool, StoreError>;
+    /// Records that node `id`, in boot `boot_id`, is alive now (by the database's clock,
+    /// which [`Store::mark_lost_nodes`] compares with), unless it was declared lost or the
+    /// store knows another boot of it: see [`Beat`].
+    fn heartbeat_node(&self, id: &str, boot_id: &str) -> Result<Beat, StoreError>;
+    /// Declares lost every node but `keeper` that has sent no heartbeat for `lost_after` (by
+    /// the database's clock) and is not lost already, in one transaction: its sandboxes go
+    /// to ERROR with the reason and can no longer be changed by that node
+    /// ([`Store::update_sandbox`] refuses it), their sessions close, and sandboxes that never
+    /// started there move to `keeper`.
+    fn mark_lost_nodes(
+        &self,
+        lost_after: Duration,
+        keeper: &str,
+    ) -> Result<Vec<LostNode>, StoreError>;
     /// The node with this id.
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node, by id.
@@ -521,10 +592,12 @@ fn paginate<R, T>(
 /// The columns of a codebase row, in the order the backends read them.
 const CODEBASE_COLS: &str = "id, name, owner_id, size, file_count, created_at, updated_at, tenant";
 /// The columns of a sandbox row, in the order the backends read them.
-const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, tenant, node";
+const SANDBOX_COLS: &str = "id, codebase_id, owner_id, rules, status, status_reason, labels, runtime, image, resources, created_at, started_at, stopped_at, expires_at, tenant, node, lost_at";
+/// Where a listing's `seq` comes after [`SANDBOX_COLS`].
+const SANDBOX_SEQ: usize = 17;
 /// The columns of a node row, in the order the backends read them.
 const NODE_COLS: &str =
-    "id, boot_id, cpus, memory_bytes, draining, registered_at, heartbeat_at, host";
+    "id, boot_id, cpus, memory_bytes, draining, registered_at, heartbeat_at, host, lost_at";
 /// Registers a node: (id, boot id, cpus, memory, now, host). The same in both dialects.
 ///
 /// SQLite reads `$N` as a named parameter numbered by first appearance, which `params![]`
@@ -534,7 +607,7 @@ const REGISTER_NODE_SQL: &str = "INSERT INTO nodes (id, boot_id, cpus, memory_by
     registered_at, heartbeat_at, host) VALUES ($1, $2, $3, $4, FALSE, $5, $5, $6)
     ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, cpus = excluded.cpus,
     memory_bytes = excluded.memory_bytes, registered_at = excluded.registered_at,
-    heartbeat_at = excluded.heartbeat_at, host = excluded.host";
+    heartbeat_at = excluded.heartbeat_at, host = excluded.host, lost_at = NULL";
 /// The columns of a session row, in the order the backends read them.
 const SESSION_COLS: &str = "id, sandbox_id, shell, env, status, created_at, closed_at";
 
@@ -549,6 +622,113 @@ fn lease_sql(now: &str) -> String {
          expires_at = excluded.expires_at
          WHERE leases.holder = excluded.holder OR leases.expires_at <= {now}"
     )
+}
+
+/// Records a heartbeat ($1 id, $2 boot id), timed by the database's clock `now` (as in
+/// [`lease_sql`]), so that [`Store::mark_lost_nodes`] compares times of one clock.
+fn heartbeat_sql(now: &str) -> String {
+    format!(
+        "UPDATE nodes SET heartbeat_at = {now} WHERE id = $1 AND boot_id = $2 AND lost_at IS NULL"
+    )
+}
+
+/// After a refused heartbeat: the node's boot and when it was lost ($1 id).
+const NODE_STATE_SQL: &str = "SELECT boot_id, lost_at FROM nodes WHERE id = $1";
+
+/// What a refused heartbeat of boot `boot_id` means, from [`NODE_STATE_SQL`]'s row.
+fn refused_beat(row: Option<(String, Option<i64>)>, boot_id: &str) -> Beat {
+    match row {
+        Some((boot, Some(lost))) if boot == boot_id => Beat::Lost(from_nanos(lost)),
+        _ => Beat::Superseded,
+    }
+}
+
+/// The steps of [`Store::mark_lost_nodes`], run in one transaction by each backend.
+mod lost_sql {
+    /// Nodes to declare lost: ($1 keeper, $2 the latest heartbeat that is too old).
+    pub(super) const STALE: &str = "SELECT id, host, heartbeat_at FROM nodes
+        WHERE lost_at IS NULL AND id <> $1 AND heartbeat_at <= $2 ORDER BY id";
+    /// ($1 now, $2 node).
+    pub(super) const MARK: &str = "UPDATE nodes SET lost_at = $1 WHERE id = $2";
+    /// Sandboxes that never ran there lose nothing: they move ($1 keeper, $2 node).
+    pub(super) const MOVE: &str = "UPDATE sandboxes SET node = $1
+        WHERE node = $2 AND status = 'pending' AND started_at IS NULL AND lost_at IS NULL
+        RETURNING id";
+    /// The others are lost ($1 reason, $2 now, $3 node).
+    pub(super) const LOSE: &str = "UPDATE sandboxes SET status = 'error', status_reason = $1,
+        stopped_at = $2, lost_at = $2 WHERE node = $3 AND lost_at IS NULL RETURNING id, tenant";
+    /// And their sessions close ($1 now, $2 node).
+    pub(super) const CLOSE_SESSIONS: &str = "UPDATE sessions SET status = 'closed', closed_at = $1
+        WHERE closed_at IS NULL AND sandbox_id IN
+        (SELECT id FROM sandboxes WHERE node = $2 AND lost_at = $1)";
+}
+
+/// Updates a sandbox's state ($1 status, $2 reason, $3 started, $4 stopped, $5 expiry, $6 id,
+/// $7 the node the writer thinks it is on): only while it is still on that node and not
+/// lost, so a stale writer changes nothing.
+const UPDATE_SANDBOX_SQL: &str = "UPDATE sandboxes SET status = $1, status_reason = $2,
+    started_at = $3, stopped_at = $4, expires_at = $5
+    WHERE id = $6 AND node = $7 AND lost_at IS NULL";
+
+/// After an update that changed nothing: where the sandbox is ($1 id).
+const SANDBOX_FENCE_SQL: &str = "SELECT node, lost_at FROM sandboxes WHERE id = $1";
+
+/// Why an update of `s` changed nothing, from [`SANDBOX_FENCE_SQL`]'s row: a destroyed
+/// sandbox is no error (as before fencing), a lost or moved one is.
+fn fence(s: &SandboxRecord, row: Option<(String, Option<i64>)>) -> Result<(), StoreError> {
+    let why = match row {
+        None => return Ok(()),
+        Some((_, Some(lost))) => format!(
+            "it was declared lost with node {} at {}",
+            s.node,
+            humantime::format_rfc3339_seconds(from_nanos(lost))
+        ),
+        Some((node, None)) if node != s.node => {
+            format!("it was moved from node {} to node {node}", s.node)
+        }
+        Some(_) => return Ok(()),
+    };
+    Err(StoreError::Fenced {
+        id: s.id.to_string(),
+        why,
+    })
+}
+
+/// Parses a sandbox id returned by a statement.
+fn returned_id(raw: &str) -> Result<SandboxId, StoreError> {
+    SandboxId::parse(raw).map_err(|e| StoreError::Corrupt {
+        what: "sandbox id",
+        id: raw.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// A [`LostNode`] from its [`lost_sql::STALE`] row and what the other steps returned.
+fn lost_node(
+    (id, host, heartbeat_at): (String, String, i64),
+    now: i64,
+    moved: Vec<String>,
+    sandboxes: Vec<(String, String)>,
+) -> Result<LostNode, StoreError> {
+    Ok(LostNode {
+        id,
+        host,
+        heartbeat_at: from_nanos(heartbeat_at),
+        lost_at: from_nanos(now),
+        sandboxes: sandboxes
+            .into_iter()
+            .map(|(id, tenant)| Ok((returned_id(&id)?, tenant)))
+            .collect::<Result<_, StoreError>>()?,
+        moved: moved
+            .iter()
+            .map(|id| returned_id(id))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// The newest heartbeat that counts as too old at `now` (nanoseconds).
+fn stale_before(now: i64, lost_after: Duration) -> i64 {
+    now.saturating_sub(ttl_nanos(lost_after))
 }
 
 /// A TTL in nanoseconds, as stored.
@@ -631,6 +811,7 @@ struct RawSandbox {
     expires_at: Option<i64>,
     tenant: String,
     node: String,
+    lost_at: Option<i64>,
 }
 
 impl RawSandbox {
@@ -674,6 +855,7 @@ impl RawSandbox {
             stopped_at: self.stopped_at.map(from_nanos),
             expires_at: self.expires_at.map(from_nanos),
             node: self.node,
+            lost_at: self.lost_at.map(from_nanos),
         })
     }
 }
@@ -688,6 +870,7 @@ struct RawNode {
     registered_at: i64,
     heartbeat_at: i64,
     host: String,
+    lost_at: Option<i64>,
 }
 
 impl RawNode {
@@ -701,6 +884,7 @@ impl RawNode {
             draining: self.draining,
             registered_at: from_nanos(self.registered_at),
             heartbeat_at: from_nanos(self.heartbeat_at),
+            lost_at: self.lost_at.map(from_nanos),
         }
     }
 }

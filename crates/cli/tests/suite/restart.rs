@@ -150,7 +150,7 @@ fn postgres_metadata_survives_a_crash_and_a_second_server_is_refused() {
          WHERE name = 'server'",
     );
     // It renews every 10 s; a server that never notices fails here, not by hanging.
-    stops_for_its_claim(&mut other, 60);
+    stops_for(&mut other, 60, "lost its claim");
 }
 
 /// The database becomes unreachable under a PostgreSQL-backed server with sandboxes running:
@@ -175,12 +175,12 @@ fn an_unreachable_database_stops_the_server_cleanly() {
     assert!(!server.mounts().is_empty());
     pg.stop();
     // Renewals fail from now on; the server gives up 30 s after the last one that worked.
-    stops_for_its_claim(&mut server, 150);
+    stops_for(&mut server, 150, "lost its claim");
 }
 
 /// Waits (at most `secs`) for `server` to exit on its own, having lost its claim on the
-/// database: with an error saying so, and no mounts left behind.
-fn stops_for_its_claim(server: &mut Server, secs: u64) {
+/// database or its node: with an error that `says` why, and no mounts left behind.
+fn stops_for(server: &mut Server, secs: u64, says: &str) {
     let mut child = server.child.take().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     let status = loop {
@@ -198,6 +198,126 @@ fn stops_for_its_claim(server: &mut Server, secs: u64) {
     };
     let log = server.log_text();
     assert!(!status.success(), "{status}; log:\n{log}");
-    assert!(log.contains("lost its claim"), "{log}");
+    assert!(log.contains(says), "{log}");
     assert_eq!(server.mounts(), Vec::<String>::new(), "{log}");
+}
+
+/// A node lost while its server was paused (SIGSTOP: a frozen VM, a partition): another
+/// server on the database, finding no heartbeat from it for `nodes.lost_after`, declares it
+/// lost. Its sandboxes show ERROR, refuse to run with the reason, and their published work is
+/// intact in the codebase. When the paused server resumes, its next heartbeat tells it: it
+/// stops what it still runs, without being asked, and exits saying why; started again, it
+/// discards the lost sandboxes' deltas and serves as a fresh node.
+#[test]
+fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
+    let test = "a_node_lost_while_paused_stops_what_it_ran_when_it_resumes";
+    if !privileged(test) {
+        return;
+    }
+    let Some(pg) = agentfense_testsupport::postgres::Postgres::start(test) else {
+        return;
+    };
+    let url = pg.database();
+    let tmp = tempfile::tempdir().unwrap();
+    // Both servers keep codebases in one directory (shared storage, as a failover pair
+    // has): published work survives the node.
+    let config = format!(
+        "storage:\n  database_url: \"{url}\"\n  codebase_path: {}\nnodes:\n  lost_after: 2m\n",
+        tmp.path().join("codebases").display()
+    );
+    let (data_a, data_b) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
+    let mut a = Server::start_with(&data_a, &config);
+    let Some(ids) = script(&["setup", &a.grpc]) else {
+        return;
+    };
+    let parsed: serde_json::Value = serde_json::from_str(&ids).unwrap();
+    let private_delta = data_a
+        .join("mounts/delta")
+        .join(parsed["private"].as_str().unwrap());
+    assert!(private_delta.is_dir());
+    assert!(!a.mounts().is_empty());
+    let pid = rustix::process::Pid::from_child(a.child.as_ref().unwrap());
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    // Time passes while it is frozen: its claim expires and its heartbeat ages past
+    // nodes.lost_after (what minutes of waiting would do, done to the rows).
+    pg.psql(
+        &url,
+        "UPDATE leases SET expires_at = 0 WHERE name = 'server'; \
+         UPDATE nodes SET heartbeat_at = heartbeat_at - 3600000000000",
+    );
+    let mut b = Server::start_with(&data_b, &config);
+    let checked = script(&["lost", &b.grpc, ids.trim()]);
+    assert_eq!(
+        checked.as_deref().map(str::trim),
+        Some("ok"),
+        "{}",
+        b.log_text()
+    );
+    let nodes = |data: &std::path::Path| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
+            .args(["nodes", "list", "--json", "--data-dir"])
+            .arg(data)
+            .arg("--config")
+            .arg(data.with_extension("yaml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let node_a = std::fs::read_to_string(data_a.join("instance-id")).unwrap();
+    let state_of = |listed: &serde_json::Value| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == node_a.trim())
+            .map(|n| {
+                (
+                    n["state"].as_str().unwrap().to_owned(),
+                    n["sandboxes"].clone(),
+                )
+            })
+    };
+    assert_eq!(
+        state_of(&nodes(&data_b)),
+        Some(("lost".to_owned(), serde_json::json!(0)))
+    );
+    b.stop();
+    let audit = std::fs::read_to_string(data_b.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains(r#""event":"node_lost""#) && audit.contains(r#""event":"sandbox_lost""#),
+        "{audit}"
+    );
+
+    // Resumed, with nobody holding the claim: its next heartbeat says it was lost.
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    stops_for(&mut a, 60, "declared lost");
+
+    // Started again: a fresh node; what it held of the lost sandboxes is gone.
+    let a = Server::start_with(&data_a, &config);
+    // Requests are served only once recovery is done.
+    let checked = script(&["lost", &a.grpc, ids.trim()]);
+    assert_eq!(
+        checked.as_deref().map(str::trim),
+        Some("ok"),
+        "{}",
+        a.log_text()
+    );
+    assert!(!private_delta.exists(), "{}", a.log_text());
+    assert!(a.mounts().is_empty());
+    assert_eq!(
+        state_of(&nodes(&data_a)),
+        Some(("ready".to_owned(), serde_json::json!(0)))
+    );
+    let forgotten = script(&["forget", &a.grpc, ids.trim()]);
+    assert_eq!(
+        forgotten.as_deref().map(str::trim),
+        Some("ok"),
+        "{}",
+        a.log_text()
+    );
 }

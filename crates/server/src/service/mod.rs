@@ -3,6 +3,7 @@
 
 mod codebases;
 pub mod egress;
+mod fence;
 pub mod mounter;
 mod quota;
 mod sandboxes;
@@ -13,6 +14,7 @@ mod tokens;
 use std::sync::Arc;
 
 pub use codebases::UploadSink;
+pub use fence::Fence;
 pub use sandboxes::{
     CreateSandbox, DEFAULT_CHANGES_LIMIT, DEFAULT_DIFF_BYTES, Engine, ExecOutcome, ExecParams,
     LABEL_CHECKPOINT, LABEL_IO, LABEL_NETWORK, LABEL_PUBLISH, LABEL_WORKSPACE_PATH, SandboxMetrics,
@@ -45,6 +47,9 @@ pub struct Service {
     pub(crate) session_ages: crate::alerts::SessionAges,
     /// The node this service runs sandboxes on (see [`Service::with_node`]).
     pub(crate) node: String,
+    /// Whether it may still publish as its database's server (see [`Fence`]); none in tests
+    /// that run no claim.
+    pub(crate) fence: Option<Arc<Fence>>,
 }
 
 impl Service {
@@ -71,7 +76,20 @@ impl Service {
                 crate::auth::keys::ServerSecret::fixed(b)
             },
             node: "local".to_owned(),
+            fence: None,
         }
+    }
+
+    /// Checks `fence` before every publish.
+    pub fn with_fence(mut self, fence: Arc<Fence>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// UNAVAILABLE when this server may no longer be its database's server: nothing is
+    /// written to a codebase then.
+    pub(crate) fn may_publish(&self) -> Result<(), ServiceError> {
+        self.fence.as_ref().map_or(Ok(()), |f| f.check())
     }
 
     /// Runs sandboxes as node `id` (the host name in a real server): new sandboxes are placed

@@ -36,11 +36,13 @@ use tokio_rustls::rustls;
 
 use super::auth::{KEY_COLS, RawKey};
 use super::{
-    BackendError, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, NODE_COLS,
-    NodeRecord, Page, REGISTER_NODE_SQL, RawCodebase, RawNode, RawSandbox, RawSession,
-    SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord, SessionRecord, Store, StoreError,
-    TenantRecord, TenantUsage, encode_sandbox, from_nanos, lease_sql, limit_hit, paginate, q,
-    session_status_str, status_str, to_json, to_nanos, ttl_nanos,
+    BackendError, Beat, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, LostNode,
+    NODE_COLS, NODE_STATE_SQL, NodeRecord, Page, REGISTER_NODE_SQL, RawCodebase, RawNode,
+    RawSandbox, RawSession, SANDBOX_COLS, SANDBOX_FENCE_SQL, SANDBOX_SEQ, SESSION_COLS,
+    SandboxFilter, SandboxRecord, SessionRecord, Store, StoreError, TenantRecord, TenantUsage,
+    UPDATE_SANDBOX_SQL, encode_sandbox, fence, from_nanos, heartbeat_sql, lease_sql, limit_hit,
+    lost_node, lost_sql, paginate, q, refused_beat, session_status_str, stale_before, status_str,
+    to_json, to_nanos, ttl_nanos,
 };
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
@@ -133,7 +135,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
     // 3: a node's host name, shown beside its id (the data directory's instance id).
     "ALTER TABLE nodes ADD COLUMN host TEXT NOT NULL DEFAULT '';",
+    // 4: lost nodes, and the sandboxes lost with them.
+    "ALTER TABLE nodes ADD COLUMN lost_at BIGINT;
+    ALTER TABLE sandboxes ADD COLUMN lost_at BIGINT;",
 ];
+
+/// The database's clock in nanoseconds since the epoch, as SQL: every server sharing the
+/// database times leases and heartbeats by this one clock.
+const NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT";
 
 /// Advisory lock keys (`pg_advisory_xact_lock`): migrations, sandbox creation (and with it
 /// the order of sandbox rows), codebase creation (the order of codebase rows).
@@ -470,6 +479,7 @@ fn sandbox_row(r: &Row) -> Result<RawSandbox, postgres::Error> {
         expires_at: r.try_get(13)?,
         tenant: r.try_get(14)?,
         node: r.try_get(15)?,
+        lost_at: r.try_get(16)?,
     })
 }
 
@@ -483,6 +493,7 @@ fn node_row(r: &Row) -> Result<RawNode, postgres::Error> {
         registered_at: r.try_get(5)?,
         heartbeat_at: r.try_get(6)?,
         host: r.try_get(7)?,
+        lost_at: r.try_get(8)?,
     })
 }
 
@@ -532,7 +543,7 @@ fn insert_sandbox_row(
     tx.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-             $10, $11, $12, $13, $14, $15, $16)"
+             $10, $11, $12, $13, $14, $15, $16, $17)"
         ),
         &[
             &s.id.as_str(),
@@ -551,6 +562,7 @@ fn insert_sandbox_row(
             &s.expires_at.map(to_nanos),
             &s.tenant,
             &s.node,
+            &s.lost_at.map(to_nanos),
         ],
     )
     .map_err(q("insert sandbox"))?;
@@ -705,20 +717,32 @@ impl Store for PgStore {
     }
 
     fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
-        self.exec(
-            "update sandbox",
-            "UPDATE sandboxes SET status = $2, status_reason = $3, started_at = $4,
-             stopped_at = $5, expires_at = $6 WHERE id = $1",
-            &[
-                &s.id.as_str(),
-                &status_str(s.status),
-                &s.status_reason,
-                &s.started_at.map(to_nanos),
-                &s.stopped_at.map(to_nanos),
-                &s.expires_at.map(to_nanos),
-            ],
-        )
-        .map(drop)
+        let op = "update sandbox";
+        let mut conn = self.conn()?;
+        let n = conn
+            .execute(
+                UPDATE_SANDBOX_SQL,
+                &[
+                    &status_str(s.status),
+                    &s.status_reason,
+                    &s.started_at.map(to_nanos),
+                    &s.stopped_at.map(to_nanos),
+                    &s.expires_at.map(to_nanos),
+                    &s.id.as_str(),
+                    &s.node,
+                ],
+            )
+            .map_err(q(op))?;
+        if n > 0 {
+            return Ok(());
+        }
+        let row = conn
+            .query_opt(SANDBOX_FENCE_SQL, &[&s.id.as_str()])
+            .map_err(q(op))?
+            .map(|r| Ok::<_, postgres::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+            .map_err(q(op))?;
+        fence(s, row)
     }
 
     fn update_labels(
@@ -769,7 +793,7 @@ impl Store for PgStore {
             ],
         )?;
         paginate(
-            with_seq(op, rows, 16, sandbox_row)?,
+            with_seq(op, rows, SANDBOX_SEQ, sandbox_row)?,
             limit,
             RawSandbox::decode,
         )
@@ -1155,13 +1179,72 @@ impl Store for PgStore {
         .map(drop)
     }
 
-    fn heartbeat_node(&self, id: &str, boot_id: &str, now: SystemTime) -> Result<bool, StoreError> {
-        let n = self.exec(
-            "node heartbeat",
-            "UPDATE nodes SET heartbeat_at = $3 WHERE id = $1 AND boot_id = $2",
-            &[&id, &boot_id, &to_nanos(now)],
-        )?;
-        Ok(n > 0)
+    fn heartbeat_node(&self, id: &str, boot_id: &str) -> Result<Beat, StoreError> {
+        let op = "node heartbeat";
+        let mut conn = self.conn()?;
+        let n = conn
+            .execute(&heartbeat_sql(NOW), &[&id, &boot_id])
+            .map_err(q(op))?;
+        if n > 0 {
+            return Ok(Beat::Alive);
+        }
+        let row = conn
+            .query_opt(NODE_STATE_SQL, &[&id])
+            .map_err(q(op))?
+            .map(|r| Ok::<_, postgres::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+            .map_err(q(op))?;
+        Ok(refused_beat(row, boot_id))
+    }
+
+    fn mark_lost_nodes(
+        &self,
+        lost_after: Duration,
+        keeper: &str,
+    ) -> Result<Vec<LostNode>, StoreError> {
+        let op = "mark lost nodes";
+        let mut conn = self.conn()?;
+        let mut tx = begin(&mut conn).map_err(q(op))?;
+        let now: i64 = tx
+            .query_one(&format!("SELECT {NOW}"), &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(q(op))?;
+        // FOR UPDATE: two replicas marking at once declare each node lost once.
+        let stale = tx
+            .query(
+                &format!("{} FOR UPDATE", lost_sql::STALE),
+                &[&keeper, &stale_before(now, lost_after)],
+            )
+            .map_err(q(op))?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<Vec<(String, String, i64)>, postgres::Error>>()
+            .map_err(q(op))?;
+        let mut lost = Vec::new();
+        for node in stale {
+            let (id, host, beat) = (&node.0, &node.1, node.2);
+            tx.execute(lost_sql::MARK, &[&now, id]).map_err(q(op))?;
+            let moved = tx
+                .query(lost_sql::MOVE, &[&keeper, id])
+                .map_err(q(op))?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(q(op))?;
+            let reason = super::lost_reason(id, host, from_nanos(beat));
+            let sandboxes = tx
+                .query(lost_sql::LOSE, &[&reason, &now, id])
+                .map_err(q(op))?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<(String, String)>, postgres::Error>>()
+                .map_err(q(op))?;
+            tx.execute(lost_sql::CLOSE_SESSIONS, &[&now, id])
+                .map_err(q(op))?;
+            lost.push(lost_node(node, now, moved, sandboxes)?);
+        }
+        tx.commit().map_err(q(op))?;
+        Ok(lost)
     }
 
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -1209,7 +1292,7 @@ impl Store for PgStore {
     // ---- leases ------------------------------------------------------------------------
 
     fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let sql = lease_sql("(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT");
+        let sql = lease_sql(NOW);
         let n = self.exec("take lease", &sql, &[&name, &holder, &ttl_nanos(ttl)])?;
         Ok(n > 0)
     }

@@ -12,12 +12,16 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::auth::{KEY_COLS, RawKey};
 use super::{
+    Beat, LostNode, NODE_COLS, NODE_STATE_SQL, NodeRecord, REGISTER_NODE_SQL, RawNode,
+    SANDBOX_FENCE_SQL, SANDBOX_SEQ, UPDATE_SANDBOX_SQL, fence, heartbeat_sql, lease_sql, lost_node,
+    lost_sql, refused_beat, stale_before, ttl_nanos,
+};
+use super::{
     CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, Page, RawCodebase, RawSandbox,
     RawSession, SANDBOX_COLS, SESSION_COLS, SandboxFilter, SandboxRecord, SessionRecord, Store,
     StoreError, TenantRecord, TenantUsage, encode_sandbox, from_nanos, limit_hit, paginate, q,
     session_status_str, status_str, to_json, to_nanos,
 };
-use super::{NODE_COLS, NodeRecord, REGISTER_NODE_SQL, RawNode, lease_sql, ttl_nanos};
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
 /// Ordered, append-only schema migrations; step `i` moves `user_version` from `i` to `i + 1`.
@@ -111,7 +115,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
     // 5: a node's host name, shown beside its id (the data directory's instance id).
     "ALTER TABLE nodes ADD COLUMN host TEXT NOT NULL DEFAULT '';",
+    // 6: lost nodes, and the sandboxes lost with them.
+    "ALTER TABLE nodes ADD COLUMN lost_at INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN lost_at INTEGER;",
 ];
+
+/// The database's clock in nanoseconds since the epoch, as SQL (the clock of the only host
+/// that can open this file).
+const NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)";
 
 /// The SQLite store: one connection behind a mutex (SQLite serialises writers anyway).
 #[derive(Debug)]
@@ -282,21 +293,32 @@ impl Store for SqliteStore {
     }
 
     fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
-        self.conn()
+        let op = "update sandbox";
+        let conn = self.conn();
+        let n = conn
             .execute(
-                "UPDATE sandboxes SET status = ?2, status_reason = ?3, started_at = ?4,
-                 stopped_at = ?5, expires_at = ?6 WHERE id = ?1",
+                UPDATE_SANDBOX_SQL,
                 params![
-                    s.id.as_str(),
                     status_str(s.status),
                     s.status_reason,
                     s.started_at.map(to_nanos),
                     s.stopped_at.map(to_nanos),
                     s.expires_at.map(to_nanos),
+                    s.id.as_str(),
+                    s.node,
                 ],
             )
-            .map_err(q("update sandbox"))?;
-        Ok(())
+            .map_err(q(op))?;
+        if n > 0 {
+            return Ok(());
+        }
+        let row = conn
+            .query_row(SANDBOX_FENCE_SQL, [s.id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(q(op))?;
+        fence(s, row)
     }
 
     fn update_labels(
@@ -346,7 +368,7 @@ impl Store for SqliteStore {
                     filter.tenant,
                     filter.id.map(|c| c.as_str()),
                 ],
-                |r| Ok((sandbox_row(r)?, r.get::<_, i64>(16)?)),
+                |r| Ok((sandbox_row(r)?, r.get::<_, i64>(SANDBOX_SEQ)?)),
             )
             .map_err(q("list sandboxes"))?
             .collect::<Result<Vec<_>, _>>()
@@ -800,15 +822,70 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn heartbeat_node(&self, id: &str, boot_id: &str, now: SystemTime) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE nodes SET heartbeat_at = ?3 WHERE id = ?1 AND boot_id = ?2",
-                params![id, boot_id, to_nanos(now)],
-            )
-            .map_err(q("node heartbeat"))?;
-        Ok(n > 0)
+    fn heartbeat_node(&self, id: &str, boot_id: &str) -> Result<Beat, StoreError> {
+        let op = "node heartbeat";
+        let conn = self.conn();
+        let n = conn
+            .execute(&heartbeat_sql(NOW), params![id, boot_id])
+            .map_err(q(op))?;
+        if n > 0 {
+            return Ok(Beat::Alive);
+        }
+        let row = conn
+            .query_row(NODE_STATE_SQL, [id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(q(op))?;
+        Ok(refused_beat(row, boot_id))
+    }
+
+    fn mark_lost_nodes(
+        &self,
+        lost_after: Duration,
+        keeper: &str,
+    ) -> Result<Vec<LostNode>, StoreError> {
+        let op = "mark lost nodes";
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(q(op))?;
+        let now: i64 = tx
+            .query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))
+            .map_err(q(op))?;
+        let stale: Vec<(String, String, i64)> = {
+            let mut stmt = tx.prepare(lost_sql::STALE).map_err(q(op))?;
+            stmt.query_map(params![keeper, stale_before(now, lost_after)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(q(op))?
+            .collect::<Result<_, _>>()
+            .map_err(q(op))?
+        };
+        let mut lost = Vec::new();
+        for node in stale {
+            let (id, host, beat) = (&node.0, &node.1, node.2);
+            tx.execute(lost_sql::MARK, params![now, id])
+                .map_err(q(op))?;
+            let moved: Vec<String> = tx
+                .prepare(lost_sql::MOVE)
+                .map_err(q(op))?
+                .query_map(params![keeper, id], |r| r.get(0))
+                .map_err(q(op))?
+                .collect::<Result<_, _>>()
+                .map_err(q(op))?;
+            let reason = super::lost_reason(id, host, from_nanos(beat));
+            let sandboxes: Vec<(String, String)> = tx
+                .prepare(lost_sql::LOSE)
+                .map_err(q(op))?
+                .query_map(params![reason, now, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(q(op))?
+                .collect::<Result<_, _>>()
+                .map_err(q(op))?;
+            tx.execute(lost_sql::CLOSE_SESSIONS, params![now, id])
+                .map_err(q(op))?;
+            lost.push(lost_node(node, now, moved, sandboxes)?);
+        }
+        tx.commit().map_err(q(op))?;
+        Ok(lost)
     }
 
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -859,8 +936,7 @@ impl Store for SqliteStore {
     // ---- leases ------------------------------------------------------------------------
 
     fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        // The clock of the only host that can open this file.
-        let sql = lease_sql("CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)");
+        let sql = lease_sql(NOW);
         let n = self
             .conn()
             .execute(&sql, params![name, holder, ttl_nanos(ttl)])
@@ -910,6 +986,7 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
         expires_at: r.get(13)?,
         tenant: r.get(14)?,
         node: r.get(15)?,
+        lost_at: r.get(16)?,
     })
 }
 
@@ -923,6 +1000,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<RawNode> {
         registered_at: r.get(5)?,
         heartbeat_at: r.get(6)?,
         host: r.get(7)?,
+        lost_at: r.get(8)?,
     })
 }
 
@@ -959,7 +1037,7 @@ fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Resu
     tx.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
-             ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         ),
         params![
             s.id.as_str(),
@@ -978,6 +1056,7 @@ fn insert_sandbox_row(tx: &rusqlite::Transaction<'_>, s: &SandboxRecord) -> Resu
             s.expires_at.map(to_nanos),
             s.tenant,
             s.node,
+            s.lost_at.map(to_nanos),
         ],
     )
     .map_err(q("insert sandbox"))?;

@@ -45,6 +45,7 @@ fn sandbox(cb: &CodebaseRecord) -> SandboxRecord {
         stopped_at: None,
         expires_at: Some(t(100)),
         node: "n1".into(),
+        lost_at: None,
     }
 }
 
@@ -354,14 +355,23 @@ fn nodes_register_beat_drain_and_own_sandboxes(s: &dyn Store) {
         draining: false,
         registered_at: t(1),
         heartbeat_at: t(1),
+        lost_at: None,
     };
     s.register_node(&node).unwrap();
     assert_eq!(s.get_node("worker-1").unwrap(), Some(node.clone()));
-    assert!(s.heartbeat_node("worker-1", "boot-a", t(5)).unwrap());
+    assert_eq!(s.heartbeat_node("worker-1", "boot-a").unwrap(), Beat::Alive);
     // A stale boot's heartbeat is refused: the node rebooted and is someone new.
-    assert!(!s.heartbeat_node("worker-1", "boot-old", t(6)).unwrap());
-    assert!(!s.heartbeat_node("nobody", "boot-a", t(6)).unwrap());
-    assert_eq!(s.get_node("worker-1").unwrap().unwrap().heartbeat_at, t(5));
+    assert_eq!(
+        s.heartbeat_node("worker-1", "boot-old").unwrap(),
+        Beat::Superseded
+    );
+    assert_eq!(
+        s.heartbeat_node("nobody", "boot-a").unwrap(),
+        Beat::Superseded
+    );
+    // Timed by the database's clock, not the caller's.
+    let beat = s.get_node("worker-1").unwrap().unwrap().heartbeat_at;
+    assert!(beat > t(1_000_000_000), "{beat:?}");
     // Draining survives a re-registration (a restart), undraining lifts it.
     assert!(s.set_node_draining("worker-1", true).unwrap());
     let again = NodeRecord {
@@ -401,6 +411,142 @@ fn nodes_register_beat_drain_and_own_sandboxes(s: &dyn Store) {
     assert_eq!(s.all_sandboxes().unwrap()[0].node, "worker-1");
 }
 
+fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
+    let node = |id: &str| NodeRecord {
+        id: id.into(),
+        host: format!("host-{id}"),
+        boot_id: "boot".into(),
+        cpus: 2,
+        memory_bytes: 1 << 30,
+        draining: false,
+        registered_at: t(1),
+        heartbeat_at: t(1),
+        lost_at: None,
+    };
+    s.register_node(&node("gone")).unwrap();
+    s.register_node(&node("keeper")).unwrap();
+    assert_eq!(s.heartbeat_node("gone", "boot").unwrap(), Beat::Alive);
+    let c = codebase("lost");
+    s.insert_codebase(&c).unwrap();
+    let on = |node: &str, started: bool| SandboxRecord {
+        node: node.into(),
+        status: if started {
+            SandboxStatus::Running
+        } else {
+            SandboxStatus::Pending
+        },
+        started_at: started.then(|| t(3)),
+        ..sandbox(&c)
+    };
+    let (running, pending, theirs) = (on("gone", true), on("gone", false), on("keeper", true));
+    for sb in [&running, &pending, &theirs] {
+        s.insert_sandbox(sb).unwrap();
+    }
+    let session = SessionRecord {
+        id: SessionId::generate(),
+        sandbox_id: running.id.clone(),
+        shell: "/bin/sh".into(),
+        env: BTreeMap::new(),
+        status: SessionStatus::Active,
+        created_at: t(4),
+        closed_at: None,
+    };
+    s.insert_session(&session).unwrap();
+
+    // It beat just now: not silent for an hour.
+    assert_eq!(
+        s.mark_lost_nodes(Duration::from_secs(3600), "keeper")
+            .unwrap(),
+        []
+    );
+    // Silent for any time at all: every node but the keeper.
+    let lost = s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let gone = &lost[0];
+    assert_eq!(
+        (gone.id.as_str(), gone.host.as_str()),
+        ("gone", "host-gone")
+    );
+    assert_eq!(gone.sandboxes, [(running.id.clone(), c.tenant.clone())]);
+    // Never started there: nothing lost, it moves to the keeper.
+    assert_eq!(gone.moved, std::slice::from_ref(&pending.id));
+    let r = s.get_sandbox(&running.id).unwrap().unwrap();
+    assert_eq!(r.status, SandboxStatus::Error);
+    assert_eq!(
+        (r.lost_at, r.stopped_at),
+        (Some(gone.lost_at), Some(gone.lost_at))
+    );
+    let reason = r.status_reason.clone().unwrap();
+    assert!(
+        reason.contains("lost with its node gone on host host-gone") && reason.contains("gone"),
+        "{reason}"
+    );
+    let p = s.get_sandbox(&pending.id).unwrap().unwrap();
+    assert_eq!(
+        (p.node.as_str(), p.status, p.lost_at),
+        ("keeper", SandboxStatus::Pending, None)
+    );
+    assert_eq!(s.get_sandbox(&theirs.id).unwrap().unwrap(), theirs);
+    let sess = s.get_session(&session.id).unwrap().unwrap();
+    assert_eq!(
+        (sess.status, sess.closed_at),
+        (SessionStatus::Closed, Some(gone.lost_at))
+    );
+    assert_eq!(
+        s.get_node("gone").unwrap().unwrap().lost_at,
+        Some(gone.lost_at)
+    );
+    // Once: a second pass finds nothing new.
+    assert_eq!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap(), []);
+
+    // The lost node, coming back, is told so by its heartbeat ...
+    assert_eq!(
+        s.heartbeat_node("gone", "boot").unwrap(),
+        Beat::Lost(gone.lost_at)
+    );
+    assert_eq!(s.heartbeat_node("gone", "other").unwrap(), Beat::Superseded);
+    // ... and what it still writes of its sandboxes changes nothing.
+    let stale = SandboxRecord {
+        status: SandboxStatus::Running,
+        status_reason: None,
+        ..running.clone()
+    };
+    let err = s.update_sandbox(&stale).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Fenced { why, .. } if why.contains("declared lost with node gone")),
+        "{err}"
+    );
+    assert_eq!(s.get_sandbox(&running.id).unwrap().unwrap(), r);
+    let err = s
+        .update_sandbox(&SandboxRecord {
+            status: SandboxStatus::Running,
+            ..pending.clone()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Fenced { why, .. } if why.contains("moved from node gone to node keeper")),
+        "{err}"
+    );
+    // The keeper's own writes go through; a destroyed sandbox's update is still no error.
+    let mut mine = s.get_sandbox(&pending.id).unwrap().unwrap();
+    mine.status = SandboxStatus::Running;
+    s.update_sandbox(&mine).unwrap();
+    assert_eq!(s.get_sandbox(&pending.id).unwrap().unwrap(), mine);
+    assert!(s.delete_sandbox(&theirs.id).unwrap());
+    s.update_sandbox(&theirs).unwrap();
+
+    // Registering again (a fresh start) makes it a node like any other; what was lost stays.
+    s.register_node(&node("gone")).unwrap();
+    assert_eq!(s.get_node("gone").unwrap().unwrap().lost_at, None);
+    assert_eq!(s.heartbeat_node("gone", "boot").unwrap(), Beat::Alive);
+    assert_eq!(s.get_sandbox(&running.id).unwrap().unwrap(), r);
+}
+
+#[test]
+fn listing_seq_follows_the_sandbox_columns() {
+    assert_eq!(SANDBOX_COLS.split(',').count(), SANDBOX_SEQ);
+}
+
 /// Every conformance case, once per backend.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
@@ -436,6 +582,7 @@ conformance!(
     leases_go_to_one_holder_until_they_expire,
     corrupt_and_missing_rows_are_errors_not_panics,
     nodes_register_beat_drain_and_own_sandboxes,
+    lost_nodes_lose_their_sandboxes_and_fence_stale_writers,
 );
 
 #[test]

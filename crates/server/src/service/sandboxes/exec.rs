@@ -129,6 +129,7 @@ impl Service {
         live: &Live,
         explicit: bool,
     ) -> Result<Option<PublishReport>, ServiceError> {
+        self.may_publish()?;
         let pending = live.mount.pending();
         let before = if pending.is_empty() {
             Ok((0, 0))

@@ -85,6 +85,7 @@ impl Service {
             stopped_at: None,
             expires_at: now.checked_add(expires_in),
             node: self.node.clone(),
+            lost_at: None,
         };
         let store = self.store.clone();
         let r = rec.clone();
@@ -639,6 +640,12 @@ impl Service {
             if !self.adopt(&mut rec).await {
                 continue;
             }
+            if rec.lost_at.is_some() {
+                // Declared lost with this node while it was away: what is left of it here
+                // is gone by contract, and must not come back.
+                self.drop_lost_leftovers(&rec).await;
+                continue;
+            }
             if rec.status != SandboxStatus::Running {
                 continue;
             }
@@ -694,9 +701,85 @@ impl Service {
         true
     }
 
+    /// Removes what a sandbox declared lost left in this data directory (its delta, its
+    /// mount point).
+    async fn drop_lost_leftovers(self: &Arc<Self>, rec: &SandboxRecord) {
+        let (mountpoint, delta) = self.mount_dirs(&rec.id);
+        let id = rec.id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir(&mountpoint);
+            match std::fs::remove_dir_all(&delta) {
+                Ok(()) => tracing::warn!(
+                    sandbox_id = %id,
+                    "sandbox was declared lost with this node while it was away: its \
+                     unpublished changes here are discarded"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %delta.display(), error = %e, "cannot remove a lost sandbox's delta")
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Declares lost every other node silent for `nodes.lost_after` (see
+    /// [`crate::store::Store::mark_lost_nodes`]), and audits what that did; how many.
+    pub async fn mark_lost_nodes(self: &Arc<Self>) -> usize {
+        let store = self.store.clone();
+        let (after, keeper) = (self.settings.config.nodes.lost_after, self.node.clone());
+        let lost = match blocking(move || Ok(store.mark_lost_nodes(after, &keeper)?)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "cannot look for lost nodes");
+                return 0;
+            }
+        };
+        for node in &lost {
+            let last = humantime::format_rfc3339_seconds(node.heartbeat_at).to_string();
+            tracing::error!(
+                node = %node.id,
+                host = %node.host,
+                last_heartbeat = %last,
+                sandboxes = node.sandboxes.len(),
+                moved = node.moved.len(),
+                "node declared lost: no heartbeat for nodes.lost_after; its sandboxes are in \
+                 ERROR and their unpublished changes are gone"
+            );
+            crate::metrics::metrics().nodes_lost_total.inc();
+            self.audit.record(AuditEvent::NodeLost {
+                node: node.id.clone(),
+                host: node.host.clone(),
+                last_heartbeat: last,
+                sandboxes: node.sandboxes.len(),
+                moved: node.moved.len(),
+            });
+            for (id, tenant) in &node.sandboxes {
+                self.audit.record_as(
+                    Actor::tenant(tenant),
+                    AuditEvent::SandboxLost {
+                        sandbox_id: id.to_string(),
+                        node: node.id.clone(),
+                    },
+                );
+            }
+        }
+        lost.len()
+    }
+
     /// FAILED_PRECONDITION unless `rec` is this node's: a sandbox whose delta is on another
-    /// machine must never run, or be reviewed, here with an empty one.
+    /// machine must never run, or be reviewed, here with an empty one. A sandbox lost with
+    /// its node is nobody's.
     pub(super) fn own(&self, rec: &SandboxRecord) -> Result<(), ServiceError> {
+        if rec.lost_at.is_some() {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "sandbox {} was {}",
+                rec.id,
+                rec.status_reason
+                    .as_deref()
+                    .unwrap_or("lost with its node; destroy it and create a new one")
+            )));
+        }
         if rec.node == self.node {
             return Ok(());
         }

@@ -296,6 +296,7 @@ impl Service {
         let seen = digests(content, "expected_content")?;
         let actor = caller.actor();
         self.with_delta(caller, sandbox_id, move |this, rec, a| {
+            this.may_publish()?;
             let pending: Vec<PathBuf> = a.delta.pending();
             let before = this.files.usage(&rec.codebase_id, &pending);
             let report = match a.mount {

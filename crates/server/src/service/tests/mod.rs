@@ -659,6 +659,7 @@ on_both_stores! {
             memory_bytes: 1 << 30,
             draining: false,
             registered_at: std::time::SystemTime::now(),
+            lost_at: None,
             heartbeat_at: std::time::SystemTime::now(),
         };
         f.db(move |s| s.register_node(&node)).unwrap();
@@ -764,5 +765,130 @@ on_both_stores! {
         f.svc.start_sandbox(&caller, legacy_unrun).await.unwrap();
         f.svc.destroy_sandbox(&caller, foreign).await.unwrap();
         assert_eq!(f.exec(legacy_here, "pwd").await.unwrap(), "ran: pwd");
+    }
+}
+
+/// A node registered long ago that has sent no heartbeat since.
+fn silent_node(id: &str) -> crate::store::NodeRecord {
+    crate::store::NodeRecord {
+        id: id.into(),
+        host: format!("host-{id}"),
+        boot_id: "b".into(),
+        cpus: 2,
+        memory_bytes: 1 << 30,
+        draining: false,
+        registered_at: std::time::UNIX_EPOCH,
+        heartbeat_at: std::time::UNIX_EPOCH,
+        lost_at: None,
+    }
+}
+
+on_both_stores! {
+    /// A node silent for `nodes.lost_after` is declared lost by the server: its sandboxes are
+    /// in ERROR saying why, cannot be started, run or reviewed anywhere, and can be destroyed;
+    /// one that never started there moves to this node and works. Nodes that beat are kept.
+    async fn a_silent_node_is_lost_with_its_sandboxes() {
+        let f = Fixture::new("");
+        let caller = crate::auth::Caller::local();
+        let (ran, unrun) = (f.sandbox("alice", &[]).await, f.sandbox("alice", &[]).await);
+        f.svc.start_sandbox(&caller, &ran).await.unwrap();
+        f.svc.stop_sandbox(&caller, &ran).await.unwrap();
+        f.db(|s| s.register_node(&silent_node("gone"))).unwrap();
+        f.db(|s| s.register_node(&silent_node("alive"))).unwrap();
+        f.db(|s| s.heartbeat_node("alive", "b")).unwrap();
+        let sid = |id: &str| crate::ids::SandboxId::parse(id).unwrap();
+        for id in [&ran, &unrun] {
+            let id = sid(id);
+            f.db(move |s| s.set_sandbox_node(&id, "gone")).unwrap();
+        }
+        assert_eq!(f.svc.mark_lost_nodes().await, 1);
+        assert_eq!(f.svc.mark_lost_nodes().await, 0, "once");
+        let rec = f.svc.get_sandbox(&caller, &ran).await.unwrap();
+        assert_eq!(rec.status, SandboxStatus::Error);
+        let reason = rec.status_reason.clone().unwrap();
+        assert!(reason.contains("lost with its node gone on host host-gone"), "{reason}");
+        for err in [
+            f.svc.start_sandbox(&caller, &ran).await.unwrap_err(),
+            f.exec(&ran, "true").await.unwrap_err(),
+            f.svc.list_changes(&caller, &ran, vec![], 0).await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, ServiceError::FailedPrecondition(m) if m.contains("lost with its node gone")),
+                "{err:?}"
+            );
+        }
+        assert!(f.db(|s| s.get_node("alive")).unwrap().unwrap().lost_at.is_none());
+        // Nothing of the one that never ran was lost: it is this node's now.
+        f.svc.start_sandbox(&caller, &unrun).await.unwrap();
+        assert_eq!(f.exec(&unrun, "pwd").await.unwrap(), "ran: pwd");
+        f.svc.destroy_sandbox(&caller, &ran).await.unwrap();
+    }
+}
+
+on_both_stores! {
+    /// A server whose node was declared lost while it was away starts again as a fresh node:
+    /// the lost sandboxes' leftovers in its data directory are discarded, never run again.
+    async fn a_node_back_from_lost_discards_what_it_held() {
+        let f = Fixture::new("");
+        let caller = crate::auth::Caller::local();
+        let id = f.sandbox("alice", &[]).await;
+        f.svc.start_sandbox(&caller, &id).await.unwrap();
+        // The fake mounter makes no directories: the delta left behind is made by hand.
+        let delta = f.dir.path().join("mounts/delta").join(&id);
+        std::fs::create_dir_all(delta.join("src")).unwrap();
+        f.db(|s| s.register_node(&silent_node("local"))).unwrap();
+        let lost = f
+            .db(|s| s.mark_lost_nodes(Duration::from_secs(60), "another"))
+            .unwrap();
+        assert_eq!(lost.len(), 1);
+        let f = f.restart();
+        f.db(|s| s.register_node(&silent_node("local"))).unwrap();
+        f.svc.recover().await;
+        assert!(f.fs.live().is_empty(), "nothing lost runs again");
+        assert!(!delta.exists(), "its delta is discarded");
+        assert_eq!(f.status(&id).await, SandboxStatus::Error);
+        let err = f.svc.start_sandbox(&caller, &id).await.unwrap_err();
+        assert!(
+            matches!(&err, ServiceError::FailedPrecondition(m) if m.contains("lost")),
+            "{err:?}"
+        );
+    }
+}
+
+on_both_stores! {
+    /// Publishing checks the claim's fence just before writing: a server that was lost, or
+    /// has not renewed its claim in time, publishes nothing (a paused server resuming with a
+    /// request in flight).
+    async fn a_fenced_server_publishes_nothing() {
+        for fence in [
+            {
+                let f = crate::service::Fence::new(Some(Duration::from_secs(3600)));
+                f.close();
+                f
+            },
+            crate::service::Fence::new(Some(Duration::ZERO)),
+        ] {
+            let mut f = Fixture::new("");
+            Arc::get_mut(&mut f.svc).unwrap().fence = Some(Arc::new(fence));
+            let caller = crate::auth::Caller::local();
+            let auto = f.sandbox("alice", &[]).await;
+            let manual = f
+                .sandbox("alice", &[(crate::service::LABEL_PUBLISH, "manual")])
+                .await;
+            for id in [&auto, &manual] {
+                f.svc.start_sandbox(&caller, id).await.unwrap();
+            }
+            let err = f.exec(&auto, "make").await.unwrap_err();
+            assert!(
+                crate::error::chain(&err).contains("nothing more is published")
+                    || crate::error::chain(&err).contains("nothing is published"),
+                "{}",
+                crate::error::chain(&err)
+            );
+            f.exec(&manual, "make").await.unwrap();
+            let err = f.svc.publish(&caller, &manual).await.unwrap_err();
+            assert!(matches!(&err, ServiceError::Unavailable(_)), "{err:?}");
+            assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 0);
+        }
     }
 }

@@ -1,0 +1,74 @@
+//! Whether this server may still write as the one server of its metadata database.
+//!
+//! A server that was paused (SIGSTOP, a frozen VM) or cut off from its database may have
+//! been replaced meanwhile: its claim expired, another server runs the database's sandboxes,
+//! and its own node may have been declared lost. Its renewal task finds out at its next
+//! attempt, but a request already in flight could publish first. Publishing checks the fence
+//! just before writing to a codebase: once the last renewal is older than half the claim's
+//! lifetime (the point where the server stops anyway), or the claim or the node was lost,
+//! nothing more is published.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::ServiceError;
+
+/// The fence of one server's claim; shared by its renewal task and its service.
+#[derive(Debug)]
+pub struct Fence {
+    /// When the last renewal that succeeded was sent.
+    renewed: Mutex<Instant>,
+    /// The claim, or this node, was lost.
+    lost: AtomicBool,
+    /// How old the last renewal may be; `None`: age alone never closes it (a local SQLite
+    /// file nobody else can write).
+    max_age: Option<Duration>,
+}
+
+impl Fence {
+    /// A fence renewed now; `max_age` as on [`Fence`].
+    pub fn new(max_age: Option<Duration>) -> Fence {
+        Fence {
+            renewed: Mutex::new(Instant::now()),
+            lost: AtomicBool::new(false),
+            max_age,
+        }
+    }
+
+    /// A renewal sent at `sent` succeeded.
+    pub fn renewed(&self, sent: Instant) {
+        let mut r = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        *r = (*r).max(sent);
+    }
+
+    /// The claim or the node was lost: closed for good.
+    pub fn close(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuses (UNAVAILABLE) once the claim may have passed to another server.
+    pub fn check(&self) -> Result<(), ServiceError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(ServiceError::Unavailable(
+                "this server lost its claim on the metadata database (or its node was declared \
+                 lost) and is stopping: nothing more is published from it"
+                    .into(),
+            ));
+        }
+        let age = self
+            .renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        match self.max_age {
+            Some(max) if age >= max => Err(ServiceError::Unavailable(format!(
+                "this server has not renewed its claim on the metadata database for {}s (the \
+                 database is unreachable, or the server was paused): another server may run \
+                 its sandboxes now, so nothing is published until the claim is renewed",
+                age.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
