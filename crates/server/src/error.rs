@@ -69,7 +69,11 @@ impl From<IdError> for ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
-        ServiceError::internal("metadata store", e)
+        match e {
+            // A stale writer: the sandbox moved on without this server (lost with its node).
+            StoreError::Fenced { .. } => ServiceError::FailedPrecondition(e.to_string()),
+            e => ServiceError::internal("metadata store", e),
+        }
     }
 }
 
@@ -111,5 +115,28 @@ impl From<ServiceError> for tonic::Status {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stale server's refused write reaches its client as FAILED_PRECONDITION with the
+    /// reason, not as an internal error that hides it.
+    #[test]
+    fn a_fenced_write_is_a_failed_precondition_with_the_reason() {
+        let e = StoreError::Fenced {
+            id: "sb_0123456789abcdef".into(),
+            why: "it was declared lost with node n1 at 2026-12-08T00:00:00Z".into(),
+        };
+        let status = tonic::Status::from(ServiceError::from(e));
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().contains("declared lost with node n1"),
+            "{status:?}"
+        );
+        let status = tonic::Status::from(ServiceError::from(StoreError::BadUrl("x".into())));
+        assert_eq!(status.code(), tonic::Code::Internal);
     }
 }

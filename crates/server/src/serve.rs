@@ -19,6 +19,7 @@ use crate::grpc::{CodebaseApi, SandboxApi};
 use crate::host::bwrap_runtime;
 use crate::rest::{RestState, router};
 use crate::service::{Engine, Service};
+use crate::store::Beat;
 
 /// Startup failed; each variant says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,18 @@ pub enum ServeError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Another server process uses this data directory (or mount directory).
+    #[error(
+        "{path} is in use by another AgentFense server on this machine (it holds {lock}); two \
+         servers on one data directory would detach each other's mounts: give each its own \
+         storage.data_dir (and storage.mount_path)"
+    )]
+    DirInUse {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The lock file.
+        lock: std::path::PathBuf,
     },
     /// The metadata store could not be opened.
     #[error(transparent)]
@@ -66,6 +79,13 @@ pub enum ServeError {
         /// When (RFC 3339).
         at: String,
     },
+    /// Another process started as this node.
+    #[error(
+        "stopped: another process registered as this server's node (its data directory started \
+         on another machine or boot, e.g. a restored VM or a copied disk); what still ran here was \
+         stopped. Give each server its own data directory"
+    )]
+    Superseded,
     /// Codebase storage could not be opened.
     #[error(transparent)]
     Files(#[from] crate::files::FilesError),
@@ -114,6 +134,8 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct Bound {
     service: Arc<Service>,
+    /// Locks on the data and mount directories, held until serving has ended.
+    locks: Vec<std::fs::File>,
     claim: Kept,
     gate: Arc<Gate>,
     audit_writer: AuditWriter,
@@ -143,6 +165,9 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
             source,
         })?;
     }
+    // Before anything else touches them: a second server here would detach this one's mounts
+    // at its start (stale-mount cleanup) and share its node identity.
+    let locks = vec![lock_dir(&paths.data_dir)?, lock_dir(&paths.mounts)?];
     // Opening may connect to PostgreSQL, whose client must not run on an async worker.
     let store = {
         let settings = settings.clone();
@@ -235,6 +260,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     );
     Ok(Bound {
         service,
+        locks,
         claim,
         gate,
         audit_writer,
@@ -281,6 +307,9 @@ enum Loss {
     Claim,
     /// This node was declared lost (at that time).
     Node(std::time::SystemTime),
+    /// Another process registered as this node (the same data directory started on another
+    /// machine or boot: a restored VM, a copied disk) and holds the claim under the same id.
+    Superseded,
 }
 
 impl Loss {
@@ -290,12 +319,19 @@ impl Loss {
             Loss::Node(at) => ServeError::NodeLost {
                 at: humantime::format_rfc3339_seconds(at).to_string(),
             },
+            Loss::Superseded => ServeError::Superseded,
         }
+    }
+
+    /// Whether the claim may be released at shutdown: not when another server took it, nor
+    /// when another process holds it under this server's own id.
+    fn releases(loss: Option<Loss>) -> bool {
+        matches!(loss, None | Some(Loss::Node(_)))
     }
 }
 
 impl Claim {
-    const NAME: &'static str = "server";
+    const NAME: &'static str = crate::store::SERVER_LEASE;
     const TTL: Duration = Duration::from_secs(60);
     const RENEW_EVERY: Duration = Duration::from_secs(10);
 
@@ -369,16 +405,27 @@ impl Claim {
                 match renewed {
                     Ok(Ok(true)) => {
                         last = sent;
-                        if let Some(at) = renewing.heartbeat().await {
-                            tracing::error!(node = %renewing.node.id, "this node was declared lost by another server while it was away: stopping its sandboxes");
-                            lose(Loss::Node(at));
-                            return;
+                        match renewing.heartbeat().await {
+                            Some(Beat::Lost(at)) => {
+                                tracing::error!(node = %renewing.node.id, "this node was declared lost by another server while it was away: stopping its sandboxes");
+                                lose(Loss::Node(at));
+                                return;
+                            }
+                            Some(Beat::Superseded) => {
+                                tracing::error!(node = %renewing.node.id, "another process registered as this node: stopping");
+                                lose(Loss::Superseded);
+                                return;
+                            }
+                            _ => fenced.renewed(sent.into_std()),
                         }
-                        fenced.renewed(sent.into_std());
                     }
                     Ok(Ok(false)) => {
                         tracing::error!(holder = %renewing.holder, "another server has claimed this metadata database: stopping");
-                        lose(Loss::Claim);
+                        // Its node may have been declared lost as it took over: say so.
+                        lose(match renewing.heartbeat().await {
+                            Some(Beat::Lost(at)) => Loss::Node(at),
+                            _ => Loss::Claim,
+                        });
                         return;
                     }
                     Ok(Err(e)) => {
@@ -421,16 +468,18 @@ impl Claim {
     }
 
     /// Records that this node is alive (for `agentfense nodes list`, and so that no other
-    /// server declares it lost); when it was declared lost, if it was.
-    async fn heartbeat(&self) -> Option<std::time::SystemTime> {
+    /// server declares it lost): what the store answered, `None` if it did not in time.
+    async fn heartbeat(&self) -> Option<Beat> {
         let this = self.clone();
-        let beat = tokio::task::spawn_blocking(move || {
-            this.store.heartbeat_node(&this.node.id, &this.node.boot_id)
-        })
+        let beat = tokio::time::timeout(
+            Claim::RENEW_EVERY,
+            tokio::task::spawn_blocking(move || {
+                this.store.heartbeat_node(&this.node.id, &this.node.boot_id)
+            }),
+        )
         .await;
         match beat {
-            Ok(Ok(crate::store::Beat::Alive)) => None,
-            Ok(Ok(crate::store::Beat::Lost(at))) => Some(at),
+            Ok(Ok(Ok(b))) => Some(b),
             _ => {
                 tracing::warn!(node = %self.node.id, "cannot record this node's heartbeat");
                 None
@@ -464,7 +513,7 @@ impl Kept {
     async fn release(mut self) {
         let _ = self.stop.send(true);
         let _ = (&mut self.task).await;
-        if self.lost.borrow().is_some() {
+        if !Loss::releases(*self.lost.borrow()) {
             return;
         }
         let claim = self.claim.clone();
@@ -472,6 +521,36 @@ impl Kept {
             claim.store.release_lease(Claim::NAME, &claim.holder)
         })
         .await;
+    }
+}
+
+/// Takes the lock of a server directory (`<dir>/server.lock`, an exclusive `flock` the kernel
+/// releases when the process dies, so a crash leaves nothing to clean), creating the
+/// directory if needed.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
+    use rustix::fs::{FlockOperation, flock};
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ServeError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let lock = dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&lock)
+        .map_err(io)?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServeError::DirInUse {
+            path: dir.to_owned(),
+            lock,
+        }),
+        Err(e) => Err(io(e.into())),
     }
 }
 
@@ -712,6 +791,7 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let Bound {
             service,
+            locks,
             claim,
             gate,
             audit_writer,
@@ -957,6 +1037,8 @@ impl Bound {
         tokio::task::spawn_blocking(move || audit_writer.close())
             .await
             .ok();
+        // Everything under the directories is stopped and unmounted: another server may come.
+        drop(locks);
         if let Some(loss) = claim_lost {
             return Err(loss.error());
         }

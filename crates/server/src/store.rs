@@ -420,12 +420,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// the database's clock) and is not lost already, in one transaction: its sandboxes go
     /// to ERROR with the reason and can no longer be changed by that node
     /// ([`Store::update_sandbox`] refuses it), their sessions close, and sandboxes that never
-    /// started there move to `keeper`.
+    /// started there move to `keeper`. Only while `keeper` holds the lease [`SERVER_LEASE`]
+    /// (a server that lost its claim, paused or cut off, declares nothing); else nothing.
     fn mark_lost_nodes(
         &self,
         lost_after: Duration,
         keeper: &str,
     ) -> Result<Vec<LostNode>, StoreError>;
+    /// Whether `holder` holds the lease `name` now (by the database's clock) and node `node`
+    /// is not lost: what a server checks just before writing to a codebase.
+    fn holds_claim(&self, name: &str, holder: &str, node: &str) -> Result<bool, StoreError>;
     /// The node with this id.
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node, by id.
@@ -643,8 +647,25 @@ fn refused_beat(row: Option<(String, Option<i64>)>, boot_id: &str) -> Beat {
     }
 }
 
+/// The lease a server holds on its metadata database: it runs every sandbox the database
+/// records on its node, reaps them and declares silent nodes lost. Its holder is the server's
+/// instance id, which is also its node id.
+pub const SERVER_LEASE: &str = "server";
+
+/// [`Store::holds_claim`]'s query ($1 lease, $2 holder, $3 node), timed by `now`: two counts.
+fn holds_claim_sql(now: &str) -> String {
+    format!(
+        "SELECT (SELECT COUNT(*) FROM leases WHERE name = $1 AND holder = $2
+         AND expires_at > {now}), (SELECT COUNT(*) FROM nodes WHERE id = $3
+         AND lost_at IS NOT NULL)"
+    )
+}
+
 /// The steps of [`Store::mark_lost_nodes`], run in one transaction by each backend.
 mod lost_sql {
+    /// Whether the keeper holds the server lease ($1 lease, $2 keeper, $3 now).
+    pub(super) const HELD: &str =
+        "SELECT COUNT(*) FROM leases WHERE name = $1 AND holder = $2 AND expires_at > $3";
     /// Nodes to declare lost: ($1 keeper, $2 the latest heartbeat that is too old).
     pub(super) const STALE: &str = "SELECT id, host, heartbeat_at FROM nodes
         WHERE lost_at IS NULL AND id <> $1 AND heartbeat_at <= $2 ORDER BY id";

@@ -205,9 +205,9 @@ fn stops_for(server: &mut Server, secs: u64, says: &str) {
 /// A node lost while its server was paused (SIGSTOP: a frozen VM, a partition): another
 /// server on the database, finding no heartbeat from it for `nodes.lost_after`, declares it
 /// lost. Its sandboxes show ERROR, refuse to run with the reason, and their published work is
-/// intact in the codebase. When the paused server resumes, its next heartbeat tells it: it
-/// stops what it still runs, without being asked, and exits saying why; started again, it
-/// discards the lost sandboxes' deltas and serves as a fresh node.
+/// intact in the codebase. When the paused server resumes, its next renewal is refused and
+/// tells it why: it stops what it still runs, without being asked, and exits saying so;
+/// started again, it moves the lost sandboxes' deltas aside and serves as a fresh node.
 #[test]
 fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
     let test = "a_node_lost_while_paused_stops_what_it_ran_when_it_resumes";
@@ -231,9 +231,8 @@ fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
         return;
     };
     let parsed: serde_json::Value = serde_json::from_str(&ids).unwrap();
-    let private_delta = data_a
-        .join("mounts/delta")
-        .join(parsed["private"].as_str().unwrap());
+    let private = parsed["private"].as_str().unwrap();
+    let private_delta = data_a.join("mounts/delta").join(private);
     assert!(private_delta.is_dir());
     assert!(!a.mounts().is_empty());
     let pid = rustix::process::Pid::from_child(a.child.as_ref().unwrap());
@@ -286,16 +285,16 @@ fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
         state_of(&nodes(&data_b)),
         Some(("lost".to_owned(), serde_json::json!(0)))
     );
+
+    // Resumed while B holds the claim: its next renewal is refused, and it is told why.
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    stops_for(&mut a, 60, "declared lost");
     b.stop();
     let audit = std::fs::read_to_string(data_b.join("audit.jsonl")).unwrap();
     assert!(
         audit.contains(r#""event":"node_lost""#) && audit.contains(r#""event":"sandbox_lost""#),
         "{audit}"
     );
-
-    // Resumed, with nobody holding the claim: its next heartbeat says it was lost.
-    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
-    stops_for(&mut a, 60, "declared lost");
 
     // Started again: a fresh node; what it held of the lost sandboxes is gone.
     let a = Server::start_with(&data_a, &config);
@@ -308,6 +307,10 @@ fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
         a.log_text()
     );
     assert!(!private_delta.exists(), "{}", a.log_text());
+    assert!(
+        data_a.join("mounts/lost").join(private).is_dir(),
+        "kept aside for salvage"
+    );
     assert!(a.mounts().is_empty());
     assert_eq!(
         state_of(&nodes(&data_a)),
@@ -320,4 +323,64 @@ fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
         "{}",
         a.log_text()
     );
+}
+
+/// A second server started on the data directory of a running one, with its own metadata
+/// file (so no database claim stops it), is refused before it touches anything: it would
+/// detach the first server's sandbox mounts as "stale" and share its node identity.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let test = "a_second_server_on_the_same_data_directory_is_refused";
+    if !privileged(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let Some(ids) = script(&["setup", &server.grpc]) else {
+        return;
+    };
+    let mounted = server.mounts();
+    assert!(!mounted.is_empty());
+    let config = tmp.path().join("second.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "storage:\n  db_path: {}\n",
+            tmp.path().join("second.db").display()
+        ),
+    )
+    .unwrap();
+    let mut second = Server::command(&data, &config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Refused at once; one that is still running after a minute was not (and must not hang
+    // the test).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!(
+                "a second server runs on the data directory; the first one's mounts: {:?}",
+                server.mounts()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("is in use by another AgentFense server"),
+        "{err}"
+    );
+    assert_eq!(
+        server.mounts(),
+        mounted,
+        "the first server's mounts are intact"
+    );
+    verify(&server, &ids);
 }

@@ -4,15 +4,18 @@
 //! been replaced meanwhile: its claim expired, another server runs the database's sandboxes,
 //! and its own node may have been declared lost. Its renewal task finds out at its next
 //! attempt, but a request already in flight could publish first. Publishing checks the fence
-//! just before writing to a codebase: once the last renewal is older than half the claim's
-//! lifetime (the point where the server stops anyway), or the claim or the node was lost,
-//! nothing more is published.
+//! just before writing to a codebase: first locally (the claim or the node was lost, or the
+//! last renewal is older than half the claim's lifetime, where the server stops anyway), then
+//! in the database (the claim is still this server's by the database's clock, its node not
+//! lost), since a frozen VM's clocks need not count the time it was frozen. What remains is
+//! the window between that check and the end of the write.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::ServiceError;
+use crate::error::{ServiceError, chain};
+use crate::store::{SERVER_LEASE, Store};
 
 /// The fence of one server's claim; shared by its renewal task and its service.
 #[derive(Debug)]
@@ -47,7 +50,30 @@ impl Fence {
         self.lost.store(true, Ordering::SeqCst);
     }
 
-    /// Refuses (UNAVAILABLE) once the claim may have passed to another server.
+    /// [`Fence::check`], then asks `store` whether node `node` (whose instance id holds the
+    /// claim) still holds it and is not lost; blocking.
+    pub fn check_held(&self, store: &dyn Store, node: &str) -> Result<(), ServiceError> {
+        self.check()?;
+        match store.holds_claim(SERVER_LEASE, node, node) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.close();
+                Err(ServiceError::Unavailable(
+                    "this server no longer holds its claim on the metadata database (or its \
+                     node was declared lost): nothing more is published from it"
+                        .into(),
+                ))
+            }
+            Err(e) => Err(ServiceError::Unavailable(format!(
+                "cannot confirm this server's claim on the metadata database, so nothing is \
+                 published: {}",
+                chain(&e)
+            ))),
+        }
+    }
+
+    /// Refuses (UNAVAILABLE) once the claim may have passed to another server, by what this
+    /// process knows (no database).
     pub fn check(&self) -> Result<(), ServiceError> {
         if self.lost.load(Ordering::SeqCst) {
             return Err(ServiceError::Unavailable(

@@ -87,9 +87,12 @@ impl Service {
     }
 
     /// UNAVAILABLE when this server may no longer be its database's server: nothing is
-    /// written to a codebase then.
+    /// written to a codebase then. Asks the database (see [`Fence::check_held`]): call it on a
+    /// blocking thread.
     pub(crate) fn may_publish(&self) -> Result<(), ServiceError> {
-        self.fence.as_ref().map_or(Ok(()), |f| f.check())
+        self.fence
+            .as_ref()
+            .map_or(Ok(()), |f| f.check_held(self.store.as_ref(), &self.node))
     }
 
     /// Runs sandboxes as node `id` (the host name in a real server): new sandboxes are placed

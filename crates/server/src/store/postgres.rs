@@ -38,11 +38,11 @@ use super::auth::{KEY_COLS, RawKey};
 use super::{
     BackendError, Beat, CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, LostNode,
     NODE_COLS, NODE_STATE_SQL, NodeRecord, Page, REGISTER_NODE_SQL, RawCodebase, RawNode,
-    RawSandbox, RawSession, SANDBOX_COLS, SANDBOX_FENCE_SQL, SANDBOX_SEQ, SESSION_COLS,
-    SandboxFilter, SandboxRecord, SessionRecord, Store, StoreError, TenantRecord, TenantUsage,
-    UPDATE_SANDBOX_SQL, encode_sandbox, fence, from_nanos, heartbeat_sql, lease_sql, limit_hit,
-    lost_node, lost_sql, paginate, q, refused_beat, session_status_str, stale_before, status_str,
-    to_json, to_nanos, ttl_nanos,
+    RawSandbox, RawSession, SANDBOX_COLS, SANDBOX_FENCE_SQL, SANDBOX_SEQ, SERVER_LEASE,
+    SESSION_COLS, SandboxFilter, SandboxRecord, SessionRecord, Store, StoreError, TenantRecord,
+    TenantUsage, UPDATE_SANDBOX_SQL, encode_sandbox, fence, from_nanos, heartbeat_sql,
+    holds_claim_sql, lease_sql, limit_hit, lost_node, lost_sql, paginate, q, refused_beat,
+    session_status_str, stale_before, status_str, to_json, to_nanos, ttl_nanos,
 };
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
@@ -135,9 +135,12 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';",
     // 3: a node's host name, shown beside its id (the data directory's instance id).
     "ALTER TABLE nodes ADD COLUMN host TEXT NOT NULL DEFAULT '';",
-    // 4: lost nodes, and the sandboxes lost with them.
+    // 4: lost nodes, and the sandboxes lost with them. Heartbeats were the nodes' clocks
+    // until now, the database's from now on: every node known gets a full `lost_after`
+    // before it can be declared lost.
     "ALTER TABLE nodes ADD COLUMN lost_at BIGINT;
-    ALTER TABLE sandboxes ADD COLUMN lost_at BIGINT;",
+    ALTER TABLE sandboxes ADD COLUMN lost_at BIGINT;
+    UPDATE nodes SET heartbeat_at = (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT;",
 ];
 
 /// The database's clock in nanoseconds since the epoch, as SQL: every server sharing the
@@ -1209,6 +1212,16 @@ impl Store for PgStore {
             .query_one(&format!("SELECT {NOW}"), &[])
             .and_then(|r| r.try_get(0))
             .map_err(q(op))?;
+        // FOR SHARE: nobody takes the lease over until this transaction has ended.
+        let held = tx
+            .query(
+                &format!("{} FOR SHARE", lost_sql::HELD.replace("COUNT(*)", "1")),
+                &[&SERVER_LEASE, &keeper, &now],
+            )
+            .map_err(q(op))?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
         // FOR UPDATE: two replicas marking at once declare each node lost once.
         let stale = tx
             .query(
@@ -1247,6 +1260,17 @@ impl Store for PgStore {
         Ok(lost)
     }
 
+    fn holds_claim(&self, name: &str, holder: &str, node: &str) -> Result<bool, StoreError> {
+        let op = "check claim";
+        let row = self
+            .conn()?
+            .query_one(&holds_claim_sql(NOW), &[&name, &holder, &node])
+            .map_err(q(op))?;
+        let held: i64 = row.try_get(0).map_err(q(op))?;
+        let lost: i64 = row.try_get(1).map_err(q(op))?;
+        Ok(held > 0 && lost == 0)
+    }
+
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
         let op = "get node";
         self.row(
@@ -1283,7 +1307,7 @@ impl Store for PgStore {
     fn set_sandbox_node(&self, id: &SandboxId, node: &str) -> Result<(), StoreError> {
         self.exec(
             "set sandbox node",
-            "UPDATE sandboxes SET node = $2 WHERE id = $1",
+            "UPDATE sandboxes SET node = $2 WHERE id = $1 AND lost_at IS NULL",
             &[&id.as_str(), &node],
         )
         .map(drop)

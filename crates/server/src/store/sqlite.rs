@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::auth::{KEY_COLS, RawKey};
 use super::{
     Beat, LostNode, NODE_COLS, NODE_STATE_SQL, NodeRecord, REGISTER_NODE_SQL, RawNode,
-    SANDBOX_FENCE_SQL, SANDBOX_SEQ, UPDATE_SANDBOX_SQL, fence, heartbeat_sql, lease_sql, lost_node,
-    lost_sql, refused_beat, stale_before, ttl_nanos,
+    SANDBOX_FENCE_SQL, SANDBOX_SEQ, SERVER_LEASE, UPDATE_SANDBOX_SQL, fence, heartbeat_sql,
+    holds_claim_sql, lease_sql, lost_node, lost_sql, refused_beat, stale_before, ttl_nanos,
 };
 use super::{
     CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, Page, RawCodebase, RawSandbox,
@@ -851,6 +851,14 @@ impl Store for SqliteStore {
         let now: i64 = tx
             .query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))
             .map_err(q(op))?;
+        let held: i64 = tx
+            .query_row(lost_sql::HELD, params![SERVER_LEASE, keeper, now], |r| {
+                r.get(0)
+            })
+            .map_err(q(op))?;
+        if held == 0 {
+            return Ok(Vec::new());
+        }
         let stale: Vec<(String, String, i64)> = {
             let mut stmt = tx.prepare(lost_sql::STALE).map_err(q(op))?;
             stmt.query_map(params![keeper, stale_before(now, lost_after)], |r| {
@@ -886,6 +894,16 @@ impl Store for SqliteStore {
         }
         tx.commit().map_err(q(op))?;
         Ok(lost)
+    }
+
+    fn holds_claim(&self, name: &str, holder: &str, node: &str) -> Result<bool, StoreError> {
+        let (held, lost): (i64, i64) = self
+            .conn()
+            .query_row(&holds_claim_sql(NOW), params![name, holder, node], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(q("check claim"))?;
+        Ok(held > 0 && lost == 0)
     }
 
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -926,7 +944,7 @@ impl Store for SqliteStore {
     fn set_sandbox_node(&self, id: &SandboxId, node: &str) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "UPDATE sandboxes SET node = ?2 WHERE id = ?1",
+                "UPDATE sandboxes SET node = ?2 WHERE id = ?1 AND lost_at IS NULL",
                 params![id.as_str(), node],
             )
             .map_err(q("set sandbox node"))?;

@@ -453,6 +453,15 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
     };
     s.insert_session(&session).unwrap();
 
+    // Only the holder of the server lease declares nodes lost.
+    assert_eq!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap(), []);
+    assert_eq!(s.get_node("gone").unwrap().unwrap().lost_at, None);
+    assert!(
+        s.try_lease(SERVER_LEASE, "keeper", Duration::from_secs(60))
+            .unwrap()
+    );
+    assert!(s.holds_claim(SERVER_LEASE, "keeper", "keeper").unwrap());
+    assert!(!s.holds_claim(SERVER_LEASE, "gone", "gone").unwrap());
     // It beat just now: not silent for an hour.
     assert_eq!(
         s.mark_lost_nodes(Duration::from_secs(3600), "keeper")
@@ -496,6 +505,12 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
         s.get_node("gone").unwrap().unwrap().lost_at,
         Some(gone.lost_at)
     );
+    // A lost node holds no claim, even one under its name.
+    assert!(
+        s.try_lease("other", "gone", Duration::from_secs(60))
+            .unwrap()
+    );
+    assert!(!s.holds_claim("other", "gone", "gone").unwrap());
     // Once: a second pass finds nothing new.
     assert_eq!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap(), []);
 

@@ -701,22 +701,29 @@ impl Service {
         true
     }
 
-    /// Removes what a sandbox declared lost left in this data directory (its delta, its
-    /// mount point).
+    /// Moves what a sandbox declared lost left in this data directory (its delta) out of
+    /// the way, to `<mount_path>/lost/<id>`: it never runs again, but an operator can still
+    /// salvage files from it by hand (then delete it).
     async fn drop_lost_leftovers(self: &Arc<Self>, rec: &SandboxRecord) {
         let (mountpoint, delta) = self.mount_dirs(&rec.id);
+        let lost = self.settings.paths.mounts.join("lost");
         let id = rec.id.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir(&mountpoint);
-            match std::fs::remove_dir_all(&delta) {
+            if !delta.exists() {
+                return;
+            }
+            let to = lost.join(id.as_str());
+            let moved = std::fs::create_dir_all(&lost).and_then(|()| std::fs::rename(&delta, &to));
+            match moved {
                 Ok(()) => tracing::warn!(
                     sandbox_id = %id,
-                    "sandbox was declared lost with this node while it was away: its \
-                     unpublished changes here are discarded"
+                    kept_in = %to.display(),
+                    "sandbox was declared lost with this node while it was away: it will not \
+                     run again; its unpublished changes are kept for manual salvage only"
                 ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(path = %delta.display(), error = %e, "cannot remove a lost sandbox's delta")
+                    tracing::warn!(path = %delta.display(), error = %e, "cannot move a lost sandbox's delta aside")
                 }
             }
         })
@@ -726,6 +733,12 @@ impl Service {
     /// Declares lost every other node silent for `nodes.lost_after` (see
     /// [`crate::store::Store::mark_lost_nodes`]), and audits what that did; how many.
     pub async fn mark_lost_nodes(self: &Arc<Self>) -> usize {
+        // A database only this server can open (an SQLite file) has no other live node: a
+        // node there is a data directory that was replaced, whose sandboxes stay refused
+        // ("lives on node ...") rather than lost.
+        if !self.store.shared() {
+            return 0;
+        }
         let store = self.store.clone();
         let (after, keeper) = (self.settings.config.nodes.lost_after, self.node.clone());
         let lost = match blocking(move || Ok(store.mark_lost_nodes(after, &keeper)?)).await {
@@ -937,7 +950,8 @@ impl Service {
             let Ok(mut rec) = self.sandbox(&id).await else {
                 continue;
             };
-            if rec.status != SandboxStatus::Running {
+            // Another node's sandbox runs there; this server can neither stop nor record it.
+            if rec.status != SandboxStatus::Running || self.own(&rec).is_err() {
                 continue;
             }
             self.tear_down(&rec, false).await;

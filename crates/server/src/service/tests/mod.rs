@@ -801,6 +801,14 @@ on_both_stores! {
             let id = sid(id);
             f.db(move |s| s.set_sandbox_node(&id, "gone")).unwrap();
         }
+        if !f.store.shared() {
+            // An SQLite file has no other live node: nothing is ever declared lost there.
+            assert_eq!(f.svc.mark_lost_nodes().await, 0);
+            return;
+        }
+        // Only while this server holds its claim.
+        assert_eq!(f.svc.mark_lost_nodes().await, 0);
+        assert!(f.db(|s| s.try_lease(crate::store::SERVER_LEASE, "local", Duration::from_secs(60))).unwrap());
         assert_eq!(f.svc.mark_lost_nodes().await, 1);
         assert_eq!(f.svc.mark_lost_nodes().await, 0, "once");
         let rec = f.svc.get_sandbox(&caller, &ran).await.unwrap();
@@ -837,6 +845,7 @@ on_both_stores! {
         let delta = f.dir.path().join("mounts/delta").join(&id);
         std::fs::create_dir_all(delta.join("src")).unwrap();
         f.db(|s| s.register_node(&silent_node("local"))).unwrap();
+        assert!(f.db(|s| s.try_lease(crate::store::SERVER_LEASE, "another", Duration::from_secs(60))).unwrap());
         let lost = f
             .db(|s| s.mark_lost_nodes(Duration::from_secs(60), "another"))
             .unwrap();
@@ -845,7 +854,11 @@ on_both_stores! {
         f.db(|s| s.register_node(&silent_node("local"))).unwrap();
         f.svc.recover().await;
         assert!(f.fs.live().is_empty(), "nothing lost runs again");
-        assert!(!delta.exists(), "its delta is discarded");
+        assert!(!delta.exists(), "its delta is moved aside");
+        assert!(
+            f.dir.path().join("mounts/lost").join(&id).join("src").is_dir(),
+            "kept for salvage"
+        );
         assert_eq!(f.status(&id).await, SandboxStatus::Error);
         let err = f.svc.start_sandbox(&caller, &id).await.unwrap_err();
         assert!(
