@@ -533,6 +533,10 @@ impl Config {
             &mut cfg.storage.db_path,
             &mut cfg.storage.database_ca_file,
             &mut cfg.logging.audit_path,
+            &mut cfg.server.unix_socket,
+            &mut cfg.server.tls.cert,
+            &mut cfg.server.tls.key,
+            &mut cfg.server.tls.client_ca,
         ]
         .into_iter()
         .flatten()
@@ -995,6 +999,28 @@ mod tests {
             .unwrap();
         assert_eq!(s.paths.data_dir, dir.path().join("state"));
         assert_eq!(s.grpc_addr.port(), 2);
+        // Every path in the file, TLS files and the socket included.
+        std::fs::write(
+            &f,
+            "server:\n  unix_socket: run/a.sock\n  tls:\n    cert: tls/c.pem\n    key: tls/k.pem\n    client_ca: tls/ca.pem\n",
+        )
+        .unwrap();
+        let c = Config::load(&f).unwrap();
+        let tls = &c.server.tls;
+        assert_eq!(
+            [
+                c.server.unix_socket.as_deref(),
+                tls.cert.as_deref(),
+                tls.key.as_deref(),
+                tls.client_ca.as_deref()
+            ],
+            [
+                Some(dir.path().join("run/a.sock").as_path()),
+                Some(dir.path().join("tls/c.pem").as_path()),
+                Some(dir.path().join("tls/k.pem").as_path()),
+                Some(dir.path().join("tls/ca.pem").as_path())
+            ]
+        );
         assert_eq!(s.config.runtime.kind, RuntimeKind::Docker);
         let e = Config::load(&dir.path().join("missing.yaml")).unwrap_err();
         assert!(e.to_string().contains("missing.yaml"));
