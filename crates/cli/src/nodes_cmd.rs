@@ -32,6 +32,16 @@ pub enum NodesCmd {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Forget a lost node (see `nodes list`): its row goes; its lost sandboxes stay until
+    /// destroyed. Refused for a node that is not lost. If it ever comes back it registers
+    /// anew.
+    Rm {
+        /// The node id.
+        node: String,
+        /// Where the server keeps its state.
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Let a drained node take new sandboxes again.
     Undrain {
         /// The node.
@@ -113,6 +123,19 @@ pub fn run(cmd: NodesCmd, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 "agentfense: node {node:?} is draining: new sandboxes are refused there; its \
                  sandboxes keep running"
             );
+        }
+        NodesCmd::Rm { node, state } => {
+            let (store, _) = open(&state)?;
+            if !store.remove_lost_node(&node)? {
+                match store.get_node(&node)? {
+                    None => anyhow::bail!("no node {node:?} (see `agentfense nodes list`)"),
+                    Some(_) => anyhow::bail!(
+                        "node {node:?} is not lost: only a node declared lost (no heartbeat for \
+                         nodes.lost_after) can be removed; stop it and wait, or drain it"
+                    ),
+                }
+            }
+            eprintln!("agentfense: node {node:?} forgotten");
         }
         NodesCmd::Undrain { node, state } => {
             let (store, _) = open(&state)?;

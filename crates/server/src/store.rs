@@ -434,6 +434,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node, by id.
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Forgets a lost node (`agentfense nodes rm`); false if there is no such node or it is
+    /// not lost. Its lost sandboxes stay (until destroyed); if it comes back it registers anew.
+    fn remove_lost_node(&self, id: &str) -> Result<bool, StoreError>;
     /// Drains a node (no new sandboxes) or lifts it; false if there is no such node.
     fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError>;
     /// Sets the node of a sandbox (a server adopting a sandbox recorded before nodes existed,

@@ -252,14 +252,19 @@ fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
         "{}",
         b.log_text()
     );
-    let nodes = |data: &std::path::Path| -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_agentfense"))
-            .args(["nodes", "list", "--json", "--data-dir"])
+    let nodes_cmd = |data: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_agentfense"))
+            .arg("nodes")
+            .args(args)
+            .arg("--data-dir")
             .arg(data)
             .arg("--config")
             .arg(data.with_extension("yaml"))
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let nodes = |data: &std::path::Path| -> serde_json::Value {
+        let out = nodes_cmd(data, &["list", "--json"]);
         assert!(
             out.status.success(),
             "{}",
@@ -295,6 +300,14 @@ fn a_node_lost_while_paused_stops_what_it_ran_when_it_resumes() {
         audit.contains(r#""event":"node_lost""#) && audit.contains(r#""event":"sandbox_lost""#),
         "{audit}"
     );
+
+    // A live node cannot be forgotten, a lost one can.
+    let node_b = std::fs::read_to_string(data_b.join("instance-id")).unwrap();
+    let refused = nodes_cmd(&data_b, &["rm", node_b.trim()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not lost"));
+    assert!(nodes_cmd(&data_b, &["rm", node_a.trim()]).status.success());
+    assert_eq!(state_of(&nodes(&data_b)), None);
 
     // Started again: a fresh node; what it held of the lost sandboxes is gone.
     let a = Server::start_with(&data_a, &config);

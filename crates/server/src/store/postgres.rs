@@ -1295,6 +1295,15 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn remove_lost_node(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "remove node",
+            "DELETE FROM nodes WHERE id = $1 AND lost_at IS NOT NULL",
+            &[&id],
+        )?;
+        Ok(n > 0)
+    }
+
     fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError> {
         let n = self.exec(
             "drain node",

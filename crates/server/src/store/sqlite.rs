@@ -930,6 +930,17 @@ impl Store for SqliteStore {
             .map_err(q("list nodes"))
     }
 
+    fn remove_lost_node(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM nodes WHERE id = ?1 AND lost_at IS NOT NULL",
+                [id],
+            )
+            .map_err(q("remove node"))?;
+        Ok(n > 0)
+    }
+
     fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError> {
         let n = self
             .conn()

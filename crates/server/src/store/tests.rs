@@ -550,6 +550,13 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
     assert!(s.delete_sandbox(&theirs.id).unwrap());
     s.update_sandbox(&theirs).unwrap();
 
+    // Only a lost node can be forgotten.
+    assert!(!s.remove_lost_node("keeper").unwrap());
+    assert!(!s.remove_lost_node("nobody").unwrap());
+    s.register_node(&node("spare")).unwrap();
+    assert!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap().len() == 1);
+    assert!(s.remove_lost_node("spare").unwrap());
+    assert_eq!(s.get_node("spare").unwrap(), None);
     // Registering again (a fresh start) makes it a node like any other; what was lost stays.
     s.register_node(&node("gone")).unwrap();
     assert_eq!(s.get_node("gone").unwrap().unwrap().lost_at, None);
