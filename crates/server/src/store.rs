@@ -694,6 +694,27 @@ const UPDATE_SANDBOX_SQL: &str = "UPDATE sandboxes SET status = $1, status_reaso
     started_at = $3, stopped_at = $4, expires_at = $5
     WHERE id = $6 AND node = $7 AND lost_at IS NULL";
 
+/// Inserts a session ($1 id .. $7 closed), only while its sandbox ($2) exists and is not
+/// lost: a stale server cannot open a session nobody would ever close. (Casts: PostgreSQL
+/// types a bare parameter of a SELECT list as text.)
+fn insert_session_sql() -> String {
+    format!(
+        "INSERT INTO sessions ({SESSION_COLS}) SELECT CAST($1 AS TEXT), CAST($2 AS TEXT),
+         CAST($3 AS TEXT), CAST($4 AS TEXT), CAST($5 AS TEXT), CAST($6 AS BIGINT),
+         CAST($7 AS BIGINT) WHERE EXISTS (SELECT 1 FROM sandboxes WHERE id = $2
+         AND lost_at IS NULL)"
+    )
+}
+
+/// Why [`insert_session_sql`] inserted nothing.
+fn no_session(s: &SessionRecord) -> StoreError {
+    StoreError::Fenced {
+        id: s.sandbox_id.to_string(),
+        why: "no session can be opened: it no longer exists, or was declared lost with its node"
+            .into(),
+    }
+}
+
 /// After an update that changed nothing: where the sandbox is ($1 id).
 const SANDBOX_FENCE_SQL: &str = "SELECT node, lost_at FROM sandboxes WHERE id = $1";
 

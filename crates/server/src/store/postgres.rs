@@ -41,8 +41,9 @@ use super::{
     RawSandbox, RawSession, SANDBOX_COLS, SANDBOX_FENCE_SQL, SANDBOX_SEQ, SERVER_LEASE,
     SESSION_COLS, SandboxFilter, SandboxRecord, SessionRecord, Store, StoreError, TenantRecord,
     TenantUsage, UPDATE_SANDBOX_SQL, encode_sandbox, fence, from_nanos, heartbeat_sql,
-    holds_claim_sql, lease_sql, limit_hit, lost_node, lost_sql, paginate, q, refused_beat,
-    session_status_str, stale_before, status_str, to_json, to_nanos, ttl_nanos,
+    holds_claim_sql, insert_session_sql, lease_sql, limit_hit, lost_node, lost_sql, no_session,
+    paginate, q, refused_beat, session_status_str, stale_before, status_str, to_json, to_nanos,
+    ttl_nanos,
 };
 use crate::ids::{CodebaseId, SandboxId, SessionId};
 
@@ -845,9 +846,9 @@ impl Store for PgStore {
 
     fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
         let env = to_json("session env", s.id.as_str(), &s.env)?;
-        self.exec(
+        let n = self.exec(
             "insert session",
-            &format!("INSERT INTO sessions ({SESSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
+            &insert_session_sql(),
             &[
                 &s.id.as_str(),
                 &s.sandbox_id.as_str(),
@@ -857,8 +858,11 @@ impl Store for PgStore {
                 &to_nanos(s.created_at),
                 &s.closed_at.map(to_nanos),
             ],
-        )
-        .map(drop)
+        )?;
+        if n == 0 {
+            return Err(no_session(s));
+        }
+        Ok(())
     }
 
     fn close_session(&self, id: &SessionId, when: SystemTime) -> Result<(), StoreError> {

@@ -14,7 +14,8 @@ use super::auth::{KEY_COLS, RawKey};
 use super::{
     Beat, LostNode, NODE_COLS, NODE_STATE_SQL, NodeRecord, REGISTER_NODE_SQL, RawNode,
     SANDBOX_FENCE_SQL, SANDBOX_SEQ, SERVER_LEASE, UPDATE_SANDBOX_SQL, fence, heartbeat_sql,
-    holds_claim_sql, lease_sql, lost_node, lost_sql, refused_beat, stale_before, ttl_nanos,
+    holds_claim_sql, insert_session_sql, lease_sql, lost_node, lost_sql, no_session, refused_beat,
+    stale_before, ttl_nanos,
 };
 use super::{
     CODEBASE_COLS, CodebaseRecord, KeyLookup, KeyRecord, LimitHit, Page, RawCodebase, RawSandbox,
@@ -424,11 +425,10 @@ impl Store for SqliteStore {
 
     fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
         let env = to_json("session env", s.id.as_str(), &s.env)?;
-        self.conn()
+        let n = self
+            .conn()
             .execute(
-                &format!(
-                    "INSERT INTO sessions ({SESSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-                ),
+                &insert_session_sql(),
                 params![
                     s.id.as_str(),
                     s.sandbox_id.as_str(),
@@ -440,6 +440,9 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(q("insert session"))?;
+        if n == 0 {
+            return Err(no_session(s));
+        }
         Ok(())
     }
 

@@ -520,7 +520,16 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
         Beat::Lost(gone.lost_at)
     );
     assert_eq!(s.heartbeat_node("gone", "other").unwrap(), Beat::Superseded);
-    // ... and what it still writes of its sandboxes changes nothing.
+    // ... and what it still writes of its sandboxes changes nothing: no new session either.
+    let late = SessionRecord {
+        id: SessionId::generate(),
+        ..session.clone()
+    };
+    assert!(matches!(
+        s.insert_session(&late),
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(s.get_session(&late.id).unwrap(), None);
     let stale = SandboxRecord {
         status: SandboxStatus::Running,
         status_reason: None,
