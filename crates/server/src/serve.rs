@@ -912,7 +912,13 @@ impl Bound {
             None => tokio::spawn(
                 grpc_builder()
                     .add_routes(grpc_routes.clone())
-                    .serve_with_incoming_shutdown(TcpIncoming::from(grpc), wait(stop_rx.clone())),
+                    .serve_with_incoming_shutdown(
+                        // Responses go out in several small writes (headers, message,
+                        // trailers): with Nagle on, the client's delayed ACK held the later ones
+                        // back ~40 ms, on creates and starts.
+                        TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        wait(stop_rx.clone()),
+                    ),
             ),
             Some(tls) => {
                 let incoming = crate::tls::TlsListener::new(grpc, tls.grpc.clone())
