@@ -541,7 +541,8 @@ impl Config {
         .into_iter()
         .flatten()
         {
-            if p.is_relative() {
+            // Empty means "none" (`server.unix_socket: ""` turns the socket off).
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         }
@@ -1021,6 +1022,12 @@ mod tests {
                 Some(dir.path().join("tls/ca.pem").as_path())
             ]
         );
+        // An empty socket path still means no socket.
+        std::fs::write(&f, "server:\n  unix_socket: \"\"\n").unwrap();
+        let c = Config::load(&f).unwrap();
+        assert_eq!(c.server.unix_socket.as_deref(), Some(Path::new("")));
+        let none = c.resolve(Overrides::default(), dir.path()).unwrap();
+        assert_eq!(none.unix_socket, None);
         assert_eq!(s.config.runtime.kind, RuntimeKind::Docker);
         let e = Config::load(&dir.path().join("missing.yaml")).unwrap_err();
         assert!(e.to_string().contains("missing.yaml"));

@@ -346,15 +346,20 @@ impl Claim {
             source,
         })?;
         let now = std::time::SystemTime::now();
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_owned())
+            .unwrap_or_default();
         let claim = Claim {
             store,
-            holder: instance.clone(),
+            // The instance, where it runs, and from which directory: this server restarting
+            // (same boot, same directory) takes its claim back at once, while a copy of its
+            // data directory (another path, a restored VM, a copied disk) is another holder
+            // and is refused, although it carries the same node id.
+            holder: format!("{instance}@{boot_id}:{}", paths.data_dir.display()),
             node: crate::store::NodeRecord {
                 id: instance,
                 host: host.trim().to_owned(),
-                boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                    .map(|b| b.trim().to_owned())
-                    .unwrap_or_default(),
+                boot_id,
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 memory_bytes: memory_total(),
                 draining: false,
@@ -380,6 +385,7 @@ impl Claim {
         // Half the TTL without a renewal: the server stops (below), and publishes stop first.
         let fence = Arc::new(crate::service::Fence::new(
             claim.store.shared().then_some(Claim::TTL / 2),
+            claim.holder.clone(),
         ));
         let renewing = claim.clone();
         let fenced = fence.clone();
@@ -421,10 +427,11 @@ impl Claim {
                     }
                     Ok(Ok(false)) => {
                         tracing::error!(holder = %renewing.holder, "another server has claimed this metadata database: stopping");
-                        // Its node may have been declared lost as it took over: say so.
-                        lose(match renewing.heartbeat().await {
-                            Some(Beat::Lost(at)) => Loss::Node(at),
-                            _ => Loss::Claim,
+                        // Its node may have been declared lost as it took over: say so (a
+                        // read, not a heartbeat, which would put that off).
+                        lose(match renewing.lost_at().await {
+                            Some(at) => Loss::Node(at),
+                            None => Loss::Claim,
                         });
                         return;
                     }
@@ -465,6 +472,20 @@ impl Claim {
         .await
         .map_err(|e| ServeError::Host(format!("claiming the metadata database: {e}")))?
         .map_err(ServeError::Store)
+    }
+
+    /// When this node was declared lost, if it was (and the store answers in time).
+    async fn lost_at(&self) -> Option<std::time::SystemTime> {
+        let this = self.clone();
+        let node = tokio::time::timeout(
+            Claim::RENEW_EVERY,
+            tokio::task::spawn_blocking(move || this.store.get_node(&this.node.id)),
+        )
+        .await;
+        match node {
+            Ok(Ok(Ok(Some(n)))) => n.lost_at,
+            _ => None,
+        }
     }
 
     /// Records that this node is alive (for `agentfense nodes list`, and so that no other

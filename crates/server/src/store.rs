@@ -420,12 +420,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// the database's clock) and is not lost already, in one transaction: its sandboxes go
     /// to ERROR with the reason and can no longer be changed by that node
     /// ([`Store::update_sandbox`] refuses it), their sessions close, and sandboxes that never
-    /// started there move to `keeper`. Only while `keeper` holds the lease [`SERVER_LEASE`]
+    /// started there move to `keeper`. Only while `holder` holds the lease [`SERVER_LEASE`]
     /// (a server that lost its claim, paused or cut off, declares nothing); else nothing.
     fn mark_lost_nodes(
         &self,
         lost_after: Duration,
         keeper: &str,
+        holder: &str,
     ) -> Result<Vec<LostNode>, StoreError>;
     /// Whether `holder` holds the lease `name` now (by the database's clock) and node `node`
     /// is not lost: what a server checks just before writing to a codebase.
@@ -666,7 +667,7 @@ fn holds_claim_sql(now: &str) -> String {
 
 /// The steps of [`Store::mark_lost_nodes`], run in one transaction by each backend.
 mod lost_sql {
-    /// Whether the keeper holds the server lease ($1 lease, $2 keeper, $3 now).
+    /// Whether the keeper holds the server lease ($1 lease, $2 holder, $3 now).
     pub(super) const HELD: &str =
         "SELECT COUNT(*) FROM leases WHERE name = $1 AND holder = $2 AND expires_at > $3";
     /// Nodes to declare lost: ($1 keeper, $2 the latest heartbeat that is too old).

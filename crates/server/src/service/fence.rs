@@ -27,16 +27,24 @@ pub struct Fence {
     /// How old the last renewal may be; `None`: age alone never closes it (a local SQLite
     /// file nobody else can write).
     max_age: Option<Duration>,
+    /// The claim's holder as recorded in the lease row.
+    holder: String,
 }
 
 impl Fence {
-    /// A fence renewed now; `max_age` as on [`Fence`].
-    pub fn new(max_age: Option<Duration>) -> Fence {
+    /// A fence renewed now, for the claim held as `holder`; `max_age` as on [`Fence`].
+    pub fn new(max_age: Option<Duration>, holder: String) -> Fence {
         Fence {
             renewed: Mutex::new(Instant::now()),
             lost: AtomicBool::new(false),
             max_age,
+            holder,
         }
+    }
+
+    /// The claim's holder as recorded in the lease row.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// A renewal sent at `sent` succeeded.
@@ -50,20 +58,20 @@ impl Fence {
         self.lost.store(true, Ordering::SeqCst);
     }
 
-    /// [`Fence::check`], then asks `store` whether node `node` (whose instance id holds the
-    /// claim) still holds it and is not lost; blocking.
+    /// [`Fence::check`], then asks `store` whether this server (`holder`, node `node`) still
+    /// holds the claim and its node is not lost; blocking. A "no" does not close the fence:
+    /// the claim may merely have expired while the machine slept, and then the next renewal
+    /// takes it back (or finds it taken, and stops the server).
     pub fn check_held(&self, store: &dyn Store, node: &str) -> Result<(), ServiceError> {
         self.check()?;
-        match store.holds_claim(SERVER_LEASE, node, node) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                self.close();
-                Err(ServiceError::Unavailable(
-                    "this server no longer holds its claim on the metadata database (or its \
-                     node was declared lost): nothing more is published from it"
-                        .into(),
-                ))
-            }
+        match store.holds_claim(SERVER_LEASE, &self.holder, node) {
+            Ok(true) => self.check(),
+            Ok(false) => Err(ServiceError::Unavailable(
+                "this server does not hold its claim on the metadata database right now (it \
+                 expired, or another server took it, or its node was declared lost): nothing \
+                 is published until it is renewed"
+                    .into(),
+            )),
             Err(e) => Err(ServiceError::Unavailable(format!(
                 "cannot confirm this server's claim on the metadata database, so nothing is \
                  published: {}",

@@ -1208,6 +1208,7 @@ impl Store for PgStore {
         &self,
         lost_after: Duration,
         keeper: &str,
+        holder: &str,
     ) -> Result<Vec<LostNode>, StoreError> {
         let op = "mark lost nodes";
         let mut conn = self.conn()?;
@@ -1220,7 +1221,7 @@ impl Store for PgStore {
         let held = tx
             .query(
                 &format!("{} FOR SHARE", lost_sql::HELD.replace("COUNT(*)", "1")),
-                &[&SERVER_LEASE, &keeper, &now],
+                &[&SERVER_LEASE, &holder, &now],
             )
             .map_err(q(op))?;
         if held.is_empty() {

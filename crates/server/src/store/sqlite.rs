@@ -845,6 +845,7 @@ impl Store for SqliteStore {
         &self,
         lost_after: Duration,
         keeper: &str,
+        holder: &str,
     ) -> Result<Vec<LostNode>, StoreError> {
         let op = "mark lost nodes";
         let mut conn = self.conn();
@@ -855,7 +856,7 @@ impl Store for SqliteStore {
             .query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))
             .map_err(q(op))?;
         let held: i64 = tx
-            .query_row(lost_sql::HELD, params![SERVER_LEASE, keeper, now], |r| {
+            .query_row(lost_sql::HELD, params![SERVER_LEASE, holder, now], |r| {
                 r.get(0)
             })
             .map_err(q(op))?;

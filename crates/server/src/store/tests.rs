@@ -454,7 +454,11 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
     s.insert_session(&session).unwrap();
 
     // Only the holder of the server lease declares nodes lost.
-    assert_eq!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap(), []);
+    assert_eq!(
+        s.mark_lost_nodes(Duration::ZERO, "keeper", "keeper")
+            .unwrap(),
+        []
+    );
     assert_eq!(s.get_node("gone").unwrap().unwrap().lost_at, None);
     assert!(
         s.try_lease(SERVER_LEASE, "keeper", Duration::from_secs(60))
@@ -464,12 +468,14 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
     assert!(!s.holds_claim(SERVER_LEASE, "gone", "gone").unwrap());
     // It beat just now: not silent for an hour.
     assert_eq!(
-        s.mark_lost_nodes(Duration::from_secs(3600), "keeper")
+        s.mark_lost_nodes(Duration::from_secs(3600), "keeper", "keeper")
             .unwrap(),
         []
     );
     // Silent for any time at all: every node but the keeper.
-    let lost = s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap();
+    let lost = s
+        .mark_lost_nodes(Duration::ZERO, "keeper", "keeper")
+        .unwrap();
     assert_eq!(lost.len(), 1, "{lost:?}");
     let gone = &lost[0];
     assert_eq!(
@@ -512,7 +518,11 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
     );
     assert!(!s.holds_claim("other", "gone", "gone").unwrap());
     // Once: a second pass finds nothing new.
-    assert_eq!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap(), []);
+    assert_eq!(
+        s.mark_lost_nodes(Duration::ZERO, "keeper", "keeper")
+            .unwrap(),
+        []
+    );
 
     // The lost node, coming back, is told so by its heartbeat ...
     assert_eq!(
@@ -563,7 +573,12 @@ fn lost_nodes_lose_their_sandboxes_and_fence_stale_writers(s: &dyn Store) {
     assert!(!s.remove_lost_node("keeper").unwrap());
     assert!(!s.remove_lost_node("nobody").unwrap());
     s.register_node(&node("spare")).unwrap();
-    assert!(s.mark_lost_nodes(Duration::ZERO, "keeper").unwrap().len() == 1);
+    assert!(
+        s.mark_lost_nodes(Duration::ZERO, "keeper", "keeper")
+            .unwrap()
+            .len()
+            == 1
+    );
     assert!(s.remove_lost_node("spare").unwrap());
     assert_eq!(s.get_node("spare").unwrap(), None);
     // Registering again (a fresh start) makes it a node like any other; what was lost stays.

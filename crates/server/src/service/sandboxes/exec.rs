@@ -129,13 +129,17 @@ impl Service {
         live: &Live,
         explicit: bool,
     ) -> Result<Option<PublishReport>, ServiceError> {
-        self.may_publish()?;
         let pending = live.mount.pending();
         let before = if pending.is_empty() {
             Ok((0, 0))
         } else {
             self.files.usage(cb, &pending)
         };
+        // Checked last before writing, and only when something may be written (a manual
+        // sandbox writes nothing after a command).
+        if explicit || live.mount.publish_mode() != PublishMode::Explicit {
+            self.may_publish()?;
+        }
         let report = if explicit {
             live.mount.publish().map(Some)
         } else {

@@ -90,12 +90,24 @@ impl Service {
         let store = self.store.clone();
         let r = rec.clone();
         blocking(move || {
-            if store.get_node(&r.node)?.is_some_and(|n| n.draining) {
-                return Err(ServiceError::Unavailable(format!(
-                    "node {} is draining: it takes no new sandboxes (`agentfense nodes \
-                     undrain {}` to lift it)",
-                    r.node, r.node
-                )));
+            match store.get_node(&r.node)? {
+                Some(n) if n.lost_at.is_some() => {
+                    // A stale server (its node declared lost while it was away) must not
+                    // make sandboxes nobody would ever look after.
+                    return Err(ServiceError::Unavailable(format!(
+                        "node {} was declared lost: this server is stopping and takes no new \
+                         sandboxes",
+                        r.node
+                    )));
+                }
+                Some(n) if n.draining => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "node {} is draining: it takes no new sandboxes (`agentfense nodes \
+                         undrain {}` to lift it)",
+                        r.node, r.node
+                    )));
+                }
+                _ => {}
             }
             let hit = store.insert_sandbox_limited(
                 &r,
@@ -507,8 +519,15 @@ impl Service {
             let this = self.clone();
             let cb = rec.codebase_id.clone();
             let sid2 = sid.clone();
+            let tenant = rec.tenant.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                let _ = this.publish_counted(&sid2, &cb, &live, false);
+                if let Err(e) = this.publish_counted(&sid2, &cb, &live, false) {
+                    tracing::warn!(sandbox_id = %sid2, error = %chain(&e), "publish at stop failed: the changes stay in the delta");
+                    this.audit.record_as(Actor::tenant(&tenant), AuditEvent::PublishFailed {
+                        sandbox_id: sid2.clone(),
+                        error: chain(&e),
+                    });
+                }
                 unmount(live, &sid2);
             })
             .await;
@@ -538,14 +557,18 @@ impl Service {
         let rec = self.sandbox(id).await?;
         self.tear_down(&rec, true).await;
         let (mountpoint, delta) = self.mount_dirs(id);
+        let lost = self.settings.paths.mounts.join("lost").join(id.as_str());
         let store = self.store.clone();
         let id2 = id.clone();
         blocking(move || {
             let _ = std::fs::remove_dir(&mountpoint);
-            if let Err(e) = std::fs::remove_dir_all(&delta)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(path = %delta.display(), error = %e, "cannot remove delta");
+            // Its delta, and what was kept of it if it was ever lost with a node.
+            for dir in [&delta, &lost] {
+                if let Err(e) = std::fs::remove_dir_all(dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot remove delta");
+                }
             }
             store.delete_tokens_of(id2.as_str())?;
             Ok(store.delete_sandbox(&id2)?)
@@ -741,7 +764,12 @@ impl Service {
         }
         let store = self.store.clone();
         let (after, keeper) = (self.settings.config.nodes.lost_after, self.node.clone());
-        let lost = match blocking(move || Ok(store.mark_lost_nodes(after, &keeper)?)).await {
+        let holder = self
+            .fence
+            .as_ref()
+            .map_or_else(|| keeper.clone(), |f| f.holder().to_owned());
+        let lost = match blocking(move || Ok(store.mark_lost_nodes(after, &keeper, &holder)?)).await
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "cannot look for lost nodes");

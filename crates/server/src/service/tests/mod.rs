@@ -847,9 +847,20 @@ on_both_stores! {
         f.db(|s| s.register_node(&silent_node("local"))).unwrap();
         assert!(f.db(|s| s.try_lease(crate::store::SERVER_LEASE, "another", Duration::from_secs(60))).unwrap());
         let lost = f
-            .db(|s| s.mark_lost_nodes(Duration::from_secs(60), "another"))
+            .db(|s| s.mark_lost_nodes(Duration::from_secs(60), "another", "another"))
             .unwrap();
         assert_eq!(lost.len(), 1);
+        // Until it stops, the stale server makes no new sandboxes either.
+        let cb = f.svc.create_codebase(&caller, "p".into(), "alice".into()).await.unwrap();
+        let err = f
+            .svc
+            .create_sandbox(&caller, create(&cb.id.to_string(), vec![]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ServiceError::Unavailable(m) if m.contains("declared lost")),
+            "{err:?}"
+        );
         let f = f.restart();
         f.db(|s| s.register_node(&silent_node("local"))).unwrap();
         f.svc.recover().await;
@@ -865,6 +876,32 @@ on_both_stores! {
             matches!(&err, ServiceError::FailedPrecondition(m) if m.contains("lost")),
             "{err:?}"
         );
+        // Destroying it removes what was kept of it too.
+        f.svc.destroy_sandbox(&caller, &id).await.unwrap();
+        assert!(!f.dir.path().join("mounts/lost").join(&id).exists());
+    }
+}
+
+on_both_stores! {
+    /// The database's answer does not latch: a server whose claim merely expired (the machine
+    /// slept) publishes nothing until its claim is renewed, then publishes again.
+    async fn a_server_without_its_claim_publishes_once_it_has_it_again() {
+        let mut f = Fixture::new("");
+        let fence = crate::service::Fence::new(Some(Duration::from_secs(3600)), "me@boot:/d".into());
+        Arc::get_mut(&mut f.svc).unwrap().fence = Some(Arc::new(fence));
+        let caller = crate::auth::Caller::local();
+        let id = f.sandbox("alice", &[]).await;
+        f.svc.start_sandbox(&caller, &id).await.unwrap();
+        let err = f.exec(&id, "make").await.unwrap_err();
+        assert!(
+            crate::error::chain(&err).contains("does not hold its claim"),
+            "{}",
+            crate::error::chain(&err)
+        );
+        assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 0);
+        assert!(f.db(|s| s.try_lease(crate::store::SERVER_LEASE, "me@boot:/d", Duration::from_secs(60))).unwrap());
+        assert_eq!(f.exec(&id, "make").await.unwrap(), "ran: make");
+        assert_eq!(f.fs.publishes.load(Ordering::SeqCst), 1);
     }
 }
 
@@ -875,11 +912,11 @@ on_both_stores! {
     async fn a_fenced_server_publishes_nothing() {
         for fence in [
             {
-                let f = crate::service::Fence::new(Some(Duration::from_secs(3600)));
+                let f = crate::service::Fence::new(Some(Duration::from_secs(3600)), "local".into());
                 f.close();
                 f
             },
-            crate::service::Fence::new(Some(Duration::ZERO)),
+            crate::service::Fence::new(Some(Duration::ZERO), "local".into()),
         ] {
             let mut f = Fixture::new("");
             Arc::get_mut(&mut f.svc).unwrap().fence = Some(Arc::new(fence));
