@@ -35,15 +35,13 @@ pub enum ServeError {
     },
     /// Another server process uses this data directory (or mount directory).
     #[error(
-        "{path} is in use by another AgentFense server on this machine (it holds {lock}); two \
-         servers on one data directory would detach each other's mounts: give each its own \
-         storage.data_dir (and storage.mount_path)"
+        "{path} is in use by another AgentFense server (it holds a lock on the directory; \
+         `fuser -v {path}` shows which process); two servers on one data directory would detach \
+         each other's mounts: give each its own storage.data_dir (and storage.mount_path)"
     )]
     DirInUse {
         /// The directory.
         path: std::path::PathBuf,
-        /// The lock file.
-        lock: std::path::PathBuf,
     },
     /// The metadata store could not be opened.
     #[error(transparent)]
@@ -167,7 +165,13 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     }
     // Before anything else touches them: a second server here would detach this one's mounts
     // at its start (stale-mount cleanup) and share its node identity.
-    let locks = vec![lock_dir(&paths.data_dir)?, lock_dir(&paths.mounts)?];
+    let mut locks = vec![lock_dir(&paths.data_dir)?];
+    // Once per directory: two locks of one process on one directory would conflict.
+    if std::fs::canonicalize(&paths.mounts).ok() != std::fs::canonicalize(&paths.data_dir).ok()
+        || !paths.mounts.exists()
+    {
+        locks.push(lock_dir(&paths.mounts)?);
+    }
     // Opening may connect to PostgreSQL, whose client must not run on an async worker.
     let store = {
         let settings = settings.clone();
@@ -545,9 +549,9 @@ impl Kept {
     }
 }
 
-/// Takes the lock of a server directory (`<dir>/server.lock`, an exclusive `flock` the kernel
-/// releases when the process dies, so a crash leaves nothing to clean), creating the
-/// directory if needed.
+/// Takes the lock of a server directory: an exclusive `flock` on the directory itself (no
+/// lock file that could be deleted from under it), which the kernel releases when the
+/// process dies, so a crash leaves nothing to clean. Creates the directory if needed.
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
     use rustix::fs::{FlockOperation, flock};
     use std::os::unix::fs::OpenOptionsExt;
@@ -556,20 +560,15 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let lock = dir.join("server.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&lock)
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW).bits() as i32)
+        .open(dir)
         .map_err(io)?;
-    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
+    match flock(&handle, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(handle),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(ServeError::DirInUse {
             path: dir.to_owned(),
-            lock,
         }),
         Err(e) => Err(io(e.into())),
     }

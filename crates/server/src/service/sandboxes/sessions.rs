@@ -41,7 +41,14 @@ impl Service {
         };
         let store = self.store.clone();
         let r = rec.clone();
-        blocking(move || Ok(store.insert_session(&r)?)).await?;
+        if let Err(e) = blocking(move || Ok(store.insert_session(&r)?)).await {
+            // Unrecorded, it could never be closed: its shell goes now.
+            let _ = live
+                .runtime
+                .session_destroy(rec.sandbox_id.as_str(), &sess)
+                .await;
+            return Err(e);
+        }
         Ok(rec)
     }
 
