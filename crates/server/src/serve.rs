@@ -989,6 +989,12 @@ impl Bound {
             let rx = stop_rx.clone();
             match &tls {
                 None => tokio::spawn(async move {
+                    use axum::serve::ListenerExt;
+                    // As on the gRPC port: a streamed response (MCP) must not wait for the
+                    // client's delayed ACK.
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     axum::serve(
                         listener,
                         app.into_make_service_with_connect_info::<crate::rest::RestPeer>(),

@@ -222,20 +222,31 @@ fn a_failed_publish_is_reported_not_swallowed() {
     );
 }
 
-/// The gRPC port answers without Nagle's algorithm. A response goes out in several small
+/// The gRPC and REST ports answer without Nagle's algorithm. A response goes out in several small
 /// writes (headers, message, trailers); with Nagle on, the later ones waited for the client's
 /// delayed ACK, about 40 ms: every CreateSandbox took ~43 ms and every StartSandbox ~60 ms
 /// instead of ~1 and ~11 through the published SDK. Checked at its cause: the option on the
 /// server's end of a connection, read through `pidfd_getfd` (root).
 #[test]
-fn grpc_connections_are_served_without_nagle() {
-    if !privileged("grpc_connections_are_served_without_nagle") {
+fn tcp_connections_are_served_without_nagle() {
+    if !privileged("tcp_connections_are_served_without_nagle") {
         return;
     }
-    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data"));
-    let client = std::net::TcpStream::connect(&server.grpc).unwrap();
+    for port in [&server.grpc, &server.http] {
+        assert!(
+            nodelay_of_server_end(&server, port),
+            "TCP_NODELAY is off on the server's end of a connection to {port}"
+        );
+    }
+}
+
+/// TCP_NODELAY on `server`'s end of a new connection to `addr`.
+fn nodelay_of_server_end(server: &Server, addr: &str) -> bool {
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let addr = addr.trim_start_matches("http://");
+    let client = std::net::TcpStream::connect(addr).unwrap();
     let ours = client.local_addr().unwrap();
     let pid = server.child.as_ref().unwrap().id();
     let pidfd = pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::empty()).unwrap();
@@ -263,8 +274,6 @@ fn grpc_connections_are_served_without_nagle() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    assert!(
-        nodelay,
-        "TCP_NODELAY is off on the server's gRPC connection"
-    );
+    drop(client);
+    nodelay
 }
