@@ -697,13 +697,16 @@ const UPDATE_SANDBOX_SQL: &str = "UPDATE sandboxes SET status = $1, status_reaso
 
 /// Inserts a session ($1 id .. $7 closed), only while its sandbox ($2) exists and is not
 /// lost: a stale server cannot open a session nobody would ever close. (Casts: PostgreSQL
-/// types a bare parameter of a SELECT list as text.)
-fn insert_session_sql() -> String {
+/// types a bare parameter of a SELECT list as text.) `lock` is PostgreSQL's ` FOR SHARE`:
+/// the sandbox row stays as read until the insert commits, so a concurrent declaration of its
+/// loss either comes after (and closes this session with the others) or before (and the
+/// insert finds it lost); SQLite serialises writers anyway.
+fn insert_session_sql(lock: &str) -> String {
     format!(
         "INSERT INTO sessions ({SESSION_COLS}) SELECT CAST($1 AS TEXT), CAST($2 AS TEXT),
          CAST($3 AS TEXT), CAST($4 AS TEXT), CAST($5 AS TEXT), CAST($6 AS BIGINT),
          CAST($7 AS BIGINT) WHERE EXISTS (SELECT 1 FROM sandboxes WHERE id = $2
-         AND lost_at IS NULL)"
+         AND lost_at IS NULL{lock})"
     )
 }
 

@@ -848,7 +848,7 @@ impl Store for PgStore {
         let env = to_json("session env", s.id.as_str(), &s.env)?;
         let n = self.exec(
             "insert session",
-            &insert_session_sql(),
+            &insert_session_sql(" FOR SHARE"),
             &[
                 &s.id.as_str(),
                 &s.sandbox_id.as_str(),

@@ -428,7 +428,7 @@ impl Store for SqliteStore {
         let n = self
             .conn()
             .execute(
-                &insert_session_sql(),
+                &insert_session_sql(""),
                 params![
                     s.id.as_str(),
                     s.sandbox_id.as_str(),
