@@ -166,10 +166,9 @@ pub async fn bind(settings: Settings) -> Result<Bound, ServeError> {
     // Before anything else touches them: a second server here would detach this one's mounts
     // at its start (stale-mount cleanup) and share its node identity.
     let mut locks = vec![lock_dir(&paths.data_dir)?];
-    // Once per directory: two locks of one process on one directory would conflict.
-    if std::fs::canonicalize(&paths.mounts).ok() != std::fs::canonicalize(&paths.data_dir).ok()
-        || !paths.mounts.exists()
-    {
+    // Once per directory: two locks of one process on one directory would conflict. (A mount
+    // directory that does not exist yet is not the data directory; locking makes it.)
+    if std::fs::canonicalize(&paths.mounts).ok() != std::fs::canonicalize(&paths.data_dir).ok() {
         locks.push(lock_dir(&paths.mounts)?);
     }
     // Opening may connect to PostgreSQL, whose client must not run on an async worker.
@@ -560,9 +559,10 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
+    // A data directory that is a symlink (to another disk) is the operator's choice: followed.
     let handle = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags((rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW).bits() as i32)
+        .custom_flags(rustix::fs::OFlags::DIRECTORY.bits() as i32)
         .open(dir)
         .map_err(io)?;
     match flock(&handle, FlockOperation::NonBlockingLockExclusive) {

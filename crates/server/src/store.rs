@@ -667,9 +667,9 @@ fn holds_claim_sql(now: &str) -> String {
 
 /// The steps of [`Store::mark_lost_nodes`], run in one transaction by each backend.
 mod lost_sql {
-    /// Whether the keeper holds the server lease ($1 lease, $2 holder, $3 now).
+    /// A row when the keeper holds the server lease ($1 lease, $2 holder, $3 now).
     pub(super) const HELD: &str =
-        "SELECT COUNT(*) FROM leases WHERE name = $1 AND holder = $2 AND expires_at > $3";
+        "SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND expires_at > $3";
     /// Nodes to declare lost: ($1 keeper, $2 the latest heartbeat that is too old).
     pub(super) const STALE: &str = "SELECT id, host, heartbeat_at FROM nodes
         WHERE lost_at IS NULL AND id <> $1 AND heartbeat_at <= $2 ORDER BY id";

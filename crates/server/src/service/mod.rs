@@ -95,8 +95,8 @@ impl Service {
             .map_or(Ok(()), |f| f.check_held(self.store.as_ref(), &self.node))
     }
 
-    /// Runs sandboxes as node `id` (the host name in a real server): new sandboxes are placed
-    /// on it, and at startup it runs only its own.
+    /// Runs sandboxes as node `id` (the data directory's instance id in a real server): new
+    /// sandboxes are placed on it, and at startup it runs only its own.
     pub fn with_node(mut self, id: String) -> Self {
         self.node = id;
         self

@@ -1220,7 +1220,7 @@ impl Store for PgStore {
         // FOR SHARE: nobody takes the lease over until this transaction has ended.
         let held = tx
             .query(
-                &format!("{} FOR SHARE", lost_sql::HELD.replace("COUNT(*)", "1")),
+                &format!("{} FOR SHARE", lost_sql::HELD),
                 &[&SERVER_LEASE, &holder, &now],
             )
             .map_err(q(op))?;

@@ -855,12 +855,13 @@ impl Store for SqliteStore {
         let now: i64 = tx
             .query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))
             .map_err(q(op))?;
-        let held: i64 = tx
-            .query_row(lost_sql::HELD, params![SERVER_LEASE, holder, now], |r| {
-                r.get(0)
+        let held = tx
+            .query_row(lost_sql::HELD, params![SERVER_LEASE, holder, now], |_| {
+                Ok(())
             })
+            .optional()
             .map_err(q(op))?;
-        if held == 0 {
+        if held.is_none() {
             return Ok(Vec::new());
         }
         let stale: Vec<(String, String, i64)> = {
